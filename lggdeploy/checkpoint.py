@@ -1,0 +1,94 @@
+"""Self-describing checkpoints: every later command needs only the checkpoint path.
+
+A checkpoint is a torch file holding plain data plus tensors (loadable with weights_only=True):
+the model spec, encoder-weight provenance, dropped (never-run) modules, input size, normalization,
+threshold, the split itself, training config, history, best metrics and the weights. `last.pt` also
+carries optimizer/scheduler/RNG state for --resume. Written atomically: a kill never corrupts it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lggdeploy import __version__
+from lggdeploy.data.split import Split
+from lggdeploy.data.transforms import Normalization
+from lggdeploy.errors import CheckpointError
+from lggdeploy.fileio import atomic_path
+from lggdeploy.presets import ModelSpec
+
+FORMAT = "lggdeploy-checkpoint"
+REQUIRED = ("model", "img_size", "normalization", "threshold", "split", "state_dict")
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    import segmentation_models_pytorch as smp
+
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        "lggdeploy_version": __version__,
+        "torch_version": torch.__version__,
+        "smp_version": smp.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **payload,
+    }
+    missing = [k for k in REQUIRED if k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint payload lacks {missing}")
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: train one with `lggdeploy train` (it writes best.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); the file is corrupt or truncated: retrain or restore it") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an lggdeploy checkpoint (plain state dicts lack the model description); train with `lggdeploy train`")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; it was written by an incompatible version")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def spec_of(ckpt: dict) -> ModelSpec:
+    m = ckpt["model"]
+    return ModelSpec(m["name"], m["arch"], m["encoder"], m.get("default_encoder_weights"))
+
+
+def normalization_of(ckpt: dict) -> Normalization:
+    return Normalization.from_json(ckpt["normalization"])
+
+
+def split_of(ckpt: dict) -> Split:
+    return Split.from_json(ckpt["split"], origin=f"{ckpt.get('path', 'checkpoint')} (embedded split)")
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    """Rebuild the architecture (random init, same trimmed modules) and load the trained weights."""
+    import segmentation_models_pytorch as smp
+
+    spec = spec_of(ckpt)
+    model = smp.create_model(spec.arch, encoder_name=spec.encoder, encoder_weights=None, in_channels=3, classes=1)
+    for name in ckpt.get("dropped_modules", []):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, nn.Identity())
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt.get('path')}: weights do not fit {spec.arch}/{spec.encoder} ({str(exc).splitlines()[0][:160]})") from None
+    return model.eval()

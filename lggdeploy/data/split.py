@@ -1,0 +1,155 @@
+"""Patient-level train/val/test split, deterministic from a seed, saved as JSON and reused by every command.
+
+No patient is in two splits (slices of one patient are strongly correlated; a slice-level split leaks).
+Calibration (INT8) uses `val`, benchmarks use `test`: the same patients every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lggdeploy.data.kaggle import Dataset, read_mask
+from lggdeploy.errors import DataError
+from lggdeploy.fileio import write_json_atomic
+
+SPLITS = ("train", "val", "test")
+FORMAT = "lggdeploy-split"
+DEFAULT_RATIOS = (0.70, 0.15, 0.15)
+
+
+@dataclass
+class Split:
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    seed: int = 0
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    source: str = ""
+    tumor_slices: dict[str, int] = field(default_factory=dict)  # per patient, for `data info`
+    slices: dict[str, int] = field(default_factory=dict)
+
+    def patients(self, name: str) -> list[str]:
+        if name == "all":
+            return sorted(self.train + self.val + self.test)
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}: use one of train, val, test, all")
+        return list(getattr(self, name))
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "seed": self.seed,
+            "ratios": list(self.ratios),
+            "source": self.source,
+            "train": self.train,
+            "val": self.val,
+            "test": self.test,
+            "slices": self.slices,
+            "tumor_slices": self.tumor_slices,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict, origin: str = "split") -> "Split":
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise DataError(f"{origin}: not an lggdeploy split file (make one with `lggdeploy data split DIR`)")
+        try:
+            split = cls(
+                train=list(obj["train"]),
+                val=list(obj["val"]),
+                test=list(obj["test"]),
+                seed=int(obj.get("seed", 0)),
+                ratios=tuple(obj.get("ratios", DEFAULT_RATIOS)),
+                source=str(obj.get("source", "")),
+                slices=dict(obj.get("slices", {})),
+                tumor_slices=dict(obj.get("tumor_slices", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{origin}: malformed split file ({exc}); regenerate it with `lggdeploy data split`") from None
+        split.validate(origin)
+        return split
+
+    def validate(self, origin: str = "split") -> None:
+        seen: dict[str, str] = {}
+        for name in SPLITS:
+            for pid in getattr(self, name):
+                if pid in seen:
+                    raise DataError(f"{origin}: patient {pid} is in both {seen[pid]} and {name}; a patient must be in one split only")
+                seen[pid] = name
+
+    def with_counts(self, dataset: Dataset) -> "Split":
+        """Fill in slice and tumor-slice counts per patient from `dataset` (for `data info`)."""
+        self.slices = {pid: len(dataset.patients[pid].slices) for pid in self.patients("all")}
+        self.tumor_slices = count_tumor_slices(dataset, self.patients("all"))
+        return self
+
+    def check_against(self, dataset: Dataset, origin: str = "split") -> None:
+        missing = [pid for pid in self.patients("all") if pid not in dataset.patients]
+        if missing:
+            raise DataError(
+                f"{origin}: {len(missing)} patient(s) of the split are not in {dataset.root} (e.g. {missing[0]}); "
+                "use the data folder the split was made for, or make a new split with `lggdeploy data split`"
+            )
+
+
+def count_tumor_slices(dataset: Dataset, patient_ids: list[str]) -> dict[str, int]:
+    return {pid: sum(bool(read_mask(s.mask).any()) for s in dataset.patients[pid].slices) for pid in patient_ids}
+
+
+def make_split(
+    dataset: Dataset, seed: int = 0, ratios: tuple[float, float, float] = DEFAULT_RATIOS, max_tries: int = 1000
+) -> Split:
+    """Shuffle patients with `seed`; retry (deterministically) until every split has tumor slices where the data allows."""
+    if abs(sum(ratios) - 1.0) > 1e-6 or any(r < 0 for r in ratios):
+        raise DataError(f"split ratios {ratios} must be non-negative and sum to 1")
+    ids = dataset.patient_ids
+    n = len(ids)
+    if n < 3:
+        raise DataError(f"{dataset.root} has {n} patient(s): a train/val/test split needs at least 3")
+    n_val = max(1, round(n * ratios[1])) if ratios[1] > 0 else 0
+    n_test = max(1, round(n * ratios[2])) if ratios[2] > 0 else 0
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise DataError(f"{n} patients are too few for ratios {ratios}: no patient left for training")
+    tumor = count_tumor_slices(dataset, ids)
+    with_tumor = {pid for pid, count in tumor.items() if count}
+    # Each non-empty split can hold a tumor patient only if there are enough of them.
+    needed = sum(1 for k in (n_train, n_val, n_test) if k) <= len(with_tumor)
+    rng = np.random.default_rng(seed)
+    order = list(ids)
+    for _ in range(max_tries):
+        order = [ids[i] for i in rng.permutation(n)]
+        parts = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+        if not needed or all(not part or with_tumor.intersection(part) for part in parts):
+            break
+    train, val, test = (sorted(p) for p in (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]))
+    return Split(
+        train=train,
+        val=val,
+        test=test,
+        seed=seed,
+        ratios=tuple(ratios),
+        source=str(dataset.root),
+        slices={pid: len(dataset.patients[pid].slices) for pid in ids},
+        tumor_slices=tumor,
+    )
+
+
+def save_split(split: Split, path: str | os.PathLike) -> Path:
+    return write_json_atomic(path, split.to_json())
+
+
+def load_split(path: str | os.PathLike) -> Split:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file {path} does not exist: make one with `lggdeploy data split DIR -o {path}`")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: split file is not valid JSON ({exc}); regenerate it with `lggdeploy data split`") from None
+    return Split.from_json(obj, origin=str(path))

@@ -1,0 +1,133 @@
+"""Pre- and post-processing: the one definition shared by training, evaluation, export and the runtime.
+
+preprocess:  uint8 (N, 256, 256, 3)  -> resize to the model's input size -> /255 -> (x - mean) / std -> float32 NCHW
+postprocess: logits (N, 1, s, s)      -> resize to 256 (bilinear, on logits) -> logit > 0 (probability > 0.5)
+
+Everything here is numpy + Pillow so the edge runtime can import it without torch; only `augment` and
+`standardize_torch` (training) use torch, imported inside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+NATIVE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """x01 -> (x01 - mean) / std per channel, x01 = uint8 / 255. ImageNet statistics (smp's convention)."""
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_json(self) -> dict:
+        return {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Normalization":
+        return cls(mean=tuple(float(v) for v in obj["mean"]), std=tuple(float(v) for v in obj["std"]))
+
+    def _stats(self) -> tuple[np.ndarray, np.ndarray]:
+        shape = (1, 3, 1, 1)
+        return np.asarray(self.mean, np.float32).reshape(shape), np.asarray(self.std, np.float32).reshape(shape)
+
+    def apply(self, x01: np.ndarray) -> np.ndarray:
+        """NCHW float in [0, 1] -> standardized float32."""
+        mean, std = self._stats()
+        return ((x01 - mean) / std).astype(np.float32)
+
+    def apply_torch(self, x01):
+        import torch
+
+        mean, std = (torch.from_numpy(a).to(x01.device, x01.dtype) for a in self._stats())
+        return (x01 - mean) / std
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8, bilinear. A no-op at the native size."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i, image in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return out
+
+
+def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W) bool -> (N, size, size) bool, nearest neighbour."""
+    if masks.shape[1:3] == (size, size):
+        return masks
+    out = np.empty((len(masks), size, size), bool)
+    for i, mask in enumerate(masks):
+        out[i] = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    return out
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+
+def preprocess(images: np.ndarray, size: int, normalization: Normalization) -> np.ndarray:
+    """(N, H, W, 3) or (H, W, 3) uint8 -> model input (N, 3, size, size) float32."""
+    if images.ndim == 3:
+        images = images[None]
+    return normalization.apply(to_unit(resize_images(images, size)))
+
+
+def logits_to_masks(logits: np.ndarray, size: int = NATIVE_SIZE, threshold: float = 0.5) -> np.ndarray:
+    """(N, 1, s, s) or (N, s, s) logits -> (N, size, size) bool masks (probability > threshold) at native size."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    logits = np.asarray(logits, np.float32)
+    if logits.ndim == 4:
+        logits = logits[:, 0]
+    if logits.shape[1:] != (size, size):
+        logits = np.stack([np.asarray(Image.fromarray(l).resize((size, size), Image.BILINEAR)) for l in logits])
+    return logits > np.float32(np.log(threshold / (1 - threshold)))
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation, applied with the same geometry to image and mask."""
+
+    hflip: float = 0.5
+    rotate_degrees: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    gain: tuple[float, float] = (0.9, 1.1)  # per-channel intensity gain
+    shift: float = 0.05  # per-channel additive intensity shift (x01 units)
+
+    def to_json(self) -> dict:
+        return {"hflip": self.hflip, "rotate_degrees": self.rotate_degrees, "scale": list(self.scale), "gain": list(self.gain), "shift": self.shift}
+
+    def __call__(self, x01, masks, generator=None):
+        """x01: (N, 3, H, W) float tensor in [0, 1]; masks: (N, 1, H, W) float {0, 1}. Returns both augmented."""
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        n = x01.shape[0]
+        kw = {"generator": generator, "device": "cpu"}
+        theta_rad = (torch.rand(n, **kw) * 2 - 1) * math.radians(self.rotate_degrees)
+        zoom = torch.empty(n).uniform_(*self.scale, generator=generator)
+        flip = torch.where(torch.rand(n, **kw) < self.hflip, -1.0, 1.0)
+        cos, sin = torch.cos(theta_rad) / zoom, torch.sin(theta_rad) / zoom
+        affine = torch.zeros(n, 2, 3)
+        affine[:, 0, 0], affine[:, 0, 1] = cos * flip, -sin
+        affine[:, 1, 0], affine[:, 1, 1] = sin * flip, cos
+        affine = affine.to(x01.device, x01.dtype)
+        grid = F.affine_grid(affine, list(x01.shape), align_corners=False)
+        x01 = F.grid_sample(x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).to(masks.dtype)
+        gain = torch.empty(n, 3, 1, 1).uniform_(*self.gain, generator=generator).to(x01.device, x01.dtype)
+        shift = torch.empty(n, 3, 1, 1).uniform_(-self.shift, self.shift, generator=generator).to(x01.device, x01.dtype)
+        return (x01 * gain + shift).clamp_(0, 1), masks

@@ -1,0 +1,86 @@
+"""The main job on the embedded default: phantom set -> split -> train the three presets -> evaluate -> table.
+
+Runs with no data and no network. Transfer presets train from random init here, on purpose and labelled
+as such, because ImageNet weights cannot be downloaded offline (pass real weights with `lggdeploy train
+--encoder-weights` to use them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lggdeploy.data.kaggle import check_dataset, raise_for_problems
+from lggdeploy.data.phantom import synthesize
+from lggdeploy.data.split import make_split, save_split
+from lggdeploy.evaluate import evaluate_checkpoint
+from lggdeploy.fileio import write_json_atomic, write_text_atomic
+from lggdeploy.presets import PRESETS
+from lggdeploy.reporting import comparison_markdown
+from lggdeploy.train import TrainConfig, train
+
+# Small enough for 2 CPU cores in minutes; EfficientNet-B7 costs ~6x PSPNet per step, so it gets fewer epochs.
+DEMO_EPOCHS = {"pspnet-scratch": 8, "pspnet-resnext50": 8, "unet-effb7": 4}
+DEMO_IMG_SIZE = 128
+COLUMNS = [
+    ("model", "model"),
+    ("encoder_weights", "encoder weights"),
+    ("epochs", "epochs"),
+    ("train_seconds", "train s"),
+    ("val_mean_patient_dice", "val per-patient Dice"),
+    ("mean_patient_dice", "test mean per-patient Dice"),
+    ("median_patient_dice", "test median per-patient Dice"),
+    ("global_dice", "test global Dice"),
+    ("mean_patient_iou", "test per-patient IoU"),
+    ("pixel_accuracy", "test pixel accuracy"),
+    ("slice_mean_dice_study_style", "test per-slice Dice (study style)"),
+]
+
+
+def run_demo(out: str | os.PathLike = "demo", patients: int = 10, seed: int = 0, presets: list[str] | None = None, epochs: dict | None = None) -> dict:
+    out = Path(out)
+    data = out / "phantom"
+    if not data.exists():
+        synthesize(data, patients=patients, seed=seed)
+    _, problems = check_dataset(data)
+    raise_for_problems(data, problems)
+    split = make_split(check_dataset(data)[0], seed=seed)
+    split_file = save_split(split, out / "split.json")
+    runs = out / "runs"
+    if runs.exists():  # the demo's own output from an earlier run: start over
+        shutil.rmtree(runs)
+
+    rows = []
+    for name in presets or list(PRESETS):
+        n_epochs = (epochs or DEMO_EPOCHS).get(name, 4)
+        result = train(
+            TrainConfig(
+                model=name,
+                data=data,
+                out=runs / name,
+                epochs=n_epochs,
+                batch_size=8,
+                img_size=DEMO_IMG_SIZE,
+                seed=seed,
+                split_file=split_file,
+                encoder_weights="random",
+            )
+        )
+        summary = evaluate_checkpoint(result.best_path, data, split="test")
+        write_json_atomic(runs / name / "eval_test.json", summary)
+        weights = "random" if PRESETS[name].encoder_weights is None else "random (ImageNet offline)"
+        rows.append(
+            {
+                "model": name,
+                "encoder_weights": weights,
+                "epochs": n_epochs,
+                "train_seconds": round(result.seconds, 1),
+                "val_mean_patient_dice": result.best["val_mean_patient_dice"],
+                **summary["aggregates"],
+            }
+        )
+    results = {"data": str(data), "split": split.to_json(), "img_size": DEMO_IMG_SIZE, "rows": rows}
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "results.md", "# lggdeploy demo (phantom data)\n\n" + comparison_markdown(rows, COLUMNS))
+    return results

@@ -1,0 +1,19 @@
+"""User-facing errors: the CLI prints their message as one line, without a traceback."""
+
+
+class LggError(Exception):
+    """A mistake the user can fix (bad input, missing file, wrong option). The message says what and how."""
+
+    exit_code = 2
+
+
+class DataError(LggError):
+    """The data folder, a TIFF in it, or a split file is not what the kaggle_3m layout requires."""
+
+
+class CheckpointError(LggError):
+    """A checkpoint is missing, corrupt, or not an lggdeploy checkpoint."""
+
+
+class ModelError(LggError):
+    """An unknown preset / architecture / encoder, or encoder weights that cannot be had."""

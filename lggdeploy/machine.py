@@ -1,0 +1,54 @@
+"""What machine a result came from: CPU model, cores, ISA flags, GPU, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+LIBRARIES = ("torch", "segmentation-models-pytorch", "numpy", "onnx", "onnxruntime", "tensorrt")
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags], "arch": platform.machine()}
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def gpu_info() -> list[dict]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        out.append({"name": props.name, "compute_capability": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1)})
+    return out
+
+
+def machine_info() -> dict:
+    return {"os": platform.platform(), "cpu": cpu_info(), "gpus": gpu_info(), "libraries": library_versions()}

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real shared patients (skipped with a reason when absent), a phantom set, a tiny trained run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lggdeploy.data.kaggle import default_data_dir
+
+SMALL_REAL_PATIENT = "TCGA_CS_4943_20000902"  # 20 slices
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    path = default_data_dir()
+    if path is None or not path.is_dir():
+        pytest.skip("real kaggle_3m patients not found: set LGG_DATA_DIR or place shared/data/kaggle_3m beside the checkout")
+    return path
+
+
+@pytest.fixture()
+def real_patient_copy(real_data, tmp_path) -> Path:
+    """A writable kaggle_3m root holding one real patient."""
+    root = tmp_path / "kaggle_3m"
+    shutil.copytree(real_data / SMALL_REAL_PATIENT, root / SMALL_REAL_PATIENT)
+    return root
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    from lggdeploy.data.phantom import synthesize
+
+    root = tmp_path_factory.mktemp("phantom") / "kaggle_3m"
+    synthesize(root, patients=6, slices=(10, 14), seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_dir, tmp_path_factory):
+    """pspnet-scratch trained 2 epochs at 64 px on the phantom set: exercises the whole training path."""
+    from lggdeploy.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run") / "pspnet-scratch"
+    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, batch_size=8, img_size=64, show_progress=False))
+    return result
