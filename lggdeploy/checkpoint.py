@@ -34,7 +34,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         "format": FORMAT,
         "version": 1,
         "lggdeploy_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is not weights_only-loadable
         "smp_version": smp.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **payload,
