@@ -82,7 +82,10 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     spec = spec_of(ckpt)
-    model = smp.create_model(spec.arch, encoder_name=spec.encoder, encoder_weights=None, in_channels=3, classes=1)
+    try:
+        model = smp.create_model(spec.arch, encoder_name=spec.encoder, encoder_weights=None, in_channels=3, classes=1)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt.get('path')}: unknown model {spec.name!r} ({spec.arch}/{spec.encoder}: {str(exc)[:120]}); it was written by an incompatible version") from None
     for name in ckpt.get("dropped_modules", []):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,8 +15,9 @@ from lggdeploy.errors import LggError
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, help="Brain-MRI LGG segmentation: data, training, evaluation.")
 data_app = typer.Typer(no_args_is_help=True, help="Check, describe, synthesize and split kaggle_3m-layout data.")
 app.add_typer(data_app, name="data")
-out = Console()
-err = Console(stderr=True)
+# Wide enough for the metric tables when output goes to a file or CI log (rich would assume 80 columns).
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def friendly(func):
@@ -183,6 +184,70 @@ def eval_cmd(
     out.print(patients_table(summary))
     out.print(metrics_table(summary, title=f"{summary['meta']['model']} on {split} split"))
     out.print(f"per-patient rows and aggregates written to {path}")
+
+
+@app.command("export")
+@friendly
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="checkpoint from `lggdeploy train`"),
+    out_dir: Path = typer.Option(Path("engines"), "--out", "-o", help="engines folder"),
+    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder for the parity check (default: the checkpoint's)"),
+    opset: int = typer.Option(18),
+):
+    """Export to ONNX (dynamic batch, single file) and check parity with PyTorch on real slices."""
+    from lggdeploy.export import export_checkpoint
+
+    path, record = export_checkpoint(checkpoint, out_dir, data, opset)
+    parity = record["parity"]
+    out.print(f"wrote {path} (opset {record['opset']}); parity on {parity['slices']} slices: max |logit diff| {parity['max_abs_logit_diff']:.2e}, masks agree on {parity['mask_agreement']:.4%}")
+
+
+@app.command("build")
+@friendly
+def build_cmd(
+    checkpoints: list[Path] = typer.Argument(..., help="one or more checkpoints"),
+    precision: str = typer.Option("fp32", help="fp32, fp16, int8 or all"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime (CPU) or tensorrt (NVIDIA GPU)"),
+    int8_profile: Optional[str] = typer.Option(None, help="cpu or tensorrt (default: cpu for onnxruntime, tensorrt for tensorrt)"),
+    out_dir: Path = typer.Option(Path("engines"), "--out", "-o"),
+    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder with the checkpoint's val patients (default: the checkpoint's)"),
+    calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),
+    calib_method: str = typer.Option("minmax", help="minmax, entropy or percentile"),
+    max_drop: float = typer.Option(0.5, help="largest allowed drop of val mean per-patient Dice, in points"),
+    force: bool = typer.Option(False, "--force", help="write an engine that failed its gate (its manifest says so)"),
+    min_batch: int = typer.Option(1), opt_batch: int = typer.Option(8), max_batch: int = typer.Option(32),
+    workspace_gib: float = typer.Option(4.0, help="TensorRT workspace limit"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads for the gate (default: all cores)"),
+):
+    """Build engines behind the accuracy gate; --precision all builds the whole matrix."""
+    from lggdeploy.build import BuildOptions, build_engines
+    from lggdeploy.reporting import comparison_table
+
+    opts = BuildOptions(out_dir=out_dir, data=data, backend=backend, precision=precision, int8_profile=int8_profile,
+                        calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, force=force,
+                        batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads)
+    rows = [
+        {"engine": r["engine"], "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"], "drop": r["gate"]["drop_points"],
+         "kept": len(r["gate"]["nodes_kept_in_float"]), "gate": "passed" if r["gate"]["passed"] else "FAILED (forced)", "seconds": r["build_seconds"]}
+        for r in build_engines(checkpoints, opts)
+    ]
+    cols = [("engine", "engine"), ("fp32", "FP32 val Dice"), ("engine_dice", "engine val Dice"), ("drop", "drop (points)"), ("kept", "nodes kept in float"), ("gate", "gate"), ("seconds", "build s")]
+    out.print(comparison_table(rows, cols, title="engines (gate: mean per-patient Dice on the validation split)"))
+
+
+@app.command("doctor")
+def doctor_cmd():
+    """Which backends are usable here and why not; CPU ISA, GPU, library versions."""
+    from lggdeploy.doctor import report
+    from lggdeploy.reporting import comparison_table
+
+    info = report()
+    out.print(comparison_table(info["backends"], [("backend", "backend"), ("usable", "usable"), ("detail", "detail / reason")], title="backends"))
+    cpu = info["machine"]["cpu"]
+    out.print(f"CPU: {cpu['model']}, {cpu['cores']} cores, ISA: {', '.join(cpu['isa']) or 'none of ' + 'AVX2/AVX-512/VNNI'}; INT8 cpu profile here: {info['int8_cpu_recipe']}")
+    gpus = info["machine"]["gpus"]
+    out.print("GPU: " + (", ".join(f"{g['name']} (compute capability {g['compute_capability']})" for g in gpus) if gpus else "none visible"))
+    out.print("libraries: " + ", ".join(f"{k} {v}" for k, v in info["machine"]["libraries"].items() if v))
 
 
 @app.command("demo")

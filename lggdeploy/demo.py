@@ -28,13 +28,13 @@ COLUMNS = [
     ("encoder_weights", "encoder weights"),
     ("epochs", "epochs"),
     ("train_seconds", "train s"),
-    ("val_mean_patient_dice", "val per-patient Dice"),
-    ("mean_patient_dice", "test mean per-patient Dice"),
-    ("median_patient_dice", "test median per-patient Dice"),
-    ("global_dice", "test global Dice"),
-    ("mean_patient_iou", "test per-patient IoU"),
-    ("pixel_accuracy", "test pixel accuracy"),
-    ("slice_mean_dice_study_style", "test per-slice Dice (study style)"),
+    ("val_mean_patient_dice", "val Dice/patient"),
+    ("mean_patient_dice", "test Dice/patient mean"),
+    ("median_patient_dice", "median"),
+    ("global_dice", "global Dice"),
+    ("mean_patient_iou", "IoU/patient"),
+    ("pixel_accuracy", "pixel acc."),
+    ("slice_mean_dice_study_style", "per-slice Dice (study style)"),
 ]
 
 

@@ -17,3 +17,17 @@ class CheckpointError(LggError):
 
 class ModelError(LggError):
     """An unknown preset / architecture / encoder, or encoder weights that cannot be had."""
+
+
+class EngineError(LggError):
+    """An engine or its manifest is missing, mismatched with this machine, or failed a check."""
+
+
+class BackendUnavailable(LggError):
+    """A backend (TensorRT, a GPU) is not usable on this machine; the message says why."""
+
+
+class GateFailed(LggError):
+    """An engine lost more accuracy than the budget allows and no fallback met it."""
+
+    exit_code = 3

@@ -13,16 +13,10 @@ from torch import nn
 
 from lggdeploy.data.arrays import SliceArrays, load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
-from lggdeploy.metrics import SegmentationScores
+from lggdeploy.backends.torch_backend import TorchRunner
+from lggdeploy.data.transforms import Normalization
 from lggdeploy.progress import progress_bar
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, img_size: int, normalization: Normalization, device: str | torch.device = "cpu") -> np.ndarray:
-    """uint8 (N, 256, 256, 3) -> float32 logits (N, 1, img_size, img_size)."""
-    x = torch.from_numpy(preprocess(images, img_size, normalization)).to(device)
-    return model(x).float().cpu().numpy()
+from lggdeploy.scoring import score_runner
 
 
 def score_model(
@@ -37,26 +31,12 @@ def score_model(
     threshold: float = 0.5,
     on_logits: Callable[[np.ndarray, slice], None] | None = None,
 ) -> dict:
-    """Per-patient and aggregate metrics of `model` on `slices` (scored at the native 256x256).
-
-    `on_logits(logits, batch)` sees each batch's logits, for extra figures from the same pass (validation loss).
-    """
+    """score_runner on a PyTorch model (put in eval mode for the pass, then restored)."""
     was_training = model.training
-    model.eval()
-    scores = SegmentationScores()
     try:
-        with progress_bar(show_progress) as bar:
-            task = bar.add_task(description, total=len(slices), info="")
-            for start in range(0, len(slices), batch_size):
-                stop = min(start + batch_size, len(slices))
-                logits = predict_logits(model, slices.images[start:stop], img_size, normalization, device)
-                scores.add(logits_to_masks(logits, threshold=threshold), slices.masks[start:stop], slices.patients[start:stop])
-                if on_logits:
-                    on_logits(logits, slice(start, stop))
-                bar.advance(task, stop - start)
+        return score_runner(TorchRunner(model, str(device)), slices, img_size, normalization, batch_size, threshold, show_progress, description, on_logits)
     finally:
         model.train(was_training)
-    return scores.summary()
 
 
 def evaluate_checkpoint(

@@ -45,3 +45,14 @@ def trained_run(phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "pspnet-scratch"
     result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, batch_size=8, img_size=64, show_progress=False))
     return result
+
+
+@pytest.fixture(scope="session")
+def segmenting_run(phantom_dir, tmp_path_factory):
+    """pspnet-scratch trained until it really segments the phantom lesions: gates and parity need a model with Dice > 0."""
+    from lggdeploy.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("segmenting") / "pspnet-scratch"
+    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=10, batch_size=8, img_size=128, lr=1e-3, show_progress=False))
+    assert result.best["val_mean_patient_dice"] > 0.5, result.history
+    return result

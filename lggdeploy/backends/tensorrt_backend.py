@@ -1,0 +1,250 @@
+"""TensorRT backend: builds a serialized engine (.plan) from a typed ONNX graph, and runs it.
+
+Written against the documented Python API of TensorRT 10 and 11 and imported lazily (importing lggdeploy
+never imports tensorrt). Precision lives in the ONNX graph: every network is strongly typed (TensorRT 11
+removed BuilderFlag.FP16/INT8 and the INT8 calibrators; on 10 we ask for STRONGLY_TYPED explicitly), so
+FP16 comes from a typed FP16 graph and INT8 from Q/DQ nodes.
+
+Execution uses the I/O tensor API (set_input_shape, set_tensor_address, execute_async_v3) with device
+buffers and a stream from cuda-python, reused across calls; one Runner per thread.
+
+Every TensorRT name this module touches is listed in TRT_NAMES ("Class.attr" or a module attribute),
+with the versions it must exist in; tests check the list against shared/tensorrt-api/trt10.json and
+trt11.json, and check that the source uses no trt name outside the list.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from lggdeploy.errors import BackendUnavailable, EngineError
+
+BOTH, V10, V11 = ("10", "11"), ("10",), ("11",)
+TRT_NAMES: dict[str, tuple[str, ...]] = {
+    "__version__": BOTH,
+    "Logger": BOTH,
+    "Logger.WARNING": BOTH,
+    "Builder": BOTH,
+    "Builder.create_network": BOTH,
+    "Builder.create_builder_config": BOTH,
+    "Builder.create_optimization_profile": BOTH,
+    "Builder.build_serialized_network": BOTH,
+    "NetworkDefinitionCreationFlag.STRONGLY_TYPED": V10,  # 11: always strongly typed (flag deprecated)
+    "INetworkDefinition.num_inputs": BOTH,
+    "INetworkDefinition.get_input": BOTH,
+    "ITensor.name": BOTH,
+    "OnnxParser": BOTH,
+    "OnnxParser.parse_from_file": BOTH,
+    "OnnxParser.num_errors": BOTH,
+    "OnnxParser.get_error": BOTH,
+    "ParserError.desc": BOTH,
+    "ParserError.node_name": BOTH,
+    "IBuilderConfig.set_memory_pool_limit": BOTH,
+    "MemoryPoolType.WORKSPACE": BOTH,
+    "IBuilderConfig.add_optimization_profile": BOTH,
+    "IBuilderConfig.create_timing_cache": BOTH,
+    "IBuilderConfig.set_timing_cache": BOTH,
+    "IBuilderConfig.get_timing_cache": BOTH,
+    "IBuilderConfig.builder_optimization_level": BOTH,
+    "ITimingCache.serialize": BOTH,
+    "IOptimizationProfile.set_shape": BOTH,
+    "Runtime": BOTH,
+    "Runtime.deserialize_cuda_engine": BOTH,
+    "ICudaEngine.num_io_tensors": BOTH,
+    "ICudaEngine.get_tensor_name": BOTH,
+    "ICudaEngine.get_tensor_mode": BOTH,
+    "ICudaEngine.get_tensor_dtype": BOTH,
+    "ICudaEngine.create_execution_context": BOTH,
+    "TensorIOMode.INPUT": BOTH,
+    "IExecutionContext.set_input_shape": BOTH,
+    "IExecutionContext.get_tensor_shape": BOTH,
+    "IExecutionContext.set_tensor_address": BOTH,
+    "IExecutionContext.execute_async_v3": BOTH,
+    "nptype": BOTH,
+}
+
+
+def _import_trt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailable("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU and driver)") from None
+    return trt
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise BackendUnavailable("cuda-python is not installed (pip install cuda-python)") from None
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise EngineError(f"CUDA call failed with error {int(err)} ({err})")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def major_version(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def gpu_identity() -> dict:
+    """Name and compute capability of GPU 0 through the CUDA runtime (no torch)."""
+    cudart = _cudart()
+    props = _check(cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def is_available() -> tuple[bool, str]:
+    try:
+        trt = _import_trt()
+        cudart = _cudart()
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    try:
+        count = _check(cudart.cudaGetDeviceCount())
+    except EngineError as exc:
+        return False, f"no usable NVIDIA GPU ({exc})"
+    if not count:
+        return False, "no NVIDIA GPU visible"
+    if major_version(trt) not in (10, 11):
+        return False, f"TensorRT {trt.__version__} is not supported (10.x or 11.x)"
+    return True, f"TensorRT {trt.__version__}, {gpu_identity()['gpu']}"
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    plan_path: str | os.PathLike,
+    batch: tuple[int, int, int] = (1, 8, 32),
+    img_size: int = 256,
+    workspace_gib: float = 4.0,
+    timing_cache: str | os.PathLike | None = None,
+    optimization_level: int = 3,
+) -> dict:
+    """Parse a typed ONNX graph and write a serialized engine atomically. Returns build facts for the manifest."""
+    from lggdeploy.fileio import atomic_path
+
+    ok, reason = is_available()
+    if not ok:
+        raise BackendUnavailable(f"cannot build a TensorRT engine here: {reason}")
+    trt = _import_trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if major_version(trt) == 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        detail = "; ".join(f"{e.node_name()}: {e.desc()}" for e in errors[:3])
+        raise EngineError(f"{onnx_path}: TensorRT's ONNX parser rejected the graph ({len(errors)} error(s)): {detail}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.builder_optimization_level = optimization_level
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = batch
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        profile.set_shape(name, (lo, 3, img_size, img_size), (opt, 3, img_size, img_size), (hi, 3, img_size, img_size))
+    config.add_optimization_profile(profile)
+    cache_blob = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
+    cache = config.create_timing_cache(cache_blob)
+    config.set_timing_cache(cache, False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    if timing_cache:
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {"tensorrt_version": str(trt.__version__), **gpu_identity(), "batch_profile": list(batch), "workspace_gib": workspace_gib}
+
+
+def check_compatible(manifest: dict, path) -> None:
+    """A plan runs only on the TensorRT version and GPU architecture it was built for."""
+    trt = _import_trt()
+    built = manifest.get("tensorrt_version")
+    if built != str(trt.__version__):
+        raise EngineError(f"{path} was built with TensorRT {built}, this machine has {trt.__version__}: rebuild it here with `lggdeploy build`")
+    here = gpu_identity()
+    if manifest.get("compute_capability") != here["compute_capability"]:
+        raise EngineError(
+            f"{path} was built for compute capability {manifest.get('compute_capability')} ({manifest.get('gpu')}), "
+            f"this GPU is {here['compute_capability']} ({here['gpu']}): rebuild it here"
+        )
+
+
+class TensorRTRunner:
+    """One engine, one execution context, device buffers grown on demand and reused. Not thread-safe: one per thread."""
+
+    def __init__(self, path, manifest: dict):
+        trt = _import_trt()
+        self.cudart = _cudart()
+        check_compatible(manifest, path)
+        self.trt = trt
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise EngineError(f"{path}: TensorRT could not deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output = next(n for n in names if n != self.input)
+        self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output)))
+        self.stream = _check(self.cudart.cudaStreamCreate())
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, bytes)
+        self.owner = threading.get_ident()
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        pointer, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if pointer:
+                _check(self.cudart.cudaFree(pointer))
+            pointer = _check(self.cudart.cudaMalloc(nbytes))
+            self.buffers[name] = (pointer, nbytes)
+        return pointer
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if threading.get_ident() != self.owner:
+            raise EngineError("a TensorRTRunner is bound to the thread that created it: make one Segmenter per thread")
+        cudart = self.cudart
+        batch = np.ascontiguousarray(batch, np.float32)
+        self.context.set_input_shape(self.input, tuple(batch.shape))
+        out_shape = tuple(self.context.get_tensor_shape(self.output))
+        out = np.empty(out_shape, self.out_dtype)
+        d_in, d_out = self._buffer(self.input, batch.nbytes), self._buffer(self.output, out.nbytes)
+        self.context.set_tensor_address(self.input, d_in)
+        self.context.set_tensor_address(self.output, d_out)
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(cudart.cudaMemcpyAsync(d_in, batch.ctypes.data, batch.nbytes, h2d, self.stream))
+        if not self.context.execute_async_v3(self.stream):
+            raise EngineError("TensorRT execution failed")
+        _check(cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self.stream))
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        for pointer, _ in self.buffers.values():
+            self.cudart.cudaFree(pointer)
+        self.buffers.clear()
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        self.context = self.engine = self.runtime = None
+
+
+def load(path, manifest: dict) -> TensorRTRunner:
+    return TensorRTRunner(path, manifest)

@@ -1,0 +1,127 @@
+"""INT8: Q/DQ graphs calibrated on validation slices, for two targets.
+
+- `tensorrt`: what TensorRT's ONNX parser accepts — signed INT8, zero point 0 (symmetric activations and
+  weights), per-channel weights on the output-channel axis, per-tensor activations, float biases.
+- `cpu`: what the host CPU runs fastest — ONNX Runtime's guidance: U8S8 (uint8 activations, int8 weights),
+  with reduce_range on x86 without VNNI; S8S8 on ARM with dot-product instructions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from lggdeploy.errors import LggError
+
+METHODS = ("minmax", "entropy", "percentile")
+PROFILES = ("tensorrt", "cpu")
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    profile: str
+    activation_type: str  # "int8" | "uint8"
+    weight_type: str
+    per_channel: bool
+    reduce_range: bool
+    symmetric_activations: bool
+    op_types: tuple[str, ...] | None  # None: every op ONNX Runtime can quantize
+    quantize_bias: bool = True  # int32 bias Q/DQ; TensorRT takes float biases and fuses them itself
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "op_types": list(self.op_types) if self.op_types else "all"}
+
+
+def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = None) -> Int8Recipe:
+    if profile == "tensorrt":
+        return Int8Recipe("tensorrt", "int8", "int8", True, False, True, None, quantize_bias=False)
+    if profile == "cpu":
+        from lggdeploy.machine import cpu_info
+
+        info = cpu_info()
+        isa = info["isa"] if isa is None else isa
+        arch = info["arch"] if arch is None else arch
+        vnni = any(flag in isa for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        if arch in ("aarch64", "arm64") and "asimddp" in isa:
+            return Int8Recipe("cpu", "int8", "int8", True, False, True, ("Conv", "MatMul", "Gemm"))
+        return Int8Recipe("cpu", "uint8", "int8", True, not vnni, False, ("Conv", "MatMul", "Gemm"))
+    raise LggError(f"unknown INT8 profile {profile!r}: choose tensorrt or cpu")
+
+
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    if name not in table:
+        raise LggError(f"unknown --calib-method {name!r}: choose minmax, entropy or percentile")
+    return table[name]
+
+
+def preprocess_for_quantization(fp32_path: Path, out_path: Path) -> Path:
+    """Shape inference + graph optimization, as ONNX Runtime recommends before static quantization."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+    return out_path
+
+
+def quantize(
+    prepared: Path,
+    out_path: Path,
+    recipe: Int8Recipe,
+    reader,
+    method: str,
+    cache_path: Path,
+    nodes_to_exclude: list[str] | None = None,
+) -> Path:
+    """Write a Q/DQ INT8 model. Ranges come from `cache_path` when it exists (no recalibration)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from lggdeploy.fileio import atomic_path
+
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    extra = {
+        "ActivationSymmetric": recipe.symmetric_activations,
+        "WeightSymmetric": True,
+        "CalibTensorRangeSymmetric": recipe.symmetric_activations,
+        "QuantizeBias": recipe.quantize_bias,
+    }
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.99
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp, contextlib.redirect_stdout(io.StringIO()):
+        logging.getLogger().setLevel(logging.ERROR)
+        quantize_static(
+            str(prepared),
+            str(tmp),
+            calibration_data_reader=None if cache_path.is_file() else reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None,
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            activation_type=types[recipe.activation_type],
+            weight_type=types[recipe.weight_type],
+            nodes_to_exclude=list(nodes_to_exclude or []),
+            calibrate_method=_method(method),
+            extra_options=extra,
+            calibration_cache_path=str(cache_path),
+        )
+    return out_path
+
+
+def zero_points(path: Path) -> list[int]:
+    """Every zero point of every QuantizeLinear/DequantizeLinear in the graph (TensorRT needs them all 0)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    values: list[int] = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2] in inits:
+            values.extend(np.asarray(inits[node.input[2]]).astype(np.int64).ravel().tolist())
+    return values
