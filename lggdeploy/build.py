@@ -241,15 +241,26 @@ def _manifest(ctx: _Context, fmt: EngineFormat, path: Path, gate, seconds: float
     return manifest
 
 
-def build_engines(checkpoints: list[Path], opts: BuildOptions) -> list[dict]:
-    """Every requested format for every checkpoint. Unavailable backends fail before any work is done."""
+@dataclass
+class BuildReport:
+    engines: list[dict]
+    failures: list[str]  # gate failures: one message each; the other engines were still built
+
+
+def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
+    """Every requested format for every checkpoint. Unavailable backends fail before any work is done;
+    an engine that fails its gate is reported and the rest of the matrix is still built."""
     formats = select_formats(opts.backend, opts.precision, opts.int8_profile)
     ok, reason = availability(opts.backend)
     if not ok:
         raise BackendUnavailable(f"backend {opts.backend} is not usable here: {reason}")
-    results = []
+    report = BuildReport([], [])
     for checkpoint in checkpoints:
         ctx = _Context(Path(checkpoint), opts)
         for fmt in formats:
-            results.append(build_one(ctx, fmt))
-    return results
+            try:
+                report.engines.append(build_one(ctx, fmt))
+            except GateFailed as exc:
+                console.print(f"[red]gate failed:[/] {exc}")
+                report.failures.append(str(exc))
+    return report

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from lggdeploy.errors import LggError
+from lggdeploy.errors import GateFailed, LggError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, help="Brain-MRI LGG segmentation: data, training, evaluation.")
 data_app = typer.Typer(no_args_is_help=True, help="Check, describe, synthesize and split kaggle_3m-layout data.")
@@ -226,13 +226,86 @@ def build_cmd(
     opts = BuildOptions(out_dir=out_dir, data=data, backend=backend, precision=precision, int8_profile=int8_profile,
                         calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, force=force,
                         batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads)
+    report = build_engines(checkpoints, opts)
     rows = [
         {"engine": r["engine"], "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"], "drop": r["gate"]["drop_points"],
          "kept": len(r["gate"]["nodes_kept_in_float"]), "gate": "passed" if r["gate"]["passed"] else "FAILED (forced)", "seconds": r["build_seconds"]}
-        for r in build_engines(checkpoints, opts)
+        for r in report.engines
     ]
     cols = [("engine", "engine"), ("fp32", "FP32 val Dice"), ("engine_dice", "engine val Dice"), ("drop", "drop (points)"), ("kept", "nodes kept in float"), ("gate", "gate"), ("seconds", "build s")]
-    out.print(comparison_table(rows, cols, title="engines (gate: mean per-patient Dice on the validation split)"))
+    if rows:
+        out.print(comparison_table(rows, cols, title="engines (gate: mean per-patient Dice on the validation split)"))
+    if report.failures:
+        raise GateFailed(f"{len(report.failures)} engine(s) failed the accuracy gate and were not written (see above); {len(rows)} built")
+
+
+@app.command("bench")
+@friendly
+def bench_cmd(
+    engines_dir: Path = typer.Argument(Path("engines"), help="folder with engines and their manifests"),
+    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoints' data folder)"),
+    split: str = typer.Option("test", help="test, val, train or all"),
+    split_file: Optional[Path] = typer.Option(None, help="split JSON (default: the split in each engine's manifest)"),
+    batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes to time"),
+    iters: int = typer.Option(20, help="timed rounds per batch size (engines interleaved in each round)"),
+    seconds: Optional[float] = typer.Option(None, help="stop the rounds of a batch size after this many seconds"),
+    warmup: int = typer.Option(3),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
+    fmt: str = typer.Option("table", "--format", help="table, md, csv or json on screen"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="write bench.json/md/csv and the plots here"),
+):
+    """Latency beside per-patient Dice/IoU/accuracy for every engine, with the PyTorch FP32 reference."""
+    from lggdeploy.bench import BenchOptions, run_bench
+    from lggdeploy.bench_report import FORMATS, csv_text, markdown, rich_table, write_all
+
+    if fmt not in FORMATS:
+        raise LggError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise LggError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
+    results = run_bench(BenchOptions(engines_dir=engines_dir, data=data, split=split, split_file=split_file, batch_sizes=sizes,
+                                     iters=iters, seconds=seconds, warmup=warmup, threads=threads))
+    if fmt == "table":
+        out.print(rich_table(results))
+    elif fmt == "md":
+        out.print(markdown(results), markup=False, highlight=False)
+    elif fmt == "csv":
+        out.print(csv_text(results), markup=False, highlight=False)
+    else:
+        import json
+
+        out.print(json.dumps(results, indent=2), markup=False, highlight=False)
+    if out_dir:
+        written = write_all(results, out_dir)
+        err.print("written: " + ", ".join(str(p) for p in written))
+
+
+@app.command("predict")
+@friendly
+def predict_cmd(
+    engine: Path = typer.Argument(..., help="an engine built by `lggdeploy build` (its .json manifest beside it)"),
+    source: Path = typer.Argument(..., help="one slice .tif, a patient folder, or a kaggle_3m root"),
+    out_dir: Path = typer.Option(Path("predictions"), "--out", "-o"),
+    threshold: Optional[float] = typer.Option(None, help="probability threshold (default: the engine's manifest)"),
+    largest_component: bool = typer.Option(False, "--largest-component", help="keep the largest 3-D connected component per patient"),
+    spacing: Optional[float] = typer.Option(None, help="in-plane pixel spacing in mm, for tumor areas in mm²"),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Masks (TIFF 0/255), overlay PNGs and per-patient tumor volumes (and Dice where masks exist). No torch needed."""
+    from lggdeploy.predict import predict_paths
+    from lggdeploy.runtime import Segmenter
+
+    with Segmenter.load(engine, threshold=threshold, threads=threads) as segmenter:
+        report = predict_paths(segmenter, source, out_dir, largest_component=largest_component, spacing_mm=spacing)
+    for row in report.rows:
+        dice = f", Dice {row['dice']:.4f}" if row["dice"] is not None else ""
+        out.print(f"{row['patient']}: {row['slices']} slices, tumor in {row['tumor_slices']}, {row['tumor_pixels']} pixels{dice}")
+    out.print(f"wrote {report.written} masks and overlays, and {out_dir / 'patients.csv'}")
+    if report.problems:
+        for problem in report.problems:
+            err.print(f"[red]skipped:[/] {problem}", highlight=False, soft_wrap=True)
+        raise LggError(f"{len(report.problems)} file(s) could not be read (listed above); the others were written")
 
 
 @app.command("doctor")
@@ -261,12 +334,17 @@ def demo_cmd(
     from lggdeploy.demo import COLUMNS, run_demo
     from lggdeploy.reporting import comparison_table
 
+    from lggdeploy.bench_report import rich_table
+
     results = run_demo(out_dir, patients=patients, seed=seed)
-    out.print(comparison_table(results["rows"], COLUMNS, title="lggdeploy demo: phantom test split (per-patient Dice is the primary metric)"))
+    out.print(comparison_table(results["rows"], COLUMNS, title="training: phantom test split (per-patient Dice is the primary metric)"))
+    out.print(rich_table(results["bench"]))
     out.print(
-        f"results: {out_dir / 'results.md'}, {out_dir / 'results.json'}; runs, curves and per-patient JSON under {out_dir / 'runs'}.\n"
-        "Transfer presets trained from random init (ImageNet weights cannot be downloaded offline).\n"
-        "On the real data: lggdeploy train --model pspnet-scratch --data /path/to/kaggle_3m, then lggdeploy eval runs/pspnet-scratch/best.pt --data /path/to/kaggle_3m"
+        f"results: {out_dir / 'results.md'} (both tables), {out_dir / 'bench'} (bench.json/md/csv, speed_accuracy.png, speedup.png); "
+        f"checkpoints, curves and per-patient JSON under {out_dir / 'runs'}; engines and manifests under {out_dir / 'engines'}.\n"
+        "Transfer presets trained from random init here (ImageNet weights cannot be downloaded offline).\n"
+        "The same on the real data: lggdeploy train --model pspnet-scratch --data /path/to/kaggle_3m && "
+        "lggdeploy build runs/pspnet-scratch/best.pt --precision all && lggdeploy bench engines --data /path/to/kaggle_3m --out results"
     )
 
 

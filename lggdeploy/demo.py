@@ -1,4 +1,5 @@
-"""The main job on the embedded default: phantom set -> split -> train the three presets -> evaluate -> table.
+"""The main job on the embedded default: phantom set -> split -> train the three presets -> evaluate ->
+export -> FP32/FP16/INT8 ONNX Runtime engines behind the accuracy gate -> bench -> table and plots.
 
 Runs with no data and no network. Transfer presets train from random init here, on purpose and labelled
 as such, because ImageNet weights cannot be downloaded offline (pass real weights with `lggdeploy train
@@ -38,7 +39,15 @@ COLUMNS = [
 ]
 
 
-def run_demo(out: str | os.PathLike = "demo", patients: int = 10, seed: int = 0, presets: list[str] | None = None, epochs: dict | None = None) -> dict:
+def run_demo(
+    out: str | os.PathLike = "demo",
+    patients: int = 10,
+    seed: int = 0,
+    presets: list[str] | None = None,
+    epochs: dict | None = None,
+    engines: bool = True,
+    bench_iters: int = 10,
+) -> dict:
     out = Path(out)
     data = out / "phantom"
     if not data.exists():
@@ -81,6 +90,26 @@ def run_demo(out: str | os.PathLike = "demo", patients: int = 10, seed: int = 0,
             }
         )
     results = {"data": str(data), "split": split.to_json(), "img_size": DEMO_IMG_SIZE, "rows": rows}
+    text = "# lggdeploy demo (phantom data)\n\n## Training (test split of the phantom set)\n\n" + comparison_markdown(rows, COLUMNS)
+    if engines:
+        results["bench"] = _engines_and_bench(out, data, [runs / r["model"] / "best.pt" for r in rows], bench_iters)
+        from lggdeploy.bench_report import markdown
+
+        text += "\n## Engines: speed and accuracy (`lggdeploy bench`)\n\n" + markdown(results["bench"])
     write_json_atomic(out / "results.json", results)
-    write_text_atomic(out / "results.md", "# lggdeploy demo (phantom data)\n\n" + comparison_markdown(rows, COLUMNS))
+    write_text_atomic(out / "results.md", text)
+    return results
+
+
+def _engines_and_bench(out: Path, data: Path, checkpoints: list[Path], iters: int) -> dict:
+    from lggdeploy.bench import BenchOptions, run_bench
+    from lggdeploy.bench_report import write_all
+    from lggdeploy.build import BuildOptions, build_engines
+
+    engines = out / "engines"
+    if engines.exists():  # the demo's own engines from an earlier run
+        shutil.rmtree(engines)
+    build_engines(checkpoints, BuildOptions(out_dir=engines, data=data, precision="all", calib_samples=16))  # gate failures are printed; bench shows what was built
+    results = run_bench(BenchOptions(engines_dir=engines, data=data, split="test", batch_sizes=(1, 8), iters=iters))
+    write_all(results, out / "bench")
     return results

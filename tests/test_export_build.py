@@ -53,7 +53,10 @@ def test_parity_failure_leaves_no_artifact(segmenting_run, phantom_dir, tmp_path
 
 
 def build(segmenting_run, phantom_dir, out, **kw):
-    return build_engines([segmenting_run.best_path], BuildOptions(out_dir=out, data=phantom_dir, calib_samples=8, **kw))
+    report = build_engines([segmenting_run.best_path], BuildOptions(out_dir=out, data=phantom_dir, calib_samples=8, **kw))
+    if report.failures:
+        raise GateFailed(report.failures[0])
+    return report.engines
 
 
 def test_fp32_fp16_int8_matrix_with_manifests(segmenting_run, phantom_dir, exported):

@@ -79,16 +79,21 @@ def preprocess(images: np.ndarray, size: int, normalization: Normalization) -> n
     return normalization.apply(to_unit(resize_images(images, size)))
 
 
-def logits_to_masks(logits: np.ndarray, size: int = NATIVE_SIZE, threshold: float = 0.5) -> np.ndarray:
-    """(N, 1, s, s) or (N, s, s) logits -> (N, size, size) bool masks (probability > threshold) at native size."""
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+def native_logits(logits: np.ndarray, size: int = NATIVE_SIZE) -> np.ndarray:
+    """(N, 1, s, s) or (N, s, s) logits -> (N, size, size) logits, bilinear (resampling logits, not masks)."""
     logits = np.asarray(logits, np.float32)
     if logits.ndim == 4:
         logits = logits[:, 0]
     if logits.shape[1:] != (size, size):
         logits = np.stack([np.asarray(Image.fromarray(l).resize((size, size), Image.BILINEAR)) for l in logits])
-    return logits > np.float32(np.log(threshold / (1 - threshold)))
+    return logits
+
+
+def logits_to_masks(logits: np.ndarray, size: int = NATIVE_SIZE, threshold: float = 0.5) -> np.ndarray:
+    """(N, 1, s, s) or (N, s, s) logits -> (N, size, size) bool masks (probability > threshold) at native size."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    return native_logits(logits, size) > np.float32(np.log(threshold / (1 - threshold)))
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

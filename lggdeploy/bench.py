@@ -1,0 +1,244 @@
+"""`lggdeploy bench`: latency beside per-patient Dice for every engine, against the PyTorch FP32 reference.
+
+Honest timing: inputs preprocessed and preloaded (disk and preprocessing stay out of model latency;
+end-to-end time per image is reported separately), warm-up first, fixed ONNX Runtime threads, engines
+interleaved round by round so machine drift hits all alike, medians and percentiles, machine info saved.
+An engine with NaN/Inf outputs is flagged and not scored; an engine whose backend is missing is listed
+with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lggdeploy.backends import availability
+from lggdeploy.bench_stats import latency_summary, paired_bootstrap_ci
+from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
+from lggdeploy.engines import discover, read_manifest
+from lggdeploy.errors import LggError
+from lggdeploy.progress import console, progress_bar
+
+
+@dataclass
+class BenchOptions:
+    engines_dir: Path = Path("engines")
+    data: Path | None = None
+    split: str = "test"
+    split_file: Path | None = None
+    batch_sizes: tuple[int, ...] = (1, 8)
+    iters: int = 20
+    seconds: float | None = None  # stop the timed rounds of a batch size after this long (at least 3 rounds)
+    warmup: int = 3
+    threads: int | None = None
+    bootstrap_reps: int = 2000
+
+
+@dataclass
+class Entry:
+    model: str
+    backend: str
+    precision: str
+    int8_profile: str | None
+    path: Path
+    checkpoint: Path
+    group: str  # checkpoint sha256: the reference this entry is compared with
+    manifest: dict = field(default_factory=dict)
+    pruned: bool = False
+    status: str = "ok"
+    reason: str = ""
+    runner: object = None
+    memory_mb: float | None = None
+    accuracy: dict | None = None
+    latency: dict = field(default_factory=dict)
+    end_to_end_ms_per_image: float | None = None
+
+    @property
+    def label(self) -> str:
+        return " ".join(p for p in (self.model, self.backend, self.precision, self.int8_profile) if p)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.backend == "torch" and self.precision == "fp32"
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def _entries(opts: BenchOptions) -> list[Entry]:
+    engines = discover(opts.engines_dir)
+    if not engines:
+        raise LggError(f"no engines with manifests under {opts.engines_dir}: build some with `lggdeploy build CHECKPOINT`")
+    entries: list[Entry] = []
+    references: dict[str, Entry] = {}
+    for path in engines:
+        manifest = read_manifest(path)
+        group = manifest["checkpoint_sha256"]
+        model = manifest["model"]["name"]
+        checkpoint = Path(manifest["checkpoint"])
+        if group not in references:
+            references[group] = Entry(model, "torch", "fp32", None, checkpoint, checkpoint, group, manifest, pruned=bool(manifest.get("pruned")))
+        entries.append(Entry(model, manifest["backend"], manifest["precision"], manifest.get("int8_profile"), path, checkpoint, group, manifest, pruned=bool(manifest.get("pruned"))))
+    return list(references.values()) + entries
+
+
+def _open(entry: Entry, opts: BenchOptions) -> None:
+    """Load the runner (or mark the entry unavailable / failed, with the reason)."""
+    ok, reason = availability(entry.backend)
+    if not ok:
+        entry.status, entry.reason = "unavailable", reason
+        return
+    before = _rss_mb()
+    try:
+        if entry.backend == "torch":
+            from lggdeploy.backends.torch_backend import load
+
+            if not entry.checkpoint.is_file():
+                entry.status, entry.reason = "missing", f"checkpoint {entry.checkpoint} not found"
+                return
+            entry.runner = load(entry.checkpoint)
+        elif entry.backend == "onnxruntime":
+            from lggdeploy.backends.onnxruntime_backend import load
+
+            entry.runner = load(entry.path, entry.manifest, threads=opts.threads)
+        else:
+            from lggdeploy.backends.base import load_runner
+
+            entry.runner = load_runner(entry.backend, entry.path, entry.manifest)
+    except LggError as exc:
+        entry.status, entry.reason = "error", str(exc)
+        return
+    entry.memory_mb = _rss_mb() - before
+
+
+def _slices_for(entry: Entry, opts: BenchOptions, cache: dict):
+    from lggdeploy.data.arrays import load_slices
+    from lggdeploy.data.kaggle import load_dataset
+    from lggdeploy.data.split import Split, load_split
+
+    split = load_split(opts.split_file) if opts.split_file else Split.from_json(entry.manifest["split"], origin=f"{entry.path} manifest")
+    data = Path(opts.data) if opts.data else None
+    if data is None:
+        from lggdeploy.checkpoint import load_checkpoint
+
+        if not entry.checkpoint.is_file():
+            raise LggError(f"pass --data: the checkpoint {entry.checkpoint} that knows the data folder is not here")
+        data = Path(load_checkpoint(entry.checkpoint).get("data_root") or "")
+    dataset = load_dataset(data)
+    patients = dataset.patient_ids if opts.split == "all" else split.patients(opts.split)
+    key = (str(data), tuple(patients))
+    if key not in cache:
+        cache[key] = load_slices(dataset, patients)
+    return cache[key]
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    from lggdeploy.machine import machine_info
+    from lggdeploy.scoring import NonFiniteOutput, score_runner
+
+    if any(b < 1 for b in opts.batch_sizes):
+        raise LggError(f"--batch-sizes must be positive, got {opts.batch_sizes}")
+    entries = _entries(opts)
+    slice_cache: dict = {}
+    inputs: dict[tuple[str, int], np.ndarray] = {}
+    raw: dict[str, np.ndarray] = {}
+    for entry in entries:
+        _open(entry, opts)
+        if entry.status != "ok":
+            console.print(f"[yellow]{entry.label}: {entry.status}[/] ({entry.reason})")
+            continue
+        slices = _slices_for(entry, opts, slice_cache)
+        norm, size = Normalization.from_json(entry.manifest["normalization"]), entry.manifest["img_size"]
+        try:
+            entry.accuracy = score_runner(entry.runner, slices, size, norm, threshold=entry.manifest["threshold"], description=f"scoring {entry.label}")
+        except NonFiniteOutput as exc:
+            entry.status, entry.reason = "non-finite", str(exc)
+            continue
+        raw[entry.group] = slices.images
+        for b in opts.batch_sizes:
+            idx = np.arange(b) % len(slices)
+            inputs[(entry.group, b)] = preprocess(slices.images[idx], size, norm)
+
+    active = [e for e in entries if e.status == "ok"]
+    with progress_bar() as bar:
+        for b in opts.batch_sizes:
+            times: dict[int, list[float]] = {id(e): [] for e in active}
+            for e in active:
+                for _ in range(opts.warmup):
+                    e.runner.infer(inputs[(e.group, b)])
+            task = bar.add_task(f"timing batch {b}", total=opts.iters, info=f"{len(active)} engines interleaved")
+            started = time.perf_counter()
+            for round_ in range(opts.iters):
+                order = active[round_ % len(active):] + active[: round_ % len(active)]  # rotate who goes first
+                for e in order:
+                    t0 = time.perf_counter()
+                    e.runner.infer(inputs[(e.group, b)])
+                    times[id(e)].append(time.perf_counter() - t0)
+                bar.advance(task)
+                if opts.seconds and round_ >= 2 and time.perf_counter() - started > opts.seconds:
+                    break
+            for e in active:
+                e.latency[b] = latency_summary(times[id(e)], b)
+    for e in active:  # end to end: uint8 slices in, masks out, batch 8
+        batch = raw[e.group][np.arange(8) % len(raw[e.group])]
+        norm, size = Normalization.from_json(e.manifest["normalization"]), e.manifest["img_size"]
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            logits_to_masks(e.runner.infer(preprocess(batch, size, norm)), threshold=e.manifest["threshold"])
+            runs.append(time.perf_counter() - t0)
+        e.end_to_end_ms_per_image = float(np.median(runs) * 1000 / len(batch))
+    for e in entries:
+        if e.runner is not None:
+            e.runner.close()
+    return _results(entries, opts, machine_info())
+
+
+def _results(entries: list[Entry], opts: BenchOptions, machine: dict) -> dict:
+    refs = {e.group: e for e in entries if e.is_reference}
+    rows = []
+    for e in entries:
+        row = {
+            "model": e.model,
+            "backend": e.backend,
+            "precision": e.precision,
+            "int8_profile": e.int8_profile,
+            "pruned": e.pruned,
+            "engine": str(e.path),
+            "status": e.status,
+            "reason": e.reason,
+            "file_mb": round(e.path.stat().st_size / 2**20, 2) if e.path.is_file() else None,
+            "memory_mb": round(e.memory_mb, 1) if e.memory_mb is not None else None,
+            "latency": {str(b): s for b, s in e.latency.items()},
+            "end_to_end_ms_per_image": e.end_to_end_ms_per_image,
+            "gate": e.manifest.get("gate") if not e.is_reference else None,
+        }
+        if e.accuracy:
+            row.update({k: e.accuracy["aggregates"][k] for k in ("mean_patient_dice", "median_patient_dice", "global_dice", "mean_patient_iou", "pixel_accuracy", "slice_mean_dice_study_style")})
+            row["per_patient"] = e.accuracy["per_patient"]
+            ref = refs.get(e.group)
+            if ref is not None and ref.accuracy and not e.is_reference:
+                ref_dice = {r["patient"]: r["dice"] for r in ref.accuracy["per_patient"]}
+                diffs = [100 * (r["dice"] - ref_dice[r["patient"]]) for r in e.accuracy["per_patient"] if r["patient"] in ref_dice]
+                mean, lo, hi = paired_bootstrap_ci(diffs, reps=opts.bootstrap_reps)
+                row["delta_dice_points"] = {"mean": mean, "ci95": [lo, hi], "per_patient": dict(zip([r["patient"] for r in e.accuracy["per_patient"]], diffs))}
+            if ref is not None and ref.latency and e.latency:
+                row["speedup"] = {str(b): ref.latency[b]["p50_ms"] / e.latency[b]["p50_ms"] for b in e.latency if b in ref.latency}
+        rows.append(row)
+    return {
+        "format": "lggdeploy-bench",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "options": {"split": opts.split, "batch_sizes": list(opts.batch_sizes), "iters": opts.iters, "warmup": opts.warmup, "threads": opts.threads or os.cpu_count()},
+        "machine": machine,
+        "rows": rows,
+    }

@@ -1,0 +1,124 @@
+"""`lggdeploy predict`: masks, overlays and per-patient volumes for a TIFF, a patient folder or a kaggle_3m root.
+
+Torch-free (runs on the edge runtime). One bad file does not stop the others: it is reported at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lggdeploy.data.kaggle import read_image, read_mask
+from lggdeploy.errors import DataError, LggError
+from lggdeploy.fileio import atomic_path, write_text_atomic
+from lggdeploy.metrics import dice_from_counts
+from lggdeploy.progress import progress_bar
+
+IMAGE = re.compile(r"^(?P<patient>.+)_(?P<number>\d+)\.tif$")
+
+
+@dataclass
+class PredictReport:
+    rows: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    written: int = 0
+
+
+def collect_inputs(source: str | os.PathLike) -> dict[str, list[Path]]:
+    """patient -> image files (masks excluded), sorted by slice number."""
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source} does not exist: give a slice .tif, a patient folder or a kaggle_3m folder")
+    if source.is_file():
+        files = [source]
+    else:
+        files = [p for p in source.glob("*.tif")] or [p for p in source.glob("*/*.tif")]
+    images = [p for p in files if IMAGE.match(p.name) and not p.name.endswith("_mask.tif")]
+    if not images:
+        raise DataError(f"no slice images (<PATIENT>_<N>.tif) found in {source}")
+    patients: dict[str, list[Path]] = {}
+    for path in images:
+        patients.setdefault(IMAGE.match(path.name)["patient"], []).append(path)
+    return {pid: sorted(paths, key=lambda p: int(IMAGE.match(p.name)["number"])) for pid, paths in sorted(patients.items())}
+
+
+def contour(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel boundary of a 2-D mask."""
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    return mask & ~interior
+
+
+def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """FLAIR in grey with the predicted contour in red and the ground-truth contour in green."""
+    flair = image[..., 1]
+    rgb = np.repeat(flair[..., None], 3, axis=2).astype(np.uint8)
+    if truth is not None:
+        rgb[contour(truth)] = (0, 220, 0)
+    rgb[contour(predicted)] = (255, 40, 40)
+    return rgb
+
+
+def predict_paths(
+    segmenter, source: str | os.PathLike, out_dir: str | os.PathLike, largest_component: bool = False, spacing_mm: float | None = None
+) -> PredictReport:
+    import tifffile
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    report = PredictReport()
+    patients = collect_inputs(source)
+    with progress_bar() as bar:
+        task = bar.add_task("predicting", total=sum(len(v) for v in patients.values()), info="")
+        for pid, paths in patients.items():
+            images, truths, kept = [], [], []
+            for path in paths:
+                try:
+                    images.append(read_image(path))
+                    mask_path = path.with_name(path.stem + "_mask.tif")
+                    truths.append(read_mask(mask_path) if mask_path.is_file() else None)
+                    kept.append(path)
+                except DataError as exc:
+                    report.problems.append(str(exc))
+                bar.advance(task)
+            if not images:
+                continue
+            prediction = segmenter.predict(np.stack(images), largest_component=largest_component)
+            folder = out_dir / pid
+            folder.mkdir(parents=True, exist_ok=True)
+            tp = fp = fn = 0
+            has_truth = all(t is not None for t in truths)
+            for path, image, mask, truth in zip(kept, images, prediction.masks, truths):
+                with atomic_path(folder / f"{path.stem}_pred_mask.tif") as tmp:
+                    tifffile.imwrite(tmp, mask.astype(np.uint8) * 255)
+                with atomic_path(folder / f"{path.stem}_overlay.png") as tmp:
+                    Image.fromarray(overlay(image, mask, truth)).save(tmp, format="PNG")
+                report.written += 1
+                if truth is not None:
+                    tp += int((mask & truth).sum())
+                    fp += int((mask & ~truth).sum())
+                    fn += int((~mask & truth).sum())
+            pixels = prediction.masks.reshape(len(kept), -1).sum(axis=1)
+            row = {
+                "patient": pid,
+                "slices": len(kept),
+                "tumor_slices": int((pixels > 0).sum()),
+                "tumor_pixels": int(pixels.sum()),
+                "tumor_pixels_per_slice": " ".join(str(int(p)) for p in pixels),
+                "tumor_area_mm2": round(float(pixels.sum()) * spacing_mm**2, 2) if spacing_mm else None,
+                "dice": round(float(dice_from_counts(tp, fp, fn)), 4) if has_truth else None,
+            }
+            report.rows.append(row)
+    if report.rows:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(report.rows[0]))
+        writer.writeheader()
+        writer.writerows(report.rows)
+        write_text_atomic(out_dir / "patients.csv", buffer.getvalue())
+    return report

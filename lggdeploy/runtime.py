@@ -1,0 +1,138 @@
+"""The edge runtime: a torch-free Segmenter that turns MRI slices into tumor masks with a built engine.
+
+    from lggdeploy.runtime import Segmenter
+    with Segmenter.load("engines/pspnet-scratch-1a2b3c4d/onnxruntime-int8-cpu.onnx") as seg:
+        result = seg.predict(volume)          # (N, 256, 256, 3) uint8, or one (256, 256, 3) slice
+        result.masks, result.probabilities    # (N, 256, 256) bool / float32
+
+Dependencies: numpy + Pillow + onnxruntime (`pip install lggdeploy[runtime]`), or tensorrt + cuda-python for
+.plan engines. Importing this module imports neither torch nor segmentation_models_pytorch.
+
+Preprocessing is exactly the one recorded in the engine's manifest (lggdeploy.data.transforms, shared with
+training). Inputs must be 256x256x3 uint8 (pre-contrast, FLAIR, post-contrast), the data set's convention:
+another size is an error rather than a silent resize, because the model was trained at this field of view.
+
+Threads: an ONNX Runtime Segmenter may be shared by threads (InferenceSession.run is thread-safe); a
+TensorRT Segmenter is bound to the thread that made it: make one per thread.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, preprocess, sigmoid
+from lggdeploy.engines import read_manifest
+from lggdeploy.errors import EngineError, LggError
+
+INPUT_SHAPE = (256, 256, 3)
+
+
+@dataclass
+class Prediction:
+    masks: np.ndarray  # (N, 256, 256) bool
+    probabilities: np.ndarray  # (N, 256, 256) float32
+
+
+class Segmenter:
+    def __init__(self, runner, manifest: dict, path: Path, threshold: float | None = None):
+        self.runner = runner
+        self.manifest = manifest
+        self.path = path
+        self.normalization = Normalization.from_json(manifest["normalization"])
+        self.img_size = int(manifest["img_size"])
+        self.threshold = float(manifest["threshold"] if threshold is None else threshold)
+        if not 0 < self.threshold < 1:
+            raise LggError(f"threshold must be between 0 and 1, got {self.threshold}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threshold: float | None = None, threads: int | None = None) -> "Segmenter":
+        """Read the manifest, pick its backend, check compatibility before the first inference."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        for key in ("backend", "normalization", "img_size", "threshold"):
+            if key not in manifest:
+                raise EngineError(f"{path}: manifest lacks {key!r}; rebuild the engine with `lggdeploy build`")
+        backend = manifest["backend"]
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            from lggdeploy.backends.onnxruntime_backend import load
+
+            wanted = manifest.get("providers", ["CPUExecutionProvider"])
+            if not set(wanted) & set(ort.get_available_providers()):
+                raise EngineError(f"{path}: built for ONNX Runtime providers {wanted}, this machine has {ort.get_available_providers()}")
+            runner = load(path, manifest, threads=threads)
+        elif backend == "tensorrt":
+            from lggdeploy.backends.base import load_runner
+
+            runner = load_runner("tensorrt", path, manifest)  # checks TensorRT version and compute capability
+        else:
+            raise EngineError(f"{path}: backend {backend!r} is not one the runtime runs (onnxruntime, tensorrt)")
+        return cls(runner, manifest, path, threshold)
+
+    def predict(self, slices: np.ndarray, batch_size: int = 8, largest_component: bool = False) -> Prediction:
+        """Masks and probabilities for one slice (256, 256, 3) or a stack (N, 256, 256, 3) of uint8."""
+        slices = np.asarray(slices)
+        if slices.ndim == 3:
+            slices = slices[None]
+        if slices.ndim != 4 or slices.shape[1:] != INPUT_SHAPE:
+            raise LggError(f"expected uint8 slices of shape {INPUT_SHAPE} (pre-contrast, FLAIR, post-contrast), got {slices.shape[1:] if slices.ndim == 4 else slices.shape}")
+        if slices.dtype != np.uint8:
+            raise LggError(f"expected uint8 slices, got {slices.dtype}")
+        masks = np.empty((len(slices), *INPUT_SHAPE[:2]), bool)
+        probabilities = np.empty((len(slices), *INPUT_SHAPE[:2]), np.float32)
+        for start in range(0, len(slices), batch_size):
+            stop = min(start + batch_size, len(slices))
+            logits = self.runner.infer(preprocess(slices[start:stop], self.img_size, self.normalization))
+            if not np.isfinite(logits).all():
+                raise EngineError(f"{self.path}: the engine produced NaN/Inf; do not trust this engine")
+            native = native_logits(logits, INPUT_SHAPE[0])
+            probabilities[start:stop] = sigmoid(native)
+            masks[start:stop] = logits_to_masks(native, INPUT_SHAPE[0], self.threshold)
+        if largest_component:
+            masks = largest_connected_component(masks)
+            probabilities = np.where(masks, probabilities, np.minimum(probabilities, self.threshold))
+        return Prediction(masks, probabilities)
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def largest_connected_component(volume: np.ndarray) -> np.ndarray:
+    """Keep the largest 6-connected 3-D component of a (slices, H, W) mask (Buda et al.'s post-processing).
+
+    Label propagation on the foreground's bounding box: every voxel takes the largest label among itself and
+    its 6 neighbours until nothing changes; numpy only, so the runtime needs no SciPy.
+    """
+    volume = np.asarray(volume, bool)
+    if not volume.any():
+        return volume.copy()
+    box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(volume))
+    fg = volume[box]
+    labels = np.where(fg, np.arange(1, fg.size + 1).reshape(fg.shape), 0)
+    while True:
+        padded = np.pad(labels, 1)
+        best = labels.copy()
+        for axis in range(3):
+            for shift in (-1, 1):
+                neighbour = np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+                best = np.maximum(best, neighbour)
+        best = np.where(fg, best, 0)
+        if np.array_equal(best, labels):
+            break
+        labels = best
+    ids, counts = np.unique(labels[fg], return_counts=True)
+    keep = ids[np.argmax(counts)]
+    out = np.zeros_like(volume)
+    out[box] = labels == keep
+    return out

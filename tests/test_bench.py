@@ -1,0 +1,111 @@
+"""bench: statistics on known inputs, and a real run over engines built from a model trained in the tests."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from typer.testing import CliRunner
+
+from lggdeploy.backends import availability
+from lggdeploy.bench import BenchOptions, run_bench
+from lggdeploy.bench_report import write_all
+from lggdeploy.bench_stats import latency_summary, paired_bootstrap_ci, pareto_front
+from lggdeploy.build import BuildOptions, build_engines
+from lggdeploy.cli import app
+from lggdeploy.engines import manifest_path, read_manifest, write_manifest
+
+
+def test_latency_percentiles_on_known_inputs():
+    s = latency_summary([0.010, 0.020, 0.030, 0.040, 0.050], batch=2)  # seconds
+    assert s["p50_ms"] == pytest.approx(30.0)
+    assert s["p90_ms"] == pytest.approx(46.0)  # linear interpolation: 40 + 0.6 * 10
+    assert s["p99_ms"] == pytest.approx(49.6)
+    assert s["p50_ms_per_image"] == pytest.approx(15.0)
+    assert s["images_per_s"] == pytest.approx(2 / 0.030)
+
+
+def test_paired_bootstrap_on_known_inputs():
+    assert paired_bootstrap_ci([-0.5] * 7) == (-0.5, -0.5, -0.5)
+    mean, lo, hi = paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], reps=5000, seed=1)
+    assert mean == 2.0 and lo < 2.0 < hi
+    assert 0.6 < lo < 1.4 and 2.6 < hi < 3.4  # the mean of 5 draws from {0..4}: sd ~0.63
+    assert paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], seed=1) == paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], seed=1)
+
+
+def test_pareto_front():
+    points = [(10, 0.80), (5, 0.70), (20, 0.85), (12, 0.75), (5, 0.60)]
+    assert pareto_front(points) == [1, 0, 2]
+
+
+@pytest.fixture(scope="module")
+def engines(segmenting_run, phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_engines")
+    report = build_engines([segmenting_run.best_path], BuildOptions(out_dir=out, data=phantom_dir, precision="fp32"))
+    return out, report.engines[0]["engine"]
+
+
+def _nan_engine(source, folder):
+    """A copy of an engine whose logits are all NaN (output multiplied by NaN)."""
+    model = onnx.load(source)
+    out = model.graph.output[0].name
+    model.graph.node[-1].output[0] = out + "_pre"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan_scale"))
+    model.graph.node.append(helper.make_node("Mul", [out + "_pre", "nan_scale"], [out]))
+    target = folder / "onnxruntime-fp16.onnx"
+    onnx.save(model, str(target))
+    manifest = read_manifest(source)
+    manifest.pop("format"), manifest.pop("version")
+    write_manifest(target, dict(manifest, precision="fp16"))
+    return target
+
+
+def test_bench_rows_reference_nan_and_unavailable(engines, phantom_dir, tmp_path):
+    out, fp32_engine = engines
+    folder = tmp_path / "engines" / "model"
+    folder.mkdir(parents=True)
+    shutil.copy(fp32_engine, folder)
+    shutil.copy(manifest_path(fp32_engine), folder)
+    _nan_engine(fp32_engine, folder)
+    plan = folder / "tensorrt-fp16.plan"
+    plan.write_bytes(b"not a real plan")
+    manifest = read_manifest(fp32_engine)
+    manifest.pop("format"), manifest.pop("version")
+    write_manifest(plan, dict(manifest, backend="tensorrt", precision="fp16", tensorrt_version="10.16.0", compute_capability="9.0"))
+
+    results = run_bench(BenchOptions(engines_dir=tmp_path / "engines", data=phantom_dir, split="val", batch_sizes=(1, 2), iters=3, warmup=1))
+    rows = {(r["backend"], r["precision"]): r for r in results["rows"]}
+    reference, fp32 = rows[("torch", "fp32")], rows[("onnxruntime", "fp32")]
+    assert reference["status"] == "ok" and fp32["status"] == "ok"
+    assert fp32["mean_patient_dice"] == pytest.approx(reference["mean_patient_dice"], abs=1e-4)
+    assert [p["patient"] for p in fp32["per_patient"]] == [p["patient"] for p in reference["per_patient"]]
+    assert fp32["delta_dice_points"]["mean"] == pytest.approx(0.0, abs=0.05)
+    assert set(fp32["latency"]) == {"1", "2"} and fp32["latency"]["2"]["runs"] == 3
+    assert fp32["speedup"]["1"] > 0
+    nan = rows[("onnxruntime", "fp16")]
+    assert nan["status"] == "non-finite" and "NaN" in nan["reason"] and "mean_patient_dice" not in nan
+    trt = rows[("tensorrt", "fp16")]
+    if availability("tensorrt")[0]:
+        assert trt["status"] == "error"  # a garbage plan on a real TensorRT machine
+    else:
+        assert trt["status"] == "unavailable" and trt["reason"] == availability("tensorrt")[1]
+
+    written = write_all(results, tmp_path / "report")
+    saved = json.loads((tmp_path / "report" / "bench.json").read_text())
+    assert all("per_patient" in r for r in saved["rows"] if r["status"] == "ok")
+    assert "ΔDice" in (tmp_path / "report" / "bench.md").read_text()
+    assert {p.name for p in written} >= {"bench.json", "bench.md", "bench.csv", "speed_accuracy.png", "speedup.png"}
+
+
+def test_bench_cli_formats_and_errors(engines, phantom_dir, tmp_path):
+    runner = CliRunner()
+    out, _ = engines
+    result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), "--split", "val", "--iters", "2", "--batch-sizes", "1", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "mean_patient_dice" in result.output and "onnxruntime fp32" in result.output
+    result = runner.invoke(app, ["bench", str(tmp_path / "empty"), "--data", str(phantom_dir)])
+    assert result.exit_code == 2 and "no engines" in result.output
+    result = runner.invoke(app, ["bench", str(out), "--batch-sizes", "one"])
+    assert result.exit_code == 2 and "--batch-sizes" in result.output

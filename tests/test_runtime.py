@@ -1,0 +1,124 @@
+"""The torch-free edge runtime and `lggdeploy predict`."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from lggdeploy.build import BuildOptions, build_engines
+from lggdeploy.cli import app
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.data.transforms import Normalization
+from lggdeploy.engines import manifest_path, read_manifest, write_manifest
+from lggdeploy.errors import EngineError, LggError
+from lggdeploy.runtime import Segmenter, largest_connected_component
+from lggdeploy.scoring import score_runner
+
+
+@pytest.fixture(scope="module")
+def int8_engine(segmenting_run, phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runtime_engines")
+    report = build_engines([segmenting_run.best_path], BuildOptions(out_dir=out, data=phantom_dir, precision="int8", calib_samples=8, max_drop=100))
+    return report.engines[0]["engine"]
+
+
+def test_importing_the_runtime_imports_no_torch():
+    code = "import sys, lggdeploy.runtime, lggdeploy.predict; print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_predict_masks_equal_what_bench_scores(int8_engine, segmenting_run, phantom_dir):
+    manifest = read_manifest(int8_engine)
+    dataset = load_dataset(phantom_dir)
+    slices = load_slices(dataset, manifest["split"]["val"])
+    with Segmenter.load(int8_engine) as segmenter:
+        prediction = segmenter.predict(slices.images)
+        scored = score_runner(segmenter.runner, slices, manifest["img_size"], Normalization.from_json(manifest["normalization"]), show_progress=False)
+    assert prediction.masks.shape == slices.masks.shape and prediction.probabilities.dtype == np.float32
+    assert np.array_equal(prediction.masks, prediction.probabilities > 0.5)
+    tp = (prediction.masks & slices.masks).sum()
+    dice = 2 * tp / (prediction.masks.sum() + slices.masks.sum())
+    assert dice == pytest.approx(scored["aggregates"]["global_dice"], abs=1e-9)
+    one = Segmenter.load(int8_engine).predict(slices.images[3])
+    assert np.array_equal(one.masks[0], prediction.masks[3])
+
+
+def test_segmenter_is_safe_to_share_between_threads(int8_engine, phantom_dir):
+    images = load_slices(load_dataset(phantom_dir), [load_dataset(phantom_dir).patient_ids[0]]).images
+    segmenter = Segmenter.load(int8_engine)
+    expected = segmenter.predict(images).masks
+    results, errors = {}, []
+
+    def work(k):
+        try:
+            results[k] = segmenter.predict(images).masks
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and all(np.array_equal(r, expected) for r in results.values())
+
+
+def test_bad_inputs_and_manifests_are_clear(int8_engine, tmp_path):
+    segmenter = Segmenter.load(int8_engine)
+    with pytest.raises(LggError, match=r"shape \(256, 256, 3\).*got \(128, 128, 3\)"):
+        segmenter.predict(np.zeros((2, 128, 128, 3), np.uint8))
+    with pytest.raises(LggError, match="got \\(256, 256\\)"):
+        segmenter.predict(np.zeros((256, 256), np.uint8))
+    with pytest.raises(LggError, match="uint8"):
+        segmenter.predict(np.zeros((256, 256, 3), np.float32))
+    orphan = tmp_path / "orphan.onnx"
+    shutil.copy(int8_engine, orphan)
+    with pytest.raises(EngineError, match="no manifest"):
+        Segmenter.load(orphan)
+    manifest = read_manifest(int8_engine)
+    manifest.pop("format"), manifest.pop("version")
+    write_manifest(orphan, dict(manifest, providers=["CUDAExecutionProvider"]))
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        with pytest.raises(EngineError, match="providers"):
+            Segmenter.load(orphan)
+    plan = tmp_path / "tensorrt-int8.plan"
+    plan.write_bytes(b"x")
+    write_manifest(plan, dict(manifest, backend="tensorrt", tensorrt_version="10.16.0", compute_capability="9.0"))
+    with pytest.raises(LggError, match="(?i)tensorrt|gpu"):
+        Segmenter.load(plan)
+
+
+def test_largest_connected_component_on_a_constructed_volume():
+    volume = np.zeros((5, 20, 20), bool)
+    volume[1:4, 2:8, 2:8] = True  # 3 x 6 x 6 = 108 voxels, spanning slices
+    volume[0, 15:18, 15:18] = True  # 9 voxels
+    volume[4, 0, 19] = True  # 1 voxel
+    volume[2, 10, 10] = volume[3, 10, 11] = True  # diagonal only: not 6-connected to each other
+    kept = largest_connected_component(volume)
+    assert kept.sum() == 108 and kept[1:4, 2:8, 2:8].all()
+    assert not largest_connected_component(np.zeros((2, 4, 4), bool)).any()
+
+
+def test_predict_cli_on_a_folder_with_one_corrupt_file(int8_engine, phantom_dir, tmp_path):
+    patient = load_dataset(phantom_dir).patient_ids[0]
+    source = tmp_path / "in" / patient
+    shutil.copytree(phantom_dir / patient, source)
+    corrupt = sorted(source.glob(f"{patient}_2.tif"))[0]
+    corrupt.write_bytes(b"broken")
+    result = CliRunner().invoke(app, ["predict", str(int8_engine), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--spacing", "0.5"])
+    assert result.exit_code == 2, result.output
+    assert f"{patient}_2.tif" in result.output and "Traceback" not in result.output
+    n = len(list(source.glob("*_mask.tif")))
+    masks = sorted((tmp_path / "out" / patient).glob("*_pred_mask.tif"))
+    assert len(masks) == n - 1 and len(list((tmp_path / "out" / patient).glob("*_overlay.png"))) == n - 1
+    mask = tifffile.imread(masks[0])
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    assert Image.open(next((tmp_path / "out" / patient).glob("*_overlay.png"))).size == (256, 256)
+    row = (tmp_path / "out" / "patients.csv").read_text().splitlines()
+    assert row[0].startswith("patient,slices,tumor_slices,tumor_pixels") and patient in row[1]
