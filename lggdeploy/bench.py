@@ -50,6 +50,7 @@ class Entry:
     group: str  # checkpoint sha256: the reference this entry is compared with
     manifest: dict = field(default_factory=dict)
     pruned: bool = False
+    device: str = "cpu"  # torch rows only: the CPU FP32 row is the reference; CUDA rows are extra
     status: str = "ok"
     reason: str = ""
     runner: object = None
@@ -60,11 +61,12 @@ class Entry:
 
     @property
     def label(self) -> str:
-        return " ".join(p for p in (self.model, self.backend, self.precision, self.int8_profile) if p)
+        device = f"({self.device})" if self.backend == "torch" and self.device != "cpu" else None
+        return " ".join(p for p in (self.model, self.backend, self.precision, self.int8_profile, device) if p)
 
     @property
     def is_reference(self) -> bool:
-        return self.backend == "torch" and self.precision == "fp32"
+        return self.backend == "torch" and self.precision == "fp32" and self.device == "cpu"
 
 
 def _rss_mb() -> float:
@@ -88,8 +90,23 @@ def _entries(opts: BenchOptions) -> list[Entry]:
         checkpoint = Path(manifest["checkpoint"])
         if group not in references:
             references[group] = Entry(model, "torch", "fp32", None, checkpoint, checkpoint, group, manifest, pruned=bool(manifest.get("pruned")))
+            if _cuda_available():  # PyTorch on the GPU, FP32 and FP16 autocast, beside the CPU reference
+                for precision in ("fp32", "fp16"):
+                    entries.append(Entry(model, "torch", precision, None, checkpoint, checkpoint, group, manifest, device="cuda"))
         entries.append(Entry(model, manifest["backend"], manifest["precision"], manifest.get("int8_profile"), path, checkpoint, group, manifest, pruned=bool(manifest.get("pruned"))))
-    return list(references.values()) + entries
+    ordered = []  # each checkpoint's reference first, then its engines
+    for group, reference in references.items():
+        ordered.append(reference)
+        ordered.extend(e for e in entries if e.group == group)
+    return ordered
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _open(entry: Entry, opts: BenchOptions) -> None:
@@ -101,12 +118,14 @@ def _open(entry: Entry, opts: BenchOptions) -> None:
     before = _rss_mb()
     try:
         if entry.backend == "torch":
-            from lggdeploy.backends.torch_backend import load
+            from lggdeploy.backends.torch_backend import TorchRunner
+            from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint
 
             if not entry.checkpoint.is_file():
                 entry.status, entry.reason = "missing", f"checkpoint {entry.checkpoint} not found"
                 return
-            entry.runner = load(entry.checkpoint)
+            model = model_from_checkpoint(load_checkpoint(entry.checkpoint))
+            entry.runner = TorchRunner(model, entry.device, autocast_fp16=entry.precision == "fp16")
         elif entry.backend == "onnxruntime":
             from lggdeploy.backends.onnxruntime_backend import load
 
@@ -127,13 +146,13 @@ def _slices_for(entry: Entry, opts: BenchOptions, cache: dict):
     from lggdeploy.data.split import Split, load_split
 
     split = load_split(opts.split_file) if opts.split_file else Split.from_json(entry.manifest["split"], origin=f"{entry.path} manifest")
-    data = Path(opts.data) if opts.data else None
+    data = Path(opts.data) if opts.data else cache.get(("data_root", str(entry.checkpoint)))
     if data is None:
         from lggdeploy.checkpoint import load_checkpoint
 
         if not entry.checkpoint.is_file():
             raise LggError(f"pass --data: the checkpoint {entry.checkpoint} that knows the data folder is not here")
-        data = Path(load_checkpoint(entry.checkpoint).get("data_root") or "")
+        data = cache[("data_root", str(entry.checkpoint))] = Path(load_checkpoint(entry.checkpoint).get("data_root") or "")
     dataset = load_dataset(data)
     patients = dataset.patient_ids if opts.split == "all" else split.patients(opts.split)
     key = (str(data), tuple(patients))
@@ -210,7 +229,7 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict) -> dict:
     for e in entries:
         row = {
             "model": e.model,
-            "backend": e.backend,
+            "backend": e.backend if e.device == "cpu" else f"{e.backend} ({e.device})",
             "precision": e.precision,
             "int8_profile": e.int8_profile,
             "pruned": e.pruned,

@@ -24,6 +24,12 @@ def _engine_name(row: dict) -> str:
     return name
 
 
+def _short_name(row: dict) -> str:
+    """A compact engine label for plots: 'ort int8/cpu', 'torch fp32 (ref)'."""
+    name = _engine_name(row).replace("onnxruntime", "ort").replace(" [reference]", " (ref)")
+    return name.replace(" (cpu profile)", "/cpu").replace(" (tensorrt profile)", "/trt")
+
+
 def flat_rows(results: dict) -> list[dict]:
     batches = results["options"]["batch_sizes"]
     small, large = str(min(batches)), str(max(batches))
@@ -128,6 +134,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (log-axis labels as plain numbers)
 
     batches = results["options"]["batch_sizes"]
     large = str(max(batches))
@@ -140,10 +147,12 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     colours = {"fp32": "tab:blue", "fp16": "tab:orange", "int8": "tab:green"}
     fig, ax = plt.subplots(figsize=(9, 5.5))
     points = [(r["latency"][large]["p50_ms_per_image"], r["mean_patient_dice"]) for r in scored]
-    for r, (x, y) in zip(scored, points):
+    order = sorted(range(len(points)), key=lambda i: points[i])
+    for rank, i in enumerate(order):  # stagger labels so neighbouring points stay readable
+        r, (x, y) = scored[i], points[i]
         edge = "black" if r["backend"] == "torch" else "none"
         ax.scatter(x, y, marker=markers[r["model"]], s=90, c=colours.get(r["precision"], "grey"), edgecolors=edge, linewidths=1.5, zorder=3)
-        ax.annotate(_engine_name(r).replace(" [reference]", " (ref)"), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.annotate(_short_name(r), (x, y), textcoords="offset points", xytext=(6, -12 + 10 * (rank % 3)), fontsize=7)
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey", zorder=2, label="Pareto front")
     for model in models:
@@ -151,6 +160,9 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     for precision, colour in colours.items():
         ax.scatter([], [], marker="s", c=colour, label=precision)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(f"latency per image, ms (median, batch {large}, log scale) — lower is faster")
     ax.set_ylabel(f"mean per-patient Dice ({results['options']['split']} split) — higher is better")
     ax.set_title("speed vs accuracy (black edge: PyTorch FP32 reference)")
@@ -170,7 +182,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
             ax.bar_label(bars, fmt="%.2f×", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(engines))])
-        ax.set_xticklabels([f"{r['model']}\n{_engine_name(r)}" for r in engines], fontsize=7, rotation=20, ha="right")
+        ax.set_xticklabels([f"{r['model']}\n{_short_name(r)}" for r in engines], fontsize=7, rotation=20, ha="right")
         ax.set_ylabel("speed-up vs PyTorch FP32 (median latency ratio)")
         ax.set_title("speed-up over the reference (1.0 = same speed)")
         ax.legend(fontsize=8)

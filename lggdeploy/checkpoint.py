@@ -90,6 +90,10 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, nn.Identity())
+    if "layer_shapes" in ckpt:  # a pruned model: narrower layers than the smp spec builds
+        from lggdeploy.prune import apply_layer_shapes
+
+        apply_layer_shapes(model, ckpt["layer_shapes"], ckpt["state_dict"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

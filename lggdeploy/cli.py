@@ -186,6 +186,33 @@ def eval_cmd(
     out.print(f"per-patient rows and aggregates written to {path}")
 
 
+@app.command("prune")
+@friendly
+def prune_cmd(
+    checkpoint: Path = typer.Argument(..., help="checkpoint to prune (a pruned one works too: the recipe accumulates)"),
+    ratio: float = typer.Option(..., help="fraction of channels to remove, in (0, 1)"),
+    steps: int = typer.Option(1, help="prune in K steps, fine-tuning between them"),
+    finetune_epochs: int = typer.Option(0, help="epochs of fine-tuning on the train split (spread over the steps)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder for fine-tuning (default: the checkpoint's)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder for the pruned checkpoint (default: <run>-pruned<ratio%>)"),
+    lr: float = typer.Option(1e-4, help="fine-tuning learning rate"),
+    batch_size: int = typer.Option(8),
+    device: str = typer.Option("auto"),
+):
+    """Structured channel pruning (Torch-Pruning, DepGraph) with optional fine-tuning; writes an ordinary checkpoint."""
+    from lggdeploy.checkpoint import load_checkpoint
+    from lggdeploy.prune import prune_checkpoint
+
+    path = prune_checkpoint(checkpoint, ratio, out_dir, steps, finetune_epochs, data, lr, batch_size, device)
+    recipe = load_checkpoint(path)["pruning"][-1]
+    tuned = recipe["finetune"][-1]["best"]["val_mean_patient_dice"] if recipe["finetune"] else None
+    out.print(
+        f"wrote {path}: params {recipe['params_before'] / 1e6:.2f}M -> {recipe['params_after'] / 1e6:.2f}M, "
+        f"MACs {recipe['macs_before'] / 1e9:.2f}G -> {recipe['macs_after'] / 1e9:.2f}G"
+        + (f"; val per-patient Dice after fine-tuning {tuned:.4f}" if tuned is not None else "; not fine-tuned")
+    )
+
+
 @app.command("export")
 @friendly
 def export_cmd(
@@ -228,7 +255,7 @@ def build_cmd(
                         batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads)
     report = build_engines(checkpoints, opts)
     rows = [
-        {"engine": r["engine"], "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"], "drop": r["gate"]["drop_points"],
+        {"engine": "/".join(Path(r["engine"]).parts[-2:]), "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"], "drop": r["gate"]["drop_points"],
          "kept": len(r["gate"]["nodes_kept_in_float"]), "gate": "passed" if r["gate"]["passed"] else "FAILED (forced)", "seconds": r["build_seconds"]}
         for r in report.engines
     ]

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     threshold: float = 0.5
     show_progress: bool = True
+    init_checkpoint: Path | None = None  # start from these weights (and shapes: pruned models), e.g. for fine-tuning
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -135,9 +136,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     elif main and last_path.exists():
         raise LggError(f"{out} already holds a training run (last.pt): pass --resume to continue it, or choose another --out")
 
+    init_ckpt = load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and resume_ckpt is None else None
     dataset = load_dataset(cfg.data)
     if resume_ckpt is not None:
         split = split_of(resume_ckpt)
+    elif init_ckpt is not None and not cfg.split_file:
+        split = split_of(init_ckpt)
     elif cfg.split_file:
         split = load_split(cfg.split_file)
     else:
@@ -161,14 +165,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_masks = resize_masks(train_slices.masks, cfg.img_size)
 
     normalization = Normalization()
-    if resume_ckpt is not None:
-        model = model_from_checkpoint(resume_ckpt).train()
-        weights_info = {k: resume_ckpt.get(k) for k in ("encoder_weights", "encoder_weights_sha256", "dropped_modules")}
-        normalization = Normalization.from_json(resume_ckpt["normalization"])
+    start_from = resume_ckpt if resume_ckpt is not None else init_ckpt
+    if start_from is not None:
+        model = model_from_checkpoint(start_from).train()
+        carried = ("encoder_weights", "encoder_weights_sha256", "dropped_modules", "layer_shapes", "pruning", "pruned_from")
+        weights_info = {k: start_from[k] for k in carried if k in start_from}
+        normalization = Normalization.from_json(start_from["normalization"])
     else:
         built = build_model(spec, cfg.encoder_weights)
         model = built.model
         weights_info = {"encoder_weights": built.encoder_weights, "encoder_weights_sha256": built.encoder_weights_sha256, "dropped_modules": built.dropped_modules}
+    if init_ckpt is not None and init_ckpt["img_size"] != cfg.img_size:
+        raise LggError(f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at")
     model.to(device)
     net: nn.Module = model
     if world > 1:

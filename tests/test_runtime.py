@@ -31,7 +31,7 @@ def int8_engine(segmenting_run, phantom_dir, tmp_path_factory):
 
 
 def test_importing_the_runtime_imports_no_torch():
-    code = "import sys, lggdeploy.runtime, lggdeploy.predict; print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt') if m in sys.modules))"
+    code = "import sys, lggdeploy.runtime, lggdeploy.predict, lggdeploy.cli; print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 

@@ -139,25 +139,24 @@ def _read_tiff(path: Path) -> np.ndarray:
         raise DataError(f"{path}: unreadable TIFF ({type(exc).__name__}: {exc}); replace the file") from None
 
 
+def _read_checked(path: Path, what: str, shape: tuple[int, ...], hint: str = "") -> np.ndarray:
+    array = _read_tiff(path)
+    if array.dtype != np.uint8:
+        raise DataError(f"{path}: {what} dtype is {array.dtype}, expected uint8")
+    if array.shape != shape:
+        raise DataError(f"{path}: {what} shape is {array.shape}, expected {shape}{hint}")
+    return array
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """One MRI slice as HxWx3 uint8 (pre-contrast, FLAIR, post-contrast), validated."""
-    path = Path(path)
-    image = _read_tiff(path)
-    if image.dtype != np.uint8:
-        raise DataError(f"{path}: image dtype is {image.dtype}, expected uint8")
-    if image.shape != IMAGE_SHAPE:
-        raise DataError(f"{path}: image shape is {image.shape}, expected {IMAGE_SHAPE} (pre-contrast, FLAIR, post-contrast)")
-    return image
+    return _read_checked(Path(path), "image", IMAGE_SHAPE, " (pre-contrast, FLAIR, post-contrast)")
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """One tumor mask as HxW bool, validated (the file must hold only 0 and 255)."""
     path = Path(path)
-    mask = _read_tiff(path)
-    if mask.dtype != np.uint8:
-        raise DataError(f"{path}: mask dtype is {mask.dtype}, expected uint8")
-    if mask.shape != MASK_SHAPE:
-        raise DataError(f"{path}: mask shape is {mask.shape}, expected {MASK_SHAPE}")
+    mask = _read_checked(path, "mask", MASK_SHAPE)
     bad = np.setdiff1d(np.unique(mask), [0, 255])
     if bad.size:
         raise DataError(f"{path}: mask values {bad[:5].tolist()} are outside {{0, 255}}")

@@ -1,0 +1,177 @@
+"""Structured channel pruning with Torch-Pruning (DepGraph), then fine-tuning: `lggdeploy prune`.
+
+Group magnitude importance (L2) over dependency groups, the segmentation head left intact, channel counts
+rounded to multiples of 8 (kernels prefer them), optionally in K steps with fine-tuning between them.
+The result is an ordinary checkpoint: it records the pruned layer shapes (plain integers) so that
+`model_from_checkpoint` rebuilds the smaller network from the smp spec — export, build, bench and the
+runtime accept it unchanged — plus the recipe and the params/MACs before and after. Pruning a pruned
+checkpoint works and appends to the recipe.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lggdeploy.errors import LggError
+from lggdeploy.progress import console
+
+
+def _torch_pruning():
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise LggError("structured pruning needs Torch-Pruning: pip install 'lggdeploy[prune]' (or pip install torch-pruning)") from None
+    return tp
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The channel attributes of every conv / batch-norm / linear layer (what pruning changes)."""
+    shapes: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            shapes[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shapes[name] = {"num_features": module.num_features}
+        elif isinstance(module, nn.Linear):
+            shapes[name] = {"in_features": module.in_features, "out_features": module.out_features}
+    return shapes
+
+
+def apply_layer_shapes(model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize a freshly built model's layers to a pruned model's shapes, so its state dict loads strictly."""
+    modules = dict(model.named_modules())
+    for name, attrs in shapes.items():
+        module = modules.get(name)
+        if module is None:
+            raise LggError(f"pruned layer {name} does not exist in a fresh model: the checkpoint was pruned from another architecture")
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+        for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            stored = state_dict.get(f"{name}.{pname}" if name else pname)
+            if stored is not None and stored.shape != tensor.shape:
+                replacement = torch.empty_like(stored)
+                if isinstance(tensor, nn.Parameter):
+                    setattr(module, pname, nn.Parameter(replacement, requires_grad=tensor.requires_grad))
+                else:
+                    module.register_buffer(pname, replacement)
+    return model
+
+
+def count_macs_params(model: nn.Module, img_size: int) -> tuple[int, int]:
+    tp = _torch_pruning()
+    was_training = model.training
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, img_size, img_size))
+    model.train(was_training)
+    return int(macs), int(params)
+
+
+def prune_model(model: nn.Module, img_size: int, ratio: float, steps: int = 1, between_steps=None) -> dict:
+    """Prune `model` in place by `ratio` of its channels over `steps` steps; `between_steps(k)` fine-tunes."""
+    tp = _torch_pruning()
+    if not 0 < ratio < 1:
+        raise LggError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+    if steps < 1:
+        raise LggError(f"--steps must be at least 1, got {steps}")
+    model.eval()
+    example = torch.zeros(2, 3, img_size, img_size)
+    head = [m for m in model.segmentation_head.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    macs_before, params_before = count_macs_params(model, img_size)
+    shapes_before = layer_shapes(model)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        iterative_steps=steps,
+        ignored_layers=head,
+        round_to=8,
+    )
+    for step in range(steps):
+        pruner.step()
+        if between_steps is not None:
+            between_steps(step)
+    macs_after, params_after = count_macs_params(model, img_size)
+    shapes_after = layer_shapes(model)
+    changed = sorted(n for n in shapes_after if shapes_after[n] != shapes_before.get(n))
+    convs = [n for n, s in shapes_before.items() if "out_channels" in s]
+    grouped = [n for n in convs if shapes_before[n]["groups"] > 1]
+    return {
+        "method": "torch-pruning MetaPruner, GroupMagnitudeImportance(p=2), round_to=8, segmentation head ignored",
+        "ratio": ratio,
+        "steps": steps,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "params_before": params_before,
+        "params_after": params_after,
+        "layers_changed": len(changed),
+        "conv_layers_unchanged": sorted(n for n in convs if n not in changed),
+        "grouped_or_depthwise_convs": len(grouped),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def prune_checkpoint(
+    checkpoint: str | os.PathLike,
+    ratio: float,
+    out: str | os.PathLike | None = None,
+    steps: int = 1,
+    finetune_epochs: int = 0,
+    data: str | os.PathLike | None = None,
+    lr: float = 1e-4,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> Path:
+    """Prune (and fine-tune) a checkpoint; returns the path of the new checkpoint (best.pt of its run folder)."""
+    from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from lggdeploy.train import TrainConfig, train
+
+    ckpt = load_checkpoint(checkpoint)
+    out = Path(out) if out else Path(checkpoint).parent.parent / f"{Path(checkpoint).parent.name}-pruned{int(round(ratio * 100))}"
+    if finetune_epochs:
+        folder = Path(data) if data else Path(ckpt.get("data_root") or "")
+        if not folder.is_dir():
+            raise LggError(f"fine-tuning needs the data: {folder} is not a folder; pass --data DIR (the kaggle_3m folder)")
+        data = folder
+    if (out / "last.pt").exists() or (out / "best.pt").exists():
+        raise LggError(f"{out} already holds a checkpoint; choose another -o")
+    model = model_from_checkpoint(ckpt)
+    epochs_per_step = max(1, finetune_epochs // steps) if finetune_epochs else 0
+    stages: list[dict] = []
+
+    def save_stage(model: nn.Module, recipe_entry: dict | None, path: Path, **overrides) -> Path:
+        meta = {k: v for k, v in ckpt.items() if k not in ("path", "optimizer", "scheduler", "scaler", "torch_rng")}
+        meta.update(overrides)
+        meta["state_dict"] = model.state_dict()
+        meta["layer_shapes"] = layer_shapes(model)
+        meta["pruning"] = list(ckpt.get("pruning", [])) + ([recipe_entry] if recipe_entry else [])
+        meta["pruned_from"] = str(checkpoint)
+        return save_checkpoint(path, meta)
+
+    def finetune(step: int) -> None:
+        if not epochs_per_step:
+            return
+        n = len(stages) + 1
+        start = save_stage(model, None, out / f"stage{n}_start.pt")
+        result = train(TrainConfig(model=ckpt["model"]["name"], data=data, out=out / f"stage{n}", epochs=epochs_per_step,
+                                   batch_size=batch_size, lr=lr, img_size=ckpt["img_size"], device=device, init_checkpoint=start))
+        tuned = model_from_checkpoint(load_checkpoint(result.best_path))
+        model.load_state_dict(tuned.state_dict())
+        stages.append({"step": step + 1, "history": result.history, "best": result.best})
+        console.print(f"pruning step {step + 1}/{steps}: fine-tuned, val per-patient Dice {result.best['val_mean_patient_dice']:.4f}")
+
+    recipe = prune_model(model, ckpt["img_size"], ratio, steps, finetune)
+    recipe["finetune_epochs"] = epochs_per_step * steps if finetune_epochs else 0
+    recipe["finetune"] = [{"step": st["step"], "best": st["best"]} for st in stages]
+    console.print(
+        f"params {recipe['params_before'] / 1e6:.2f}M -> {recipe['params_after'] / 1e6:.2f}M, "
+        f"MACs {recipe['macs_before'] / 1e9:.2f}G -> {recipe['macs_after'] / 1e9:.2f}G at {ckpt['img_size']} px; "
+        f"{recipe['layers_changed']} layers changed"
+    )
+    overrides = {"best": stages[-1]["best"], "history": [row for st in stages for row in st["history"]]} if stages else {}
+    return save_stage(model, recipe, out / "best.pt", **overrides)
