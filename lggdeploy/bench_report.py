@@ -80,11 +80,13 @@ def header(key: str) -> str:
     return key
 
 
-def _fmt(value) -> str:
+def _fmt(value, key: str = "") -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1.5 else f"{value:.2f}"
+        if key.startswith(("p50", "p99", "images_per_s", "end_to_end", "file_mb", "speedup", "delta")):
+            return f"{value:.2f}"
+        return f"{value:.4f}"
     return str(value)
 
 
@@ -92,7 +94,7 @@ def markdown(results: dict) -> str:
     rows = flat_rows(results)
     keys = list(rows[0])
     lines = ["| " + " | ".join(header(k) for k in keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r[k], k) for k in keys) + " |" for r in rows]
     cpu = results["machine"]["cpu"]
     lines += [
         "",
@@ -117,7 +119,10 @@ def rich_table(results: dict):
     from rich.table import Table
 
     rows = flat_rows(results)
-    keep = [k for k in rows[0] if not k.startswith("p99") and k not in ("median_patient_dice", "slice_dice_study_style", "end_to_end_ms_per_image", "global_dice", "pixel_accuracy", "file_mb")]
+    hidden = {"median_patient_dice", "slice_dice_study_style", "end_to_end_ms_per_image", "global_dice", "pixel_accuracy", "file_mb"}
+    if all(r["status"] == "ok" for r in rows):
+        hidden.add("status")
+    keep = [k for k in rows[0] if not k.startswith("p99") and k not in hidden]
     table = Table(title="lggdeploy bench: speed and per-patient accuracy", show_lines=False)
     for k in keep:
         table.add_column(header(k), justify="left" if k in ("model", "engine", "status") else "right")
@@ -125,7 +130,7 @@ def rich_table(results: dict):
     for r in rows:
         for long, brief in short.items():
             r["engine"] = r["engine"].replace(long, brief)
-        table.add_row(*(_fmt(r[k]) for k in keep))
+        table.add_row(*(_fmt(r[k], k) for k in keep))
     return table
 
 

@@ -225,6 +225,8 @@ def _manifest(ctx: _Context, fmt: EngineFormat, path: Path, gate, seconds: float
         "normalization": ctx.ckpt["normalization"],
         "threshold": ctx.threshold,
         "split": ctx.ckpt["split"],
+        "pruned": bool(ctx.ckpt.get("pruning")),
+        "pruning": ctx.ckpt.get("pruning", []),
         "gate": gate.to_json(),
         "forced": not gate.passed,
         "build_seconds": round(seconds, 2),
