@@ -26,7 +26,7 @@ from torch import nn
 from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, split_of
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.data.split import Split, load_split, make_split, save_split
+from lggdeploy.data.split import load_split, make_split, save_split
 from lggdeploy.data.transforms import Augmentation, Normalization, resize_images, resize_masks
 from lggdeploy.errors import LggError
 from lggdeploy.evaluate import score_model

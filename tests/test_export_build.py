@@ -1,6 +1,5 @@
 """Export, parity gate, FP16/INT8 builds, accuracy gate and calibration cache, on a small model trained in the tests."""
 
-import json
 import shutil
 
 import numpy as np

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lggdeploy.models import build_model, count_parameters, load_encoder_weights
+from lggdeploy.models import build_model, count_parameters
 from lggdeploy.errors import ModelError
 from lggdeploy.presets import PRESETS, resolve_model
 

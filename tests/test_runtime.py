@@ -1,6 +1,5 @@
 """The torch-free edge runtime and `lggdeploy predict`."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from lggdeploy.cli import app
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import Normalization
-from lggdeploy.engines import manifest_path, read_manifest, write_manifest
+from lggdeploy.engines import read_manifest, write_manifest
 from lggdeploy.errors import EngineError, LggError
 from lggdeploy.runtime import Segmenter, largest_connected_component
 from lggdeploy.scoring import score_runner
