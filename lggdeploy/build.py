@@ -159,13 +159,14 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
     with tempfile.TemporaryDirectory(dir=ctx.folder, prefix=".build-") as tmp:
         work = Path(tmp)
         rank = None
-        if fmt.precision == "fp32":
-            typed = ctx.onnx
-            build_graph = lambda kept: optimize_offline(typed, work / "fp32-opt.onnx") if fmt.backend == "onnxruntime" else typed  # noqa: E731
-        elif fmt.precision == "fp16":
-            typed = convert_fp16(ctx.onnx, work / "fp16.onnx")
-            extra["fp16"] = {"converter": "onnxconverter-common float16, keep_io_types", "kept_in_fp32_ops": FP32_OPS}
-            build_graph = lambda kept: optimize_offline(typed, work / "fp16-opt.onnx") if fmt.backend == "onnxruntime" else typed  # noqa: E731
+        if fmt.precision in ("fp32", "fp16"):
+            typed = ctx.onnx if fmt.precision == "fp32" else convert_fp16(ctx.onnx, work / "fp16.onnx")
+            if fmt.precision == "fp16":
+                extra["fp16"] = {"converter": "onnxconverter-common float16, keep_io_types", "kept_in_fp32_ops": FP32_OPS}
+
+            def build_graph(kept: list[str]) -> Path:  # nothing to keep in float: one graph per precision
+                return optimize_offline(typed, work / f"{fmt.precision}-opt.onnx") if fmt.backend == "onnxruntime" else typed
+
         else:
             # The cpu profile is optimized offline for ONNX Runtime; the tensorrt profile stays pure Q/DQ for TensorRT's parser.
             build_graph, rank, extra["calibration"] = _int8_builder(ctx, fmt, work, optimize=fmt.int8_profile == "cpu")
