@@ -153,7 +153,9 @@ def _slices_for(entry: Entry, opts: BenchOptions, cache: dict):
         if not entry.checkpoint.is_file():
             raise LggError(f"pass --data: the checkpoint {entry.checkpoint} that knows the data folder is not here")
         data = cache[("data_root", str(entry.checkpoint))] = Path(load_checkpoint(entry.checkpoint).get("data_root") or "")
-    dataset = load_dataset(data)
+    if ("dataset", str(data)) not in cache:  # scan each data folder once, not once per engine
+        cache[("dataset", str(data))] = load_dataset(data)
+    dataset = cache[("dataset", str(data))]
     patients = dataset.patient_ids if opts.split == "all" else split.patients(opts.split)
     key = (str(data), tuple(patients))
     if key not in cache:

@@ -57,7 +57,7 @@ class _Context:
         self.normalization = normalization_of(self.ckpt)
         self.threshold = self.ckpt["threshold"]
         self.sha = sha256_file(checkpoint)
-        self.folder = Path(opts.out_dir) / engine_tag(checkpoint, self.ckpt)
+        self.folder = Path(opts.out_dir) / engine_tag(self.ckpt, self.sha)
         data = Path(opts.data) if opts.data else Path(self.ckpt.get("data_root") or "")
         if not data.is_dir():
             raise LggError(f"the checkpoint's data folder {data} is not here: pass --data DIR (the kaggle_3m folder with its val patients)")
@@ -128,6 +128,8 @@ def _int8_builder(ctx: _Context, fmt: EngineFormat, work: Path, optimize: bool):
     def rank(path: Path) -> list[tuple[str, float]]:
         from lggdeploy.precision.gate import rank_quantized_nodes
 
+        # Always the plain Q/DQ graph of the first build: the offline-optimized one (cpu profile) has its
+        # Q/DQ pairs fused into QLinear ops, which qdq_loss_debug cannot match to the float graph.
         return rank_quantized_nodes(prepared, work / "qdq-0.onnx", reader)
 
     facts = {

@@ -37,9 +37,9 @@ class Parity:
         return {"max_abs_logit_diff": self.max_abs_diff, "mask_agreement": self.mask_agreement, "slices": self.slices, "passed": self.passed}
 
 
-def engine_tag(checkpoint: str | os.PathLike, ckpt: dict) -> str:
+def engine_tag(ckpt: dict, checkpoint_sha256: str) -> str:
     """A folder name per checkpoint: preset plus a short hash, so two trainings never collide."""
-    return f"{ckpt['model']['name'].replace(':', '-')}-{sha256_file(checkpoint)[:8]}"
+    return f"{ckpt['model']['name'].replace(':', '-')}-{checkpoint_sha256[:8]}"
 
 
 def check_parity(reference: np.ndarray, candidate: np.ndarray, atol: float = 1e-3, rtol: float = 1e-3, min_agreement: float = 0.9999) -> Parity:
@@ -114,7 +114,8 @@ def export_checkpoint(
     model = model_from_checkpoint(ckpt)
     images = parity_slices(ckpt, data)
     x = preprocess(images, ckpt["img_size"], normalization_of(ckpt))
-    folder = Path(out_dir) / engine_tag(checkpoint, ckpt)
+    checkpoint_sha256 = sha256_file(checkpoint)  # hashed once: names the folder and goes in the record
+    folder = Path(out_dir) / engine_tag(ckpt, checkpoint_sha256)
     target = folder / "model.onnx"
     created_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,19 +137,19 @@ def export_checkpoint(
         if created_folder and not any(folder.iterdir()):
             folder.rmdir()
         raise
-    record = export_record(checkpoint, ckpt, target, opset, parity)
+    record = export_record(checkpoint, checkpoint_sha256, ckpt, target, opset, parity)
     write_json_atomic(target.with_suffix(".onnx.json"), record)
     return target, record
 
 
-def export_record(checkpoint, ckpt: dict, onnx_path: Path, opset: int, parity: Parity) -> dict:
+def export_record(checkpoint, checkpoint_sha256: str, ckpt: dict, onnx_path: Path, opset: int, parity: Parity) -> dict:
     import onnx
     import torch
 
     return {
         "format": "lggdeploy-export",
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256,
         "model": ckpt["model"],
         "onnx": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),

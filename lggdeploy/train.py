@@ -163,6 +163,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         val_slices = load_slices(dataset, split.val, on_slice=lambda: bar.advance(task))
     train_images = resize_images(train_slices.images, cfg.img_size)
     train_masks = resize_masks(train_slices.masks, cfg.img_size)
+    val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
 
     normalization = Normalization()
     start_from = resume_ckpt if resume_ckpt is not None else init_ckpt
@@ -254,8 +255,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 val_losses: list[float] = []
 
                 def add_val_loss(logits: np.ndarray, batch: slice) -> None:
-                    target = torch.from_numpy(resize_masks(val_slices.masks[batch], cfg.img_size)).unsqueeze(1).float()
-                    val_losses.append(dice_bce_loss(torch.from_numpy(logits), target).item() * len(logits))
+                    val_losses.append(dice_bce_loss(torch.from_numpy(logits), val_targets[batch]).item() * len(logits))
 
                 val = score_model(model, val_slices, cfg.img_size, normalization, cfg.eval_batch_size, device, show_progress=False, threshold=cfg.threshold, on_logits=add_val_loss)
                 val_loss = float(np.sum(val_losses) / len(val_slices))
