@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -17,10 +19,26 @@ def problems_of(root):
     return check_dataset(root)[1]
 
 
+def shared_facts(root):
+    """Patients and slices counted straight from the folder (not through the reader), and the README's stated facts."""
+    folders = [p for p in root.iterdir() if p.is_dir()]
+    slices = sum(1 for folder in folders for f in folder.glob("*.tif") if not f.name.endswith("_mask.tif"))
+    stated = None
+    readme = root.parent / "README.md"
+    if readme.is_file():  # shared/data/README.md: "Facts, checked over these N patients: M slices"
+        match = re.search(r"over these (\d+) patients: ([\d,]+) slices", readme.read_text())
+        if match:
+            stated = (int(match.group(1)), int(match.group(2).replace(",", "")))
+    return len(folders), slices, stated
+
+
 def test_real_patients_are_clean_and_sorted_numerically(real_data):
     dataset, problems = check_dataset(real_data)
     assert problems == []
-    assert len(dataset.patients) == 14 and dataset.num_slices == 441
+    patients, slices, stated = shared_facts(real_data)
+    assert patients >= 3 and len(dataset.patients) == patients and dataset.num_slices == slices
+    if stated is not None:
+        assert (len(dataset.patients), dataset.num_slices) == stated
     for patient in dataset.patients.values():
         numbers = [s.number for s in patient.slices]
         assert numbers == list(range(1, len(numbers) + 1))  # 1, 2, ..., 10, 11 (not 1, 10, 11, 2)
