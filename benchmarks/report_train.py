@@ -8,8 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-from lggdeploy.checkpoint import load_checkpoint
-from lggdeploy.machine import machine_info
+from lggdeploy.models.checkpoint import load_checkpoint
+from lggdeploy.common.machine import machine_info
 from lggdeploy.metrics import METRIC_LABELS
 
 

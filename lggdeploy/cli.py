@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from lggdeploy.errors import GateFailed, LggError
+from lggdeploy.common.errors import GateFailed, LggError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, help="Brain-MRI LGG segmentation: data, training, evaluation.")
 data_app = typer.Typer(no_args_is_help=True, help="Check, describe, synthesize and split kaggle_3m-layout data.")
@@ -18,6 +18,9 @@ app.add_typer(data_app, name="data")
 # Wide enough for the metric tables when output goes to a file or CI log (rich would assume 80 columns).
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+SPLIT_COLUMNS = [("split", "split"), ("patients", "patients"), ("slices", "slices"), ("tumor_slices", "tumor slices"), ("tumor_fraction", "tumor fraction")]
 
 
 def friendly(func):
@@ -42,7 +45,7 @@ def friendly(func):
 def data_check(folder: Path = typer.Argument(..., help="kaggle_3m folder (one sub-folder per patient)")):
     """Validate every file; list all problems, each with its file. Exit 1 if anything is wrong."""
     from lggdeploy.data.kaggle import check_dataset, scan
-    from lggdeploy.progress import progress_bar
+    from lggdeploy.common.progress import progress_bar
 
     dataset, _ = scan(folder)
     with progress_bar() as bar:
@@ -66,14 +69,14 @@ def data_info(
     """Patients, slices and tumor fraction per split."""
     from lggdeploy.data.kaggle import load_dataset
     from lggdeploy.data.split import load_split, make_split
-    from lggdeploy.reporting import split_table
+    from lggdeploy.common.tables import rich_table
 
     dataset = load_dataset(folder)
     split = load_split(split_file) if split_file else make_split(dataset, seed=seed)
     split.check_against(dataset, origin=str(split_file or "split"))
     if not split.tumor_slices:
         split.with_counts(dataset)
-    out.print(split_table(split, title=f"{folder}: {len(dataset.patients)} patients, {dataset.num_slices} slices"))
+    out.print(rich_table(split.summary_rows(), SPLIT_COLUMNS, title=f"{folder}: {len(dataset.patients)} patients, {dataset.num_slices} slices"))
 
 
 @data_app.command("synth")
@@ -87,7 +90,7 @@ def data_synth(
 ):
     """Write synthetic phantom patients in the kaggle_3m layout."""
     from lggdeploy.data.phantom import synthesize
-    from lggdeploy.progress import progress_bar
+    from lggdeploy.common.progress import progress_bar
 
     with progress_bar() as bar:
         task = bar.add_task("synthesizing", total=patients, info="")
@@ -106,7 +109,7 @@ def data_split(
     """Patient-level train/val/test split, deterministic from --seed, written as JSON."""
     from lggdeploy.data.kaggle import load_dataset
     from lggdeploy.data.split import make_split, save_split
-    from lggdeploy.reporting import split_table
+    from lggdeploy.common.tables import rich_table
 
     try:
         parts = tuple(float(r) for r in ratios.split(","))
@@ -116,18 +119,18 @@ def data_split(
         raise LggError(f"--ratios {ratios!r}: give exactly three fractions (train,val,test)")
     split = make_split(load_dataset(folder), seed=seed, ratios=parts)
     save_split(split, output)
-    out.print(split_table(split, title=f"split written to {output}"))
+    out.print(rich_table(split.summary_rows(), SPLIT_COLUMNS, title=f"split written to {output}"))
 
 
 @app.command("presets")
 def presets():
     """The model presets of the study."""
-    from lggdeploy.presets import PRESETS
-    from lggdeploy.reporting import comparison_table
+    from lggdeploy.models.presets import PRESETS
+    from lggdeploy.common.tables import rich_table
 
     rows = [{"name": s.name, "arch": s.arch, "encoder": s.encoder, "weights": s.encoder_weights or "random", "study": s.study_test_dice} for s in PRESETS.values()]
     cols = [("name", "preset"), ("arch", "architecture"), ("encoder", "encoder"), ("weights", "default encoder weights"), ("study", "study test Dice (per-slice)")]
-    out.print(comparison_table(rows, cols))
+    out.print(rich_table(rows, cols))
 
 
 @app.command("train")
@@ -148,7 +151,7 @@ def train_cmd(
     augment: bool = typer.Option(True, "--augment/--no-augment"),
 ):
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
-    from lggdeploy.train import TrainConfig, train
+    from lggdeploy.models.train import TrainConfig, train
 
     cfg = TrainConfig(
         model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), epochs=epochs, batch_size=batch_size,
@@ -175,14 +178,15 @@ def eval_cmd(
     device: str = typer.Option("cpu"),
 ):
     """Per-patient and aggregate metrics; writes a JSON with one row per patient."""
-    from lggdeploy.evaluate import default_eval_path, evaluate_checkpoint
-    from lggdeploy.fileio import write_json_atomic
-    from lggdeploy.reporting import metrics_table, patients_table
+    from lggdeploy.models.evaluate import default_eval_path, evaluate_checkpoint
+    from lggdeploy.common.files import write_json_atomic
+    from lggdeploy.common.tables import PATIENT_COLUMNS, metrics_table, rich_table
+    from lggdeploy.metrics import METRIC_LABELS
 
     summary = evaluate_checkpoint(checkpoint, data, split=split, split_file=split_file, batch_size=batch_size, device=device)
     path = write_json_atomic(json_out or default_eval_path(checkpoint, split), summary)
-    out.print(patients_table(summary))
-    out.print(metrics_table(summary, title=f"{summary['meta']['model']} on {split} split"))
+    out.print(rich_table(summary["per_patient"], PATIENT_COLUMNS, title="per patient"))
+    out.print(metrics_table(summary, METRIC_LABELS, title=f"{summary['meta']['model']} on {split} split"))
     out.print(f"per-patient rows and aggregates written to {path}")
 
 
@@ -200,8 +204,8 @@ def prune_cmd(
     device: str = typer.Option("auto"),
 ):
     """Structured channel pruning (Torch-Pruning, DepGraph) with optional fine-tuning; writes an ordinary checkpoint."""
-    from lggdeploy.checkpoint import load_checkpoint
-    from lggdeploy.prune import prune_checkpoint
+    from lggdeploy.models.checkpoint import load_checkpoint
+    from lggdeploy.models.prune import prune_checkpoint
 
     path = prune_checkpoint(checkpoint, ratio, out_dir, steps, finetune_epochs, data, lr, batch_size, device)
     recipe = load_checkpoint(path)["pruning"][-1]
@@ -222,7 +226,7 @@ def export_cmd(
     opset: int = typer.Option(18),
 ):
     """Export to ONNX (dynamic batch, single file) and check parity with PyTorch on real slices."""
-    from lggdeploy.export import export_checkpoint
+    from lggdeploy.engines.export import export_checkpoint
 
     path, record = export_checkpoint(checkpoint, out_dir, data, opset)
     parity = record["parity"]
@@ -247,8 +251,8 @@ def build_cmd(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads for the gate (default: all cores)"),
 ):
     """Build engines behind the accuracy gate; --precision all builds the whole matrix."""
-    from lggdeploy.build import BuildOptions, build_engines
-    from lggdeploy.reporting import comparison_table
+    from lggdeploy.engines.build import BuildOptions, build_engines
+    from lggdeploy.common.tables import rich_table
 
     opts = BuildOptions(out_dir=out_dir, data=data, backend=backend, precision=precision, int8_profile=int8_profile,
                         calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, force=force,
@@ -261,7 +265,7 @@ def build_cmd(
     ]
     cols = [("engine", "engine"), ("fp32", "FP32 val Dice"), ("engine_dice", "engine val Dice"), ("drop", "drop (points)"), ("kept", "nodes kept in float"), ("gate", "gate"), ("seconds", "build s")]
     if rows:
-        out.print(comparison_table(rows, cols, title="engines (gate: mean per-patient Dice on the validation split)"))
+        out.print(rich_table(rows, cols, title="engines (gate: mean per-patient Dice on the validation split)"))
     if report.failures:
         raise GateFailed(f"{len(report.failures)} engine(s) failed the accuracy gate and were not written (see above); {len(rows)} built")
 
@@ -282,11 +286,11 @@ def bench_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="write bench.json/md/csv and the plots here"),
 ):
     """Latency beside per-patient Dice/IoU/accuracy for every engine, with the PyTorch FP32 reference."""
-    from lggdeploy.bench import BenchOptions, run_bench
-    from lggdeploy.bench_report import FORMATS, csv_text, markdown, rich_table, write_all
+    from lggdeploy.bench.run import BenchOptions, run_bench
+    from lggdeploy.bench.report import OUTPUT_FORMATS, csv_text, markdown, rich_table, write_all
 
-    if fmt not in FORMATS:
-        raise LggError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt not in OUTPUT_FORMATS:
+        raise LggError(f"--format {fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
@@ -320,7 +324,7 @@ def predict_cmd(
     threads: Optional[int] = typer.Option(None),
 ):
     """Masks (TIFF 0/255), overlay PNGs and per-patient tumor volumes (and Dice where masks exist). No torch needed."""
-    from lggdeploy.predict import predict_paths
+    from lggdeploy.runtime.predict import predict_paths
     from lggdeploy.runtime import Segmenter
 
     with Segmenter.load(engine, threshold=threshold, threads=threads) as segmenter:
@@ -339,10 +343,10 @@ def predict_cmd(
 def doctor_cmd():
     """Which backends are usable here and why not; CPU ISA, GPU, library versions."""
     from lggdeploy.doctor import report
-    from lggdeploy.reporting import comparison_table
+    from lggdeploy.common.tables import rich_table
 
     info = report()
-    out.print(comparison_table(info["backends"], [("backend", "backend"), ("usable", "usable"), ("detail", "detail / reason")], title="backends"))
+    out.print(rich_table(info["backends"], [("backend", "backend"), ("usable", "usable"), ("formats", "engine formats"), ("detail", "detail / reason")], title="backends"))
     cpu = info["machine"]["cpu"]
     out.print(f"CPU: {cpu['model']}, {cpu['cores']} cores, ISA: {', '.join(cpu['isa']) or 'none of ' + 'AVX2/AVX-512/VNNI'}; INT8 cpu profile here: {info['int8_cpu_recipe']}")
     gpus = info["machine"]["gpus"]
@@ -359,13 +363,12 @@ def demo_cmd(
 ):
     """The main job on the embedded phantom set: train the three presets briefly, evaluate, print the table."""
     from lggdeploy.demo import COLUMNS, run_demo
-    from lggdeploy.reporting import comparison_table
-
-    from lggdeploy.bench_report import rich_table
+    from lggdeploy.bench.report import rich_table as bench_table
+    from lggdeploy.common.tables import rich_table
 
     results = run_demo(out_dir, patients=patients, seed=seed)
-    out.print(comparison_table(results["rows"], COLUMNS, title="training: phantom test split (per-patient Dice is the primary metric)"))
-    out.print(rich_table(results["bench"]))
+    out.print(rich_table(results["rows"], COLUMNS, title="training: phantom test split (per-patient Dice is the primary metric)"))
+    out.print(bench_table(results["bench"]))
     out.print(
         f"results: {out_dir / 'results.md'} (both tables), {out_dir / 'bench'} (bench.json/md/csv, speed_accuracy.png, speedup.png); "
         f"checkpoints, curves and per-patient JSON under {out_dir / 'runs'}; engines and manifests under {out_dir / 'engines'}.\n"

@@ -15,11 +15,11 @@ from pathlib import Path
 from lggdeploy.data.kaggle import check_dataset, raise_for_problems
 from lggdeploy.data.phantom import synthesize
 from lggdeploy.data.split import make_split, save_split
-from lggdeploy.evaluate import evaluate_checkpoint
-from lggdeploy.fileio import write_json_atomic, write_text_atomic
-from lggdeploy.presets import PRESETS
-from lggdeploy.reporting import comparison_markdown
-from lggdeploy.train import TrainConfig, train
+from lggdeploy.models.evaluate import evaluate_checkpoint
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
+from lggdeploy.models.presets import PRESETS
+from lggdeploy.common.tables import markdown_table
+from lggdeploy.models.train import TrainConfig, train
 
 # Small enough for 2 CPU cores in minutes; EfficientNet-B7 costs ~6x PSPNet per step, so it gets fewer epochs.
 DEMO_EPOCHS = {"pspnet-scratch": 8, "pspnet-resnext50": 8, "unet-effb7": 4}
@@ -90,10 +90,10 @@ def run_demo(
             }
         )
     results = {"data": str(data), "split": split.to_json(), "img_size": DEMO_IMG_SIZE, "rows": rows}
-    text = "# lggdeploy demo (phantom data)\n\n## Training (test split of the phantom set)\n\n" + comparison_markdown(rows, COLUMNS)
+    text = "# lggdeploy demo (phantom data)\n\n## Training (test split of the phantom set)\n\n" + markdown_table(rows, COLUMNS)
     if engines:
         results["bench"] = _engines_and_bench(out, data, [runs / r["model"] / "best.pt" for r in rows], bench_iters)
-        from lggdeploy.bench_report import markdown
+        from lggdeploy.bench.report import markdown
 
         text += "\n## Engines: speed and accuracy (`lggdeploy bench`)\n\n" + markdown(results["bench"])
     write_json_atomic(out / "results.json", results)
@@ -102,9 +102,9 @@ def run_demo(
 
 
 def _engines_and_bench(out: Path, data: Path, checkpoints: list[Path], iters: int) -> dict:
-    from lggdeploy.bench import BenchOptions, run_bench
-    from lggdeploy.bench_report import write_all
-    from lggdeploy.build import BuildOptions, build_engines
+    from lggdeploy.bench.run import BenchOptions, run_bench
+    from lggdeploy.bench.report import write_all
+    from lggdeploy.engines.build import BuildOptions, build_engines
 
     engines = out / "engines"
     if engines.exists():  # the demo's own engines from an earlier run

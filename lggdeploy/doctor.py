@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from lggdeploy.backends import BACKENDS, availability
-from lggdeploy.machine import machine_info
+from lggdeploy.backends.base import BACKENDS, availability
+from lggdeploy.common.machine import machine_info
+from lggdeploy.engines.formats import FORMATS
 
 
 def report() -> dict:
-    from lggdeploy.precision.int8 import recipe_for
+    from lggdeploy.bench.run import torch_available
+    from lggdeploy.engines.precision.int8 import recipe_for
 
     backends = []
     for name in BACKENDS:
         ok, detail = availability(name)
-        backends.append({"backend": name, "usable": "yes" if ok else "no", "detail": detail})
+        formats = ", ".join(f.name.removeprefix(name + "-") for f in FORMATS if f.backend == name)
+        backends.append({"backend": name, "usable": "yes" if ok else "no", "formats": formats, "detail": detail})
+    ok, detail = torch_available()
+    backends.append({"backend": "torch (FP32 reference, training)", "usable": "yes" if ok else "no", "formats": "checkpoints", "detail": detail})
     recipe = recipe_for("cpu")
     summary = f"{recipe.activation_type} activations / {recipe.weight_type} weights" + (", reduce_range" if recipe.reduce_range else "")
     return {"backends": backends, "machine": machine_info(), "int8_cpu_recipe": summary}

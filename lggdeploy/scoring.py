@@ -9,7 +9,7 @@ import numpy as np
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
 from lggdeploy.metrics import SegmentationScores
-from lggdeploy.progress import progress_bar
+from lggdeploy.common.progress import progress_bar
 
 
 class NonFiniteOutput(ValueError):

@@ -40,7 +40,7 @@ def phantom_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(phantom_dir, tmp_path_factory):
     """pspnet-scratch trained 2 epochs at 64 px on the phantom set: exercises the whole training path."""
-    from lggdeploy.train import TrainConfig, train
+    from lggdeploy.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run") / "pspnet-scratch"
     result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, batch_size=8, img_size=64, show_progress=False))
@@ -50,7 +50,7 @@ def trained_run(phantom_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def segmenting_run(phantom_dir, tmp_path_factory):
     """pspnet-scratch trained until it really segments the phantom lesions: gates and parity need a model with Dice > 0."""
-    from lggdeploy.train import TrainConfig, train
+    from lggdeploy.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("segmenting") / "pspnet-scratch"
     result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=10, batch_size=8, img_size=128, lr=1e-3, show_progress=False))

@@ -10,12 +10,12 @@ from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
 from lggdeploy.backends import availability
-from lggdeploy.bench import BenchOptions, run_bench
-from lggdeploy.bench_report import write_all
-from lggdeploy.bench_stats import latency_summary, paired_bootstrap_ci, pareto_front
-from lggdeploy.build import BuildOptions, build_engines
+from lggdeploy.bench.run import BenchOptions, run_bench
+from lggdeploy.bench.report import write_all
+from lggdeploy.bench.stats import latency_summary, paired_bootstrap_ci, pareto_front
+from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.cli import app
-from lggdeploy.engines import manifest_path, read_manifest, write_manifest
+from lggdeploy.engines.formats import manifest_path, read_manifest, write_manifest
 
 
 def test_latency_percentiles_on_known_inputs():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, spec_of, split_of
-from lggdeploy.errors import CheckpointError
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, spec_of, split_of
+from lggdeploy.common.errors import CheckpointError
 
 
 def test_checkpoint_describes_itself(trained_run):

@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lggdeploy.build import BuildOptions, _Context, build_engines
-from lggdeploy.checkpoint import load_checkpoint, save_checkpoint
+from lggdeploy.engines.build import BuildOptions, _Context, build_engines
+from lggdeploy.models.checkpoint import load_checkpoint, save_checkpoint
 from lggdeploy.cli import app
-from lggdeploy.engines import discover, read_manifest
-from lggdeploy.errors import CheckpointError, EngineError, GateFailed, LggError
-from lggdeploy.export import export_checkpoint
-from lggdeploy.precision.int8 import zero_points
+from lggdeploy.engines.formats import discover, read_manifest
+from lggdeploy.common.errors import CheckpointError, EngineError, GateFailed, LggError
+from lggdeploy.engines.export import export_checkpoint
+from lggdeploy.engines.precision.int8 import zero_points
 
 runner = CliRunner()
 
@@ -41,7 +41,7 @@ def test_export_is_one_checked_file_with_dynamic_batch(exported):
 
 
 def test_parity_failure_leaves_no_artifact(segmenting_run, phantom_dir, tmp_path):
-    from lggdeploy.checkpoint import model_from_checkpoint
+    from lggdeploy.models.checkpoint import model_from_checkpoint
 
     patched = model_from_checkpoint(load_checkpoint(segmenting_run.best_path))
     with torch.no_grad():
@@ -100,8 +100,8 @@ def test_calibration_cache_is_reused(segmenting_run, phantom_dir, tmp_path, monk
 
 
 def test_gate_failure_exits_nonzero_and_writes_nothing_unless_forced(segmenting_run, phantom_dir, tmp_path, monkeypatch):
-    real = _Context.score_onnx
-    monkeypatch.setattr(_Context, "score_onnx", lambda self, path, label: real(self, path, label) - 0.10)
+    real = _Context.score_engine
+    monkeypatch.setattr(_Context, "score_engine", lambda self, path, fmt, facts: real(self, path, fmt, facts) - 0.10)
     with pytest.raises(GateFailed, match="dropped 10.00 points"):
         build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
     assert discover(tmp_path) == [] and not list(tmp_path.rglob("onnxruntime-fp32.onnx*"))

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from lggdeploy.cli import app
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import check_dataset, load_dataset, read_image
-from lggdeploy.errors import DataError
+from lggdeploy.common.errors import DataError
 from tests.conftest import SMALL_REAL_PATIENT
 
 P = SMALL_REAL_PATIENT

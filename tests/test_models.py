@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lggdeploy.models import build_model, count_parameters
-from lggdeploy.errors import ModelError
-from lggdeploy.presets import PRESETS, resolve_model
+from lggdeploy.models.networks import build_model, count_parameters
+from lggdeploy.common.errors import ModelError
+from lggdeploy.models.presets import PRESETS, resolve_model
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

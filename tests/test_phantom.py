@@ -4,7 +4,7 @@ import pytest
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import check_dataset
 from lggdeploy.data.phantom import phantom_volume, synthesize
-from lggdeploy.errors import DataError
+from lggdeploy.common.errors import DataError
 
 
 def test_phantom_set_passes_the_real_validator(phantom_dir):

@@ -6,13 +6,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint
 from lggdeploy.cli import app
-from lggdeploy.errors import LggError
-from lggdeploy.export import export_checkpoint
-from lggdeploy.models import build_model
-from lggdeploy.presets import PRESETS
-from lggdeploy.prune import prune_checkpoint, prune_model
+from lggdeploy.common.errors import LggError
+from lggdeploy.engines.export import export_checkpoint
+from lggdeploy.models.networks import build_model
+from lggdeploy.models.presets import PRESETS
+from lggdeploy.models.prune import prune_checkpoint, prune_model
 
 pytest.importorskip("torch_pruning", reason="torch-pruning is the optional [prune] extra")
 

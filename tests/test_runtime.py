@@ -11,13 +11,13 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
-from lggdeploy.build import BuildOptions, build_engines
+from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.cli import app
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import Normalization
-from lggdeploy.engines import read_manifest, write_manifest
-from lggdeploy.errors import EngineError, LggError
+from lggdeploy.engines.formats import read_manifest, write_manifest
+from lggdeploy.common.errors import EngineError, LggError
 from lggdeploy.runtime import Segmenter, largest_connected_component
 from lggdeploy.scoring import score_runner
 
@@ -30,7 +30,7 @@ def int8_engine(segmenting_run, phantom_dir, tmp_path_factory):
 
 
 def test_importing_the_runtime_imports_no_torch():
-    code = "import sys, lggdeploy.runtime, lggdeploy.predict, lggdeploy.cli; print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt') if m in sys.modules))"
+    code = "import sys, lggdeploy.runtime, lggdeploy.runtime.predict, lggdeploy.cli; print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 

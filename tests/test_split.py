@@ -4,7 +4,7 @@ import pytest
 
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import Split, load_split, make_split, save_split
-from lggdeploy.errors import DataError
+from lggdeploy.common.errors import DataError
 
 
 @pytest.fixture(scope="module")

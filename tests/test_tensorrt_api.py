@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lggdeploy.backends import tensorrt_backend
+from lggdeploy.backends import tensorrt as tensorrt_backend
 from lggdeploy.data.kaggle import default_data_dir
 
 SOURCE = Path(tensorrt_backend.__file__).read_text()
@@ -77,7 +77,7 @@ def test_importing_lggdeploy_does_not_import_tensorrt():
     import subprocess
     import sys
 
-    code = "import sys, lggdeploy, lggdeploy.backends, lggdeploy.build, lggdeploy.cli; print('tensorrt' in sys.modules)"
+    code = "import sys, lggdeploy, lggdeploy.backends, lggdeploy.engines.build, lggdeploy.cli; print('tensorrt' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

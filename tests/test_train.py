@@ -7,10 +7,10 @@ import sys
 import pytest
 from PIL import Image
 
-from lggdeploy.checkpoint import load_checkpoint
+from lggdeploy.models.checkpoint import load_checkpoint
 from lggdeploy.data.transforms import Augmentation
-from lggdeploy.errors import LggError
-from lggdeploy.train import TrainConfig, train
+from lggdeploy.common.errors import LggError
+from lggdeploy.models.train import TrainConfig, train
 
 HISTORY_COLUMNS = {"epoch", "train_loss", "train_dice", "train_iou", "train_accuracy", "val_loss", "val_mean_patient_dice", "val_mean_patient_iou", "val_pixel_accuracy"}
 

@@ -1,5 +1,6 @@
-"""Backends behind one Runner protocol; see base.py. Importing this package imports no backend library."""
+"""Deployment backends behind one Runner protocol (base.py); one module per backend. Importing this package
+imports no backend library."""
 
-from lggdeploy.backends.base import BACKENDS, Runner, availability, load_runner
+from lggdeploy.backends.base import BACKENDS, BuildTarget, Runner, RunOptions, availability, backend_module
 
-__all__ = ["BACKENDS", "Runner", "availability", "load_runner"]
+__all__ = ["BACKENDS", "BuildTarget", "Runner", "RunOptions", "availability", "backend_module"]

@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from lggdeploy.data.kaggle import Dataset, Problem, raise_for_problems, read_slice
-from lggdeploy.errors import DataError
+from lggdeploy.common.errors import DataError
 
 
 @dataclass
@@ -52,3 +52,31 @@ def load_slices(
         patients=np.array([s.patient for s in slices]),
         numbers=np.array([s.number for s in slices]),
     )
+
+
+def pick_slices(slices: SliceArrays, count: int) -> SliceArrays:
+    """`count` slices spread over every patient, half with tumor and half without where the data allow.
+
+    Patients take turns (round robin) so each contributes; within a patient the picks are evenly spaced
+    through its tumor (or tumor-free) slices, centred in equal segments rather than at the volume's edges.
+    Used for INT8 calibration, the export parity check and the quantization sensitivity ranking.
+    """
+    if count < 1:
+        raise DataError(f"at least one slice must be picked, got {count}")
+    tumor = slices.tumor_slices()
+    n_tumor = min(int(tumor.sum()), max(count // 2, count - int((~tumor).sum())))
+    n_empty = min(int((~tumor).sum()), count - n_tumor)
+
+    def spread(flag: bool, k: int) -> list[int]:
+        pools = [np.flatnonzero((slices.patients == p) & (tumor == flag)) for p in slices.patient_ids]
+        pools = [pool for pool in pools if len(pool)]
+        take = [0] * len(pools)
+        while k > 0:
+            for i, pool in enumerate(pools):
+                if k > 0 and take[i] < len(pool):
+                    take[i] += 1
+                    k -= 1
+        return [int(pool[int((j + 0.5) * len(pool) / t)]) for pool, t in zip(pools, take) for j in range(t)]
+
+    picks = np.array(sorted(spread(True, n_tumor) + spread(False, n_empty)), dtype=int)
+    return SliceArrays(slices.images[picks], slices.masks[picks], slices.patients[picks], slices.numbers[picks])

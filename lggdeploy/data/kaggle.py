@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from lggdeploy.errors import DataError
+from lggdeploy.common.errors import DataError
 
 IMAGE_SHAPE = (256, 256, 3)
 MASK_SHAPE = (256, 256)
@@ -197,6 +197,19 @@ def load_dataset(root: str | os.PathLike) -> Dataset:
     dataset, problems = scan(root)
     raise_for_problems(dataset.root, problems)
     return dataset
+
+
+def resolve_data_root(given: str | os.PathLike | None, recorded: str | os.PathLike | None, purpose: str) -> Path:
+    """`--data` when given, else the folder a checkpoint recorded; one clear error when neither is here."""
+    if given:
+        folder = Path(given)
+        if not folder.is_dir():
+            raise DataError(f"data folder {folder} does not exist or is not a folder: give the kaggle_3m folder with --data")
+        return folder
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    where = f"the checkpoint's data folder {recorded} is not here" if recorded else "the checkpoint records no data folder"
+    raise DataError(f"{where}: pass --data DIR (the kaggle_3m folder) for {purpose}")
 
 
 def default_data_dir() -> Path | None:

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from lggdeploy.data.kaggle import IMAGE_SHAPE
-from lggdeploy.errors import DataError
+from lggdeploy.common.errors import DataError
 
 SIZE = IMAGE_SHAPE[0]
 # Mean intensities per tissue on (pre-contrast, FLAIR, post-contrast), in the real data's uint8 range.
@@ -88,7 +88,7 @@ def synthesize(
     """Write `patients` phantom patients under `out` in the kaggle_3m layout. Returns their ids."""
     import tifffile
 
-    from lggdeploy.fileio import atomic_path
+    from lggdeploy.common.files import atomic_path
 
     if patients < 1:
         raise DataError(f"--patients must be at least 1, got {patients}")

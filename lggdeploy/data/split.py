@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.data.kaggle import Dataset, read_mask
-from lggdeploy.errors import DataError
-from lggdeploy.fileio import write_json_atomic
+from lggdeploy.common.errors import DataError
+from lggdeploy.common.files import write_json_atomic
 
 SPLITS = ("train", "val", "test")
 FORMAT = "lggdeploy-split"
@@ -81,6 +81,16 @@ class Split:
                 if pid in seen:
                     raise DataError(f"{origin}: patient {pid} is in both {seen[pid]} and {name}; a patient must be in one split only")
                 seen[pid] = name
+
+    def summary_rows(self) -> list[dict]:
+        """Patients, slices, tumor slices and tumor fraction per split (for `data info` / `data split`)."""
+        rows = []
+        for name in SPLITS:
+            ids = self.patients(name)
+            slices = sum(self.slices.get(p, 0) for p in ids)
+            tumor = sum(self.tumor_slices.get(p, 0) for p in ids)
+            rows.append({"split": name, "patients": len(ids), "slices": slices, "tumor_slices": tumor, "tumor_fraction": f"{tumor / slices:.1%}" if slices else None})
+        return rows
 
     def with_counts(self, dataset: Dataset) -> "Split":
         """Fill in slice and tumor-slice counts per patient from `dataset` (for `data info`)."""

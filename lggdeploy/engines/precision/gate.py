@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lggdeploy.progress import console
+from lggdeploy.common.progress import console
 
 
 @dataclass
@@ -98,7 +98,7 @@ def gate_with_fallback(
     max_drop_points: float,
     build: Callable[[list[str]], Path],
     score: Callable[[Path], float],
-    rank: Callable[[Path], list[tuple[str, float]]] | None,
+    rank: Callable[[], list[tuple[str, float]]] | None,
     label: str = "",
     max_fallback_fraction: float = 0.5,
 ) -> tuple[Path, GateResult]:
@@ -113,7 +113,7 @@ def gate_with_fallback(
     console.print(f"{label}: FP32 {fp32_dice:.4f}, engine {dice:.4f}, drop {result.drop_points:.2f} points (budget {max_drop_points})")
     if result.passed or rank is None:
         return path, result
-    ranked = rank(path)
+    ranked = rank()
     ranking = [name for name, _ in ranked][: max(1, int(len(ranked) * max_fallback_fraction))]
     k = 1
     while not result.passed and k <= len(ranking):

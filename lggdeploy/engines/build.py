@@ -1,8 +1,10 @@
 """`lggdeploy build`: checkpoint -> ONNX -> FP32 / FP16 / INT8 engines, each behind the accuracy gate.
 
-One engine = one row of engines.FORMATS. The FP32 reference is the PyTorch model; the gate scores every
-engine on the validation split of the checkpoint's own split. An engine that fails its gate is not
-written unless `force`, and then its manifest says so.
+One engine = one row of formats.FORMATS. Precision lives in the graph (a typed FP16 graph, Q/DQ nodes for
+INT8), made here for every backend alike; the row's backend module turns that graph into its engine file
+(`build`) and opens it (`load`, through formats.open_engine). The FP32 reference is the PyTorch model; the
+gate scores every engine on the validation split of the checkpoint's own split. An engine that fails its
+gate is not written unless `force`, and then its manifest says so.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lggdeploy.backends import availability
-from lggdeploy.engines import EngineFormat, select_formats, write_manifest
-from lggdeploy.errors import BackendUnavailable, GateFailed, LggError
-from lggdeploy.fileio import sha256_file
-from lggdeploy.progress import console
+from lggdeploy.backends.base import BuildTarget, RunOptions
+from lggdeploy.common.errors import BackendUnavailable, GateFailed, LggError
+from lggdeploy.common.files import sha256_file
+from lggdeploy.common.progress import console
+from lggdeploy.engines.formats import EngineFormat, open_engine, select_formats, write_manifest
 
 
 @dataclass
@@ -42,13 +44,14 @@ class _Context:
     """What every engine of one checkpoint shares: the export, val slices, FP32 reference Dice."""
 
     def __init__(self, checkpoint: Path, opts: BuildOptions):
-        from lggdeploy.checkpoint import load_checkpoint, normalization_of, split_of
         from lggdeploy.data.arrays import load_slices
-        from lggdeploy.data.kaggle import load_dataset
-        from lggdeploy.export import engine_tag, export_checkpoint
+        from lggdeploy.data.kaggle import load_dataset, resolve_data_root
+        from lggdeploy.engines.export import engine_tag, export_checkpoint
+        from lggdeploy.models.checkpoint import load_checkpoint, normalization_of, split_of
 
         self.checkpoint = checkpoint
         self.opts = opts
+        self.run_options = RunOptions(threads=opts.threads)
         self.ckpt = load_checkpoint(checkpoint)
         self.split = split_of(self.ckpt)
         if not self.split.val:
@@ -58,9 +61,7 @@ class _Context:
         self.threshold = self.ckpt["threshold"]
         self.sha = sha256_file(checkpoint)
         self.folder = Path(opts.out_dir) / engine_tag(self.ckpt, self.sha)
-        data = Path(opts.data) if opts.data else Path(self.ckpt.get("data_root") or "")
-        if not data.is_dir():
-            raise LggError(f"the checkpoint's data folder {data} is not here: pass --data DIR (the kaggle_3m folder with its val patients)")
+        data = resolve_data_root(opts.data, self.ckpt.get("data_root"), "INT8 calibration and the accuracy gate (its val patients)")
         dataset = load_dataset(data)
         self.split.check_against(dataset, origin=f"{checkpoint} (embedded split)")
         self.val = load_slices(dataset, self.split.val)
@@ -80,37 +81,29 @@ class _Context:
     @property
     def fp32_dice(self) -> float:
         if self._fp32_dice is None:
-            from lggdeploy.backends.torch_backend import TorchRunner
-            from lggdeploy.checkpoint import model_from_checkpoint
+            from lggdeploy.models.checkpoint import model_from_checkpoint
+            from lggdeploy.models.torch_runner import TorchRunner
 
             self._fp32_dice = self.score(TorchRunner(model_from_checkpoint(self.ckpt)), "pytorch fp32 reference")
         return self._fp32_dice
 
-    def score_onnx(self, path: Path, label: str) -> float:
-        from lggdeploy.backends.onnxruntime_backend import OnnxRuntimeRunner
-
-        runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"], threads=self.opts.threads)
+    def score_engine(self, path: Path, fmt: EngineFormat, facts: dict) -> float:
+        """Open a candidate engine exactly as bench and the runtime will (formats.open_engine) and score it."""
+        runner = open_engine(path, {"backend": fmt.backend, "precision": fmt.precision, "int8_profile": fmt.int8_profile, **facts}, self.run_options)
         try:
-            return self.score(runner, label)
+            return self.score(runner, fmt.name)
         finally:
             runner.close()
 
-
-def optimize_offline(source: Path, target: Path) -> Path:
-    """ONNX Runtime's graph optimizations applied once, at build time (extended level: fusions, constant folding)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    return target
+    def build_target(self, fmt: EngineFormat) -> BuildTarget:
+        # The tensorrt INT8 profile stays pure Q/DQ (what TensorRT's parser and other runtimes read), whatever runs it.
+        plain = fmt.precision == "int8" and fmt.int8_profile == "tensorrt"
+        return BuildTarget(self.img_size, self.opts.batch, self.opts.workspace_gib, self.folder / "tensorrt.timing-cache", optimize=not plain)
 
 
-def _int8_builder(ctx: _Context, fmt: EngineFormat, work: Path, optimize: bool):
-    """(build(kept_nodes) -> path, rank(path) -> ranking, calibration facts) for one INT8 profile."""
-    from lggdeploy.precision import calibration, int8
+def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path):
+    """(graph(kept_nodes) -> Q/DQ ONNX, rank() -> ranking, calibration facts) for one INT8 profile."""
+    from lggdeploy.engines.precision import calibration, int8
 
     recipe = int8.recipe_for(fmt.int8_profile)
     prepared = int8.preprocess_for_quantization(ctx.onnx, work / "prepared.onnx")
@@ -121,15 +114,14 @@ def _int8_builder(ctx: _Context, fmt: EngineFormat, work: Path, optimize: bool):
     reader = calibration.make_reader(chosen, ctx.img_size, ctx.normalization)
     cache_was_there = cache.is_file()
 
-    def build(kept: list[str]) -> Path:
-        qdq = int8.quantize(prepared, work / f"qdq-{len(kept)}.onnx", recipe, reader, ctx.opts.calib_method, cache, kept)
-        return optimize_offline(qdq, work / f"opt-{len(kept)}.onnx") if optimize else qdq
+    def graph(kept: list[str]) -> Path:
+        return int8.quantize(prepared, work / f"qdq-{len(kept)}.onnx", recipe, reader, ctx.opts.calib_method, cache, kept)
 
-    def rank(path: Path) -> list[tuple[str, float]]:
-        from lggdeploy.precision.gate import rank_quantized_nodes
+    def rank() -> list[tuple[str, float]]:
+        from lggdeploy.engines.precision.gate import rank_quantized_nodes
 
-        # Always the plain Q/DQ graph of the first build: the offline-optimized one (cpu profile) has its
-        # Q/DQ pairs fused into QLinear ops, which qdq_loss_debug cannot match to the float graph.
+        # Always the plain Q/DQ graph of the first build: a backend's optimized engine (ONNX Runtime's QLinear
+        # fusions) cannot be matched to the float graph by qdq_loss_debug.
         return rank_quantized_nodes(prepared, work / "qdq-0.onnx", reader)
 
     facts = {
@@ -138,26 +130,28 @@ def _int8_builder(ctx: _Context, fmt: EngineFormat, work: Path, optimize: bool):
         "method": ctx.opts.calib_method,
         "samples": len(chosen),
         "tumor_samples": int(chosen.tumor_slices().sum()),
+        "patients": sorted(set(chosen.patients.tolist())),
         "slice_list_sha256": calibration.slice_list_hash(ids),
         "cache": str(cache.relative_to(ctx.folder)),
         "cache_reused": cache_was_there,
     }
-    return build, rank, facts
+    return graph, rank, facts
 
 
 def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
     """Build, gate and (if it passes, or --force) write one engine with its manifest."""
-    from lggdeploy.precision.fp16 import FP32_OPS, convert_fp16
-    from lggdeploy.precision.gate import gate_with_fallback
+    from lggdeploy.engines.precision.fp16 import FP32_OPS, convert_fp16
+    from lggdeploy.engines.precision.gate import gate_with_fallback
 
     opts = ctx.opts
-    ok, reason = availability(fmt.backend)
+    ok, reason = fmt.available()
     if not ok:
         raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
     target = ctx.folder / fmt.filename()
     label = f"{ctx.ckpt['model']['name']} {fmt.name}"
     started = time.perf_counter()
     extra: dict = {}
+    backend_facts: dict = {}
     with tempfile.TemporaryDirectory(dir=ctx.folder, prefix=".build-") as tmp:
         work = Path(tmp)
         rank = None
@@ -166,34 +160,18 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
             if fmt.precision == "fp16":
                 extra["fp16"] = {"converter": "onnxconverter-common float16, keep_io_types", "kept_in_fp32_ops": FP32_OPS}
 
-            def build_graph(kept: list[str]) -> Path:  # nothing to keep in float: one graph per precision
-                return optimize_offline(typed, work / f"{fmt.precision}-opt.onnx") if fmt.backend == "onnxruntime" else typed
+            def graph(kept: list[str]) -> Path:  # nothing to keep in float: one graph per precision
+                return typed
 
         else:
-            # The cpu profile is optimized offline for ONNX Runtime; the tensorrt profile stays pure Q/DQ for TensorRT's parser.
-            build_graph, rank, extra["calibration"] = _int8_builder(ctx, fmt, work, optimize=fmt.int8_profile == "cpu")
+            graph, rank, extra["calibration"] = _int8_graph(ctx, fmt, work)
 
-        if fmt.backend == "onnxruntime":
-            score = lambda path: ctx.score_onnx(path, fmt.name)  # noqa: E731
-            build = build_graph
-        else:
-            from lggdeploy.backends import tensorrt_backend
+        def build(kept: list[str]) -> Path:
+            candidate = work / f"engine-{len(kept)}{fmt.suffix}"
+            backend_facts.update(fmt.module.build(graph(kept), fmt, candidate, ctx.build_target(fmt)))
+            return candidate
 
-            def build(kept: list[str]) -> Path:
-                plan = work / f"engine-{len(kept)}.plan"
-                extra["tensorrt"] = tensorrt_backend.build_engine(
-                    build_graph(kept), plan, opts.batch, ctx.img_size, opts.workspace_gib, ctx.folder / "tensorrt.timing-cache"
-                )
-                return plan
-
-            def score(path: Path) -> float:
-                runner = tensorrt_backend.load(path, extra["tensorrt"])
-                try:
-                    return ctx.score(runner, fmt.name)
-                finally:
-                    runner.close()
-
-        path, gate = gate_with_fallback(ctx.fp32_dice, opts.max_drop, build, score, rank if fmt.precision == "int8" else None, label)
+        path, gate = gate_with_fallback(ctx.fp32_dice, opts.max_drop, build, lambda p: ctx.score_engine(p, fmt, backend_facts), rank, label)
         if not gate.passed and not opts.force:
             raise GateFailed(
                 f"{label}: mean per-patient Dice on val dropped {gate.drop_points:.2f} points (FP32 {gate.fp32_dice:.4f} -> {gate.engine_dice:.4f}), "
@@ -201,7 +179,7 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
                 "no engine written (raise --max-drop, try --calib-method, or --force to keep it marked as failed)"
             )
         seconds = time.perf_counter() - started
-        manifest = _manifest(ctx, fmt, path, gate, seconds, extra)
+        manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts}
         os.replace(path, target)  # every candidate lives in `work`, inside the engines folder: an atomic rename
         manifest["sha256"] = sha256_file(target)
         write_manifest(target, manifest)
@@ -209,12 +187,11 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
     return {**manifest, "engine": str(target)}
 
 
-def _manifest(ctx: _Context, fmt: EngineFormat, path: Path, gate, seconds: float, extra: dict) -> dict:
-    backend_version = availability(fmt.backend)[1]
-    manifest = {
+def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dict) -> dict:
+    return {
         "engine": fmt.filename(),
         "backend": fmt.backend,
-        "backend_version": backend_version,
+        "backend_version": fmt.available()[1],
         "precision": fmt.precision,
         "int8_profile": fmt.int8_profile,
         "model": ctx.ckpt["model"],
@@ -228,6 +205,7 @@ def _manifest(ctx: _Context, fmt: EngineFormat, path: Path, gate, seconds: float
         "normalization": ctx.ckpt["normalization"],
         "threshold": ctx.threshold,
         "split": ctx.ckpt["split"],
+        "data_root": ctx.ckpt.get("data_root"),
         "pruned": bool(ctx.ckpt.get("pruning")),
         "pruning": ctx.ckpt.get("pruning", []),
         "gate": gate.to_json(),
@@ -236,14 +214,6 @@ def _manifest(ctx: _Context, fmt: EngineFormat, path: Path, gate, seconds: float
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
-    if fmt.backend == "onnxruntime":
-        manifest["providers"] = ["CPUExecutionProvider"]
-        import onnxruntime
-
-        manifest["onnxruntime_version"] = onnxruntime.__version__
-    if fmt.backend == "tensorrt":
-        manifest.update(extra.get("tensorrt", {}))
-    return manifest
 
 
 @dataclass
@@ -256,9 +226,11 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
     """Every requested format for every checkpoint. Unavailable backends fail before any work is done;
     an engine that fails its gate is reported and the rest of the matrix is still built."""
     formats = select_formats(opts.backend, opts.precision, opts.int8_profile)
-    ok, reason = availability(opts.backend)
-    if not ok:
-        raise BackendUnavailable(f"backend {opts.backend} is not usable here: {reason}")
+    for fmt in formats:
+        ok, reason = fmt.available()
+        if not ok:
+            raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
+    RunOptions(threads=opts.threads).cpu_threads()  # a bad --threads is refused before any work
     report = BuildReport([], [])
     for checkpoint in checkpoints:
         ctx = _Context(Path(checkpoint), opts)

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, preprocess, sigmoid
-from lggdeploy.engines import read_manifest
-from lggdeploy.errors import EngineError, LggError
+from lggdeploy.backends.base import RunOptions
+from lggdeploy.engines.formats import open_engine, read_manifest
+from lggdeploy.common.errors import EngineError, LggError
 
 INPUT_SHAPE = (256, 256, 3)
 
@@ -49,29 +50,14 @@ class Segmenter:
             raise LggError(f"threshold must be between 0 and 1, got {self.threshold}")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threshold: float | None = None, threads: int | None = None) -> "Segmenter":
-        """Read the manifest, pick its backend, check compatibility before the first inference."""
+    def load(cls, path: str | os.PathLike, threshold: float | None = None, threads: int | None = None, device: str = "auto") -> "Segmenter":
+        """Read the manifest, open the engine through its backend, check compatibility before the first inference."""
         path = Path(path)
         manifest = read_manifest(path)
         for key in ("backend", "normalization", "img_size", "threshold"):
             if key not in manifest:
                 raise EngineError(f"{path}: manifest lacks {key!r}; rebuild the engine with `lggdeploy build`")
-        backend = manifest["backend"]
-        if backend == "onnxruntime":
-            import onnxruntime as ort
-
-            from lggdeploy.backends.onnxruntime_backend import load
-
-            wanted = manifest.get("providers", ["CPUExecutionProvider"])
-            if not set(wanted) & set(ort.get_available_providers()):
-                raise EngineError(f"{path}: built for ONNX Runtime providers {wanted}, this machine has {ort.get_available_providers()}")
-            runner = load(path, manifest, threads=threads)
-        elif backend == "tensorrt":
-            from lggdeploy.backends.base import load_runner
-
-            runner = load_runner("tensorrt", path, manifest)  # checks TensorRT version and compute capability
-        else:
-            raise EngineError(f"{path}: backend {backend!r} is not one the runtime runs (onnxruntime, tensorrt)")
+        runner = open_engine(path, manifest, RunOptions(threads=threads, device=device))
         return cls(runner, manifest, path, threshold)
 
     def predict(self, slices: np.ndarray, batch_size: int = 8, largest_component: bool = False) -> Prediction:

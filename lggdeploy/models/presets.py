@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lggdeploy.errors import ModelError
+from lggdeploy.common.errors import ModelError
 
 
 @dataclass(frozen=True)

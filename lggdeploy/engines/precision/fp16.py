@@ -12,7 +12,7 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
     import onnx
     from onnxconverter_common import float16
 
-    from lggdeploy.fileio import atomic_path
+    from lggdeploy.common.files import atomic_path
 
     import warnings
 

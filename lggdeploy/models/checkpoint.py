@@ -19,12 +19,28 @@ from torch import nn
 from lggdeploy import __version__
 from lggdeploy.data.split import Split
 from lggdeploy.data.transforms import Normalization
-from lggdeploy.errors import CheckpointError
-from lggdeploy.fileio import atomic_path
-from lggdeploy.presets import ModelSpec
+from lggdeploy.common.errors import CheckpointError
+from lggdeploy.common.files import atomic_path
+from lggdeploy.models.networks import apply_layer_shapes, layer_shapes
+from lggdeploy.models.presets import ModelSpec
 
 FORMAT = "lggdeploy-checkpoint"
 REQUIRED = ("model", "img_size", "normalization", "threshold", "split", "state_dict")
+
+
+TRANSIENT = ("path", "optimizer", "scheduler", "scaler", "torch_rng", "rng_state")  # resume state: never carried over
+
+
+def make_payload(network: nn.Module, base: dict | None = None, pruned: bool = False, **fields) -> dict:
+    """A checkpoint payload: the durable fields of `base` (another checkpoint, or the fields a run starts from),
+    updated with `fields`, and the model's weights. A pruned model, narrower than its smp spec, also records its
+    layer shapes (plain integers) so that `model_from_checkpoint` can rebuild it."""
+    payload = {k: v for k, v in (base or {}).items() if k not in TRANSIENT}
+    payload.update(fields)
+    payload["state_dict"] = network.state_dict()
+    if pruned or "layer_shapes" in payload:
+        payload["layer_shapes"] = layer_shapes(network)
+    return payload
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -91,8 +107,6 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, nn.Identity())
     if "layer_shapes" in ckpt:  # a pruned model: narrower layers than the smp spec builds
-        from lggdeploy.prune import apply_layer_shapes
-
         apply_layer_shapes(model, ckpt["layer_shapes"], ckpt["state_dict"])
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lggdeploy.errors import ModelError
-from lggdeploy.presets import ModelSpec
+from lggdeploy.common.errors import CheckpointError, ModelError
+from lggdeploy.models.presets import ModelSpec
 
 RANDOM = "random"
 # Classifier heads that encoder weight files carry but smp encoders do not have.
@@ -36,7 +36,7 @@ def build_model(spec: ModelSpec, encoder_weights: str | None = None, probe_size:
     model = _create(spec, "imagenet" if choice == "imagenet" else None)
     dropped = drop_unused_modules(model, probe_size)
     if choice not in ("imagenet", RANDOM):
-        from lggdeploy.fileio import sha256_file
+        from lggdeploy.common.files import sha256_file
 
         path = Path(choice)
         load_encoder_weights(model, path, dropped)
@@ -145,3 +145,36 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike, dropped: lis
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The channel attributes of every conv / batch-norm / linear layer (what pruning changes)."""
+    shapes: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            shapes[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shapes[name] = {"num_features": module.num_features}
+        elif isinstance(module, nn.Linear):
+            shapes[name] = {"in_features": module.in_features, "out_features": module.out_features}
+    return shapes
+
+
+def apply_layer_shapes(model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize a freshly built model's layers to a pruned model's shapes, so its state dict loads strictly."""
+    modules = dict(model.named_modules())
+    for name, attrs in shapes.items():
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"pruned layer {name} does not exist in a fresh model: the checkpoint was pruned from another architecture")
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+        for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            stored = state_dict.get(f"{name}.{pname}" if name else pname)
+            if stored is not None and stored.shape != tensor.shape:
+                replacement = torch.empty_like(stored)
+                if isinstance(tensor, nn.Parameter):
+                    setattr(module, pname, nn.Parameter(replacement, requires_grad=tensor.requires_grad))
+                else:
+                    module.register_buffer(pname, replacement)
+    return model

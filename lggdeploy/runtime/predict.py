@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.data.kaggle import read_image, read_mask
-from lggdeploy.errors import DataError
-from lggdeploy.fileio import atomic_path, write_text_atomic
+from lggdeploy.common.errors import DataError
+from lggdeploy.common.files import atomic_path, write_text_atomic
 from lggdeploy.metrics import dice_from_counts
-from lggdeploy.progress import progress_bar
+from lggdeploy.common.progress import progress_bar
 
 IMAGE = re.compile(r"^(?P<patient>.+)_(?P<number>\d+)\.tif$")
 

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from lggdeploy.errors import LggError
+from lggdeploy.common.errors import LggError
 
 METHODS = ("minmax", "entropy", "percentile")
 PROFILES = ("tensorrt", "cpu")
@@ -39,7 +39,7 @@ def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = No
     if profile == "tensorrt":
         return Int8Recipe("tensorrt", "int8", "int8", True, False, True, None, quantize_bias=False)
     if profile == "cpu":
-        from lggdeploy.machine import cpu_info
+        from lggdeploy.common.machine import cpu_info
 
         info = cpu_info()
         isa = info["isa"] if isa is None else isa
@@ -80,7 +80,7 @@ def quantize(
     """Write a Q/DQ INT8 model. Ranges come from `cache_path` when it exists (no recalibration)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from lggdeploy.fileio import atomic_path
+    from lggdeploy.common.files import atomic_path
 
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     extra = {

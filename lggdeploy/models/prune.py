@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lggdeploy.errors import LggError
-from lggdeploy.progress import console
+from lggdeploy.common.errors import LggError
+from lggdeploy.common.progress import console
+from lggdeploy.models.networks import layer_shapes
 
 
 def _torch_pruning():
@@ -27,39 +28,6 @@ def _torch_pruning():
     except ImportError:
         raise LggError("structured pruning needs Torch-Pruning: pip install 'lggdeploy[prune]' (or pip install torch-pruning)") from None
     return tp
-
-
-def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The channel attributes of every conv / batch-norm / linear layer (what pruning changes)."""
-    shapes: dict[str, dict[str, int]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            shapes[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            shapes[name] = {"num_features": module.num_features}
-        elif isinstance(module, nn.Linear):
-            shapes[name] = {"in_features": module.in_features, "out_features": module.out_features}
-    return shapes
-
-
-def apply_layer_shapes(model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Resize a freshly built model's layers to a pruned model's shapes, so its state dict loads strictly."""
-    modules = dict(model.named_modules())
-    for name, attrs in shapes.items():
-        module = modules.get(name)
-        if module is None:
-            raise LggError(f"pruned layer {name} does not exist in a fresh model: the checkpoint was pruned from another architecture")
-        for attr, value in attrs.items():
-            setattr(module, attr, value)
-        for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            stored = state_dict.get(f"{name}.{pname}" if name else pname)
-            if stored is not None and stored.shape != tensor.shape:
-                replacement = torch.empty_like(stored)
-                if isinstance(tensor, nn.Parameter):
-                    setattr(module, pname, nn.Parameter(replacement, requires_grad=tensor.requires_grad))
-                else:
-                    module.register_buffer(pname, replacement)
-    return model
 
 
 def count_macs_params(model: nn.Module, img_size: int) -> tuple[int, int]:
@@ -128,16 +96,15 @@ def prune_checkpoint(
     device: str = "auto",
 ) -> Path:
     """Prune (and fine-tune) a checkpoint; returns the path of the new checkpoint (best.pt of its run folder)."""
-    from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    from lggdeploy.train import TrainConfig, train
+    from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
+    from lggdeploy.models.train import TrainConfig, train
 
     ckpt = load_checkpoint(checkpoint)
     out = Path(out) if out else Path(checkpoint).parent.parent / f"{Path(checkpoint).parent.name}-pruned{int(round(ratio * 100))}"
     if finetune_epochs:
-        folder = Path(data) if data else Path(ckpt.get("data_root") or "")
-        if not folder.is_dir():
-            raise LggError(f"fine-tuning needs the data: {folder} is not a folder; pass --data DIR (the kaggle_3m folder)")
-        data = folder
+        from lggdeploy.data.kaggle import resolve_data_root
+
+        data = resolve_data_root(data, ckpt.get("data_root"), "fine-tuning after pruning")
     if (out / "last.pt").exists() or (out / "best.pt").exists():
         raise LggError(f"{out} already holds a checkpoint; choose another -o")
     model = model_from_checkpoint(ckpt)
@@ -145,13 +112,8 @@ def prune_checkpoint(
     stages: list[dict] = []
 
     def save_stage(model: nn.Module, recipe_entry: dict | None, path: Path, **overrides) -> Path:
-        meta = {k: v for k, v in ckpt.items() if k not in ("path", "optimizer", "scheduler", "scaler", "torch_rng")}
-        meta.update(overrides)
-        meta["state_dict"] = model.state_dict()
-        meta["layer_shapes"] = layer_shapes(model)
-        meta["pruning"] = list(ckpt.get("pruning", [])) + ([recipe_entry] if recipe_entry else [])
-        meta["pruned_from"] = str(checkpoint)
-        return save_checkpoint(path, meta)
+        pruning = list(ckpt.get("pruning", [])) + ([recipe_entry] if recipe_entry else [])
+        return save_checkpoint(path, make_payload(model, ckpt, pruned=True, pruning=pruning, pruned_from=str(checkpoint), **overrides))
 
     def finetune(step: int) -> None:
         if not epochs_per_step:

@@ -5,29 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
 
-from lggdeploy.data.arrays import SliceArrays
+from lggdeploy.data.arrays import SliceArrays, pick_slices
 from lggdeploy.data.transforms import Normalization, preprocess
-from lggdeploy.errors import LggError
+from lggdeploy.common.errors import LggError
 
 
 def pick_calibration_slices(val: SliceArrays, count: int) -> SliceArrays:
-    """`count` slices spread evenly over the val patients, half with tumor and half without where possible."""
+    """`count` slices spread over every val patient, half with tumor and half without where possible."""
     if len(val) == 0:
         raise LggError("the split has no validation slices: INT8 calibration and the accuracy gate need some (make a split with val patients)")
     if count < 1:
         raise LggError(f"--calib-samples must be at least 1, got {count}")
-    tumor = np.flatnonzero(val.tumor_slices())
-    empty = np.flatnonzero(~val.tumor_slices())
-    n_tumor = min(len(tumor), max(count // 2, count - len(empty)))
-    n_empty = min(len(empty), count - n_tumor)
-
-    def spread(pool: np.ndarray, k: int) -> np.ndarray:
-        return pool[np.linspace(0, len(pool) - 1, k).round().astype(int)] if k else pool[:0]
-
-    picks = np.sort(np.unique(np.concatenate([spread(tumor, n_tumor), spread(empty, n_empty)])))
-    return SliceArrays(val.images[picks], val.masks[picks], val.patients[picks], val.numbers[picks])
+    return pick_slices(val, count)
 
 
 def slice_ids(slices: SliceArrays) -> list[str]:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.errors import EngineError, LggError
-from lggdeploy.fileio import atomic_path, sha256_file, write_json_atomic
+from lggdeploy.common.errors import EngineError
+from lggdeploy.common.files import atomic_path, sha256_file, write_json_atomic
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -76,22 +76,15 @@ def export_onnx(model, path: str | os.PathLike, img_size: int, opset: int = OPSE
 
 
 def parity_slices(ckpt: dict, data: str | os.PathLike | None, count: int = 16) -> np.ndarray:
-    """Real slices for the parity check: val patients of the checkpoint's split, tumor and tumor-free alike."""
-    from lggdeploy.checkpoint import split_of
-    from lggdeploy.data.arrays import load_slices
-    from lggdeploy.data.kaggle import load_dataset
+    """Real slices for the parity check: spread over every val patient of the checkpoint's split, tumor and tumor-free."""
+    from lggdeploy.data.arrays import load_slices, pick_slices
+    from lggdeploy.data.kaggle import load_dataset, resolve_data_root
+    from lggdeploy.models.checkpoint import split_of
 
-    folder = Path(data) if data else Path(ckpt.get("data_root", ""))
-    if not data and not folder.is_dir():
-        raise LggError(f"the checkpoint's data folder {folder} is not here: pass --data DIR with the kaggle_3m folder for the parity check")
-    dataset = load_dataset(folder)
+    dataset = load_dataset(resolve_data_root(data, ckpt.get("data_root"), "the export's parity check"))
     split = split_of(ckpt)
     split.check_against(dataset, origin=str(ckpt.get("path")))
-    slices = load_slices(dataset, split.val or split.test)
-    tumor = np.flatnonzero(slices.tumor_slices())
-    empty = np.flatnonzero(~slices.tumor_slices())
-    picks = np.concatenate([tumor[: count // 2], empty[: count - min(len(tumor), count // 2)]])[:count]
-    return slices.images[np.sort(picks)]
+    return pick_slices(load_slices(dataset, split.val or split.test), count).images
 
 
 def export_checkpoint(
@@ -105,9 +98,9 @@ def export_checkpoint(
 
     `model_override` replaces the checkpoint's model for the parity reference (tests use it to prove the gate).
     """
-    from lggdeploy.backends.onnxruntime_backend import OnnxRuntimeRunner
-    from lggdeploy.backends.torch_backend import TorchRunner
-    from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
+    from lggdeploy.backends import onnxruntime as ort_backend
+    from lggdeploy.models.torch_runner import TorchRunner
+    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from lggdeploy.data.transforms import preprocess
 
     ckpt = load_checkpoint(checkpoint)
@@ -122,7 +115,7 @@ def export_checkpoint(
     try:
         with atomic_path(target) as candidate:  # renamed onto model.onnx only if parity passes
             export_onnx(model, candidate, ckpt["img_size"], opset)
-            runner = OnnxRuntimeRunner(candidate, providers=["CPUExecutionProvider"])
+            runner = ort_backend.load(candidate)
             onnx_out = np.concatenate([runner.infer(x[i : i + 8]) for i in range(0, len(x), 8)])
             runner.close()
             reference = TorchRunner(model_override if model_override is not None else model)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.backends import availability
-from lggdeploy.bench_stats import latency_summary, paired_bootstrap_ci
+from lggdeploy.backends.base import RunOptions
+from lggdeploy.bench.stats import latency_summary, paired_bootstrap_ci
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
-from lggdeploy.engines import discover, read_manifest
-from lggdeploy.errors import LggError
-from lggdeploy.progress import console, progress_bar
+from lggdeploy.engines.formats import discover, format_of, open_engine, read_manifest
+from lggdeploy.common.errors import LggError
+from lggdeploy.common.progress import console, progress_bar
 
 
 @dataclass
@@ -111,29 +111,23 @@ def _cuda_available() -> bool:
 
 def _open(entry: Entry, opts: BenchOptions) -> None:
     """Load the runner (or mark the entry unavailable / failed, with the reason)."""
-    ok, reason = availability(entry.backend)
-    if not ok:
-        entry.status, entry.reason = "unavailable", reason
-        return
     before = _rss_mb()
     try:
         if entry.backend == "torch":
-            from lggdeploy.backends.torch_backend import TorchRunner
-            from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint
-
+            ok, reason = torch_available()
+            if not ok:
+                entry.status, entry.reason = "unavailable", reason
+                return
             if not entry.checkpoint.is_file():
                 entry.status, entry.reason = "missing", f"checkpoint {entry.checkpoint} not found"
                 return
-            model = model_from_checkpoint(load_checkpoint(entry.checkpoint))
-            entry.runner = TorchRunner(model, entry.device, autocast_fp16=entry.precision == "fp16")
-        elif entry.backend == "onnxruntime":
-            from lggdeploy.backends.onnxruntime_backend import load
-
-            entry.runner = load(entry.path, entry.manifest, threads=opts.threads)
+            entry.runner = load_torch_runner(entry.checkpoint, entry.device, autocast_fp16=entry.precision == "fp16")
         else:
-            from lggdeploy.backends.base import load_runner
-
-            entry.runner = load_runner(entry.backend, entry.path, entry.manifest)
+            ok, reason = format_of(entry.manifest, entry.path).available()
+            if not ok:
+                entry.status, entry.reason = "unavailable", reason
+                return
+            entry.runner = open_engine(entry.path, entry.manifest, RunOptions(threads=opts.threads))
     except LggError as exc:
         entry.status, entry.reason = "error", str(exc)
         return
@@ -142,17 +136,11 @@ def _open(entry: Entry, opts: BenchOptions) -> None:
 
 def _slices_for(entry: Entry, opts: BenchOptions, cache: dict):
     from lggdeploy.data.arrays import load_slices
-    from lggdeploy.data.kaggle import load_dataset
+    from lggdeploy.data.kaggle import load_dataset, resolve_data_root
     from lggdeploy.data.split import Split, load_split
 
     split = load_split(opts.split_file) if opts.split_file else Split.from_json(entry.manifest["split"], origin=f"{entry.path} manifest")
-    data = Path(opts.data) if opts.data else cache.get(("data_root", str(entry.checkpoint)))
-    if data is None:
-        from lggdeploy.checkpoint import load_checkpoint
-
-        if not entry.checkpoint.is_file():
-            raise LggError(f"pass --data: the checkpoint {entry.checkpoint} that knows the data folder is not here")
-        data = cache[("data_root", str(entry.checkpoint))] = Path(load_checkpoint(entry.checkpoint).get("data_root") or "")
+    data = resolve_data_root(opts.data, entry.manifest.get("data_root"), f"bench's accuracy columns ({entry.path})")
     if ("dataset", str(data)) not in cache:  # scan each data folder once, not once per engine
         cache[("dataset", str(data))] = load_dataset(data)
     dataset = cache[("dataset", str(data))]
@@ -163,8 +151,22 @@ def _slices_for(entry: Entry, opts: BenchOptions, cache: dict):
     return cache[key]
 
 
+def torch_available() -> tuple[bool, str]:
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed (pip install 'lggdeploy[train]')"
+    return True, f"torch {torch.__version__}"
+
+
+def load_torch_runner(checkpoint: Path, device: str, autocast_fp16: bool = False):
+    from lggdeploy.models.torch_runner import load
+
+    return load(checkpoint, device=device, autocast_fp16=autocast_fp16)
+
+
 def run_bench(opts: BenchOptions) -> dict:
-    from lggdeploy.machine import machine_info
+    from lggdeploy.common.machine import machine_info
     from lggdeploy.scoring import NonFiniteOutput, score_runner
 
     if any(b < 1 for b in opts.batch_sizes):

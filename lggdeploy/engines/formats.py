@@ -1,10 +1,14 @@
-"""Engine artifacts: the one table that build iterates and bench discovers, names, and JSON manifests.
+"""Engine artifacts: the one table that build iterates, bench discovers and the runtime opens; names; manifests.
 
 engines/<preset>-<checkpoint sha8>/
     model.onnx, model.onnx.json             FP32 export + its record (parity result)
     onnxruntime-fp32.onnx (+ .json)         every engine has a manifest sidecar <engine>.json
     onnxruntime-int8-cpu.onnx, tensorrt-fp16.plan, ...
     calibration/<key>.json                  INT8 calibration caches (ranges), reused by rebuilds
+
+Each row of FORMATS names the backend module (lggdeploy/backends/<backend>.py) that builds and loads it;
+`open_engine` is the one place an engine is opened (threads and device decided by RunOptions), for the
+accuracy gate, bench and the runtime alike. Torch-free.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lggdeploy.errors import EngineError
-from lggdeploy.fileio import write_json_atomic
+from lggdeploy.backends.base import RunOptions, Runner, backend_module
+from lggdeploy.common.errors import BackendUnavailable, EngineError
+from lggdeploy.common.files import write_json_atomic
+
+MANIFEST_FORMAT = "lggdeploy-engine"
 
 
 @dataclass(frozen=True)
 class EngineFormat:
-    backend: str
+    backend: str  # a module in lggdeploy/backends/ that builds and loads this row
     precision: str
     int8_profile: str | None
     suffix: str
@@ -32,8 +39,16 @@ class EngineFormat:
     def filename(self) -> str:
         return self.name + self.suffix
 
+    @property
+    def module(self):
+        """The backend module (imported on first use: importing lggdeploy imports no backend library)."""
+        return backend_module(self.backend)
 
-# Adding a backend or precision is adding a row here (and a builder), not editing five ifs.
+    def available(self) -> tuple[bool, str]:
+        return self.module.is_available()
+
+
+# Adding a backend or precision is adding a row here and a module in backends/, not editing five ifs.
 FORMATS: tuple[EngineFormat, ...] = (
     EngineFormat("onnxruntime", "fp32", None, ".onnx"),
     EngineFormat("onnxruntime", "fp16", None, ".onnx"),
@@ -44,6 +59,7 @@ FORMATS: tuple[EngineFormat, ...] = (
     EngineFormat("tensorrt", "int8", "tensorrt", ".plan"),
 )
 PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_INT8_PROFILE = {"onnxruntime": "cpu", "tensorrt": "tensorrt"}
 
 
 def select_formats(backend: str, precision: str, int8_profile: str | None = None) -> list[EngineFormat]:
@@ -52,14 +68,22 @@ def select_formats(backend: str, precision: str, int8_profile: str | None = None
         raise EngineError(f"unknown --precision {precision!r}: choose fp32, fp16, int8 or all")
     rows = [f for f in FORMATS if f.backend == backend and (precision == "all" or f.precision == precision)]
     if not rows:
-        raise EngineError(f"unknown --backend {backend!r}: choose onnxruntime or tensorrt")
-    if int8_profile is not None:
-        rows = [f for f in rows if f.precision != "int8" or f.int8_profile == int8_profile]
-    elif backend == "onnxruntime":  # default INT8 profile for the CPU backend: the cpu one
-        rows = [f for f in rows if f.precision != "int8" or f.int8_profile == "cpu"]
+        raise EngineError(f"unknown --backend {backend!r}: choose {' or '.join(sorted({f.backend for f in FORMATS}))}")
+    profile = int8_profile or DEFAULT_INT8_PROFILE.get(backend)
+    rows = [f for f in rows if f.precision != "int8" or f.int8_profile == profile]
     if not rows:
         raise EngineError(f"--int8-profile {int8_profile} does not exist for backend {backend}")
     return rows
+
+
+def format_of(manifest: dict, path: str | os.PathLike = "engine") -> EngineFormat:
+    for fmt in FORMATS:
+        if (fmt.backend, fmt.precision, fmt.int8_profile) == (manifest.get("backend"), manifest.get("precision"), manifest.get("int8_profile")):
+            return fmt
+    raise EngineError(
+        f"{path}: its manifest names backend {manifest.get('backend')!r}, precision {manifest.get('precision')!r}, "
+        f"INT8 profile {manifest.get('int8_profile')!r}, which no engine format of this lggdeploy has; rebuild it"
+    )
 
 
 def manifest_path(engine: str | os.PathLike) -> Path:
@@ -68,7 +92,7 @@ def manifest_path(engine: str | os.PathLike) -> Path:
 
 
 def write_manifest(engine: str | os.PathLike, manifest: dict) -> Path:
-    return write_json_atomic(manifest_path(engine), {"format": "lggdeploy-engine", "version": 1, **manifest})
+    return write_json_atomic(manifest_path(engine), {"format": MANIFEST_FORMAT, "version": 1, **manifest})
 
 
 def read_manifest(engine: str | os.PathLike) -> dict:
@@ -80,9 +104,9 @@ def read_manifest(engine: str | os.PathLike) -> dict:
         raise EngineError(f"{engine} has no manifest ({path.name}): engines are only usable with the manifest `lggdeploy build` writes beside them")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngineError(f"{path}: manifest is not valid JSON ({exc}); rebuild the engine") from None
-    if manifest.get("format") != "lggdeploy-engine":
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise EngineError(f"{path}: not an lggdeploy engine manifest; rebuild the engine")
     return manifest
 
@@ -92,3 +116,14 @@ def discover(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     suffixes = {f.suffix for f in FORMATS}
     return sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.name != "model.onnx" and manifest_path(p).is_file())
+
+
+def open_engine(path: str | os.PathLike, manifest: dict | None = None, options: RunOptions = RunOptions()) -> Runner:
+    """The Runner of an engine file: its manifest's format row picks the backend; refused with the reason when
+    that backend is not usable here."""
+    manifest = manifest if manifest is not None else read_manifest(path)
+    fmt = format_of(manifest, path)
+    ok, reason = fmt.available()
+    if not ok:
+        raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
+    return fmt.module.load(path, manifest, options)

@@ -1,16 +1,8 @@
-"""The PyTorch FP32 reference runner: what every engine is compared against."""
+"""The PyTorch FP32 reference runner (the Runner protocol of lggdeploy.backends): what every engine is compared against."""
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def is_available() -> tuple[bool, str]:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False, "torch is not installed (pip install torch)"
-    return True, "torch " + __import__("torch").__version__
 
 
 class TorchRunner:
@@ -34,8 +26,8 @@ class TorchRunner:
         self.model = None
 
 
-def load(path, manifest: dict | None = None, device: str = "cpu") -> TorchRunner:
-    """`path` is a checkpoint; the manifest is not needed (the checkpoint describes itself)."""
-    from lggdeploy.checkpoint import load_checkpoint, model_from_checkpoint
+def load(path, device: str = "cpu", autocast_fp16: bool = False) -> TorchRunner:
+    """The FP32 reference of a checkpoint (it describes itself: no manifest needed)."""
+    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint
 
-    return TorchRunner(model_from_checkpoint(load_checkpoint(path)), device)
+    return TorchRunner(model_from_checkpoint(load_checkpoint(path)), device, autocast_fp16)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.errors import BackendUnavailable, EngineError
+from lggdeploy.backends.base import BuildTarget, RunOptions
+from lggdeploy.common.errors import BackendUnavailable, EngineError
 
 BOTH, V10, V11 = ("10", "11"), ("10",), ("11",)
 TRT_NAMES: dict[str, tuple[str, ...]] = {
@@ -123,17 +124,11 @@ def is_available() -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__}, {gpu_identity()['gpu']}"
 
 
-def build_engine(
-    onnx_path: str | os.PathLike,
-    plan_path: str | os.PathLike,
-    batch: tuple[int, int, int] = (1, 8, 32),
-    img_size: int = 256,
-    workspace_gib: float = 4.0,
-    timing_cache: str | os.PathLike | None = None,
-    optimization_level: int = 3,
-) -> dict:
+def build(onnx_path: str | os.PathLike, fmt, plan_path: str | os.PathLike, options: BuildTarget, optimization_level: int = 3) -> dict:
     """Parse a typed ONNX graph and write a serialized engine atomically. Returns build facts for the manifest."""
-    from lggdeploy.fileio import atomic_path
+    from lggdeploy.common.files import atomic_path
+
+    batch, img_size, workspace_gib, timing_cache = options.batch, options.img_size, options.workspace_gib, options.timing_cache
 
     ok, reason = is_available()
     if not ok:
@@ -246,5 +241,6 @@ class TensorRTRunner:
         self.context = self.engine = self.runtime = None
 
 
-def load(path, manifest: dict) -> TensorRTRunner:
+def load(path, manifest: dict, options: RunOptions = RunOptions()) -> TensorRTRunner:
+    """A plan runs on the GPU it was built for; `options.threads` does not apply (one Runner per thread)."""
     return TensorRTRunner(path, manifest)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lggdeploy.fileio import atomic_path
+from lggdeploy.common.files import atomic_path
 
 CURVES = (
     ("loss", "train_loss", "val_loss", "Dice + BCE loss"),

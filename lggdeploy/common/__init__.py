@@ -1,0 +1,1 @@
+"""What every stage shares: errors, atomic files, progress bars, machine info, tables. No torch, no backend."""

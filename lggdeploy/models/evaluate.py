@@ -1,0 +1,82 @@
+"""Scoring a PyTorch model (or checkpoint) on patients: per-patient rows plus aggregates."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lggdeploy.data.arrays import SliceArrays, load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.models.torch_runner import TorchRunner
+from lggdeploy.data.transforms import Normalization
+from lggdeploy.common.progress import progress_bar
+from lggdeploy.scoring import score_runner
+
+
+def score_model(
+    model: nn.Module,
+    slices: SliceArrays,
+    img_size: int,
+    normalization: Normalization,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    show_progress: bool = True,
+    description: str = "evaluating",
+    threshold: float = 0.5,
+    on_logits: Callable[[np.ndarray, slice], None] | None = None,
+) -> dict:
+    """score_runner on a PyTorch model (put in eval mode for the pass, then restored)."""
+    was_training = model.training
+    try:
+        return score_runner(TorchRunner(model, str(device)), slices, img_size, normalization, batch_size, threshold, show_progress, description, on_logits)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "test",
+    split_file: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> dict:
+    """The nnU-Net-style summary: one row per patient plus aggregates, with provenance."""
+    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
+    from lggdeploy.data.split import load_split
+
+    ckpt = load_checkpoint(checkpoint)
+    dataset = load_dataset(data)
+    the_split = load_split(split_file) if split_file else split_of(ckpt)
+    if split == "all":
+        patients = dataset.patient_ids
+    else:
+        the_split.check_against(dataset, origin=str(split_file or checkpoint))
+        patients = the_split.patients(split)
+    with progress_bar() as bar:
+        task = bar.add_task("reading slices", total=sum(len(dataset.patients[p].slices) for p in patients), info="")
+        slices = load_slices(dataset, patients, on_slice=lambda: bar.advance(task))
+    model = model_from_checkpoint(ckpt).to(device)
+    summary = score_model(model, slices, ckpt["img_size"], normalization_of(ckpt), batch_size, device, threshold=ckpt["threshold"])
+    summary["meta"] = {
+        "checkpoint": str(checkpoint),
+        "model": ckpt["model"]["name"],
+        "data": str(data),
+        "split": split,
+        "split_file": str(split_file) if split_file else "embedded in checkpoint",
+        "threshold": ckpt["threshold"],
+        "img_size": ckpt["img_size"],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return summary
+
+
+def default_eval_path(checkpoint: str | os.PathLike, split: str) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}_eval_{split}.json")

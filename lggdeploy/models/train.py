@@ -1,0 +1,321 @@
+"""Training: Dice + BCE, AdamW, cosine schedule, AMP on CUDA, seeded, resumable, DDP through torchrun.
+
+Outputs in `out/`: best.pt (best validation mean per-patient Dice), last.pt (with optimizer state, for
+--resume), split.json, history.csv / history.json, curves.png. Every file is written atomically, so a
+Ctrl-C or a kill leaves the last good checkpoint intact.
+
+Multi-GPU: `torchrun --nproc_per_node N -m lggdeploy.cli train ...` (WORLD_SIZE > 1 turns on
+DistributedDataParallel; rank 0 validates and writes).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint, split_of
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.data.split import load_split, make_split, save_split
+from lggdeploy.data.transforms import Augmentation, Normalization, resize_images, resize_masks
+from lggdeploy.common.errors import LggError
+from lggdeploy.models.evaluate import score_model
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
+from lggdeploy.metrics import confusion_counts, dice_from_counts, iou_from_counts
+from lggdeploy.models.networks import build_model, count_parameters
+from lggdeploy.models.curves import plot_history
+from lggdeploy.models.presets import resolve_model
+from lggdeploy.common.progress import console, progress_bar
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: Path
+    out: Path
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    img_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    split_file: Path | None = None
+    encoder_weights: str | None = None
+    resume: bool = False
+    augment: bool = True
+    eval_batch_size: int = 16
+    threshold: float = 0.5
+    show_progress: bool = True
+    init_checkpoint: Path | None = None  # start from these weights (and shapes: pruned models), e.g. for fine-tuning
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise LggError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise LggError(f"--batch-size must be at least 2 (batch norm needs 2 samples), got {self.batch_size}")
+        if self.img_size < 64 or self.img_size % 32:
+            raise LggError(f"--img-size must be a multiple of 32 and at least 64, got {self.img_size}")
+        if self.lr <= 0:
+            raise LggError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    best_path: Path
+    last_path: Path
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE with logits + soft Dice over the whole batch (one pooled volume, like the per-patient metric)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    intersection = (prob * target).sum()
+    dice = (2 * intersection + 1.0) / (prob.sum() + target.sum() + 1.0)
+    return bce + (1 - dice)
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LggError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+    if name != "cpu":
+        raise LggError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _history_csv(history: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    cfg.validate()
+    world, rank, local_rank = _distributed()
+    device = _resolve_device(cfg.device, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    main = rank == 0
+    out = Path(cfg.out)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+
+    # --- state to start from -------------------------------------------------------------------
+    resume_ckpt = None
+    if cfg.resume:
+        if not last_path.is_file():
+            raise LggError(f"--resume: no {last_path} to resume from; drop --resume to start a new run in {out}")
+        resume_ckpt = load_checkpoint(last_path)
+        if resume_ckpt["model"]["name"] != cfg.model:
+            raise LggError(f"--resume: {last_path} trained {resume_ckpt['model']['name']}, not {cfg.model}")
+    elif main and last_path.exists():
+        raise LggError(f"{out} already holds a training run (last.pt): pass --resume to continue it, or choose another --out")
+
+    init_ckpt = load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and resume_ckpt is None else None
+    dataset = load_dataset(cfg.data)
+    if resume_ckpt is not None:
+        split = split_of(resume_ckpt)
+    elif init_ckpt is not None and not cfg.split_file:
+        split = split_of(init_ckpt)
+    elif cfg.split_file:
+        split = load_split(cfg.split_file)
+    else:
+        split = make_split(dataset, seed=cfg.seed)
+    split.check_against(dataset, origin=str(cfg.split_file or "split"))
+    if not split.val:
+        raise LggError("the split has no validation patients: training keeps the best checkpoint by validation Dice")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_split(split, out / "split.json")
+
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    spec = resolve_model(cfg.model)
+    with progress_bar(cfg.show_progress and main) as bar:
+        patients = split.train + split.val
+        task = bar.add_task("reading slices", total=sum(len(dataset.patients[p].slices) for p in patients), info="")
+        train_slices = load_slices(dataset, split.train, on_slice=lambda: bar.advance(task))
+        val_slices = load_slices(dataset, split.val, on_slice=lambda: bar.advance(task))
+    train_images = resize_images(train_slices.images, cfg.img_size)
+    train_masks = resize_masks(train_slices.masks, cfg.img_size)
+    val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
+
+    normalization = Normalization()
+    start_from = resume_ckpt if resume_ckpt is not None else init_ckpt
+    if start_from is not None:
+        model = model_from_checkpoint(start_from).train()
+        carried = ("encoder_weights", "encoder_weights_sha256", "dropped_modules", "layer_shapes", "pruning", "pruned_from")
+        weights_info = {k: start_from[k] for k in carried if k in start_from}
+        normalization = Normalization.from_json(start_from["normalization"])
+    else:
+        built = build_model(spec, cfg.encoder_weights)
+        model = built.model
+        weights_info = {"encoder_weights": built.encoder_weights, "encoder_weights_sha256": built.encoder_weights_sha256, "dropped_modules": built.dropped_modules}
+    if init_ckpt is not None and init_ckpt["img_size"] != cfg.img_size:
+        raise LggError(f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at")
+    model.to(device)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # Each rank takes its own share of the same seeded permutation (what DistributedSampler does).
+    n_train = len(train_images)
+    per_rank = n_train // world
+    steps_per_epoch = per_rank // cfg.batch_size + (1 if per_rank % cfg.batch_size >= 2 else 0)
+    if steps_per_epoch < 1:
+        raise LggError(f"{n_train} training slices are too few for --batch-size {cfg.batch_size} on {world} process(es)")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict] = []
+    best: dict = {"epoch": 0, "val_mean_patient_dice": -1.0}
+    start_epoch = 1
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scheduler.load_state_dict(resume_ckpt["scheduler"])
+        scaler.load_state_dict(resume_ckpt["scaler"])
+        history = list(resume_ckpt["history"])
+        best = dict(resume_ckpt["best"])
+        start_epoch = int(resume_ckpt["epoch"]) + 1
+        torch.set_rng_state(resume_ckpt["torch_rng"])
+        if start_epoch > cfg.epochs:
+            raise LggError(f"--resume: {last_path} already finished epoch {start_epoch - 1} of {cfg.epochs}; raise --epochs to train longer")
+
+    augment = Augmentation()
+    config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    started = time.perf_counter()
+    if main:
+        console.print(
+            f"[bold]{spec.name}[/]: {count_parameters(model) / 1e6:.2f}M parameters, encoder weights {weights_info['encoder_weights']}, "
+            f"{len(split.train)} train / {len(split.val)} val patients ({n_train} / {len(val_slices)} slices), "
+            f"{cfg.img_size}px, device {device}{f', {world} processes' if world > 1 else ''}"
+        )
+
+    with progress_bar(cfg.show_progress and main) as bar:
+        epoch_task = bar.add_task("epochs", total=cfg.epochs, completed=start_epoch - 1, info="")
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            epoch_started = time.perf_counter()
+            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            order = torch.randperm(n_train, generator=generator)[rank * per_rank : (rank + 1) * per_rank]
+            aug_generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
+            net.train()
+            losses: list[float] = []
+            counts = np.zeros(4, np.int64)
+            step_task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
+            for step in range(steps_per_epoch):
+                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].numpy()
+                x01 = torch.from_numpy(train_images[idx]).permute(0, 3, 1, 2).float().div_(255)
+                y = torch.from_numpy(train_masks[idx]).unsqueeze(1).float()
+                if cfg.augment:
+                    x01, y = augment(x01, y, aug_generator)
+                x = normalization.apply_torch(x01).to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = net(x)
+                loss = dice_bce_loss(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                losses.append(loss.item())
+                counts += confusion_counts((logits.detach() > 0).cpu().numpy()[:, 0], y.cpu().numpy()[:, 0] > 0.5).sum(axis=0)
+                bar.update(step_task, advance=1, info=f"loss {np.mean(losses):.4f}")
+            bar.remove_task(step_task)
+
+            row = None
+            if main:
+                val_losses: list[float] = []
+
+                def add_val_loss(logits: np.ndarray, batch: slice) -> None:
+                    val_losses.append(dice_bce_loss(torch.from_numpy(logits), val_targets[batch]).item() * len(logits))
+
+                val = score_model(model, val_slices, cfg.img_size, normalization, cfg.eval_batch_size, device, show_progress=False, threshold=cfg.threshold, on_logits=add_val_loss)
+                val_loss = float(np.sum(val_losses) / len(val_slices))
+                agg = val["aggregates"]
+                tp, fp, fn, tn = counts
+                row = {
+                    "epoch": epoch,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "train_loss": float(np.mean(losses)),
+                    "train_dice": float(dice_from_counts(tp, fp, fn)),
+                    "train_iou": float(iou_from_counts(tp, fp, fn)),
+                    "train_accuracy": float((tp + tn) / counts.sum()),
+                    "val_loss": val_loss,
+                    "val_mean_patient_dice": agg["mean_patient_dice"],
+                    "val_median_patient_dice": agg["median_patient_dice"],
+                    "val_mean_patient_iou": agg["mean_patient_iou"],
+                    "val_global_dice": agg["global_dice"],
+                    "val_pixel_accuracy": agg["pixel_accuracy"],
+                    "seconds": round(time.perf_counter() - epoch_started, 2),
+                }
+                history.append(row)
+                common = make_payload(
+                    model,
+                    weights_info,
+                    model=spec.to_json(),
+                    img_size=cfg.img_size,
+                    normalization=normalization.to_json(),
+                    threshold=cfg.threshold,
+                    split=split.to_json(),
+                    split_file=str(out / "split.json"),
+                    data_root=str(cfg.data),
+                    train_config=config_record,
+                    augmentation=augment.to_json(),
+                    history=history,
+                    epoch=epoch,
+                )
+                improved = agg["mean_patient_dice"] > best["val_mean_patient_dice"]
+                if improved:
+                    best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
+                    save_checkpoint(best_path, {**common, "best": best})
+                save_checkpoint(
+                    last_path,
+                    {
+                        **common,
+                        "best": best,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                )
+                write_json_atomic(out / "history.json", history)
+                write_text_atomic(out / "history.csv", _history_csv(history))
+                plot_history(history, out / "curves.png", title=f"{spec.name} on {Path(cfg.data).name}")
+                bar.update(
+                    epoch_task,
+                    advance=1,
+                    info=f"val per-patient Dice {agg['mean_patient_dice']:.4f} (best {best['val_mean_patient_dice']:.4f} @ {best['epoch']})",
+                )
+            if world > 1:
+                torch.distributed.barrier()
+
+    return TrainResult(best_path, last_path, history, best, time.perf_counter() - started)
