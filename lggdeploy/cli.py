@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -23,21 +25,43 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 SPLIT_COLUMNS = [("split", "split"), ("patients", "patients"), ("slices", "slices"), ("tumor_slices", "tumor slices"), ("tumor_fraction", "tumor fraction")]
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` runs: temporary files and build folders go."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def friendly(func):
-    """A user's mistake becomes one line on stderr and exit code 2; Ctrl-C exits 130 without a traceback."""
+    """A user's mistake becomes one line on stderr and exit code 2; Ctrl-C exits 130 and SIGTERM 143, without a
+    traceback and without leftovers (temporary files are removed on the way out)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
         try:
             return func(*args, **kwargs)
         except LggError as exc:
             err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted: checkpoints already written are intact (files are replaced atomically)")
+            err.print("interrupted: files already written are intact (they are replaced atomically)")
             raise typer.Exit(130) from None
+        except Terminated:
+            err.print("terminated: files already written are intact (they are replaced atomically)")
+            raise typer.Exit(143) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def print_machine_text(text: str) -> None:
+    """CSV, markdown and JSON go to stdout as they are: never wrapped or styled like the screen tables."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
 
 
 @data_app.command("check")
@@ -139,25 +163,25 @@ def train_cmd(
     model: str = typer.Option(..., "--model", "-m", help="preset (pspnet-scratch, pspnet-resnext50, unet-effb7) or ARCH:ENCODER"),
     data: Path = typer.Option(..., "--data", help="kaggle_3m folder"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
-    epochs: int = typer.Option(10),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(3e-4),
-    img_size: int = typer.Option(256, help="model input size (slices are 256x256; metrics are always at 256)"),
-    seed: int = typer.Option(0),
+    epochs: Optional[int] = typer.Option(None, help="epochs (default 10; on --resume: the run's own, or more to extend it)"),
+    batch_size: Optional[int] = typer.Option(None, help="batch size (default 8)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default 3e-4)"),
+    img_size: Optional[int] = typer.Option(None, help="model input size (default 256; slices are 256x256; metrics are always at 256)"),
+    seed: Optional[int] = typer.Option(None, help="seed of the split, initialization, shuffling and augmentation (default 0)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
     split_file: Optional[Path] = typer.Option(None, help="split JSON (default: a new seeded split saved in the run folder)"),
     encoder_weights: Optional[str] = typer.Option(None, help="imagenet, random, or PATH to a local encoder state dict (default: the preset's)"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from last.pt"),
-    augment: bool = typer.Option(True, "--augment/--no-augment"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from last.pt, with its own settings"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="training augmentation (default on)"),
 ):
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
     from lggdeploy.models.train import TrainConfig, train
 
-    cfg = TrainConfig(
-        model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), epochs=epochs, batch_size=batch_size,
-        lr=lr, img_size=img_size, seed=seed, device=device, split_file=split_file, encoder_weights=encoder_weights,
-        resume=resume, augment=augment,
-    )
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "img_size": img_size, "seed": seed, "split_file": split_file,
+             "encoder_weights": encoder_weights, "augment": augment}
+    given = {k: v for k, v in given.items() if v is not None}
+    cfg = TrainConfig(model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), device=device, resume=resume,
+                      explicit=frozenset({"model", *given}), **given)
     result = train(cfg)
     best = result.best
     out.print(
@@ -179,12 +203,13 @@ def eval_cmd(
 ):
     """Per-patient and aggregate metrics; writes a JSON with one row per patient."""
     from lggdeploy.models.evaluate import default_eval_path, evaluate_checkpoint
-    from lggdeploy.common.files import write_json_atomic
+    from lggdeploy.common.files import check_writable, write_json_atomic
     from lggdeploy.common.tables import PATIENT_COLUMNS, metrics_table, rich_table
     from lggdeploy.metrics import METRIC_LABELS
 
+    target = check_writable(json_out or default_eval_path(checkpoint, split))  # before the long work
     summary = evaluate_checkpoint(checkpoint, data, split=split, split_file=split_file, batch_size=batch_size, device=device)
-    path = write_json_atomic(json_out or default_eval_path(checkpoint, split), summary)
+    path = write_json_atomic(target, summary)
     out.print(rich_table(summary["per_patient"], PATIENT_COLUMNS, title="per patient"))
     out.print(metrics_table(summary, METRIC_LABELS, title=f"{summary['meta']['model']} on {split} split"))
     out.print(f"per-patient rows and aggregates written to {path}")
@@ -288,6 +313,7 @@ def bench_cmd(
     """Latency beside per-patient Dice/IoU/accuracy for every engine, with the PyTorch FP32 reference."""
     from lggdeploy.bench.run import BenchOptions, run_bench
     from lggdeploy.bench.report import OUTPUT_FORMATS, csv_text, markdown, rich_table, write_all
+    from lggdeploy.common.files import ensure_folder
 
     if fmt not in OUTPUT_FORMATS:
         raise LggError(f"--format {fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
@@ -295,18 +321,20 @@ def bench_cmd(
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
         raise LggError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
+    if out_dir:
+        ensure_folder(out_dir)  # before the scoring and timing, not after
     results = run_bench(BenchOptions(engines_dir=engines_dir, data=data, split=split, split_file=split_file, batch_sizes=sizes,
                                      iters=iters, seconds=seconds, warmup=warmup, threads=threads))
     if fmt == "table":
         out.print(rich_table(results))
     elif fmt == "md":
-        out.print(markdown(results), markup=False, highlight=False)
+        print_machine_text(markdown(results))
     elif fmt == "csv":
-        out.print(csv_text(results), markup=False, highlight=False)
+        print_machine_text(csv_text(results))
     else:
         import json
 
-        out.print(json.dumps(results, indent=2), markup=False, highlight=False)
+        print_machine_text(json.dumps(results, indent=2))
     if out_dir:
         written = write_all(results, out_dir)
         err.print("written: " + ", ".join(str(p) for p in written))
@@ -332,7 +360,10 @@ def predict_cmd(
     for row in report.rows:
         dice = f", Dice {row['dice']:.4f}" if row["dice"] is not None else ""
         out.print(f"{row['patient']}: {row['slices']} slices, tumor in {row['tumor_slices']}, {row['tumor_pixels']} pixels{dice}")
-    out.print(f"wrote {report.written} masks and overlays, and {out_dir / 'patients.csv'}")
+    if report.rows:
+        out.print(f"wrote {report.written} masks and overlays, and {out_dir / 'patients.csv'}")
+    else:
+        out.print("no slice could be predicted: nothing was written")
     if report.problems:
         for problem in report.problems:
             err.print(f"[red]skipped:[/] {problem}", highlight=False, soft_wrap=True)

@@ -56,3 +56,13 @@ def segmenting_run(phantom_dir, tmp_path_factory):
     result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=10, batch_size=8, img_size=128, lr=1e-3, show_progress=False))
     assert result.best["val_mean_patient_dice"] > 0.5, result.history
     return result
+
+
+def manifest_for(engine, source_engine, **changes):
+    """A manifest for a hand-made engine file: the source engine's manifest with `changes` and the new file's sha256."""
+    from lggdeploy.common.files import sha256_file
+    from lggdeploy.engines.formats import read_manifest, write_manifest
+
+    manifest = read_manifest(source_engine)
+    manifest.pop("format"), manifest.pop("version")
+    return write_manifest(engine, dict(manifest, **changes, sha256=sha256_file(engine)))

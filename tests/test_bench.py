@@ -15,7 +15,8 @@ from lggdeploy.bench.report import write_all
 from lggdeploy.bench.stats import latency_summary, paired_bootstrap_ci, pareto_front
 from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.cli import app
-from lggdeploy.engines.formats import manifest_path, read_manifest, write_manifest
+from lggdeploy.engines.formats import manifest_path
+from tests.conftest import manifest_for
 
 
 def test_latency_percentiles_on_known_inputs():
@@ -56,9 +57,7 @@ def _nan_engine(source, folder):
     model.graph.node.append(helper.make_node("Mul", [out + "_pre", "nan_scale"], [out]))
     target = folder / "onnxruntime-fp16.onnx"
     onnx.save(model, str(target))
-    manifest = read_manifest(source)
-    manifest.pop("format"), manifest.pop("version")
-    write_manifest(target, dict(manifest, precision="fp16"))
+    manifest_for(target, source, precision="fp16")
     return target
 
 
@@ -71,9 +70,7 @@ def test_bench_rows_reference_nan_and_unavailable(engines, phantom_dir, tmp_path
     _nan_engine(fp32_engine, folder)
     plan = folder / "tensorrt-fp16.plan"
     plan.write_bytes(b"not a real plan")
-    manifest = read_manifest(fp32_engine)
-    manifest.pop("format"), manifest.pop("version")
-    write_manifest(plan, dict(manifest, backend="tensorrt", precision="fp16", tensorrt_version="10.16.0", compute_capability="9.0"))
+    manifest_for(plan, fp32_engine, backend="tensorrt", precision="fp16", tensorrt_version="10.16.0", compute_capability="9.0")
 
     results = run_bench(BenchOptions(engines_dir=tmp_path / "engines", data=phantom_dir, split="val", batch_sizes=(1, 2), iters=3, warmup=1))
     rows = {(r["backend"], r["precision"]): r for r in results["rows"]}

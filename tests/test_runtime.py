@@ -16,7 +16,8 @@ from lggdeploy.cli import app
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import Normalization
-from lggdeploy.engines.formats import read_manifest, write_manifest
+from lggdeploy.engines.formats import read_manifest
+from tests.conftest import manifest_for
 from lggdeploy.common.errors import EngineError, LggError
 from lggdeploy.runtime import Segmenter, largest_connected_component
 from lggdeploy.scoring import score_runner
@@ -80,15 +81,13 @@ def test_bad_inputs_and_manifests_are_clear(int8_engine, tmp_path):
     shutil.copy(int8_engine, orphan)
     with pytest.raises(EngineError, match="no manifest"):
         Segmenter.load(orphan)
-    manifest = read_manifest(int8_engine)
-    manifest.pop("format"), manifest.pop("version")
-    write_manifest(orphan, dict(manifest, providers=["CUDAExecutionProvider"]))
+    manifest_for(orphan, int8_engine, providers=["CUDAExecutionProvider"])
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with pytest.raises(EngineError, match="providers"):
             Segmenter.load(orphan)
     plan = tmp_path / "tensorrt-int8.plan"
     plan.write_bytes(b"x")
-    write_manifest(plan, dict(manifest, backend="tensorrt", tensorrt_version="10.16.0", compute_capability="9.0"))
+    manifest_for(plan, int8_engine, backend="tensorrt", tensorrt_version="10.16.0", compute_capability="9.0")
     with pytest.raises(LggError, match="(?i)tensorrt|gpu"):
         Segmenter.load(plan)
 

@@ -81,4 +81,10 @@ def load(path, manifest: dict | None = None, options: RunOptions = RunOptions())
     providers = [p for p in wanted if p in available]
     if not providers:
         raise EngineError(f"{path}: built for ONNX Runtime providers {wanted}, this machine has {available}")
-    return OnnxRuntimeRunner(path, providers, options.cpu_threads())
+    runner = OnnxRuntimeRunner(path, providers, options.cpu_threads())
+    size = (manifest or {}).get("img_size")
+    shape = runner.session.get_inputs()[0].shape
+    if size is not None and all(isinstance(d, int) for d in shape[2:]) and tuple(shape[2:]) != (size, size):
+        runner.close()
+        raise EngineError(f"{path}: the model takes {shape[2]}x{shape[3]} inputs but its manifest says img_size {size}; the manifest belongs to another engine: rebuild it")
+    return runner

@@ -165,12 +165,24 @@ def load_torch_runner(checkpoint: Path, device: str, autocast_fp16: bool = False
     return load(checkpoint, device=device, autocast_fp16=autocast_fp16)
 
 
+def validate(opts: BenchOptions) -> None:
+    """Every option checked before the scoring and timing start."""
+    if not opts.batch_sizes or any(b < 1 for b in opts.batch_sizes):
+        raise LggError(f"--batch-sizes must be positive integers, got {opts.batch_sizes}")
+    if opts.iters < 1:
+        raise LggError(f"--iters must be at least 1, got {opts.iters}")
+    if opts.warmup < 0:
+        raise LggError(f"--warmup must be 0 or more, got {opts.warmup}")
+    if opts.seconds is not None and opts.seconds <= 0:
+        raise LggError(f"--seconds must be positive, got {opts.seconds}")
+    RunOptions(threads=opts.threads).cpu_threads()
+
+
 def run_bench(opts: BenchOptions) -> dict:
     from lggdeploy.common.machine import machine_info
     from lggdeploy.scoring import NonFiniteOutput, score_runner
 
-    if any(b < 1 for b in opts.batch_sizes):
-        raise LggError(f"--batch-sizes must be positive, got {opts.batch_sizes}")
+    validate(opts)
     entries = _entries(opts)
     slice_cache: dict = {}
     inputs: dict[tuple[str, int], np.ndarray] = {}

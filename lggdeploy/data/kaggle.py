@@ -85,6 +85,9 @@ def scan(root: str | os.PathLike) -> tuple[Dataset, list[Problem]]:
         raise DataError(f"data folder {root} does not exist: give the kaggle_3m folder (or make one with `lggdeploy data synth`)")
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: give the kaggle_3m folder that holds one sub-folder per patient")
+    own = _slice_pattern(root.name)
+    if any(own.match(entry.name) for entry in root.iterdir()):
+        raise DataError(f"{root} is a patient folder (it holds {root.name}_<N>.tif slices): give its parent, the kaggle_3m folder that holds one sub-folder per patient")
     problems: list[Problem] = []
     patients: dict[str, Patient] = {}
     for entry in sorted(root.iterdir()):
@@ -134,9 +137,17 @@ def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
     try:
-        return tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            if not tif.pages:
+                raise ValueError("no image in the file")
+            page = tif.pages[0]
+            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+            if end > path.stat().st_size:
+                raise ValueError(f"image data runs to byte {end} but the file has {path.stat().st_size}")
+            return page.asarray()
     except Exception as exc:  # tifffile raises many types for corrupt files
-        raise DataError(f"{path}: unreadable TIFF ({type(exc).__name__}: {exc}); replace the file") from None
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: unreadable TIFF, truncated or corrupt ({reason}); replace the file") from None
 
 
 def _read_checked(path: Path, what: str, shape: tuple[int, ...], hint: str = "") -> np.ndarray:

@@ -88,7 +88,7 @@ def synthesize(
     """Write `patients` phantom patients under `out` in the kaggle_3m layout. Returns their ids."""
     import tifffile
 
-    from lggdeploy.common.files import atomic_path
+    from lggdeploy.common.files import atomic_path, ensure_folder
 
     if patients < 1:
         raise DataError(f"--patients must be at least 1, got {patients}")
@@ -96,9 +96,11 @@ def synthesize(
     if not 4 <= lo <= hi:
         raise DataError(f"slices per patient must satisfy 4 <= min <= max, got {slices}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file: give a new folder for the phantom set")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty: give a new folder for the phantom set")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_folder(out)
     rng = np.random.default_rng(seed)
     ids = []
     for k in range(patients):

@@ -115,8 +115,11 @@ def make_split(
     dataset: Dataset, seed: int = 0, ratios: tuple[float, float, float] = DEFAULT_RATIOS, max_tries: int = 1000
 ) -> Split:
     """Shuffle patients with `seed`; retry (deterministically) until every split has tumor slices where the data allows."""
-    if abs(sum(ratios) - 1.0) > 1e-6 or any(r < 0 for r in ratios):
-        raise DataError(f"split ratios {ratios} must be non-negative and sum to 1")
+    if abs(sum(ratios) - 1.0) > 1e-6 or any(r <= 0 for r in ratios):
+        raise DataError(
+            f"split ratios {tuple(ratios)} must be positive and sum to 1: train fits the model, val picks the best epoch "
+            "and calibrates INT8 (and gates engines), test is what bench reports"
+        )
     ids = dataset.patient_ids
     n = len(ids)
     if n < 3:
@@ -137,6 +140,11 @@ def make_split(
         parts = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
         if not needed or all(not part or with_tumor.intersection(part) for part in parts):
             break
+    else:
+        raise DataError(
+            f"no split of {dataset.root} with tumor slices in train, val and test was found in {max_tries} shuffles "
+            f"(seed {seed}): {len(with_tumor)} of {n} patients have tumor; try another --seed or other --ratios"
+        )
     train, val, test = (sorted(p) for p in (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]))
     return Split(
         train=train,

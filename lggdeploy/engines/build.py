@@ -12,16 +12,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lggdeploy.backends.base import BuildTarget, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, GateFailed, LggError
-from lggdeploy.common.files import sha256_file
+from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.common.progress import console
-from lggdeploy.engines.formats import EngineFormat, open_engine, select_formats, write_manifest
+from lggdeploy.engines.formats import EngineFormat, manifest_path, open_engine, select_formats, write_manifest
 
 
 @dataclass
@@ -61,6 +60,7 @@ class _Context:
         self.threshold = self.ckpt["threshold"]
         self.sha = sha256_file(checkpoint)
         self.folder = Path(opts.out_dir) / engine_tag(self.ckpt, self.sha)
+        remove_stale_temporaries(self.folder)  # .build-* folders and .tmp files of a build that was killed
         data = resolve_data_root(opts.data, self.ckpt.get("data_root"), "INT8 calibration and the accuracy gate (its val patients)")
         dataset = load_dataset(data)
         self.split.check_against(dataset, origin=f"{checkpoint} (embedded split)")
@@ -89,7 +89,8 @@ class _Context:
 
     def score_engine(self, path: Path, fmt: EngineFormat, facts: dict) -> float:
         """Open a candidate engine exactly as bench and the runtime will (formats.open_engine) and score it."""
-        runner = open_engine(path, {"backend": fmt.backend, "precision": fmt.precision, "int8_profile": fmt.int8_profile, **facts}, self.run_options)
+        candidate = {"backend": fmt.backend, "precision": fmt.precision, "int8_profile": fmt.int8_profile, "img_size": self.img_size, **facts}
+        runner = open_engine(path, candidate, self.run_options, verify=False)  # a candidate: no manifest, no sha256 yet
         try:
             return self.score(runner, fmt.name)
         finally:
@@ -152,13 +153,19 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
     started = time.perf_counter()
     extra: dict = {}
     backend_facts: dict = {}
-    with tempfile.TemporaryDirectory(dir=ctx.folder, prefix=".build-") as tmp:
+    with temporary_folder(ctx.folder) as tmp:
         work = Path(tmp)
         rank = None
         if fmt.precision in ("fp32", "fp16"):
-            typed = ctx.onnx if fmt.precision == "fp32" else convert_fp16(ctx.onnx, work / "fp16.onnx")
+            typed = ctx.onnx
             if fmt.precision == "fp16":
-                extra["fp16"] = {"converter": "onnxconverter-common float16, keep_io_types", "kept_in_fp32_ops": FP32_OPS}
+                typed, changed = convert_fp16(ctx.onnx, work / "fp16.onnx")
+                extra["fp16"] = {"converter": "onnxconverter-common float16, keep_io_types", "kept_in_fp32_ops": FP32_OPS, **changed}
+                if changed["weights_clamped_to_fp16_range"]:
+                    console.print(
+                        f"[yellow]{label}: {changed['weights_clamped_to_fp16_range']} weight array(s) hold values beyond the FP16 range "
+                        f"(largest {changed['largest_clamped_value']:.3g}); they were clamped — the gate below says whether it matters[/]"
+                    )
 
             def graph(kept: list[str]) -> Path:  # nothing to keep in float: one graph per precision
                 return typed
@@ -179,9 +186,11 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
                 "no engine written (raise --max-drop, try --calib-method, or --force to keep it marked as failed)"
             )
         seconds = time.perf_counter() - started
-        manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts}
+        manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts, "sha256": sha256_file(path)}
+        # No kill leaves an engine beside a manifest that is not its own: the old manifest goes first (an engine
+        # without one is refused at load), then the engine is renamed into place, then its manifest is written.
+        manifest_path(target).unlink(missing_ok=True)
         os.replace(path, target)  # every candidate lives in `work`, inside the engines folder: an atomic rename
-        manifest["sha256"] = sha256_file(target)
         write_manifest(target, manifest)
     console.print(f"[green]built[/] {target} ({seconds:.1f} s, gate {'passed' if gate.passed else 'FAILED (forced)'})")
     return {**manifest, "engine": str(target)}
@@ -222,15 +231,34 @@ class BuildReport:
     failures: list[str]  # gate failures: one message each; the other engines were still built
 
 
+def validate(opts: BuildOptions) -> None:
+    """Every option checked before any work: a bad flag is exit 2, never a failed gate (exit 3)."""
+    from lggdeploy.engines.precision.int8 import METHODS
+
+    if not opts.max_drop >= 0:
+        raise LggError(f"--max-drop must be 0 or more Dice points, got {opts.max_drop}")
+    if opts.calib_samples < 1:
+        raise LggError(f"--calib-samples must be at least 1, got {opts.calib_samples}")
+    if opts.calib_method not in METHODS:
+        raise LggError(f"unknown --calib-method {opts.calib_method!r}: choose {', '.join(METHODS)}")
+    lo, opt, hi = opts.batch
+    if not 1 <= lo <= opt <= hi:
+        raise LggError(f"batch profile must satisfy 1 <= --min-batch <= --opt-batch <= --max-batch, got {opts.batch}")
+    if opts.workspace_gib <= 0:
+        raise LggError(f"--workspace-gib must be positive, got {opts.workspace_gib}")
+    RunOptions(threads=opts.threads).cpu_threads()
+    ensure_folder(opts.out_dir)
+
+
 def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
     """Every requested format for every checkpoint. Unavailable backends fail before any work is done;
     an engine that fails its gate is reported and the rest of the matrix is still built."""
+    validate(opts)
     formats = select_formats(opts.backend, opts.precision, opts.int8_profile)
     for fmt in formats:
         ok, reason = fmt.available()
         if not ok:
             raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
-    RunOptions(threads=opts.threads).cpu_threads()  # a bad --threads is refused before any work
     report = BuildReport([], [])
     for checkpoint in checkpoints:
         ctx = _Context(Path(checkpoint), opts)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.common.errors import EngineError
-from lggdeploy.common.files import atomic_path, sha256_file, write_json_atomic
+from lggdeploy.common.files import atomic_path, ensure_folder, sha256_file, write_json_atomic
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -103,6 +103,7 @@ def export_checkpoint(
     from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from lggdeploy.data.transforms import preprocess
 
+    ensure_folder(out_dir)  # an unwritable output folder is refused before the export work
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     images = parity_slices(ckpt, data)
@@ -111,7 +112,7 @@ def export_checkpoint(
     folder = Path(out_dir) / engine_tag(ckpt, checkpoint_sha256)
     target = folder / "model.onnx"
     created_folder = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder)
     try:
         with atomic_path(target) as candidate:  # renamed onto model.onnx only if parity passes
             export_onnx(model, candidate, ckpt["img_size"], opset)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lggdeploy.backends.base import RunOptions, Runner, backend_module
 from lggdeploy.common.errors import BackendUnavailable, EngineError
-from lggdeploy.common.files import write_json_atomic
+from lggdeploy.common.files import sha256_file, write_json_atomic
 
 MANIFEST_FORMAT = "lggdeploy-engine"
 
@@ -118,10 +118,25 @@ def discover(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.name != "model.onnx" and manifest_path(p).is_file())
 
 
-def open_engine(path: str | os.PathLike, manifest: dict | None = None, options: RunOptions = RunOptions()) -> Runner:
+def verify_engine(path: str | os.PathLike, manifest: dict) -> None:
+    """The file is the engine its manifest describes (same sha256): a renamed or replaced file is refused."""
+    recorded = manifest.get("sha256")
+    if not recorded:
+        raise EngineError(f"{manifest_path(path)} records no sha256 for {Path(path).name}: rebuild the engine with `lggdeploy build`")
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise EngineError(
+            f"{path} (sha256 {actual[:12]}…) is not the engine its manifest {manifest_path(path).name} describes "
+            f"(sha256 {recorded[:12]}…): the file was replaced or renamed; rebuild it with `lggdeploy build`"
+        )
+
+
+def open_engine(path: str | os.PathLike, manifest: dict | None = None, options: RunOptions = RunOptions(), verify: bool = True) -> Runner:
     """The Runner of an engine file: its manifest's format row picks the backend; refused with the reason when
-    that backend is not usable here."""
+    that backend is not usable here, or when the file is not the one the manifest describes (`verify`)."""
     manifest = manifest if manifest is not None else read_manifest(path)
+    if verify:
+        verify_engine(path, manifest)
     fmt = format_of(manifest, path)
     ok, reason = fmt.available()
     if not ok:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ FORMAT = "lggdeploy-checkpoint"
 REQUIRED = ("model", "img_size", "normalization", "threshold", "split", "state_dict")
 
 
-TRANSIENT = ("path", "optimizer", "scheduler", "scaler", "torch_rng", "rng_state")  # resume state: never carried over
+TRANSIENT = ("path", "optimizer", "scheduler", "scaler", "torch_rng", "rng_states")  # resume state: never carried over
 
 
 def make_payload(network: nn.Module, base: dict | None = None, pruned: bool = False, **fields) -> dict:
@@ -69,6 +70,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist: train one with `lggdeploy train` (it writes best.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # a corrupt file fails weights_only loading too, for other reasons
+            raise CheckpointError(f"{path}: not a readable checkpoint (unpickling failed); the file is corrupt or truncated: retrain or restore it") from None
+        raise CheckpointError(
+            f"{path}: holds pickled Python objects (e.g. a whole model saved with torch.save(model)), not an lggdeploy checkpoint; "
+            "lggdeploy never unpickles code: train with `lggdeploy train`, or load the weights of such a model into one with --encoder-weights"
+        ) from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); the file is corrupt or truncated: retrain or restore it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -13,7 +13,8 @@ from torch import nn
 
 from lggdeploy.data.arrays import SliceArrays, load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.models.torch_runner import TorchRunner
+from lggdeploy.common.errors import LggError
+from lggdeploy.models.torch_runner import TorchRunner, resolve_device
 from lggdeploy.data.transforms import Normalization
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.scoring import score_runner
@@ -51,6 +52,9 @@ def evaluate_checkpoint(
     from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
     from lggdeploy.data.split import load_split
 
+    if batch_size < 1:
+        raise LggError(f"--batch-size must be at least 1, got {batch_size}")
+    torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     dataset = load_dataset(data)
     the_split = load_split(split_file) if split_file else split_of(ckpt)
@@ -62,8 +66,8 @@ def evaluate_checkpoint(
     with progress_bar() as bar:
         task = bar.add_task("reading slices", total=sum(len(dataset.patients[p].slices) for p in patients), info="")
         slices = load_slices(dataset, patients, on_slice=lambda: bar.advance(task))
-    model = model_from_checkpoint(ckpt).to(device)
-    summary = score_model(model, slices, ckpt["img_size"], normalization_of(ckpt), batch_size, device, threshold=ckpt["threshold"])
+    model = model_from_checkpoint(ckpt).to(torch_device)
+    summary = score_model(model, slices, ckpt["img_size"], normalization_of(ckpt), batch_size, torch_device, threshold=ckpt["threshold"])
     summary["meta"] = {
         "checkpoint": str(checkpoint),
         "model": ckpt["model"]["name"],

@@ -6,6 +6,7 @@ to supply a local file; random initialization must be asked for ("random") or be
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,43 @@ def build_model(spec: ModelSpec, encoder_weights: str | None = None, probe_size:
     return BuiltModel(model, choice, sha, dropped)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether smp's weight hub answers at all: one quick connection instead of five retries (~25 s) offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(weights: str | None):
+    """Offline, smp's hub loading still takes weights from the local cache, but fails at once when they are not there."""
+    if weights is None or hub_reachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def _create(spec: ModelSpec, weights: str | None) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     try:
-        return smp.create_model(spec.arch, encoder_name=spec.encoder, encoder_weights=weights, in_channels=3, classes=1)
+        with _hub_offline_unless_reachable(weights):
+            return smp.create_model(spec.arch, encoder_name=spec.encoder, encoder_weights=weights, in_channels=3, classes=1)
     except (KeyError, ValueError) as exc:
         raise ModelError(f"cannot build {spec.arch} with encoder {spec.encoder}: {exc}") from None
     except Exception as exc:  # hub download failures: no network, no cache, hub errors

@@ -135,5 +135,8 @@ def prune_checkpoint(
         f"MACs {recipe['macs_before'] / 1e9:.2f}G -> {recipe['macs_after'] / 1e9:.2f}G at {ckpt['img_size']} px; "
         f"{recipe['layers_changed']} layers changed"
     )
-    overrides = {"best": stages[-1]["best"], "history": [row for st in stages for row in st["history"]]} if stages else {}
+    if stages:
+        overrides = {"best": stages[-1]["best"], "history": [row for st in stages for row in st["history"]]}
+    else:  # the unpruned model's validation scores say nothing about the pruned one
+        overrides = {"best": {"epoch": None, "val_mean_patient_dice": None, "note": "pruned without fine-tuning: not validated"}, "history": []}
     return save_stage(model, recipe, out / "best.pt", **overrides)

@@ -5,6 +5,26 @@ from __future__ import annotations
 import numpy as np
 
 
+def resolve_device(name: str, local_rank: int = 0):
+    """auto / cpu / cuda / cuda:N -> torch.device, or one clear line when it cannot be had here."""
+    import torch
+
+    from lggdeploy.common.errors import LggError
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise LggError(f"--device {name} was asked for but no CUDA GPU is visible here; use --device cpu")
+        index = local_rank if name == "cuda" else int(name[5:])
+        if index >= torch.cuda.device_count():
+            raise LggError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return torch.device(f"cuda:{index}")
+    raise LggError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
+
+
 class TorchRunner:
     def __init__(self, model, device: str = "cpu", autocast_fp16: bool = False):
         import torch

@@ -15,7 +15,7 @@ import io
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,11 @@ from lggdeploy.data.split import load_split, make_split, save_split
 from lggdeploy.data.transforms import Augmentation, Normalization, resize_images, resize_masks
 from lggdeploy.common.errors import LggError
 from lggdeploy.models.evaluate import score_model
-from lggdeploy.common.files import write_json_atomic, write_text_atomic
+from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from lggdeploy.metrics import confusion_counts, dice_from_counts, iou_from_counts
 from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.curves import plot_history
+from lggdeploy.models.torch_runner import resolve_device
 from lggdeploy.models.presets import resolve_model
 from lggdeploy.common.progress import console, progress_bar
 
@@ -58,6 +59,9 @@ class TrainConfig:
     threshold: float = 0.5
     show_progress: bool = True
     init_checkpoint: Path | None = None  # start from these weights (and shapes: pruned models), e.g. for fine-tuning
+    # The options the user gave (the CLI passes its flags); None: every field that differs from its default.
+    # On --resume these are checked against the run's saved configuration.
+    explicit: frozenset[str] | None = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -88,18 +92,6 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - dice)
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LggError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-    if name != "cpu":
-        raise LggError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
-
-
 def _distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -113,10 +105,72 @@ def _history_csv(history: list[dict]) -> str:
     return buffer.getvalue()
 
 
+# Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
+FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold")
+
+
+def _as_config_value(key: str, value):
+    return Path(value) if key == "split_file" and value is not None else value
+
+
+def resume_config(cfg: TrainConfig, saved: dict, last_path: Path) -> tuple[TrainConfig, dict]:
+    """The configuration a resumed run continues with: the saved one. A flag the user gave that contradicts it is
+    refused; --epochs may grow the run (recorded; the learning-rate schedule keeps its original length)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    explicit = cfg.explicit if cfg.explicit is not None else {k for k in defaults if getattr(cfg, k) != defaults[k]}
+    conflicts = []
+    for key in FIXED_ON_RESUME:
+        if key in explicit and key in saved and str(getattr(cfg, key)) != str(saved[key]):
+            conflicts.append(f"--{key.replace('_', '-')} {getattr(cfg, key)} (the run has {saved[key]})")
+    if conflicts:
+        raise LggError(
+            f"--resume: {last_path} was started with other settings: {'; '.join(conflicts)}. Resume without these flags "
+            "(the run's own settings are used), or start a new run with another --out"
+        )
+    merged = replace(cfg, **{k: _as_config_value(k, saved[k]) for k in FIXED_ON_RESUME if k in saved})
+    if "epochs" not in explicit:
+        merged = replace(merged, epochs=int(saved["epochs"]))
+    changed = {"epochs": [int(saved["epochs"]), merged.epochs]} if merged.epochs != int(saved["epochs"]) else {}
+    return merged, changed
+
+
+def rng_state() -> dict:
+    """Every random number generator training draws from (torch CPU and CUDA, numpy, Python), weights_only-loadable."""
+    import random
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached"]))
+    random.setstate(state["python"])
+
+
+def _gather_rng_states(world: int) -> list[dict]:
+    """Each process's generators (DDP: one state per rank, gathered on every rank; rank 0 saves them)."""
+    if world == 1:
+        return [rng_state()]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     world, rank, local_rank = _distributed()
-    device = _resolve_device(cfg.device, local_rank)
+    device = resolve_device(cfg.device, local_rank)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -127,16 +181,40 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # --- state to start from -------------------------------------------------------------------
     resume_ckpt = None
+    resumes: list[dict] = []
     if cfg.resume:
         if not last_path.is_file():
             raise LggError(f"--resume: no {last_path} to resume from; drop --resume to start a new run in {out}")
         resume_ckpt = load_checkpoint(last_path)
         if resume_ckpt["model"]["name"] != cfg.model:
             raise LggError(f"--resume: {last_path} trained {resume_ckpt['model']['name']}, not {cfg.model}")
+        cfg, changed = resume_config(cfg, resume_ckpt.get("train_config", {}), last_path)
+        resumes = list(resume_ckpt.get("resumes", [])) + [{"after_epoch": int(resume_ckpt["epoch"]), "changed": changed}]
+        cfg.validate()
     elif main and last_path.exists():
         raise LggError(f"{out} already holds a training run (last.pt): pass --resume to continue it, or choose another --out")
+    if main and out.is_dir():
+        remove_stale_temporaries(out)  # the .tmp files of a run that was killed (SIGKILL) while writing
 
     init_ckpt = load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and resume_ckpt is None else None
+    if init_ckpt is not None and init_ckpt["img_size"] != cfg.img_size:
+        raise LggError(f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at")
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    # The model (and its encoder weights) before anything is written: a bad name or weights file leaves no folder behind.
+    spec = resolve_model(cfg.model)
+    normalization = Normalization()
+    start_from = resume_ckpt if resume_ckpt is not None else init_ckpt
+    if start_from is not None:
+        model = model_from_checkpoint(start_from).train()
+        carried = ("encoder_weights", "encoder_weights_sha256", "dropped_modules", "layer_shapes", "pruning", "pruned_from")
+        weights_info = {k: start_from[k] for k in carried if k in start_from}
+        normalization = Normalization.from_json(start_from["normalization"])
+    else:
+        built = build_model(spec, cfg.encoder_weights)
+        model = built.model
+        weights_info = {"encoder_weights": built.encoder_weights, "encoder_weights_sha256": built.encoder_weights_sha256, "dropped_modules": built.dropped_modules}
+
     dataset = load_dataset(cfg.data)
     if resume_ckpt is not None:
         split = split_of(resume_ckpt)
@@ -149,35 +227,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     split.check_against(dataset, origin=str(cfg.split_file or "split"))
     if not split.val:
         raise LggError("the split has no validation patients: training keeps the best checkpoint by validation Dice")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_split(split, out / "split.json")
-
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    spec = resolve_model(cfg.model)
     with progress_bar(cfg.show_progress and main) as bar:
         patients = split.train + split.val
         task = bar.add_task("reading slices", total=sum(len(dataset.patients[p].slices) for p in patients), info="")
         train_slices = load_slices(dataset, split.train, on_slice=lambda: bar.advance(task))
         val_slices = load_slices(dataset, split.val, on_slice=lambda: bar.advance(task))
+    if main:
+        ensure_folder(out)
+        save_split(split, out / "split.json")
     train_images = resize_images(train_slices.images, cfg.img_size)
     train_masks = resize_masks(train_slices.masks, cfg.img_size)
     val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
 
-    normalization = Normalization()
-    start_from = resume_ckpt if resume_ckpt is not None else init_ckpt
-    if start_from is not None:
-        model = model_from_checkpoint(start_from).train()
-        carried = ("encoder_weights", "encoder_weights_sha256", "dropped_modules", "layer_shapes", "pruning", "pruned_from")
-        weights_info = {k: start_from[k] for k in carried if k in start_from}
-        normalization = Normalization.from_json(start_from["normalization"])
-    else:
-        built = build_model(spec, cfg.encoder_weights)
-        model = built.model
-        weights_info = {"encoder_weights": built.encoder_weights, "encoder_weights_sha256": built.encoder_weights_sha256, "dropped_modules": built.dropped_modules}
-    if init_ckpt is not None and init_ckpt["img_size"] != cfg.img_size:
-        raise LggError(f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at")
     model.to(device)
     net: nn.Module = model
     if world > 1:
@@ -190,7 +251,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if steps_per_epoch < 1:
         raise LggError(f"{n_train} training slices are too few for --batch-size {cfg.batch_size} on {world} process(es)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * steps_per_epoch
+    # The cosine schedule spans the epochs the run was started with; epochs added on --resume run at its final lr.
+    schedule_epochs = int(resume_ckpt.get("schedule_epochs", resume_ckpt["train_config"]["epochs"])) if resume_ckpt is not None else cfg.epochs
+    total_steps = schedule_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -204,12 +267,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         history = list(resume_ckpt["history"])
         best = dict(resume_ckpt["best"])
         start_epoch = int(resume_ckpt["epoch"]) + 1
-        torch.set_rng_state(resume_ckpt["torch_rng"])
+        states = resume_ckpt.get("rng_states") or [{"torch": resume_ckpt["torch_rng"], "numpy": None}]
+        if states[0].get("numpy") is None:  # a checkpoint of an older lggdeploy: the CPU generator only
+            torch.set_rng_state(states[0]["torch"])
+        else:
+            set_rng_state(states[rank] if rank < len(states) else states[0])
         if start_epoch > cfg.epochs:
             raise LggError(f"--resume: {last_path} already finished epoch {start_epoch - 1} of {cfg.epochs}; raise --epochs to train longer")
 
     augment = Augmentation()
-    config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "explicit"}
     started = time.perf_counter()
     if main:
         console.print(
@@ -251,6 +318,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             bar.remove_task(step_task)
 
             row = None
+            rng_states = _gather_rng_states(world)  # before validation, so a resumed epoch draws what this one would have
             if main:
                 val_losses: list[float] = []
 
@@ -291,6 +359,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     augmentation=augment.to_json(),
                     history=history,
                     epoch=epoch,
+                    schedule_epochs=schedule_epochs,
+                    resumes=resumes,
                 )
                 improved = agg["mean_patient_dice"] > best["val_mean_patient_dice"]
                 if improved:
@@ -304,7 +374,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
+                        "rng_states": rng_states,
                     },
                 )
                 write_json_atomic(out / "history.json", history)

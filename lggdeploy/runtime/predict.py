@@ -16,7 +16,7 @@ import numpy as np
 
 from lggdeploy.data.kaggle import read_image, read_mask
 from lggdeploy.common.errors import DataError
-from lggdeploy.common.files import atomic_path, write_text_atomic
+from lggdeploy.common.files import atomic_path, ensure_folder, write_text_atomic
 from lggdeploy.metrics import dice_from_counts
 from lggdeploy.common.progress import progress_bar
 
@@ -71,7 +71,7 @@ def predict_paths(
     import tifffile
     from PIL import Image
 
-    out_dir = Path(out_dir)
+    out_dir = ensure_folder(out_dir)  # before any work: an unwritable --out is one clear line
     report = PredictReport()
     patients = collect_inputs(source)
     with progress_bar() as bar:
@@ -80,21 +80,29 @@ def predict_paths(
             images, truths, kept = [], [], []
             for path in paths:
                 try:
-                    images.append(read_image(path))
-                    mask_path = path.with_name(path.stem + "_mask.tif")
-                    truths.append(read_mask(mask_path) if mask_path.is_file() else None)
-                    kept.append(path)
-                except DataError as exc:
+                    image = read_image(path)
+                except DataError as exc:  # no image, no prediction: listed, and the slice's outputs are not written
                     report.problems.append(str(exc))
+                    bar.advance(task)
+                    continue
+                truth = None
+                mask_path = path.with_name(path.stem + "_mask.tif")
+                if mask_path.is_file():
+                    try:
+                        truth = read_mask(mask_path)
+                    except DataError as exc:  # the slice is still predicted; it only has no ground truth
+                        report.problems.append(f"{exc} (slice {path.name} predicted without ground truth)")
+                images.append(image)
+                truths.append(truth)
+                kept.append(path)
                 bar.advance(task)
             if not images:
                 continue
             prediction = segmenter.predict(np.stack(images), largest_component=largest_component)
-            folder = out_dir / pid
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = ensure_folder(out_dir / pid)
             tp = fp = fn = 0
             has_truth = all(t is not None for t in truths)
-            for path, image, mask, truth in zip(kept, images, prediction.masks, truths):
+            for path, image, mask, truth in zip(kept, images, prediction.masks, truths, strict=True):
                 with atomic_path(folder / f"{path.stem}_pred_mask.tif") as tmp:
                     tifffile.imwrite(tmp, mask.astype(np.uint8) * 255)
                 with atomic_path(folder / f"{path.stem}_overlay.png") as tmp:

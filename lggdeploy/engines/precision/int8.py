@@ -68,6 +68,18 @@ def preprocess_for_quantization(fp32_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+@contextlib.contextmanager
+def quiet_root_logger(level: int = logging.ERROR):
+    """ONNX Runtime's quantizer logs its progress on the root logger: quiet it for this call only."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(previous, level))
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def quantize(
     prepared: Path,
     out_path: Path,
@@ -92,8 +104,7 @@ def quantize(
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp, contextlib.redirect_stdout(io.StringIO()):
-        logging.getLogger().setLevel(logging.ERROR)
+    with atomic_path(out_path) as tmp, contextlib.redirect_stdout(io.StringIO()), quiet_root_logger():
         quantize_static(
             str(prepared),
             str(tmp),
