@@ -113,9 +113,10 @@ def data_synth(
     seed: int = typer.Option(0),
 ):
     """Write synthetic phantom patients in the kaggle_3m layout."""
-    from lggdeploy.data.phantom import synthesize
     from lggdeploy.common.progress import progress_bar
+    from lggdeploy.data.phantom import check_target, synthesize
 
+    check_target(folder, patients, (min_slices, max_slices))
     with progress_bar() as bar:
         task = bar.add_task("synthesizing", total=patients, info="")
         ids = synthesize(folder, patients=patients, slices=(min_slices, max_slices), seed=seed, on_patient=lambda pid: bar.advance(task))

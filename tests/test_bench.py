@@ -80,7 +80,8 @@ def test_bench_rows_reference_nan_and_unavailable(engines, phantom_dir, tmp_path
     assert [p["patient"] for p in fp32["per_patient"]] == [p["patient"] for p in reference["per_patient"]]
     assert fp32["delta_dice_points"]["mean"] == pytest.approx(0.0, abs=0.05)
     assert set(fp32["latency"]) == {"1", "2"} and fp32["latency"]["2"]["runs"] == 3
-    assert fp32["speedup"]["1"] > 0
+    for b in ("1", "2"):  # speed-up is the reference's median latency over the engine's, per batch size
+        assert fp32["speedup"][b] == pytest.approx(reference["latency"][b]["p50_ms"] / fp32["latency"][b]["p50_ms"])
     nan = rows[("onnxruntime", "fp16")]
     assert nan["status"] == "non-finite" and "NaN" in nan["reason"] and "mean_patient_dice" not in nan
     trt = rows[("tensorrt", "fp16")]
@@ -106,3 +107,36 @@ def test_bench_cli_formats_and_errors(engines, phantom_dir, tmp_path):
     assert result.exit_code == 2 and "no engines" in result.output
     result = runner.invoke(app, ["bench", str(out), "--batch-sizes", "one"])
     assert result.exit_code == 2 and "--batch-sizes" in result.output
+
+
+def test_machine_formats_are_never_wrapped(engines, phantom_dir):
+    import csv
+    import io
+
+    runner = CliRunner()
+    out, _ = engines
+    result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), "--split", "val", "--iters", "1", "--batch-sizes", "1,2", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    rows = list(csv.reader(io.StringIO(text)))
+    assert len(rows) >= 3 and len({len(r) for r in rows}) == 1 and max(len(line) for line in text.splitlines()) > 160
+    result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), "--split", "val", "--iters", "1", "--batch-sizes", "1", "--format", "md"])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3 and len({line.count("|") for line in lines}) == 1
+
+
+def test_bad_bench_flags_fail_before_the_scoring(engines, phantom_dir, tmp_path, monkeypatch):
+    import lggdeploy.bench.run as bench_run
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the flags were checked")
+
+    monkeypatch.setattr(bench_run, "_entries", no_scoring)
+    runner = CliRunner()
+    out, _ = engines
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for flags, needle in ((["--iters", "0"], "--iters"), (["--warmup", "-1"], "--warmup"), (["--threads", "100000"], "--threads"),
+                          (["--batch-sizes", "0"], "--batch-sizes"), (["--out", str(blocker / "sub")], "file")):
+        result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), *flags])
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (flags, result.output)

@@ -47,3 +47,9 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, trained_ru
         save_checkpoint(target, ckpt)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left behind
+
+
+def test_a_whole_pickled_model_is_named_for_what_it_is(tmp_path):
+    torch.save(torch.nn.Conv2d(3, 1, 1), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="model.pt: holds pickled Python objects .*not an lggdeploy checkpoint"):
+        load_checkpoint(tmp_path / "model.pt")

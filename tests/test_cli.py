@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -45,3 +46,72 @@ def test_data_commands(tmp_path, phantom_dir):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["data", "info", str(phantom_dir), "--split-file", str(tmp_path / "s.json")])
     assert result.exit_code == 0 and "tumor fraction" in result.output
+
+
+def test_every_command_keeps_the_error_promise(tmp_path, phantom_dir, trained_run):
+    """README: a user's mistake prints one line (what, which file, what to do), exits 2, no traceback, nothing
+    half-written. Every command, once with an output path under a regular file and once with a bad flag value."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    bad = blocker / "out"
+    ckpt = str(trained_run.best_path)
+    data = str(phantom_dir)
+    cases = {
+        "data split (output)": ["data", "split", data, "-o", str(bad / "split.json")],
+        "data split (flag)": ["data", "split", data, "--ratios", "0.5,0.6,x", "-o", str(tmp_path / "s.json")],
+        "data synth (output)": ["data", "synth", str(blocker)],
+        "data synth (flag)": ["data", "synth", str(tmp_path / "ph"), "--patients", "0"],
+        "train (output)": ["train", "--model", "pspnet-scratch", "--data", data, "--out", str(bad), "--epochs", "1", "--img-size", "64"],
+        "train (flag)": ["train", "--model", "pspnet-scratch", "--data", data, "--out", str(tmp_path / "t"), "--batch-size", "1"],
+        "train (device)": ["train", "--model", "pspnet-scratch", "--data", data, "--out", str(tmp_path / "t2"), "--device", "foo"],
+        "eval (output)": ["eval", ckpt, "--data", data, "-o", str(bad / "e.json")],
+        "eval (batch size)": ["eval", ckpt, "--data", data, "--batch-size", "0"],
+        "eval (device)": ["eval", ckpt, "--data", data, "--device", "foo"],
+        "prune (output)": ["prune", ckpt, "--ratio", "0.3", "-o", str(bad)],
+        "prune (flag)": ["prune", ckpt, "--ratio", "-0.3", "-o", str(tmp_path / "p")],
+        "export (output)": ["export", ckpt, "--data", data, "-o", str(bad)],
+        "build (output)": ["build", ckpt, "--data", data, "-o", str(bad)],
+        "build (flag)": ["build", ckpt, "--data", data, "-o", str(tmp_path / "b"), "--max-drop", "-1"],
+        "bench (output)": ["bench", str(tmp_path), "--data", data, "--out", str(bad)],
+        "bench (flag)": ["bench", str(tmp_path), "--data", data, "--iters", "0"],
+        "predict (output)": ["predict", str(tmp_path / "none.onnx"), data, "-o", str(bad)],
+        "demo (output)": ["demo", "--out", str(bad)],
+    }
+    import torch
+
+    if not torch.cuda.is_available():
+        cases["eval (no GPU)"] = ["eval", ckpt, "--data", data, "--device", "cuda"]
+    for name, args in cases.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (name, result.exit_code, result.output)
+        text = result.output.strip()
+        assert "Traceback" not in text and text.count("error:") == 1, (name, result.output)
+        assert text.startswith("error:") or "\nerror:" in text, (name, result.output)
+        assert len(text[text.index("error:"):].splitlines()) <= 3, (name, result.output)  # one line (the console may wrap it)
+    assert blocker.read_text() == "not a folder" and not (tmp_path / "t").exists() and not (tmp_path / "p").exists()
+
+
+def test_failed_training_start_leaves_no_folder(tmp_path, phantom_dir):
+    for args in (["--model", "nope"], ["--model", "pspnet-resnext50", "--encoder-weights", str(tmp_path / "absent.pth")]):
+        result = runner.invoke(app, ["train", *args, "--data", str(phantom_dir), "--out", str(tmp_path / "run")])
+        assert result.exit_code == 2, result.output
+        assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_cleans_up_and_exits_143(tmp_path, monkeypatch, trained_run, phantom_dir):
+    import os
+    import signal
+
+    import lggdeploy.engines.build as build_module
+    from lggdeploy.common.files import temporary_folder
+
+    def terminated_mid_build(ctx, fmt):
+        with temporary_folder(ctx.folder) as work:
+            (Path(work) / "half.onnx").write_bytes(b"x" * 100)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(build_module, "build_one", terminated_mid_build)
+    result = runner.invoke(app, ["build", str(trained_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path / "engines")])
+    assert result.exit_code == 143 and "terminated" in result.output
+    leftovers = [p for p in (tmp_path / "engines").rglob("*") if p.name.startswith((".build-", "."))]
+    assert leftovers == []

@@ -1,6 +1,7 @@
 """Export, parity gate, FP16/INT8 builds, accuracy gate and calibration cache, on a small model trained in the tests."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -9,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from lggdeploy.engines.build import BuildOptions, _Context, build_engines
+from lggdeploy.common.files import sha256_file
 from lggdeploy.models.checkpoint import load_checkpoint, save_checkpoint
 from lggdeploy.cli import app
 from lggdeploy.engines.formats import discover, read_manifest
@@ -65,7 +67,9 @@ def test_fp32_fp16_int8_matrix_with_manifests(segmenting_run, phantom_dir, expor
     for r in results:
         manifest = read_manifest(r["engine"])
         assert manifest["gate"]["passed"] and manifest["gate"]["split"] == "val"
-        assert manifest["checkpoint_sha256"] and manifest["normalization"]["mean"] == [0.485, 0.456, 0.406]
+        assert manifest["checkpoint_sha256"] == sha256_file(segmenting_run.best_path)
+        assert manifest["normalization"] == load_checkpoint(segmenting_run.best_path)["normalization"]  # what the model was trained with
+        assert manifest["sha256"] == sha256_file(r["engine"])
         assert abs(manifest["gate"]["drop_points"]) <= 0.5
     fp16 = onnx.load(results[1]["engine"])
     assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -136,3 +140,71 @@ def test_engine_without_manifest_is_refused(exported, tmp_path):
     shutil.copyfile(exported[1], orphan)
     with pytest.raises(EngineError, match="no manifest"):
         read_manifest(orphan)
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_no_kill_leaves_an_engine_beside_another_engines_manifest(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    import lggdeploy.engines.build as build_module
+
+    first = build(segmenting_run, phantom_dir, tmp_path, precision="fp32")[0]
+    folder = Path(first["engine"]).parent
+    stale_build, stale_tmp = folder / f".build-{dead_pid()}-abc", folder / f".onnxruntime-fp32.onnx.json.{dead_pid()}.xyz.tmp"
+    stale_build.mkdir()
+    (stale_build / "engine-0.onnx").write_bytes(b"x" * 1000)
+    stale_tmp.write_text("{")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the moment between the engine's rename and its manifest's
+
+    monkeypatch.setattr(build_module, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
+    assert not stale_build.exists() and not stale_tmp.exists()  # a killed build's leftovers are cleaned on the next run
+    assert Path(first["engine"]).is_file() and discover(tmp_path) == []  # the engine has no manifest: never used
+    with pytest.raises(EngineError, match="no manifest"):
+        read_manifest(first["engine"])
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_int8_leaves_logging_and_warnings_as_they_were(segmenting_run, phantom_dir, tmp_path):
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    level, filters = root.level, list(warnings.filters)
+    root.setLevel(logging.INFO)
+    try:
+        build(segmenting_run, phantom_dir, tmp_path, precision="all")
+        assert root.level == logging.INFO and warnings.filters == filters
+    finally:
+        root.setLevel(level)
+
+
+def test_fp16_reports_weights_clamped_to_its_range(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lggdeploy.engines.precision.fp16 import convert_fp16
+
+    weight = numpy_helper.from_array(np.array([[1e5, 0.5], [1e-9, -2.0]], np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [weight])
+    source = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(source))
+    path, facts = convert_fp16(source, tmp_path / "h.onnx")
+    assert facts["weights_clamped_to_fp16_range"] == 1 and facts["largest_clamped_value"] == pytest.approx(1e5)
+    assert facts["tiny_weights_raised_to_fp16_min"] == 1 and path.is_file()
+
+
+def test_build_flags_are_checked_before_any_work(segmenting_run, phantom_dir, tmp_path):
+    for flags, needle in ((["--max-drop", "-1"], "--max-drop"), (["--calib-samples", "0"], "--calib-samples"), (["--calib-method", "median"], "--calib-method"),
+                          (["--min-batch", "9", "--opt-batch", "8"], "batch profile"), (["--threads", "0"], "--threads")):
+        result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path / "e"), *flags])
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (flags, result.output)
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())

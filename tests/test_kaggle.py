@@ -143,3 +143,17 @@ def test_loading_for_training_skips_nothing(real_patient_copy):
     (real_patient_copy / P / f"{P}_5_mask.tif").unlink()
     with pytest.raises(DataError, match="missing mask"):
         load_dataset(real_patient_copy)
+
+
+def test_truncated_kaggle_tiff_is_called_truncated(real_patient_copy):
+    path = real_patient_copy / P / f"{P}_3.tif"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the Kaggle files keep their directory at the end
+    problem = only(problems_of(real_patient_copy))
+    assert problem.path.name == f"{P}_3.tif" and "truncated" in problem.message and "dtype" not in problem.message
+
+
+def test_a_patient_folder_given_as_the_root_says_so(real_patient_copy):
+    result = runner.invoke(app, ["data", "check", str(real_patient_copy / P)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is a patient folder" in result.output and "give its parent" in result.output
+    assert "move it away" not in result.output

@@ -82,3 +82,27 @@ def test_offline_imagenet_is_a_clear_error_not_a_random_init(monkeypatch):
     monkeypatch.setattr(encoders, "hf_hub_download", offline)
     with pytest.raises(ModelError, match="--encoder-weights PATH"):
         build_model(PRESETS["unet-effb7"])  # the preset's default is imagenet
+
+
+def test_offline_hub_loading_fails_at_once_instead_of_retrying(monkeypatch):
+    """No network: smp's hub is asked in offline mode (local cache only), so there are no retries to wait for."""
+    import segmentation_models_pytorch as smp
+    from huggingface_hub import constants
+
+    import lggdeploy.models.networks as networks
+
+    seen = []
+    real = smp.create_model
+
+    def create(*args, **kwargs):
+        seen.append((kwargs.get("encoder_weights"), constants.HF_HUB_OFFLINE))
+        if kwargs.get("encoder_weights"):
+            raise OSError("not in the local cache")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(networks, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(smp, "create_model", create)
+    before = constants.HF_HUB_OFFLINE
+    with pytest.raises(ModelError, match="--encoder-weights PATH"):
+        build_model(PRESETS["pspnet-resnext50"])
+    assert seen == [("imagenet", True)] and constants.HF_HUB_OFFLINE == before

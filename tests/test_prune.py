@@ -42,6 +42,7 @@ def test_pruned_checkpoint_round_trip_export_and_accumulating_recipe(segmenting_
     again = load_checkpoint(second)
     assert [r["ratio"] for r in again["pruning"]] == [0.3, 0.2]
     assert again["pruning"][1]["params_after"] < again["pruning"][0]["params_after"]
+    assert again["history"] == [] and again["best"]["val_mean_patient_dice"] is None  # not fine-tuned: no scores carried over
 
 
 def test_prune_bad_input_is_clear(segmenting_run, tmp_path, monkeypatch):

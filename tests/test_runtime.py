@@ -120,3 +120,65 @@ def test_predict_cli_on_a_folder_with_one_corrupt_file(int8_engine, phantom_dir,
     assert Image.open(next((tmp_path / "out" / patient).glob("*_overlay.png"))).size == (256, 256)
     row = (tmp_path / "out" / "patients.csv").read_text().splitlines()
     assert row[0].startswith("patient,slices,tumor_slices,tumor_pixels") and patient in row[1]
+
+
+def test_predict_keeps_every_mask_with_its_own_slice(int8_engine, phantom_dir, tmp_path):
+    """A garbage mask and a {0, 1} mask in a patient folder: every slice whose image is fine is still predicted, and
+    each written mask is the prediction of that slice alone (not of its neighbour)."""
+    patient = load_dataset(phantom_dir).patient_ids[0]
+    source = tmp_path / "in" / patient
+    shutil.copytree(phantom_dir / patient, source)
+    (source / f"{patient}_5_mask.tif").write_bytes(b"garbage")
+    tifffile.imwrite(source / f"{patient}_7_mask.tif", (tifffile.imread(source / f"{patient}_7_mask.tif") > 0).astype(np.uint8))
+    result = CliRunner().invoke(app, ["predict", str(int8_engine), str(tmp_path / "in"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{patient}_5_mask.tif" in result.output and f"{patient}_7_mask.tif" in result.output
+    images = sorted(source.glob(f"{patient}_*[0-9].tif"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    written = {p.name: p for p in (tmp_path / "out" / patient).glob("*_pred_mask.tif")}
+    assert len(written) == len(images)
+    with Segmenter.load(int8_engine) as segmenter:
+        for image in images:
+            alone = segmenter.predict(tifffile.imread(image)).masks[0]
+            assert np.array_equal(tifffile.imread(written[f"{image.stem}_pred_mask.tif"]) > 0, alone), image.name
+    rows = (tmp_path / "out" / "patients.csv").read_text().splitlines()
+    assert rows[1].split(",")[1] == str(len(images)) and rows[1].endswith(",")  # every slice; no Dice without every mask
+
+
+def test_an_engine_that_is_not_its_manifests_is_refused(int8_engine, tmp_path):
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    fp32 = folder / "onnxruntime-fp32.onnx"
+    shutil.copy(int8_engine, fp32)
+    from lggdeploy.engines.formats import manifest_path, write_manifest
+
+    manifest = read_manifest(int8_engine)
+    manifest.pop("format"), manifest.pop("version")
+    write_manifest(fp32, dict(manifest, precision="fp32", int8_profile=None, sha256="0" * 64))  # an fp32 manifest; the int8 file
+    with pytest.raises(EngineError, match=r"onnxruntime-fp32.onnx \(sha256 .*is not the engine its manifest onnxruntime-fp32.onnx.json describes"):
+        Segmenter.load(fp32)
+    manifest_path(fp32).write_text(manifest_path(fp32).read_text().replace('"sha256"', '"sha256_was"'))
+    with pytest.raises(EngineError, match="records no sha256"):
+        Segmenter.load(fp32)
+
+
+def test_a_manifest_with_another_input_size_is_refused(int8_engine, tmp_path):
+    engine = tmp_path / "onnxruntime-int8-cpu.onnx"
+    shutil.copy(int8_engine, engine)
+    manifest_for(engine, int8_engine, img_size=64)
+    with pytest.raises(EngineError, match="img_size 64"):
+        Segmenter.load(engine)
+
+
+def test_threads_are_bounded_by_the_cores(int8_engine, tmp_path):
+    import os
+
+    result = CliRunner().invoke(app, ["predict", str(int8_engine), str(tmp_path), "--threads", "100000", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"from 1 to {os.cpu_count()}" in result.output and "Traceback" not in result.output
+
+
+def test_predict_on_a_wrong_shape_slice_writes_and_claims_nothing(int8_engine, tmp_path):
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "X_1.tif", np.zeros((128, 128, 3), np.uint8))
+    result = CliRunner().invoke(app, ["predict", str(int8_engine), str(tmp_path / "in" / "X_1.tif"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "patients.csv" not in result.output and "shape" in result.output
+    assert not (tmp_path / "out" / "patients.csv").exists()

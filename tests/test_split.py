@@ -49,3 +49,26 @@ def test_split_errors_are_clear(real_dataset, tmp_path):
     foreign = Split(train=["TCGA_ZZ_0000_19990101"], val=[], test=[])
     with pytest.raises(DataError, match="not in"):
         foreign.check_against(real_dataset)
+
+
+def test_a_split_with_an_empty_part_is_refused(real_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from lggdeploy.cli import app
+
+    with pytest.raises(DataError, match="must be positive"):
+        make_split(real_dataset, ratios=(1.0, 0.0, 0.0))
+    result = CliRunner().invoke(app, ["data", "split", str(real_dataset.root), "--ratios", "1,0,0", "-o", str(tmp_path / "s.json")])
+    assert result.exit_code == 2 and not (tmp_path / "s.json").exists()
+
+
+def test_a_split_without_tumor_in_every_part_is_not_kept_silently(real_dataset, monkeypatch):
+    """Only 3 patients with tumor, and no shuffle left to try: the split is refused, not kept without saying so."""
+    import lggdeploy.data.split as split_module
+
+    ids = real_dataset.patient_ids
+    monkeypatch.setattr(split_module, "count_tumor_slices", lambda dataset, patients: {p: (5 if p in ids[:3] else 0) for p in patients})
+    with pytest.raises(DataError, match="with tumor slices in train, val and test was found in 0 shuffles .*3 of"):
+        make_split(real_dataset, seed=0, max_tries=0)
+    split = make_split(real_dataset, seed=0)  # with retries, one tumor patient lands in each part
+    assert all(set(ids[:3]) & set(split.patients(name)) for name in ("train", "val", "test"))

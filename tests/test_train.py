@@ -4,26 +4,50 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from typer.testing import CliRunner
 
-from lggdeploy.models.checkpoint import load_checkpoint
-from lggdeploy.data.transforms import Augmentation
+from lggdeploy.cli import app
 from lggdeploy.common.errors import LggError
-from lggdeploy.models.train import TrainConfig, train
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.data.transforms import Augmentation, preprocess, resize_masks
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
+from lggdeploy.models.train import TrainConfig, dice_bce_loss, train
 
 HISTORY_COLUMNS = {"epoch", "train_loss", "train_dice", "train_iou", "train_accuracy", "val_loss", "val_mean_patient_dice", "val_mean_patient_iou", "val_pixel_accuracy"}
 
 
-def test_training_writes_history_curves_and_checkpoints(trained_run):
+def test_training_writes_history_curves_and_checkpoints(trained_run, phantom_dir):
     out = trained_run.best_path.parent
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert HISTORY_COLUMNS <= set(rows[0])
     assert json.loads((out / "history.json").read_text())[1]["epoch"] == 2
-    assert Image.open(out / "curves.png").size[0] > 1000
     assert json.loads((out / "split.json").read_text())["format"] == "lggdeploy-split"
-    assert float(rows[0]["train_loss"]) > 0
+    # The recorded validation loss is the loss of last.pt's weights on the val slices, recomputed here.
+    ckpt = load_checkpoint(trained_run.last_path)
+    slices = load_slices(load_dataset(phantom_dir), split_of(ckpt).val)
+    model = model_from_checkpoint(ckpt)
+    x = torch.from_numpy(preprocess(slices.images, ckpt["img_size"], normalization_of(ckpt)))
+    y = torch.from_numpy(resize_masks(slices.masks, ckpt["img_size"])).unsqueeze(1).float()
+    with torch.no_grad():
+        losses = [dice_bce_loss(model(x[i : i + 16]), y[i : i + 16]).item() * len(x[i : i + 16]) for i in range(0, len(x), 16)]
+    assert float(rows[1]["val_loss"]) == pytest.approx(sum(losses) / len(x), rel=1e-4)
+
+
+def test_curves_show_every_series(trained_run):
+    """Each of the four panels holds a train (blue) and a validation (orange) line."""
+    pixels = np.asarray(Image.open(trained_run.best_path.parent / "curves.png").convert("RGB")).astype(int)
+    blue, orange = np.array([31, 119, 180]), np.array([255, 127, 14])
+    width = pixels.shape[1] // 4
+    for panel in range(4):
+        part = pixels[:, panel * width : (panel + 1) * width]
+        for colour in (blue, orange):
+            assert (np.abs(part - colour).sum(axis=2) < 30).sum() > 20, (panel, colour)
 
 
 def small(phantom_dir, out, **kw):
@@ -35,13 +59,60 @@ def test_resume_continues_where_it_stopped(phantom_dir, tmp_path):
     train(small(phantom_dir, out, epochs=1))
     with pytest.raises(LggError, match="pass --resume"):
         train(small(phantom_dir, out, epochs=2))
-    result = train(small(phantom_dir, out, epochs=2, resume=True))
+    with pytest.raises(LggError, match="already finished epoch 1 of 1"):
+        train(small(phantom_dir, out, resume=True))  # the run's own --epochs
+    result = train(small(phantom_dir, out, epochs=2, resume=True))  # more epochs: allowed, recorded
     assert [row["epoch"] for row in result.history] == [1, 2]
-    assert load_checkpoint(out / "last.pt")["epoch"] == 2
-    with pytest.raises(LggError, match="already finished epoch 2"):
-        train(small(phantom_dir, out, epochs=2, resume=True))
+    last = load_checkpoint(out / "last.pt")
+    assert last["epoch"] == 2 and last["train_config"]["epochs"] == 2 and last["schedule_epochs"] == 1
+    assert last["resumes"] == [{"after_epoch": 1, "changed": {"epochs": [1, 2]}}]
+    assert result.history[1]["lr"] == pytest.approx(3e-4 * 0.01)  # past the original schedule: its final lr
     with pytest.raises(LggError, match="no .*last.pt to resume"):
         train(small(phantom_dir, tmp_path / "fresh", epochs=1, resume=True))
+
+
+def test_resume_refuses_flags_that_contradict_the_run(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    train(small(phantom_dir, out, epochs=1))
+    for change, flag in ((dict(img_size=128), "--img-size 128"), (dict(lr=0.1), "--lr 0.1"), (dict(batch_size=4), "--batch-size 4")):
+        with pytest.raises(LggError, match=f"other settings: {flag} "):
+            train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, resume=True, show_progress=False, **change))
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1  # nothing was trained or written
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(out), "--resume", "--img-size", "64", "--epochs", "2"])
+    assert result.exit_code == 0, result.output  # the run's own value, given again, is fine
+    assert load_checkpoint(out / "best.pt")["img_size"] == load_checkpoint(out / "last.pt")["img_size"] == 64
+
+
+def interrupt_in_epoch(monkeypatch, out, epoch):
+    """Raise KeyboardInterrupt in the second augmentation call of `epoch` (after epoch-1's checkpoint exists)."""
+    original = Augmentation.__call__
+    calls = {"n": 0}
+
+    def interrupt(self, *args, **kwargs):
+        if (out / "last.pt").exists() and load_checkpoint(out / "last.pt")["epoch"] == epoch - 1:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Augmentation, "__call__", interrupt)
+    return original
+
+
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(phantom_dir, tmp_path, monkeypatch):
+    straight = train(small(phantom_dir, tmp_path / "straight", epochs=2))
+    out = tmp_path / "interrupted"
+    original = interrupt_in_epoch(monkeypatch, out, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(small(phantom_dir, out, epochs=2))
+    monkeypatch.setattr(Augmentation, "__call__", original)
+    resumed = train(small(phantom_dir, out, resume=True))
+    a, b = load_checkpoint(straight.last_path), load_checkpoint(resumed.last_path)
+    for key, tensor in a["state_dict"].items():
+        assert torch.allclose(tensor.float(), b["state_dict"][key].float(), rtol=0, atol=1e-6), key
+    assert [r["train_loss"] for r in straight.history] == pytest.approx([r["train_loss"] for r in resumed.history], rel=1e-6)
+    assert b["rng_states"][0]["numpy"] and b["rng_states"][0]["python"]
 
 
 def test_interrupt_leaves_last_good_checkpoint(phantom_dir, tmp_path, monkeypatch):

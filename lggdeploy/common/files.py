@@ -43,6 +43,19 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def check_can_create(folder: str | os.PathLike) -> Path:
+    """Fail early when `folder` could not be created later, without creating anything now."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LggError(f"cannot write into {folder}: {existing} is a file, not a folder; choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LggError(f"cannot write into {folder}: permission denied on {existing}; choose an output path in a folder you can write to")
+    return folder
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail early (before long work) when the file `path` could not be written later."""
     path = Path(path)

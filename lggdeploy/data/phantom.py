@@ -78,6 +78,23 @@ def phantom_volume(rng: np.random.Generator, n_slices: int) -> tuple[np.ndarray,
     return np.clip(images, 0, 255).astype(np.uint8), lesion
 
 
+def check_target(out: str | os.PathLike, patients: int, slices: tuple[int, int]) -> Path:
+    """The options of `synthesize`, checked before any work."""
+    from lggdeploy.common.files import check_can_create
+
+    if patients < 1:
+        raise DataError(f"--patients must be at least 1, got {patients}")
+    lo, hi = slices
+    if not 4 <= lo <= hi:
+        raise DataError(f"slices per patient must satisfy 4 <= min <= max, got {slices}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file: give a new folder for the phantom set")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} is not empty: give a new folder for the phantom set")
+    return check_can_create(out)
+
+
 def synthesize(
     out: str | os.PathLike,
     patients: int = 8,
@@ -90,16 +107,8 @@ def synthesize(
 
     from lggdeploy.common.files import atomic_path, ensure_folder
 
-    if patients < 1:
-        raise DataError(f"--patients must be at least 1, got {patients}")
+    out = check_target(out, patients, slices)
     lo, hi = slices
-    if not 4 <= lo <= hi:
-        raise DataError(f"slices per patient must satisfy 4 <= min <= max, got {slices}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} is a file: give a new folder for the phantom set")
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} is not empty: give a new folder for the phantom set")
     ensure_folder(out)
     rng = np.random.default_rng(seed)
     ids = []

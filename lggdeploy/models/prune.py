@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lggdeploy.common.errors import LggError
+from lggdeploy.common.files import check_can_create
 from lggdeploy.common.progress import console
 from lggdeploy.models.networks import layer_shapes
 
@@ -107,6 +108,7 @@ def prune_checkpoint(
         data = resolve_data_root(data, ckpt.get("data_root"), "fine-tuning after pruning")
     if (out / "last.pt").exists() or (out / "best.pt").exists():
         raise LggError(f"{out} already holds a checkpoint; choose another -o")
+    check_can_create(out)  # before the pruning and fine-tuning work
     model = model_from_checkpoint(ckpt)
     epochs_per_step = max(1, finetune_epochs // steps) if finetune_epochs else 0
     stages: list[dict] = []

@@ -30,7 +30,7 @@ from lggdeploy.data.split import load_split, make_split, save_split
 from lggdeploy.data.transforms import Augmentation, Normalization, resize_images, resize_masks
 from lggdeploy.common.errors import LggError
 from lggdeploy.models.evaluate import score_model
-from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from lggdeploy.common.files import check_can_create, ensure_folder, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from lggdeploy.metrics import confusion_counts, dice_from_counts, iou_from_counts
 from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.curves import plot_history
@@ -215,6 +215,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         model = built.model
         weights_info = {"encoder_weights": built.encoder_weights, "encoder_weights_sha256": built.encoder_weights_sha256, "dropped_modules": built.dropped_modules}
 
+    if main:
+        check_can_create(out)  # an unwritable --out is refused before the data are read
     dataset = load_dataset(cfg.data)
     if resume_ckpt is not None:
         split = split_of(resume_ckpt)
