@@ -37,7 +37,7 @@ def main() -> None:
         f"- command: `{args.command}`",
         f"- machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}), torch {machine['libraries']['torch']}, smp {machine['libraries']['segmentation-models-pytorch']}",
         f"- data: {ckpt['data_root']} — train {len(ckpt['split']['train'])} / val {len(ckpt['split']['val'])} / test {len(ckpt['split']['test'])} patients (split seed {ckpt['split']['seed']})",
-        f"- encoder weights: {ckpt['encoder_weights']}; input {ckpt['img_size']} px; epochs {len(history)}; wall time {args.seconds / 60:.1f} min",
+        f"- encoder weights: {ckpt['encoder_weights']}; input {ckpt['img_size']} px; epochs {len(history)}; compute {ckpt.get('compute_precision', 'float32')}; wall time {args.seconds / 60:.1f} min",
         f"- best epoch {ckpt['best']['epoch']} by validation mean per-patient Dice",
         "",
         "## Per epoch (validation = mean per-patient Dice on the val patients)",

@@ -8,7 +8,7 @@ PRESET=${1:-pspnet-scratch}
 EPOCHS=${2:-8}
 shift 2 || true
 DATA=${DATA:-${LGG_DATA_DIR:-../shared/data/kaggle_3m}}
-OUT=benchmarks/results/train_cpu_${PRESET}
+OUT=${OUT:-benchmarks/results/train_cpu_${PRESET}}
 RUN=${RUNS:-benchmarks/runs}/${PRESET}
 mkdir -p "$OUT"
 start=$(date +%s)

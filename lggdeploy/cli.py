@@ -174,12 +174,13 @@ def train_cmd(
     encoder_weights: Optional[str] = typer.Option(None, help="imagenet, random, or PATH to a local encoder state dict (default: the preset's)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from last.pt, with its own settings"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="training augmentation (default on)"),
+    precision: Optional[str] = typer.Option(None, help="auto (default: fp16 AMP on CUDA, bf16 on CPUs with AVX512-BF16/AMX, else fp32), fp32, bf16, fp16"),
 ):
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
     from lggdeploy.models.train import TrainConfig, train
 
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "img_size": img_size, "seed": seed, "split_file": split_file,
-             "encoder_weights": encoder_weights, "augment": augment}
+             "encoder_weights": encoder_weights, "augment": augment, "precision": precision}
     given = {k: v for k, v in given.items() if v is not None}
     cfg = TrainConfig(model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), device=device, resume=resume,
                       explicit=frozenset({"model", *given}), **given)

@@ -6,7 +6,7 @@ import os
 import platform
 from importlib import metadata
 
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimddp")
 LIBRARIES = ("torch", "segmentation-models-pytorch", "numpy", "onnx", "onnxruntime", "tensorrt")
 
 
@@ -24,6 +24,12 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags], "arch": platform.machine()}
+
+
+def cpu_has_bf16(isa: list[str] | None = None) -> bool:
+    """Native bfloat16 arithmetic on this CPU (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    isa = cpu_info()["isa"] if isa is None else isa
+    return any(flag in isa for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def library_versions() -> dict:

@@ -62,6 +62,8 @@ class TrainConfig:
     # The options the user gave (the CLI passes its flags); None: every field that differs from its default.
     # On --resume these are checked against the run's saved configuration.
     explicit: frozenset[str] | None = None
+    precision: str = "auto"  # auto: fp16 AMP on CUDA, bf16 autocast on CPUs with AVX512-BF16/AMX, else fp32
+    channels_last: bool = True
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -72,6 +74,8 @@ class TrainConfig:
             raise LggError(f"--img-size must be a multiple of 32 and at least 64, got {self.img_size}")
         if self.lr <= 0:
             raise LggError(f"--lr must be positive, got {self.lr}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
 
 
 @dataclass
@@ -106,7 +110,7 @@ def _history_csv(history: list[dict]) -> str:
 
 
 # Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
-FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold")
+FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last")
 
 
 def _as_config_value(key: str, value):
@@ -132,6 +136,19 @@ def resume_config(cfg: TrainConfig, saved: dict, last_path: Path) -> tuple[Train
         merged = replace(merged, epochs=int(saved["epochs"]))
     changed = {"epochs": [int(saved["epochs"]), merged.epochs]} if merged.epochs != int(saved["epochs"]) else {}
     return merged, changed
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """The mixed-precision type training computes in, or None for FP32. bf16 only where the CPU has it natively."""
+    from lggdeploy.common.machine import cpu_has_bf16
+
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_bf16() else "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        raise LggError("--precision fp16 trains only on CUDA (AMP); on a CPU use bf16 (AVX512-BF16/AMX) or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        raise LggError("--precision bf16: this CPU has no AVX512-BF16 or AMX (bf16 would be emulated and slower); use fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def rng_state() -> dict:
@@ -242,6 +259,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
 
     model.to(device)
+    compute_dtype = autocast_dtype(cfg.precision, device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -257,8 +277,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     schedule_epochs = int(resume_ckpt.get("schedule_epochs", resume_ckpt["train_config"]["epochs"])) if resume_ckpt is not None else cfg.epochs
     total_steps = schedule_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=compute_dtype == torch.float16)
     history: list[dict] = []
     best: dict = {"epoch": 0, "val_mean_patient_dice": -1.0}
     start_epoch = 1
@@ -284,7 +303,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         console.print(
             f"[bold]{spec.name}[/]: {count_parameters(model) / 1e6:.2f}M parameters, encoder weights {weights_info['encoder_weights']}, "
             f"{len(split.train)} train / {len(split.val)} val patients ({n_train} / {len(val_slices)} slices), "
-            f"{cfg.img_size}px, device {device}{f', {world} processes' if world > 1 else ''}"
+            f"{cfg.img_size}px, device {device}{f', {world} processes' if world > 1 else ''}, "
+            f"compute {str(compute_dtype).removeprefix('torch.') if compute_dtype else 'float32'}{', channels-last' if cfg.channels_last else ''}"
         )
 
     with progress_bar(cfg.show_progress and main) as bar:
@@ -305,8 +325,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.augment:
                     x01, y = augment(x01, y, aug_generator)
                 x = normalization.apply_torch(x01).to(device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
                     logits = net(x)
                 loss = dice_bce_loss(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -363,6 +385,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     epoch=epoch,
                     schedule_epochs=schedule_epochs,
                     resumes=resumes,
+                    compute_precision=str(compute_dtype).removeprefix("torch.") if compute_dtype else "float32",
                 )
                 improved = agg["mean_patient_dice"] > best["val_mean_patient_dice"]
                 if improved:
