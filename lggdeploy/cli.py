@@ -271,28 +271,34 @@ def build_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder with the checkpoint's val patients (default: the checkpoint's)"),
     calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),
     calib_method: str = typer.Option("minmax", help="minmax, entropy or percentile"),
-    max_drop: float = typer.Option(0.5, help="largest allowed drop of val mean per-patient Dice, in points"),
+    max_drop: float = typer.Option(0.5, help="largest allowed mean drop of val per-patient Dice, in points (0.01 Dice)"),
+    max_patient_drop: float = typer.Option(2.0, help="largest allowed drop of any one val patient's Dice, in points"),
+    min_agreement: float = typer.Option(0.90, help="smallest allowed Dice of the engine's masks against the FP32 model's, per val patient"),
     force: bool = typer.Option(False, "--force", help="write an engine that failed its gate (its manifest says so)"),
     min_batch: int = typer.Option(1), opt_batch: int = typer.Option(8), max_batch: int = typer.Option(32),
     workspace_gib: float = typer.Option(4.0, help="TensorRT workspace limit"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads for the gate (default: all cores)"),
 ):
     """Build engines behind the accuracy gate; --precision all builds the whole matrix."""
-    from lggdeploy.engines.build import BuildOptions, build_engines
     from lggdeploy.common.tables import rich_table
+    from lggdeploy.engines.build import BuildOptions, build_engines
 
     opts = BuildOptions(out_dir=out_dir, data=data, backend=backend, precision=precision, int8_profile=int8_profile,
-                        calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, force=force,
-                        batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads)
+                        calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, max_patient_drop=max_patient_drop,
+                        min_agreement=min_agreement, force=force, batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads)
     report = build_engines(checkpoints, opts)
     rows = [
-        {"engine": "/".join(Path(r["engine"]).parts[-2:]), "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"], "drop": r["gate"]["drop_points"],
-         "kept": len(r["gate"]["nodes_kept_in_float"]), "gate": "passed" if r["gate"]["passed"] else "FAILED (forced)", "seconds": r["build_seconds"]}
+        {"engine": "/".join(Path(r["engine"]).parts[-2:]), "n": r["gate"]["patients"], "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"],
+         "drop": r["gate"]["drop_points"], "worst": f"{r['gate']['worst_patient_drop_points']:.2f} ({r['gate']['worst_patient']})",
+         "agreement": r["gate"]["min_agreement"], "kept": len(r["gate"]["nodes_kept_in_float"]),
+         "gate": ("passed" if r["gate"]["passed"] else "FAILED (forced)") + (" [FP32 predicts no tumor]" if r["gate"]["reference_predicts_no_tumor"] else ""),
+         "seconds": r["build_seconds"]}
         for r in report.engines
     ]
-    cols = [("engine", "engine"), ("fp32", "FP32 val Dice"), ("engine_dice", "engine val Dice"), ("drop", "drop (points)"), ("kept", "nodes kept in float"), ("gate", "gate"), ("seconds", "build s")]
+    cols = [("engine", "engine"), ("n", "val patients"), ("fp32", "FP32 Dice/patient"), ("engine_dice", "engine Dice/patient"), ("drop", "mean drop (points)"),
+            ("worst", "worst patient drop"), ("agreement", "least mask agreement"), ("kept", "nodes kept in float"), ("gate", "gate"), ("seconds", "build s")]
     if rows:
-        out.print(rich_table(rows, cols, title="engines (gate: mean per-patient Dice on the validation split)"))
+        out.print(rich_table(rows, cols, title="engines (gate: paired per-patient Dice and mask agreement with the FP32 model, val split)"))
     if report.failures:
         raise GateFailed(f"{len(report.failures)} engine(s) failed the accuracy gate and were not written (see above); {len(rows)} built")
 
@@ -370,6 +376,45 @@ def predict_cmd(
         for problem in report.problems:
             err.print(f"[red]skipped:[/] {problem}", highlight=False, soft_wrap=True)
         raise LggError(f"{len(report.problems)} file(s) could not be read (listed above); the others were written")
+
+
+@app.command("pack")
+@friendly
+def pack_cmd(
+    engines: list[Path] = typer.Argument(..., help="engines of one model (their manifests beside them)"),
+    output: Path = typer.Option(Path("scanner-bundle.tar.gz"), "-o", "--out", help="bundle to write"),
+    samples: int = typer.Option(16, help="verification slices from the val patients (tumor and tumor-free)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder with the val patients (default: the engines')"),
+):
+    """One self-contained bundle for an edge scanner: engines, ONNX, calibration, a verification set, checksums, README."""
+    from lggdeploy.engines.pack import pack
+
+    path = pack(engines, output, samples, data)
+    out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): {len(engines)} engine(s), {samples} verification slices; on the device: lggdeploy verify {path.name}")
+
+
+@app.command("verify")
+@friendly
+def verify_cmd(
+    bundle: Path = typer.Argument(..., help="a bundle from `lggdeploy pack`"),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="an engine built on this device (its manifest beside it); default: the bundle's"),
+    min_agreement: Optional[float] = typer.Option(None, help="override the bundle's agreement threshold (Dice of masks vs the FP32 model's)"),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Checksums, then the engine on this device against the FP32 model's masks; exit 3 when it disagrees. No torch."""
+    from lggdeploy.common.tables import rich_table
+    from lggdeploy.runtime.verify import check_bundle_args, verify_bundle
+
+    check_bundle_args(bundle, min_agreement)
+    report = verify_bundle(bundle, engine, threads, min_agreement)
+    out.print(rich_table(report.per_patient, [("patient", "patient"), ("agreement", "mask agreement with FP32"), ("logit_sqnr_db", "logit SQNR dB"),
+                                              ("fp32_dice", "FP32 Dice"), ("engine_dice", "engine Dice")], title=f"verify {report.engine}"))
+    out.print(f"overall agreement {report.overall_agreement:.4f}, logit SQNR {report.logit_sqnr_db:.1f} dB, {len(report.per_slice_agreement)} slices, "
+              f"least slice agreement {min(report.per_slice_agreement):.4f}; threshold {report.min_agreement}")
+    if not report.passed:
+        err.print("[red]FAILED:[/] " + "; ".join(report.failures))
+        raise typer.Exit(3)
+    out.print("[green]verified[/]: this engine on this device produces the masks the validated model produced")
 
 
 @app.command("doctor")

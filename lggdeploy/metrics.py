@@ -86,14 +86,18 @@ def summarize(counts: np.ndarray, patients: np.ndarray) -> dict:
                 "accuracy": float((ptp + ptn) / (ptp + pfp + pfn + ptn)),
                 "tumor_pixels": int(ptp + pfn),
                 "predicted_pixels": int(ptp + pfp),
+                "detected": bool(ptp > 0) if ptp + pfn > 0 else None,  # any overlap with the tumor (None: no tumor)
             }
         )
     patient_dice = np.array([r["dice"] for r in rows])
     patient_iou = np.array([r["iou"] for r in rows])
     gtp, gfp, gfn, gtn = counts.sum(axis=0)
     empty = ~has_tumor
+    with_tumor = [r for r in rows if r["detected"] is not None]
     aggregates = {
         "patients": len(rows),
+        "patients_with_tumor": len(with_tumor),
+        "patients_missed": sum(1 for r in with_tumor if not r["detected"]),
         "slices": int(len(counts)),
         "mean_patient_dice": float(patient_dice.mean()),
         "median_patient_dice": float(np.median(patient_dice)),
@@ -110,7 +114,9 @@ def summarize(counts: np.ndarray, patients: np.ndarray) -> dict:
 
 METRIC_LABELS = {
     "mean_patient_dice": "mean per-patient Dice (primary)",
+    "patients_missed": "patients missed (tumor, no overlap with the prediction)",
     "median_patient_dice": "median per-patient Dice",
+    "mean_patient_dice_largest_component": "mean per-patient Dice, largest 3-D component kept (Buda et al.)",
     "mean_patient_iou": "mean per-patient IoU",
     "global_dice": "global Dice (all pixels pooled)",
     "global_iou": "global IoU",

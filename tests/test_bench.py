@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,9 +13,12 @@ from typer.testing import CliRunner
 from lggdeploy.backends import availability
 from lggdeploy.bench.run import BenchOptions, run_bench
 from lggdeploy.bench.report import write_all
-from lggdeploy.bench.stats import latency_summary, paired_bootstrap_ci, pareto_front
+from lggdeploy.bench.report import _delta_text
+from lggdeploy.bench.stats import latency_summary, paired_bootstrap_ci, paired_summary, pareto_front
 from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.cli import app
+from lggdeploy.common.errors import LggError
+from lggdeploy.models.checkpoint import load_checkpoint
 from lggdeploy.engines.formats import manifest_path
 from tests.conftest import manifest_for
 
@@ -22,10 +26,13 @@ from tests.conftest import manifest_for
 def test_latency_percentiles_on_known_inputs():
     s = latency_summary([0.010, 0.020, 0.030, 0.040, 0.050], batch=2)  # seconds
     assert s["p50_ms"] == pytest.approx(30.0)
+    assert s["iqr_ms"] == pytest.approx(20.0)  # 40 - 20
     assert s["p90_ms"] == pytest.approx(46.0)  # linear interpolation: 40 + 0.6 * 10
-    assert s["p99_ms"] == pytest.approx(49.6)
+    assert s["p99_ms"] is None and s["max_ms"] == pytest.approx(50.0)  # 5 runs cannot estimate a p99
     assert s["p50_ms_per_image"] == pytest.approx(15.0)
     assert s["images_per_s"] == pytest.approx(2 / 0.030)
+    many = latency_summary(np.linspace(0.001, 0.100, 100), batch=1)
+    assert many["p99_ms"] == pytest.approx(99.01)
 
 
 def test_paired_bootstrap_on_known_inputs():
@@ -34,6 +41,16 @@ def test_paired_bootstrap_on_known_inputs():
     assert mean == 2.0 and lo < 2.0 < hi
     assert 0.6 < lo < 1.4 and 2.6 < hi < 3.4  # the mean of 5 draws from {0..4}: sd ~0.63
     assert paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], seed=1) == paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], seed=1)
+
+
+def test_no_interval_below_five_patients():
+    two = paired_summary({"A": -0.52, "B": -0.51})
+    assert two["n"] == 2 and two["ci95"] is None and "no interval" in two["note"]
+    assert (two["min"], two["max"]) == (-0.52, -0.51) and two["mean"] == pytest.approx(-0.515)
+    five = paired_summary({p: d for p, d in zip("ABCDE", (0.0, 1.0, 2.0, 3.0, 4.0))})
+    assert five["n"] == 5 and five["ci95"][0] < 2.0 < five["ci95"][1] and "note" not in five
+    text = _delta_text(two)
+    assert "no interval" in text and "n=2" in text and "[" not in text
 
 
 def test_pareto_front():
@@ -73,12 +90,19 @@ def test_bench_rows_reference_nan_and_unavailable(engines, phantom_dir, tmp_path
     manifest_for(plan, fp32_engine, backend="tensorrt", precision="fp16", tensorrt_version="10.16.0", compute_capability="9.0")
 
     results = run_bench(BenchOptions(engines_dir=tmp_path / "engines", data=phantom_dir, split="val", batch_sizes=(1, 2), iters=3, warmup=1))
-    rows = {(r["backend"], r["precision"]): r for r in results["rows"]}
+    rows = {(r["backend"], r["precision"]): r for r in results["rows"] if not r["aa"]}
     reference, fp32 = rows[("torch", "fp32")], rows[("onnxruntime", "fp32")]
+    twin = next(r for r in results["rows"] if r["aa"])  # the reference timed again as its own entry: the noise floor
+    assert twin["backend"] == "torch" and twin["mean_patient_dice"] == reference["mean_patient_dice"]
+    assert twin["speedup"]["1"] == pytest.approx(reference["latency"]["1"]["p50_ms"] / twin["latency"]["1"]["p50_ms"])
+    assert results["noise_floor"]["worst_deviation"] == pytest.approx(max(abs(twin["speedup"][b] - 1) for b in ("1", "2")))
+    assert fp32["patients"] == len(load_checkpoint(reference["engine"])["split"]["val"])
+    assert fp32["delta_dice_points"]["ci95"] is None and fp32["delta_dice_points"]["n"] == fp32["patients"]  # phantom val: < 5 patients
     assert reference["status"] == "ok" and fp32["status"] == "ok"
     assert fp32["mean_patient_dice"] == pytest.approx(reference["mean_patient_dice"], abs=1e-4)
     assert [p["patient"] for p in fp32["per_patient"]] == [p["patient"] for p in reference["per_patient"]]
     assert fp32["delta_dice_points"]["mean"] == pytest.approx(0.0, abs=0.05)
+    assert set(fp32["delta_dice_points"]["per_patient"]) == {p["patient"] for p in reference["per_patient"]}
     assert set(fp32["latency"]) == {"1", "2"} and fp32["latency"]["2"]["runs"] == 3
     for b in ("1", "2"):  # speed-up is the reference's median latency over the engine's, per batch size
         assert fp32["speedup"][b] == pytest.approx(reference["latency"][b]["p50_ms"] / fp32["latency"][b]["p50_ms"])
@@ -140,3 +164,36 @@ def test_bad_bench_flags_fail_before_the_scoring(engines, phantom_dir, tmp_path,
                           (["--batch-sizes", "0"], "--batch-sizes"), (["--out", str(blocker / "sub")], "file")):
         result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), *flags])
         assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (flags, result.output)
+
+
+def test_bench_refuses_a_reference_that_is_not_the_engines_checkpoint(engines, phantom_dir, tmp_path, segmenting_run):
+    out, fp32_engine = engines
+    folder = tmp_path / "engines" / "model"
+    folder.mkdir(parents=True)
+    shutil.copy(fp32_engine, folder)
+    other = tmp_path / "other.pt"
+    other.write_bytes(segmenting_run.best_path.read_bytes() + b"changed")
+    manifest_for(folder / Path(fp32_engine).name, fp32_engine, checkpoint=str(other))
+    with pytest.raises(LggError, match=r"other.pt is not the checkpoint onnxruntime-fp32.onnx was built from.*onnxruntime-fp32.onnx.json records"):
+        run_bench(BenchOptions(engines_dir=tmp_path / "engines", data=phantom_dir, split="val", batch_sizes=(1,), iters=1, warmup=0))
+
+
+def test_timing_order_is_shuffled_each_round(engines, phantom_dir, monkeypatch):
+    """Engines are timed in a fresh random order every round (seeded), not in a fixed rotation."""
+    import lggdeploy.bench.run as bench_run
+
+    calls = []
+    real = bench_run._open
+
+    def tracking_open(entry, opts):
+        real(entry, opts)
+        if entry.runner is not None and entry.twin_of is None:
+            infer = entry.runner.infer
+            entry.runner.infer = lambda batch, label=entry.label, infer=infer: (calls.append(label), infer(batch))[1]
+
+    monkeypatch.setattr(bench_run, "_open", tracking_open)
+    out, _ = engines
+    run_bench(BenchOptions(engines_dir=out, data=phantom_dir, split="val", batch_sizes=(1,), iters=12, warmup=0, seed=3))
+    timed = calls[-42:-6]  # 12 rounds of 3 entries (reference, its A/A twin, the engine), before 2 x 3 end-to-end runs
+    orders = {tuple(timed[i : i + 3]) for i in range(0, 36, 3)}
+    assert len(orders) > 1

@@ -14,6 +14,7 @@ from lggdeploy.common.files import sha256_file
 from lggdeploy.models.checkpoint import load_checkpoint, save_checkpoint
 from lggdeploy.cli import app
 from lggdeploy.engines.formats import discover, read_manifest
+from lggdeploy.engines.precision.gate import Outputs
 from lggdeploy.common.errors import CheckpointError, EngineError, GateFailed, LggError
 from lggdeploy.engines.export import export_checkpoint
 from lggdeploy.engines.precision.int8 import zero_points
@@ -103,16 +104,77 @@ def test_calibration_cache_is_reused(segmenting_run, phantom_dir, tmp_path, monk
     assert second["calibration"]["slice_list_sha256"] == first["calibration"]["slice_list_sha256"]
 
 
+def without_tumor_on(outputs: Outputs, patients: np.ndarray, patient: str) -> Outputs:
+    """The engine's outputs with every prediction of one patient erased: that patient loses all its Dice."""
+    masks, logits = outputs.masks.copy(), outputs.logits.copy()
+    masks[patients == patient] = False
+    logits[patients == patient] = -20.0
+    return Outputs(logits, masks)
+
+
 def test_gate_failure_exits_nonzero_and_writes_nothing_unless_forced(segmenting_run, phantom_dir, tmp_path, monkeypatch):
-    real = _Context.score_engine
-    monkeypatch.setattr(_Context, "score_engine", lambda self, path, fmt, facts: real(self, path, fmt, facts) - 0.10)
-    with pytest.raises(GateFailed, match="dropped 10.00 points"):
+    real = _Context.run_engine
+
+    def one_patient_lost(self, path, fmt, facts):
+        return without_tumor_on(real(self, path, fmt, facts), self.val.patients, self.val.patient_ids[0])
+
+    monkeypatch.setattr(_Context, "run_engine", one_patient_lost)
+    with pytest.raises(GateFailed, match="failed the accuracy gate on .* val patients .*dropped .* points > 2.0"):
         build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
     assert discover(tmp_path) == [] and not list(tmp_path.rglob("onnxruntime-fp32.onnx*"))
     result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path)])
     assert result.exit_code == 3 and "Traceback" not in result.output
     forced = build(segmenting_run, phantom_dir, tmp_path, precision="fp32", force=True)[0]
-    assert read_manifest(forced["engine"])["forced"] is True and read_manifest(forced["engine"])["gate"]["passed"] is False
+    gate = read_manifest(forced["engine"])["gate"]
+    assert read_manifest(forced["engine"])["forced"] is True and gate["passed"] is False
+    lost = [r for r in gate["per_patient"] if r["engine_dice"] == 0]
+    assert len(lost) == 1 and gate["worst_patient"] == lost[0]["patient"] and gate["worst_patient_drop_points"] == pytest.approx(100 * lost[0]["fp32_dice"])
+    assert gate["min_agreement"] == 0.0
+    assert any("dropped" in f and "> 2.0" in f for f in gate["failures"]) and any("agree with the FP32 model's at Dice 0.0000" in f for f in gate["failures"])
+
+
+def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    """The first INT8 graph fails (forced here: it loses a patient); the gate ranks the quantized nodes by their
+    effect on the output over every val patient and rebuilds with the worst kept in float, which passes."""
+    real = _Context.run_engine
+
+    def first_graph_fails(self, path, fmt, facts):
+        outputs = real(self, path, fmt, facts)
+        return without_tumor_on(outputs, self.val.patients, self.val.patient_ids[0]) if path.name.startswith("engine-0.") else outputs
+
+    monkeypatch.setattr(_Context, "run_engine", first_graph_fails)
+    engine = build(segmenting_run, phantom_dir, tmp_path, precision="int8", int8_profile="tensorrt")[0]
+    gate = read_manifest(engine["engine"])["gate"]
+    assert gate["passed"] and len(gate["nodes_kept_in_float"]) == 1
+    assert [a["passed"] for a in gate["attempts"]] == [False, True] and gate["attempts"][1]["nodes_kept_in_float"] == 1
+    ranking = gate["ranking"]
+    assert ranking["method"].startswith("output effect") and gate["nodes_kept_in_float"][0] == ranking["top"][0]["node"]
+    val = load_checkpoint(segmenting_run.best_path)["split"]["val"]
+    assert ranking["patients"] == sorted(val)  # the ranking slices come from every val patient, not the first two sorted slices
+    assert ranking["top"][0]["score"] >= ranking["top"][-1]["score"]
+
+
+def test_an_all_background_model_is_judged_by_agreement(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    ckpt = load_checkpoint(segmenting_run.best_path)
+    ckpt.pop("path")
+    state = dict(ckpt["state_dict"])
+    bias = next(k for k in state if k.startswith("segmentation_head") and k.endswith("bias"))
+    state[bias] = state[bias] - 1000.0  # predicts no tumor anywhere
+    save_checkpoint(tmp_path / "empty.pt", dict(ckpt, state_dict=state))
+    engine = build_engines([tmp_path / "empty.pt"], BuildOptions(out_dir=tmp_path / "e", data=phantom_dir, precision="fp32")).engines[0]
+    gate = read_manifest(engine["engine"])["gate"]
+    assert gate["passed"] and gate["reference_predicts_no_tumor"] and "only the agreement" in gate["note"] and gate["fp32_dice"] == 0.0
+    real = _Context.run_engine
+
+    def predicts_something(self, path, fmt, facts):
+        outputs = real(self, path, fmt, facts)
+        masks = outputs.masks.copy()
+        masks[:, 100:110, 100:110] = True
+        return Outputs(outputs.logits, masks)
+
+    monkeypatch.setattr(_Context, "run_engine", predicts_something)
+    report = build_engines([tmp_path / "empty.pt"], BuildOptions(out_dir=tmp_path / "f", data=phantom_dir, precision="fp32"))
+    assert report.engines == [] and "agree with the FP32 model's at Dice 0.0000" in report.failures[0]  # no "drop 0.00, passed"
 
 
 def test_bad_inputs_are_clear(segmenting_run, phantom_dir, tmp_path):

@@ -46,3 +46,37 @@ def test_empty_truth_with_prediction_scores_zero_and_no_tumor_slices_is_none():
     assert summary["per_patient"][0]["dice"] == 0.0
     assert summary["aggregates"]["tumor_slice_dice"] is None
     assert summary["aggregates"]["false_positive_slice_rate"] == 1.0
+
+
+def test_detection_misses_and_largest_component_dice_on_constructed_volumes():
+    """Patient A: the tumor found plus a stray blob far away (largest component removes it); patient B: missed."""
+    from lggdeploy.data.arrays import SliceArrays
+    from lggdeploy.data.transforms import Normalization
+    from lggdeploy.scoring import score_runner
+
+    truth = np.zeros((4, 256, 256), bool)
+    truth[0:2, 100:140, 100:140] = True  # A
+    truth[2:4, 50:60, 50:60] = True  # B
+    predicted = truth.copy()
+    predicted[0, 10:20, 10:20] = True  # A: a false-positive blob
+    predicted[2:4] = False  # B: nothing found
+    predicted[3, 200:210, 200:210] = True  # B: a false positive elsewhere, no overlap
+
+    class Replay:
+        def __init__(self):
+            self.position = 0
+
+        def infer(self, batch):
+            out = np.where(predicted[self.position : self.position + len(batch)], 10.0, -10.0).astype(np.float32)[:, None]
+            self.position += len(batch)
+            return out
+
+    slices = SliceArrays(np.zeros((4, 256, 256, 3), np.uint8), truth, np.array(["A", "A", "B", "B"]), np.array([1, 2, 1, 2]))
+    summary = score_runner(Replay(), slices, 256, Normalization(), batch_size=3, show_progress=False, largest_component=True)
+    rows = {r["patient"]: r for r in summary["per_patient"]}
+    assert rows["A"]["detected"] is True and rows["B"]["detected"] is False
+    assert summary["aggregates"]["patients_missed"] == 1 and summary["aggregates"]["patients_with_tumor"] == 2
+    tumor = 2 * 40 * 40
+    assert rows["A"]["dice"] == pytest.approx(2 * tumor / (2 * tumor + 100))
+    assert rows["A"]["dice_largest_component"] == 1.0  # the stray blob is not the largest component
+    assert rows["B"]["dice"] == 0.0 and rows["B"]["dice_largest_component"] == 0.0

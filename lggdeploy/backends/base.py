@@ -42,6 +42,7 @@ class RunOptions:
 
     threads: int | None = None  # CPU intra-op threads; None: every core
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (backends that have only one kind ignore it)
+    spin: bool = True  # CPU worker threads busy-wait between runs (fast for one engine; bench turns it off)
 
     def cpu_threads(self) -> int:
         cores = os.cpu_count() or 1

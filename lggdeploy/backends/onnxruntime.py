@@ -27,13 +27,15 @@ def is_available() -> tuple[bool, str]:
     return True, f"onnxruntime {ort.__version__}, providers {', '.join(ort.get_available_providers())}"
 
 
-def session_options(threads: int):
+def session_options(threads: int, spin: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not spin:  # idle worker threads sleep instead of spinning into the next engine's measurement
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -52,11 +54,11 @@ def build(onnx_path: str | Path, fmt, target: str | Path, options: BuildTarget) 
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, path, providers: list[str], threads: int):
+    def __init__(self, path, providers: list[str], threads: int, spin: bool = True):
         import onnxruntime as ort
 
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+            self.session = ort.InferenceSession(str(path), session_options(threads, spin), providers=providers)
         except Exception as exc:
             raise EngineError(f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0][:200]})") from None
         self.input_name = self.session.get_inputs()[0].name
@@ -81,7 +83,7 @@ def load(path, manifest: dict | None = None, options: RunOptions = RunOptions())
     providers = [p for p in wanted if p in available]
     if not providers:
         raise EngineError(f"{path}: built for ONNX Runtime providers {wanted}, this machine has {available}")
-    runner = OnnxRuntimeRunner(path, providers, options.cpu_threads())
+    runner = OnnxRuntimeRunner(path, providers, options.cpu_threads(), options.spin)
     size = (manifest or {}).get("img_size")
     shape = runner.session.get_inputs()[0].shape
     if size is not None and all(isinstance(d, int) for d in shape[2:]) and tuple(shape[2:]) != (size, size):

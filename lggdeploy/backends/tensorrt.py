@@ -60,6 +60,8 @@ TRT_NAMES: dict[str, tuple[str, ...]] = {
     "ICudaEngine.get_tensor_mode": BOTH,
     "ICudaEngine.get_tensor_dtype": BOTH,
     "ICudaEngine.create_execution_context": BOTH,
+    "ICudaEngine.get_tensor_profile_shape": BOTH,
+    "ICudaEngine.get_tensor_shape": BOTH,
     "TensorIOMode.INPUT": BOTH,
     "IExecutionContext.set_input_shape": BOTH,
     "IExecutionContext.get_tensor_shape": BOTH,
@@ -100,9 +102,11 @@ def major_version(trt) -> int:
 
 
 def gpu_identity() -> dict:
-    """Name and compute capability of GPU 0 through the CUDA runtime (no torch)."""
+    """Name and compute capability of the current CUDA device (cudaGetDevice: CUDA_VISIBLE_DEVICES and
+    cudaSetDevice respected, not always device 0), through the CUDA runtime (no torch)."""
     cudart = _cudart()
-    props = _check(cudart.cudaGetDeviceProperties(0))
+    device = _check(cudart.cudaGetDevice())
+    props = _check(cudart.cudaGetDeviceProperties(device))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
 
@@ -154,18 +158,32 @@ def build(onnx_path: str | os.PathLike, fmt, plan_path: str | os.PathLike, optio
         name = network.get_input(i).name
         profile.set_shape(name, (lo, 3, img_size, img_size), (opt, 3, img_size, img_size), (hi, 3, img_size, img_size))
     config.add_optimization_profile(profile)
-    cache_blob = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
+    identity = gpu_identity()
+    cache_file = timing_cache_path(timing_cache, str(trt.__version__), identity) if timing_cache else None
+    cache_blob = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
     cache = config.create_timing_cache(cache_blob)
-    config.set_timing_cache(cache, False)
+    if cache is None or not config.set_timing_cache(cache, False):  # a cache of another TensorRT or GPU is refused: start empty
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, False):
+            raise EngineError("TensorRT refused an empty timing cache (create_timing_cache/set_timing_cache failed)")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
     with atomic_path(plan_path) as tmp:
         tmp.write_bytes(bytes(serialized))
-    if timing_cache:
-        with atomic_path(timing_cache) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"tensorrt_version": str(trt.__version__), **gpu_identity(), "batch_profile": list(batch), "workspace_gib": workspace_gib}
+    built_cache = config.get_timing_cache() if cache_file else None
+    if built_cache is not None:
+        with atomic_path(cache_file) as tmp:
+            tmp.write_bytes(bytes(built_cache.serialize()))
+    return {"tensorrt_version": str(trt.__version__), **identity, "batch_profile": list(batch), "workspace_gib": workspace_gib,
+            "timing_cache": cache_file.name if cache_file else None}
+
+
+def timing_cache_path(base: str | os.PathLike, version: str, identity: dict) -> Path:
+    """One timing cache per TensorRT version and GPU architecture: tactics timed on one are meaningless on another."""
+    base = Path(base)
+    gpu = "".join(c if c.isalnum() else "-" for c in identity["gpu"]).strip("-")
+    return base.with_name(f"{base.stem}-trt{version}-sm{identity['compute_capability'].replace('.', '')}-{gpu}{base.suffix}")
 
 
 def check_compatible(manifest: dict, path) -> None:
@@ -183,22 +201,31 @@ def check_compatible(manifest: dict, path) -> None:
 
 
 class TensorRTRunner:
-    """One engine, one execution context, device buffers grown on demand and reused. Not thread-safe: one per thread."""
+    """One engine, one execution context, device buffers grown on demand and reused. Not thread-safe: one per thread.
+
+    Batches larger than the engine's optimization profile allows are split into chunks it accepts; a batch
+    smaller than its minimum is refused (TensorRT would reject the shape, and padding would change nothing a
+    caller could see but the time)."""
 
     def __init__(self, path, manifest: dict):
         trt = _import_trt()
         self.cudart = _cudart()
         check_compatible(manifest, path)
         self.trt = trt
+        self.path = path
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise EngineError(f"{path}: TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if n != self.input)
         self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output)))
+        lowest, _, highest = self.engine.get_tensor_profile_shape(self.input, 0)
+        self.min_batch, self.max_batch = int(lowest[0]), int(highest[0])
         self.stream = _check(self.cudart.cudaStreamCreate())
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, bytes)
         self.owner = threading.get_ident()
@@ -215,10 +242,20 @@ class TensorRTRunner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if threading.get_ident() != self.owner:
             raise EngineError("a TensorRTRunner is bound to the thread that created it: make one Segmenter per thread")
-        cudart = self.cudart
         batch = np.ascontiguousarray(batch, np.float32)
-        self.context.set_input_shape(self.input, tuple(batch.shape))
+        if len(batch) < self.min_batch:
+            raise EngineError(f"{self.path}: batch {len(batch)} is below the engine's optimization profile ({self.min_batch}..{self.max_batch}); rebuild with --min-batch {len(batch)}")
+        if len(batch) > self.max_batch:
+            return np.concatenate([self._infer(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)])
+        return self._infer(batch)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        cudart = self.cudart
+        if not self.context.set_input_shape(self.input, tuple(batch.shape)):
+            raise EngineError(f"{self.path}: TensorRT refused input shape {tuple(batch.shape)} (profile batch {self.min_batch}..{self.max_batch}, {self.engine.get_tensor_shape(self.input)})")
         out_shape = tuple(self.context.get_tensor_shape(self.output))
+        if out_shape[0] != len(batch):
+            raise EngineError(f"{self.path}: TensorRT reports output shape {out_shape} for a batch of {len(batch)}")
         out = np.empty(out_shape, self.out_dtype)
         d_in, d_out = self._buffer(self.input, batch.nbytes), self._buffer(self.output, out.nbytes)
         self.context.set_tensor_address(self.input, d_in)

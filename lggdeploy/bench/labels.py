@@ -10,11 +10,11 @@ def engine_name(row: dict) -> str:
     if row.get("pruned"):
         name += " pruned"
     if row["backend"] == "torch":
-        name += " [reference]"
+        name += " [reference, A/A]" if row.get("aa") else " [reference]"
     return name
 
 
 def short_name(row: dict) -> str:
     """A compact engine label for plots: 'ort int8/cpu', 'torch fp32 (ref)'."""
-    name = engine_name(row).replace("onnxruntime", "ort").replace(" [reference]", " (ref)")
+    name = engine_name(row).replace("onnxruntime", "ort").replace(" [reference, A/A]", " (ref A/A)").replace(" [reference]", " (ref)")
     return name.replace(" (cpu profile)", "/cpu").replace(" (tensorrt profile)", "/trt")

@@ -1,10 +1,13 @@
 """`lggdeploy bench`: latency beside per-patient Dice for every engine, against the PyTorch FP32 reference.
 
-Honest timing: inputs preprocessed and preloaded (disk and preprocessing stay out of model latency;
-end-to-end time per image is reported separately), warm-up first, fixed ONNX Runtime threads, engines
-interleaved round by round so machine drift hits all alike, medians and percentiles, machine info saved.
+Honest timing on a noisy shared CPU: inputs preprocessed and preloaded (disk and preprocessing stay out of model
+latency; end-to-end time per image is reported separately), warm-up first, the same thread count for ONNX
+Runtime and PyTorch (`--threads`), ONNX Runtime threads that do not spin after a run (so one engine's idle
+threads do not eat the next one's measurement), engines interleaved in a freshly shuffled (seeded) order every
+round so machine drift hits all alike, medians with IQR, p99 only from 100 runs, and an A/A row — the reference
+timed twice as two entries — whose ratio is the run's noise floor (a warning when it exceeds 10 %).
 An engine with NaN/Inf outputs is flagged and not scored; an engine whose backend is missing is listed
-with the reason.
+with the reason. The reference is the checkpoint the engines were built from (sha256 checked).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.backends.base import RunOptions
-from lggdeploy.bench.stats import latency_summary, paired_bootstrap_ci
+from lggdeploy.bench.stats import latency_summary, paired_summary
+from lggdeploy.common.files import sha256_file
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
-from lggdeploy.engines.formats import discover, format_of, open_engine, read_manifest
+from lggdeploy.engines.formats import discover, format_of, manifest_path, open_engine, read_manifest
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.progress import console, progress_bar
 
@@ -37,6 +41,8 @@ class BenchOptions:
     warmup: int = 3
     threads: int | None = None
     bootstrap_reps: int = 2000
+    seed: int = 0  # the shuffled order of the engines in each timing round
+    noise_warning: float = 0.10  # warn when the A/A ratio is further than this from 1
 
 
 @dataclass
@@ -58,15 +64,16 @@ class Entry:
     accuracy: dict | None = None
     latency: dict = field(default_factory=dict)
     end_to_end_ms_per_image: float | None = None
+    twin_of: "Entry | None" = None  # the A/A entry: the reference timed a second time, as its own entry
 
     @property
     def label(self) -> str:
         device = f"({self.device})" if self.backend == "torch" and self.device != "cpu" else None
-        return " ".join(p for p in (self.model, self.backend, self.precision, self.int8_profile, device) if p)
+        return " ".join(p for p in (self.model, self.backend, self.precision, self.int8_profile, device, "A/A" if self.twin_of else None) if p)
 
     @property
     def is_reference(self) -> bool:
-        return self.backend == "torch" and self.precision == "fp32" and self.device == "cpu"
+        return self.backend == "torch" and self.precision == "fp32" and self.device == "cpu" and self.twin_of is None
 
 
 def _rss_mb() -> float:
@@ -89,14 +96,20 @@ def _entries(opts: BenchOptions) -> list[Entry]:
         model = manifest["model"]["name"]
         checkpoint = Path(manifest["checkpoint"])
         if group not in references:
+            if checkpoint.is_file() and sha256_file(checkpoint) != group:
+                raise LggError(
+                    f"{checkpoint} is not the checkpoint {path.name} was built from: its sha256 is {sha256_file(checkpoint)[:12]}…, "
+                    f"{manifest_path(path)} records {group[:12]}…; restore that checkpoint or rebuild the engines from this one"
+                )
             references[group] = Entry(model, "torch", "fp32", None, checkpoint, checkpoint, group, manifest, pruned=bool(manifest.get("pruned")))
             if _cuda_available():  # PyTorch on the GPU, FP32 and FP16 autocast, beside the CPU reference
                 for precision in ("fp32", "fp16"):
                     entries.append(Entry(model, "torch", precision, None, checkpoint, checkpoint, group, manifest, device="cuda"))
         entries.append(Entry(model, manifest["backend"], manifest["precision"], manifest.get("int8_profile"), path, checkpoint, group, manifest, pruned=bool(manifest.get("pruned"))))
-    ordered = []  # each checkpoint's reference first, then its engines
+    ordered = []  # each checkpoint's reference first, its A/A twin, then its engines
     for group, reference in references.items():
-        ordered.append(reference)
+        twin = Entry(reference.model, "torch", "fp32", None, reference.path, reference.checkpoint, group, reference.manifest, pruned=reference.pruned, twin_of=reference)
+        ordered.extend([reference, twin])
         ordered.extend(e for e in entries if e.group == group)
     return ordered
 
@@ -112,6 +125,9 @@ def _cuda_available() -> bool:
 def _open(entry: Entry, opts: BenchOptions) -> None:
     """Load the runner (or mark the entry unavailable / failed, with the reason)."""
     before = _rss_mb()
+    if entry.twin_of is not None:  # the same model, timed as a second entry
+        entry.status, entry.reason, entry.runner = entry.twin_of.status, entry.twin_of.reason, entry.twin_of.runner
+        return
     try:
         if entry.backend == "torch":
             ok, reason = torch_available()
@@ -127,7 +143,7 @@ def _open(entry: Entry, opts: BenchOptions) -> None:
             if not ok:
                 entry.status, entry.reason = "unavailable", reason
                 return
-            entry.runner = open_engine(entry.path, entry.manifest, RunOptions(threads=opts.threads))
+            entry.runner = open_engine(entry.path, entry.manifest, RunOptions(threads=opts.threads, spin=False))
     except LggError as exc:
         entry.status, entry.reason = "error", str(exc)
         return
@@ -183,6 +199,8 @@ def run_bench(opts: BenchOptions) -> dict:
     from lggdeploy.scoring import NonFiniteOutput, score_runner
 
     validate(opts)
+    threads = RunOptions(threads=opts.threads).cpu_threads()
+    _torch_threads(threads)
     entries = _entries(opts)
     slice_cache: dict = {}
     inputs: dict[tuple[str, int], np.ndarray] = {}
@@ -194,6 +212,9 @@ def run_bench(opts: BenchOptions) -> dict:
             continue
         slices = _slices_for(entry, opts, slice_cache)
         norm, size = Normalization.from_json(entry.manifest["normalization"]), entry.manifest["img_size"]
+        if entry.twin_of is not None:
+            entry.accuracy = entry.twin_of.accuracy
+            continue
         try:
             entry.accuracy = score_runner(entry.runner, slices, size, norm, threshold=entry.manifest["threshold"], description=f"scoring {entry.label}")
         except NonFiniteOutput as exc:
@@ -205,6 +226,7 @@ def run_bench(opts: BenchOptions) -> dict:
             inputs[(entry.group, b)] = preprocess(slices.images[idx], size, norm)
 
     active = [e for e in entries if e.status == "ok"]
+    order_rng = np.random.default_rng(opts.seed)
     with progress_bar() as bar:
         for b in opts.batch_sizes:
             times: dict[int, list[float]] = {id(e): [] for e in active}
@@ -214,8 +236,8 @@ def run_bench(opts: BenchOptions) -> dict:
             task = bar.add_task(f"timing batch {b}", total=opts.iters, info=f"{len(active)} engines interleaved")
             started = time.perf_counter()
             for round_ in range(opts.iters):
-                order = active[round_ % len(active):] + active[: round_ % len(active)]  # rotate who goes first
-                for e in order:
+                for index in order_rng.permutation(len(active)):  # a fresh order every round
+                    e = active[index]
                     t0 = time.perf_counter()
                     e.runner.infer(inputs[(e.group, b)])
                     times[id(e)].append(time.perf_counter() - t0)
@@ -225,6 +247,9 @@ def run_bench(opts: BenchOptions) -> dict:
             for e in active:
                 e.latency[b] = latency_summary(times[id(e)], b)
     for e in active:  # end to end: uint8 slices in, masks out, batch 8
+        if e.twin_of is not None:
+            e.end_to_end_ms_per_image = e.twin_of.end_to_end_ms_per_image
+            continue
         batch = raw[e.group][np.arange(8) % len(raw[e.group])]
         norm, size = Normalization.from_json(e.manifest["normalization"]), e.manifest["img_size"]
         runs = []
@@ -234,17 +259,27 @@ def run_bench(opts: BenchOptions) -> dict:
             runs.append(time.perf_counter() - t0)
         e.end_to_end_ms_per_image = float(np.median(runs) * 1000 / len(batch))
     for e in entries:
-        if e.runner is not None:
+        if e.runner is not None and e.twin_of is None:
             e.runner.close()
-    return _results(entries, opts, machine_info())
+    return _results(entries, opts, machine_info(), threads)
 
 
-def _results(entries: list[Entry], opts: BenchOptions, machine: dict) -> dict:
+def _torch_threads(threads: int) -> None:
+    """PyTorch computes with as many threads as ONNX Runtime is given, so the reference is timed alike."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+
+
+def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: int) -> dict:
     refs = {e.group: e for e in entries if e.is_reference}
-    rows = []
+    rows, noise = [], []
     for e in entries:
         row = {
             "model": e.model,
+            "aa": e.twin_of is not None,
             "backend": e.backend if e.device == "cpu" else f"{e.backend} ({e.device})",
             "precision": e.precision,
             "int8_profile": e.int8_profile,
@@ -256,24 +291,34 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict) -> dict:
             "memory_mb": round(e.memory_mb, 1) if e.memory_mb is not None else None,
             "latency": {str(b): s for b, s in e.latency.items()},
             "end_to_end_ms_per_image": e.end_to_end_ms_per_image,
-            "gate": e.manifest.get("gate") if not e.is_reference else None,
+            "gate": e.manifest.get("gate") if e.backend != "torch" else None,
         }
         if e.accuracy:
             row.update({k: e.accuracy["aggregates"][k] for k in ("mean_patient_dice", "median_patient_dice", "global_dice", "mean_patient_iou", "pixel_accuracy", "slice_mean_dice_study_style")})
             row["per_patient"] = e.accuracy["per_patient"]
+            row["patients"] = e.accuracy["aggregates"]["patients"]
+            row["patients_missed"] = e.accuracy["aggregates"]["patients_missed"]
             ref = refs.get(e.group)
             if ref is not None and ref.accuracy and not e.is_reference:
                 ref_dice = {r["patient"]: r["dice"] for r in ref.accuracy["per_patient"]}
-                diffs = [100 * (r["dice"] - ref_dice[r["patient"]]) for r in e.accuracy["per_patient"] if r["patient"] in ref_dice]
-                mean, lo, hi = paired_bootstrap_ci(diffs, reps=opts.bootstrap_reps)
-                row["delta_dice_points"] = {"mean": mean, "ci95": [lo, hi], "per_patient": dict(zip([r["patient"] for r in e.accuracy["per_patient"]], diffs))}
+                diffs = {r["patient"]: 100 * (r["dice"] - ref_dice[r["patient"]]) for r in e.accuracy["per_patient"] if r["patient"] in ref_dice}
+                row["delta_dice_points"] = paired_summary(diffs, reps=opts.bootstrap_reps)
             if ref is not None and ref.latency and e.latency:
                 row["speedup"] = {str(b): ref.latency[b]["p50_ms"] / e.latency[b]["p50_ms"] for b in e.latency if b in ref.latency}
+                if e.twin_of is not None:
+                    noise.extend({"model": e.model, "batch": b, "ratio": ratio} for b, ratio in row["speedup"].items())
         rows.append(row)
+    worst = max((abs(n["ratio"] - 1) for n in noise), default=None)
+    if worst is not None and worst > opts.noise_warning:
+        console.print(
+            f"[bold yellow]warning:[/] the A/A row (the reference timed twice) differs from itself by {worst:.0%}: this machine was noisy "
+            f"during the run; speed-ups within ±{worst:.0%} of each other are not differences"
+        )
     return {
         "format": "lggdeploy-bench",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "options": {"split": opts.split, "batch_sizes": list(opts.batch_sizes), "iters": opts.iters, "warmup": opts.warmup, "threads": opts.threads or os.cpu_count()},
+        "options": {"split": opts.split, "batch_sizes": list(opts.batch_sizes), "iters": opts.iters, "warmup": opts.warmup, "threads": threads, "order_seed": opts.seed},
+        "noise_floor": {"aa_ratios": noise, "worst_deviation": worst, "warning": worst is not None and worst > opts.noise_warning},
         "machine": machine,
         "rows": rows,
     }

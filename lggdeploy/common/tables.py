@@ -58,4 +58,5 @@ def metrics_table(summary: dict, labels: dict[str, str], title: str = ""):
     return rich_table(rows, [("metric", "metric"), ("value", "value")], title)
 
 
-PATIENT_COLUMNS = [("patient", "patient"), ("slices", "slices"), ("tumor_slices", "tumor slices"), ("dice", "Dice"), ("iou", "IoU"), ("accuracy", "accuracy")]
+PATIENT_COLUMNS = [("patient", "patient"), ("slices", "slices"), ("tumor_slices", "tumor slices"), ("detected", "tumor found"), ("dice", "Dice"),
+                   ("dice_largest_component", "Dice, largest component"), ("iou", "IoU"), ("accuracy", "accuracy")]

@@ -21,6 +21,7 @@ from lggdeploy.common.errors import BackendUnavailable, GateFailed, LggError
 from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.common.progress import console
 from lggdeploy.engines.formats import EngineFormat, manifest_path, open_engine, select_formats, write_manifest
+from lggdeploy.engines.precision.gate import GateCriteria, Outputs, Reference, run_on_slices
 
 
 @dataclass
@@ -32,7 +33,9 @@ class BuildOptions:
     int8_profile: str | None = None
     calib_samples: int = 32
     calib_method: str = "minmax"
-    max_drop: float = 0.5  # Dice points
+    max_drop: float = 0.5  # mean per-patient Dice drop on val, points
+    max_patient_drop: float = 2.0  # the worst val patient's drop, points
+    min_agreement: float = 0.90  # every val patient: Dice of the engine's masks against the FP32 model's
     force: bool = False
     batch: tuple[int, int, int] = (1, 8, 32)
     workspace_gib: float = 4.0
@@ -70,31 +73,40 @@ class _Context:
         if not (self.onnx.is_file() and record.is_file() and json.loads(record.read_text()).get("checkpoint_sha256") == self.sha):
             export_checkpoint(checkpoint, opts.out_dir, data)
         self.export_record = json.loads(record.read_text())
-        self._fp32_dice: float | None = None
+        self.criteria = GateCriteria(opts.max_drop, opts.max_patient_drop, opts.min_agreement)
+        self._reference: Reference | None = None
 
-    def score(self, runner, label: str) -> float:
-        from lggdeploy.scoring import score_runner
-
-        summary = score_runner(runner, self.val, self.img_size, self.normalization, threshold=self.threshold, description=f"gate {label}")
-        return summary["aggregates"]["mean_patient_dice"]
+    def run(self, runner, label: str) -> Outputs:
+        return run_on_slices(runner, self.val, self.img_size, self.normalization, self.threshold, label)
 
     @property
-    def fp32_dice(self) -> float:
-        if self._fp32_dice is None:
+    def reference(self) -> Reference:
+        """The PyTorch FP32 model of this very checkpoint on the val slices, once per checkpoint."""
+        if self._reference is None:
             from lggdeploy.models.checkpoint import model_from_checkpoint
             from lggdeploy.models.torch_runner import TorchRunner
 
-            self._fp32_dice = self.score(TorchRunner(model_from_checkpoint(self.ckpt)), "pytorch fp32 reference")
-        return self._fp32_dice
+            self._reference = Reference(self.run(TorchRunner(model_from_checkpoint(self.ckpt)), "pytorch fp32 reference"), self.val, self.criteria)
+        return self._reference
 
-    def score_engine(self, path: Path, fmt: EngineFormat, facts: dict) -> float:
-        """Open a candidate engine exactly as bench and the runtime will (formats.open_engine) and score it."""
+    def run_engine(self, path: Path, fmt: EngineFormat, facts: dict) -> Outputs:
+        """Open a candidate engine exactly as bench and the runtime will (formats.open_engine) and run it on val."""
         candidate = {"backend": fmt.backend, "precision": fmt.precision, "int8_profile": fmt.int8_profile, "img_size": self.img_size, **facts}
         runner = open_engine(path, candidate, self.run_options, verify=False)  # a candidate: no manifest, no sha256 yet
         try:
-            return self.score(runner, fmt.name)
+            return self.run(runner, fmt.name)
         finally:
             runner.close()
+
+    def ranking_batch(self):
+        """One tumor slice per val patient (at least 4 slices), preprocessed: what the sensitivity ranking runs on."""
+        from lggdeploy.data.arrays import SliceArrays, pick_slices
+        from lggdeploy.data.transforms import preprocess
+
+        tumor = self.val.tumor_slices()
+        pool = SliceArrays(self.val.images[tumor], self.val.masks[tumor], self.val.patients[tumor], self.val.numbers[tumor]) if tumor.any() else self.val
+        chosen = pick_slices(pool, max(4, len(pool.patient_ids)))
+        return preprocess(chosen.images, self.img_size, self.normalization), sorted(set(chosen.patients.tolist()))
 
     def build_target(self, fmt: EngineFormat) -> BuildTarget:
         # The tensorrt INT8 profile stays pure Q/DQ (what TensorRT's parser and other runtimes read), whatever runs it.
@@ -118,12 +130,14 @@ def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path):
     def graph(kept: list[str]) -> Path:
         return int8.quantize(prepared, work / f"qdq-{len(kept)}.onnx", recipe, reader, ctx.opts.calib_method, cache, kept)
 
-    def rank() -> list[tuple[str, float]]:
-        from lggdeploy.engines.precision.gate import rank_quantized_nodes
+    def rank() -> tuple[list[tuple[str, float]], dict]:
+        from lggdeploy.engines.precision.gate import rank_by_output_effect
 
-        # Always the plain Q/DQ graph of the first build: a backend's optimized engine (ONNX Runtime's QLinear
-        # fusions) cannot be matched to the float graph by qdq_loss_debug.
-        return rank_quantized_nodes(prepared, work / "qdq-0.onnx", reader)
+        # Always the plain Q/DQ graph of the first build, not a backend's optimized engine (ONNX Runtime fuses
+        # Q/DQ pairs into QLinear ops), so every quantized node can be put back in float on its own.
+        batch, patients = ctx.ranking_batch()
+        ranked, how = rank_by_output_effect(prepared, work / "qdq-0.onnx", batch, ctx.opts.threads)
+        return ranked, {**how, "patients": patients}
 
     facts = {
         "recipe": recipe.to_json(),
@@ -178,12 +192,12 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
             backend_facts.update(fmt.module.build(graph(kept), fmt, candidate, ctx.build_target(fmt)))
             return candidate
 
-        path, gate = gate_with_fallback(ctx.fp32_dice, opts.max_drop, build, lambda p: ctx.score_engine(p, fmt, backend_facts), rank, label)
+        path, gate = gate_with_fallback(ctx.reference, build, lambda p: ctx.run_engine(p, fmt, backend_facts), rank, label)
         if not gate.passed and not opts.force:
             raise GateFailed(
-                f"{label}: mean per-patient Dice on val dropped {gate.drop_points:.2f} points (FP32 {gate.fp32_dice:.4f} -> {gate.engine_dice:.4f}), "
-                f"over the {opts.max_drop}-point budget even with {len(gate.nodes_kept_in_float)} node(s) kept in float; "
-                "no engine written (raise --max-drop, try --calib-method, or --force to keep it marked as failed)"
+                f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
+                f"even with {len(gate.nodes_kept_in_float)} node(s) kept in float; no engine written "
+                "(try --calib-method, or --force to keep it marked as failed)"
             )
         seconds = time.perf_counter() - started
         manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts, "sha256": sha256_file(path)}
@@ -237,6 +251,10 @@ def validate(opts: BuildOptions) -> None:
 
     if not opts.max_drop >= 0:
         raise LggError(f"--max-drop must be 0 or more Dice points, got {opts.max_drop}")
+    if not opts.max_patient_drop >= 0:
+        raise LggError(f"--max-patient-drop must be 0 or more Dice points, got {opts.max_patient_drop}")
+    if not 0 <= opts.min_agreement <= 1:
+        raise LggError(f"--min-agreement must lie between 0 and 1 (a Dice of masks), got {opts.min_agreement}")
     if opts.calib_samples < 1:
         raise LggError(f"--calib-samples must be at least 1, got {opts.calib_samples}")
     if opts.calib_method not in METHODS:

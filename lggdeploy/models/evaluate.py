@@ -31,11 +31,12 @@ def score_model(
     description: str = "evaluating",
     threshold: float = 0.5,
     on_logits: Callable[[np.ndarray, slice], None] | None = None,
+    largest_component: bool = False,
 ) -> dict:
     """score_runner on a PyTorch model (put in eval mode for the pass, then restored)."""
     was_training = model.training
     try:
-        return score_runner(TorchRunner(model, str(device)), slices, img_size, normalization, batch_size, threshold, show_progress, description, on_logits)
+        return score_runner(TorchRunner(model, str(device)), slices, img_size, normalization, batch_size, threshold, show_progress, description, on_logits, largest_component)
     finally:
         model.train(was_training)
 
@@ -67,7 +68,7 @@ def evaluate_checkpoint(
         task = bar.add_task("reading slices", total=sum(len(dataset.patients[p].slices) for p in patients), info="")
         slices = load_slices(dataset, patients, on_slice=lambda: bar.advance(task))
     model = model_from_checkpoint(ckpt).to(torch_device)
-    summary = score_model(model, slices, ckpt["img_size"], normalization_of(ckpt), batch_size, torch_device, threshold=ckpt["threshold"])
+    summary = score_model(model, slices, ckpt["img_size"], normalization_of(ckpt), batch_size, torch_device, threshold=ckpt["threshold"], largest_component=True)
     summary["meta"] = {
         "checkpoint": str(checkpoint),
         "model": ckpt["model"]["name"],

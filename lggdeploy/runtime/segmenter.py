@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, preprocess, sigmoid
+from lggdeploy.scoring import largest_connected_component
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.common.errors import EngineError, LggError
@@ -84,6 +85,17 @@ class Segmenter:
             probabilities = np.where(masks, probabilities, np.minimum(probabilities, self.threshold))
         return Prediction(masks, probabilities)
 
+    def verify(self, bundle: str | os.PathLike, min_agreement: float | None = None):
+        """Check this engine against a bundle's verification set (`lggdeploy pack`): a scanner's start-up check.
+        Raises EngineError when the masks disagree with the FP32 model's; returns the report otherwise."""
+        from lggdeploy.runtime.bundle import check_engine, opened_bundle
+
+        with opened_bundle(bundle) as (root, description):
+            report = check_engine(self, root, description, Path(bundle), min_agreement)
+        if not report.passed:
+            raise EngineError(f"{self.path} failed verification against {bundle}: {'; '.join(report.failures)}")
+        return report
+
     def close(self) -> None:
         self.runner.close()
 
@@ -92,33 +104,3 @@ class Segmenter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def largest_connected_component(volume: np.ndarray) -> np.ndarray:
-    """Keep the largest 6-connected 3-D component of a (slices, H, W) mask (Buda et al.'s post-processing).
-
-    Label propagation on the foreground's bounding box: every voxel takes the largest label among itself and
-    its 6 neighbours until nothing changes; numpy only, so the runtime needs no SciPy.
-    """
-    volume = np.asarray(volume, bool)
-    if not volume.any():
-        return volume.copy()
-    box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(volume))
-    fg = volume[box]
-    labels = np.where(fg, np.arange(1, fg.size + 1).reshape(fg.shape), 0)
-    while True:
-        padded = np.pad(labels, 1)
-        best = labels.copy()
-        for axis in range(3):
-            for shift in (-1, 1):
-                neighbour = np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
-                best = np.maximum(best, neighbour)
-        best = np.where(fg, best, 0)
-        if np.array_equal(best, labels):
-            break
-        labels = best
-    ids, counts = np.unique(labels[fg], return_counts=True)
-    keep = ids[np.argmax(counts)]
-    out = np.zeros_like(volume)
-    out[box] = labels == keep
-    return out

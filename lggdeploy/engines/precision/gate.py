@@ -1,59 +1,324 @@
-"""The accuracy gate: an engine must keep the FP32 model's mean per-patient Dice on the validation split.
+"""The accuracy gate: an engine must keep the FP32 model's accuracy on every validation patient.
 
-Drops are in Dice points (1 point = 0.01 Dice). For INT8, a failing engine falls back layer by layer:
-quantized nodes are ranked by the quantization error they add (onnxruntime.quantization.qdq_loss_debug:
-the signal-to-quantization-noise ratio of each activation before and after its Q/DQ pair, measured on
-calibration slices), the worst are kept in float, and the graph is rebuilt from the cached calibration
-ranges, doubling the kept set until the drop is within budget or every candidate has been tried.
+The reference is the PyTorch FP32 model, run once on the val slices; each candidate engine runs on the same
+slices with the same threshold. Per patient the gate records the engine's and the reference's Dice (against the
+ground truth), their difference in points (1 point = 0.01 Dice), the label-free agreement (Dice of the engine's
+mask against the reference's mask, pooled over the patient's volume) and the logit SQNR (dB). It passes only when
+
+- the mean per-patient drop <= max_drop points (default 0.5),
+- the worst patient's drop <= max_patient_drop points (default 2), and
+- every patient's agreement >= min_agreement (default 0.90; README: how it was chosen).
+
+Agreement stays meaningful when the reference is weak: a model that predicts no tumor gives every engine
+"drop 0.00"; only agreement can tell an engine that starts predicting tumor. When the reference predicts no tumor
+on the val split at all, the gate says so (screen and manifest) and agreement alone decides.
+
+INT8 fallback: quantized nodes are ranked by what they do to the final output (`rank_by_output_effect`: each
+node alone put back in float in the Q/DQ graph, the output's SQNR gain measured on tumor slices of every val
+patient), the worst 1, 2, 4, ... are kept in float and the graph is rebuilt from the cached ranges, until the
+gate passes — at most `max_fallback_fraction` of the quantized nodes, past which it is no INT8 engine.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lggdeploy.common.progress import console
+import numpy as np
+
+from lggdeploy.common.progress import console, progress_bar
+from lggdeploy.data.arrays import SliceArrays
+from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
+from lggdeploy.metrics import confusion_counts, dice_from_counts
+
+
+@dataclass(frozen=True)
+class GateCriteria:
+    max_drop: float = 0.5  # mean per-patient Dice drop, points
+    max_patient_drop: float = 2.0  # worst patient's drop, points
+    min_agreement: float = 0.90  # every patient's Dice of engine mask vs reference mask
+
+    def to_json(self) -> dict:
+        return {"max_mean_drop_points": self.max_drop, "max_patient_drop_points": self.max_patient_drop, "min_agreement": self.min_agreement}
+
+
+@dataclass
+class Outputs:
+    """One model's logits (model resolution) and masks (native resolution) on the gate's slices."""
+
+    logits: np.ndarray
+    masks: np.ndarray
+
+
+def run_on_slices(runner, slices: SliceArrays, img_size: int, normalization: Normalization, threshold: float, label: str, batch_size: int = 16) -> Outputs:
+    from lggdeploy.scoring import NonFiniteOutput
+
+    logits, masks = [], []
+    with progress_bar() as bar:
+        task = bar.add_task(f"gate {label}", total=len(slices), info="")
+        for start in range(0, len(slices), batch_size):
+            out = runner.infer(preprocess(slices.images[start : start + batch_size], img_size, normalization))
+            if not np.isfinite(out).all():
+                raise NonFiniteOutput(f"non-finite logits (NaN/Inf) in gate slices {start}..{start + len(out) - 1}")
+            logits.append(out[:, 0].astype(np.float32))
+            masks.append(logits_to_masks(out, threshold=threshold))
+            bar.advance(task, len(out))
+    return Outputs(np.concatenate(logits), np.concatenate(masks))
+
+
+MAX_SQNR_DB = 200.0  # identical outputs: reported as 200 dB rather than infinity (JSON has no infinity)
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of `candidate` against `reference`, in dB (capped at 200 when identical)."""
+    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return MAX_SQNR_DB if noise == 0 else min(MAX_SQNR_DB, 10 * math.log10(max(signal, 1e-30) / noise))
 
 
 @dataclass
 class GateResult:
-    fp32_dice: float
-    engine_dice: float
-    max_drop_points: float
+    criteria: GateCriteria
+    per_patient: list[dict]
+    reference_predicts_no_tumor: bool
     nodes_kept_in_float: list[str] = field(default_factory=list)
     attempts: list[dict] = field(default_factory=list)
+    ranking: dict | None = None
+
+    @property
+    def fp32_dice(self) -> float:
+        return float(np.mean([r["fp32_dice"] for r in self.per_patient]))
+
+    @property
+    def engine_dice(self) -> float:
+        return float(np.mean([r["engine_dice"] for r in self.per_patient]))
 
     @property
     def drop_points(self) -> float:
-        return 100.0 * (self.fp32_dice - self.engine_dice)
+        return float(np.mean([r["drop_points"] for r in self.per_patient]))
+
+    @property
+    def worst(self) -> dict:
+        return max(self.per_patient, key=lambda r: r["drop_points"])
+
+    @property
+    def least_agreement(self) -> dict:
+        return min(self.per_patient, key=lambda r: r["agreement"])
+
+    def failures(self) -> list[str]:
+        c, out = self.criteria, []
+        if self.drop_points > c.max_drop + 1e-9:
+            out.append(f"mean drop {self.drop_points:.2f} points > {c.max_drop}")
+        if self.worst["drop_points"] > c.max_patient_drop + 1e-9:
+            out.append(f"patient {self.worst['patient']} dropped {self.worst['drop_points']:.2f} points > {c.max_patient_drop}")
+        if self.least_agreement["agreement"] < c.min_agreement - 1e-12:
+            out.append(f"patient {self.least_agreement['patient']}: masks agree with the FP32 model's at Dice {self.least_agreement['agreement']:.4f} < {c.min_agreement}")
+        return out
 
     @property
     def passed(self) -> bool:
-        return self.drop_points <= self.max_drop_points + 1e-9
+        return not self.failures()
+
+    def summary(self) -> dict:
+        return {
+            "nodes_kept_in_float": len(self.nodes_kept_in_float),
+            "engine_dice": self.engine_dice,
+            "mean_drop_points": self.drop_points,
+            "worst_patient": self.worst["patient"],
+            "worst_drop_points": self.worst["drop_points"],
+            "min_agreement": self.least_agreement["agreement"],
+            "passed": self.passed,
+        }
 
     def to_json(self) -> dict:
         return {
             "split": "val",
-            "metric": "mean per-patient Dice",
+            "patients": len(self.per_patient),
+            "metric": "per-patient Dice (engine and PyTorch FP32 on the same val slices, same threshold)",
+            "criteria": self.criteria.to_json(),
             "fp32_dice": self.fp32_dice,
             "engine_dice": self.engine_dice,
             "drop_points": self.drop_points,
-            "max_drop_points": self.max_drop_points,
+            "worst_patient": self.worst["patient"],
+            "worst_patient_drop_points": self.worst["drop_points"],
+            "min_agreement": self.least_agreement["agreement"],
+            "min_agreement_patient": self.least_agreement["patient"],
+            "min_logit_sqnr_db": min(r["logit_sqnr_db"] for r in self.per_patient),
+            "patients_missed": {"fp32": sum(r["fp32_detected"] is False for r in self.per_patient), "engine": sum(r["engine_detected"] is False for r in self.per_patient)},
+            "reference_predicts_no_tumor": self.reference_predicts_no_tumor,
+            "note": REFERENCE_EMPTY_NOTE if self.reference_predicts_no_tumor else None,
             "passed": self.passed,
+            "failures": self.failures(),
+            "per_patient": self.per_patient,
             "nodes_kept_in_float": self.nodes_kept_in_float,
+            "ranking": self.ranking,
             "attempts": self.attempts,
         }
 
 
-def rank_quantized_nodes(float_model: Path, qdq_model: Path, reader, max_slices: int = 2) -> list[tuple[str, float]]:
-    """(quantized node, dB of signal-to-noise it loses) for every quantized compute node, worst first.
+REFERENCE_EMPTY_NOTE = (
+    "the FP32 reference predicts no tumor on any val slice: the Dice part of the gate is uninformative "
+    "(every engine that also predicts nothing drops 0.00); only the agreement with the reference's masks decides"
+)
 
-    Both models run on a few calibration slices with every intermediate tensor saved; the float-vs-Q/DQ
-    SQNR of each activation (qdq_loss_debug's xmodel_err) is compared across each node: SQNR of its
-    noisiest input minus SQNR of its output is the error that node adds.
+
+class Reference:
+    """The FP32 model's outputs on the gate's val slices, computed once per checkpoint."""
+
+    def __init__(self, outputs: Outputs, slices: SliceArrays, criteria: GateCriteria):
+        self.outputs, self.slices, self.criteria = outputs, slices, criteria
+        self.patients = slices.patient_ids
+        self.truth_counts = confusion_counts(outputs.masks, slices.masks)
+        self.predicts_no_tumor = not outputs.masks.any()
+
+    def judge(self, engine: Outputs) -> GateResult:
+        engine_counts = confusion_counts(engine.masks, self.slices.masks)
+        agreement_counts = confusion_counts(engine.masks, self.outputs.masks)
+        rows = []
+        for pid in self.patients:
+            sel = self.slices.patients == pid
+            ref_tp, _, ref_fn, _ = self.truth_counts[sel].sum(axis=0)
+            eng_tp = engine_counts[sel].sum(axis=0)[0]
+            ref_dice = float(dice_from_counts(*self.truth_counts[sel].sum(axis=0)[:3]))
+            eng_dice = float(dice_from_counts(*engine_counts[sel].sum(axis=0)[:3]))
+            has_tumor = ref_tp + ref_fn > 0
+            rows.append(
+                {
+                    "patient": pid,
+                    "fp32_dice": ref_dice,
+                    "engine_dice": eng_dice,
+                    "drop_points": 100.0 * (ref_dice - eng_dice),
+                    "agreement": float(dice_from_counts(*agreement_counts[sel].sum(axis=0)[:3])),
+                    "logit_sqnr_db": sqnr_db(self.outputs.logits[sel], engine.logits[sel]),
+                    "fp32_detected": bool(ref_tp > 0) if has_tumor else None,  # any overlap with the tumor
+                    "engine_detected": bool(eng_tp > 0) if has_tumor else None,
+                }
+            )
+        return GateResult(self.criteria, rows, self.predicts_no_tumor)
+
+
+def describe(result: GateResult, label: str) -> str:
+    verdict = "passed" if result.passed else "FAILED: " + "; ".join(result.failures())
+    return (
+        f"{label}: {len(result.per_patient)} val patients, FP32 {result.fp32_dice:.4f} -> engine {result.engine_dice:.4f}, "
+        f"mean drop {result.drop_points:.2f} points, worst {result.worst['patient']} {result.worst['drop_points']:.2f}, "
+        f"least agreement {result.least_agreement['agreement']:.4f}"
+        + (f", {len(result.nodes_kept_in_float)} node(s) kept in float" if result.nodes_kept_in_float else "")
+        + f" — {verdict}"
+    )
+
+
+def gate_with_fallback(
+    reference: Reference,
+    build: Callable[[list[str]], Path],
+    run: Callable[[Path], Outputs],
+    rank: Callable[[], tuple[list[tuple[str, float]], dict]] | None,
+    label: str = "",
+    max_fallback_fraction: float = 0.5,
+) -> tuple[Path, GateResult]:
+    """Build with nothing excluded; while the gate fails and `rank` is given, keep 1, 2, 4, ... worst nodes in float."""
+    if reference.predicts_no_tumor:
+        console.print(f"[bold yellow]warning:[/] {label}: {REFERENCE_EMPTY_NOTE}")
+    path = build([])
+    result = reference.judge(run(path))
+    result.attempts.append(result.summary())
+    console.print(describe(result, label))
+    if result.passed or rank is None:
+        return path, result
+    ranked, how = rank()
+    ranking = [name for name, _ in ranked][: max(1, int(len(ranked) * max_fallback_fraction))]
+    ranking_record = {**how, "quantized_nodes": len(ranked), "top": [{"node": n, "score": s} for n, s in ranked[:32]]}
+    attempts = list(result.attempts)
+    k = 1
+    while k <= len(ranking):
+        kept = ranking[:k]
+        path = build(kept)
+        result = reference.judge(run(path))
+        result.nodes_kept_in_float = list(kept)
+        attempts.append(result.summary())
+        console.print(describe(result, label))
+        if result.passed or k == len(ranking):
+            break
+        k = min(2 * k, len(ranking))
+    result.attempts, result.ranking = attempts, ranking_record
+    return path, result
+
+
+def quantized_nodes(qdq_model) -> list[str]:
+    """Compute nodes of a Q/DQ graph that take a dequantized input (what `nodes_to_exclude` can put back in float)."""
+    dequantized = {out for node in qdq_model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return [n.name for n in qdq_model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized.intersection(n.input)]
+
+
+def float_inputs_for(qdq_model, float_model, node_name: str):
+    """A copy of the Q/DQ graph in which `node_name` reads float tensors: its activation inputs skip their Q/DQ pair
+    and its weights come from the float model. Everything else stays quantized."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq_model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    float_node = next(n for n in float_model.graph.node if n.name == node_name)
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    present = {i.name for i in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == node_name)
+    for position, name in enumerate(node.input):
+        dq = producers.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        source = producers.get(dq.input[0])
+        if source is not None and source.op_type == "QuantizeLinear":
+            node.input[position] = source.input[0]  # the activation before quantization
+        elif position < len(float_node.input) and float_node.input[position] in float_inits:
+            weight = float_node.input[position]
+            if weight not in present:
+                model.graph.initializer.append(float_inits[weight])
+                present.add(weight)
+            node.input[position] = weight  # the float weight
+    return model
+
+
+def rank_by_output_effect(float_path: Path, qdq_path: Path, batch: np.ndarray, threads: int | None = None) -> tuple[list[tuple[str, float]], dict]:
+    """(node, dB of output SQNR gained when that node alone runs in float), worst node first.
+
+    The output error of the full Q/DQ graph against the float graph is measured on `batch` (tumor slices of every
+    val patient); then each quantized node is put back in float on its own (graph surgery, no recalibration) and
+    the gain in output SQNR is its score: what that node's quantization costs the final logits.
     """
+    import onnx
+    import onnxruntime as ort
+
+    from lggdeploy.backends.onnxruntime import session_options
+    from lggdeploy.backends.base import RunOptions
+
+    opts = session_options(RunOptions(threads=threads).cpu_threads())
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the Q/DQ numerics as written
+
+    def run(model_bytes: bytes) -> np.ndarray:
+        session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: batch})[0]
+
+    float_model, qdq_model = onnx.load(str(float_path)), onnx.load(str(qdq_path))
+    reference = run(float_model.SerializeToString())
+    base = sqnr_db(reference, run(qdq_model.SerializeToString()))
+    scores = []
+    names = quantized_nodes(qdq_model)
+    with progress_bar() as bar:
+        task = bar.add_task("ranking nodes by output effect", total=len(names), info="")
+        for name in names:
+            variant = float_inputs_for(qdq_model, float_model, name)
+            scores.append((name, sqnr_db(reference, run(variant.SerializeToString())) - base))
+            bar.advance(task)
+    ranked = sorted(scores, key=lambda kv: kv[1], reverse=True)
+    return ranked, {"method": "output effect: output SQNR gained when the node alone runs in float", "slices": len(batch), "output_sqnr_db_all_quantized": base}
+
+
+def rank_quantized_nodes(float_model: Path, qdq_model: Path, reader, max_slices: int = 2) -> list[tuple[str, float]]:
+    """(quantized node, dB of activation SQNR it loses) from onnxruntime's qdq_loss_debug: the older, local ranking
+    (kept for comparison in benchmarks; the gate ranks by output effect)."""
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
@@ -63,11 +328,10 @@ def rank_quantized_nodes(float_model: Path, qdq_model: Path, reader, max_slices:
     )
 
     reader.rewind()
-    few = []  # collect_activations iterates its reader: a list of input dicts serves
+    few = []
     while len(few) < max_slices and (item := reader.get_next()) is not None:
         few.append(item)
     reader.rewind()
-
     with tempfile.TemporaryDirectory() as tmp:
         aug_float, aug_qdq = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
         modify_model_output_intermediate_tensors(str(float_model), str(aug_float))
@@ -76,10 +340,7 @@ def rank_quantized_nodes(float_model: Path, qdq_model: Path, reader, max_slices:
         qdq_acts = collect_activations(str(aug_qdq), few)
     errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
     sqnr = {name: float(err["xmodel_err"]) for name, err in errors.items() if "xmodel_err" in err}
-
-    qdq_graph = onnx.load(str(qdq_model)).graph
-    dequantized = {out for node in qdq_graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    quantized = {node.name for node in qdq_graph.node if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized.intersection(node.input)}
+    quantized = set(quantized_nodes(onnx.load(str(qdq_model))))
     ranking = []
     for node in onnx.load(str(float_model)).graph.node:
         if node.name not in quantized:
@@ -91,39 +352,3 @@ def rank_quantized_nodes(float_model: Path, qdq_model: Path, reader, max_slices:
         before = min(inputs) if inputs else float("inf")
         ranking.append((node.name, min(before, 200.0) - min(outputs)))
     return sorted(ranking, key=lambda kv: kv[1], reverse=True)
-
-
-def gate_with_fallback(
-    fp32_dice: float,
-    max_drop_points: float,
-    build: Callable[[list[str]], Path],
-    score: Callable[[Path], float],
-    rank: Callable[[], list[tuple[str, float]]] | None,
-    label: str = "",
-    max_fallback_fraction: float = 0.5,
-) -> tuple[Path, GateResult]:
-    """Build with nothing excluded; while over budget and `rank` is given, keep 1, 2, 4, ... worst nodes in float.
-
-    At most `max_fallback_fraction` of the quantized nodes go back to float: past that it is no INT8 engine.
-    """
-    kept: list[str] = []
-    path = build(kept)
-    dice = score(path)
-    result = GateResult(fp32_dice, dice, max_drop_points, [], [{"nodes_kept_in_float": 0, "engine_dice": dice}])
-    console.print(f"{label}: FP32 {fp32_dice:.4f}, engine {dice:.4f}, drop {result.drop_points:.2f} points (budget {max_drop_points})")
-    if result.passed or rank is None:
-        return path, result
-    ranked = rank()
-    ranking = [name for name, _ in ranked][: max(1, int(len(ranked) * max_fallback_fraction))]
-    k = 1
-    while not result.passed and k <= len(ranking):
-        kept = ranking[:k]
-        path = build(kept)
-        dice = score(path)
-        result.engine_dice, result.nodes_kept_in_float = dice, list(kept)
-        result.attempts.append({"nodes_kept_in_float": k, "engine_dice": dice})
-        console.print(f"{label}: {k} worst node(s) kept in float -> engine {dice:.4f}, drop {result.drop_points:.2f} points")
-        if k == len(ranking):
-            break
-        k = min(2 * k, len(ranking))
-    return path, result

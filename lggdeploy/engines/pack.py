@@ -1,0 +1,177 @@
+"""`lggdeploy pack`: one self-contained, versioned bundle per model for an edge scanner.
+
+    bundle.json         what is inside: model, checkpoint sha256, engines, ONNX graphs, calibration, verification set
+    SHA256SUMS          sha256 of every other file (`sha256sum -c` works on it)
+    README.md           for the device: verify, build a TensorRT plan there (lggdeploy or trtexec)
+    engines/            the engines and their manifests
+    onnx/               model.onnx (FP32, + its export record) and the plain Q/DQ INT8 graph when one was packed:
+                        what a device builds its own TensorRT plan from
+    calibration/        the INT8 calibration caches (ranges) the engines were built with
+    verification.npz    K val slices (tumor and tumor-free, every val patient), their ground truth and the FP32
+                        model's logits and masks: `lggdeploy verify` checks an engine on the device against them
+
+Written to a temporary file and renamed: a killed pack leaves no half bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from lggdeploy import __version__
+from lggdeploy.common.errors import LggError
+from lggdeploy.common.files import atomic_path, check_writable, sha256_file, temporary_folder
+from lggdeploy.engines.formats import manifest_path, read_manifest, verify_engine
+
+BUNDLE_FORMAT = "lggdeploy-bundle"
+DEFAULT_SAMPLES = 16  # about 2 MB of verification data: small enough to ship, one or more slices per val patient
+
+
+def _reference(ckpt: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The FP32 PyTorch model's logits (model resolution) and masks (native 256) on `images`."""
+    from lggdeploy.data.transforms import logits_to_masks, preprocess
+    from lggdeploy.models.checkpoint import model_from_checkpoint, normalization_of
+    from lggdeploy.models.torch_runner import TorchRunner
+
+    runner = TorchRunner(model_from_checkpoint(ckpt))
+    logits = np.concatenate([runner.infer(preprocess(images[i : i + 8], ckpt["img_size"], normalization_of(ckpt))) for i in range(0, len(images), 8)])
+    return logits, logits_to_masks(logits, threshold=ckpt["threshold"])
+
+
+def pack(engines: list[str | os.PathLike], out: str | os.PathLike, samples: int = DEFAULT_SAMPLES, data: str | os.PathLike | None = None) -> Path:
+    from lggdeploy.data.arrays import load_slices, pick_slices
+    from lggdeploy.data.kaggle import load_dataset, resolve_data_root
+    from lggdeploy.data.split import Split
+    from lggdeploy.models.checkpoint import load_checkpoint
+
+    if not engines:
+        raise LggError("give at least one engine to pack")
+    if samples < 1:
+        raise LggError(f"--samples must be at least 1, got {samples}")
+    out = check_writable(out)
+    engines = [Path(e) for e in engines]
+    manifests = [read_manifest(e) for e in engines]
+    for engine, manifest in zip(engines, manifests):
+        verify_engine(engine, manifest)
+    models = {m["checkpoint_sha256"] for m in manifests}
+    if len(models) > 1:
+        raise LggError(f"the engines come from {len(models)} different checkpoints: a bundle holds one model; pack each model's engines separately")
+    first = manifests[0]
+    checkpoint = Path(first["checkpoint"])
+    if not checkpoint.is_file() or sha256_file(checkpoint) != first["checkpoint_sha256"]:
+        raise LggError(f"the checkpoint the engines were built from ({checkpoint}, sha256 {first['checkpoint_sha256'][:12]}…) is not here: pack needs it for the FP32 reference outputs")
+    ckpt = load_checkpoint(checkpoint)
+    folder = engines[0].parent
+    onnx_path = folder / "model.onnx"
+    if not onnx_path.is_file() or not (folder / "model.onnx.json").is_file():
+        raise LggError(f"{folder} lacks model.onnx and its record: rebuild the engines with `lggdeploy build`")
+
+    split = Split.from_json(first["split"], origin=f"{engines[0]} manifest")
+    dataset = load_dataset(resolve_data_root(data, first.get("data_root") or ckpt.get("data_root"), "the verification set (val patients)"))
+    chosen = pick_slices(load_slices(dataset, split.val), samples)
+    logits, masks = _reference(ckpt, chosen.images)
+
+    with temporary_folder(out.parent, prefix="pack") as tmp:
+        root = Path(tmp) / "bundle"
+        for sub in ("engines", "onnx", "calibration"):
+            (root / sub).mkdir(parents=True)
+        entries = []
+        for engine, manifest in zip(engines, manifests):
+            shutil.copyfile(engine, root / "engines" / engine.name)
+            shutil.copyfile(manifest_path(engine), root / "engines" / manifest_path(engine).name)
+            entries.append({"file": f"engines/{engine.name}", "manifest": f"engines/{manifest_path(engine).name}", "backend": manifest["backend"],
+                            "precision": manifest["precision"], "int8_profile": manifest.get("int8_profile"), "gate": {k: manifest["gate"].get(k) for k in ("passed", "criteria", "min_agreement", "drop_points")}})
+            cache = (manifest.get("calibration") or {}).get("cache")
+            if cache and (folder / cache).is_file():
+                shutil.copyfile(folder / cache, root / "calibration" / Path(cache).name)
+            if manifest["precision"] == "int8" and manifest.get("int8_profile") == "tensorrt" and manifest["backend"] == "onnxruntime":
+                shutil.copyfile(engine, root / "onnx" / "model-int8-qdq.onnx")  # plain Q/DQ: what TensorRT's parser takes
+        shutil.copyfile(onnx_path, root / "onnx" / "model.onnx")
+        shutil.copyfile(folder / "model.onnx.json", root / "onnx" / "model.onnx.json")
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=chosen.images, truth=np.packbits(chosen.masks, axis=-1), fp32_logits=logits.astype(np.float16),
+                            fp32_masks=np.packbits(masks, axis=-1), patients=chosen.patients.astype(str), numbers=chosen.numbers)
+        (root / "verification.npz").write_bytes(buffer.getvalue())
+        criteria = first["gate"].get("criteria") or {}
+        description = {
+            "format": BUNDLE_FORMAT,
+            "version": 1,
+            "lggdeploy_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": first["model"],
+            "checkpoint_sha256": first["checkpoint_sha256"],
+            "onnx_sha256": first["onnx_sha256"],
+            "img_size": first["img_size"],
+            "normalization": first["normalization"],
+            "threshold": first["threshold"],
+            "engines": entries,
+            "onnx": sorted(f"onnx/{p.name}" for p in (root / "onnx").iterdir()),
+            "calibration": sorted(f"calibration/{p.name}" for p in (root / "calibration").iterdir()),
+            "verification": {
+                "file": "verification.npz",
+                "slices": len(chosen),
+                "tumor_slices": int(chosen.tumor_slices().sum()),
+                "patients": chosen.patient_ids,
+                "checkpoint_sha256": first["checkpoint_sha256"],
+                "min_agreement": criteria.get("min_agreement", 0.90),
+                "criterion": "every verification patient: Dice of the engine's masks against the FP32 model's masks >= min_agreement",
+            },
+        }
+        (root / "bundle.json").write_text(json.dumps(description, indent=2) + "\n")
+        (root / "README.md").write_text(device_readme(description, first))
+        sums = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in sorted(root.rglob("*")) if p.is_file()]
+        (root / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+        with atomic_path(out) as target, tarfile.open(target, "w:gz") as tar:
+            for path in sorted(root.rglob("*")):
+                tar.add(path, arcname=path.relative_to(root).as_posix(), recursive=False)
+    return out
+
+
+def device_readme(description: dict, manifest: dict) -> str:
+    """Commands for the device: verify what is here, build a plan on this GPU, verify the plan."""
+    size = description["img_size"]
+    batch = manifest.get("batch_profile") or [1, 8, 32]
+    shapes = f"--minShapes=input:{batch[0]}x3x{size}x{size} --optShapes=input:{batch[1]}x3x{size}x{size} --maxShapes=input:{batch[2]}x3x{size}x{size}"
+    qdq = "onnx/model-int8-qdq.onnx" if "onnx/model-int8-qdq.onnx" in description["onnx"] else None
+    lines = [
+        f"# {description['model']['name']} — lggdeploy bundle",
+        "",
+        f"Model checkpoint sha256 `{description['checkpoint_sha256']}`, input {size}×{size}×3 uint8 slices (pre-contrast, FLAIR,",
+        "post-contrast), normalization and threshold in `bundle.json`. Every file is listed in `SHA256SUMS`.",
+        "",
+        "## 1. Check that this device runs the model as validated",
+        "",
+        "```bash",
+        "pip install lggdeploy            # the torch-free runtime",
+        "lggdeploy verify scanner-bundle.tar.gz                       # checksums + the packed engine on this device",
+        "```",
+        "",
+        "In a scanner's start-up: `Segmenter.verify('scanner-bundle.tar.gz')` raises when the engine disagrees with the FP32 model.",
+        "",
+        "## 2. Build a TensorRT plan on this GPU (plans are specific to the GPU and TensorRT version)",
+        "",
+        "With lggdeploy (TensorRT 10 or 11 and cuda-python installed: `pip install 'lggdeploy[tensorrt]'`), from the ONNX here:",
+        "",
+        "```bash",
+        f"trtexec --onnx=onnx/model.onnx --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-fp32.plan",
+    ]
+    if qdq:
+        lines.append(f"trtexec --onnx={qdq} --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-int8-tensorrt.plan")
+    lines += [
+        "```",
+        "",
+        "These are the flags lggdeploy's own TensorRT builder sets: a strongly typed network (precision comes from the graph:",
+        "Q/DQ nodes for INT8), one optimization profile for the batch, a 4 GiB workspace, builder optimization level 3, a",
+        "timing cache. `lggdeploy verify scanner-bundle.tar.gz --engine PLAN` checks a plan against the verification set;",
+        "lggdeploy loads an engine only with its manifest beside it (`PLAN.json`: backend, precision, TensorRT version,",
+        "GPU, sha256 — see an engine manifest in `engines/`).",
+        "",
+    ]
+    return "\n".join(lines)
