@@ -126,3 +126,27 @@ def test_documented_python_api_paths():
     from lggdeploy.train import TrainConfig, train  # noqa: F401
 
     assert evaluate_checkpoint is implementation
+
+
+def test_large_freed_tensors_stay_in_the_heap_after_keep_freed_memory():
+    """eval's system time came from glibc mmapping and unmapping every large tensor; with keep_freed_memory a
+    64 MB array comes from the heap, without it from an mmap."""
+    import platform
+
+    import pytest
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = """
+import ctypes, sys, numpy as np
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
+if sys.argv[1] == "on":
+    from lggdeploy.common.machine import keep_freed_memory
+    assert keep_freed_memory()
+block = np.ones(64 << 20, np.uint8)
+print(libc.mallinfo2().hblkhd)
+"""
+    mapped = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stdout) for mode in ("off", "on")}
+    assert mapped["off"] >= 64 << 20 and mapped["on"] < 64 << 20  # (blocks mapped at import time may remain)

@@ -26,6 +26,27 @@ def cpu_info() -> dict:
     return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags], "arch": platform.machine()}
 
 
+def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
+    """Stop glibc from returning every large freed block to the kernel (mmap/munmap per tensor).
+
+    PyTorch on the CPU allocates and frees its large activation tensors on every batch; glibc serves each from a
+    fresh mmap and unmaps it on free, so every batch page-faults its memory in again: measured here, `eval` of 5
+    patients spent 14.7 of 62 s in the kernel, 0.9 s with this. Heap memory is kept for reuse instead (up to
+    `trim_threshold` bytes are not trimmed). Process-wide, so the CLI calls it; a Python user may. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def cpu_has_bf16(isa: list[str] | None = None) -> bool:
     """Native bfloat16 arithmetic on this CPU (AVX512-BF16 or AMX), where bf16 autocast pays."""
     isa = cpu_info()["isa"] if isa is None else isa
