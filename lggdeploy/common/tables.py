@@ -21,7 +21,7 @@ def fmt(value, key: str = "") -> str:
     if isinstance(value, float):
         if value != value:  # NaN
             return "—"
-        return f"{value:.2f}" if key.startswith(TWO_DECIMALS) or key.endswith(("_s", "_ms", "_mb")) else f"{value:.4f}"
+        return f"{value:.2f}" if key.startswith(TWO_DECIMALS) or key.endswith(("_s", "_ms", "_mb", "seconds")) else f"{value:.4f}"
     return str(value)
 
 
