@@ -96,9 +96,10 @@ def _entries(opts: BenchOptions) -> list[Entry]:
         model = manifest["model"]["name"]
         checkpoint = Path(manifest["checkpoint"])
         if group not in references:
-            if checkpoint.is_file() and sha256_file(checkpoint) != group:
+            actual = sha256_file(checkpoint) if checkpoint.is_file() else group  # hashed once per checkpoint
+            if actual != group:
                 raise LggError(
-                    f"{checkpoint} is not the checkpoint {path.name} was built from: its sha256 is {sha256_file(checkpoint)[:12]}…, "
+                    f"{checkpoint} is not the checkpoint {path.name} was built from: its sha256 is {actual[:12]}…, "
                     f"{manifest_path(path)} records {group[:12]}…; restore that checkpoint or rebuild the engines from this one"
                 )
             references[group] = Entry(model, "torch", "fp32", None, checkpoint, checkpoint, group, manifest, pruned=bool(manifest.get("pruned")))
