@@ -15,7 +15,7 @@ $(VENV)/.torch-installed:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch-installed pyproject.toml
-	$(PIP) install --quiet -e '.[train,prune,test]'
+	$(PIP) install --quiet -e '.[train,prune,qat,openvino,test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -229,12 +229,13 @@ def prune_cmd(
     lr: float = typer.Option(1e-4, help="fine-tuning learning rate"),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("auto"),
+    distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune against the unpruned model's outputs (soft targets) beside the labels"),
 ):
     """Structured channel pruning (Torch-Pruning, DepGraph) with optional fine-tuning; writes an ordinary checkpoint."""
     from lggdeploy.models.checkpoint import load_checkpoint
     from lggdeploy.models.prune import prune_checkpoint
 
-    path = prune_checkpoint(checkpoint, ratio, out_dir, steps, finetune_epochs, data, lr, batch_size, device)
+    path = prune_checkpoint(checkpoint, ratio, out_dir, steps, finetune_epochs, data, lr, batch_size, device, distill)
     recipe = load_checkpoint(path)["pruning"][-1]
     tuned = recipe["finetune"][-1]["best"]["val_mean_patient_dice"] if recipe["finetune"] else None
     out.print(
@@ -278,6 +279,9 @@ def build_cmd(
     min_batch: int = typer.Option(1), opt_batch: int = typer.Option(8), max_batch: int = typer.Option(32),
     workspace_gib: float = typer.Option(4.0, help="TensorRT workspace limit"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads for the gate (default: all cores)"),
+    qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto (when post-training INT8 fails its gate), always or off"),
+    qat_epochs: int = typer.Option(1, help="QAT epochs on the checkpoint's train split (0: no QAT)"),
+    qat_lr: float = typer.Option(1e-3, help="QAT learning rate (SGD, momentum 0.9, cosine to zero)"),
 ):
     """Build engines behind the accuracy gate; --precision all builds the whole matrix."""
     from lggdeploy.common.tables import rich_table
@@ -285,22 +289,64 @@ def build_cmd(
 
     opts = BuildOptions(out_dir=out_dir, data=data, backend=backend, precision=precision, int8_profile=int8_profile,
                         calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, max_patient_drop=max_patient_drop,
-                        min_agreement=min_agreement, force=force, batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads)
+                        min_agreement=min_agreement, force=force, batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads,
+                        qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr)
     report = build_engines(checkpoints, opts)
     rows = [
         {"engine": "/".join(Path(r["engine"]).parts[-2:]), "n": r["gate"]["patients"], "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"],
          "drop": r["gate"]["drop_points"], "worst": f"{r['gate']['worst_patient_drop_points']:.2f} ({r['gate']['worst_patient']})",
          "agreement": r["gate"]["min_agreement"], "kept": len(r["gate"]["nodes_kept_in_float"]),
+         "qat": f"{r['qat']['epochs']} ep" if r.get("qat") else "",
          "gate": ("passed" if r["gate"]["passed"] else "FAILED (forced)") + (" [FP32 predicts no tumor]" if r["gate"]["reference_predicts_no_tumor"] else ""),
          "seconds": r["build_seconds"]}
         for r in report.engines
     ]
     cols = [("engine", "engine"), ("n", "val patients"), ("fp32", "FP32 Dice/patient"), ("engine_dice", "engine Dice/patient"), ("drop", "mean drop (points)"),
-            ("worst", "worst patient drop"), ("agreement", "least mask agreement"), ("kept", "nodes kept in float"), ("gate", "gate"), ("seconds", "build s")]
+            ("worst", "worst patient drop"), ("agreement", "least mask agreement"), ("kept", "nodes kept in float"), ("qat", "QAT"), ("gate", "gate"), ("seconds", "build s")]
     if rows:
         out.print(rich_table(rows, cols, title="engines (gate: paired per-patient Dice and mask agreement with the FP32 model, val split)"))
     if report.failures:
         raise GateFailed(f"{len(report.failures)} engine(s) failed the accuracy gate and were not written (see above); {len(rows)} built")
+
+
+@app.command("optimize")
+@friendly
+def optimize_cmd(
+    checkpoint: Path = typer.Argument(..., help="the trained (unpruned) checkpoint"),
+    out_dir: Path = typer.Option(Path("optimized"), "--out", "-o", help="ladder, engines, report and the chosen engine (a second run resumes here)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoint's)"),
+    max_drop: float = typer.Option(0.5, help="largest allowed mean drop of val per-patient Dice against the unpruned FP32 model, in points"),
+    max_patient_drop: float = typer.Option(2.0, help="largest allowed drop of any one val patient's Dice, in points"),
+    min_agreement: float = typer.Option(0.90, help="smallest allowed mask Dice against the FP32 model's masks, per val patient"),
+    budget_minutes: Optional[float] = typer.Option(None, help="stop building new candidates after this many minutes (the ones built are still timed)"),
+    prune_ratios: str = typer.Option("0.3", help="comma-separated structured pruning ratios to try ('' for none)"),
+    prune_epochs: int = typer.Option(2, help="fine-tuning epochs after pruning (distilled from the unpruned model)"),
+    distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune pruned models against the unpruned model's outputs"),
+    qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto, always or off"),
+    qat_epochs: int = typer.Option(1, help="QAT epochs when post-training INT8 fails (0: no QAT)"),
+    batch: int = typer.Option(8, help="the batch size the fastest engine is chosen for"),
+    batch_sizes: str = typer.Option("1,8", help="batch sizes timed"),
+    iters: int = typer.Option(20, help="timed rounds per batch size (candidates interleaved)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for every runtime (default: all cores)"),
+):
+    """The fastest engine that keeps accuracy: precision x pruning x CPU backend, gated, timed side by side."""
+    from lggdeploy.optimize import OptimizeOptions, optimize
+
+    opts = OptimizeOptions(out=out_dir, data=data, max_drop=max_drop, max_patient_drop=max_patient_drop, min_agreement=min_agreement,
+                           budget_minutes=budget_minutes, prune_ratios=_floats(prune_ratios, "--prune-ratios"), prune_epochs=prune_epochs,
+                           distill=distill, qat=qat, qat_epochs=qat_epochs, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
+                           iters=iters, threads=threads)
+    summary = optimize(checkpoint, opts)
+    out.print((out_dir / "optimize.md").read_text())
+    chosen = summary["chosen"]
+    out.print(f"chosen: {chosen['engine']} -> {out_dir / 'chosen'}")
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise LggError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 @app.command("bench")

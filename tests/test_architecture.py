@@ -20,7 +20,7 @@ LAYERS = [
     {"lggdeploy.engines"},
     {"lggdeploy.runtime"},
     {"lggdeploy.bench"},
-    {"lggdeploy.cli", "lggdeploy.demo", "lggdeploy.doctor", "lggdeploy.train", "lggdeploy.evaluate"},
+    {"lggdeploy.cli", "lggdeploy.demo", "lggdeploy.doctor", "lggdeploy.train", "lggdeploy.evaluate", "lggdeploy.optimize"},
 ]
 
 

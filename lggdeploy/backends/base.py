@@ -26,6 +26,7 @@ from lggdeploy.common.errors import BackendUnavailable, LggError
 BACKENDS = {
     "onnxruntime": "lggdeploy.backends.onnxruntime",
     "tensorrt": "lggdeploy.backends.tensorrt",
+    "openvino": "lggdeploy.backends.openvino",
 }
 
 

@@ -40,6 +40,13 @@ class BuildOptions:
     batch: tuple[int, int, int] = (1, 8, 32)
     workspace_gib: float = 4.0
     threads: int | None = None
+    # INT8 quantization-aware fine-tuning: "auto" when post-training INT8 fails its gate, "always", or "off"
+    qat: str = "auto"
+    qat_epochs: int = 1
+    qat_lr: float = 1e-3
+    # The FP32 model the gate compares with (default: the checkpoint itself). `optimize` gates the engines of a
+    # pruned checkpoint against the unpruned model, so that pruning and quantization share one budget.
+    reference: Path | None = None
 
 
 class _Context:
@@ -67,6 +74,7 @@ class _Context:
         data = resolve_data_root(opts.data, self.ckpt.get("data_root"), "INT8 calibration and the accuracy gate (its val patients)")
         dataset = load_dataset(data)
         self.split.check_against(dataset, origin=f"{checkpoint} (embedded split)")
+        self.dataset = dataset
         self.val = load_slices(dataset, self.split.val)
         self.onnx = self.folder / "model.onnx"
         record = self.folder / "model.onnx.json"
@@ -75,19 +83,45 @@ class _Context:
         self.export_record = json.loads(record.read_text())
         self.criteria = GateCriteria(opts.max_drop, opts.max_patient_drop, opts.min_agreement)
         self._reference: Reference | None = None
+        self._qat: _QatModel | None = None
+        self.ptq = _FloatSource(self.onnx, self.export_record["onnx_sha256"], "")
+
+    def calibration_slices(self):
+        from lggdeploy.engines.precision.calibration import pick_calibration_slices
+
+        return pick_calibration_slices(self.val, self.opts.calib_samples)
+
+    def qat_model(self) -> "_QatModel":
+        """The checkpoint fine-tuned with fake quantization, exported to float ONNX: once per checkpoint and recipe
+        (both INT8 profiles start from it), kept under qat/ so that a second build reuses it."""
+        if self._qat is None:
+            self._qat = _quantization_aware(self)
+        return self._qat
 
     def run(self, runner, label: str) -> Outputs:
         return run_on_slices(runner, self.val, self.img_size, self.normalization, self.threshold, label)
 
     @property
     def reference(self) -> Reference:
-        """The PyTorch FP32 model of this very checkpoint on the val slices, once per checkpoint."""
+        """The PyTorch FP32 model (this checkpoint's, or --reference's) on the val slices, once per checkpoint."""
         if self._reference is None:
             from lggdeploy.models.checkpoint import model_from_checkpoint
             from lggdeploy.models.torch_runner import TorchRunner
 
-            self._reference = Reference(self.run(TorchRunner(model_from_checkpoint(self.ckpt)), "pytorch fp32 reference"), self.val, self.criteria)
+            self._reference = Reference(self.run(TorchRunner(model_from_checkpoint(self.reference_ckpt)), "pytorch fp32 reference"), self.val, self.criteria)
         return self._reference
+
+    @property
+    def reference_ckpt(self) -> dict:
+        if self.opts.reference is None:
+            return self.ckpt
+        from lggdeploy.models.checkpoint import load_checkpoint
+
+        other = load_checkpoint(self.opts.reference)
+        for key in ("img_size", "normalization", "split"):
+            if other[key] != self.ckpt[key]:
+                raise LggError(f"the reference {self.opts.reference} differs from {self.checkpoint} in its {key}: a gate needs the same inputs and val patients")
+        return other
 
     def run_engine(self, path: Path, fmt: EngineFormat, facts: dict) -> Outputs:
         """Open a candidate engine exactly as bench and the runtime will (formats.open_engine) and run it on val."""
@@ -114,21 +148,109 @@ class _Context:
         return BuildTarget(self.img_size, self.opts.batch, self.opts.workspace_gib, self.folder / "tensorrt.timing-cache", optimize=not plain)
 
 
-def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path):
+@dataclass
+class _FloatSource:
+    """The float ONNX an INT8 graph is quantized from: the export (post-training) or the QAT model's."""
+
+    onnx: Path
+    sha256: str
+    tag: str  # "" or "qat-": names its work files and its calibration cache
+    ranges: dict | None = None  # QAT: {module: amax}, mapped onto the ONNX convolutions' inputs
+    model: object = None  # QAT: the fine-tuned float network (its weights identify each convolution)
+
+
+@dataclass
+class _QatModel:
+    source: _FloatSource
+    record: dict
+
+
+def _quantization_aware(ctx: _Context) -> _QatModel:
+    from lggdeploy.common.files import atomic_path
+    from lggdeploy.common.progress import progress_bar
+    from lggdeploy.data.arrays import load_slices
+    from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
+    from lggdeploy.engines.export import export_onnx
+    from lggdeploy.engines.precision import qat
+    from lggdeploy.engines.precision.calibration import slice_ids, slice_list_hash
+    from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
+
+    opts = ctx.opts
+    recipe = qat.QatRecipe(epochs=opts.qat_epochs, lr=opts.qat_lr)
+    chosen = ctx.calibration_slices()
+    key = recipe.key(ctx.sha, slice_ids(chosen))
+    folder = ctx.folder / "qat"
+    stored, onnx_path = folder / f"{key}.pt", folder / f"{key}.onnx"
+    if stored.is_file() and onnx_path.is_file():
+        ckpt = load_checkpoint(stored)
+        model = model_from_checkpoint(ckpt)
+        record = {**ckpt["qat"], "reused": True}
+        console.print(f"QAT: reusing {stored} ({record['epochs']} epoch(s), lr {record['lr']})")
+    else:
+        recipe.validate()
+        started = time.perf_counter()
+        train = load_slices(ctx.dataset, ctx.split.train)
+        if len(train) < recipe.batch_size:
+            raise LggError(f"{ctx.checkpoint}: its train split holds {len(train)} slices, too few for quantization-aware fine-tuning")
+        x = preprocess(chosen.images, ctx.img_size, ctx.normalization)
+        import torch
+
+        batches = [torch.from_numpy(x[i : i + 8]) for i in range(0, len(x), 8)]
+        quantized = qat.quantize_for_training(model_from_checkpoint(ctx.ckpt), batches)
+        images, masks = resize_images(train.images, ctx.img_size), resize_masks(train.masks, ctx.img_size)
+        console.print(f"QAT: {qat.LIBRARY} {qat.modelopt_version()}, {recipe.epochs} epoch(s) on {len(ctx.split.train)} train patients ({len(train)} slices), lr {recipe.lr}")
+        with progress_bar(True) as bar:
+            task = bar.add_task("QAT", total=None, info="")
+
+            def on_step(epoch, step, steps, loss):
+                bar.update(task, total=steps * recipe.epochs, completed=(epoch - 1) * steps + step, info=f"epoch {epoch} loss {loss:.4f}")
+
+            history = qat.finetune(quantized, images, masks, ctx.normalization, recipe, on_step, teacher=model_from_checkpoint(ctx.reference_ckpt))
+        amax = qat.conv_amax(quantized)
+        model = qat.strip_quantizers(quantized, model_from_checkpoint(ctx.ckpt))
+        record = {
+            "library": qat.LIBRARY, "library_version": qat.modelopt_version(), "config": "INT8_DEFAULT_CFG (int8, per-channel weights on axis 0, per-tensor activations, max calibration)",
+            **{k: getattr(recipe, k) for k in ("epochs", "lr", "optimizer", "batch_size", "weight_decay", "seed", "augment", "distill_weight")},
+            "loss": f"distillation from the FP32 model (BCE on its probabilities), weight {recipe.distill_weight}; the rest Dice + BCE on labels",
+            "teacher": str(ctx.opts.reference or ctx.checkpoint), "batch_norm": "statistics frozen", "schedule": "cosine to zero",
+            "train_patients": list(ctx.split.train), "train_slices": len(train),
+            "calibration_slice_list_sha256": slice_list_hash(slice_ids(chosen)), "history": history,
+            "seconds": round(time.perf_counter() - started, 1), "conv_input_amax": amax, "key": key,
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = make_payload(model, base=ctx.ckpt, qat=record, qat_of=ctx.sha)
+        with atomic_path(onnx_path) as tmp:  # the ONNX first: a kill between the two leaves no checkpoint to reuse
+            export_onnx(model, tmp, ctx.img_size)
+        save_checkpoint(stored, payload)
+    source = _FloatSource(onnx_path, sha256_file(stored), "qat-", record["conv_input_amax"], model)
+    return _QatModel(source, {k: v for k, v in record.items() if k != "conv_input_amax"} | {"checkpoint": str(stored), "checkpoint_sha256": source.sha256})
+
+
+def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSource):
     """(graph(kept_nodes) -> Q/DQ ONNX, rank() -> ranking, calibration facts) for one INT8 profile."""
     from lggdeploy.engines.precision import calibration, int8
 
     recipe = int8.recipe_for(fmt.int8_profile)
-    prepared = int8.preprocess_for_quantization(ctx.onnx, work / "prepared.onnx")
-    chosen = calibration.pick_calibration_slices(ctx.val, ctx.opts.calib_samples)
+    prepared = int8.preprocess_for_quantization(source.onnx, work / f"{source.tag}prepared.onnx")
+    chosen = ctx.calibration_slices()
     ids = calibration.slice_ids(chosen)
-    key = calibration.cache_key(ctx.export_record["onnx_sha256"], ids, ctx.opts.calib_method, recipe.symmetric_activations)
-    cache = ctx.folder / "calibration" / f"{key}.json"
+    key = calibration.cache_key(source.sha256, ids, ctx.opts.calib_method, recipe.symmetric_activations)
+    cache = ctx.folder / "calibration" / f"{source.tag}{key}.json"
     reader = calibration.make_reader(chosen, ctx.img_size, ctx.normalization)
     cache_was_there = cache.is_file()
+    qat_ranges = None
+    if source.ranges is not None:
+        from lggdeploy.engines.precision import qat
+
+        ranges = qat.conv_input_ranges(prepared, source.model, source.ranges)
+        if not cache_was_there:  # ONNX Runtime calibrates every tensor, then the convolution inputs take QAT's ranges
+            raw = work / f"{source.tag}calibrated.json"
+            int8.quantize(prepared, work / f"{source.tag}calibration.onnx", recipe, reader, ctx.opts.calib_method, raw)
+            qat.override_cache(raw, cache, ranges, recipe.symmetric_activations)
+        qat_ranges = len(ranges)
 
     def graph(kept: list[str]) -> Path:
-        return int8.quantize(prepared, work / f"qdq-{len(kept)}.onnx", recipe, reader, ctx.opts.calib_method, cache, kept)
+        return int8.quantize(prepared, work / f"{source.tag}qdq-{len(kept)}.onnx", recipe, reader, ctx.opts.calib_method, cache, kept)
 
     def rank() -> tuple[list[tuple[str, float]], dict]:
         from lggdeploy.engines.precision.gate import rank_by_output_effect
@@ -136,7 +258,7 @@ def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path):
         # Always the plain Q/DQ graph of the first build, not a backend's optimized engine (ONNX Runtime fuses
         # Q/DQ pairs into QLinear ops), so every quantized node can be put back in float on its own.
         batch, patients = ctx.ranking_batch()
-        ranked, how = rank_by_output_effect(prepared, work / "qdq-0.onnx", batch, ctx.opts.threads)
+        ranked, how = rank_by_output_effect(prepared, work / f"{source.tag}qdq-0.onnx", batch, ctx.opts.threads)
         return ranked, {**how, "patients": patients}
 
     facts = {
@@ -150,6 +272,8 @@ def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path):
         "cache": str(cache.relative_to(ctx.folder)),
         "cache_reused": cache_was_there,
     }
+    if qat_ranges is not None:
+        facts["qat_ranges"] = f"{qat_ranges} convolution input(s) take the range QAT trained with; the other tensors are calibrated on these slices"
     return graph, rank, facts
 
 
@@ -170,7 +294,7 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
     with temporary_folder(ctx.folder) as tmp:
         work = Path(tmp)
         rank = None
-        if fmt.precision in ("fp32", "fp16"):
+        if fmt.precision in ("fp32", "fp16", "bf16"):  # bf16: an execution precision of the FP32 graph
             typed = ctx.onnx
             if fmt.precision == "fp16":
                 typed, changed = convert_fp16(ctx.onnx, work / "fp16.onnx")
@@ -184,26 +308,61 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
             def graph(kept: list[str]) -> Path:  # nothing to keep in float: one graph per precision
                 return typed
 
-        else:
-            graph, rank, extra["calibration"] = _int8_graph(ctx, fmt, work)
+        elif opts.qat != "always" or opts.qat_epochs == 0:
+            graph, rank, extra["calibration"] = _int8_graph(ctx, fmt, work, ctx.ptq)
+
+        sources: dict[Path, Path] = {}  # candidate engine -> the graph it was built from
 
         def build(kept: list[str]) -> Path:
-            candidate = work / f"engine-{len(kept)}{fmt.suffix}"
-            backend_facts.update(fmt.module.build(graph(kept), fmt, candidate, ctx.build_target(fmt)))
+            candidate = work / f"engine-{tag}{len(kept)}{fmt.suffix}"
+            sources[candidate] = graph(kept)
+            backend_facts.update(fmt.module.build(sources[candidate], fmt, candidate, ctx.build_target(fmt)))
             return candidate
 
-        path, gate = gate_with_fallback(ctx.reference, build, lambda p: ctx.run_engine(p, fmt, backend_facts), rank, label)
+        def run(p: Path):
+            return ctx.run_engine(p, fmt, backend_facts)
+
+        tag = ""
+        gate = None
+        qat_mode = "off" if opts.qat_epochs == 0 else opts.qat
+        if fmt.precision == "int8" and qat_mode != "off":
+            if qat_mode == "auto":  # post-training INT8 first, as is; QAT only when that fails
+                path, gate = gate_with_fallback(ctx.reference, build, run, None, f"{label} (post-training)")
+                if not gate.passed:
+                    extra["post_training_gate"] = gate.summary()
+                    console.print(f"{label}: post-training INT8 failed its gate; quantization-aware fine-tuning ({opts.qat_epochs} epoch(s), --qat off to skip)")
+            if gate is None or not gate.passed:
+                qat_model = ctx.qat_model()
+                tag = "qat-"
+                graph, rank, extra["calibration"] = _int8_graph(ctx, fmt, work, qat_model.source)
+                extra["qat"] = qat_model.record
+                gate = None
+        if gate is None:
+            path, gate = gate_with_fallback(ctx.reference, build, run, rank, label + (" (QAT)" if tag else ""))
         if not gate.passed and not opts.force:
             raise GateFailed(
                 f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
                 f"even with {len(gate.nodes_kept_in_float)} node(s) kept in float; no engine written "
                 "(try --calib-method, or --force to keep it marked as failed)"
             )
+        twin = None
+        engine_sha = sha256_file(path)
+        if fmt.precision == "int8":
+            # The portable twin: the plain Q/DQ graph before any runtime's own optimization, which OpenVINO,
+            # TensorRT's parser and ONNX Runtime anywhere can read. Kept beside an engine that is not itself plain.
+            plain = sources[path]
+            if sha256_file(plain) == engine_sha:
+                extra["portable_qdq"] = {"file": target.name, "sha256": engine_sha, "note": "the engine is itself the plain Q/DQ graph"}
+            else:
+                twin = target.with_name(f"{target.stem}.qdq.onnx")
+                extra["portable_qdq"] = {"file": twin.name, "sha256": sha256_file(plain), "note": "plain Q/DQ ONNX before the runtime's optimization: for OpenVINO, TensorRT, ONNX Runtime elsewhere"}
         seconds = time.perf_counter() - started
-        manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts, "sha256": sha256_file(path)}
+        manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts, "sha256": engine_sha}
         # No kill leaves an engine beside a manifest that is not its own: the old manifest goes first (an engine
-        # without one is refused at load), then the engine is renamed into place, then its manifest is written.
+        # without one is refused at load), then the engine (and its twin) renamed into place, then its manifest.
         manifest_path(target).unlink(missing_ok=True)
+        if twin is not None:
+            os.replace(sources[path], twin)
         os.replace(path, target)  # every candidate lives in `work`, inside the engines folder: an atomic rename
         write_manifest(target, manifest)
     console.print(f"[green]built[/] {target} ({seconds:.1f} s, gate {'passed' if gate.passed else 'FAILED (forced)'})")
@@ -231,7 +390,7 @@ def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dic
         "data_root": ctx.ckpt.get("data_root"),
         "pruned": bool(ctx.ckpt.get("pruning")),
         "pruning": ctx.ckpt.get("pruning", []),
-        "gate": gate.to_json(),
+        "gate": {**gate.to_json(), "reference": str(ctx.opts.reference or ctx.checkpoint)},
         "forced": not gate.passed,
         "build_seconds": round(seconds, 2),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -262,6 +421,16 @@ def validate(opts: BuildOptions) -> None:
     lo, opt, hi = opts.batch
     if not 1 <= lo <= opt <= hi:
         raise LggError(f"batch profile must satisfy 1 <= --min-batch <= --opt-batch <= --max-batch, got {opts.batch}")
+    if opts.qat not in ("auto", "always", "off"):
+        raise LggError(f"unknown --qat {opts.qat!r}: choose auto (when post-training INT8 fails its gate), always or off")
+    if opts.qat_epochs < 0:
+        raise LggError(f"--qat-epochs must be 0 (no quantization-aware fine-tuning) or more, got {opts.qat_epochs}")
+    if opts.qat == "always" and opts.qat_epochs == 0:
+        raise LggError("--qat always needs --qat-epochs of 1 or more")
+    if opts.qat != "off" and opts.qat_epochs > 0:
+        from lggdeploy.engines.precision.qat import QatRecipe
+
+        QatRecipe(epochs=opts.qat_epochs, lr=opts.qat_lr).validate()
     if opts.workspace_gib <= 0:
         raise LggError(f"--workspace-gib must be positive, got {opts.workspace_gib}")
     RunOptions(threads=opts.threads).cpu_threads()
@@ -277,6 +446,13 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
         ok, reason = fmt.available()
         if not ok:
             raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
+    for fmt in list(formats):
+        supported, why = getattr(fmt.module, "cpu_supports", lambda _p: (True, ""))(fmt.precision)
+        if not supported:
+            if opts.precision != "all":
+                raise BackendUnavailable(f"{fmt.name}: {why}")
+            console.print(f"[yellow]skipped {fmt.name}:[/] {why}")
+            formats.remove(fmt)
     report = BuildReport([], [])
     for checkpoint in checkpoints:
         ctx = _Context(Path(checkpoint), opts)

@@ -57,21 +57,28 @@ FORMATS: tuple[EngineFormat, ...] = (
     EngineFormat("tensorrt", "fp32", None, ".plan"),
     EngineFormat("tensorrt", "fp16", None, ".plan"),
     EngineFormat("tensorrt", "int8", "tensorrt", ".plan"),
+    EngineFormat("openvino", "fp32", None, ".onnx"),
+    EngineFormat("openvino", "bf16", None, ".onnx"),  # an execution precision: AVX512-BF16 or AMX CPUs only
+    EngineFormat("openvino", "int8", "cpu", ".onnx"),  # the plain Q/DQ graph of the cpu profile
 )
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_INT8_PROFILE = {"onnxruntime": "cpu", "tensorrt": "tensorrt"}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DEFAULT_INT8_PROFILE = {"onnxruntime": "cpu", "tensorrt": "tensorrt", "openvino": "cpu"}
 
 
 def select_formats(backend: str, precision: str, int8_profile: str | None = None) -> list[EngineFormat]:
     """The rows a `build --backend B --precision P [--int8-profile X]` asks for."""
     if precision not in PRECISIONS + ("all",):
-        raise EngineError(f"unknown --precision {precision!r}: choose fp32, fp16, int8 or all")
+        raise EngineError(f"unknown --precision {precision!r}: choose {', '.join(PRECISIONS)} or all")
+    backends = sorted({f.backend for f in FORMATS})
+    if backend not in backends:
+        raise EngineError(f"unknown --backend {backend!r}: choose {', '.join(backends)}")
     rows = [f for f in FORMATS if f.backend == backend and (precision == "all" or f.precision == precision)]
-    if not rows:
-        raise EngineError(f"unknown --backend {backend!r}: choose {' or '.join(sorted({f.backend for f in FORMATS}))}")
     profile = int8_profile or DEFAULT_INT8_PROFILE.get(backend)
     rows = [f for f in rows if f.precision != "int8" or f.int8_profile == profile]
     if not rows:
+        if precision != "int8":
+            have = sorted({f.precision for f in FORMATS if f.backend == backend}, key=PRECISIONS.index)
+            raise EngineError(f"backend {backend} has no {precision} engines: choose {', '.join(have)}")
         raise EngineError(f"--int8-profile {int8_profile} does not exist for backend {backend}")
     return rows
 

@@ -88,6 +88,13 @@ def pack(engines: list[str | os.PathLike], out: str | os.PathLike, samples: int 
             shutil.copyfile(manifest_path(engine), root / "engines" / manifest_path(engine).name)
             entries.append({"file": f"engines/{engine.name}", "manifest": f"engines/{manifest_path(engine).name}", "backend": manifest["backend"],
                             "precision": manifest["precision"], "int8_profile": manifest.get("int8_profile"), "gate": {k: manifest["gate"].get(k) for k in ("passed", "criteria", "min_agreement", "drop_points")}})
+            twin = manifest.get("portable_qdq") or {}
+            if twin.get("file") and twin["file"] != engine.name:  # the plain Q/DQ twin of a runtime-optimized INT8 engine
+                source = engine.parent / twin["file"]
+                if not source.is_file() or sha256_file(source) != twin.get("sha256"):
+                    raise LggError(f"{source}: the portable Q/DQ twin that {manifest_path(engine).name} names is missing or altered; rebuild the engine")
+                shutil.copyfile(source, root / "onnx" / twin["file"])
+                entries[-1]["portable_qdq"] = f"onnx/{twin['file']}"
             cache = (manifest.get("calibration") or {}).get("cache")
             if cache and (folder / cache).is_file():
                 shutil.copyfile(folder / cache, root / "calibration" / Path(cache).name)

@@ -95,6 +95,7 @@ def prune_checkpoint(
     lr: float = 1e-4,
     batch_size: int = 8,
     device: str = "auto",
+    distill: bool = True,
 ) -> Path:
     """Prune (and fine-tune) a checkpoint; returns the path of the new checkpoint (best.pt of its run folder)."""
     from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
@@ -123,7 +124,8 @@ def prune_checkpoint(
         n = len(stages) + 1
         start = save_stage(model, None, out / f"stage{n}_start.pt")
         result = train(TrainConfig(model=ckpt["model"]["name"], data=data, out=out / f"stage{n}", epochs=epochs_per_step,
-                                   batch_size=batch_size, lr=lr, img_size=ckpt["img_size"], device=device, init_checkpoint=start))
+                                   batch_size=batch_size, lr=lr, img_size=ckpt["img_size"], device=device, init_checkpoint=start,
+                                   teacher=Path(checkpoint) if distill else None))
         tuned = model_from_checkpoint(load_checkpoint(result.best_path))
         model.load_state_dict(tuned.state_dict())
         stages.append({"step": step + 1, "history": result.history, "best": result.best})
@@ -131,6 +133,7 @@ def prune_checkpoint(
 
     recipe = prune_model(model, ckpt["img_size"], ratio, steps, finetune)
     recipe["finetune_epochs"] = epochs_per_step * steps if finetune_epochs else 0
+    recipe["distillation"] = {"teacher": str(checkpoint), "weight": 0.5, "targets": "the unpruned model's sigmoid outputs"} if distill and finetune_epochs else None
     recipe["finetune"] = [{"step": st["step"], "best": st["best"]} for st in stages]
     console.print(
         f"params {recipe['params_before'] / 1e6:.2f}M -> {recipe['params_after'] / 1e6:.2f}M, "

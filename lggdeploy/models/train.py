@@ -64,6 +64,10 @@ class TrainConfig:
     explicit: frozenset[str] | None = None
     precision: str = "auto"  # auto: fp16 AMP on CUDA, bf16 autocast on CPUs with AVX512-BF16/AMX, else fp32
     channels_last: bool = True
+    # Knowledge distillation (fine-tuning a pruned model): the teacher's sigmoid outputs are soft targets beside
+    # the labels; loss = (1 - w) * (Dice + BCE on labels) + w * BCE(student logits, teacher probabilities).
+    teacher: Path | None = None
+    distill_weight: float = 0.5
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -74,6 +78,8 @@ class TrainConfig:
             raise LggError(f"--img-size must be a multiple of 32 and at least 64, got {self.img_size}")
         if self.lr <= 0:
             raise LggError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.distill_weight <= 1:
+            raise LggError(f"--distill-weight must lie between 0 and 1, got {self.distill_weight}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
 
@@ -110,7 +116,7 @@ def _history_csv(history: list[dict]) -> str:
 
 
 # Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
-FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last")
+FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last", "teacher", "distill_weight")
 
 
 def _as_config_value(key: str, value):
@@ -259,9 +265,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
 
     model.to(device)
+    teacher = None
+    if cfg.teacher is not None:
+        teacher_ckpt = load_checkpoint(cfg.teacher)
+        if teacher_ckpt["img_size"] != cfg.img_size:
+            raise LggError(f"the teacher {cfg.teacher} works at {teacher_ckpt['img_size']} px, the run at {cfg.img_size} px: distil at the teacher's size")
+        teacher = model_from_checkpoint(teacher_ckpt).to(device).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
     compute_dtype = autocast_dtype(cfg.precision, device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -331,6 +347,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
                     logits = net(x)
                 loss = dice_bce_loss(logits.float(), y)
+                if teacher is not None:
+                    with torch.no_grad(), torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+                        soft = torch.sigmoid(teacher(x).float())
+                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.binary_cross_entropy_with_logits(logits.float(), soft)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

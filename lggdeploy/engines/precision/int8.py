@@ -1,7 +1,11 @@
 """INT8: Q/DQ graphs calibrated on validation slices, for two targets.
 
 - `tensorrt`: what TensorRT's ONNX parser accepts — signed INT8, zero point 0 (symmetric activations and
-  weights), per-channel weights on the output-channel axis, per-tensor activations, float biases.
+  weights), per-channel weights on the output-channel axis, per-tensor activations, float biases; Q/DQ on the
+  inputs of convolutions and matrix products only, where NVIDIA's own tools (Model Optimizer, pytorch-quantization)
+  place them and TensorRT fuses them. Quantizing every tensor (residual adds, the pyramid's concat, the logits
+  before the final upsampling) cost the 34-patient pspnet-scratch 5.15 points on val; convolutions only, 0.35
+  (benchmarks/results/qat/).
 - `cpu`: what the host CPU runs fastest — ONNX Runtime's guidance: U8S8 (uint8 activations, int8 weights),
   with reduce_range on x86 without VNNI; S8S8 on ARM with dot-product instructions.
 """
@@ -30,6 +34,9 @@ class Int8Recipe:
     symmetric_activations: bool
     op_types: tuple[str, ...] | None  # None: every op ONNX Runtime can quantize
     quantize_bias: bool = True  # int32 bias Q/DQ; TensorRT takes float biases and fuses them itself
+    # Q/DQ on the outputs of the quantized ops too: what ONNX Runtime fuses into QLinearConv (cpu). TensorRT wants
+    # them on inputs only (its own fusions decide the output precision), as NVIDIA's tools and QAT place them.
+    quantize_outputs: bool = True
 
     def to_json(self) -> dict:
         return {**self.__dict__, "op_types": list(self.op_types) if self.op_types else "all"}
@@ -37,7 +44,7 @@ class Int8Recipe:
 
 def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = None) -> Int8Recipe:
     if profile == "tensorrt":
-        return Int8Recipe("tensorrt", "int8", "int8", True, False, True, None, quantize_bias=False)
+        return Int8Recipe("tensorrt", "int8", "int8", True, False, True, ("Conv", "ConvTranspose", "MatMul", "Gemm"), quantize_bias=False, quantize_outputs=False)
     if profile == "cpu":
         from lggdeploy.common.machine import cpu_info
 
@@ -101,9 +108,13 @@ def quantize(
         "CalibTensorRangeSymmetric": recipe.symmetric_activations,
         "QuantizeBias": recipe.quantize_bias,
     }
+    if not recipe.quantize_outputs:
+        extra["OpTypesToExcludeOutputQuantization"] = list(recipe.op_types or ())
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
     cache_path.parent.mkdir(parents=True, exist_ok=True)
+    if reader is not None and hasattr(reader, "rewind"):
+        reader.rewind()  # a reader another call has read to its end would give no data
     with atomic_path(out_path) as tmp, contextlib.redirect_stdout(io.StringIO()), quiet_root_logger():
         quantize_static(
             str(prepared),

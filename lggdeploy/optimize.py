@@ -1,0 +1,370 @@
+"""`lggdeploy optimize`: the fastest engine that keeps accuracy, found by walking a ladder of candidates.
+
+The ladder, cheapest first, for the checkpoint and for each pruning ratio (pruned, then fine-tuned with
+distillation from the unpruned model):
+
+    onnxruntime fp32, openvino fp32, openvino bf16 (AVX512-BF16/AMX CPUs), onnxruntime int8 (cpu profile),
+    openvino int8 (cpu profile, plain Q/DQ) — INT8 with quantization-aware fine-tuning when post-training fails
+
+Every candidate is built by `build` behind the accuracy gate, always against the *unpruned* FP32 model, so that
+pruning and quantization spend one budget (--max-drop). A pruning ratio whose FP32 engine already fails the
+gate is not quantized. Everything that passed is then timed side by side in one `bench` run (engines
+interleaved, the PyTorch reference and its A/A row included), and the Pareto front of latency against val
+per-patient Dice is written with the chosen engine — the fastest that passed at `--batch` — and a manifest
+saying how it was found.
+
+Resumable: engines, pruned checkpoints and gate verdicts live under --out; a second run reuses what the
+first built (a failed candidate is not rebuilt either) and only re-times.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lggdeploy.common.errors import GateFailed, LggError
+from lggdeploy.common.files import ensure_folder, sha256_file, write_json_atomic, write_text_atomic
+from lggdeploy.common.progress import console
+
+LADDER = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("onnxruntime", "int8"), ("openvino", "int8"))
+
+
+@dataclass
+class OptimizeOptions:
+    out: Path = Path("optimized")
+    data: Path | None = None
+    max_drop: float = 0.5
+    max_patient_drop: float = 2.0
+    min_agreement: float = 0.90
+    budget_minutes: float | None = None
+    prune_ratios: tuple[float, ...] = (0.3,)
+    prune_epochs: int = 2
+    prune_lr: float = 1e-4
+    distill: bool = True
+    qat: str = "auto"
+    qat_epochs: int = 1
+    calib_samples: int = 32
+    batch: int = 8  # the batch size the choice is made for
+    batch_sizes: tuple[int, ...] = (1, 8)
+    iters: int = 20
+    threads: int | None = None
+    ladder: tuple[tuple[str, str], ...] = LADDER
+
+    def validate(self) -> None:
+        if self.max_drop < 0:
+            raise LggError(f"--max-drop must be 0 or more Dice points, got {self.max_drop}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise LggError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+        if any(not 0 < r < 1 for r in self.prune_ratios):
+            raise LggError(f"--prune-ratios must lie strictly between 0 and 1, got {', '.join(map(str, self.prune_ratios))}")
+        if self.prune_ratios and self.prune_epochs < 1:
+            raise LggError("pruning without fine-tuning loses most of the accuracy: give --prune-epochs 1 or more, or --prune-ratios ''")
+        if self.batch not in self.batch_sizes:
+            raise LggError(f"--batch {self.batch} must be one of the timed batch sizes {self.batch_sizes}")
+
+
+@dataclass
+class Candidate:
+    model: str  # "unpruned" or "pruned 30%"
+    checkpoint: str
+    backend: str
+    precision: str
+    status: str = "pending"  # passed | failed gate | skipped | unavailable | not tried (budget)
+    reason: str = ""
+    engine: str | None = None
+    val_dice: float | None = None
+    val_drop_points: float | None = None
+    nodes_kept_in_float: int | None = None
+    qat: bool = False
+    build_seconds: float | None = None
+    latency_ms_per_image: dict = field(default_factory=dict)
+    speedup_vs_pytorch: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.checkpoint}|{self.backend}|{self.precision}"
+
+
+def _available(backend: str, precision: str) -> tuple[bool, str]:
+    from lggdeploy.backends.base import availability, backend_module
+
+    ok, reason = availability(backend)
+    if not ok:
+        return ok, reason
+    check = getattr(backend_module(backend), "cpu_supports", None)
+    return check(precision) if check else (True, "")
+
+
+def _pruned(checkpoint: Path, ratio: float, opts: OptimizeOptions) -> Path:
+    """The pruned, fine-tuned checkpoint of one ratio (reused when a previous run made it)."""
+    from lggdeploy.models.prune import prune_checkpoint
+
+    folder = opts.out / "pruned" / f"ratio{int(round(ratio * 100))}"
+    if (folder / "best.pt").is_file() and (folder / "done.json").is_file():
+        console.print(f"optimize: reusing {folder / 'best.pt'}")
+        return folder / "best.pt"
+    if folder.exists():
+        shutil.rmtree(folder)  # a run killed while pruning: start that ratio again
+    path = prune_checkpoint(checkpoint, ratio, folder, 1, opts.prune_epochs, opts.data, opts.prune_lr, distill=opts.distill)
+    write_json_atomic(folder / "done.json", {"ratio": ratio, "sha256": sha256_file(path)})
+    return path
+
+
+def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts: OptimizeOptions) -> dict:
+    from lggdeploy.engines.build import BuildOptions, build_engines
+
+    report = build_engines([checkpoint], BuildOptions(
+        out_dir=opts.out / "engines", data=opts.data, backend=backend, precision=precision, calib_samples=opts.calib_samples,
+        max_drop=opts.max_drop, max_patient_drop=opts.max_patient_drop, min_agreement=opts.min_agreement, threads=opts.threads,
+        qat=opts.qat, qat_epochs=opts.qat_epochs, reference=None if checkpoint == reference else reference,
+    ))
+    if report.failures:
+        raise GateFailed(report.failures[0])
+    return report.engines[0]
+
+
+def _record(candidate: Candidate, engine: dict) -> None:
+    gate = engine["gate"]
+    candidate.status, candidate.engine = "passed", engine["engine"]
+    candidate.val_dice, candidate.val_drop_points = gate["engine_dice"], gate["drop_points"]
+    candidate.nodes_kept_in_float = len(gate["nodes_kept_in_float"])
+    candidate.qat = bool(engine.get("qat"))
+    candidate.build_seconds = engine.get("build_seconds")
+
+
+def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Candidate]:
+    """Build (or reuse) every candidate; `state` is the saved ladder of a previous run, updated as we go."""
+    started = time.perf_counter()
+    models = [("unpruned", checkpoint)]
+    candidates: list[Candidate] = []
+
+    def save() -> None:
+        write_json_atomic(opts.out / "ladder.json", {"checkpoint": str(checkpoint), "candidates": [asdict(c) for c in candidates]})
+
+    def over_budget() -> bool:
+        return opts.budget_minutes is not None and time.perf_counter() - started > opts.budget_minutes * 60
+
+    for ratio in (None, *opts.prune_ratios):
+        if ratio is not None:
+            name = f"pruned {int(round(ratio * 100))}%"
+            if over_budget():
+                candidates.extend(Candidate(name, "", b, p, "not tried (budget)") for b, p in opts.ladder)
+                save()
+                continue
+            models.append((name, _pruned(checkpoint, ratio, opts)))
+        name, path = models[-1]
+        fp32_failed = False
+        for backend, precision in opts.ladder:
+            candidate = Candidate(name, str(path), backend, precision)
+            candidates.append(candidate)
+            previous = state.get(candidate.key)
+            ok, reason = _available(backend, precision)
+            if not ok:
+                candidate.status, candidate.reason = "unavailable", reason
+            elif fp32_failed and precision != "fp32":
+                candidate.status, candidate.reason = "skipped", "its FP32 engine already fails the gate against the unpruned model"
+            elif previous and previous["status"] in ("passed", "failed gate") and (previous["status"] == "failed gate" or Path(previous["engine"] or "").is_file()):
+                for key, value in previous.items():
+                    setattr(candidate, key, value)
+                candidate.reason = (candidate.reason + " (reused)").strip()
+            elif over_budget():
+                candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"
+            else:
+                try:
+                    _record(candidate, _build(path, checkpoint, backend, precision, opts))
+                except GateFailed as exc:
+                    candidate.status, candidate.reason = "failed gate", str(exc)[:300]
+            if precision == "fp32" and candidate.status == "failed gate":
+                fp32_failed = True
+            save()
+    return candidates
+
+
+def pareto_front(candidates: list[Candidate], batch: int) -> list[Candidate]:
+    """Passed candidates not beaten by another at once in latency (batch `batch`) and val Dice."""
+    timed = [c for c in candidates if c.status == "passed" and str(batch) in c.latency_ms_per_image]
+    front = []
+    for c in timed:
+        beaten = any(
+            o is not c
+            and o.latency_ms_per_image[str(batch)] <= c.latency_ms_per_image[str(batch)]
+            and o.val_dice >= c.val_dice
+            and (o.latency_ms_per_image[str(batch)] < c.latency_ms_per_image[str(batch)] or o.val_dice > c.val_dice)
+            for o in timed
+        )
+        if not beaten:
+            front.append(c)
+    return sorted(front, key=lambda c: c.latency_ms_per_image[str(batch)])
+
+
+def _time(candidates: list[Candidate], checkpoint: Path, opts: OptimizeOptions) -> dict:
+    """One bench run over every engine that passed (and the PyTorch references, A/A row): latency side by side."""
+    from lggdeploy.bench.run import BenchOptions, run_bench
+
+    engines = opts.out / "engines"
+    results = run_bench(BenchOptions(engines_dir=engines, data=opts.data, split="test", batch_sizes=opts.batch_sizes, iters=opts.iters, threads=opts.threads))
+    by_engine = {str(Path(r["engine"]).resolve()): r for r in results["rows"] if not r["aa"]}
+    for c in candidates:
+        row = by_engine.get(str(Path(c.engine).resolve())) if c.engine else None
+        if row and row["status"] == "ok":
+            c.latency_ms_per_image = {b: s["p50_ms"] / int(b) for b, s in row["latency"].items()}
+            c.test = {"mean_patient_dice": row.get("mean_patient_dice"), "patients": row.get("patients"), "patients_missed": row.get("patients_missed")}
+    return results
+
+
+def _pytorch_ms(results: dict, checkpoint: Path) -> dict[str, float]:
+    """ms per image of the unpruned model's PyTorch eager FP32 reference row, per batch size."""
+    for r in results["rows"]:
+        if r["status"] == "ok" and r["backend"] == "torch" and r["precision"] == "fp32" and not r["aa"] and Path(r["engine"]).resolve() == checkpoint.resolve():
+            return {b: s["p50_ms"] / int(b) for b, s in r["latency"].items()}
+    return {}
+
+
+def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
+    from lggdeploy.models.checkpoint import load_checkpoint
+
+    opts.validate()
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    ensure_folder(opts.out)
+    ladder_file = opts.out / "ladder.json"
+    state = {}
+    if ladder_file.is_file():
+        saved = json.loads(ladder_file.read_text())
+        if saved.get("checkpoint") != str(checkpoint):
+            raise LggError(f"{opts.out} holds the optimization of {saved.get('checkpoint')}, not {checkpoint}: choose another --out")
+        state = {f"{c['checkpoint']}|{c['backend']}|{c['precision']}": c for c in saved["candidates"]}
+    started = time.perf_counter()
+    candidates = walk_ladder(checkpoint, opts, state)
+    passed = [c for c in candidates if c.status == "passed"]
+    if not passed:
+        raise GateFailed(f"no candidate kept accuracy within {opts.max_drop} points; see {ladder_file}")
+    results = _time(candidates, checkpoint, opts)
+    b = str(opts.batch)
+    torch_ms = _pytorch_ms(results, checkpoint)
+    ort = next((c for c in candidates if c.model == "unpruned" and c.backend == "onnxruntime" and c.precision == "fp32" and c.latency_ms_per_image), None)
+    for c in candidates:
+        c.speedup_vs_pytorch = {k: torch_ms[k] / v for k, v in c.latency_ms_per_image.items() if k in torch_ms}
+    front = pareto_front(candidates, opts.batch)
+    chosen = min((c for c in candidates if c.status == "passed" and b in c.latency_ms_per_image), key=lambda c: c.latency_ms_per_image[b])
+    summary = {
+        "format": "lggdeploy-optimize",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "model": ckpt["model"]["name"],
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "criteria": {"max_mean_drop_points": opts.max_drop, "max_patient_drop_points": opts.max_patient_drop, "min_agreement": opts.min_agreement, "against": "the unpruned PyTorch FP32 model, val split"},
+        "candidates": [asdict(c) for c in candidates],
+        "front": [c.key for c in front],
+        "chosen": asdict(chosen),
+        "chosen_vs_onnxruntime_fp32": {k: ort.latency_ms_per_image[k] / v for k, v in chosen.latency_ms_per_image.items() if k in ort.latency_ms_per_image} if ort else None,
+        "pytorch_fp32_ms_per_image": torch_ms,
+        "noise_floor": results["noise_floor"],
+        "machine": results["machine"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _write_outputs(summary, candidates, front, chosen, opts)
+    return summary
+
+
+def _write_outputs(summary: dict, candidates: list[Candidate], front: list[Candidate], chosen: Candidate, opts: OptimizeOptions) -> None:
+    from lggdeploy.engines.formats import manifest_path, read_manifest, write_manifest
+
+    write_json_atomic(opts.out / "optimize.json", summary)
+    write_text_atomic(opts.out / "optimize.md", markdown(summary))
+    _plot(candidates, front, chosen, opts)
+    folder = ensure_folder(opts.out / "chosen")
+    for old in folder.iterdir():
+        old.unlink()
+    engine = Path(chosen.engine)
+    manifest = read_manifest(engine)
+    manifest.pop("format"), manifest.pop("version")
+    target = folder / engine.name
+    shutil.copyfile(engine, target)
+    twin = (manifest.get("portable_qdq") or {}).get("file")
+    if twin and twin != engine.name and (engine.parent / twin).is_file():
+        shutil.copyfile(engine.parent / twin, folder / twin)
+    manifest["optimize"] = {
+        "found_by": "lggdeploy optimize: fastest candidate that passed the gate against the unpruned FP32 model",
+        "batch": opts.batch,
+        "latency_ms_per_image": chosen.latency_ms_per_image,
+        "speedup_vs_pytorch": summary["chosen"]["speedup_vs_pytorch"],
+        "speedup_vs_onnxruntime_fp32": summary["chosen_vs_onnxruntime_fp32"],
+        "candidates": len(candidates),
+        "report": str(opts.out / "optimize.json"),
+    }
+    write_manifest(target, manifest)
+    assert manifest_path(target).is_file()
+
+
+def _fmt(value, digits=2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    b_list = [str(b) for b in summary["options"]["batch_sizes"]]
+    head = ["model", "engine", "status", "val Dice/patient", "val drop (pts)", "nodes in float", "QAT"]
+    head += [f"ms/img b{b}" for b in b_list] + [f"× PyTorch b{b}" for b in b_list] + ["test Dice/patient (n)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    front = set(summary["front"])
+    chosen_key = f"{summary['chosen']['checkpoint']}|{summary['chosen']['backend']}|{summary['chosen']['precision']}"
+    torch_ms = summary["pytorch_fp32_ms_per_image"]
+    lines.append("| unpruned | PyTorch eager FP32 [reference] | timed | — | — | — | — | " + " | ".join(_fmt(torch_ms.get(b)) for b in b_list) + " | " + " | ".join("1.00" for _ in b_list) + " | — |")
+    for c in summary["candidates"]:
+        key = f"{c['checkpoint']}|{c['backend']}|{c['precision']}"
+        mark = " **[chosen]**" if key == chosen_key else (" [front]" if key in front else "")
+        test = c["test"] or {}
+        cells = [c["model"], f"{c['backend']} {c['precision']}{mark}", c["status"] + (f": {c['reason'][:80]}" if c["status"] not in ("passed",) and c["reason"] else ""),
+                 _fmt(c["val_dice"], 4), _fmt(c["val_drop_points"]), "—" if c["nodes_kept_in_float"] is None else str(c["nodes_kept_in_float"]), "yes" if c["qat"] else ""]
+        cells += [_fmt(c["latency_ms_per_image"].get(b)) for b in b_list] + [_fmt(c["speedup_vs_pytorch"].get(b)) for b in b_list]
+        cells.append(f"{_fmt(test.get('mean_patient_dice'), 4)} ({test.get('patients')})" if test.get("mean_patient_dice") is not None else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    noise = summary["noise_floor"]
+    chosen = summary["chosen"]
+    cpu = summary["machine"].get("cpu", {})
+    lines += [
+        "",
+        f"Chosen: {chosen['model']} {chosen['backend']} {chosen['precision']} — fastest candidate at batch {summary['options']['batch']} that passed the gate "
+        f"(mean val per-patient Dice drop ≤ {summary['criteria']['max_mean_drop_points']} points, worst patient ≤ {summary['criteria']['max_patient_drop_points']}, "
+        f"mask agreement ≥ {summary['criteria']['min_agreement']}, {summary['criteria']['against']}).",
+        "Speed-ups vs ONNX Runtime FP32 (unpruned): " + (", ".join(f"b{b} {v:.2f}×" for b, v in summary["chosen_vs_onnxruntime_fp32"].items()) if summary["chosen_vs_onnxruntime_fp32"] else "—"),
+        f"A/A noise floor (the PyTorch reference timed twice): worst deviation {_fmt(noise['worst_deviation'] * 100 if noise['worst_deviation'] is not None else None, 1)} %"
+        + (" — WARNING: noisy run" if noise["warning"] else ""),
+        f"Latency: medians over {summary['options']['iters']} interleaved rounds; machine: {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores "
+        f"({', '.join(cpu.get('isa', []))}); {summary['created']}. Test Dice: the test split (n patients in brackets; the choice uses val only).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(candidates: list[Candidate], front: list[Candidate], chosen: Candidate, opts: OptimizeOptions) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    from lggdeploy.common.files import atomic_path
+
+    b = str(opts.batch)
+    timed = [c for c in candidates if c.status == "passed" and b in c.latency_ms_per_image]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in timed:
+        ax.scatter(c.latency_ms_per_image[b], c.val_dice, marker="o" if c.model == "unpruned" else "s", color="tab:red" if c is chosen else "tab:blue")
+        ax.annotate(f"{c.model}\n{c.backend} {c.precision}", (c.latency_ms_per_image[b], c.val_dice), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if front:
+        ax.plot([c.latency_ms_per_image[b] for c in front], [c.val_dice for c in front], "--", color="gray", label="Pareto front")
+    ax.set_xlabel(f"ms per image, batch {b}")
+    ax.set_ylabel("val mean per-patient Dice")
+    ax.set_title("optimize: candidates that passed the gate (red: chosen)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(opts.out / "front.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,95 @@
+"""`lggdeploy optimize` on a tiny ladder (phantom set, small model): skip, resume and the choice. No timing asserted."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lggdeploy import optimize as optimize_module
+from lggdeploy.cli import app
+from lggdeploy.common.errors import GateFailed
+from lggdeploy.engines.formats import read_manifest
+from lggdeploy.optimize import OptimizeOptions, optimize
+
+LADDER = (("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+
+
+@pytest.fixture(scope="module")
+def optimized(segmenting_run, phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("optimized")
+    opts = OptimizeOptions(out=out, data=phantom_dir, prune_ratios=(0.3,), prune_epochs=1, qat="off", calib_samples=8,
+                           batch=2, batch_sizes=(1, 2), iters=3, ladder=LADDER)
+    return optimize(segmenting_run.best_path, opts), opts
+
+
+def test_the_ladder_is_gated_timed_and_the_fastest_passing_engine_chosen(optimized, segmenting_run):
+    summary, opts = optimized
+    candidates = summary["candidates"]
+    assert [(c["model"], c["backend"], c["precision"]) for c in candidates] == [
+        ("unpruned", "onnxruntime", "fp32"), ("unpruned", "onnxruntime", "int8"), ("pruned 30%", "onnxruntime", "fp32"), ("pruned 30%", "onnxruntime", "int8"),
+    ]
+    passed = [c for c in candidates if c["status"] == "passed"]
+    assert passed and all(c["latency_ms_per_image"].keys() == {"1", "2"} for c in passed)
+    chosen = summary["chosen"]
+    assert chosen["latency_ms_per_image"]["2"] == min(c["latency_ms_per_image"]["2"] for c in passed)
+    front = summary["front"]
+    assert f"{chosen['checkpoint']}|{chosen['backend']}|{chosen['precision']}" in front
+    for c in passed:  # every pruned candidate was gated against the unpruned FP32 model
+        gate = read_manifest(c["engine"])["gate"]
+        assert gate["reference"] == str(segmenting_run.best_path) and abs(gate["drop_points"]) <= opts.max_drop
+    pruned = read_manifest(candidates[2]["engine"]) if candidates[2]["engine"] else None
+    if pruned:
+        assert pruned["pruned"] and pruned["pruning"][-1]["distillation"]["teacher"] == str(segmenting_run.best_path)
+    chosen_files = sorted(p.name for p in (opts.out / "chosen").iterdir())
+    engine_name = chosen["engine"].split("/")[-1]
+    assert engine_name in chosen_files and f"{engine_name}.json" in chosen_files
+    record = read_manifest(opts.out / "chosen" / engine_name)["optimize"]
+    assert record["batch"] == 2 and record["latency_ms_per_image"] == chosen["latency_ms_per_image"]
+    assert (opts.out / "optimize.md").read_text().count("[chosen]") == 1 and (opts.out / "front.png").is_file()
+    assert summary["pytorch_fp32_ms_per_image"].keys() == {"1", "2"} and summary["noise_floor"]["aa_ratios"]
+
+
+def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
+    summary, opts = optimized
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt a candidate the first run had built")
+
+    def no_prune(*args, **kwargs):
+        raise AssertionError("pruned again")
+
+    monkeypatch.setattr(optimize_module, "_build", no_build)
+    monkeypatch.setattr("lggdeploy.models.prune.prune_checkpoint", no_prune)
+    again = optimize(segmenting_run.best_path, opts)
+    assert [c["status"] for c in again["candidates"]] == [c["status"] for c in summary["candidates"]]
+    assert all("reused" in c["reason"] for c in again["candidates"] if c["status"] == "passed")
+
+
+def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    built = []
+    real = optimize_module._build
+
+    def pruned_fp32_fails(checkpoint, reference, backend, precision, opts):
+        built.append((checkpoint != reference, precision))
+        if checkpoint != reference:
+            raise GateFailed("pruned FP32 lost 9 points (simulated)")
+        return real(checkpoint, reference, backend, precision, opts)
+
+    monkeypatch.setattr(optimize_module, "_build", pruned_fp32_fails)
+    opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(0.3,), prune_epochs=1, qat="off", calib_samples=8,
+                           batch=1, batch_sizes=(1,), iters=2, ladder=LADDER)
+    summary = optimize(segmenting_run.best_path, opts)
+    assert built == [(False, "fp32"), (False, "int8"), (True, "fp32")]  # the pruned int8 was never built
+    statuses = {(c["model"], c["precision"]): (c["status"], c["reason"]) for c in summary["candidates"]}
+    assert statuses[("pruned 30%", "fp32")][0] == "failed gate"
+    assert statuses[("pruned 30%", "int8")] == ("skipped", "its FP32 engine already fails the gate against the unpruned model")
+    saved = json.loads((tmp_path / "ladder.json").read_text())
+    assert [c["status"] for c in saved["candidates"]] == [c["status"] for c in summary["candidates"]]
+
+
+def test_bad_options_are_one_line(segmenting_run, tmp_path):
+    runner = CliRunner()
+    for args, message in ((["--prune-ratios", "1.5"], "strictly between 0 and 1"), (["--batch", "4"], "must be one of the timed batch sizes"),
+                          (["--prune-ratios", "a,b"], "comma-separated numbers")):
+        result = runner.invoke(app, ["optimize", str(segmenting_run.best_path), "-o", str(tmp_path / "o"), *args])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -1,0 +1,94 @@
+"""Quantization-aware fine-tuning: a small model whose post-training INT8 (tensorrt profile) fails the gate, and
+QAT (nvidia-modelopt) that brings it within budget without keeping any node in float; the exported graph keeps
+the profile's rules; a second build reuses the QAT model; a QAT that does nothing fails the same test."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from lggdeploy.engines.build import BuildOptions, build_engines
+from lggdeploy.engines.formats import read_manifest
+from lggdeploy.engines.precision import qat
+from lggdeploy.engines.precision.int8 import zero_points
+from lggdeploy.models.checkpoint import load_checkpoint
+
+pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed (pip install 'lggdeploy[qat]')")
+
+# One calibration slice gives ranges that fit the other slices badly: post-training INT8 agrees with the FP32
+# masks at about 0.964 on the phantom val patient, QAT (distilled from the FP32 model, 2 epochs) at about 0.980.
+CRITERIA = dict(calib_samples=1, min_agreement=0.975, max_drop=1.0, max_patient_drop=2.0)
+
+
+def build(run, data, out, **kw):
+    report = build_engines([run.best_path], BuildOptions(out_dir=out, data=data, precision="int8", int8_profile="tensorrt", qat_epochs=2, **CRITERIA, **kw))
+    return report
+
+
+@pytest.fixture(scope="module")
+def qat_engine(segmenting_run, phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qat")
+    report = build(segmenting_run, phantom_dir, out)
+    assert not report.failures, report.failures
+    return out, report.engines[0]
+
+
+def test_ptq_fails_the_gate_and_qat_passes_with_nothing_in_float(qat_engine, segmenting_run):
+    out, engine = qat_engine
+    manifest = read_manifest(engine["engine"])
+    ptq = manifest["post_training_gate"]
+    assert ptq["passed"] is False and ptq["min_agreement"] < CRITERIA["min_agreement"]
+    gate = manifest["gate"]
+    assert gate["passed"] and gate["nodes_kept_in_float"] == [] and gate["min_agreement"] >= CRITERIA["min_agreement"]
+    assert gate["min_agreement"] > ptq["min_agreement"]
+    record = manifest["qat"]
+    ckpt = load_checkpoint(segmenting_run.best_path)
+    assert record["library"] == "nvidia-modelopt" and record["library_version"] == qat.modelopt_version()
+    assert record["epochs"] == 2 and record["lr"] == 1e-3 and record["optimizer"] == "sgd" and record["distill_weight"] == 1.0
+    assert record["train_patients"] == ckpt["split"]["train"] and len(record["history"]) == 2
+    assert "take the range QAT trained with" in manifest["calibration"]["qat_ranges"]
+
+
+def test_the_qat_graph_keeps_the_tensorrt_profile_rules(qat_engine):
+    path = qat_engine[1]["engine"]
+    assert set(zero_points(path)) == {0}
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weights = 0
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            assert node.input[2] in inits and inits[node.input[2]].dtype == np.int8  # signed int8, zero point 0
+            users = {c.op_type for c in consumers[node.output[0]]}
+            assert "Conv" in users and users <= {"Conv", "Add"}  # Q/DQ on convolution inputs (shared with a residual Add)
+            if node.input[0] in inits and inits[node.input[0]].ndim == 4:  # a convolution's weight: per output channel
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                assert axis == 0 and inits[node.input[1]].shape == (inits[node.input[0]].shape[0],)
+                weights += 1
+    assert weights == sum(n.op_type == "Conv" for n in model.graph.node)
+
+
+def test_a_second_build_reuses_the_qat_model(qat_engine, segmenting_run, phantom_dir, monkeypatch):
+    out, first = qat_engine
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("QAT ran again although its model was kept")
+
+    monkeypatch.setattr(qat, "finetune", no_training)
+    report = build(segmenting_run, phantom_dir, out)
+    again = read_manifest(report.engines[0]["engine"])
+    assert again["qat"]["reused"] is True and again["qat"]["checkpoint_sha256"] == first["qat"]["checkpoint_sha256"]
+    assert again["sha256"] == first["sha256"]  # same QAT model, same cached ranges: the same engine
+
+
+def test_a_qat_that_does_nothing_does_not_pass_without_float_nodes(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    """The negative control: with the fine-tuning step removed, the same build needs nodes in float or fails."""
+    monkeypatch.setattr(qat, "finetune", lambda *args, **kwargs: [])
+    report = build(segmenting_run, phantom_dir, tmp_path)
+    if report.engines:
+        assert read_manifest(report.engines[0]["engine"])["gate"]["nodes_kept_in_float"]
+    else:
+        assert report.failures
