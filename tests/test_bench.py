@@ -194,6 +194,6 @@ def test_timing_order_is_shuffled_each_round(engines, phantom_dir, monkeypatch):
     monkeypatch.setattr(bench_run, "_open", tracking_open)
     out, _ = engines
     run_bench(BenchOptions(engines_dir=out, data=phantom_dir, split="val", batch_sizes=(1,), iters=12, warmup=0, seed=3))
-    timed = calls[-42:-6]  # 12 rounds of 3 entries (reference, its A/A twin, the engine), before 2 x 3 end-to-end runs
+    timed = calls[-46:-10]  # 12 rounds of 3 entries (reference, its A/A twin, the engine), before 2 x 5 end-to-end runs (one batch size)
     orders = {tuple(timed[i : i + 3]) for i in range(0, 36, 3)}
     assert len(orders) > 1

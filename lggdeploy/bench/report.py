@@ -42,7 +42,8 @@ def flat_rows(results: dict) -> list[dict]:
                 f"images_per_s_b{large}": lat.get(large, {}).get("images_per_s"),
                 f"speedup_b{small}": row.get("speedup", {}).get(small),
                 f"speedup_b{large}": row.get("speedup", {}).get(large),
-                "end_to_end_ms_per_image": row.get("end_to_end_ms_per_image"),
+                f"e2e_ms_per_image_b{small}": (row.get("end_to_end_ms_per_image") or {}).get(small),
+                f"e2e_ms_per_image_b{large}": (row.get("end_to_end_ms_per_image") or {}).get(large),
                 "patients": row.get("patients"),
                 "mean_patient_dice": row.get("mean_patient_dice"),
                 "median_patient_dice": row.get("median_patient_dice"),
@@ -72,7 +73,7 @@ def header(key: str) -> str:
     if key in HEADERS:
         return HEADERS[key]
     for prefix, text in (("p50_ms_per_image_b", "p50 ms/img b"), ("p50_ms_b", "p50 ms b"), ("iqr_ms_b", "IQR ms b"), ("p99_or_max_ms_b", "p99 (max if <100 runs) ms b"),
-                         ("images_per_s_b", "img/s b"), ("speedup_b", "speed-up b")):
+                         ("images_per_s_b", "img/s b"), ("speedup_b", "speed-up b"), ("e2e_ms_per_image_b", "end-to-end ms/img b")):
         if key.startswith(prefix):
             return text + key[len(prefix):]
     return key
@@ -86,7 +87,8 @@ def notes(results: dict) -> list[str]:
     lines = [
         f"Split: {options['split']}, {n} patient(s)" + (" — ONE patient: a per-patient mean of one; read it as a case, not a verdict" if patients == {1} else "") + ".",
         f"Latency: median and IQR over {options['iters']} rounds after {options['warmup']} warm-up runs, engines in a freshly shuffled order each round "
-        f"(seed {options.get('order_seed', 0)}), {options['threads']} threads for ONNX Runtime and PyTorch alike; p99 only from 100 runs, else the max.",
+        f"(seed {options.get('order_seed', 0)}), {options['threads']} threads for ONNX Runtime, OpenVINO and PyTorch alike; p99 only from 100 runs, else the max. "
+        "End-to-end: uint8 slices in, resize and normalization, inference, masks at native size out (median of 5).",
     ]
     floor = results.get("noise_floor") or {}
     if floor.get("worst_deviation") is not None:
@@ -115,10 +117,10 @@ def csv_text(results: dict) -> str:
 
 def rich_table(results: dict):
     rows = flat_rows(results)
-    hidden = {"median_patient_dice", "slice_dice_study_style", "end_to_end_ms_per_image", "global_dice", "pixel_accuracy", "file_mb", "mean_patient_iou"}
+    hidden = {"median_patient_dice", "slice_dice_study_style", "global_dice", "pixel_accuracy", "file_mb", "mean_patient_iou"}
     if all(r["status"] == "ok" for r in rows):
         hidden.add("status")
-    keep = [k for k in rows[0] if not k.startswith(("p99", "iqr", "images_per_s")) and k not in hidden]
+    keep = [k for k in rows[0] if not k.startswith(("p99", "iqr", "images_per_s", "e2e")) and k not in hidden]
     short = {"onnxruntime": "ort", " profile)": ")", " [reference]": " (ref)"}
     for r in rows:
         for long, brief in short.items():

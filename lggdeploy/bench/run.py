@@ -63,7 +63,7 @@ class Entry:
     memory_mb: float | None = None
     accuracy: dict | None = None
     latency: dict = field(default_factory=dict)
-    end_to_end_ms_per_image: float | None = None
+    end_to_end_ms_per_image: dict = field(default_factory=dict)  # batch size -> ms per image, uint8 slices in, masks out
     twin_of: "Entry | None" = None  # the A/A entry: the reference timed a second time, as its own entry
 
     @property
@@ -247,18 +247,19 @@ def run_bench(opts: BenchOptions) -> dict:
                     break
             for e in active:
                 e.latency[b] = latency_summary(times[id(e)], b)
-    for e in active:  # end to end: uint8 slices in, masks out, batch 8
+    for e in active:  # end to end at every batch size: uint8 slices in, resize + normalize, infer, masks at native size out
         if e.twin_of is not None:
             e.end_to_end_ms_per_image = e.twin_of.end_to_end_ms_per_image
             continue
-        batch = raw[e.group][np.arange(8) % len(raw[e.group])]
         norm, size = Normalization.from_json(e.manifest["normalization"]), e.manifest["img_size"]
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            logits_to_masks(e.runner.infer(preprocess(batch, size, norm)), threshold=e.manifest["threshold"])
-            runs.append(time.perf_counter() - t0)
-        e.end_to_end_ms_per_image = float(np.median(runs) * 1000 / len(batch))
+        for b in opts.batch_sizes:
+            batch = raw[e.group][np.arange(b) % len(raw[e.group])]
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                logits_to_masks(e.runner.infer(preprocess(batch, size, norm)), threshold=e.manifest["threshold"])
+                runs.append(time.perf_counter() - t0)
+            e.end_to_end_ms_per_image[b] = float(np.median(runs) * 1000 / b)
     for e in entries:
         if e.runner is not None and e.twin_of is None:
             e.runner.close()
@@ -291,7 +292,7 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: i
             "file_mb": round(e.path.stat().st_size / 2**20, 2) if e.path.is_file() else None,
             "memory_mb": round(e.memory_mb, 1) if e.memory_mb is not None else None,
             "latency": {str(b): s for b, s in e.latency.items()},
-            "end_to_end_ms_per_image": e.end_to_end_ms_per_image,
+            "end_to_end_ms_per_image": {str(b): v for b, v in e.end_to_end_ms_per_image.items()},
             "gate": e.manifest.get("gate") if e.backend != "torch" else None,
         }
         if e.accuracy:

@@ -7,7 +7,7 @@ import platform
 from importlib import metadata
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimddp")
-LIBRARIES = ("torch", "segmentation-models-pytorch", "numpy", "onnx", "onnxruntime", "tensorrt")
+LIBRARIES = ("torch", "segmentation-models-pytorch", "numpy", "onnx", "onnxruntime", "openvino", "nvidia-modelopt", "torch-pruning", "tensorrt")
 
 
 def cpu_info() -> dict:

@@ -343,7 +343,7 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
             raise GateFailed(
                 f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
                 f"even with {len(gate.nodes_kept_in_float)} node(s) kept in float; no engine written "
-                "(try --calib-method, or --force to keep it marked as failed)"
+                + ("(try more --qat-epochs, --calib-method, or --force to keep it marked as failed)" if fmt.precision == "int8" else "(--force keeps it, marked as failed)")
             )
         twin = None
         engine_sha = sha256_file(path)
