@@ -133,7 +133,8 @@ def test_gate_failure_exits_nonzero_and_writes_nothing_unless_forced(segmenting_
     assert any("dropped" in f and "> 2.0" in f for f in gate["failures"]) and any("agree with the FP32 model's at Dice 0.0000" in f for f in gate["failures"])
 
 
-def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("profile", ["tensorrt", "cpu"])  # cpu: int32 bias Q/DQ, whose outputs take the float biases' names
+def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phantom_dir, tmp_path, monkeypatch, profile):
     """The first INT8 graph fails (forced here: it loses a patient); the gate ranks the quantized nodes by their
     effect on the output over every val patient and rebuilds with the worst kept in float, which passes."""
     real = _Context.run_engine
@@ -143,7 +144,7 @@ def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phanto
         return without_tumor_on(outputs, self.val.patients, self.val.patient_ids[0]) if path.name.startswith("engine-0.") else outputs
 
     monkeypatch.setattr(_Context, "run_engine", first_graph_fails)
-    engine = build(segmenting_run, phantom_dir, tmp_path, precision="int8", int8_profile="tensorrt", qat="off")[0]
+    engine = build(segmenting_run, phantom_dir, tmp_path, precision="int8", int8_profile=profile, qat="off")[0]
     gate = read_manifest(engine["engine"])["gate"]
     assert gate["passed"] and len(gate["nodes_kept_in_float"]) == 1
     assert [a["passed"] for a in gate["attempts"]] == [False, True] and gate["attempts"][1]["nodes_kept_in_float"] == 1

@@ -274,8 +274,13 @@ def float_inputs_for(qdq_model, float_model, node_name: str):
             node.input[position] = source.input[0]  # the activation before quantization
         elif position < len(float_node.input) and float_node.input[position] in float_inits:
             weight = float_node.input[position]
+            if weight in producers:  # the quantizer named its DequantizeLinear output after the float tensor (int32 biases)
+                weight = f"{weight}.float"
             if weight not in present:
-                model.graph.initializer.append(float_inits[weight])
+                copy = onnx.TensorProto()
+                copy.CopyFrom(float_inits[float_node.input[position]])
+                copy.name = weight
+                model.graph.initializer.append(copy)
                 present.add(weight)
             node.input[position] = weight  # the float weight
     return model
