@@ -10,6 +10,7 @@ gate is not written unless `force`, and then its manifest says so.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import time
@@ -111,8 +112,8 @@ class _Context:
             self._reference = Reference(self.run(TorchRunner(model_from_checkpoint(self.reference_ckpt)), "pytorch fp32 reference"), self.val, self.criteria)
         return self._reference
 
-    @property
-    def reference_ckpt(self) -> dict:
+    @functools.cached_property
+    def reference_ckpt(self) -> dict:  # read once: the gate's reference and QAT's teacher both use it
         if self.opts.reference is None:
             return self.ckpt
         from lggdeploy.models.checkpoint import load_checkpoint

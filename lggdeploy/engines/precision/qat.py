@@ -20,10 +20,13 @@ its quantizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,26 +85,15 @@ def _mtq():
     return mtq
 
 
+@contextlib.contextmanager
 def _quiet_modelopt():
-    """modelopt prints a line per call and warns about absent CUDA and transformers: keep the user's screen clean."""
-    import contextlib
-    import io
-    import logging
-    import warnings
+    """modelopt prints a line per call, logs on the root logger and warns about absent CUDA and transformers: keep the
+    user's screen clean for this call only (the root logger through int8's helper, as for ONNX Runtime's quantizer)."""
+    from lggdeploy.engines.precision.int8 import quiet_root_logger
 
-    @contextlib.contextmanager
-    def scope():
-        root = logging.getLogger()
-        previous = root.level
-        root.setLevel(max(previous, logging.ERROR))
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            root.setLevel(previous)
-
-    return scope()
+    with quiet_root_logger(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def quantize_for_training(model, calibration_batches: list):
