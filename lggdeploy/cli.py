@@ -175,19 +175,30 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from last.pt, with its own settings"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="training augmentation (default on)"),
     precision: Optional[str] = typer.Option(None, help="auto (default: fp16 AMP on CUDA, bf16 on CPUs with AVX512-BF16/AMX, else fp32), fp32, bf16, fp16"),
+    loss: Optional[str] = typer.Option(None, help="overlap term beside BCE: dice (pooled over the batch), image-dice (per tumor slice), tversky (default: see README)"),
+    tumor_fraction: Optional[float] = typer.Option(None, help="share of each epoch drawn from tumor slices, e.g. 0.5 (default: see README)"),
+    warmup_epochs: Optional[float] = typer.Option(None, help="linear learning-rate warm-up before the cosine, in epochs"),
+    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights per step, e.g. 0.99; 0 turns it off (default: see README)"),
+    tune_threshold: Optional[bool] = typer.Option(None, "--tune-threshold/--no-tune-threshold", help="tune the decision threshold on the val patients and store it in best.pt"),
+    threshold: Optional[float] = typer.Option(None, help="decision threshold for validation (and stored unless tuned; default 0.5)"),
+    budget_minutes: Optional[float] = typer.Option(None, help="wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the cap)"),
 ):
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
     from lggdeploy.models.train import TrainConfig, train
 
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "img_size": img_size, "seed": seed, "split_file": split_file,
-             "encoder_weights": encoder_weights, "augment": augment, "precision": precision}
+             "encoder_weights": encoder_weights, "augment": augment, "precision": precision, "loss": loss, "tumor_fraction": tumor_fraction,
+             "warmup_epochs": warmup_epochs, "ema_decay": ema, "tune_threshold": tune_threshold, "threshold": threshold,
+             "budget_minutes": budget_minutes}
     given = {k: v for k, v in given.items() if v is not None}
     cfg = TrainConfig(model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), device=device, resume=resume,
                       explicit=frozenset({"model", *given}), **given)
     result = train(cfg)
     best = result.best
     out.print(
-        f"best epoch {best['epoch']}: validation mean per-patient Dice {best['val_mean_patient_dice']:.4f} "
+        f"best epoch {best['epoch']}: validation mean per-patient Dice {best['val_mean_patient_dice']:.4f}"
+        + (f" (threshold tuned to {best['threshold']}: {best['val_mean_patient_dice_tuned_threshold']:.4f})" if "threshold" in best else "")
+        + " "
         f"({result.seconds:.0f} s); checkpoint {result.best_path}, curves {result.best_path.parent / 'curves.png'}"
     )
 

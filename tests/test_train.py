@@ -100,17 +100,26 @@ def interrupt_in_epoch(monkeypatch, out, epoch):
     return original
 
 
-def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(phantom_dir, tmp_path, monkeypatch):
-    straight = train(small(phantom_dir, tmp_path / "straight", epochs=2))
+RECIPE = dict(loss="image-dice", tumor_fraction=0.5, warmup_epochs=0.5, ema_decay=0.9, tune_threshold=True)
+
+
+@pytest.mark.parametrize("recipe", [{}, RECIPE], ids=["defaults", "recipe"])
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(phantom_dir, tmp_path, monkeypatch, recipe):
+    straight = train(small(phantom_dir, tmp_path / "straight", epochs=2, **recipe))
     out = tmp_path / "interrupted"
     original = interrupt_in_epoch(monkeypatch, out, 2)
     with pytest.raises(KeyboardInterrupt):
-        train(small(phantom_dir, out, epochs=2))
+        train(small(phantom_dir, out, epochs=2, **recipe))
     monkeypatch.setattr(Augmentation, "__call__", original)
-    resumed = train(small(phantom_dir, out, resume=True))
+    resumed = train(small(phantom_dir, out, resume=True))  # the recipe comes back from last.pt
     a, b = load_checkpoint(straight.last_path), load_checkpoint(resumed.last_path)
     for key, tensor in a["state_dict"].items():
         assert torch.allclose(tensor.float(), b["state_dict"][key].float(), rtol=0, atol=1e-6), key
+    if recipe:  # the EMA and its best.pt come back too
+        for key, tensor in a["ema_state_dict"].items():
+            assert torch.allclose(tensor.float(), b["ema_state_dict"][key].float(), rtol=0, atol=1e-6), key
+        assert b["train_config"]["loss"] == "image-dice" and b["train_config"]["ema_decay"] == 0.9
+        assert load_checkpoint(straight.best_path)["threshold"] == load_checkpoint(resumed.best_path)["threshold"]
     assert [r["train_loss"] for r in straight.history] == pytest.approx([r["train_loss"] for r in resumed.history], rel=1e-6)
     assert b["rng_states"][0]["numpy"] and b["rng_states"][0]["python"]
 

@@ -29,7 +29,7 @@ FORMAT = "lggdeploy-checkpoint"
 REQUIRED = ("model", "img_size", "normalization", "threshold", "split", "state_dict")
 
 
-TRANSIENT = ("path", "optimizer", "scheduler", "scaler", "torch_rng", "rng_states")  # resume state: never carried over
+TRANSIENT = ("path", "optimizer", "scheduler", "scaler", "torch_rng", "rng_states", "ema_state_dict")  # resume state: never carried over
 
 
 def make_payload(network: nn.Module, base: dict | None = None, pruned: bool = False, **fields) -> dict:

@@ -1,4 +1,6 @@
-"""Training: Dice + BCE, AdamW, cosine schedule, AMP on CUDA, seeded, resumable, DDP through torchrun.
+"""Training: Dice + BCE, AdamW, warm-up + cosine schedule, AMP on CUDA / bf16 on capable CPUs, seeded, resumable,
+DDP through torchrun. Recipe options (models/recipe.py): the loss's overlap term, tumor-slice oversampling, an EMA
+of the weights; the decision threshold is tuned on the val patients (models/threshold.py) and stored.
 
 Outputs in `out/`: best.pt (best validation mean per-patient Dice), last.pt (with optimizer state, for
 --resume), split.json, history.csv / history.json, curves.png. Every file is written atomically, so a
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -36,6 +37,8 @@ from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.curves import plot_history
 from lggdeploy.models.torch_runner import resolve_device
 from lggdeploy.models.presets import resolve_model
+from lggdeploy.models.recipe import epoch_order, lr_factor, make_ema, segmentation_loss
+from lggdeploy.models import threshold as threshold_tuning
 from lggdeploy.common.progress import console, progress_bar
 
 
@@ -68,6 +71,15 @@ class TrainConfig:
     # the labels; loss = (1 - w) * (Dice + BCE on labels) + w * BCE(student logits, teacher probabilities).
     teacher: Path | None = None
     distill_weight: float = 0.5
+    # The recipe (benchmarks/results/recipe/ measured these; defaults are what it showed).
+    loss: str = "dice"  # overlap term beside BCE: dice (pooled over the batch), image-dice (per tumor image), tversky
+    tumor_fraction: float | None = None  # share of each epoch drawn from tumor slices (None: as the data come)
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up before the cosine
+    ema_decay: float = 0.0  # EMA of the weights (0: off); with it, validation, selection and best.pt use the EMA
+    tune_threshold: bool = False  # sweep the threshold on the val patients and store the best in best.pt
+    # Wall-clock budget: after epoch 1 the run fixes its number of epochs (and the cosine's length) so that it ends
+    # within this many minutes, counted from the start of train(); --epochs, when given, stays the upper bound.
+    budget_minutes: float | None = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -80,6 +92,20 @@ class TrainConfig:
             raise LggError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.distill_weight <= 1:
             raise LggError(f"--distill-weight must lie between 0 and 1, got {self.distill_weight}")
+        from lggdeploy.models.recipe import LOSSES
+
+        if self.loss not in LOSSES:
+            raise LggError(f"unknown --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.tumor_fraction is not None and not 0 < self.tumor_fraction < 1:
+            raise LggError(f"--tumor-fraction must lie strictly between 0 and 1, got {self.tumor_fraction}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise LggError(f"--warmup-epochs must be at least 0 and below --epochs ({self.epochs}), got {self.warmup_epochs}")
+        if not (self.ema_decay == 0 or 0.5 <= self.ema_decay < 1):
+            raise LggError(f"--ema must be 0 (off) or between 0.5 and 1 (e.g. 0.99), got {self.ema_decay}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise LggError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+        if not 0 < self.threshold < 1:
+            raise LggError(f"--threshold must lie strictly between 0 and 1, got {self.threshold}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
 
@@ -95,11 +121,7 @@ class TrainResult:
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE with logits + soft Dice over the whole batch (one pooled volume, like the per-patient metric)."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits)
-    intersection = (prob * target).sum()
-    dice = (2 * intersection + 1.0) / (prob.sum() + target.sum() + 1.0)
-    return bce + (1 - dice)
+    return segmentation_loss(logits, target, "dice")
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -116,7 +138,8 @@ def _history_csv(history: list[dict]) -> str:
 
 
 # Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
-FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last", "teacher", "distill_weight")
+FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last", "teacher", "distill_weight",
+                   "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold")
 
 
 def _as_config_value(key: str, value):
@@ -190,7 +213,16 @@ def _gather_rng_states(world: int) -> list[dict]:
     return states
 
 
+def epochs_within_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int | None) -> int:
+    """Epochs a budgeted run trains in all: epoch 1 took `epoch_s` and ended `elapsed_s` after the run started; the
+    rest must fit in what is left of `budget_s` (3 % kept as margin for noise). At least 1, at most `cap`."""
+    extra = int(max(0.0, budget_s - elapsed_s) * 0.97 // max(epoch_s, 1e-9))
+    total = 1 + extra
+    return max(1, min(total, cap) if cap else total)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
+    run_started = time.perf_counter()
     cfg.validate()
     world, rank, local_rank = _distributed()
     device = resolve_device(cfg.device, local_rank)
@@ -222,6 +254,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     init_ckpt = load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and resume_ckpt is None else None
     if init_ckpt is not None and init_ckpt["img_size"] != cfg.img_size:
         raise LggError(f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at")
+    if init_ckpt is not None and "threshold" not in (cfg.explicit or set()) and cfg.threshold == TrainConfig.threshold:
+        cfg = replace(cfg, threshold=float(init_ckpt["threshold"]))  # fine-tuning keeps the decision threshold it starts from
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     # The model (and its encoder weights) before anything is written: a bad name or weights file leaves no folder behind.
@@ -262,6 +296,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         save_split(split, out / "split.json")
     train_images = resize_images(train_slices.images, cfg.img_size)
     train_masks = resize_masks(train_slices.masks, cfg.img_size)
+    train_tumor = train_slices.masks.reshape(len(train_slices), -1).any(axis=1)
     val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
 
     model.to(device)
@@ -291,8 +326,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # The cosine schedule spans the epochs the run was started with; epochs added on --resume run at its final lr.
     schedule_epochs = int(resume_ckpt.get("schedule_epochs", resume_ckpt["train_config"]["epochs"])) if resume_ckpt is not None else cfg.epochs
-    total_steps = schedule_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    budgeted = cfg.budget_minutes is not None and resume_ckpt is None
+    explicit_epochs = "epochs" in (cfg.explicit if cfg.explicit is not None else {k for k in ("epochs",) if cfg.epochs != TrainConfig.epochs})
+    if budgeted and not explicit_epochs:
+        cfg = replace(cfg, epochs=1000)  # the budget decides; 1000 is only the cap
+        schedule_epochs = TrainConfig.epochs  # provisional cosine length for epoch 1, fixed once epoch 1 is timed
+    schedule = {"total_steps": schedule_epochs * steps_per_epoch}
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule["total_steps"], warmup_steps))
+    ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
     scaler = torch.amp.GradScaler("cuda", enabled=compute_dtype == torch.float16)
     history: list[dict] = []
     best: dict = {"epoch": 0, "val_mean_patient_dice": -1.0}
@@ -301,6 +343,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
         scaler.load_state_dict(resume_ckpt["scaler"])
+        if ema is not None:
+            ema.load_state_dict(resume_ckpt["ema_state_dict"])
         history = list(resume_ckpt["history"])
         best = dict(resume_ckpt["best"])
         start_epoch = int(resume_ckpt["epoch"]) + 1
@@ -314,6 +358,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     augment = Augmentation()
     config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "explicit"}
+    n_epochs = cfg.epochs
+    budget_record: dict | None = dict(resume_ckpt["budget"]) if resume_ckpt is not None and resume_ckpt.get("budget") else None
+
+    def fix_epochs(total: int) -> None:
+        """The budget's decision, on every rank: the run's length and its cosine's."""
+        nonlocal n_epochs, schedule_epochs
+        n_epochs = schedule_epochs = total
+        schedule["total_steps"] = total * steps_per_epoch
+        config_record["epochs"] = total
     started = time.perf_counter()
     if main:
         console.print(
@@ -324,16 +377,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
 
     with progress_bar(cfg.show_progress and main) as bar:
-        epoch_task = bar.add_task("epochs", total=cfg.epochs, completed=start_epoch - 1, info="")
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        epoch_task = bar.add_task("epochs", total=None if budgeted else cfg.epochs, completed=start_epoch - 1, info="")
+        epoch = start_epoch - 1
+        while epoch < n_epochs:
+            epoch += 1
             epoch_started = time.perf_counter()
-            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            order = torch.randperm(n_train, generator=generator)[rank * per_rank : (rank + 1) * per_rank]
+            order = epoch_order(train_tumor, cfg.seed * 100_003 + epoch, cfg.tumor_fraction)[rank * per_rank : (rank + 1) * per_rank]
+            seen_tumor = seen = 0
             aug_generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
             net.train()
             losses: list[float] = []
             counts = np.zeros(4, np.int64)
-            step_task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
+            step_task = bar.add_task(f"epoch {epoch}/{'?' if budgeted and epoch == 1 else n_epochs}", total=steps_per_epoch, info="")
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].numpy()
                 x01 = torch.from_numpy(train_images[idx]).permute(0, 3, 1, 2).float().div_(255)
@@ -346,7 +401,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 y = y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
                     logits = net(x)
-                loss = dice_bce_loss(logits.float(), y)
+                loss = segmentation_loss(logits.float(), y, cfg.loss)
                 if teacher is not None:
                     with torch.no_grad(), torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
                         soft = torch.sigmoid(teacher(x).float())
@@ -356,7 +411,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 losses.append(loss.item())
+                seen_tumor += int(train_tumor[idx].sum())
+                seen += len(idx)
                 counts += confusion_counts((logits.detach() > 0).cpu().numpy()[:, 0], y.cpu().numpy()[:, 0] > 0.5).sum(axis=0)
                 bar.update(step_task, advance=1, info=f"loss {np.mean(losses):.4f}")
             bar.remove_task(step_task)
@@ -365,11 +424,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             rng_states = _gather_rng_states(world)  # before validation, so a resumed epoch draws what this one would have
             if main:
                 val_losses: list[float] = []
+                val_logits: list[np.ndarray] = []
 
                 def add_val_loss(logits: np.ndarray, batch: slice) -> None:
-                    val_losses.append(dice_bce_loss(torch.from_numpy(logits), val_targets[batch]).item() * len(logits))
+                    val_losses.append(segmentation_loss(torch.from_numpy(logits), val_targets[batch], cfg.loss).item() * len(logits))
+                    if cfg.tune_threshold:
+                        val_logits.append(np.array(logits, np.float32, copy=True))
 
-                val = score_model(model, val_slices, cfg.img_size, normalization, cfg.eval_batch_size, device, show_progress=False, threshold=cfg.threshold, on_logits=add_val_loss)
+                # The model the run keeps: the EMA of the weights when on (validated, selected and saved as best.pt).
+                kept = ema.module if ema is not None else model
+                val = score_model(kept, val_slices, cfg.img_size, normalization, cfg.eval_batch_size, device, show_progress=False, threshold=cfg.threshold, on_logits=add_val_loss)
                 val_loss = float(np.sum(val_losses) / len(val_slices))
                 agg = val["aggregates"]
                 tp, fp, fn, tn = counts
@@ -377,6 +441,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "epoch": epoch,
                     "lr": optimizer.param_groups[0]["lr"],
                     "train_loss": float(np.mean(losses)),
+                    "train_tumor_slice_fraction": round(seen_tumor / seen, 4),
                     "train_dice": float(dice_from_counts(tp, fp, fn)),
                     "train_iou": float(iou_from_counts(tp, fp, fn)),
                     "train_accuracy": float((tp + tn) / counts.sum()),
@@ -386,12 +451,21 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "val_mean_patient_iou": agg["mean_patient_iou"],
                     "val_global_dice": agg["global_dice"],
                     "val_pixel_accuracy": agg["pixel_accuracy"],
-                    "seconds": round(time.perf_counter() - epoch_started, 2),
+                    "val_patients_missed": agg["patients_missed"],
                 }
+                if ema is not None:  # the raw weights too, to see what the EMA buys
+                    raw = score_model(model, val_slices, cfg.img_size, normalization, cfg.eval_batch_size, device, show_progress=False, threshold=cfg.threshold)
+                    row["val_mean_patient_dice_raw_weights"] = raw["aggregates"]["mean_patient_dice"]
+                row["seconds"] = round(time.perf_counter() - epoch_started, 2)
+                if budgeted and epoch == 1:
+                    elapsed = time.perf_counter() - run_started
+                    total = epochs_within_budget(cfg.budget_minutes * 60, elapsed, row["seconds"], cfg.epochs if explicit_epochs else None)
+                    fix_epochs(total)
+                    budget_record = {"minutes": cfg.budget_minutes, "epoch_1_seconds": row["seconds"], "elapsed_after_epoch_1_seconds": round(elapsed, 1), "epochs": total}
+                    bar.update(epoch_task, total=total)
+                    console.print(f"budget {cfg.budget_minutes:g} min: epoch 1 took {row['seconds']:.0f} s, so the run trains {total} epochs")
                 history.append(row)
-                common = make_payload(
-                    model,
-                    weights_info,
+                fields_ = dict(
                     model=spec.to_json(),
                     img_size=cfg.img_size,
                     normalization=normalization.to_json(),
@@ -405,21 +479,28 @@ def train(cfg: TrainConfig) -> TrainResult:
                     epoch=epoch,
                     schedule_epochs=schedule_epochs,
                     resumes=resumes,
+                    budget=budget_record,
                     compute_precision=str(compute_dtype).removeprefix("torch.") if compute_dtype else "float32",
                 )
                 improved = agg["mean_patient_dice"] > best["val_mean_patient_dice"]
                 if improved:
                     best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
-                    save_checkpoint(best_path, {**common, "best": best})
+                    kept_fields = dict(fields_, weights="ema" if ema is not None else "raw")
+                    if cfg.tune_threshold:
+                        tuning = threshold_tuning.tune(np.concatenate(val_logits), val_slices.masks, val_slices.patients, cfg.threshold)
+                        kept_fields.update(threshold=tuning["threshold"], threshold_tuning=tuning)
+                        best.update(threshold=tuning["threshold"], val_mean_patient_dice_tuned_threshold=tuning["val_mean_patient_dice"])
+                    save_checkpoint(best_path, {**make_payload(kept, weights_info, **kept_fields), "best": best})
                 save_checkpoint(
                     last_path,
                     {
-                        **common,
+                        **make_payload(model, weights_info, **fields_, weights="raw"),
                         "best": best,
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "rng_states": rng_states,
+                        **({"ema_state_dict": ema.state_dict()} if ema is not None else {}),
                     },
                 )
                 write_json_atomic(out / "history.json", history)
@@ -431,6 +512,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                     info=f"val per-patient Dice {agg['mean_patient_dice']:.4f} (best {best['val_mean_patient_dice']:.4f} @ {best['epoch']})",
                 )
             if world > 1:
+                if budgeted and epoch == 1:
+                    decided = [n_epochs]
+                    torch.distributed.broadcast_object_list(decided, src=0)
+                    fix_epochs(int(decided[0]))
                 torch.distributed.barrier()
 
     return TrainResult(best_path, last_path, history, best, time.perf_counter() - started)

@@ -1,0 +1,105 @@
+"""The pieces of the training recipe that are not the loop: losses, the epoch's slice order (tumor-slice
+oversampling), the learning-rate schedule (warm-up + cosine) and the weight EMA.
+
+Each is chosen by a TrainConfig field and recorded in the checkpoint's train_config; the benchmark that chose the
+defaults is benchmarks/results/recipe/.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("dice", "image-dice", "tversky")
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice over the whole batch (one pooled volume, like the per-patient metric)."""
+    intersection = (prob * target).sum()
+    return 1 - (2 * intersection + 1.0) / (prob.sum() + target.sum() + 1.0)
+
+
+def image_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice of each image that holds tumor, averaged: a 30-pixel lesion weighs as much as a 3,000-pixel
+    one (in the pooled Dice it is lost in the large ones). Tumor-free images are left to the BCE term."""
+    dims = tuple(range(1, prob.dim()))
+    has_tumor = target.sum(dim=dims) > 0
+    if not has_tumor.any():
+        return prob.sum() * 0.0
+    p, t = prob[has_tumor], target[has_tumor]
+    dice = (2 * (p * t).sum(dim=dims) + 1.0) / (p.sum(dim=dims) + t.sum(dim=dims) + 1.0)
+    return 1 - dice.mean()
+
+
+def tversky_loss(prob: torch.Tensor, target: torch.Tensor, alpha: float = 0.3, beta: float = 0.7) -> torch.Tensor:
+    """1 - Tversky index per tumor image (Salehi et al. 2017): false negatives weigh beta, false positives alpha."""
+    dims = tuple(range(1, prob.dim()))
+    has_tumor = target.sum(dim=dims) > 0
+    if not has_tumor.any():
+        return prob.sum() * 0.0
+    p, t = prob[has_tumor], target[has_tumor]
+    tp = (p * t).sum(dim=dims)
+    index = (tp + 1.0) / (tp + alpha * (p * (1 - t)).sum(dim=dims) + beta * ((1 - p) * t).sum(dim=dims) + 1.0)
+    return 1 - index.mean()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "dice") -> torch.Tensor:
+    """BCE with logits + the overlap term `kind` (dice: pooled soft Dice; image-dice; tversky)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    if kind == "dice":
+        return bce + soft_dice_loss(prob, target)
+    if kind == "image-dice":
+        return bce + image_dice_loss(prob, target)
+    if kind == "tversky":
+        return bce + tversky_loss(prob, target)
+    raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
+
+
+def epoch_order(tumor: np.ndarray, epoch_seed: int, tumor_fraction: float | None) -> torch.Tensor:
+    """The slice indices one epoch visits (as many as there are training slices).
+
+    tumor_fraction None: a plain permutation. Otherwise that fraction of the epoch is drawn from the tumor slices
+    and the rest from the tumor-free ones, each side as whole shuffled passes (every slice of a side is seen
+    before any repeats), then the two are shuffled together. Seeded by `epoch_seed`.
+    """
+    n = len(tumor)
+    generator = torch.Generator().manual_seed(epoch_seed)
+    if tumor_fraction is None:
+        return torch.randperm(n, generator=generator)
+    positive = np.flatnonzero(tumor)
+    negative = np.flatnonzero(~np.asarray(tumor, bool))
+    if len(positive) == 0 or len(negative) == 0:  # nothing to rebalance
+        return torch.randperm(n, generator=generator)
+    n_positive = min(n, max(1, round(tumor_fraction * n)))
+    n_negative = n - n_positive
+
+    def draw(pool: np.ndarray, count: int) -> torch.Tensor:
+        if count == 0:
+            return torch.empty(0, dtype=torch.long)
+        passes = math.ceil(count / len(pool))
+        picks = torch.cat([torch.randperm(len(pool), generator=generator) for _ in range(passes)])[:count]
+        return torch.from_numpy(pool)[picks]
+
+    chosen = torch.cat([draw(positive, n_positive), draw(negative, n_negative)])
+    return chosen[torch.randperm(n, generator=generator)]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, floor: float = 0.01) -> float:
+    """Learning-rate multiplier: linear warm-up from `floor` over `warmup_steps`, then cosine down to `floor`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return floor + (1 - floor) * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(step - warmup_steps, span) / span
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of the weights and the batch-norm statistics (torch's AveragedModel)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -1,0 +1,164 @@
+"""The training recipe: oversampling, losses, warm-up, EMA, and the val-tuned threshold stored and used end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lggdeploy.cli import app
+from lggdeploy.common.errors import LggError
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.engines.formats import read_manifest
+from lggdeploy.models import threshold as thresholds
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, split_of
+from lggdeploy.models.recipe import epoch_order, lr_factor, segmentation_loss
+from lggdeploy.models.train import TrainConfig, train
+
+
+def phantom_tumor_flags(phantom_dir):
+    dataset = load_dataset(phantom_dir)
+    slices = load_slices(dataset, sorted(dataset.patients))
+    return slices.masks.reshape(len(slices), -1).any(axis=1)
+
+
+def test_oversampling_changes_the_tumor_fraction_seen_per_epoch(phantom_dir):
+    tumor = phantom_tumor_flags(phantom_dir)
+    natural = tumor.mean()
+    assert 0.05 < natural < 0.95, natural  # the phantom set has both kinds of slices
+    plain = epoch_order(tumor, 7, None).numpy()
+    assert sorted(plain) == list(range(len(tumor)))  # a permutation: every slice once
+    for fraction in (0.25, 0.5, 0.8):
+        order = epoch_order(tumor, 7, fraction).numpy()
+        assert len(order) == len(tumor)
+        assert tumor[order].mean() == pytest.approx(fraction, abs=1 / len(tumor))
+        side = np.flatnonzero(tumor) if fraction > natural else np.flatnonzero(~tumor)  # the side drawn more often
+        assert set(side) <= set(order)  # every slice of the oversampled side is seen before any repeats
+    assert torch.equal(epoch_order(tumor, 7, 0.5), epoch_order(tumor, 7, 0.5))  # seeded
+    assert not torch.equal(epoch_order(tumor, 7, 0.5), epoch_order(tumor, 8, 0.5))
+
+
+def test_a_training_epoch_sees_the_requested_tumor_fraction(phantom_dir, tmp_path):
+    kw = dict(model="pspnet-scratch", data=phantom_dir, epochs=1, batch_size=4, img_size=64, show_progress=False)
+    natural = train(TrainConfig(out=tmp_path / "plain", **kw)).history[0]["train_tumor_slice_fraction"]
+    oversampled = train(TrainConfig(out=tmp_path / "over", tumor_fraction=0.9, **kw)).history[0]["train_tumor_slice_fraction"]
+    assert oversampled > natural + 0.2 and oversampled == pytest.approx(0.9, abs=0.05), (natural, oversampled)
+
+
+def test_per_image_losses_weigh_a_missed_small_lesion():
+    """Two slices, a large lesion found and a small one missed: the pooled Dice hardly notices, per-image Dice and
+    Tversky do; Tversky punishes a missed pixel more than a false one."""
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, 0, 4:28, 4:28] = 1  # 576 pixels
+    target[1, 0, 10:13, 10:13] = 1  # 9 pixels
+    logits = torch.where(target > 0, 8.0, -8.0)
+    logits[1] = -8.0  # the small lesion missed
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()
+    pooled, per_image, tversky = (segmentation_loss(logits, target, k).item() - bce for k in ("dice", "image-dice", "tversky"))
+    assert pooled < 0.02 and per_image > 0.4 and tversky > 0.4, (pooled, per_image, tversky)
+    one = torch.zeros(1, 1, 8, 8)
+    one[0, 0, :4] = 1
+    missed, extra = torch.where(one > 0, 8.0, -8.0), torch.where(one > 0, 8.0, -8.0)
+    missed[0, 0, 0] = -8.0  # 8 tumor pixels missed
+    extra[0, 0, 4] = 8.0  # 8 false pixels
+    assert segmentation_loss(missed, one, "tversky") > segmentation_loss(extra, one, "tversky")
+    with pytest.raises(ValueError, match="unknown loss"):
+        segmentation_loss(logits, target, "focal")
+
+
+def test_warm_up_then_cosine():
+    factors = [lr_factor(step, 100, 10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.01) and factors[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(factors[:10], factors[1:11]))  # rising during warm-up
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # falling after
+    assert factors[100] == pytest.approx(0.01)
+    assert lr_factor(0, 100, 0) == pytest.approx(1.0)  # no warm-up: the plain cosine
+
+
+def test_threshold_choice_moves_only_for_a_real_gain():
+    """Logits of a model that under-calls: the tumor sits at probability 0.35, the background at 0.05."""
+    masks = np.zeros((4, 16, 16), bool)
+    masks[:, 4:12, 4:12] = True
+    logits = np.where(masks, np.log(0.35 / 0.65), np.log(0.05 / 0.95)).astype(np.float32)[:, None]
+    patients = np.array(["a", "a", "b", "b"])
+    record = thresholds.tune(logits, masks, patients, default=0.5)
+    assert record["val_mean_patient_dice_at_default"] == 0.0 and record["val_mean_patient_dice"] == pytest.approx(1.0)
+    assert 0.05 < record["threshold"] < 0.35 and record["patients"] == ["a", "b"]
+    assert abs(record["threshold"] - 0.5) == min(abs(r["threshold"] - 0.5) for r in record["sweep"] if r["mean_patient_dice"] == 1.0)
+    calibrated = np.where(masks, 4.0, -4.0).astype(np.float32)[:, None]  # every threshold gives Dice 1: keep 0.5
+    assert thresholds.tune(calibrated, masks, patients, default=0.5)["threshold"] == 0.5
+
+
+def test_tuned_threshold_is_stored_and_used_end_to_end(segmenting_run, phantom_dir, tmp_path):
+    """A run with tuning writes the chosen threshold into best.pt; eval on the val patients reproduces the Dice
+    the tuning measured at that threshold; export, the engine's manifest and the runtime carry it."""
+    from lggdeploy.engines.build import BuildOptions, build_engines
+    from lggdeploy.models.evaluate import evaluate_checkpoint
+    from lggdeploy.runtime.segmenter import Segmenter
+
+    out = tmp_path / "tuned"
+    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, batch_size=8, img_size=128, show_progress=False,
+                               lr=1e-4, init_checkpoint=segmenting_run.best_path.parent / "last.pt", ema_decay=0.9, tune_threshold=True))
+    ckpt = load_checkpoint(result.best_path)
+    tuning = ckpt["threshold_tuning"]
+    assert ckpt["threshold"] == tuning["threshold"] == result.best["threshold"] and ckpt["weights"] == "ema"
+    assert tuning["patients"] == split_of(ckpt).val
+    summary = evaluate_checkpoint(result.best_path, phantom_dir, split="val")
+    assert summary["meta"]["threshold"] == ckpt["threshold"]
+    assert summary["aggregates"]["mean_patient_dice"] == pytest.approx(tuning["val_mean_patient_dice"], abs=2e-3)
+
+    # A threshold other than 0.5 written into the checkpoint travels to the engine and the runtime and changes masks.
+    moved = dict(ckpt, threshold=0.2)
+    from lggdeploy.models.checkpoint import save_checkpoint
+
+    moved_path = save_checkpoint(tmp_path / "moved.pt", moved)
+    report = build_engines([moved_path], BuildOptions(out_dir=tmp_path / "engines", data=phantom_dir, precision="fp32"))
+    engine = next(Path(e["engine"]) for e in report.engines if e["engine"].endswith(".onnx"))
+    assert read_manifest(engine)["threshold"] == 0.2
+    dataset = load_dataset(phantom_dir)
+    slices = load_slices(dataset, split_of(ckpt).val)
+    with Segmenter.load(engine) as low, Segmenter.load(engine, threshold=0.5) as default:
+        assert low.threshold == 0.2
+        low_masks, default_masks = low.predict(slices.images).masks, default.predict(slices.images).masks
+    assert low_masks.sum() > default_masks.sum()
+    assert (low_masks | default_masks).sum() == low_masks.sum()  # a lower threshold only adds pixels
+
+
+def test_fine_tuning_keeps_the_threshold_it_starts_from(trained_run, phantom_dir, tmp_path):
+    ckpt = load_checkpoint(trained_run.best_path)
+    start = tmp_path / "start.pt"
+    from lggdeploy.models.checkpoint import save_checkpoint
+
+    save_checkpoint(start, dict(ckpt, threshold=0.35))
+    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "ft", epochs=1, batch_size=8, img_size=64,
+                               show_progress=False, init_checkpoint=start))
+    assert load_checkpoint(result.best_path)["threshold"] == 0.35
+    assert model_from_checkpoint(load_checkpoint(result.best_path)) is not None
+
+
+def test_bad_recipe_options_are_one_clear_line(phantom_dir, tmp_path):
+    for kw, message in ((dict(tumor_fraction=1.5), "--tumor-fraction must lie strictly between 0 and 1"),
+                        (dict(loss="focal"), "unknown --loss 'focal'"),
+                        (dict(ema_decay=0.2), "--ema must be 0"),
+                        (dict(warmup_epochs=3), "--warmup-epochs must be")):
+        with pytest.raises(LggError, match=message):
+            train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "x", epochs=2, img_size=64, **kw))
+    result = CliRunner().invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(tmp_path / "y"), "--tumor-fraction", "2"])
+    assert result.exit_code != 0 and "--tumor-fraction must lie strictly between 0 and 1" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "y").exists()
+
+
+def test_budget_fixes_the_number_of_epochs_and_the_schedule(phantom_dir, tmp_path):
+    from lggdeploy.models.train import epochs_within_budget
+
+    assert epochs_within_budget(1800, 200, 150, None) == 11  # 1600 s left * 0.97 / 150 s = 10 more epochs
+    assert epochs_within_budget(1800, 200, 150, 6) == 6 and epochs_within_budget(100, 200, 150, None) == 1
+    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "b", epochs=4, batch_size=8, img_size=64,
+                               show_progress=False, budget_minutes=0.5, explicit=frozenset({"epochs", "budget_minutes"})))
+    last = load_checkpoint(result.last_path)
+    decided = last["budget"]["epochs"]
+    assert 1 <= decided <= 4 and len(result.history) == decided == last["train_config"]["epochs"] == last["schedule_epochs"]
+    if decided > 1:  # the cosine spans exactly the decided epochs: the last epoch ends at the schedule's floor
+        assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)
