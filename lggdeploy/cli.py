@@ -225,7 +225,8 @@ def eval_cmd(
     path = write_json_atomic(target, summary)
     out.print(rich_table(summary["per_patient"], PATIENT_COLUMNS, title="per patient"))
     out.print(metrics_table(summary, METRIC_LABELS, title=f"{summary['meta']['model']} on {split} split"))
-    out.print(f"per-patient rows and aggregates written to {path}")
+    meta = summary["meta"]
+    out.print(f"decision threshold {meta['threshold']} ({meta['threshold_origin']}); per-patient rows and aggregates written to {path}")
 
 
 @app.command("prune")
@@ -275,7 +276,7 @@ def export_cmd(
 @app.command("build")
 @friendly
 def build_cmd(
-    checkpoints: list[Path] = typer.Argument(..., help="one or more checkpoints"),
+    checkpoints: list[Path] = typer.Argument(..., help="one or more checkpoints, or one bundle from `lggdeploy pack` (build on this device)"),
     precision: str = typer.Option("fp32", help="fp32, fp16, int8 or all"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime (CPU) or tensorrt (NVIDIA GPU)"),
     int8_profile: Optional[str] = typer.Option(None, help="cpu or tensorrt (default: cpu for onnxruntime, tensorrt for tensorrt)"),
@@ -294,8 +295,24 @@ def build_cmd(
     qat_epochs: int = typer.Option(1, help="QAT epochs on the checkpoint's train split (0: no QAT)"),
     qat_lr: float = typer.Option(1e-3, help="QAT learning rate (SGD, momentum 0.9, cosine to zero)"),
 ):
-    """Build engines behind the accuracy gate; --precision all builds the whole matrix."""
+    """Build engines behind the accuracy gate; --precision all builds the whole matrix. From a bundle: build on this
+    device from the bundle's graphs, verified on its verification set (the device's gate)."""
     from lggdeploy.common.tables import rich_table
+
+    bundles = [p for p in checkpoints if p.name.endswith((".tar.gz", ".tgz"))]
+    if bundles:
+        from lggdeploy.runtime.device_build import build_from_bundle
+
+        if len(checkpoints) > 1:
+            raise LggError("give one bundle on its own (`lggdeploy build scanner-bundle.tar.gz --backend tensorrt`), not with checkpoints or other bundles")
+        built = build_from_bundle(bundles[0], backend=backend, precision=precision, int8_profile=int8_profile, out_dir=out_dir,
+                                  batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads, force=force)
+        rows = [{"engine": "/".join(b.engine.parts[-2:]), "source": b.source, "slices": len(b.report.per_slice_agreement),
+                 "overall": b.report.overall_agreement, "least": min(b.report.per_slice_agreement),
+                 "verified": "passed" if b.report.passed else "FAILED (forced)"} for b in built]
+        out.print(rich_table(rows, [("engine", "engine"), ("source", "built from"), ("slices", "verification slices"), ("overall", "mask agreement"),
+                                    ("least", "least slice agreement"), ("verified", "verification")], title="built on this device from the bundle"))
+        return
     from lggdeploy.engines.build import BuildOptions, build_engines
 
     opts = BuildOptions(out_dir=out_dir, data=data, backend=backend, precision=precision, int8_profile=int8_profile,

@@ -138,3 +138,49 @@ def test_pack_then_verify_on_a_real_shared_patient(segmenting_run, real_data, tm
     description = json.loads(members(path)["bundle.json"])
     assert description["verification"]["patients"] == [SMALL_REAL_PATIENT]
     assert verify_bundle(path).passed
+
+
+def test_build_on_the_device_from_a_bundle_is_verified_there(bundle, tmp_path):
+    """`lggdeploy build BUNDLE`: an engine built from the bundle's graph, run on its verification set before it is
+    written, with a manifest that names the bundle, the graph and the result; `verify --engine` accepts it."""
+    from lggdeploy.engines.formats import read_manifest
+
+    description = json.loads(members(bundle)["bundle.json"])
+    result = runner.invoke(app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "-o", str(tmp_path / "device")])
+    assert result.exit_code == 0, result.output
+    assert "built on this device from the bundle" in result.output and "passed" in result.output
+    (engine,) = list((tmp_path / "device").rglob("onnxruntime-fp32.onnx"))
+    manifest = read_manifest(engine)
+    assert manifest["built_on_device"]["source"] == "onnx/model.onnx" and manifest["built_on_device"]["verification"]["passed"]
+    assert manifest["checkpoint_sha256"] == description["checkpoint_sha256"] and manifest["threshold"] == description["threshold"]
+    assert manifest["gate"]["passed"]  # the build machine's gate travels with the model
+    assert verify_bundle(bundle, engine=engine).passed
+    # The README a device reads names this very command.
+    assert "lggdeploy build scanner-bundle.tar.gz --backend tensorrt --precision fp32 --min-batch 1" in members(bundle)["README.md"].decode()
+    # A precision the bundle holds no graph for: one line that says what to pack.
+    result = runner.invoke(app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "int8", "-o", str(tmp_path / "device")])
+    assert result.exit_code != 0 and "holds no int8-cpu graph to build from" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["build", str(bundle), str(bundle), "-o", str(tmp_path / "device")])
+    assert result.exit_code != 0 and "give one bundle on its own" in result.output
+
+
+def test_a_device_build_that_disagrees_is_not_written(bundle, tmp_path, monkeypatch):
+    """The backend on the device produces a different model (here: logits shifted by +8): the device's gate refuses it."""
+    import lggdeploy.backends.onnxruntime as ort_backend
+
+    def shifted_build(onnx_path, fmt, target, options):
+        model = onnx.load(str(onnx_path))
+        out = model.graph.output[0].name
+        model.graph.node[-1].output[0] = out + "_pre"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([8.0], np.float32), "shift"))
+        model.graph.node.append(helper.make_node("Add", [out + "_pre", "shift"], [out]))
+        onnx.save(model, str(target))
+        return {"note": "shifted"}
+
+    monkeypatch.setattr(ort_backend, "build", shifted_build)
+    result = runner.invoke(app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "-o", str(tmp_path / "device")])
+    assert result.exit_code == 3, result.output
+    assert "disagrees with the validated model" in result.output and "no engine written" in result.output
+    assert not [p for p in (tmp_path / "device").rglob("*") if p.is_file()]
+    result = runner.invoke(app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "--force", "-o", str(tmp_path / "forced")])
+    assert result.exit_code == 0 and "FAILED" in result.output

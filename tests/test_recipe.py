@@ -106,7 +106,7 @@ def test_tuned_threshold_is_stored_and_used_end_to_end(segmenting_run, phantom_d
     assert ckpt["threshold"] == tuning["threshold"] == result.best["threshold"] and ckpt["weights"] == "ema"
     assert tuning["patients"] == split_of(ckpt).val
     summary = evaluate_checkpoint(result.best_path, phantom_dir, split="val")
-    assert summary["meta"]["threshold"] == ckpt["threshold"]
+    assert summary["meta"]["threshold"] == ckpt["threshold"] and summary["meta"]["threshold_origin"] == "tuned on 1 val patients"
     assert summary["aggregates"]["mean_patient_dice"] == pytest.approx(tuning["val_mean_patient_dice"], abs=2e-3)
 
     # A threshold other than 0.5 written into the checkpoint travels to the engine and the runtime and changes masks.

@@ -144,9 +144,7 @@ class _Context:
         return preprocess(chosen.images, self.img_size, self.normalization), sorted(set(chosen.patients.tolist()))
 
     def build_target(self, fmt: EngineFormat) -> BuildTarget:
-        # The tensorrt INT8 profile stays pure Q/DQ (what TensorRT's parser and other runtimes read), whatever runs it.
-        plain = fmt.precision == "int8" and fmt.int8_profile == "tensorrt"
-        return BuildTarget(self.img_size, self.opts.batch, self.opts.workspace_gib, self.folder / "tensorrt.timing-cache", optimize=not plain)
+        return BuildTarget(self.img_size, self.opts.batch, self.opts.workspace_gib, self.folder / "tensorrt.timing-cache", optimize=not fmt.plain_qdq)
 
 
 @dataclass

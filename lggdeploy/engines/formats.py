@@ -47,6 +47,12 @@ class EngineFormat:
     def available(self) -> tuple[bool, str]:
         return self.module.is_available()
 
+    @property
+    def plain_qdq(self) -> bool:
+        """The tensorrt INT8 profile stays pure Q/DQ (what TensorRT's parser and other runtimes read), whatever runs it:
+        no backend graph optimization is applied to it."""
+        return self.precision == "int8" and self.int8_profile == "tensorrt"
+
 
 # Adding a backend or precision is adding a row here and a module in backends/, not editing five ifs.
 FORMATS: tuple[EngineFormat, ...] = (

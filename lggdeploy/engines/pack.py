@@ -164,11 +164,27 @@ def device_readme(description: dict, manifest: dict) -> str:
         "",
         "## 2. Build a TensorRT plan on this GPU (plans are specific to the GPU and TensorRT version)",
         "",
-        "With lggdeploy (TensorRT 10 or 11 and cuda-python installed: `pip install 'lggdeploy[tensorrt]'`), from the ONNX here:",
+        "With lggdeploy (TensorRT 10 or 11 and cuda-python installed: `pip install 'lggdeploy[tensorrt]'`), from the graphs here.",
+        "Each plan is built, then run on the verification set and written only if it agrees with the validated model (the",
+        "device's accuracy gate); its manifest records the bundle, the graph and the verification result:",
+        "",
+        "```bash",
+    ]
+    fp16 = next((e["file"] for e in description["engines"] if e["precision"] == "fp16" and e["backend"] == "onnxruntime"), None)
+    for precision, present in (("fp32", True), ("fp16", fp16), ("int8", qdq)):
+        if present:
+            lines.append(f"lggdeploy build scanner-bundle.tar.gz --backend tensorrt --precision {precision} --min-batch {batch[0]} --opt-batch {batch[1]} --max-batch {batch[2]} -o engines")
+    lines += [
+        "lggdeploy verify scanner-bundle.tar.gz --engine engines/<model>-<sha8>/tensorrt-fp32.plan   # again, any time later",
+        "```",
+        "",
+        "Without Python, the same plans with `trtexec` (then `lggdeploy verify` cannot read them: they lack a manifest):",
         "",
         "```bash",
         f"trtexec --onnx=onnx/model.onnx --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-fp32.plan",
     ]
+    if fp16:
+        lines.append(f"trtexec --onnx={fp16} --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-fp16.plan")
     if qdq:
         lines.append(f"trtexec --onnx={qdq} --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-int8-tensorrt.plan")
     lines += [
@@ -176,9 +192,9 @@ def device_readme(description: dict, manifest: dict) -> str:
         "",
         "These are the flags lggdeploy's own TensorRT builder sets: a strongly typed network (precision comes from the graph:",
         "Q/DQ nodes for INT8), one optimization profile for the batch, a 4 GiB workspace, builder optimization level 3, a",
-        "timing cache. `lggdeploy verify scanner-bundle.tar.gz --engine PLAN` checks a plan against the verification set;",
-        "lggdeploy loads an engine only with its manifest beside it (`PLAN.json`: backend, precision, TensorRT version,",
-        "GPU, sha256 — see an engine manifest in `engines/`).",
+        "timing cache (the FP16 graph is typed: FP16 weights and compute, FP32 inputs and outputs — what TensorRT 11's",
+        "strongly typed networks take). lggdeploy loads an engine only with its manifest beside it (`PLAN.json`: backend,",
+        "precision, TensorRT version, GPU, sha256), which `lggdeploy build` from this bundle writes.",
         "",
     ]
     return "\n".join(lines)

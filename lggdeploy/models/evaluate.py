@@ -76,6 +76,7 @@ def evaluate_checkpoint(
         "split": split,
         "split_file": str(split_file) if split_file else "embedded in checkpoint",
         "threshold": ckpt["threshold"],
+        "threshold_origin": (f"tuned on {len(ckpt['threshold_tuning']['patients'])} val patients" if "threshold_tuning" in ckpt else "the checkpoint's, not tuned"),
         "img_size": ckpt["img_size"],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

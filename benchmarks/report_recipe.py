@@ -1,0 +1,144 @@
+"""The recipe ablation: each finished training run scored the same way on its val and test patients.
+
+usage: .venv/bin/python benchmarks/report_recipe.py --data DATA --out OUT LABEL=RUN_DIR[:last] [...]
+(`:last` scores the run's last.pt — the raw weights of its final epoch — instead of best.pt.)
+
+For every run: best.pt's selection epoch and weights (EMA or raw), the threshold it stores (or, for a run trained
+without tuning, the threshold the same tuning picks on its val patients afterwards), and on the test patients the
+mean per-patient Dice at 0.5 and at the tuned threshold, with and without the largest 3-D component, and the
+patients missed. Validation noise: the mean absolute change of val Dice from one epoch to the next over the second
+half of the run (kept weights, and raw weights where an EMA ran beside them). Writes OUT/ablation.json and
+OUT/README.md (the per-patient test tables; the narrative is added by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lggdeploy.common.machine import machine_info
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.metrics import confusion_counts, dice_from_counts, summarize
+from lggdeploy.models import threshold as thresholds
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
+from lggdeploy.models.torch_runner import TorchRunner
+from lggdeploy.data.transforms import native_logits, preprocess
+from lggdeploy.scoring import largest_connected_component
+
+
+def logits_of(ckpt: dict, slices, batch: int = 16) -> np.ndarray:
+    runner = TorchRunner(model_from_checkpoint(ckpt).eval(), "cpu")
+    norm = normalization_of(ckpt)
+    return np.concatenate([runner.infer(preprocess(slices.images[i : i + batch], ckpt["img_size"], norm)) for i in range(0, len(slices), batch)])
+
+
+def score(native: np.ndarray, slices, threshold: float) -> dict:
+    predicted = native > np.float32(np.log(threshold / (1 - threshold)))
+    summary = summarize(confusion_counts(predicted, slices.masks), slices.patients)
+    for row in summary["per_patient"]:
+        sel = slices.patients == row["patient"]
+        counts = confusion_counts(largest_connected_component(predicted[sel]), slices.masks[sel]).sum(axis=0)
+        row["dice_largest_component"] = float(dice_from_counts(*counts[:3]))
+    summary["aggregates"]["mean_patient_dice_largest_component"] = float(np.mean([r["dice_largest_component"] for r in summary["per_patient"]]))
+    return summary
+
+
+def epoch_noise(history: list[dict], key: str) -> float | None:
+    values = [row[key] for row in history if key in row]
+    tail = values[len(values) // 2 :]
+    return float(np.mean(np.abs(np.diff(tail)))) if len(tail) > 1 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    dataset = load_dataset(args.data)
+    rows, per_patient = [], {}
+    for item in args.runs:
+        label, run = item.split("=", 1)
+        which = "best.pt"
+        if run.endswith(":last"):  # the raw weights of the final epoch (last.pt), scored like any best.pt
+            run, which = run.removesuffix(":last"), "last.pt"
+        run = Path(run)
+        ckpt = load_checkpoint(run / which)
+        if which == "last.pt":
+            ckpt = {k: v for k, v in ckpt.items() if k not in ("threshold_tuning",)}
+            ckpt["best"] = {"epoch": ckpt["epoch"], "val_mean_patient_dice": ckpt["history"][-1].get("val_mean_patient_dice_raw_weights", ckpt["history"][-1]["val_mean_patient_dice"])}
+            ckpt["weights"] = "raw (last.pt)"
+        history = json.loads((run / "history.json").read_text())
+        split = split_of(ckpt)
+        val, test = load_slices(dataset, split.val), load_slices(dataset, split.test)
+        if "threshold_tuning" in ckpt:
+            tuning, tuned_when = ckpt["threshold_tuning"], "in training"
+        else:
+            tuning, tuned_when = thresholds.tune(logits_of(ckpt, val), val.masks, val.patients, default=ckpt["threshold"]), "afterwards (same rule)"
+        test_native = native_logits(logits_of(ckpt, test), 256)
+        at_half, at_tuned = score(test_native, test, 0.5), score(test_native, test, tuning["threshold"])
+        cfg = ckpt.get("train_config", {})
+        seconds = [r["seconds"] for r in history]
+        rows.append({
+            "label": label,
+            "run": str(run),
+            "recipe": {k: cfg.get(k) for k in ("loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "epochs", "budget_minutes")},
+            "epochs": len(history),
+            "median_epoch_seconds": float(np.median(seconds)),
+            "train_minutes": round(sum(seconds) / 60, 1),
+            "best_epoch": ckpt["best"]["epoch"],
+            "weights": ckpt.get("weights", "raw"),
+            "val_patients": len(split.val),
+            "test_patients": len(split.test),
+            "val_dice_at_selection": ckpt["best"]["val_mean_patient_dice"],
+            "val_epoch_noise": epoch_noise(history, "val_mean_patient_dice"),
+            "val_epoch_noise_raw_weights": epoch_noise(history, "val_mean_patient_dice_raw_weights"),
+            "threshold": tuning["threshold"],
+            "threshold_tuned": tuned_when,
+            "val_dice_tuned": tuning["val_mean_patient_dice"],
+            "test_dice_at_0.5": at_half["aggregates"]["mean_patient_dice"],
+            "test_dice_tuned": at_tuned["aggregates"]["mean_patient_dice"],
+            "test_dice_tuned_largest_component": at_tuned["aggregates"]["mean_patient_dice_largest_component"],
+            "test_median_dice_tuned": at_tuned["aggregates"]["median_patient_dice"],
+            "test_missed_at_0.5": at_half["aggregates"]["patients_missed"],
+            "test_missed_tuned": at_tuned["aggregates"]["patients_missed"],
+            "test_global_dice_tuned": at_tuned["aggregates"]["global_dice"],
+            "test_slice_mean_dice_study_style_tuned": at_tuned["aggregates"]["slice_mean_dice_study_style"],
+        })
+        per_patient[label] = {"at_0.5": at_half["per_patient"], "tuned": at_tuned["per_patient"]}
+        print(f"{label}: test {rows[-1]['test_dice_at_0.5']:.4f} @0.5, {rows[-1]['test_dice_tuned']:.4f} @{tuning['threshold']}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    (args.out / "ablation.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient}, indent=2) + "\n")
+    fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [
+        "| run | epochs (median s) | best epoch, weights | val Dice at selection (n=5) | val epoch-to-epoch noise (raw) | threshold | test Dice @0.5 | test Dice @tuned | + largest comp. | test missed @0.5 / tuned (n=5) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        raw = f" ({fmt(r['val_epoch_noise_raw_weights'])})" if r["val_epoch_noise_raw_weights"] is not None else ""
+        lines.append(
+            f"| {r['label']} | {r['epochs']} ({r['median_epoch_seconds']:.0f}) | {r['best_epoch']}, {r['weights']} | {fmt(r['val_dice_at_selection'])} | "
+            f"{fmt(r['val_epoch_noise'])}{raw} | {r['threshold']} ({r['threshold_tuned']}) | {fmt(r['test_dice_at_0.5'])} | {fmt(r['test_dice_tuned'])} | "
+            f"{fmt(r['test_dice_tuned_largest_component'])} | {r['test_missed_at_0.5']} / {r['test_missed_tuned']} |"
+        )
+    lines += ["", "Per test patient (Dice at the tuned threshold; largest component in brackets):", ""]
+    labels = list(per_patient)
+    lines += ["| patient | tumor slices | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for i, row in enumerate(per_patient[labels[0]]["tuned"]):
+        cells = [f"{per_patient[l]['tuned'][i]['dice']:.3f} ({per_patient[l]['tuned'][i]['dice_largest_component']:.3f})" for l in labels]
+        lines.append(f"| {row['patient']} | {row['tumor_slices']} | " + " | ".join(cells) + " |")
+    cpu = machine["cpu"]
+    lines += ["", f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {dt.date.today().isoformat()}."]
+    (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

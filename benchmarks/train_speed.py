@@ -1,0 +1,115 @@
+"""CPU training step time: FP32 vs bfloat16 autocast, NCHW vs channels-last, eager vs torch.compile.
+
+usage: .venv/bin/python benchmarks/train_speed.py --data DATA --out OUT [--model pspnet-scratch] [--steps 12] [--rounds 3]
+
+The same seeded batches of real slices (256 px, batch 8, augmentation off) through forward + Dice/BCE loss +
+backward + AdamW step. Configurations run in interleaved rounds (each round times every configuration on the same
+batches, in a shuffled order); a configuration's figure is the median step time over all its timed steps, after 3
+warm-up steps per round (torch.compile's compilation happens in the first round's warm-up and is reported apart).
+Writes OUT/train_speed.json and OUT/train_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lggdeploy.common.machine import cpu_has_bf16, machine_info
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.data.split import make_split
+from lggdeploy.data.transforms import Normalization, preprocess, resize_masks
+from lggdeploy.models.networks import build_model
+from lggdeploy.models.presets import resolve_model
+from lggdeploy.models.recipe import segmentation_loss
+
+CONFIGS = [
+    ("fp32, NCHW (before)", "fp32", False, False),
+    ("fp32, channels-last", "fp32", True, False),
+    ("bf16, NCHW", "bf16", False, False),
+    ("bf16, channels-last (default)", "bf16", True, False),
+    ("bf16, channels-last, torch.compile", "bf16", True, True),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="pspnet-scratch")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dataset = load_dataset(args.data)
+    split = make_split(dataset, seed=0)
+    slices = load_slices(dataset, split.train[:6])
+    x_all = torch.from_numpy(preprocess(slices.images, 256, Normalization()))
+    y_all = torch.from_numpy(resize_masks(slices.masks, 256)).unsqueeze(1).float()
+    batches = [(x_all[i : i + args.batch], y_all[i : i + args.batch]) for i in range(0, args.batch * (args.steps + 3), args.batch)]
+    batches = [b for b in batches if len(b[0]) == args.batch]
+    configs = [c for c in CONFIGS if c[1] != "bf16" or cpu_has_bf16()]
+
+    state = build_model(resolve_model(args.model), None).model.state_dict()
+    setups, compile_seconds, times = {}, {}, {c[0]: [] for c in configs}
+    for name, precision, channels_last, compiled in configs:
+        model = build_model(resolve_model(args.model), None).model
+        model.load_state_dict(state)
+        model.train()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        net = torch.compile(model) if compiled else model
+        setups[name] = (model, net, torch.optim.AdamW(model.parameters(), lr=1e-4), precision, channels_last)
+
+    def step(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        model, net, optimizer, precision, channels_last = setups[name]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = net(x)
+        loss = segmentation_loss(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    order = [c[0] for c in configs]
+    for round_ in range(args.rounds):
+        random.Random(round_).shuffle(order)
+        for name in order:
+            started = time.perf_counter()
+            for x, y in batches[:3]:
+                step(name, x, y)
+            if round_ == 0 and name.endswith("torch.compile"):
+                compile_seconds[name] = round(time.perf_counter() - started, 1)
+            for x, y in batches[3 : 3 + args.steps]:
+                t = time.perf_counter()
+                step(name, x, y)
+                times[name].append(time.perf_counter() - t)
+        print(f"round {round_ + 1}/{args.rounds} done")
+
+    base = float(np.median(times[configs[0][0]]))
+    rows = [{"config": n, "median_step_s": float(np.median(times[n])), "speedup_vs_fp32_nchw": base / float(np.median(times[n])),
+             "steps_timed": len(times[n]), "warmup_and_compile_s": compile_seconds.get(n)} for n in times]
+    machine = machine_info()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_speed.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "model": args.model, "batch": args.batch, "machine": machine, "rows": rows}, indent=2) + "\n")
+    cpu = machine["cpu"]
+    lines = [f"Training step, {args.model}, batch {args.batch}, 256 px, {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}), "
+             f"torch {torch.__version__}, {dt.date.today().isoformat()}; median of {args.rounds} interleaved rounds x {args.steps} steps.", "",
+             "| configuration | median s / step | speed-up vs fp32 NCHW | first-round warm-up incl. compilation (s) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['median_step_s']:.3f} | {r['speedup_vs_fp32_nchw']:.2f}x | {r['warmup_and_compile_s'] or ''} |")
+    (args.out / "train_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

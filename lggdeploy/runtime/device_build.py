@@ -1,0 +1,104 @@
+"""`lggdeploy build BUNDLE --backend tensorrt`: build an engine on the device from a bundle, then prove it there.
+
+A TensorRT plan is specific to its GPU and TensorRT version, so an edge scanner builds its own from the graph the
+bundle carries — the FP32 ONNX, the typed FP16 graph of a packed FP16 engine, or the plain Q/DQ INT8 graph — and
+there is no checkpoint and no val data on the device for the build-time gate. The device's gate is the bundle's
+verification set: the new engine is run on it and judged by the same agreement criterion as `verify`; only an
+engine that passes is written (`--force` keeps a failing one, marked). Torch-free: part of the runtime install.
+
+The new engine's manifest is the packed source engine's (model, checkpoint sha256, normalization, threshold, the
+build machine's gate) with this device's backend facts, its own sha256, and `built_on_device` (bundle, source
+graph and its sha256, the verification result).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lggdeploy.backends.base import BuildTarget
+from lggdeploy.common.errors import GateFailed, LggError
+from lggdeploy.common.files import sha256_file, temporary_folder
+from lggdeploy.engines.formats import DEFAULT_INT8_PROFILE, EngineFormat, manifest_path, read_manifest, select_formats, write_manifest
+from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, opened_bundle
+
+# What the build machine's manifest says about its own build, not about the model: replaced on the device.
+BUILD_FACTS = ("engine", "backend", "backend_version", "precision", "int8_profile", "sha256", "build_seconds", "created", "portable_qdq",
+               "tensorrt_version", "gpu", "compute_capability", "batch_profile", "workspace_gib", "timing_cache", "forced", "fp16")
+
+
+@dataclass
+class DeviceBuild:
+    engine: Path
+    source: str
+    report: VerifyReport
+    manifest: dict
+
+
+def source_graph(root: Path, description: dict, fmt: EngineFormat, origin: Path) -> tuple[Path, dict]:
+    """The graph in the bundle that `fmt` is built from, and the manifest of the packed engine it belongs to."""
+    entries = description["engines"]
+    if fmt.precision in ("fp32", "bf16"):
+        return root / "onnx" / "model.onnx", read_manifest(root / entries[0]["file"])
+    for entry in entries:
+        if entry["precision"] != fmt.precision or (fmt.precision == "int8" and entry.get("int8_profile") != fmt.int8_profile):
+            continue
+        if entry.get("portable_qdq"):
+            return root / entry["portable_qdq"], read_manifest(root / entry["file"])
+        if entry["backend"] == "onnxruntime":  # an ONNX Runtime engine is itself a typed ONNX graph (FP16, or plain Q/DQ)
+            return root / entry["file"], read_manifest(root / entry["file"])
+    have = ", ".join(f"{e['precision']}{'-' + e['int8_profile'] if e.get('int8_profile') else ''}" for e in entries)
+    want = f"--precision {fmt.precision}" + (f" --int8-profile {fmt.int8_profile}" if fmt.int8_profile else "")
+    raise BundleError(f"{origin} holds no {fmt.name.split('-', 1)[1]} graph to build from (it packs: {have}); on the build machine run "
+                      f"`lggdeploy build CKPT {want}` and pack that engine too")
+
+
+def build_from_bundle(bundle: str | os.PathLike, backend: str = "tensorrt", precision: str = "fp32", int8_profile: str | None = None,
+                      out_dir: str | os.PathLike = "engines", batch: tuple[int, int, int] = (1, 8, 32), workspace_gib: float = 4.0,
+                      threads: int | None = None, force: bool = False) -> list[DeviceBuild]:
+    """Build every format `backend`/`precision` asks for from the bundle's graphs, verify each on the bundle's set."""
+    from lggdeploy.runtime.segmenter import Segmenter
+
+    bundle = Path(bundle)
+    if precision == "all":
+        raise LggError("--precision all is not offered for a bundle: name the precision this device should run (fp32, fp16 or int8)")
+    formats = select_formats(backend, precision, int8_profile or DEFAULT_INT8_PROFILE.get(backend))
+    for fmt in formats:
+        ok, reason = fmt.available()
+        if not ok:
+            raise LggError(f"backend {fmt.backend} is not usable on this device: {reason}")
+    results = []
+    with opened_bundle(bundle) as (root, description):
+        folder = Path(out_dir) / f"{description['model']['name']}-{description['checkpoint_sha256'][:8]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for fmt in formats:
+            source, base = source_graph(root, description, fmt, bundle)
+            target = folder / fmt.filename()
+            started = time.perf_counter()
+            with temporary_folder(folder) as tmp:
+                candidate = Path(tmp) / fmt.filename()
+                facts = fmt.module.build(source, fmt, candidate, BuildTarget(img_size=description["img_size"], batch=tuple(batch),
+                                                                              workspace_gib=workspace_gib, timing_cache=folder / "tensorrt.timing-cache",
+                                                                              optimize=not fmt.plain_qdq))
+                manifest = {k: v for k, v in base.items() if k not in BUILD_FACTS and k not in ("format", "version")}
+                manifest.update(engine=fmt.filename(), backend=fmt.backend, backend_version=fmt.available()[1], precision=fmt.precision,
+                                int8_profile=fmt.int8_profile, **facts, sha256=sha256_file(candidate),
+                                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                write_manifest(candidate, manifest)
+                with Segmenter.load(candidate, threads=threads) as segmenter:
+                    report = check_engine(segmenter, root, description, bundle)
+                if not report.passed and not force:
+                    raise GateFailed(f"{fmt.name} built on this device from {source.relative_to(root)} disagrees with the validated model on "
+                                     f"the bundle's verification set ({'; '.join(report.failures)}); no engine written (--force keeps it, marked)")
+                manifest.update(build_seconds=round(time.perf_counter() - started, 2), forced=not report.passed, built_on_device={
+                    "bundle": bundle.name, "source": source.relative_to(root).as_posix(), "source_sha256": sha256_file(source),
+                    "verification": {"passed": report.passed, "min_agreement": report.min_agreement, "overall_agreement": report.overall_agreement,
+                                     "least_slice_agreement": min(report.per_slice_agreement), "slices": len(report.per_slice_agreement)}})
+                manifest_path(target).unlink(missing_ok=True)  # as in build: no engine ever sits beside a manifest not its own
+                os.replace(candidate, target)
+                write_manifest(target, manifest)
+            results.append(DeviceBuild(target, source.relative_to(root).as_posix(), report, manifest))
+    return results
