@@ -6,6 +6,7 @@
 #   B  the recipe: per-image Dice + BCE, half of each epoch from tumor slices, 0.5-epoch warm-up, EMA 0.99, tuned threshold
 #   C  B without the two training-data changes (pooled Dice, no oversampling): what oversampling + per-image Dice buy
 #   T1/T2  the transfer presets from random init (no ImageNet weights here) with B's recipe, 30-minute budget
+#          (unet-effb7 at 128 px: at 256 px one epoch alone is longer than the budget on 2 cores)
 set -euo pipefail
 DATA=${DATA:-${LGG_DATA_DIR:-../shared/data/kaggle_3m}}
 RUNS=benchmarks/runs/recipe
@@ -21,7 +22,7 @@ mkdir -p "$RUNS" "$RES"
 run full pspnet-scratch 11 $RECIPE
 run no-data-changes pspnet-scratch 11 --warmup-epochs 0.5 --ema 0.99 --tune-threshold
 run transfer-resnext50 pspnet-resnext50 1000 $RECIPE --encoder-weights random --budget-minutes 30
-run transfer-effb7 unet-effb7 1000 $RECIPE --encoder-weights random --budget-minutes 30
+run transfer-effb7 unet-effb7 1000 $RECIPE --encoder-weights random --budget-minutes 30 --img-size 128  # 256 px: one epoch takes longer than the budget
 .venv/bin/python benchmarks/report_recipe.py --data "$DATA" --out "$RES" A=benchmarks/runs/34p/pspnet-scratch B=$RUNS/full/pspnet-scratch \
   C=$RUNS/no-data-changes/pspnet-scratch T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES"

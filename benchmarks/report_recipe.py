@@ -23,12 +23,12 @@ import numpy as np
 from lggdeploy.common.machine import machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.metrics import confusion_counts, dice_from_counts, summarize
+from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models import threshold as thresholds
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.torch_runner import TorchRunner
 from lggdeploy.data.transforms import native_logits, preprocess
-from lggdeploy.scoring import largest_connected_component
+from lggdeploy.scoring import add_largest_component
 
 
 def logits_of(ckpt: dict, slices, batch: int = 16) -> np.ndarray:
@@ -39,13 +39,7 @@ def logits_of(ckpt: dict, slices, batch: int = 16) -> np.ndarray:
 
 def score(native: np.ndarray, slices, threshold: float) -> dict:
     predicted = native > np.float32(np.log(threshold / (1 - threshold)))
-    summary = summarize(confusion_counts(predicted, slices.masks), slices.patients)
-    for row in summary["per_patient"]:
-        sel = slices.patients == row["patient"]
-        counts = confusion_counts(largest_connected_component(predicted[sel]), slices.masks[sel]).sum(axis=0)
-        row["dice_largest_component"] = float(dice_from_counts(*counts[:3]))
-    summary["aggregates"]["mean_patient_dice_largest_component"] = float(np.mean([r["dice_largest_component"] for r in summary["per_patient"]]))
-    return summary
+    return add_largest_component(summarize(confusion_counts(predicted, slices.masks), slices.patients), predicted, slices)
 
 
 def epoch_noise(history: list[dict], key: str) -> float | None:

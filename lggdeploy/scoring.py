@@ -52,12 +52,18 @@ def score_runner(
             bar.advance(task, stop - start)
     summary = scores.summary()
     if largest_component:
-        predicted = np.concatenate(kept)
-        for row in summary["per_patient"]:
-            sel = slices.patients == row["patient"]
-            counts = confusion_counts(largest_connected_component(predicted[sel]), slices.masks[sel]).sum(axis=0)
-            row["dice_largest_component"] = float(dice_from_counts(*counts[:3]))
-        summary["aggregates"]["mean_patient_dice_largest_component"] = float(np.mean([r["dice_largest_component"] for r in summary["per_patient"]]))
+        add_largest_component(summary, np.concatenate(kept), slices)
+    return summary
+
+
+def add_largest_component(summary: dict, predicted: np.ndarray, slices: SliceArrays) -> dict:
+    """Score each patient again after keeping the largest 3-D component of its predicted volume: per-patient
+    `dice_largest_component` and their mean, added to `summary` (rows in the order of `slices`' patients)."""
+    for row in summary["per_patient"]:
+        sel = slices.patients == row["patient"]
+        counts = confusion_counts(largest_connected_component(predicted[sel]), slices.masks[sel]).sum(axis=0)
+        row["dice_largest_component"] = float(dice_from_counts(*counts[:3]))
+    summary["aggregates"]["mean_patient_dice_largest_component"] = float(np.mean([r["dice_largest_component"] for r in summary["per_patient"]]))
     return summary
 
 

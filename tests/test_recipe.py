@@ -162,3 +162,18 @@ def test_budget_fixes_the_number_of_epochs_and_the_schedule(phantom_dir, tmp_pat
     assert 1 <= decided <= 4 and len(result.history) == decided == last["train_config"]["epochs"] == last["schedule_epochs"]
     if decided > 1:  # the cosine spans exactly the decided epochs: the last epoch ends at the schedule's floor
         assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)
+
+
+def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_dir, tmp_path):
+    from lggdeploy.models.checkpoint import save_checkpoint
+    from lggdeploy.models.train import LEGACY_RECIPE
+
+    out = tmp_path / "old"
+    kw = dict(model="pspnet-scratch", data=phantom_dir, out=out, batch_size=8, img_size=64, show_progress=False)
+    train(TrainConfig(epochs=1, **kw))
+    last = load_checkpoint(out / "last.pt")
+    last["train_config"] = {k: v for k, v in last["train_config"].items() if k not in LEGACY_RECIPE}  # as an older lggdeploy wrote it
+    save_checkpoint(out / "last.pt", last)
+    train(TrainConfig(epochs=2, resume=True, explicit=frozenset({"epochs"}), **kw))
+    config = load_checkpoint(out / "last.pt")["train_config"]
+    assert {k: config[k] for k in LEGACY_RECIPE} == LEGACY_RECIPE

@@ -16,7 +16,8 @@ from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import Augmentation, preprocess, resize_masks
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
-from lggdeploy.models.train import TrainConfig, dice_bce_loss, train
+from lggdeploy.models.recipe import segmentation_loss
+from lggdeploy.models.train import TrainConfig, train
 
 HISTORY_COLUMNS = {"epoch", "train_loss", "train_dice", "train_iou", "train_accuracy", "val_loss", "val_mean_patient_dice", "val_mean_patient_iou", "val_pixel_accuracy"}
 
@@ -35,7 +36,8 @@ def test_training_writes_history_curves_and_checkpoints(trained_run, phantom_dir
     x = torch.from_numpy(preprocess(slices.images, ckpt["img_size"], normalization_of(ckpt)))
     y = torch.from_numpy(resize_masks(slices.masks, ckpt["img_size"])).unsqueeze(1).float()
     with torch.no_grad():
-        losses = [dice_bce_loss(model(x[i : i + 16]), y[i : i + 16]).item() * len(x[i : i + 16]) for i in range(0, len(x), 16)]
+        kind = ckpt["train_config"]["loss"]
+        losses = [segmentation_loss(model(x[i : i + 16]), y[i : i + 16], kind).item() * len(x[i : i + 16]) for i in range(0, len(x), 16)]
     assert float(rows[1]["val_loss"]) == pytest.approx(sum(losses) / len(x), rel=1e-4)
 
 

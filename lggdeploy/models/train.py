@@ -146,9 +146,14 @@ def _as_config_value(key: str, value):
     return Path(value) if key == "split_file" and value is not None else value
 
 
+# What a run started before the recipe options existed trained with: resuming it keeps that, not today's defaults.
+LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False}
+
+
 def resume_config(cfg: TrainConfig, saved: dict, last_path: Path) -> tuple[TrainConfig, dict]:
     """The configuration a resumed run continues with: the saved one. A flag the user gave that contradicts it is
     refused; --epochs may grow the run (recorded; the learning-rate schedule keeps its original length)."""
+    saved = {**LEGACY_RECIPE, **saved}
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     explicit = cfg.explicit if cfg.explicit is not None else {k for k in defaults if getattr(cfg, k) != defaults[k]}
     conflicts = []
