@@ -42,7 +42,7 @@ def test_oversampling_changes_the_tumor_fraction_seen_per_epoch(phantom_dir):
 
 def test_a_training_epoch_sees_the_requested_tumor_fraction(phantom_dir, tmp_path):
     kw = dict(model="pspnet-scratch", data=phantom_dir, epochs=1, batch_size=4, img_size=64, show_progress=False)
-    natural = train(TrainConfig(out=tmp_path / "plain", **kw)).history[0]["train_tumor_slice_fraction"]
+    natural = train(TrainConfig(out=tmp_path / "plain", tumor_fraction=0, **kw)).history[0]["train_tumor_slice_fraction"]
     oversampled = train(TrainConfig(out=tmp_path / "over", tumor_fraction=0.9, **kw)).history[0]["train_tumor_slice_fraction"]
     assert oversampled > natural + 0.2 and oversampled == pytest.approx(0.9, abs=0.05), (natural, oversampled)
 
@@ -139,14 +139,14 @@ def test_fine_tuning_keeps_the_threshold_it_starts_from(trained_run, phantom_dir
 
 
 def test_bad_recipe_options_are_one_clear_line(phantom_dir, tmp_path):
-    for kw, message in ((dict(tumor_fraction=1.5), "--tumor-fraction must lie strictly between 0 and 1"),
+    for kw, message in ((dict(tumor_fraction=1.5), "--tumor-fraction must be 0"),
                         (dict(loss="focal"), "unknown --loss 'focal'"),
                         (dict(ema_decay=0.2), "--ema must be 0"),
                         (dict(warmup_epochs=3), "--warmup-epochs must be")):
         with pytest.raises(LggError, match=message):
             train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "x", epochs=2, img_size=64, **kw))
     result = CliRunner().invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(tmp_path / "y"), "--tumor-fraction", "2"])
-    assert result.exit_code != 0 and "--tumor-fraction must lie strictly between 0 and 1" in result.output
+    assert result.exit_code != 0 and "--tumor-fraction must be 0 (slices as the data come) or a fraction below 1" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "y").exists()
 
 

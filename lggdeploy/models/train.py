@@ -72,11 +72,11 @@ class TrainConfig:
     teacher: Path | None = None
     distill_weight: float = 0.5
     # The recipe (benchmarks/results/recipe/ measured these; defaults are what it showed).
-    loss: str = "dice"  # overlap term beside BCE: dice (pooled over the batch), image-dice (per tumor image), tversky
-    tumor_fraction: float | None = None  # share of each epoch drawn from tumor slices (None: as the data come)
-    warmup_epochs: float = 0.0  # linear learning-rate warm-up before the cosine
+    loss: str = "image-dice"  # overlap term beside BCE: dice (pooled over the batch), image-dice (per tumor image), tversky
+    tumor_fraction: float | None = 0.5  # share of each epoch drawn from tumor slices (None or 0: as the data come)
+    warmup_epochs: float = 0.5  # linear learning-rate warm-up before the cosine
     ema_decay: float = 0.0  # EMA of the weights (0: off); with it, validation, selection and best.pt use the EMA
-    tune_threshold: bool = False  # sweep the threshold on the val patients and store the best in best.pt
+    tune_threshold: bool = True  # sweep the threshold on the val patients and store the best in best.pt
     # Wall-clock budget: after epoch 1 the run fixes its number of epochs (and the cosine's length) so that it ends
     # within this many minutes, counted from the start of train(); --epochs, when given, stays the upper bound.
     budget_minutes: float | None = None
@@ -96,8 +96,8 @@ class TrainConfig:
 
         if self.loss not in LOSSES:
             raise LggError(f"unknown --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
-        if self.tumor_fraction is not None and not 0 < self.tumor_fraction < 1:
-            raise LggError(f"--tumor-fraction must lie strictly between 0 and 1, got {self.tumor_fraction}")
+        if self.tumor_fraction is not None and not 0 <= self.tumor_fraction < 1:
+            raise LggError(f"--tumor-fraction must be 0 (slices as the data come) or a fraction below 1, got {self.tumor_fraction}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise LggError(f"--warmup-epochs must be at least 0 and below --epochs ({self.epochs}), got {self.warmup_epochs}")
         if not (self.ema_decay == 0 or 0.5 <= self.ema_decay < 1):
@@ -387,7 +387,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         while epoch < n_epochs:
             epoch += 1
             epoch_started = time.perf_counter()
-            order = epoch_order(train_tumor, cfg.seed * 100_003 + epoch, cfg.tumor_fraction)[rank * per_rank : (rank + 1) * per_rank]
+            order = epoch_order(train_tumor, cfg.seed * 100_003 + epoch, cfg.tumor_fraction or None)[rank * per_rank : (rank + 1) * per_rank]
             seen_tumor = seen = 0
             aug_generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
             net.train()
