@@ -41,9 +41,10 @@ def test_predict_masks_equal_what_bench_scores(int8_engine, segmenting_run, phan
     slices = load_slices(dataset, manifest["split"]["val"])
     with Segmenter.load(int8_engine) as segmenter:
         prediction = segmenter.predict(slices.images)
-        scored = score_runner(segmenter.runner, slices, manifest["img_size"], Normalization.from_json(manifest["normalization"]), show_progress=False)
+        scored = score_runner(segmenter.runner, slices, manifest["img_size"], Normalization.from_json(manifest["normalization"]),
+                              threshold=manifest["threshold"], show_progress=False)
     assert prediction.masks.shape == slices.masks.shape and prediction.probabilities.dtype == np.float32
-    assert np.array_equal(prediction.masks, prediction.probabilities > 0.5)
+    assert np.array_equal(prediction.masks, prediction.probabilities > manifest["threshold"])
     tp = (prediction.masks & slices.masks).sum()
     dice = 2 * tp / (prediction.masks.sum() + slices.masks.sum())
     assert dice == pytest.approx(scored["aggregates"]["global_dice"], abs=1e-9)
