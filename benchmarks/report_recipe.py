@@ -27,14 +27,15 @@ from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models import threshold as thresholds
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.torch_runner import TorchRunner
-from lggdeploy.data.transforms import native_logits, preprocess
+from lggdeploy.data.transforms import native_logits
+from lggdeploy.engines.precision.gate import run_on_slices
 from lggdeploy.scoring import add_largest_component
 
 
-def logits_of(ckpt: dict, slices, batch: int = 16) -> np.ndarray:
+def logits_of(ckpt: dict, slices) -> np.ndarray:
+    """The model's logits on `slices` (model resolution), through the gate's own batch loop."""
     runner = TorchRunner(model_from_checkpoint(ckpt).eval(), "cpu")
-    norm = normalization_of(ckpt)
-    return np.concatenate([runner.infer(preprocess(slices.images[i : i + batch], ckpt["img_size"], norm)) for i in range(0, len(slices), batch)])
+    return run_on_slices(runner, slices, ckpt["img_size"], normalization_of(ckpt), 0.5, "report").logits
 
 
 def score(native: np.ndarray, slices, threshold: float) -> dict:

@@ -214,7 +214,7 @@ def dead_pid() -> int:
 
 
 def test_no_kill_leaves_an_engine_beside_another_engines_manifest(segmenting_run, phantom_dir, tmp_path, monkeypatch):
-    import lggdeploy.engines.build as build_module
+    import lggdeploy.engines.formats as formats_module  # install_engine: the rename, then the manifest
 
     first = build(segmenting_run, phantom_dir, tmp_path, precision="fp32")[0]
     folder = Path(first["engine"]).parent
@@ -226,7 +226,7 @@ def test_no_kill_leaves_an_engine_beside_another_engines_manifest(segmenting_run
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the moment between the engine's rename and its manifest's
 
-    monkeypatch.setattr(build_module, "write_manifest", killed)
+    monkeypatch.setattr(formats_module, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
     assert not stale_build.exists() and not stale_tmp.exists()  # a killed build's leftovers are cleaned on the next run

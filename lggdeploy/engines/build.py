@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from lggdeploy.backends.base import BuildTarget, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, GateFailed, LggError
 from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.common.progress import console
-from lggdeploy.engines.formats import EngineFormat, manifest_path, open_engine, select_formats, write_manifest
+from lggdeploy.engines.formats import EngineFormat, install_engine, open_engine, select_formats
 from lggdeploy.engines.precision.gate import GateCriteria, Outputs, Reference, run_on_slices
 
 
@@ -357,13 +356,7 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
                 extra["portable_qdq"] = {"file": twin.name, "sha256": sha256_file(plain), "note": "plain Q/DQ ONNX before the runtime's optimization: for OpenVINO, TensorRT, ONNX Runtime elsewhere"}
         seconds = time.perf_counter() - started
         manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts, "sha256": engine_sha}
-        # No kill leaves an engine beside a manifest that is not its own: the old manifest goes first (an engine
-        # without one is refused at load), then the engine (and its twin) renamed into place, then its manifest.
-        manifest_path(target).unlink(missing_ok=True)
-        if twin is not None:
-            os.replace(sources[path], twin)
-        os.replace(path, target)  # every candidate lives in `work`, inside the engines folder: an atomic rename
-        write_manifest(target, manifest)
+        install_engine(path, target, manifest, [(sources[path], twin)] if twin is not None else [])
     console.print(f"[green]built[/] {target} ({seconds:.1f} s, gate {'passed' if gate.passed else 'FAILED (forced)'})")
     return {**manifest, "engine": str(target)}
 

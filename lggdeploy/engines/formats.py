@@ -108,6 +108,18 @@ def write_manifest(engine: str | os.PathLike, manifest: dict) -> Path:
     return write_json_atomic(manifest_path(engine), {"format": MANIFEST_FORMAT, "version": 1, **manifest})
 
 
+def install_engine(candidate: Path, target: Path, manifest: dict, companions: list[tuple[Path, Path]] = ()) -> Path:
+    """Put a built engine in place with its manifest so that no kill leaves an engine beside a manifest that is not its
+    own: the old manifest goes first (an engine without one is refused at load), then the companions (e.g. the portable
+    Q/DQ twin) and the engine are renamed into place (candidates live in the engines folder: atomic renames), then the
+    new manifest is written."""
+    manifest_path(target).unlink(missing_ok=True)
+    for source, destination in companions:
+        os.replace(source, destination)
+    os.replace(candidate, target)
+    return write_manifest(target, manifest)
+
+
 def read_manifest(engine: str | os.PathLike) -> dict:
     engine = Path(engine)
     if not engine.is_file():

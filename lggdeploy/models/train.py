@@ -81,6 +81,12 @@ class TrainConfig:
     # within this many minutes, counted from the start of train(); --epochs, when given, stays the upper bound.
     budget_minutes: float | None = None
 
+    def given(self) -> set[str]:
+        """The options the user gave: `explicit` when the caller says (the CLI does), else every field off its default."""
+        if self.explicit is not None:
+            return set(self.explicit)
+        return {f.name for f in fields(self) if getattr(self, f.name) != f.default}
+
     def validate(self) -> None:
         if self.epochs < 1:
             raise LggError(f"--epochs must be at least 1, got {self.epochs}")
@@ -154,8 +160,7 @@ def resume_config(cfg: TrainConfig, saved: dict, last_path: Path) -> tuple[Train
     """The configuration a resumed run continues with: the saved one. A flag the user gave that contradicts it is
     refused; --epochs may grow the run (recorded; the learning-rate schedule keeps its original length)."""
     saved = {**LEGACY_RECIPE, **saved}
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    explicit = cfg.explicit if cfg.explicit is not None else {k for k in defaults if getattr(cfg, k) != defaults[k]}
+    explicit = cfg.given()
     conflicts = []
     for key in FIXED_ON_RESUME:
         if key in explicit and key in saved and str(getattr(cfg, key)) != str(saved[key]):
@@ -259,7 +264,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     init_ckpt = load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and resume_ckpt is None else None
     if init_ckpt is not None and init_ckpt["img_size"] != cfg.img_size:
         raise LggError(f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at")
-    if init_ckpt is not None and "threshold" not in (cfg.explicit or set()) and cfg.threshold == TrainConfig.threshold:
+    if init_ckpt is not None and "threshold" not in cfg.given() and cfg.threshold == TrainConfig.threshold:
         cfg = replace(cfg, threshold=float(init_ckpt["threshold"]))  # fine-tuning keeps the decision threshold it starts from
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -332,7 +337,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # The cosine schedule spans the epochs the run was started with; epochs added on --resume run at its final lr.
     schedule_epochs = int(resume_ckpt.get("schedule_epochs", resume_ckpt["train_config"]["epochs"])) if resume_ckpt is not None else cfg.epochs
     budgeted = cfg.budget_minutes is not None and resume_ckpt is None
-    explicit_epochs = "epochs" in (cfg.explicit if cfg.explicit is not None else {k for k in ("epochs",) if cfg.epochs != TrainConfig.epochs})
+    explicit_epochs = "epochs" in cfg.given()
     if budgeted and not explicit_epochs:
         cfg = replace(cfg, epochs=1000)  # the budget decides; 1000 is only the cap
         schedule_epochs = TrainConfig.epochs  # provisional cosine length for epoch 1, fixed once epoch 1 is timed

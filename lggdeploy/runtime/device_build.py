@@ -22,7 +22,7 @@ from pathlib import Path
 from lggdeploy.backends.base import BuildTarget
 from lggdeploy.common.errors import GateFailed, LggError
 from lggdeploy.common.files import sha256_file, temporary_folder
-from lggdeploy.engines.formats import DEFAULT_INT8_PROFILE, EngineFormat, manifest_path, read_manifest, select_formats, write_manifest
+from lggdeploy.engines.formats import DEFAULT_INT8_PROFILE, EngineFormat, install_engine, read_manifest, select_formats, write_manifest
 from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, opened_bundle
 
 # What the build machine's manifest says about its own build, not about the model: replaced on the device.
@@ -97,8 +97,6 @@ def build_from_bundle(bundle: str | os.PathLike, backend: str = "tensorrt", prec
                     "bundle": bundle.name, "source": source.relative_to(root).as_posix(), "source_sha256": sha256_file(source),
                     "verification": {"passed": report.passed, "min_agreement": report.min_agreement, "overall_agreement": report.overall_agreement,
                                      "least_slice_agreement": min(report.per_slice_agreement), "slices": len(report.per_slice_agreement)}})
-                manifest_path(target).unlink(missing_ok=True)  # as in build: no engine ever sits beside a manifest not its own
-                os.replace(candidate, target)
-                write_manifest(target, manifest)
+                install_engine(candidate, target, manifest)
             results.append(DeviceBuild(target, source.relative_to(root).as_posix(), report, manifest))
     return results
