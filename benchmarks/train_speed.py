@@ -1,6 +1,6 @@
 """CPU training step time: FP32 vs bfloat16 autocast, NCHW vs channels-last, eager vs torch.compile.
 
-usage: .venv/bin/python benchmarks/train_speed.py --data DATA --out OUT [--model pspnet-scratch] [--steps 12] [--rounds 3]
+usage: .venv/bin/python benchmarks/train_speed.py --data DATA --out OUT [--model pspnet-scratch] [--steps 12] [--rounds 3] [--no-compile]
 
 The same seeded batches of real slices (256 px, batch 8, augmentation off) through forward + Dice/BCE loss +
 backward + AdamW step. Configurations run in interleaved rounds (each round times every configuration on the same
@@ -32,9 +32,9 @@ from lggdeploy.models.recipe import segmentation_loss
 
 CONFIGS = [
     ("fp32, NCHW (before)", "fp32", False, False),
-    ("fp32, channels-last", "fp32", True, False),
+    ("fp32, channels-last (auto without AMX)", "fp32", True, False),
     ("bf16, NCHW", "bf16", False, False),
-    ("bf16, channels-last (default)", "bf16", True, False),
+    ("bf16, channels-last (auto with AMX)", "bf16", True, False),
     ("bf16, channels-last, torch.compile", "bf16", True, True),
 ]
 
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile configuration")
     args = parser.parse_args()
     torch.manual_seed(0)
     dataset = load_dataset(args.data)
@@ -56,7 +57,7 @@ def main() -> None:
     y_all = torch.from_numpy(resize_masks(slices.masks, 256)).unsqueeze(1).float()
     batches = [(x_all[i : i + args.batch], y_all[i : i + args.batch]) for i in range(0, args.batch * (args.steps + 3), args.batch)]
     batches = [b for b in batches if len(b[0]) == args.batch]
-    configs = [c for c in CONFIGS if c[1] != "bf16" or cpu_has_bf16()]
+    configs = [c for c in CONFIGS if (c[1] != "bf16" or cpu_has_bf16()) and not (c[3] and args.no_compile)]
 
     state = build_model(resolve_model(args.model), None).model.state_dict()
     setups, compile_seconds, times = {}, {}, {c[0]: [] for c in configs}

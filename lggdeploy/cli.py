@@ -174,7 +174,7 @@ def train_cmd(
     encoder_weights: Optional[str] = typer.Option(None, help="imagenet, random, or PATH to a local encoder state dict (default: the preset's)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from last.pt, with its own settings"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="training augmentation (default on)"),
-    precision: Optional[str] = typer.Option(None, help="auto (default: fp16 AMP on CUDA, bf16 on CPUs with AVX512-BF16/AMX, else fp32), fp32, bf16, fp16"),
+    precision: Optional[str] = typer.Option(None, help="auto (default: fp16 AMP on CUDA, bf16 on CPUs with AMX, else fp32), fp32, bf16 (CPUs with AVX512-BF16 or AMX), fp16 (CUDA)"),
     loss: Optional[str] = typer.Option(None, help="overlap term beside BCE: image-dice (default; per tumor slice), dice (pooled over the batch), tversky"),
     tumor_fraction: Optional[float] = typer.Option(None, help="share of each epoch drawn from tumor slices (default 0.5; 0: slices as the data come)"),
     warmup_epochs: Optional[float] = typer.Option(None, help="linear learning-rate warm-up before the cosine, in epochs (default 0.5)"),

@@ -177,3 +177,28 @@ def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_
     train(TrainConfig(epochs=2, resume=True, explicit=frozenset({"epochs"}), **kw))
     config = load_checkpoint(out / "last.pt")["train_config"]
     assert {k: config[k] for k in LEGACY_RECIPE} == LEGACY_RECIPE
+
+
+@pytest.mark.parametrize(
+    "isa, auto, bf16_allowed",
+    [
+        (["avx2", "fma"], None, False),  # no native bf16: FP32, and an explicit bf16 is refused
+        (["avx2", "avx512f", "avx512_bf16"], None, True),  # AVX512-BF16 without AMX: measured slower, so auto stays FP32
+        (["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"], torch.bfloat16, True),  # AMX: auto trains in bf16
+    ],
+)
+def test_bf16_training_is_chosen_only_where_the_cpu_supports_it(monkeypatch, isa, auto, bf16_allowed):
+    from lggdeploy.common import machine
+    from lggdeploy.models.train import autocast_dtype
+
+    monkeypatch.setattr(machine, "cpu_info", lambda: {"model": "test", "cores": 2, "isa": isa, "arch": "x86_64"})
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is auto
+    assert autocast_dtype("fp32", cpu) is None
+    if bf16_allowed:
+        assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    else:
+        with pytest.raises(LggError, match="no AVX512-BF16 or AMX"):
+            autocast_dtype("bf16", cpu)
+    with pytest.raises(LggError, match="only on CUDA"):
+        autocast_dtype("fp16", cpu)

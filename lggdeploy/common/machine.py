@@ -48,9 +48,16 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
 
 
 def cpu_has_bf16(isa: list[str] | None = None) -> bool:
-    """Native bfloat16 arithmetic on this CPU (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    """Native bfloat16 arithmetic on this CPU (AVX512-BF16 or AMX): bf16 runs without emulation."""
     isa = cpu_info()["isa"] if isa is None else isa
     return any(flag in isa for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def cpu_has_amx_bf16(isa: list[str] | None = None) -> bool:
+    """AMX bf16 tiles: the only CPUs where bf16 autocast trained faster than FP32 is expected. On AVX512-BF16 alone
+    it was measured slower than FP32 channels-last (benchmarks/results/recipe/train_speed*.md)."""
+    isa = cpu_info()["isa"] if isa is None else isa
+    return "amx_bf16" in isa
 
 
 def library_versions() -> dict:

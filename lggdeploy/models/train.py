@@ -65,7 +65,7 @@ class TrainConfig:
     # The options the user gave (the CLI passes its flags); None: every field that differs from its default.
     # On --resume these are checked against the run's saved configuration.
     explicit: frozenset[str] | None = None
-    precision: str = "auto"  # auto: fp16 AMP on CUDA, bf16 autocast on CPUs with AVX512-BF16/AMX, else fp32
+    precision: str = "auto"  # auto: fp16 AMP on CUDA, bf16 autocast on CPUs with AMX, else fp32
     channels_last: bool = True
     # Knowledge distillation (fine-tuning a pruned model): the teacher's sigmoid outputs are soft targets beside
     # the labels; loss = (1 - w) * (Dice + BCE on labels) + w * BCE(student logits, teacher probabilities).
@@ -178,11 +178,15 @@ def resume_config(cfg: TrainConfig, saved: dict, last_path: Path) -> tuple[Train
 
 
 def autocast_dtype(precision: str, device: torch.device):
-    """The mixed-precision type training computes in, or None for FP32. bf16 only where the CPU has it natively."""
-    from lggdeploy.common.machine import cpu_has_bf16
+    """The mixed-precision type training computes in, or None for FP32.
+
+    auto: fp16 AMP on CUDA; on a CPU bf16 autocast only with AMX, FP32 otherwise — on an AVX512-BF16 CPU without AMX,
+    bf16 + channels-last was measured slower than FP32 + channels-last (benchmarks/results/recipe/train_speed*.md).
+    An explicit bf16 is accepted wherever the CPU has native bf16 (AVX512-BF16 or AMX)."""
+    from lggdeploy.common.machine import cpu_has_amx_bf16, cpu_has_bf16
 
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_bf16() else "fp32")
+        precision = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_amx_bf16() else "fp32")
     if precision == "fp16" and device.type != "cuda":
         raise LggError("--precision fp16 trains only on CUDA (AMP); on a CPU use bf16 (AVX512-BF16/AMX) or fp32")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
