@@ -4,6 +4,7 @@
 # checkpoint's FP32 model on the 5 val patients (--force: a failing engine is still written and marked), then one
 # bench run on the 5 test patients times every engine side by side with the PyTorch references and the A/A row.
 # usage: benchmarks/qat_34p.sh   (from the repository root; CKPT defaults to the 34-patient run of train_cpu.sh)
+#   WITH_PRUNED=0 leaves the pruned twin out (the unpruned model only)
 set -euo pipefail
 DATA=${DATA:-${LGG_DATA_DIR:-../shared/data/kaggle_3m}}
 CKPT=${CKPT:-benchmarks/runs/34p/pspnet-scratch/best.pt}
@@ -13,11 +14,13 @@ L=.venv/bin/lggdeploy
 mkdir -p "$RUNS" "$OUT/bench"
 {
   echo "# date: $(date -u +%FT%TZ)"
-  if [ ! -f "$RUNS/pruned30/best.pt" ]; then
+  MODELS="$CKPT"
+  [ "${WITH_PRUNED:-1}" = 0 ] || MODELS="$CKPT $RUNS/pruned30/best.pt"
+  if [ "${WITH_PRUNED:-1}" != 0 ] && [ ! -f "$RUNS/pruned30/best.pt" ]; then
     echo "\$ lggdeploy prune $CKPT --ratio 0.3 --finetune-epochs 2 --data $DATA -o $RUNS/pruned30"
     /usr/bin/time -f "wall %e s" $L prune "$CKPT" --ratio 0.3 --finetune-epochs 2 --data "$DATA" -o "$RUNS/pruned30"
   fi
-  for model in "$CKPT" "$RUNS/pruned30/best.pt"; do
+  for model in $MODELS; do
     echo "\$ lggdeploy build $model --precision fp32 --data $DATA -o $RUNS/engines-ptq"
     $L build "$model" --precision fp32 --data "$DATA" -o "$RUNS/engines-ptq" || echo "exit code $?"
     for profile in tensorrt cpu; do

@@ -149,9 +149,15 @@ def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Ca
     def over_budget() -> bool:
         return opts.budget_minutes is not None and time.perf_counter() - started > opts.budget_minutes * 60
 
-    for ratio in (None, *opts.prune_ratios):
+    failed_ratio = None  # the smallest pruning ratio whose FP32 engine failed the gate
+    for ratio in (None, *sorted(opts.prune_ratios)):
         if ratio is not None:
             name = f"pruned {int(round(ratio * 100))}%"
+            if failed_ratio is not None:  # not even pruned: a larger ratio on the same fine-tuning budget loses more
+                reason = f"pruning {int(round(failed_ratio * 100))}% already fails the gate at FP32"
+                candidates.extend(Candidate(name, "", b, p, "skipped", reason) for b, p in opts.ladder)
+                save()
+                continue
             if over_budget():
                 candidates.extend(Candidate(name, "", b, p, "not tried (budget)") for b, p in opts.ladder)
                 save()
@@ -166,7 +172,7 @@ def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Ca
             ok, reason = _available(backend, precision)
             if not ok:
                 candidate.status, candidate.reason = "unavailable", reason
-            elif fp32_failed and precision != "fp32":
+            elif fp32_failed:  # every backend's FP32 engine runs the same model: one failing FP32 settles it
                 candidate.status, candidate.reason = "skipped", "its FP32 engine already fails the gate against the unpruned model"
             elif previous and previous["status"] in ("passed", "failed gate") and (previous["status"] == "failed gate" or Path(previous["engine"] or "").is_file()):
                 for key, value in previous.items():
@@ -181,6 +187,8 @@ def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Ca
                     candidate.status, candidate.reason = "failed gate", str(exc)[:300]
             if precision == "fp32" and candidate.status == "failed gate":
                 fp32_failed = True
+                if ratio is not None:
+                    failed_ratio = ratio
             save()
     return candidates
 

@@ -65,8 +65,17 @@ def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
     assert all("reused" in c["reason"] for c in again["candidates"] if c["status"] == "passed")
 
 
-def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized(segmenting_run, phantom_dir, tmp_path, monkeypatch):
-    built = []
+def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are_not_pruned(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    from lggdeploy.models import prune
+
+    built, pruned = [], []
+    real_prune = prune.prune_checkpoint
+
+    def counting_prune(checkpoint, ratio, *args, **kwargs):
+        pruned.append(ratio)
+        return real_prune(checkpoint, ratio, *args, **kwargs)
+
+    monkeypatch.setattr(prune, "prune_checkpoint", counting_prune)
     real = optimize_module._build
 
     def pruned_fp32_fails(checkpoint, reference, backend, precision, opts):
@@ -76,13 +85,15 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized(segmenting_run, phant
         return real(checkpoint, reference, backend, precision, opts)
 
     monkeypatch.setattr(optimize_module, "_build", pruned_fp32_fails)
-    opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(0.3,), prune_epochs=1, qat="off", calib_samples=8,
+    opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(0.5, 0.3), prune_epochs=1, qat="off", calib_samples=8,
                            batch=1, batch_sizes=(1,), iters=2, ladder=LADDER)
     summary = optimize(segmenting_run.best_path, opts)
     assert built == [(False, "fp32"), (False, "int8"), (True, "fp32")]  # the pruned int8 was never built
+    assert pruned == [0.3]  # smallest ratio first; 50 % was never pruned once 30 % failed at FP32
     statuses = {(c["model"], c["precision"]): (c["status"], c["reason"]) for c in summary["candidates"]}
     assert statuses[("pruned 30%", "fp32")][0] == "failed gate"
     assert statuses[("pruned 30%", "int8")] == ("skipped", "its FP32 engine already fails the gate against the unpruned model")
+    assert statuses[("pruned 50%", "fp32")] == statuses[("pruned 50%", "int8")] == ("skipped", "pruning 30% already fails the gate at FP32")
     saved = json.loads((tmp_path / "ladder.json").read_text())
     assert [c["status"] for c in saved["candidates"]] == [c["status"] for c in summary["candidates"]]
 
