@@ -5,7 +5,8 @@
 #   A  the previous defaults (Dice + BCE, no oversampling, no warm-up, no EMA, threshold 0.5), 11 epochs (results/34p)
 #   C  A + 0.5-epoch warm-up + EMA 0.99 + tuned threshold, 11 epochs
 #   B  C + per-image Dice + half of each epoch from tumor slices, 11 epochs
-#   D  today's defaults (B without the EMA) with a 30-minute budget: `lggdeploy train --model pspnet-scratch --budget-minutes 30`
+#   D  the defaults of 2026-11-27 (B without the EMA; bf16 autocast on this AVX512-BF16 CPU) with a 30-minute budget
+#   D2 today's defaults (D in FP32 channels-last): `lggdeploy train --model pspnet-scratch --budget-minutes 30`
 #   T1/T2  the transfer presets from random init (no ImageNet weights here), today's defaults, 30-minute budget each,
 #          run side by side with one core each; unet-effb7 at 128 px (at 256 px an epoch takes about a third of the budget)
 set -euo pipefail
@@ -24,12 +25,14 @@ mkdir -p "$RUNS" "$RES"
   bash benchmarks/train_cpu.sh pspnet-scratch 11 $OLD
 run no-data-changes pspnet-scratch 11 --loss dice --tumor-fraction 0 --warmup-epochs 0.5 --ema 0.99 --tune-threshold
 run full pspnet-scratch 11 --loss image-dice --tumor-fraction 0.5 --warmup-epochs 0.5 --ema 0.99 --tune-threshold
-run default-30min pspnet-scratch 1000 --budget-minutes 30
+run default-30min pspnet-scratch 1000 --budget-minutes 30 --precision bf16
+run default-30min-fp32 pspnet-scratch 1000 --budget-minutes 30
 OMP_NUM_THREADS=1 run transfer-resnext50 pspnet-resnext50 1000 --encoder-weights random --budget-minutes 30 &
 OMP_NUM_THREADS=1 run transfer-effb7 unet-effb7 1000 --encoder-weights random --budget-minutes 30 --img-size 128 &
 wait
 .venv/bin/python benchmarks/report_recipe.py --data "$DATA" --out "$RES" A=benchmarks/runs/34p/pspnet-scratch \
   C=$RUNS/no-data-changes/pspnet-scratch "C-raw=$RUNS/no-data-changes/pspnet-scratch:last" B=$RUNS/full/pspnet-scratch \
-  "B-raw=$RUNS/full/pspnet-scratch:last" D=$RUNS/default-30min/pspnet-scratch \
+  "B-raw=$RUNS/full/pspnet-scratch:last" D=$RUNS/default-30min/pspnet-scratch D2=$RUNS/default-30min-fp32/pspnet-scratch \
   T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES" --steps 8 --rounds 2  # needs the machine to itself
+.venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES/train_speed_confirm" --steps 8 --rounds 5 --no-compile
