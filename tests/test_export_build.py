@@ -146,10 +146,14 @@ def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phanto
     monkeypatch.setattr(_Context, "run_engine", first_graph_fails)
     engine = build(segmenting_run, phantom_dir, tmp_path, precision="int8", int8_profile=profile, qat="off")[0]
     gate = read_manifest(engine["engine"])["gate"]
-    assert gate["passed"] and len(gate["nodes_kept_in_float"]) == 1
-    assert [a["passed"] for a in gate["attempts"]] == [False, True] and gate["attempts"][1]["nodes_kept_in_float"] == 1
+    kept = gate["nodes_kept_in_float"]
+    # Attempt 0 is forced to fail; the fallback then keeps the 1, 2, 4 ... worst-ranked nodes in float until one passes
+    # (how many this model needs is its own business: each failed attempt is recorded).
+    attempts = [(a["passed"], a["nodes_kept_in_float"]) for a in gate["attempts"]]
+    assert gate["passed"] and kept and attempts[-1] == (True, len(kept))
+    assert [p for p, _ in attempts] == [False] * (len(attempts) - 1) + [True] and [n for _, n in attempts] == sorted(n for _, n in attempts)
     ranking = gate["ranking"]
-    assert ranking["method"].startswith("output effect") and gate["nodes_kept_in_float"][0] == ranking["top"][0]["node"]
+    assert ranking["method"].startswith("output effect") and set(kept) == {r["node"] for r in ranking["top"][: len(kept)]}
     val = load_checkpoint(segmenting_run.best_path)["split"]["val"]
     assert ranking["patients"] == sorted(val)  # the ranking slices come from every val patient, not the first two sorted slices
     assert ranking["top"][0]["score"] >= ranking["top"][-1]["score"]

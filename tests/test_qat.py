@@ -16,8 +16,10 @@ from lggdeploy.models.checkpoint import load_checkpoint
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed (pip install 'lggdeploy[qat]')")
 
 # One calibration slice gives ranges that fit the other slices badly: post-training INT8 agrees with the FP32
-# masks at about 0.964 on the phantom val patient, QAT (distilled from the FP32 model, 2 epochs) at about 0.980.
-CRITERIA = dict(calib_samples=1, min_agreement=0.975, max_drop=1.0, max_patient_drop=2.0)
+# masks at about 0.90 on the phantom val patient and loses 2.6 points (the same with QAT's fine-tuning removed);
+# QAT (distilled from the FP32 model, 2 epochs) agrees at about 0.93 and loses 1.7, with nothing in float
+# (measured on the FP32-trained fixture, 2026-11-28).
+CRITERIA = dict(calib_samples=1, min_agreement=0.915, max_drop=2.0, max_patient_drop=2.0)
 
 
 def build(run, data, out, **kw):
