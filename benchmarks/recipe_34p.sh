@@ -7,6 +7,7 @@
 #   B  C + per-image Dice + half of each epoch from tumor slices, 11 epochs
 #   D  the defaults of 2026-11-27 (B without the EMA; bf16 autocast on this AVX512-BF16 CPU) with a 30-minute budget
 #   D2 today's defaults (D in FP32 channels-last): `lggdeploy train --model pspnet-scratch --budget-minutes 30`
+#   D2-s1 the same with --seed 1 (another 24 / 5 / 5 split, test patients disjoint from seed 0's)
 #   T1/T2  the transfer presets from random init (no ImageNet weights here), today's defaults, 30-minute budget each,
 #          run side by side with one core each; unet-effb7 at 128 px (at 256 px an epoch takes about a third of the budget)
 set -euo pipefail
@@ -27,6 +28,7 @@ run no-data-changes pspnet-scratch 11 --loss dice --tumor-fraction 0 --warmup-ep
 run full pspnet-scratch 11 --loss image-dice --tumor-fraction 0.5 --warmup-epochs 0.5 --ema 0.99 --tune-threshold
 run default-30min pspnet-scratch 1000 --budget-minutes 30 --precision bf16
 run default-30min-fp32 pspnet-scratch 1000 --budget-minutes 30
+run default-30min-fp32-seed1 pspnet-scratch 1000 --budget-minutes 30 --seed 1   # D2-s1: another split
 OMP_NUM_THREADS=1 run transfer-resnext50 pspnet-resnext50 1000 --encoder-weights random --budget-minutes 30 &
 OMP_NUM_THREADS=1 run transfer-effb7 unet-effb7 1000 --encoder-weights random --budget-minutes 30 --img-size 128 &
 wait
