@@ -28,7 +28,7 @@ import torch
 from lggdeploy.common.machine import machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.data.transforms import native_logits, preprocess, resize_images, resize_masks
+from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
 from lggdeploy.engines.precision import qat
 from lggdeploy.engines.precision.calibration import pick_calibration_slices
 from lggdeploy.engines.precision.gate import run_on_slices
@@ -38,9 +38,8 @@ from lggdeploy.models.torch_runner import TorchRunner
 
 
 def masks_of(runner, slices, ckpt) -> np.ndarray:
-    out = run_on_slices(runner, slices, ckpt["img_size"], normalization_of(ckpt), ckpt["threshold"], "compare")
-    t = ckpt["threshold"]
-    return native_logits(out.logits, slices.masks.shape[-1]) > np.float32(np.log(t / (1 - t)))
+    """The runner's masks at native size and the checkpoint's threshold, through the gate's own batch loop."""
+    return run_on_slices(runner, slices, ckpt["img_size"], normalization_of(ckpt), ckpt["threshold"], "compare").masks
 
 
 def score(predicted: np.ndarray, reference: np.ndarray, slices) -> dict:
