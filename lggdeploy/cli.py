@@ -182,14 +182,17 @@ def train_cmd(
     tune_threshold: Optional[bool] = typer.Option(None, "--tune-threshold/--no-tune-threshold", help="tune the decision threshold on the val patients and store it in best.pt (default on)"),
     threshold: Optional[float] = typer.Option(None, help="decision threshold for validation (and stored unless tuned; default 0.5)"),
     budget_minutes: Optional[float] = typer.Option(None, help="wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the cap)"),
+    postprocess: Optional[str] = typer.Option(None, help="post-processing stored in best.pt: auto (default: 3-D components smaller than half the smallest train tumor "
+                                              "removed, if the val patients say it does not hurt), none, largest, or a minimum component size in voxels"),
 ):
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
     from lggdeploy.models.train import TrainConfig, train
+    from lggdeploy.postprocess import PostProcess
 
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "img_size": img_size, "seed": seed, "split_file": split_file,
              "encoder_weights": encoder_weights, "augment": augment, "precision": precision, "loss": loss, "tumor_fraction": tumor_fraction,
              "warmup_epochs": warmup_epochs, "ema_decay": ema, "tune_threshold": tune_threshold, "threshold": threshold,
-             "budget_minutes": budget_minutes}
+             "budget_minutes": budget_minutes, "postprocess": postprocess}
     given = {k: v for k, v in given.items() if v is not None}
     cfg = TrainConfig(model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), device=device, resume=resume,
                       explicit=frozenset({"model", *given}), **given)
@@ -198,6 +201,8 @@ def train_cmd(
     out.print(
         f"best epoch {best['epoch']}: validation mean per-patient Dice {best['val_mean_patient_dice']:.4f}"
         + (f" (threshold tuned to {best['threshold']}: {best['val_mean_patient_dice_tuned_threshold']:.4f})" if "threshold" in best else "")
+        + (f" (post-processing {PostProcess.from_json(best['postprocess']).describe()}: {best['val_mean_patient_dice_postprocessed']:.4f})"
+           if "val_mean_patient_dice_postprocessed" in best else "")
         + " "
         f"({result.seconds:.0f} s); checkpoint {result.best_path}, curves {result.best_path.parent / 'curves.png'}"
     )
@@ -217,16 +222,18 @@ def eval_cmd(
     """Per-patient and aggregate metrics; writes a JSON with one row per patient."""
     from lggdeploy.models.evaluate import default_eval_path, evaluate_checkpoint
     from lggdeploy.common.files import check_writable, write_json_atomic
-    from lggdeploy.common.tables import PATIENT_COLUMNS, metrics_table, rich_table
+    from lggdeploy.common.tables import PATIENT_COLUMNS, columns_present, metrics_table, rich_table
     from lggdeploy.metrics import METRIC_LABELS
+    from lggdeploy.postprocess import PostProcess
 
     target = check_writable(json_out or default_eval_path(checkpoint, split))  # before the long work
     summary = evaluate_checkpoint(checkpoint, data, split=split, split_file=split_file, batch_size=batch_size, device=device)
     path = write_json_atomic(target, summary)
-    out.print(rich_table(summary["per_patient"], PATIENT_COLUMNS, title="per patient"))
+    out.print(rich_table(summary["per_patient"], columns_present(summary["per_patient"], PATIENT_COLUMNS), title="per patient"))
     out.print(metrics_table(summary, METRIC_LABELS, title=f"{summary['meta']['model']} on {split} split"))
     meta = summary["meta"]
-    out.print(f"decision threshold {meta['threshold']} ({meta['threshold_origin']}); per-patient rows and aggregates written to {path}")
+    out.print(f"decision threshold {meta['threshold']} ({meta['threshold_origin']}); post-processing: "
+              f"{PostProcess.from_json(meta['postprocess']).describe()} ({meta['postprocess_origin']}); per-patient rows and aggregates written to {path}")
 
 
 @app.command("prune")
@@ -429,7 +436,8 @@ def predict_cmd(
     source: Path = typer.Argument(..., help="one slice .tif, a patient folder, or a kaggle_3m root"),
     out_dir: Path = typer.Option(Path("predictions"), "--out", "-o"),
     threshold: Optional[float] = typer.Option(None, help="probability threshold (default: the engine's manifest)"),
-    largest_component: bool = typer.Option(False, "--largest-component", help="keep the largest 3-D connected component per patient"),
+    postprocess: Optional[str] = typer.Option(None, help="post-processing of each patient's volume: the engine's stored one (default), none, largest "
+                                              "(largest 3-D component only), or a minimum 3-D component size in voxels"),
     spacing: Optional[float] = typer.Option(None, help="in-plane pixel spacing in mm, for tumor areas in mm²"),
     threads: Optional[int] = typer.Option(None),
 ):
@@ -437,8 +445,14 @@ def predict_cmd(
     from lggdeploy.runtime.predict import predict_paths
     from lggdeploy.runtime import Segmenter
 
-    with Segmenter.load(engine, threshold=threshold, threads=threads) as segmenter:
-        report = predict_paths(segmenter, source, out_dir, largest_component=largest_component, spacing_mm=spacing)
+    from lggdeploy.postprocess import PostProcess
+
+    try:
+        rule = PostProcess.parse(postprocess) if postprocess is not None else None
+    except ValueError as exc:
+        raise LggError(f"--postprocess: {exc}") from None
+    with Segmenter.load(engine, threshold=threshold, threads=threads, postprocess=rule) as segmenter:
+        report = predict_paths(segmenter, source, out_dir, spacing_mm=spacing)
     for row in report.rows:
         dice = f", Dice {row['dice']:.4f}" if row["dice"] is not None else ""
         out.print(f"{row['patient']}: {row['slices']} slices, tumor in {row['tumor_slices']}, {row['tumor_pixels']} pixels{dice}")

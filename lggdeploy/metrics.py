@@ -116,6 +116,8 @@ METRIC_LABELS = {
     "mean_patient_dice": "mean per-patient Dice (primary)",
     "patients_missed": "patients missed (tumor, no overlap with the prediction)",
     "median_patient_dice": "median per-patient Dice",
+    "mean_patient_dice_without_postprocess": "mean per-patient Dice without the stored post-processing",
+    "patients_missed_without_postprocess": "patients missed without the stored post-processing",
     "mean_patient_dice_largest_component": "mean per-patient Dice, largest 3-D component kept (Buda et al.)",
     "mean_patient_iou": "mean per-patient IoU",
     "global_dice": "global Dice (all pixels pooled)",

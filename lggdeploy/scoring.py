@@ -8,7 +8,8 @@ import numpy as np
 
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
-from lggdeploy.metrics import SegmentationScores, confusion_counts, dice_from_counts
+from lggdeploy.metrics import SegmentationScores, confusion_counts, dice_from_counts, summarize
+from lggdeploy.postprocess import LARGEST, PostProcess
 from lggdeploy.common.progress import progress_bar
 
 
@@ -27,13 +28,19 @@ def score_runner(
     description: str = "evaluating",
     on_logits: Callable[[np.ndarray, slice], None] | None = None,
     largest_component: bool = False,
+    postprocess: PostProcess | None = None,
 ) -> dict:
     """Metrics of `runner` on `slices`, scored at the native 256x256.
 
     `on_logits(logits, batch)` sees each batch's logits, for extra figures from the same pass (validation loss).
-    `largest_component` also scores each patient after keeping only the largest 3-D connected component of its
-    predicted volume (Buda et al.'s post-processing): `dice_largest_component` per patient, and its mean.
+    `postprocess` (the checkpoint's or engine's, postprocess.py) is applied to each patient's predicted volume
+    before scoring, so the figures are the deployed pipeline's; the figures without it are kept beside them
+    (`dice_without_postprocess` per patient, `mean_patient_dice_without_postprocess` and
+    `patients_missed_without_postprocess`). `largest_component` also scores each patient after keeping only the
+    largest 3-D connected component of its predicted volume (Buda et al.'s post-processing):
+    `dice_largest_component` per patient, and its mean.
     """
+    postprocess = postprocess if postprocess is not None and postprocess.active else None
     scores = SegmentationScores()
     kept: list[np.ndarray] = []
     with progress_bar(show_progress) as bar:
@@ -45,14 +52,28 @@ def score_runner(
                 raise NonFiniteOutput(f"non-finite logits (NaN/Inf) in slices {start}..{stop - 1}")
             masks = logits_to_masks(logits, threshold=threshold)
             scores.add(masks, slices.masks[start:stop], slices.patients[start:stop])
-            if largest_component:
+            if largest_component or postprocess:
                 kept.append(masks)
             if on_logits:
                 on_logits(logits, slice(start, stop))
             bar.advance(task, stop - start)
     summary = scores.summary()
+    predicted = np.concatenate(kept) if kept else None
+    if postprocess:
+        summary = with_postprocess(summary, postprocess.apply_per_patient(predicted, slices.patients), slices)
     if largest_component:
-        add_largest_component(summary, np.concatenate(kept), slices)
+        add_largest_component(summary, predicted, slices)
+    return summary
+
+
+def with_postprocess(raw: dict, processed: np.ndarray, slices: SliceArrays) -> dict:
+    """The summary of the post-processed masks `processed`, with `raw`'s figures (the same masks before
+    post-processing) kept beside them under `..._without_postprocess`."""
+    summary = summarize(confusion_counts(processed, slices.masks), slices.patients)
+    for row, before in zip(summary["per_patient"], raw["per_patient"]):
+        row["dice_without_postprocess"] = before["dice"]
+    summary["aggregates"]["mean_patient_dice_without_postprocess"] = raw["aggregates"]["mean_patient_dice"]
+    summary["aggregates"]["patients_missed_without_postprocess"] = raw["aggregates"]["patients_missed"]
     return summary
 
 
@@ -68,30 +89,5 @@ def add_largest_component(summary: dict, predicted: np.ndarray, slices: SliceArr
 
 
 def largest_connected_component(volume: np.ndarray) -> np.ndarray:
-    """Keep the largest 6-connected 3-D component of a (slices, H, W) mask (Buda et al.'s post-processing).
-
-    Label propagation on the foreground's bounding box: every voxel takes the largest label among itself and
-    its 6 neighbours until nothing changes; numpy only, so the runtime needs no SciPy.
-    """
-    volume = np.asarray(volume, bool)
-    if not volume.any():
-        return volume.copy()
-    box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(volume))
-    fg = volume[box]
-    labels = np.where(fg, np.arange(1, fg.size + 1).reshape(fg.shape), 0)
-    while True:
-        padded = np.pad(labels, 1)
-        best = labels.copy()
-        for axis in range(3):
-            for shift in (-1, 1):
-                neighbour = np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
-                best = np.maximum(best, neighbour)
-        best = np.where(fg, best, 0)
-        if np.array_equal(best, labels):
-            break
-        labels = best
-    ids, counts = np.unique(labels[fg], return_counts=True)
-    keep = ids[np.argmax(counts)]
-    out = np.zeros_like(volume)
-    out[box] = labels == keep
-    return out
+    """Keep the largest 6-connected 3-D component of a (slices, H, W) mask (Buda et al.'s post-processing)."""
+    return PostProcess(LARGEST).apply(volume)

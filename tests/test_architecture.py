@@ -14,7 +14,7 @@ LAYERS = [
     {"lggdeploy", "lggdeploy.common"},
     {"lggdeploy.metrics"},
     {"lggdeploy.data"},
-    {"lggdeploy.scoring"},
+    {"lggdeploy.scoring", "lggdeploy.postprocess"},
     {"lggdeploy.backends"},
     {"lggdeploy.models"},
     {"lggdeploy.engines"},

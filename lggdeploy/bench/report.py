@@ -52,6 +52,7 @@ def flat_rows(results: dict) -> list[dict]:
                 "mean_patient_iou": row.get("mean_patient_iou"),
                 "pixel_accuracy": row.get("pixel_accuracy"),
                 "slice_dice_study_style": row.get("slice_mean_dice_study_style"),
+                "postprocess": row.get("postprocess"),
                 "delta_dice_points": delta["mean"] if delta else None,
                 "delta_dice_spread": _delta_text(delta),
             }
@@ -63,7 +64,7 @@ HEADERS = {
     "model": "model", "engine": "engine", "status": "status", "file_mb": "file MB",
     "end_to_end_ms_per_image": "end-to-end ms/img", "mean_patient_dice": "Dice/patient mean",
     "median_patient_dice": "Dice/patient median", "global_dice": "global Dice", "mean_patient_iou": "IoU/patient",
-    "pixel_accuracy": "pixel acc.", "slice_dice_study_style": "per-slice Dice (study)",
+    "pixel_accuracy": "pixel acc.", "postprocess": "post-processing", "slice_dice_study_style": "per-slice Dice (study)",
     "delta_dice_points": "ΔDice pts vs FP32", "delta_dice_spread": "ΔDice 95% CI (n ≥ 5) or range",
     "patients": "n patients", "patients_missed": "patients missed",
 }
@@ -88,7 +89,8 @@ def notes(results: dict) -> list[str]:
         f"Split: {options['split']}, {n} patient(s)" + (" — ONE patient: a per-patient mean of one; read it as a case, not a verdict" if patients == {1} else "") + ".",
         f"Latency: median and IQR over {options['iters']} rounds after {options['warmup']} warm-up runs, engines in a freshly shuffled order each round "
         f"(seed {options.get('order_seed', 0)}), {options['threads']} threads for ONNX Runtime, OpenVINO and PyTorch alike; p99 only from 100 runs, else the max. "
-        "End-to-end: uint8 slices in, resize and normalization, inference, masks at native size out (median of 5).",
+        "End-to-end: uint8 slices in, resize and normalization, inference, masks at native size out, the engine's post-processing (median of 5).",
+        "Accuracy: masks at each engine's stored threshold, each patient's volume post-processed as its manifest says (column post-processing).",
     ]
     floor = results.get("noise_floor") or {}
     if floor.get("worst_deviation") is not None:
@@ -117,7 +119,7 @@ def csv_text(results: dict) -> str:
 
 def rich_table(results: dict):
     rows = flat_rows(results)
-    hidden = {"median_patient_dice", "slice_dice_study_style", "global_dice", "pixel_accuracy", "file_mb", "mean_patient_iou"}
+    hidden = {"median_patient_dice", "slice_dice_study_style", "global_dice", "pixel_accuracy", "file_mb", "mean_patient_iou", "postprocess"}
     if all(r["status"] == "ok" for r in rows):
         hidden.add("status")
     keep = [k for k in rows[0] if not k.startswith(("p99", "iqr", "images_per_s", "e2e")) and k not in hidden]

@@ -24,6 +24,7 @@ from lggdeploy.backends.base import RunOptions
 from lggdeploy.bench.stats import latency_summary, paired_summary
 from lggdeploy.common.files import sha256_file
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
+from lggdeploy.postprocess import PostProcess
 from lggdeploy.engines.formats import discover, format_of, manifest_path, open_engine, read_manifest
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.progress import console, progress_bar
@@ -217,7 +218,8 @@ def run_bench(opts: BenchOptions) -> dict:
             entry.accuracy = entry.twin_of.accuracy
             continue
         try:
-            entry.accuracy = score_runner(entry.runner, slices, size, norm, threshold=entry.manifest["threshold"], description=f"scoring {entry.label}")
+            entry.accuracy = score_runner(entry.runner, slices, size, norm, threshold=entry.manifest["threshold"], description=f"scoring {entry.label}",
+                                          postprocess=PostProcess.from_json(entry.manifest.get("postprocess")))
         except NonFiniteOutput as exc:
             entry.status, entry.reason = "non-finite", str(exc)
             continue
@@ -247,17 +249,20 @@ def run_bench(opts: BenchOptions) -> dict:
                     break
             for e in active:
                 e.latency[b] = latency_summary(times[id(e)], b)
-    for e in active:  # end to end at every batch size: uint8 slices in, resize + normalize, infer, masks at native size out
+    # End to end at every batch size: uint8 slices in, resize + normalize, infer, masks at native size out, and the
+    # engine's post-processing on the batch as one volume (a patient's series is post-processed once per call).
+    for e in active:
         if e.twin_of is not None:
             e.end_to_end_ms_per_image = e.twin_of.end_to_end_ms_per_image
             continue
         norm, size = Normalization.from_json(e.manifest["normalization"]), e.manifest["img_size"]
+        postprocess = PostProcess.from_json(e.manifest.get("postprocess"))
         for b in opts.batch_sizes:
             batch = raw[e.group][np.arange(b) % len(raw[e.group])]
             runs = []
             for _ in range(5):
                 t0 = time.perf_counter()
-                logits_to_masks(e.runner.infer(preprocess(batch, size, norm)), threshold=e.manifest["threshold"])
+                postprocess.apply(logits_to_masks(e.runner.infer(preprocess(batch, size, norm)), threshold=e.manifest["threshold"]))
                 runs.append(time.perf_counter() - t0)
             e.end_to_end_ms_per_image[b] = float(np.median(runs) * 1000 / b)
     for e in entries:
@@ -300,6 +305,7 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: i
             row["per_patient"] = e.accuracy["per_patient"]
             row["patients"] = e.accuracy["aggregates"]["patients"]
             row["patients_missed"] = e.accuracy["aggregates"]["patients_missed"]
+            row["postprocess"] = PostProcess.from_json(e.manifest.get("postprocess")).describe()
             ref = refs.get(e.group)
             if ref is not None and ref.accuracy and not e.is_reference:
                 ref_dice = {r["patient"]: r["dice"] for r in ref.accuracy["per_patient"]}

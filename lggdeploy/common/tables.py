@@ -53,10 +53,16 @@ def csv_table(rows: list[dict], keys: list[str] | None = None) -> str:
 def metrics_table(summary: dict, labels: dict[str, str], title: str = ""):
     """Aggregates of an evaluation summary (primary metric on top), with the number of patients and slices."""
     agg = summary["aggregates"]
-    rows = [{"metric": label, "value": agg.get(key)} for key, label in labels.items()]
+    rows = [{"metric": label, "value": agg[key]} for key, label in labels.items() if key in agg]  # figures this run has
     rows.append({"metric": "patients / slices", "value": f"{agg['patients']} / {agg['slices']}"})
     return rich_table(rows, [("metric", "metric"), ("value", "value")], title)
 
 
 PATIENT_COLUMNS = [("patient", "patient"), ("slices", "slices"), ("tumor_slices", "tumor slices"), ("detected", "tumor found"), ("dice", "Dice"),
-                   ("dice_largest_component", "Dice, largest component"), ("iou", "IoU"), ("accuracy", "accuracy")]
+                   ("dice_without_postprocess", "Dice, no post-processing"), ("dice_largest_component", "Dice, largest component"),
+                   ("iou", "IoU"), ("accuracy", "accuracy")]
+
+
+def columns_present(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The columns some row has a value for (e.g. no post-processing column for a model without post-processing)."""
+    return [(key, header) for key, header in columns if any(key in row for row in rows)]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lggdeploy.backends.base import BuildTarget, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, GateFailed, LggError
+from lggdeploy.postprocess import PostProcess
 from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.common.progress import console
 from lggdeploy.engines.formats import EngineFormat, install_engine, open_engine, select_formats
@@ -378,6 +379,7 @@ def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dic
         "img_size": ctx.img_size,
         "normalization": ctx.ckpt["normalization"],
         "threshold": ctx.threshold,
+        "postprocess": PostProcess.from_json(ctx.ckpt.get("postprocess")).to_json(),
         "split": ctx.ckpt["split"],
         "data_root": ctx.ckpt.get("data_root"),
         "pruned": bool(ctx.ckpt.get("pruning")),

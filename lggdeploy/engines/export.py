@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.common.errors import EngineError
+from lggdeploy.postprocess import PostProcess
 from lggdeploy.common.files import atomic_path, ensure_folder, sha256_file, write_json_atomic
 
 INPUT_NAME = "input"
@@ -153,6 +154,7 @@ def export_record(checkpoint, checkpoint_sha256: str, ckpt: dict, onnx_path: Pat
         "img_size": ckpt["img_size"],
         "normalization": ckpt["normalization"],
         "threshold": ckpt["threshold"],
+        "postprocess": PostProcess.from_json(ckpt.get("postprocess")).to_json(),
         "split": ckpt["split"],
         "data_root": ckpt.get("data_root"),
         "parity": parity.to_json(),

@@ -27,6 +27,7 @@ import numpy as np
 
 from lggdeploy import __version__
 from lggdeploy.common.errors import LggError
+from lggdeploy.postprocess import PostProcess
 from lggdeploy.common.files import atomic_path, check_writable, sha256_file, temporary_folder
 from lggdeploy.engines.formats import manifest_path, read_manifest, verify_engine
 
@@ -118,6 +119,7 @@ def pack(engines: list[str | os.PathLike], out: str | os.PathLike, samples: int 
             "img_size": first["img_size"],
             "normalization": first["normalization"],
             "threshold": first["threshold"],
+            "postprocess": PostProcess.from_json(first.get("postprocess")).to_json(),
             "engines": entries,
             "onnx": sorted(f"onnx/{p.name}" for p in (root / "onnx").iterdir()),
             "calibration": sorted(f"calibration/{p.name}" for p in (root / "calibration").iterdir()),

@@ -17,6 +17,7 @@ from lggdeploy.common.errors import LggError
 from lggdeploy.models.torch_runner import TorchRunner, resolve_device
 from lggdeploy.data.transforms import Normalization
 from lggdeploy.common.progress import progress_bar
+from lggdeploy.postprocess import PostProcess
 from lggdeploy.scoring import score_runner
 
 
@@ -32,11 +33,13 @@ def score_model(
     threshold: float = 0.5,
     on_logits: Callable[[np.ndarray, slice], None] | None = None,
     largest_component: bool = False,
+    postprocess: PostProcess | None = None,
 ) -> dict:
     """score_runner on a PyTorch model (put in eval mode for the pass, then restored)."""
     was_training = model.training
     try:
-        return score_runner(TorchRunner(model, str(device)), slices, img_size, normalization, batch_size, threshold, show_progress, description, on_logits, largest_component)
+        return score_runner(TorchRunner(model, str(device)), slices, img_size, normalization, batch_size, threshold, show_progress, description, on_logits,
+                            largest_component, postprocess)
     finally:
         model.train(was_training)
 
@@ -68,7 +71,9 @@ def evaluate_checkpoint(
         task = bar.add_task("reading slices", total=sum(len(dataset.patients[p].slices) for p in patients), info="")
         slices = load_slices(dataset, patients, on_slice=lambda: bar.advance(task))
     model = model_from_checkpoint(ckpt).to(torch_device)
-    summary = score_model(model, slices, ckpt["img_size"], normalization_of(ckpt), batch_size, torch_device, threshold=ckpt["threshold"], largest_component=True)
+    postprocess = PostProcess.from_json(ckpt.get("postprocess"))
+    summary = score_model(model, slices, ckpt["img_size"], normalization_of(ckpt), batch_size, torch_device, threshold=ckpt["threshold"], largest_component=True,
+                          postprocess=postprocess)
     summary["meta"] = {
         "checkpoint": str(checkpoint),
         "model": ckpt["model"]["name"],
@@ -77,10 +82,23 @@ def evaluate_checkpoint(
         "split_file": str(split_file) if split_file else "embedded in checkpoint",
         "threshold": ckpt["threshold"],
         "threshold_origin": (f"tuned on {len(ckpt['threshold_tuning']['patients'])} val patients" if "threshold_tuning" in ckpt else "the checkpoint's, not tuned"),
+        "postprocess": postprocess.to_json(),
+        "postprocess_origin": postprocess_origin(ckpt),
         "img_size": ckpt["img_size"],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return summary
+
+
+def postprocess_origin(ckpt: dict) -> str:
+    """How the checkpoint's post-processing was chosen, in words."""
+    tuning = ckpt.get("postprocess_tuning")
+    if tuning is None:
+        return "the checkpoint's" if ckpt.get("postprocess") else "none stored in the checkpoint"
+    if tuning.get("kept"):
+        return (f"{tuning['fraction_of_smallest_train_tumor']:g} x the smallest train tumor ({tuning['smallest_train_tumor_voxels']} voxels), kept because on {len(tuning['patients'])} val patients "
+                f"{tuning['why']} ({tuning['val_mean_patient_dice_without']:.4f} -> {tuning['val_mean_patient_dice_with']:.4f})")
+    return f"none: the candidate was rejected on {len(tuning['patients'])} val patients ({tuning['why']})"
 
 
 def default_eval_path(checkpoint: str | os.PathLike, split: str) -> Path:

@@ -28,7 +28,9 @@ from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_fro
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import load_split, make_split, save_split
-from lggdeploy.data.transforms import Augmentation, Normalization, resize_images, resize_masks
+from lggdeploy.data.transforms import Augmentation, Normalization, logits_to_masks, resize_images, resize_masks
+from lggdeploy.postprocess import PostProcess, smallest_tumor
+from lggdeploy.postprocess import tune as tune_postprocess
 from lggdeploy.common.errors import LggError
 from lggdeploy.models.evaluate import score_model
 from lggdeploy.common.files import check_can_create, ensure_folder, remove_stale_temporaries, write_json_atomic, write_text_atomic
@@ -77,6 +79,9 @@ class TrainConfig:
     warmup_epochs: float = 0.5  # linear learning-rate warm-up before the cosine
     ema_decay: float = 0.0  # EMA of the weights (0: off); with it, validation, selection and best.pt use the EMA
     tune_threshold: bool = True  # sweep the threshold on the val patients and store the best in best.pt
+    # Post-processing stored in best.pt (postprocess.py): auto (small 3-D components removed if the val patients
+    # say it does not hurt), none, largest (largest 3-D component only), or a minimum component size in voxels.
+    postprocess: str = "auto"
     # Wall-clock budget: after epoch 1 the run fixes its number of epochs (and the cosine's length) so that it ends
     # within this many minutes, counted from the start of train(); --epochs, when given, stays the upper bound.
     budget_minutes: float | None = None
@@ -114,6 +119,11 @@ class TrainConfig:
             raise LggError(f"--threshold must lie strictly between 0 and 1, got {self.threshold}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
+        if self.postprocess != "auto":
+            try:
+                PostProcess.parse(self.postprocess)
+            except ValueError as exc:
+                raise LggError(f"--postprocess: {exc} (or auto, the default)") from None
 
 
 @dataclass
@@ -145,7 +155,7 @@ def _history_csv(history: list[dict]) -> str:
 
 # Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
 FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last", "teacher", "distill_weight",
-                   "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold")
+                   "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "postprocess")
 
 
 def _as_config_value(key: str, value):
@@ -153,7 +163,17 @@ def _as_config_value(key: str, value):
 
 
 # What a run started before the recipe options existed trained with: resuming it keeps that, not today's defaults.
-LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False}
+LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False, "postprocess": "none"}
+
+
+def _postprocess_fields(choice: str, val_logits: list[np.ndarray], val_slices, threshold: float, train_smallest_tumor: int | None) -> dict:
+    """The checkpoint's post-processing: the user's, or (auto) the one postprocess.tune keeps on the val patients'
+    masks at the stored threshold, with its record."""
+    if choice != "auto":
+        return {"postprocess": PostProcess.parse(choice).to_json()}
+    predicted = logits_to_masks(np.concatenate(val_logits), threshold=threshold)
+    record = tune_postprocess(predicted, val_slices.masks, val_slices.patients, train_smallest_tumor)
+    return {"postprocess": record["postprocess"], "postprocess_tuning": record}
 
 
 def resume_config(cfg: TrainConfig, saved: dict, last_path: Path) -> tuple[TrainConfig, dict]:
@@ -311,6 +331,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_images = resize_images(train_slices.images, cfg.img_size)
     train_masks = resize_masks(train_slices.masks, cfg.img_size)
     train_tumor = train_slices.masks.reshape(len(train_slices), -1).any(axis=1)
+    train_smallest_tumor = smallest_tumor(train_slices.masks, train_slices.patients)  # bounds the post-processing's size
     val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
 
     model.to(device)
@@ -442,7 +463,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
                 def add_val_loss(logits: np.ndarray, batch: slice) -> None:
                     val_losses.append(segmentation_loss(torch.from_numpy(logits), val_targets[batch], cfg.loss).item() * len(logits))
-                    if cfg.tune_threshold:
+                    if cfg.tune_threshold or cfg.postprocess == "auto":
                         val_logits.append(np.array(logits, np.float32, copy=True))
 
                 # The model the run keeps: the EMA of the weights when on (validated, selected and saved as best.pt).
@@ -504,6 +525,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                         tuning = threshold_tuning.tune(np.concatenate(val_logits), val_slices.masks, val_slices.patients, cfg.threshold)
                         kept_fields.update(threshold=tuning["threshold"], threshold_tuning=tuning)
                         best.update(threshold=tuning["threshold"], val_mean_patient_dice_tuned_threshold=tuning["val_mean_patient_dice"])
+                    kept_fields.update(_postprocess_fields(cfg.postprocess, val_logits, val_slices, kept_fields["threshold"], train_smallest_tumor))
+                    best["postprocess"] = kept_fields["postprocess"]
+                    if "postprocess_tuning" in kept_fields and kept_fields["postprocess_tuning"]["kept"]:
+                        best["val_mean_patient_dice_postprocessed"] = kept_fields["postprocess_tuning"]["val_mean_patient_dice_with"]
                     save_checkpoint(best_path, {**make_payload(kept, weights_info, **kept_fields), "best": best})
                 save_checkpoint(
                     last_path,

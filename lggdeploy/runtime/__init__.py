@@ -4,6 +4,8 @@ Torch-free (numpy, Pillow, tifffile, onnxruntime; tensorrt + cuda-python for .pl
 embeds this package. A test imports it in a fresh interpreter and fails if torch or smp come along.
 """
 
-from lggdeploy.runtime.segmenter import Prediction, Segmenter, largest_connected_component
+from lggdeploy.postprocess import PostProcess
+from lggdeploy.runtime.segmenter import Prediction, Segmenter
+from lggdeploy.scoring import largest_connected_component
 
-__all__ = ["Prediction", "Segmenter", "largest_connected_component"]
+__all__ = ["PostProcess", "Prediction", "Segmenter", "largest_connected_component"]

@@ -2,7 +2,7 @@
 
     from lggdeploy.runtime import Segmenter
     with Segmenter.load("engines/pspnet-scratch-1a2b3c4d/onnxruntime-int8-cpu.onnx") as seg:
-        result = seg.predict(volume)          # (N, 256, 256, 3) uint8, or one (256, 256, 3) slice
+        result = seg.predict(volume)          # one patient's (N, 256, 256, 3) uint8 slices, or one (256, 256, 3) slice
         result.masks, result.probabilities    # (N, 256, 256) bool / float32
 
 Dependencies: numpy + Pillow + onnxruntime (`pip install lggdeploy[runtime]`), or tensorrt + cuda-python for
@@ -11,6 +11,11 @@ Dependencies: numpy + Pillow + onnxruntime (`pip install lggdeploy[runtime]`), o
 Preprocessing is exactly the one recorded in the engine's manifest (lggdeploy.data.transforms, shared with
 training). Inputs must be 256x256x3 uint8 (pre-contrast, FLAIR, post-contrast), the data set's convention:
 another size is an error rather than a silent resize, because the model was trained at this field of view.
+
+Post-processing: `predict` treats the slices of one call as one patient's volume and applies the engine's stored
+post-processing to it (the manifest's `postprocess`, chosen on the val patients at training: small 3-D components
+removed, the largest always kept; lggdeploy/postprocess.py). A scanner that streams single slices passes
+`postprocess=PostProcess()` (none) and post-processes the assembled volume itself, or calls `predict` once per series.
 
 Threads: an ONNX Runtime Segmenter may be shared by threads (InferenceSession.run is thread-safe); a
 TensorRT Segmenter is bound to the thread that made it: make one per thread.
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, preprocess, sigmoid
-from lggdeploy.scoring import largest_connected_component
+from lggdeploy.postprocess import LARGEST, PostProcess
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.common.errors import EngineError, LggError
@@ -40,7 +45,7 @@ class Prediction:
 
 
 class Segmenter:
-    def __init__(self, runner, manifest: dict, path: Path, threshold: float | None = None):
+    def __init__(self, runner, manifest: dict, path: Path, threshold: float | None = None, postprocess: PostProcess | None = None):
         self.runner = runner
         self.manifest = manifest
         self.path = path
@@ -49,9 +54,12 @@ class Segmenter:
         self.threshold = float(manifest["threshold"] if threshold is None else threshold)
         if not 0 < self.threshold < 1:
             raise LggError(f"threshold must be between 0 and 1, got {self.threshold}")
+        # An engine built before post-processing existed has none in its manifest: none.
+        self.postprocess = PostProcess.from_json(manifest.get("postprocess")) if postprocess is None else postprocess
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threshold: float | None = None, threads: int | None = None, device: str = "auto") -> "Segmenter":
+    def load(cls, path: str | os.PathLike, threshold: float | None = None, threads: int | None = None, device: str = "auto",
+             postprocess: PostProcess | None = None) -> "Segmenter":
         """Read the manifest, open the engine through its backend, check compatibility before the first inference."""
         path = Path(path)
         manifest = read_manifest(path)
@@ -59,10 +67,14 @@ class Segmenter:
             if key not in manifest:
                 raise EngineError(f"{path}: manifest lacks {key!r}; rebuild the engine with `lggdeploy build`")
         runner = open_engine(path, manifest, RunOptions(threads=threads, device=device))
-        return cls(runner, manifest, path, threshold)
+        return cls(runner, manifest, path, threshold, postprocess)
 
-    def predict(self, slices: np.ndarray, batch_size: int = 8, largest_component: bool = False) -> Prediction:
-        """Masks and probabilities for one slice (256, 256, 3) or a stack (N, 256, 256, 3) of uint8."""
+    def predict(self, slices: np.ndarray, batch_size: int = 8, largest_component: bool = False, postprocess: PostProcess | None = None) -> Prediction:
+        """Masks and probabilities for one slice (256, 256, 3) or one patient's stack (N, 256, 256, 3) of uint8.
+
+        The stack is post-processed as one volume with `postprocess` (default: the Segmenter's, i.e. the engine's
+        stored one); `largest_component=True` keeps only the largest 3-D component instead. Probabilities outside
+        the kept masks are capped just below the threshold, so masks and probabilities agree."""
         slices = np.asarray(slices)
         if slices.ndim == 3:
             slices = slices[None]
@@ -80,9 +92,11 @@ class Segmenter:
             native = native_logits(logits, INPUT_SHAPE[0])
             probabilities[start:stop] = sigmoid(native)
             masks[start:stop] = logits_to_masks(native, INPUT_SHAPE[0], self.threshold)
-        if largest_component:
-            masks = largest_connected_component(masks)
-            probabilities = np.where(masks, probabilities, np.minimum(probabilities, self.threshold))
+        rule = PostProcess(LARGEST) if largest_component else (self.postprocess if postprocess is None else postprocess)
+        if rule.active:
+            kept = rule.apply(masks)
+            probabilities = np.where(kept | ~masks, probabilities, np.minimum(probabilities, self.threshold))
+            masks = kept
         return Prediction(masks, probabilities)
 
     def verify(self, bundle: str | os.PathLike, min_agreement: float | None = None):
