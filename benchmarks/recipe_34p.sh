@@ -8,6 +8,7 @@
 #   D  the defaults of 2026-11-27 (B without the EMA; bf16 autocast on this AVX512-BF16 CPU) with a 30-minute budget
 #   D2 today's defaults (D in FP32 channels-last): `lggdeploy train --model pspnet-scratch --budget-minutes 30`
 #   D2-s1 the same with --seed 1 (another 24 / 5 / 5 split, test patients disjoint from seed 0's)
+#   D3-s3 the same with --seed 3 after the stored post-processing existed (test patients disjoint from seeds 0 and 1)
 #   T1/T2  the transfer presets from random init (no ImageNet weights here), today's defaults, 30-minute budget each,
 #          run side by side with one core each; unet-effb7 at 128 px (at 256 px an epoch takes about a third of the budget)
 set -euo pipefail
@@ -29,6 +30,7 @@ run full pspnet-scratch 11 --loss image-dice --tumor-fraction 0.5 --warmup-epoch
 run default-30min pspnet-scratch 1000 --budget-minutes 30 --precision bf16
 run default-30min-fp32 pspnet-scratch 1000 --budget-minutes 30
 run default-30min-fp32-seed1 pspnet-scratch 1000 --budget-minutes 30 --seed 1   # D2-s1: another split
+run default-30min-pp-seed3 pspnet-scratch 1000 --budget-minutes 30 --seed 3   # D3-s3: with the stored post-processing, test patients new to both
 OMP_NUM_THREADS=1 run transfer-resnext50 pspnet-resnext50 1000 --encoder-weights random --budget-minutes 30 &
 OMP_NUM_THREADS=1 run transfer-effb7 unet-effb7 1000 --encoder-weights random --budget-minutes 30 --img-size 128 &
 wait
@@ -36,5 +38,10 @@ wait
   C=$RUNS/no-data-changes/pspnet-scratch "C-raw=$RUNS/no-data-changes/pspnet-scratch:last" B=$RUNS/full/pspnet-scratch \
   "B-raw=$RUNS/full/pspnet-scratch:last" D=$RUNS/default-30min/pspnet-scratch D2=$RUNS/default-30min-fp32/pspnet-scratch \
   T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7
+# Post-processing (lggdeploy/postprocess.py) on every run: the rule training stores today, tuned on each run's val patients.
+.venv/bin/python benchmarks/report_postprocess.py --data "$DATA" --out benchmarks/results/postprocess A=benchmarks/runs/34p/pspnet-scratch \
+  C=$RUNS/no-data-changes/pspnet-scratch B=$RUNS/full/pspnet-scratch D=$RUNS/default-30min/pspnet-scratch D2=$RUNS/default-30min-fp32/pspnet-scratch \
+  D2-s1=$RUNS/default-30min-fp32-seed1/pspnet-scratch T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7 \
+  D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES" --steps 8 --rounds 2  # needs the machine to itself
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES/train_speed_confirm" --steps 8 --rounds 5 --no-compile
