@@ -12,7 +12,6 @@ OUT/postprocess.md (the narrative is added by hand in OUT/README.md).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 from pathlib import Path
@@ -27,7 +26,7 @@ from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models.checkpoint import load_checkpoint, split_of
 from lggdeploy.postprocess import LARGEST, PostProcess, smallest_tumor, tune
 
-from report_recipe import logits_of
+from report_recipe import logits_of, parse_run_args
 
 
 def scored(predicted: np.ndarray, slices, rule: PostProcess) -> dict:
@@ -35,11 +34,7 @@ def scored(predicted: np.ndarray, slices, rule: PostProcess) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parse_run_args()
     dataset = load_dataset(args.data)
     rows, per_patient = [], {}
     for item in args.runs:

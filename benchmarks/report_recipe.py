@@ -49,12 +49,17 @@ def epoch_noise(history: list[dict], key: str) -> float | None:
     return float(np.mean(np.abs(np.diff(tail)))) if len(tail) > 1 else None
 
 
-def main() -> None:
+def parse_run_args() -> argparse.Namespace:
+    """LABEL=RUN_DIR ... --data DATA --out OUT: the command line of the recipe reports."""
     parser = argparse.ArgumentParser()
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_run_args()
     dataset = load_dataset(args.data)
     rows, per_patient = [], {}
     for item in args.runs:

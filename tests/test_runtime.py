@@ -86,6 +86,11 @@ def test_bad_inputs_and_manifests_are_clear(int8_engine, tmp_path):
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with pytest.raises(EngineError, match="providers"):
             Segmenter.load(orphan)
+    broken = tmp_path / "broken-postprocess.onnx"
+    shutil.copy(int8_engine, broken)
+    manifest_for(broken, int8_engine, postprocess={"min_component_voxels": -7})
+    with pytest.raises(EngineError, match="postprocess"):
+        Segmenter.load(broken)
     plan = tmp_path / "tensorrt-int8.plan"
     plan.write_bytes(b"x")
     manifest_for(plan, int8_engine, backend="tensorrt", tensorrt_version="10.16.0", compute_capability="9.0")

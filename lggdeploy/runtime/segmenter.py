@@ -44,6 +44,14 @@ class Prediction:
     probabilities: np.ndarray  # (N, 256, 256) float32
 
 
+def stored_postprocess(path: Path, manifest: dict) -> PostProcess:
+    """The manifest's post-processing (none for an engine built before post-processing existed)."""
+    try:
+        return PostProcess.from_json(manifest.get("postprocess"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EngineError(f"{path}: the manifest's postprocess {manifest.get('postprocess')!r} is not valid ({exc}); rebuild the engine with `lggdeploy build`") from None
+
+
 class Segmenter:
     def __init__(self, runner, manifest: dict, path: Path, threshold: float | None = None, postprocess: PostProcess | None = None):
         self.runner = runner
@@ -55,7 +63,7 @@ class Segmenter:
         if not 0 < self.threshold < 1:
             raise LggError(f"threshold must be between 0 and 1, got {self.threshold}")
         # An engine built before post-processing existed has none in its manifest: none.
-        self.postprocess = PostProcess.from_json(manifest.get("postprocess")) if postprocess is None else postprocess
+        self.postprocess = stored_postprocess(path, manifest) if postprocess is None else postprocess
 
     @classmethod
     def load(cls, path: str | os.PathLike, threshold: float | None = None, threads: int | None = None, device: str = "auto",
@@ -66,6 +74,7 @@ class Segmenter:
         for key in ("backend", "normalization", "img_size", "threshold"):
             if key not in manifest:
                 raise EngineError(f"{path}: manifest lacks {key!r}; rebuild the engine with `lggdeploy build`")
+        postprocess = stored_postprocess(path, manifest) if postprocess is None else postprocess  # before the engine is opened
         runner = open_engine(path, manifest, RunOptions(threads=threads, device=device))
         return cls(runner, manifest, path, threshold, postprocess)
 
