@@ -25,6 +25,7 @@ from lggdeploy.bench.stats import latency_summary, paired_summary
 from lggdeploy.common.files import sha256_file
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
 from lggdeploy.postprocess import PostProcess
+from lggdeploy.runtime.segmenter import stored_postprocess
 from lggdeploy.engines.formats import discover, format_of, manifest_path, open_engine, read_manifest
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.progress import console, progress_bar
@@ -71,6 +72,11 @@ class Entry:
     def label(self) -> str:
         device = f"({self.device})" if self.backend == "torch" and self.device != "cpu" else None
         return " ".join(p for p in (self.model, self.backend, self.precision, self.int8_profile, device, "A/A" if self.twin_of else None) if p)
+
+    @property
+    def postprocess(self) -> PostProcess:
+        """The post-processing the engine's manifest stores (the runtime's reading of it, with its error line)."""
+        return stored_postprocess(self.path, self.manifest)
 
     @property
     def is_reference(self) -> bool:
@@ -219,7 +225,7 @@ def run_bench(opts: BenchOptions) -> dict:
             continue
         try:
             entry.accuracy = score_runner(entry.runner, slices, size, norm, threshold=entry.manifest["threshold"], description=f"scoring {entry.label}",
-                                          postprocess=PostProcess.from_json(entry.manifest.get("postprocess")))
+                                          postprocess=entry.postprocess)
         except NonFiniteOutput as exc:
             entry.status, entry.reason = "non-finite", str(exc)
             continue
@@ -256,7 +262,7 @@ def run_bench(opts: BenchOptions) -> dict:
             e.end_to_end_ms_per_image = e.twin_of.end_to_end_ms_per_image
             continue
         norm, size = Normalization.from_json(e.manifest["normalization"]), e.manifest["img_size"]
-        postprocess = PostProcess.from_json(e.manifest.get("postprocess"))
+        postprocess = e.postprocess
         for b in opts.batch_sizes:
             batch = raw[e.group][np.arange(b) % len(raw[e.group])]
             runs = []
@@ -305,7 +311,7 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: i
             row["per_patient"] = e.accuracy["per_patient"]
             row["patients"] = e.accuracy["aggregates"]["patients"]
             row["patients_missed"] = e.accuracy["aggregates"]["patients_missed"]
-            row["postprocess"] = PostProcess.from_json(e.manifest.get("postprocess")).describe()
+            row["postprocess"] = e.postprocess.describe()
             ref = refs.get(e.group)
             if ref is not None and ref.accuracy and not e.is_reference:
                 ref_dice = {r["patient"]: r["dice"] for r in ref.accuracy["per_patient"]}

@@ -62,7 +62,6 @@ class Segmenter:
         self.threshold = float(manifest["threshold"] if threshold is None else threshold)
         if not 0 < self.threshold < 1:
             raise LggError(f"threshold must be between 0 and 1, got {self.threshold}")
-        # An engine built before post-processing existed has none in its manifest: none.
         self.postprocess = stored_postprocess(path, manifest) if postprocess is None else postprocess
 
     @classmethod
@@ -82,8 +81,8 @@ class Segmenter:
         """Masks and probabilities for one slice (256, 256, 3) or one patient's stack (N, 256, 256, 3) of uint8.
 
         The stack is post-processed as one volume with `postprocess` (default: the Segmenter's, i.e. the engine's
-        stored one); `largest_component=True` keeps only the largest 3-D component instead. Probabilities outside
-        the kept masks are capped just below the threshold, so masks and probabilities agree."""
+        stored one); `largest_component=True` keeps only the largest 3-D component instead. Probabilities of the
+        pixels post-processing removed are capped at the threshold, so masks and probabilities agree."""
         slices = np.asarray(slices)
         if slices.ndim == 3:
             slices = slices[None]
