@@ -2,15 +2,20 @@
 
 A low-grade glioma is one lesion: in every one of the 34 shared patients the largest 3-D connected component holds at
 least 97 % of the tumor voxels, and the smallest tumor has 2,057 voxels. The model's false positives, in contrast,
-are mostly small blobs scattered through tumor-free slices. So the rule removes every 6-connected 3-D component
-smaller than `min_component_voxels`, but never the largest one (a patient whose only prediction is small keeps it).
+are blobs apart from the tumor: many small ones scattered through tumor-free slices, and in some patients a few large
+ones. So the rule removes every 6-connected 3-D component smaller than `min_component_voxels` or smaller than
+`min_fraction_of_largest` times the patient's largest component, but never the largest one (a patient whose only
+prediction is small keeps it).
 
-The size is not tuned to the test patients: training sets it to half the smallest tumor (in voxels at 256x256) among
-its *train* patients — a component that small is unlike any whole tumor the model learned — and keeps the rule only
-if it does not lower the val patients' mean per-patient Dice and leaves no val patient missed that was found without
-it (nnU-Net's habit: post-processing is kept only where validation says it does not hurt). The rule and the evidence
-are stored in the checkpoint (`postprocess`, `postprocess_tuning`) and travel, like the threshold, into eval, the
-engines' manifests, bench, the bundle and the edge runtime.
+Neither size is tuned to the test patients. Training sets the absolute size to half the smallest tumor (in voxels at
+256x256) among its *train* patients — a component that small is unlike any whole tumor the model learned — and the
+relative one to half the largest component: a second lesion is not what a low-grade glioma looks like, and a
+component at least half as large as the largest is kept because it might be the tumor (where keeping only the largest
+component deletes it). Training tries the two-part rule first and the absolute size alone second, and keeps the
+first that does not lower the val patients' mean per-patient Dice and leaves no val patient missed that was found
+without it (nnU-Net's habit: post-processing is kept only where validation says it does not hurt), else none. The
+rule and the evidence are stored in the checkpoint (`postprocess`, `postprocess_tuning`) and travel, like the
+threshold, into eval, the engines' manifests, bench, the bundle and the edge runtime.
 
 Keeping only the largest component (Buda et al.) is available as the special value `LARGEST` ("largest" on the
 command line); it is not the default because when the model's largest component is a false positive it deletes the
@@ -28,23 +33,29 @@ import numpy as np
 from lggdeploy.metrics import confusion_counts, summarize
 
 LARGEST = -1  # min_component_voxels value meaning "keep only the largest component"
-SIZE_FRACTION = 0.5  # the size is this fraction of the smallest train tumor
+SIZE_FRACTION = 0.5  # the absolute size is this fraction of the smallest train tumor
+LARGEST_FRACTION = 0.5  # components under this fraction of the patient's largest one are removed (two-part rule)
 
 
 @dataclass(frozen=True)
 class PostProcess:
-    """Remove 3-D components smaller than `min_component_voxels` (never the largest); 0: off; LARGEST: keep only
-    the largest component."""
+    """Remove 3-D components smaller than `min_component_voxels` or than `min_fraction_of_largest` x the largest
+    component (never the largest); both 0: off; LARGEST: keep only the largest component."""
 
     min_component_voxels: int = 0
+    min_fraction_of_largest: float = 0.0
 
     def __post_init__(self):
         if not (self.min_component_voxels >= 0 or self.min_component_voxels == LARGEST):
             raise ValueError(f"min_component_voxels must be >= 0 (or {LARGEST}: largest only), got {self.min_component_voxels}")
+        if not 0.0 <= self.min_fraction_of_largest <= 1.0:
+            raise ValueError(f"min_fraction_of_largest must be between 0 and 1, got {self.min_fraction_of_largest}")
+        if self.min_component_voxels == LARGEST and self.min_fraction_of_largest:
+            raise ValueError("largest-only post-processing takes no fraction")
 
     @property
     def active(self) -> bool:
-        return self.min_component_voxels != 0
+        return self.min_component_voxels != 0 or self.min_fraction_of_largest > 0
 
     def apply(self, volume: np.ndarray) -> np.ndarray:
         """The post-processed copy of one patient's (slices, H, W) bool mask volume."""
@@ -55,7 +66,8 @@ class PostProcess:
         if self.min_component_voxels == LARGEST:
             keep = ids[[int(np.argmax(sizes))]]
         else:
-            keep = ids[(sizes >= self.min_component_voxels) | (sizes == sizes.max())]
+            floor = max(self.min_component_voxels, self.min_fraction_of_largest * sizes.max())
+            keep = ids[(sizes >= floor) | (sizes == sizes.max())]
         return np.isin(labels, keep)
 
     def apply_per_patient(self, masks: np.ndarray, patients: np.ndarray) -> np.ndarray:
@@ -74,33 +86,43 @@ class PostProcess:
             return "none"
         if self.min_component_voxels == LARGEST:
             return "largest 3-D component only"
-        return f"3-D components < {self.min_component_voxels} voxels removed (largest kept)"
+        parts = [f"{self.min_component_voxels} voxels"] if self.min_component_voxels else []
+        parts += [f"{self.min_fraction_of_largest:g} x the largest"] if self.min_fraction_of_largest else []
+        return f"3-D components < {' or < '.join(parts)} removed (largest kept)"
 
     def to_json(self) -> dict:
-        return {"min_component_voxels": int(self.min_component_voxels)}
+        """{"min_component_voxels": N} (+ "min_fraction_of_largest" when set, so rules without it read as before)."""
+        out = {"min_component_voxels": int(self.min_component_voxels)}
+        if self.min_fraction_of_largest:
+            out["min_fraction_of_largest"] = float(self.min_fraction_of_largest)
+        return out
 
     @classmethod
     def from_json(cls, obj: dict | None) -> "PostProcess":
         """None (a checkpoint or manifest from before post-processing existed) means none."""
         if obj is None:
             return cls()
-        return cls(int(obj["min_component_voxels"]))
+        return cls(int(obj["min_component_voxels"]), float(obj.get("min_fraction_of_largest", 0.0)))
 
     @classmethod
     def parse(cls, text: str) -> "PostProcess":
-        """Command-line form: none, largest, or a number of voxels."""
+        """Command-line form: none, largest, N (components under N voxels removed) or N,F (under N voxels or
+        under F x the largest component removed; e.g. 1034,0.5 or 0,0.5)."""
         text = text.strip().lower()
         if text == "none":
             return cls()
         if text == "largest":
             return cls(LARGEST)
+        voxels, _, fraction = text.partition(",")
         try:
-            value = int(text)
+            value, share = int(voxels), float(fraction) if fraction else 0.0
         except ValueError:
-            raise ValueError(f"post-processing must be none, largest or a number of voxels, got {text!r}") from None
+            raise ValueError(f"post-processing must be none, largest, N or N,F (N voxels, F a fraction of the largest component), got {text!r}") from None
         if value < 0:
             raise ValueError(f"a minimum component size must be >= 0 voxels, got {value}")
-        return cls(value)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the fraction of the largest component must be between 0 and 1, got {share:g}")
+        return cls(value, share)
 
 
 def connected_components(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,26 +169,37 @@ def smallest_tumor(masks: np.ndarray, patients: np.ndarray) -> int | None:
 
 
 def tune(predicted: np.ndarray, masks: np.ndarray, patients: np.ndarray, train_smallest_tumor: int | None,
-         fraction: float = SIZE_FRACTION) -> dict:
-    """The post-processing to store: components smaller than `fraction` x the smallest train tumor removed, kept
-    only if the val patients' mean per-patient Dice does not drop and no val patient found without it is missed
-    with it. `predicted` are the val masks at the stored threshold (native size); returns the record kept in the
-    checkpoint as `postprocess_tuning` (the rule is under "postprocess")."""
+         fraction: float = SIZE_FRACTION, largest_fraction: float = LARGEST_FRACTION) -> dict:
+    """The post-processing to store. Candidates, in order: components smaller than `fraction` x the smallest train
+    tumor or than `largest_fraction` x the patient's largest component removed; the absolute size alone. The first
+    that does not lower the val patients' mean per-patient Dice and misses no val patient found without it is kept,
+    else none. `predicted` are the val masks at the stored threshold (native size); returns the record kept in the
+    checkpoint as `postprocess_tuning` (the rule under "postprocess", every candidate's val figures under "tried";
+    "candidate" and "val_mean_patient_dice_with" are the kept candidate's, or the last tried)."""
     record = {"fraction_of_smallest_train_tumor": fraction, "smallest_train_tumor_voxels": train_smallest_tumor,
-              "patients": list(dict.fromkeys(np.asarray(patients).tolist()))}
+              "fraction_of_largest_component": largest_fraction, "patients": list(dict.fromkeys(np.asarray(patients).tolist()))}
     if not train_smallest_tumor:
         return {**record, "postprocess": PostProcess().to_json(), "kept": False, "why": "no tumor in the train patients"}
-    candidate = PostProcess(max(1, int(fraction * train_smallest_tumor)))
+    size = max(1, int(fraction * train_smallest_tumor))
+    candidates = [PostProcess(size, largest_fraction)] if largest_fraction else []
+    candidates.append(PostProcess(size))
     without = summarize(confusion_counts(predicted, masks), patients)
-    with_ = summarize(confusion_counts(candidate.apply_per_patient(predicted, patients), masks), patients)
-    newly_missed = [a["patient"] for a, b in zip(without["per_patient"], with_["per_patient"]) if a["detected"] and not b["detected"]]
-    before, after = without["aggregates"]["mean_patient_dice"], with_["aggregates"]["mean_patient_dice"]
-    kept = after >= before and not newly_missed
-    why = ("val mean per-patient Dice did not drop and no val patient was lost" if kept else
-           f"it would miss val patient(s) {', '.join(newly_missed)}" if newly_missed else "it lowered the val mean per-patient Dice")
+    before = without["aggregates"]["mean_patient_dice"]
+    tried = []
+    for candidate in candidates:
+        with_ = summarize(confusion_counts(candidate.apply_per_patient(predicted, patients), masks), patients)
+        newly_missed = [a["patient"] for a, b in zip(without["per_patient"], with_["per_patient"]) if a["detected"] and not b["detected"]]
+        after = with_["aggregates"]["mean_patient_dice"]
+        kept = after >= before and not newly_missed
+        why = ("val mean per-patient Dice did not drop and no val patient was lost" if kept else
+               f"it would miss val patient(s) {', '.join(newly_missed)}" if newly_missed else "it lowered the val mean per-patient Dice")
+        tried.append({"rule": candidate.to_json(), "val_mean_patient_dice_with": after, "kept": kept, "why": why})
+        if kept:
+            break
     return {
         **record,
-        "candidate": candidate.to_json(),
+        "tried": tried,
+        "candidate": tried[-1]["rule"],
         "postprocess": (candidate if kept else PostProcess()).to_json(),
         "kept": kept,
         "why": why,

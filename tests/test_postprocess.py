@@ -45,6 +45,12 @@ def test_small_components_are_removed_and_the_largest_is_always_kept():
     assert PostProcess(10_000).apply(only_small).sum() == 4  # a patient's only prediction is never removed
     assert not PostProcess(30).apply(np.zeros_like(volume)).any()
     assert (largest_connected_component(volume) == PostProcess(LARGEST).apply(volume)).all()
+    # The two-part rule: also every component under a fraction of the largest one.
+    volume[0:2, 20:30, 2:15] = True  # a 260-voxel second blob (apart from the others)
+    assert PostProcess(0, 0.05).apply(volume).sum() == 400 + 260 + 25  # floor 20 voxels
+    assert PostProcess(30, 0.5).apply(volume).sum() == 400 + 260  # floor max(30, 200)
+    assert PostProcess(30, 0.7).apply(volume).sum() == 400  # floor 280: only the largest is left
+    volume = constructed_volume()
     two = np.concatenate([volume, np.zeros_like(volume), volume[:, :, ::-1]])
     patients = np.array(["a"] * 6 + ["b"] * 12)  # each patient post-processed on its own slices
     assert PostProcess(LARGEST).apply_per_patient(two, patients).sum() == 800
@@ -55,9 +61,14 @@ def test_parse_and_json_round_trip_and_bad_text():
     assert PostProcess.parse(" 1200 ") == PostProcess(1200)
     assert PostProcess.from_json(PostProcess(1200).to_json()) == PostProcess(1200)
     assert PostProcess.from_json(None) == PostProcess()  # checkpoints and engines from before post-processing
-    for bad in ("banana", "-3", "1.5"):
+    assert PostProcess.parse("1034,0.5") == PostProcess(1034, 0.5) and PostProcess.parse("0,0.5").active
+    assert PostProcess(1200).to_json() == {"min_component_voxels": 1200}  # rules without a fraction read as before
+    assert PostProcess.from_json(PostProcess(1034, 0.5).to_json()) == PostProcess(1034, 0.5)
+    for bad in ("banana", "-3", "1.5", "10,x"):
         with pytest.raises(ValueError, match="none, largest|>= 0"):
             PostProcess.parse(bad)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        PostProcess.parse("10,2")
 
 
 def val_case(tumor_small_and_not_largest: bool):
@@ -80,8 +91,19 @@ def val_case(tumor_small_and_not_largest: bool):
 def test_tuning_keeps_the_rule_only_where_the_val_patients_say_it_does_not_hurt():
     predicted, truth, patients = val_case(False)
     record = tune(predicted, truth, patients, train_smallest_tumor=100)
-    assert record["candidate"] == {"min_component_voxels": 50} and record["kept"] and record["postprocess"] == record["candidate"]
+    two_part = {"min_component_voxels": 50, "min_fraction_of_largest": 0.5}
+    assert record["candidate"] == two_part and record["kept"] and record["postprocess"] == two_part and len(record["tried"]) == 1
     assert record["val_mean_patient_dice_with"] > record["val_mean_patient_dice_without"]
+    # Patient 1's tumor (120 voxels) is found but a larger false positive (300) is the largest component: the
+    # two-part rule would delete the tumor, so the absolute size alone is kept.
+    truth[6:] = False
+    truth[7, 2:14, 2:12] = True
+    predicted[6:] = False
+    predicted[7, 2:14, 2:12] = True
+    predicted[9:12, 20:30, 20:30] = True
+    record = tune(predicted, truth, patients, train_smallest_tumor=100)
+    assert [t["kept"] for t in record["tried"]] == [False, True] and "p1" in record["tried"][0]["why"]
+    assert record["postprocess"] == record["candidate"] == {"min_component_voxels": 50}
     # A val patient whose small tumor would be removed (a larger false positive is kept): rejected, whatever the mean.
     predicted, truth, patients = val_case(True)
     record = tune(predicted, truth, patients, train_smallest_tumor=100)
@@ -132,7 +154,9 @@ def test_training_stores_the_val_choice_and_eval_engines_and_runtime_use_it(segm
     train_slices = load_slices(dataset, split.train)
     tuning = ckpt["postprocess_tuning"]
     assert tuning["smallest_train_tumor_voxels"] == smallest_tumor(train_slices.masks, train_slices.patients) > 0
-    assert tuning["candidate"] == {"min_component_voxels": int(0.5 * tuning["smallest_train_tumor_voxels"])}
+    size = int(0.5 * tuning["smallest_train_tumor_voxels"])
+    assert tuning["tried"][0]["rule"] == {"min_component_voxels": size, "min_fraction_of_largest": 0.5}
+    assert tuning["candidate"] in ({"min_component_voxels": size, "min_fraction_of_largest": 0.5}, {"min_component_voxels": size})
     assert ckpt["postprocess"] == (tuning["candidate"] if tuning["kept"] else {"min_component_voxels": 0}) == result.best["postprocess"]
     summary = evaluate_checkpoint(result.best_path, phantom_dir, split="val")
     assert summary["meta"]["postprocess"] == ckpt["postprocess"]
