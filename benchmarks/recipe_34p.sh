@@ -31,6 +31,7 @@ run default-30min pspnet-scratch 1000 --budget-minutes 30 --precision bf16
 run default-30min-fp32 pspnet-scratch 1000 --budget-minutes 30
 run default-30min-fp32-seed1 pspnet-scratch 1000 --budget-minutes 30 --seed 1   # D2-s1: another split
 run default-30min-pp-seed3 pspnet-scratch 1000 --budget-minutes 30 --seed 3   # D3-s3: with the stored post-processing, test patients new to both
+run default-30min-pp2-seed296 pspnet-scratch 1000 --budget-minutes 30 --seed 296   # D4-s296: with the two-part rule; test patients in no earlier split's val or test
 OMP_NUM_THREADS=1 run transfer-resnext50 pspnet-resnext50 1000 --encoder-weights random --budget-minutes 30 &
 OMP_NUM_THREADS=1 run transfer-effb7 unet-effb7 1000 --encoder-weights random --budget-minutes 30 --img-size 128 &
 wait
@@ -38,10 +39,10 @@ wait
   C=$RUNS/no-data-changes/pspnet-scratch "C-raw=$RUNS/no-data-changes/pspnet-scratch:last" B=$RUNS/full/pspnet-scratch \
   "B-raw=$RUNS/full/pspnet-scratch:last" D=$RUNS/default-30min/pspnet-scratch D2=$RUNS/default-30min-fp32/pspnet-scratch \
   T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7
-# Post-processing (lggdeploy/postprocess.py) on every run: the rule training stores today, tuned on each run's val patients.
+# Post-processing (lggdeploy/postprocess.py) on every run: each rule side by side, and the one training stores today, tuned on each run's val patients.
 .venv/bin/python benchmarks/report_postprocess.py --data "$DATA" --out benchmarks/results/postprocess A=benchmarks/runs/34p/pspnet-scratch \
   C=$RUNS/no-data-changes/pspnet-scratch B=$RUNS/full/pspnet-scratch D=$RUNS/default-30min/pspnet-scratch D2=$RUNS/default-30min-fp32/pspnet-scratch \
   D2-s1=$RUNS/default-30min-fp32-seed1/pspnet-scratch T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7 \
-  D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch
+  D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch D4-s296=$RUNS/default-30min-pp2-seed296/pspnet-scratch
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES" --steps 8 --rounds 2  # needs the machine to itself
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES/train_speed_confirm" --steps 8 --rounds 5 --no-compile

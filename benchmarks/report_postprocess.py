@@ -2,12 +2,13 @@
 
 usage: .venv/bin/python benchmarks/report_postprocess.py --data DATA --out OUT LABEL=RUN_DIR [...]
 
-For every run's best.pt, at its stored threshold: the rule `lggdeploy train` stores today (components smaller than
-half the smallest train tumor removed, kept only if the val patients say it does not hurt; `postprocess.tune`, the
-same function training calls), then on the test patients the mean per-patient Dice and the patients missed without
-post-processing, with the stored rule, and with the largest 3-D component only (Buda et al.; nnU-Net's candidate).
-A run whose best.pt already stores a tuned rule is reported with that record. Writes OUT/postprocess.json and
-OUT/postprocess.md (the narrative is added by hand in OUT/README.md).
+For every run's best.pt, at its stored threshold, the rules side by side on its val and test patients: none; the
+absolute size alone (components under half the smallest train tumor removed, largest kept); the two-part rule (also
+components under half the patient's largest removed); the largest 3-D component only (Buda et al.; nnU-Net's
+candidate); and the rule `postprocess.tune` picks today from the val patients (the function training calls). A run
+whose best.pt stores the rule its training chose is also reported with that stored rule. Per rule: mean per-patient
+Dice and patients missed (Dice < 0.05). Writes OUT/postprocess.json and OUT/postprocess.md (the narrative is added by
+hand in OUT/README.md).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import logits_to_masks
 from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models.checkpoint import load_checkpoint, split_of
-from lggdeploy.postprocess import LARGEST, PostProcess, smallest_tumor, tune
+from lggdeploy.postprocess import LARGEST, LARGEST_FRACTION, SIZE_FRACTION, PostProcess, smallest_tumor, tune
 
 from report_recipe import logits_of, parse_run_args
+
+COLUMNS = ("none", "size", "two-part", "largest", "tuned today")
 
 
 def scored(predicted: np.ndarray, slices, rule: PostProcess) -> dict:
@@ -42,50 +45,57 @@ def main() -> None:
         ckpt = load_checkpoint(Path(run) / "best.pt")
         split = split_of(ckpt)
         threshold = ckpt["threshold"]
-        if "postprocess_tuning" in ckpt:
-            record, origin = ckpt["postprocess_tuning"], "stored by training"
-        else:
-            train_masks = load_slices(dataset, split.train)
-            val = load_slices(dataset, split.val)
-            val_predicted = logits_to_masks(logits_of(ckpt, val), threshold=threshold)
-            record, origin = tune(val_predicted, val.masks, val.patients, smallest_tumor(train_masks.masks, train_masks.patients)), "tuned afterwards (same function)"
-        rule = PostProcess.from_json(record["postprocess"])
-        test = load_slices(dataset, split.test)
+        train_masks = load_slices(dataset, split.train)
+        size = max(1, int(SIZE_FRACTION * smallest_tumor(train_masks.masks, train_masks.patients)))
+        val, test = load_slices(dataset, split.val), load_slices(dataset, split.test)
+        val_predicted = logits_to_masks(logits_of(ckpt, val), threshold=threshold)
+        record = tune(val_predicted, val.masks, val.patients, smallest_tumor(train_masks.masks, train_masks.patients))
+        rules = {"none": PostProcess(), "size": PostProcess(size), "two-part": PostProcess(size, LARGEST_FRACTION),
+                 "largest": PostProcess(LARGEST), "tuned today": PostProcess.from_json(record["postprocess"])}
+        stored = ckpt.get("postprocess_tuning")
+        if stored is not None:
+            rules["stored by training"] = PostProcess.from_json(ckpt["postprocess"])
         predicted = logits_to_masks(logits_of(ckpt, test), threshold=threshold)
-        none, stored, largest = (scored(predicted, test, r) for r in (PostProcess(), rule, PostProcess(LARGEST)))
-        agg = lambda s: s["aggregates"]  # noqa: E731
+        figures = {part: {name: scored(masks, slices, rule) for name, rule in rules.items()}
+                   for part, masks, slices in (("val", val_predicted, val), ("test", predicted, test))}
+        agg = lambda part, name: figures[part][name]["aggregates"]  # noqa: E731
         rows.append({
-            "label": label, "run": run, "threshold": threshold, "origin": origin, "tuning": record, "rule": rule.describe(),
-            "test_patients": len(split.test),
-            "test_dice_none": agg(none)["mean_patient_dice"], "test_missed_none": agg(none)["patients_missed"],
-            "test_dice_rule": agg(stored)["mean_patient_dice"], "test_missed_rule": agg(stored)["patients_missed"],
-            "test_median_rule": agg(stored)["median_patient_dice"],
-            "test_fp_slice_rate_none": agg(none)["false_positive_slice_rate"], "test_fp_slice_rate_rule": agg(stored)["false_positive_slice_rate"],
-            "test_dice_largest": agg(largest)["mean_patient_dice"], "test_missed_largest": agg(largest)["patients_missed"],
+            "label": label, "run": run, "threshold": threshold, "size_voxels": size, "tuning_today": record,
+            "rules": {name: rule.to_json() for name, rule in rules.items()},
+            "rule_today": rules["tuned today"].describe(),
+            "rule_stored": rules["stored by training"].describe() if stored is not None else None,
+            "val_patients": len(split.val), "test_patients": len(split.test),
+            **{f"{part}_dice_{name}": agg(part, name)["mean_patient_dice"] for part in figures for name in rules},
+            **{f"{part}_missed_{name}": agg(part, name)["patients_missed"] for part in figures for name in rules},
+            "test_median_tuned_today": agg("test", "tuned today")["median_patient_dice"],
+            "test_fp_slice_rate_none": agg("test", "none")["false_positive_slice_rate"],
+            "test_fp_slice_rate_tuned_today": agg("test", "tuned today")["false_positive_slice_rate"],
         })
-        per_patient[label] = [{"patient": a["patient"], "tumor_slices": a["tumor_slices"], "none": a["dice"], "rule": b["dice"], "largest": c["dice"]}
-                              for a, b, c in zip(none["per_patient"], stored["per_patient"], largest["per_patient"])]
+        per_patient[label] = [{"patient": rows_[0]["patient"], "tumor_slices": rows_[0]["tumor_slices"], **{name: r["dice"] for name, r in zip(rules, rows_)}}
+                              for rows_ in zip(*(figures["test"][name]["per_patient"] for name in rules))]
         r = rows[-1]
-        print(f"{label}: {r['rule']}; test {r['test_dice_none']:.4f} -> {r['test_dice_rule']:.4f} (largest only {r['test_dice_largest']:.4f})", flush=True)
+        print(f"{label}: today {r['rule_today']}; test " + ", ".join(f"{name} {r['test_dice_' + name]:.4f}" for name in rules), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     (args.out / "postprocess.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient}, indent=2) + "\n")
-    f4 = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    f3 = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    cells = lambda r, part: " | ".join(f"{f3(r[f'{part}_dice_{name}'])} ({r[f'{part}_missed_{name}']})" for name in COLUMNS)  # noqa: E731
+    head = " | ".join(COLUMNS)
     lines = [
-        "| run | threshold | smallest train tumor (voxels) | rule stored | val Dice without → with (n) | test Dice none | test Dice stored rule | test Dice largest only | test missed none / rule / largest (n) | FP slice rate none → rule |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Mean per-patient Dice (patients missed) per rule; size = components under half the smallest train tumor removed; two-part = also those under "
+        f"{LARGEST_FRACTION:g} x the patient's largest component; largest = the largest 3-D component only; tuned today = what `postprocess.tune` keeps on the val patients.",
+        "",
+        f"| run | threshold | size (voxels) | rule tuned today | stored by training (test Dice) | val n | val: {head} | test n | test: {head} | test FP slice rate none → tuned |",
+        "|---|---|---|---|---|---|" + "---|" * len(COLUMNS) + "---|" + "---|" * len(COLUMNS) + "---|",
     ]
     for r in rows:
-        t = r["tuning"]
-        val = f"{f4(t.get('val_mean_patient_dice_without'))} → {f4(t.get('val_mean_patient_dice_with'))} ({len(t['patients'])})"
-        lines.append(f"| {r['label']} | {r['threshold']} | {t['smallest_train_tumor_voxels']} | {r['rule']}{'' if t['kept'] else ' (' + t['why'] + ')'} | {val} | "
-                     f"{f4(r['test_dice_none'])} | {f4(r['test_dice_rule'])} | {f4(r['test_dice_largest'])} | "
-                     f"{r['test_missed_none']} / {r['test_missed_rule']} / {r['test_missed_largest']} ({r['test_patients']}) | "
-                     f"{f4(r['test_fp_slice_rate_none'])} → {f4(r['test_fp_slice_rate_rule'])} |")
-    lines += ["", "Per test patient: Dice without post-processing / with the stored rule / largest component only:", ""]
+        stored = f"{r['rule_stored']} ({f3(r['test_dice_stored by training'])})" if r["rule_stored"] else "—"
+        lines.append(f"| {r['label']} | {r['threshold']} | {r['size_voxels']} | {r['rule_today']} | {stored} | {r['val_patients']} | {cells(r, 'val')} | "
+                     f"{r['test_patients']} | {cells(r, 'test')} | {f3(r['test_fp_slice_rate_none'])} → {f3(r['test_fp_slice_rate_tuned_today'])} |")
+    lines += ["", f"Per test patient: Dice {' / '.join(COLUMNS[:4])}:", ""]
     for label, patients in per_patient.items():
-        lines += [f"**{label}**: " + "; ".join(f"{p['patient']} ({p['tumor_slices']} tumor slices) {p['none']:.3f} / {p['rule']:.3f} / {p['largest']:.3f}" for p in patients), ""]
+        lines += [f"**{label}**: " + "; ".join(f"{p['patient']} ({p['tumor_slices']} tumor slices) " + " / ".join(f"{p[c]:.3f}" for c in COLUMNS[:4]) for p in patients), ""]
     cpu = machine["cpu"]
     lines += [f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {dt.date.today().isoformat()}."]
     (args.out / "postprocess.md").write_text("\n".join(lines) + "\n")

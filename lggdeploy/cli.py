@@ -182,6 +182,8 @@ def train_cmd(
     tune_threshold: Optional[bool] = typer.Option(None, "--tune-threshold/--no-tune-threshold", help="tune the decision threshold on the val patients and store it in best.pt (default on)"),
     threshold: Optional[float] = typer.Option(None, help="decision threshold for validation (and stored unless tuned; default 0.5)"),
     budget_minutes: Optional[float] = typer.Option(None, help="wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the cap)"),
+    missing_modality: Optional[float] = typer.Option(None, help="share of training slices given the data set's fill for a missing sequence "
+                                                     "(pre- and/or post-contrast replaced by FLAIR; default 0: off)"),
     postprocess: Optional[str] = typer.Option(None, help="post-processing stored in best.pt: auto (default: 3-D components smaller than half the smallest train tumor "
                                               "removed, if the val patients say it does not hurt), none, largest, or a minimum component size in voxels"),
 ):
@@ -192,7 +194,7 @@ def train_cmd(
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "img_size": img_size, "seed": seed, "split_file": split_file,
              "encoder_weights": encoder_weights, "augment": augment, "precision": precision, "loss": loss, "tumor_fraction": tumor_fraction,
              "warmup_epochs": warmup_epochs, "ema_decay": ema, "tune_threshold": tune_threshold, "threshold": threshold,
-             "budget_minutes": budget_minutes, "postprocess": postprocess}
+             "budget_minutes": budget_minutes, "postprocess": postprocess, "missing_modality": missing_modality}
     given = {k: v for k, v in given.items() if v is not None}
     cfg = TrainConfig(model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), device=device, resume=resume,
                       explicit=frozenset({"model", *given}), **given)

@@ -109,9 +109,13 @@ class Augmentation:
     scale: tuple[float, float] = (0.9, 1.1)
     gain: tuple[float, float] = (0.9, 1.1)  # per-channel intensity gain
     shift: float = 0.05  # per-channel additive intensity shift (x01 units)
+    # Share of slices given the data set's own fill for a missing sequence: pre-contrast, post-contrast or both
+    # replaced by FLAIR (its README: 9 of the 110 patients lack post-contrast, 6 pre-contrast). 0: off.
+    missing_modality: float = 0.0
 
     def to_json(self) -> dict:
-        return {"hflip": self.hflip, "rotate_degrees": self.rotate_degrees, "scale": list(self.scale), "gain": list(self.gain), "shift": self.shift}
+        return {"hflip": self.hflip, "rotate_degrees": self.rotate_degrees, "scale": list(self.scale), "gain": list(self.gain), "shift": self.shift,
+                "missing_modality": self.missing_modality}
 
     def __call__(self, x01, masks, generator=None):
         """x01: (N, 3, H, W) float tensor in [0, 1]; masks: (N, 1, H, W) float {0, 1}. Returns both augmented."""
@@ -135,4 +139,22 @@ class Augmentation:
         masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).to(masks.dtype)
         gain = torch.empty(n, 3, 1, 1).uniform_(*self.gain, generator=generator).to(x01.device, x01.dtype)
         shift = torch.empty(n, 3, 1, 1).uniform_(-self.shift, self.shift, generator=generator).to(x01.device, x01.dtype)
-        return (x01 * gain + shift).clamp_(0, 1), masks
+        x01 = (x01 * gain + shift).clamp_(0, 1)
+        if self.missing_modality > 0:  # drawn only when on, so runs without it keep their random stream
+            x01 = simulate_missing_sequences(x01, self.missing_modality, generator)
+        return x01, masks
+
+
+def simulate_missing_sequences(x01, share: float, generator=None):
+    """The data set's fill for a missing sequence, on a share of the slices: channel 0 (pre-contrast), channel 2
+    (post-contrast) or both replaced by a copy of channel 1 (FLAIR), each pattern a third of the time. (N, 3, H, W)."""
+    import torch
+
+    n = x01.shape[0]
+    hit = torch.rand(n, generator=generator) < share
+    pattern = torch.randint(0, 3, (n,), generator=generator)  # 0: pre missing, 1: post missing, 2: both
+    pre, post = (hit & (pattern != 1)).to(x01.device), (hit & (pattern != 0)).to(x01.device)
+    x01 = x01.clone()
+    x01[pre, 0] = x01[pre, 1]
+    x01[post, 2] = x01[post, 1]
+    return x01

@@ -79,6 +79,7 @@ class TrainConfig:
     warmup_epochs: float = 0.5  # linear learning-rate warm-up before the cosine
     ema_decay: float = 0.0  # EMA of the weights (0: off); with it, validation, selection and best.pt use the EMA
     tune_threshold: bool = True  # sweep the threshold on the val patients and store the best in best.pt
+    missing_modality: float = 0.0  # share of training slices with pre/post-contrast replaced by FLAIR (data set's fill)
     # Post-processing stored in best.pt (postprocess.py): auto (small 3-D components removed if the val patients
     # say it does not hurt), none, largest (largest 3-D component only), or a minimum component size in voxels.
     postprocess: str = "auto"
@@ -115,6 +116,8 @@ class TrainConfig:
             raise LggError(f"--ema must be 0 (off) or between 0.5 and 1 (e.g. 0.99), got {self.ema_decay}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise LggError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+        if not 0 <= self.missing_modality <= 1:
+            raise LggError(f"--missing-modality must be a share between 0 and 1, got {self.missing_modality}")
         if not 0 < self.threshold < 1:
             raise LggError(f"--threshold must lie strictly between 0 and 1, got {self.threshold}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -155,7 +158,7 @@ def _history_csv(history: list[dict]) -> str:
 
 # Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
 FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last", "teacher", "distill_weight",
-                   "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "postprocess")
+                   "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "postprocess", "missing_modality")
 
 
 def _as_config_value(key: str, value):
@@ -163,7 +166,7 @@ def _as_config_value(key: str, value):
 
 
 # What a run started before the recipe options existed trained with: resuming it keeps that, not today's defaults.
-LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False, "postprocess": "none"}
+LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False, "postprocess": "none", "missing_modality": 0.0}
 
 
 def _postprocess_fields(choice: str, val_logits: list[np.ndarray], val_slices, threshold: float, train_smallest_tumor: int | None) -> dict:
@@ -391,7 +394,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if start_epoch > cfg.epochs:
             raise LggError(f"--resume: {last_path} already finished epoch {start_epoch - 1} of {cfg.epochs}; raise --epochs to train longer")
 
-    augment = Augmentation()
+    augment = Augmentation(missing_modality=cfg.missing_modality)
     config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "explicit"}
     n_epochs = cfg.epochs
     budget_record: dict | None = dict(resume_ckpt["budget"]) if resume_ckpt is not None and resume_ckpt.get("budget") else None
