@@ -32,6 +32,7 @@ run default-30min-fp32 pspnet-scratch 1000 --budget-minutes 30
 run default-30min-fp32-seed1 pspnet-scratch 1000 --budget-minutes 30 --seed 1   # D2-s1: another split
 run default-30min-pp-seed3 pspnet-scratch 1000 --budget-minutes 30 --seed 3   # D3-s3: with the stored post-processing, test patients new to both
 run default-30min-pp2-seed296 pspnet-scratch 1000 --budget-minutes 30 --seed 296   # D4-s296: with the two-part rule; test patients in no earlier split's val or test
+run mm-30min-seed296 pspnet-scratch 1000 --budget-minutes 30 --seed 296 --missing-modality 0.2   # D4-mm: D4 with the data set's missing-sequence fill on 20 % of slices
 OMP_NUM_THREADS=1 run transfer-resnext50 pspnet-resnext50 1000 --encoder-weights random --budget-minutes 30 &
 OMP_NUM_THREADS=1 run transfer-effb7 unet-effb7 1000 --encoder-weights random --budget-minutes 30 --img-size 128 &
 wait
@@ -44,5 +45,8 @@ wait
   C=$RUNS/no-data-changes/pspnet-scratch B=$RUNS/full/pspnet-scratch D=$RUNS/default-30min/pspnet-scratch D2=$RUNS/default-30min-fp32/pspnet-scratch \
   D2-s1=$RUNS/default-30min-fp32-seed1/pspnet-scratch T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7 \
   D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch D4-s296=$RUNS/default-30min-pp2-seed296/pspnet-scratch
+# Missing sequences (pre/post-contrast replaced by FLAIR, the data set's fill) on the runs of today's defaults and D4-mm.
+.venv/bin/python benchmarks/report_missing_modality.py --data "$DATA" --out benchmarks/results/missing-modality D2=$RUNS/default-30min-fp32/pspnet-scratch \
+  D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch D4-s296=$RUNS/default-30min-pp2-seed296/pspnet-scratch D4-mm=$RUNS/mm-30min-seed296/pspnet-scratch
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES" --steps 8 --rounds 2  # needs the machine to itself
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES/train_speed_confirm" --steps 8 --rounds 5 --no-compile

@@ -183,9 +183,10 @@ def train_cmd(
     threshold: Optional[float] = typer.Option(None, help="decision threshold for validation (and stored unless tuned; default 0.5)"),
     budget_minutes: Optional[float] = typer.Option(None, help="wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the cap)"),
     missing_modality: Optional[float] = typer.Option(None, help="share of training slices given the data set's fill for a missing sequence "
-                                                     "(pre- and/or post-contrast replaced by FLAIR; default 0: off)"),
+                                                     "(pre- and/or post-contrast replaced by FLAIR; default 0.2; 0: off)"),
     postprocess: Optional[str] = typer.Option(None, help="post-processing stored in best.pt: auto (default: 3-D components smaller than half the smallest train tumor "
-                                              "removed, if the val patients say it does not hurt), none, largest, or a minimum component size in voxels"),
+                                              "removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
+                                              "or N,F (also those under F x the largest component)"),
 ):
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
     from lggdeploy.models.train import TrainConfig, train
@@ -439,7 +440,7 @@ def predict_cmd(
     out_dir: Path = typer.Option(Path("predictions"), "--out", "-o"),
     threshold: Optional[float] = typer.Option(None, help="probability threshold (default: the engine's manifest)"),
     postprocess: Optional[str] = typer.Option(None, help="post-processing of each patient's volume: the engine's stored one (default), none, largest "
-                                              "(largest 3-D component only), or a minimum 3-D component size in voxels"),
+                                              "(largest 3-D component only), N (3-D components under N voxels removed) or N,F (also those under F x the largest)"),
     spacing: Optional[float] = typer.Option(None, help="in-plane pixel spacing in mm, for tumor areas in mm²"),
     threads: Optional[int] = typer.Option(None),
 ):

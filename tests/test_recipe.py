@@ -142,7 +142,8 @@ def test_bad_recipe_options_are_one_clear_line(phantom_dir, tmp_path):
     for kw, message in ((dict(tumor_fraction=1.5), "--tumor-fraction must be 0"),
                         (dict(loss="focal"), "unknown --loss 'focal'"),
                         (dict(ema_decay=0.2), "--ema must be 0"),
-                        (dict(warmup_epochs=3), "--warmup-epochs must be")):
+                        (dict(warmup_epochs=3), "--warmup-epochs must be"),
+                        (dict(missing_modality=1.5), "--missing-modality must be a share")):
         with pytest.raises(LggError, match=message):
             train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "x", epochs=2, img_size=64, **kw))
     result = CliRunner().invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(tmp_path / "y"), "--tumor-fraction", "2"])

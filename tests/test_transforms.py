@@ -37,3 +37,24 @@ def test_augmentation_moves_image_and_mask_together():
     assert agreement > 0.99
     jittered, _ = Augmentation()(image, mask, torch.Generator().manual_seed(1))
     assert jittered.min() >= 0 and jittered.max() <= 1
+
+
+def test_missing_sequence_fill_copies_flair_into_the_missing_channels_at_the_requested_share():
+    from lggdeploy.data.transforms import simulate_missing_sequences
+
+    image = torch.rand(3000, 3, 4, 4)
+    filled = simulate_missing_sequences(image, 0.3, torch.Generator().manual_seed(0))
+    same_as_flair = lambda c: (filled[:, c] == filled[:, 1]).flatten(1).all(1)  # noqa: E731
+    pre, post = same_as_flair(0), same_as_flair(2)
+    assert torch.equal(filled[:, 1], image[:, 1])  # FLAIR itself is never touched
+    assert abs(pre.float().mean() - 0.2) < 0.03 and abs(post.float().mean() - 0.2) < 0.03  # each pattern a third of 0.3
+    assert abs((pre & post).float().mean() - 0.1) < 0.02
+    untouched = ~(pre | post)
+    assert torch.equal(filled[untouched], image[untouched])
+    # In the augmentation the fill comes after geometry and intensity, drawn from the same generator after them:
+    # the augmented FLAIR is the same with the fill on or off, and every slice copies it (share 1).
+    mask = (torch.rand(4, 1, 16, 16) > 0.5).float()
+    off, _ = Augmentation()(image[:4, :, :4, :4].repeat(1, 1, 4, 4), mask, torch.Generator().manual_seed(3))
+    on, _ = Augmentation(missing_modality=1.0)(image[:4, :, :4, :4].repeat(1, 1, 4, 4), mask, torch.Generator().manual_seed(3))
+    assert torch.equal(on[:, 1], off[:, 1])
+    assert all(torch.equal(on[i, 0], on[i, 1]) or torch.equal(on[i, 2], on[i, 1]) for i in range(4))

@@ -95,15 +95,10 @@ def postprocess_origin(ckpt: dict) -> str:
     tuning = ckpt.get("postprocess_tuning")
     if tuning is None:
         return "the checkpoint's" if ckpt.get("postprocess") else "none stored in the checkpoint"
-    n = len(tuning["patients"])
-    rejected = [f"{PostProcess.from_json(t['rule']).describe()}: {t['why']}" for t in tuning.get("tried", []) if not t["kept"]]
-    before = f"; rejected first: {'; '.join(rejected)}" if rejected and tuning.get("kept") else ""
     if tuning.get("kept"):
-        return (f"sizes from the train patients (smallest tumor {tuning['smallest_train_tumor_voxels']} voxels x {tuning['fraction_of_smallest_train_tumor']:g}), kept because on {n} val patients "
-                f"{tuning['why']} ({tuning['val_mean_patient_dice_without']:.4f} -> {tuning['val_mean_patient_dice_with']:.4f}){before}")
-    if rejected:
-        return f"none: every candidate was rejected on {n} val patients ({'; '.join(rejected)})"
-    return f"none: the candidate was rejected on {n} val patients ({tuning['why']})"
+        return (f"{tuning['fraction_of_smallest_train_tumor']:g} x the smallest train tumor ({tuning['smallest_train_tumor_voxels']} voxels), kept because on {len(tuning['patients'])} val patients "
+                f"{tuning['why']} ({tuning['val_mean_patient_dice_without']:.4f} -> {tuning['val_mean_patient_dice_with']:.4f})")
+    return f"none: the candidate was rejected on {len(tuning['patients'])} val patients ({tuning['why']})"
 
 
 def default_eval_path(checkpoint: str | os.PathLike, split: str) -> Path:

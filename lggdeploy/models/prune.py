@@ -125,7 +125,9 @@ def prune_checkpoint(
         start = save_stage(model, None, out / f"stage{n}_start.pt")
         result = train(TrainConfig(model=ckpt["model"]["name"], data=data, out=out / f"stage{n}", epochs=epochs_per_step,
                                    batch_size=batch_size, lr=lr, img_size=ckpt["img_size"], device=device, init_checkpoint=start,
-                                   teacher=Path(checkpoint) if distill else None))
+                                   teacher=Path(checkpoint) if distill else None,
+                                   # the original's own missing-sequence share (0 for checkpoints from before it existed)
+                                   missing_modality=float(ckpt.get("train_config", {}).get("missing_modality", 0.0))))
         tuned = model_from_checkpoint(load_checkpoint(result.best_path))
         model.load_state_dict(tuned.state_dict())
         stages.append({"step": step + 1, "history": result.history, "best": result.best})

@@ -79,9 +79,9 @@ class TrainConfig:
     warmup_epochs: float = 0.5  # linear learning-rate warm-up before the cosine
     ema_decay: float = 0.0  # EMA of the weights (0: off); with it, validation, selection and best.pt use the EMA
     tune_threshold: bool = True  # sweep the threshold on the val patients and store the best in best.pt
-    missing_modality: float = 0.0  # share of training slices with pre/post-contrast replaced by FLAIR (data set's fill)
+    missing_modality: float = 0.2  # share of training slices with pre/post-contrast replaced by FLAIR (data set's fill)
     # Post-processing stored in best.pt (postprocess.py): auto (small 3-D components removed if the val patients
-    # say it does not hurt), none, largest (largest 3-D component only), or a minimum component size in voxels.
+    # say it does not hurt), none, largest (largest 3-D component only), N voxels, or N,F (also under F x the largest).
     postprocess: str = "auto"
     # Wall-clock budget: after epoch 1 the run fixes its number of epochs (and the cosine's length) so that it ends
     # within this many minutes, counted from the start of train(); --epochs, when given, stays the upper bound.
