@@ -26,7 +26,7 @@ from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models.checkpoint import load_checkpoint, split_of
 from lggdeploy.postprocess import PostProcess
 
-from report_recipe import logits_of, parse_run_args
+from report_recipe import logits_of, parse_run_args, write_markdown
 
 CONDITIONS = {"as acquired": (), "pre-contrast missing": (0,), "post-contrast missing": (2,), "both missing": (0, 2)}
 
@@ -73,10 +73,7 @@ def main() -> None:
         for part in ("val", "test"):
             lines.append(f"| {r['label']} | {r['missing_modality']:g} | {part} ({r[f'{part}_patients']}) | "
                          + " | ".join(f"{r[f'{part}|{n}']['dice']:.3f} ({r[f'{part}|{n}']['missed']})" for n in names) + " |")
-    cpu = machine["cpu"]
-    lines += ["", f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {dt.date.today().isoformat()}."]
-    (args.out / "missing_modality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out / "missing_modality.md", lines, machine)
 
 
 if __name__ == "__main__":

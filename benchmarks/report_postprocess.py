@@ -27,7 +27,7 @@ from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models.checkpoint import load_checkpoint, split_of
 from lggdeploy.postprocess import LARGEST, LARGEST_FRACTION, SIZE_FRACTION, PostProcess, smallest_tumor, tune
 
-from report_recipe import logits_of, parse_run_args
+from report_recipe import logits_of, parse_run_args, write_markdown
 
 COLUMNS = ("none", "size", "two-part", "largest", "tuned today")
 
@@ -93,13 +93,10 @@ def main() -> None:
         stored = f"{r['rule_stored']} ({f3(r['test_dice_stored by training'])})" if r["rule_stored"] else "—"
         lines.append(f"| {r['label']} | {r['threshold']} | {r['size_voxels']} | {r['rule_today']} | {stored} | {r['val_patients']} | {cells(r, 'val')} | "
                      f"{r['test_patients']} | {cells(r, 'test')} | {f3(r['test_fp_slice_rate_none'])} → {f3(r['test_fp_slice_rate_tuned_today'])} |")
-    lines += ["", f"Per test patient: Dice {' / '.join(COLUMNS[:4])}:", ""]
+    lines += ["", f"Per test patient: Dice {' / '.join(COLUMNS[:4])}:"]
     for label, patients in per_patient.items():
-        lines += [f"**{label}**: " + "; ".join(f"{p['patient']} ({p['tumor_slices']} tumor slices) " + " / ".join(f"{p[c]:.3f}" for c in COLUMNS[:4]) for p in patients), ""]
-    cpu = machine["cpu"]
-    lines += [f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {dt.date.today().isoformat()}."]
-    (args.out / "postprocess.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines += ["", f"**{label}**: " + "; ".join(f"{p['patient']} ({p['tumor_slices']} tumor slices) " + " / ".join(f"{p[c]:.3f}" for c in COLUMNS[:4]) for p in patients)]
+    write_markdown(args.out / "postprocess.md", lines, machine)
 
 
 if __name__ == "__main__":

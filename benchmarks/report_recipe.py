@@ -49,6 +49,14 @@ def epoch_noise(history: list[dict], key: str) -> float | None:
     return float(np.mean(np.abs(np.diff(tail)))) if len(tail) > 1 else None
 
 
+def write_markdown(path: Path, lines: list[str], machine: dict) -> None:
+    """The report's markdown with the machine line at its foot, written and printed."""
+    cpu = machine["cpu"]
+    lines = [*lines, "", f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {dt.date.today().isoformat()}."]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def parse_run_args() -> argparse.Namespace:
     """LABEL=RUN_DIR ... --data DATA --out OUT: the command line of the recipe reports."""
     parser = argparse.ArgumentParser()
@@ -134,10 +142,7 @@ def main() -> None:
     for i, row in enumerate(per_patient[labels[0]]["tuned"]):
         cells = [f"{per_patient[l]['tuned'][i]['dice']:.3f} ({per_patient[l]['tuned'][i]['dice_largest_component']:.3f})" for l in labels]
         lines.append(f"| {row['patient']} | {row['tumor_slices']} | " + " | ".join(cells) + " |")
-    cpu = machine["cpu"]
-    lines += ["", f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {dt.date.today().isoformat()}."]
-    (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out / "ablation.md", lines, machine)
 
 
 if __name__ == "__main__":
