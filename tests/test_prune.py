@@ -34,6 +34,9 @@ def test_pruned_checkpoint_round_trip_export_and_accumulating_recipe(segmenting_
     first = prune_checkpoint(segmenting_run.best_path, 0.3, tmp_path / "p30", finetune_epochs=1, data=phantom_dir)
     ckpt = load_checkpoint(first)
     assert len(ckpt["pruning"]) == 1 and ckpt["pruning"][0]["ratio"] == 0.3 and ckpt["pruning"][0]["finetune"]
+    # Fine-tuning trains with the original's missing-sequence share (0 for this model), not today's default (0.2).
+    stage = load_checkpoint(tmp_path / "p30" / "stage1" / "last.pt")
+    assert stage["train_config"]["missing_modality"] == load_checkpoint(segmenting_run.best_path)["train_config"]["missing_modality"] == 0.0
     model = model_from_checkpoint(ckpt)
     assert sum(p.numel() for p in model.parameters()) == ckpt["pruning"][0]["params_after"]
     path, record = export_checkpoint(first, tmp_path / "engines", phantom_dir)  # the parity gate holds for the pruned net
