@@ -44,7 +44,8 @@ wait
 .venv/bin/python benchmarks/report_postprocess.py --data "$DATA" --out benchmarks/results/postprocess A=benchmarks/runs/34p/pspnet-scratch \
   C=$RUNS/no-data-changes/pspnet-scratch B=$RUNS/full/pspnet-scratch D=$RUNS/default-30min/pspnet-scratch D2=$RUNS/default-30min-fp32/pspnet-scratch \
   D2-s1=$RUNS/default-30min-fp32-seed1/pspnet-scratch T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7 \
-  D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch D4-s296=$RUNS/default-30min-pp2-seed296/pspnet-scratch
+  D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch D4-s296=$RUNS/default-30min-pp2-seed296/pspnet-scratch \
+  D4-mm=$RUNS/mm-30min-seed296/pspnet-scratch
 # Missing sequences (pre/post-contrast replaced by FLAIR, the data set's fill) and a darker FLAIR (x0.6) on the runs of today's defaults and D4-mm.
 .venv/bin/python benchmarks/report_missing_modality.py --data "$DATA" --out benchmarks/results/missing-modality D2=$RUNS/default-30min-fp32/pspnet-scratch \
   D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch D4-s296=$RUNS/default-30min-pp2-seed296/pspnet-scratch D4-mm=$RUNS/mm-30min-seed296/pspnet-scratch

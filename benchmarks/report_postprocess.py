@@ -25,11 +25,12 @@ from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import logits_to_masks
 from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models.checkpoint import load_checkpoint, split_of
-from lggdeploy.postprocess import LARGEST, LARGEST_FRACTION, SIZE_FRACTION, PostProcess, smallest_tumor, tune
+from lggdeploy.postprocess import LARGEST, PostProcess, smallest_tumor, tune
 
 from report_recipe import logits_of, parse_run_args, write_markdown
 
 COLUMNS = ("none", "size", "two-part", "largest", "tuned today")
+LARGEST_FRACTION = 0.5  # the two-part rule: also components under half the patient's largest (`--postprocess N,0.5`)
 
 
 def scored(predicted: np.ndarray, slices, rule: PostProcess) -> dict:
@@ -46,10 +47,10 @@ def main() -> None:
         split = split_of(ckpt)
         threshold = ckpt["threshold"]
         train_masks = load_slices(dataset, split.train)
-        size = max(1, int(SIZE_FRACTION * smallest_tumor(train_masks.masks, train_masks.patients)))
         val, test = load_slices(dataset, split.val), load_slices(dataset, split.test)
         val_predicted = logits_to_masks(logits_of(ckpt, val), threshold=threshold)
         record = tune(val_predicted, val.masks, val.patients, smallest_tumor(train_masks.masks, train_masks.patients))
+        size = record["candidate"]["min_component_voxels"]  # the size rule's own size (every split here has train tumors)
         rules = {"none": PostProcess(), "size": PostProcess(size), "two-part": PostProcess(size, LARGEST_FRACTION),
                  "largest": PostProcess(LARGEST), "tuned today": PostProcess.from_json(record["postprocess"])}
         stored = ckpt.get("postprocess_tuning")

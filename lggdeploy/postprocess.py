@@ -33,7 +33,6 @@ from lggdeploy.metrics import confusion_counts, summarize
 
 LARGEST = -1  # min_component_voxels value meaning "keep only the largest component"
 SIZE_FRACTION = 0.5  # the absolute size is this fraction of the smallest train tumor
-LARGEST_FRACTION = 0.5  # the two-part rule of the benchmarks: also components under half the patient's largest
 
 
 @dataclass(frozen=True)
