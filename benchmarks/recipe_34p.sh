@@ -33,6 +33,9 @@ run default-30min-fp32-seed1 pspnet-scratch 1000 --budget-minutes 30 --seed 1   
 run default-30min-pp-seed3 pspnet-scratch 1000 --budget-minutes 30 --seed 3   # D3-s3: with the stored post-processing, test patients new to both
 run default-30min-pp2-seed296 pspnet-scratch 1000 --budget-minutes 30 --seed 296   # D4-s296: with the two-part rule; test patients in no earlier split's val or test
 run mm-30min-seed296 pspnet-scratch 1000 --budget-minutes 30 --seed 296 --missing-modality 0.2   # D4-mm: D4 with the data set's missing-sequence fill on 20 % of slices
+run default-30min-seed318 pspnet-scratch 1000 --budget-minutes 30 --seed 318   # D5-s318: today's defaults on another split (HT_A616, FLAIR only, in test)
+run slice-30min-seed296 pspnet-scratch 1000 --budget-minutes 30 --seed 296 --normalization slice   # D6-slice: D4-mm (= today's defaults) with per-slice normalization
+run slice-30min-seed318 pspnet-scratch 16 --seed 318 --normalization slice   # D6-slice-s318: D5-s318 with per-slice normalization, its 16 epochs fixed (a budget run here got 12 after a slow first epoch on the shared host)
 OMP_NUM_THREADS=1 run transfer-resnext50 pspnet-resnext50 1000 --encoder-weights random --budget-minutes 30 &
 OMP_NUM_THREADS=1 run transfer-effb7 unet-effb7 1000 --encoder-weights random --budget-minutes 30 --img-size 128 &
 wait
@@ -49,5 +52,14 @@ wait
 # Missing sequences (pre/post-contrast replaced by FLAIR, the data set's fill) and a darker FLAIR (x0.6) on the runs of today's defaults and D4-mm.
 .venv/bin/python benchmarks/report_missing_modality.py --data "$DATA" --out benchmarks/results/missing-modality D2=$RUNS/default-30min-fp32/pspnet-scratch \
   D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch D4-s296=$RUNS/default-30min-pp2-seed296/pspnet-scratch D4-mm=$RUNS/mm-30min-seed296/pspnet-scratch
+# Per-slice normalization (D6) against today's defaults, splits 296 and 318: as acquired, the FLAIR fill, darker FLAIR, darker/brighter scan.
+.venv/bin/python benchmarks/report_missing_modality.py --data "$DATA" --out benchmarks/results/normalization D4-mm=$RUNS/mm-30min-seed296/pspnet-scratch \
+  D6-slice=$RUNS/slice-30min-seed296/pspnet-scratch D5-s318=$RUNS/default-30min-seed318/pspnet-scratch D6-slice-s318=$RUNS/slice-30min-seed318/pspnet-scratch
+# The threshold tuned on val against 0.5 on the test patients, every run trained with tuning on.
+.venv/bin/python benchmarks/report_threshold.py --data "$DATA" --out benchmarks/results/threshold C=$RUNS/no-data-changes/pspnet-scratch \
+  B=$RUNS/full/pspnet-scratch D=$RUNS/default-30min/pspnet-scratch D2=$RUNS/default-30min-fp32/pspnet-scratch D2-s1=$RUNS/default-30min-fp32-seed1/pspnet-scratch \
+  D3-s3=$RUNS/default-30min-pp-seed3/pspnet-scratch T1=$RUNS/transfer-resnext50/pspnet-resnext50 T2=$RUNS/transfer-effb7/unet-effb7 \
+  D4-s296=$RUNS/default-30min-pp2-seed296/pspnet-scratch D4-mm=$RUNS/mm-30min-seed296/pspnet-scratch D5-s318=$RUNS/default-30min-seed318/pspnet-scratch \
+  D6-slice=$RUNS/slice-30min-seed296/pspnet-scratch D6-slice-s318=$RUNS/slice-30min-seed318/pspnet-scratch
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES" --steps 8 --rounds 2  # needs the machine to itself
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES/train_speed_confirm" --steps 8 --rounds 5 --no-compile

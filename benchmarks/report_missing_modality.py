@@ -7,7 +7,8 @@ pre-contrast; two of the 34 shared patients, TCGA_FG_A60K and TCGA_HT_A616, have
 every run's best.pt, at its stored threshold and post-processing, on its val and test patients: the mean
 per-patient Dice and the patients missed (Dice < 0.05) with the slices as they are, and with the data set's fill
 applied to every slice — pre-contrast missing, post-contrast missing, both missing — and with FLAIR darkened to 0.6
-of its intensity (as TCGA_HT_A5RC's FLAIR is, against the other shared patients': 99th percentile 85 vs 94–181).
+of its intensity (as TCGA_HT_A5RC's FLAIR is, against the other shared patients': 99th percentile 85 vs 94–181), and
+with the whole scan at 0.6 and 1.4 of its intensity (MR has no absolute intensity scale).
 Patients whose channels are already filled are scored as they are in the fill columns. Writes OUT/missing_modality.json and OUT/missing_modality.md.
 """
 
@@ -39,12 +40,16 @@ def fill(*channels: int):
     return apply
 
 
-def darker_flair(images: np.ndarray) -> None:
-    """FLAIR at 0.6 of its intensity, in place."""
-    images[..., 1] = np.round(images[..., 1] * 0.6).astype(np.uint8)
+def gain(factor: float, *channels: int):
+    """`channels` of a (N, H, W, 3) uint8 stack at `factor` x their intensity (rounded, clipped to 255), in place."""
+    def apply(images: np.ndarray) -> None:
+        for c in channels:
+            images[..., c] = np.clip(np.round(images[..., c] * factor), 0, 255).astype(np.uint8)
+    return apply
 
 
-CONDITIONS = {"as acquired": fill(), "pre-contrast missing": fill(0), "post-contrast missing": fill(2), "both missing": fill(0, 2), "FLAIR x0.6": darker_flair}
+CONDITIONS = {"as acquired": fill(), "pre-contrast missing": fill(0), "post-contrast missing": fill(2), "both missing": fill(0, 2),
+              "FLAIR x0.6": gain(0.6, 1), "scan x0.6": gain(0.6, 0, 1, 2), "scan x1.4": gain(1.4, 0, 1, 2)}
 
 
 def altered(slices, condition):
@@ -64,6 +69,7 @@ def main() -> None:
         split = split_of(ckpt)
         rule = PostProcess.from_json(ckpt.get("postprocess"))
         row = {"label": label, "run": run, "missing_modality": ckpt.get("train_config", {}).get("missing_modality", 0.0),
+               "normalization": ckpt["normalization"].get("mode", "fixed"),
                "threshold": ckpt["threshold"], "postprocess": rule.describe()}
         for part in ("val", "test"):
             slices = load_slices(dataset, getattr(split, part))
@@ -82,11 +88,11 @@ def main() -> None:
     (args.out / "missing_modality.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": machine, "runs": rows}, indent=2) + "\n")
     names = list(CONDITIONS)
     lines = ["Mean per-patient Dice (patients missed) at each run's stored threshold and post-processing; the data set's fill (FLAIR copied into the missing "
-             "channels), or FLAIR at 0.6 of its intensity, applied to every slice of the split.", "",
-             "| run | --missing-modality | split (n) | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+             "channels), FLAIR at 0.6 of its intensity, or the whole scan at 0.6 or 1.4, applied to every slice of the split.", "",
+             "| run | --missing-modality | --normalization | split (n) | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
         for part in ("val", "test"):
-            lines.append(f"| {r['label']} | {r['missing_modality']:g} | {part} ({r[f'{part}_patients']}) | "
+            lines.append(f"| {r['label']} | {r['missing_modality']:g} | {r['normalization']} | {part} ({r[f'{part}_patients']}) | "
                          + " | ".join(f"{r[f'{part}|{n}']['dice']:.3f} ({r[f'{part}|{n}']['missed']})" for n in names) + " |")
     write_markdown(args.out / "missing_modality.md", lines, machine)
 

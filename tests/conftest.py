@@ -53,10 +53,12 @@ def segmenting_run(phantom_dir, tmp_path_factory):
     from lggdeploy.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("segmenting") / "pspnet-scratch"
-    # The recipe before today's defaults (pooled Dice, no oversampling, no warm-up, threshold 0.5, no post-processing): the gate, QAT and
+    # The recipe before today's defaults (pooled Dice, no oversampling, no warm-up, threshold 0.5, no post-processing, no missing-sequence
+    # fill, fixed normalization): the gate, QAT and
     # bench tests are calibrated on this model's behaviour; tests/test_recipe.py exercises the defaults.
     # No post-processing either, so that the runtime and bench tests compare the network's masks themselves.
-    legacy = dict(loss="dice", tumor_fraction=None, warmup_epochs=0.0, tune_threshold=False, postprocess="none", missing_modality=0.0)
+    legacy = dict(loss="dice", tumor_fraction=None, warmup_epochs=0.0, tune_threshold=False, postprocess="none", missing_modality=0.0,
+                  normalization="fixed")
     # FP32 on every machine: `--precision auto` picks bf16 on AMX CPUs, and the INT8 and QAT tests are calibrated on
     # this model's exact behaviour, which must not depend on the CPU the suite runs on.
     result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=10, batch_size=8, img_size=128, lr=1e-3, show_progress=False,

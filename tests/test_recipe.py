@@ -138,12 +138,47 @@ def test_fine_tuning_keeps_the_threshold_it_starts_from(trained_run, phantom_dir
     assert model_from_checkpoint(load_checkpoint(result.best_path)) is not None
 
 
+def test_slice_normalization_is_stored_and_used_end_to_end(trained_run, phantom_dir, tmp_path):
+    """--normalization slice: best.pt records it, the engine's manifest carries it, the runtime's probabilities are
+    the model's on slice-normalized inputs (not on fixed ones); fine-tuning a checkpoint cannot switch it."""
+    from lggdeploy.data.transforms import Normalization, native_logits, preprocess, sigmoid
+    from lggdeploy.engines.build import BuildOptions, build_engines
+    from lggdeploy.postprocess import PostProcess
+    from lggdeploy.runtime.segmenter import Segmenter
+
+    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "s", epochs=1, batch_size=8, img_size=64,
+                               show_progress=False, normalization="slice"))
+    ckpt = load_checkpoint(result.best_path)
+    assert ckpt["normalization"]["mode"] == "slice" and ckpt["train_config"]["normalization"] == "slice"
+    report = build_engines([result.best_path], BuildOptions(out_dir=tmp_path / "engines", data=phantom_dir, precision="fp32"))
+    engine = next(Path(e["engine"]) for e in report.engines if e["engine"].endswith(".onnx"))
+    assert read_manifest(engine)["normalization"] == ckpt["normalization"]
+    images = load_slices(load_dataset(phantom_dir), split_of(ckpt).val).images
+    model = model_from_checkpoint(ckpt).eval()
+
+    def torch_probabilities(normalization):
+        with torch.no_grad():
+            return sigmoid(native_logits(model(torch.from_numpy(preprocess(images, 64, normalization))).numpy()))
+
+    with Segmenter.load(engine, postprocess=PostProcess()) as segmenter:
+        probabilities = segmenter.predict(images).probabilities
+    same, other = (np.abs(probabilities - torch_probabilities(n)).max() for n in (Normalization(mode="slice"), Normalization()))
+    assert same < 1e-3 and other > 10 * same, (same, other)
+    start_mode = load_checkpoint(trained_run.best_path)["normalization"].get("mode", "fixed")
+    other_mode = "fixed" if start_mode == "slice" else "slice"
+    with pytest.raises(LggError, match=f"--normalization {other_mode} differs from the '{start_mode}' normalization"):
+        train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "ft", epochs=1, batch_size=8, img_size=64,
+                          show_progress=False, init_checkpoint=trained_run.best_path, normalization=other_mode,
+                          explicit=frozenset({"epochs", "normalization"})))
+
+
 def test_bad_recipe_options_are_one_clear_line(phantom_dir, tmp_path):
     for kw, message in ((dict(tumor_fraction=1.5), "--tumor-fraction must be 0"),
                         (dict(loss="focal"), "unknown --loss 'focal'"),
                         (dict(ema_decay=0.2), "--ema must be 0"),
                         (dict(warmup_epochs=3), "--warmup-epochs must be"),
-                        (dict(missing_modality=1.5), "--missing-modality must be a share")):
+                        (dict(missing_modality=1.5), "--missing-modality must be a share"),
+                        (dict(normalization="volume"), "unknown --normalization 'volume'")):
         with pytest.raises(LggError, match=message):
             train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "x", epochs=2, img_size=64, **kw))
     result = CliRunner().invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(tmp_path / "y"), "--tumor-fraction", "2"])
@@ -174,6 +209,7 @@ def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_
     train(TrainConfig(epochs=1, **kw))
     last = load_checkpoint(out / "last.pt")
     last["train_config"] = {k: v for k, v in last["train_config"].items() if k not in LEGACY_RECIPE}  # as an older lggdeploy wrote it
+    last["normalization"] = {k: last["normalization"][k] for k in ("scale", "mean", "std")}
     save_checkpoint(out / "last.pt", last)
     train(TrainConfig(epochs=2, resume=True, explicit=frozenset({"epochs"}), **kw))
     config = load_checkpoint(out / "last.pt")["train_config"]

@@ -58,3 +58,50 @@ def test_missing_sequence_fill_copies_flair_into_the_missing_channels_at_the_req
     on, _ = Augmentation(missing_modality=1.0)(image[:4, :, :4, :4].repeat(1, 1, 4, 4), mask, torch.Generator().manual_seed(3))
     assert torch.equal(on[:, 1], off[:, 1])
     assert all(torch.equal(on[i, 0], on[i, 1]) or torch.equal(on[i, 2], on[i, 1]) for i in range(4))
+
+
+def test_slice_normalization_removes_a_scans_brightness_on_real_slices(real_data):
+    """A FLAIR recorded 0.6x as bright (as TCGA_HT_A5RC's) reaches the network almost unchanged in slice mode, and
+    clearly changed in fixed mode; numpy (engines) and torch (training) compute the same gains."""
+    from conftest import SMALL_REAL_PATIENT
+
+    from lggdeploy.data.arrays import load_slices
+    from lggdeploy.data.kaggle import load_dataset
+
+    images = load_slices(load_dataset(real_data), [SMALL_REAL_PATIENT]).images
+    darker = images.copy()
+    darker[..., 1] = np.round(darker[..., 1] * 0.6).astype(np.uint8)
+    slice_mode = Normalization(mode="slice")
+    brain = images.max(-1)[:, None].repeat(3, 1) > 40  # (N, 3, H, W): well inside the tissue
+    for norm, bound in ((slice_mode, 0.05), (Normalization(), None)):
+        a, b = preprocess(images, 256, norm), preprocess(darker, 256, norm)
+        flair_change = np.abs(a - b)[:, 1][brain[:, 1]].mean() / np.abs(a[:, 1][brain[:, 1]]).mean()
+        if bound is not None:
+            assert flair_change < bound, flair_change  # uint8 rounding and the tissue threshold's edge only
+            assert np.array_equal(a[:, 0], b[:, 0]) and np.array_equal(a[:, 2], b[:, 2])  # the other channels untouched
+        else:
+            assert flair_change > 0.3, flair_change
+    from lggdeploy.data.transforms import to_unit
+
+    x01 = to_unit(images)
+    assert np.allclose(slice_mode.slice_factors(x01), slice_mode.slice_factors_torch(torch.from_numpy(x01)).numpy(), rtol=1e-6)
+    factors = slice_mode.slice_factors(x01)
+    assert 0.25 <= factors.min() and factors.max() <= 4 and len(np.unique(factors)) > 10  # per slice and channel
+    # A slice without tissue (under 1 % of the samples above the threshold) keeps its values.
+    empty = np.zeros((1, 256, 256, 3), np.uint8)
+    empty[0, :10, :10] = 200
+    assert np.array_equal(preprocess(empty, 256, slice_mode), preprocess(empty, 256, Normalization()))
+
+
+def test_normalization_records_round_trip_and_unknown_modes_are_refused():
+    import pytest
+
+    from lggdeploy.common.errors import LggError
+
+    slice_mode = Normalization(mode="slice")
+    assert Normalization.from_json(slice_mode.to_json()) == slice_mode
+    assert Normalization.from_json(Normalization().to_json()) == Normalization()
+    old = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # written before modes existed
+    assert Normalization.from_json(old) == Normalization()
+    with pytest.raises(LggError, match=r"engines/x.onnx: normalization mode 'volume' is unknown to lggdeploy"):
+        Normalization.from_json(dict(old, mode="volume"), origin="engines/x.onnx")

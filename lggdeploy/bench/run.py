@@ -219,7 +219,7 @@ def run_bench(opts: BenchOptions) -> dict:
             console.print(f"[yellow]{entry.label}: {entry.status}[/] ({entry.reason})")
             continue
         slices = _slices_for(entry, opts, slice_cache)
-        norm, size = Normalization.from_json(entry.manifest["normalization"]), entry.manifest["img_size"]
+        norm, size = Normalization.from_json(entry.manifest["normalization"], origin=str(entry.path)), entry.manifest["img_size"]
         if entry.twin_of is not None:
             entry.accuracy = entry.twin_of.accuracy
             continue
@@ -261,7 +261,7 @@ def run_bench(opts: BenchOptions) -> dict:
         if e.twin_of is not None:
             e.end_to_end_ms_per_image = e.twin_of.end_to_end_ms_per_image
             continue
-        norm, size = Normalization.from_json(e.manifest["normalization"]), e.manifest["img_size"]
+        norm, size = Normalization.from_json(e.manifest["normalization"], origin=str(e.path)), e.manifest["img_size"]
         postprocess = e.postprocess
         for b in opts.batch_sizes:
             batch = raw[e.group][np.arange(b) % len(raw[e.group])]

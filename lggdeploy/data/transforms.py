@@ -17,19 +17,63 @@ from PIL import Image
 NATIVE_SIZE = 256
 
 
+# Per-slice normalization ("slice" mode): the tissue median every channel is scaled to (about the median of the
+# shared patients' slices, so typical slices keep their values), the sampling stride, the quantile tissue is
+# measured against, the least share of tissue samples and the least 99th percentile for a slice to be scaled, and
+# the largest gain either way.
+TISSUE_LEVEL = 0.23
+TISSUE_STRIDE = 4
+TISSUE_TOP_QUANTILE = 0.99
+TISSUE_MIN_SHARE = 0.01
+TISSUE_MIN_TOP = 0.05
+TISSUE_MAX_GAIN = 4.0
+
+
+NORMALIZATION_MODES = ("fixed", "slice")
+
+
 @dataclass(frozen=True)
 class Normalization:
-    """x01 -> (x01 - mean) / std per channel, x01 = uint8 / 255. ImageNet statistics (smp's convention)."""
+    """Model input from x01 = uint8 / 255: per channel (x01 * f - mean) / std, ImageNet statistics (smp's convention).
+
+    mode "fixed": f = 1, absolute intensity as read. mode "slice": f = tissue_level / (median of the channel's
+    tissue in this slice), so the slice-to-slice and patient-to-patient gain of MR images (the shared patients' FLAIR
+    99th percentile ranges 92-208) is removed before the network sees it. Tissue: samples (a stride-4 grid) above
+    `tissue_above` x the channel's 99th percentile in the slice -- relative, so that a darker scan selects the same
+    pixels; lower median. f = 1 where under 1 % of the samples are tissue or the 99th percentile is below 0.05 (an
+    empty channel), and f is kept within [1/4, 4]. Per slice, so every consumer (runtime, calibration, gate, bench)
+    normalizes a slice the same way whatever batch it comes in.
+    """
 
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mode: str = "fixed"
+    tissue_level: float = TISSUE_LEVEL
+    tissue_above: float = 0.2  # share of the channel's 99th percentile
+
+    def __post_init__(self):
+        if self.mode not in NORMALIZATION_MODES:
+            raise ValueError(f"unknown normalization mode {self.mode!r}: this lggdeploy knows {', '.join(NORMALIZATION_MODES)}")
 
     def to_json(self) -> dict:
-        return {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std)}
+        out = {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std), "mode": self.mode}
+        if self.mode == "slice":
+            out.update(tissue_level=self.tissue_level, tissue_above=self.tissue_above)
+        return out
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Normalization":
-        return cls(mean=tuple(float(v) for v in obj["mean"]), std=tuple(float(v) for v in obj["std"]))
+    def from_json(cls, obj: dict, origin: str = "record") -> "Normalization":
+        """Records written before modes existed are "fixed". An unknown mode is refused: guessing would feed the engine
+        wrongly scaled inputs without an error."""
+        mode = obj.get("mode", "fixed")
+        if mode not in NORMALIZATION_MODES:
+            from lggdeploy import __version__
+            from lggdeploy.common.errors import LggError
+
+            raise LggError(f"{origin}: normalization mode {mode!r} is unknown to lggdeploy {__version__} (it knows "
+                           f"{', '.join(NORMALIZATION_MODES)}); use the lggdeploy version that wrote it")
+        extra = {k: float(obj[k]) for k in ("tissue_level", "tissue_above") if k in obj}
+        return cls(mean=tuple(float(v) for v in obj["mean"]), std=tuple(float(v) for v in obj["std"]), mode=mode, **extra)
 
     def _stats(self) -> tuple[np.ndarray, np.ndarray]:
         shape = (1, 3, 1, 1)
@@ -38,13 +82,43 @@ class Normalization:
     def apply(self, x01: np.ndarray) -> np.ndarray:
         """NCHW float in [0, 1] -> standardized float32."""
         mean, std = self._stats()
+        if self.mode == "slice":
+            x01 = x01 * self.slice_factors(x01)
         return ((x01 - mean) / std).astype(np.float32)
 
     def apply_torch(self, x01):
         import torch
 
         mean, std = (torch.from_numpy(a).to(x01.device, x01.dtype) for a in self._stats())
+        if self.mode == "slice":
+            x01 = x01 * self.slice_factors_torch(x01)
         return (x01 - mean) / std
+
+    def slice_factors(self, x01: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) in [0, 1] -> (N, C, 1, 1) float32 gains f (see the class)."""
+        n, c = x01.shape[:2]
+        ordered = np.sort(np.asarray(x01[:, :, ::TISSUE_STRIDE, ::TISSUE_STRIDE], np.float32).reshape(n, c, -1), axis=-1)
+        m = ordered.shape[-1]
+        top = ordered[..., int(TISSUE_TOP_QUANTILE * (m - 1))]
+        count = (ordered > (self.tissue_above * top)[..., None]).sum(-1)  # tissue: the last `count` sorted samples
+        median = np.take_along_axis(ordered, (m - count + (np.maximum(count, 1) - 1) // 2)[..., None].clip(max=m - 1), -1)[..., 0]
+        usable = (count >= TISSUE_MIN_SHARE * m) & (top >= TISSUE_MIN_TOP)
+        factor = np.where(usable, np.float32(self.tissue_level) / np.maximum(median, np.float32(1e-6)), np.float32(1))
+        return np.clip(factor, 1 / TISSUE_MAX_GAIN, TISSUE_MAX_GAIN).astype(np.float32).reshape(n, c, 1, 1)
+
+    def slice_factors_torch(self, x01):
+        """slice_factors for a torch tensor (training), the same definition."""
+        import torch
+
+        n, c = x01.shape[:2]
+        ordered = x01[:, :, ::TISSUE_STRIDE, ::TISSUE_STRIDE].float().reshape(n, c, -1).sort(dim=-1).values
+        m = ordered.shape[-1]
+        top = ordered[..., int(TISSUE_TOP_QUANTILE * (m - 1))]
+        count = (ordered > (self.tissue_above * top)[..., None]).sum(-1)
+        median = ordered.gather(-1, (m - count + (count.clamp(min=1) - 1) // 2)[..., None].clamp(max=m - 1))[..., 0]
+        usable = (count >= TISSUE_MIN_SHARE * m) & (top >= TISSUE_MIN_TOP)
+        factor = torch.where(usable, self.tissue_level / median.clamp(min=1e-6), torch.ones_like(median))
+        return factor.clamp(1 / TISSUE_MAX_GAIN, TISSUE_MAX_GAIN).reshape(n, c, 1, 1).to(x01.dtype)
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:

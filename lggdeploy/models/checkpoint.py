@@ -94,7 +94,7 @@ def spec_of(ckpt: dict) -> ModelSpec:
 
 
 def normalization_of(ckpt: dict) -> Normalization:
-    return Normalization.from_json(ckpt["normalization"])
+    return Normalization.from_json(ckpt["normalization"], origin=str(ckpt.get("path", "checkpoint")))
 
 
 def split_of(ckpt: dict) -> Split:

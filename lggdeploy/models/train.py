@@ -28,7 +28,7 @@ from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_fro
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import load_split, make_split, save_split
-from lggdeploy.data.transforms import Augmentation, Normalization, logits_to_masks, resize_images, resize_masks
+from lggdeploy.data.transforms import NORMALIZATION_MODES, Augmentation, Normalization, logits_to_masks, resize_images, resize_masks
 from lggdeploy.postprocess import PostProcess, smallest_tumor
 from lggdeploy.postprocess import tune as tune_postprocess
 from lggdeploy.common.errors import LggError
@@ -78,8 +78,10 @@ class TrainConfig:
     tumor_fraction: float | None = 0.5  # share of each epoch drawn from tumor slices (None or 0: as the data come)
     warmup_epochs: float = 0.5  # linear learning-rate warm-up before the cosine
     ema_decay: float = 0.0  # EMA of the weights (0: off); with it, validation, selection and best.pt use the EMA
-    tune_threshold: bool = True  # sweep the threshold on the val patients and store the best in best.pt
+    tune_threshold: bool = False  # sweep the threshold on the val patients and store the best in best.pt (off: pooled over 21 test
+    # patients it did not pay, benchmarks/results/threshold/)
     missing_modality: float = 0.2  # share of training slices with pre/post-contrast replaced by FLAIR (data set's fill)
+    normalization: str = "slice"  # model input: slice (each slice's tissue median to one level, then ImageNet statistics) or fixed (x / 255 as read)
     # Post-processing stored in best.pt (postprocess.py): auto (small 3-D components removed if the val patients
     # say it does not hurt), none, largest (largest 3-D component only), N voxels, or N,F (also under F x the largest).
     postprocess: str = "auto"
@@ -118,6 +120,8 @@ class TrainConfig:
             raise LggError(f"--budget-minutes must be positive, got {self.budget_minutes}")
         if not 0 <= self.missing_modality <= 1:
             raise LggError(f"--missing-modality must be a share between 0 and 1, got {self.missing_modality}")
+        if self.normalization not in NORMALIZATION_MODES:
+            raise LggError(f"unknown --normalization {self.normalization!r}: choose {' or '.join(NORMALIZATION_MODES)}")
         if not 0 < self.threshold < 1:
             raise LggError(f"--threshold must lie strictly between 0 and 1, got {self.threshold}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -158,7 +162,8 @@ def _history_csv(history: list[dict]) -> str:
 
 # Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
 FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last", "teacher", "distill_weight",
-                   "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "postprocess", "missing_modality")
+                   "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "postprocess", "missing_modality",
+                   "normalization")
 
 
 def _as_config_value(key: str, value):
@@ -166,7 +171,8 @@ def _as_config_value(key: str, value):
 
 
 # What a run started before the recipe options existed trained with: resuming it keeps that, not today's defaults.
-LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False, "postprocess": "none", "missing_modality": 0.0}
+LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False, "postprocess": "none", "missing_modality": 0.0,
+                 "normalization": "fixed"}
 
 
 def _postprocess_fields(choice: str, val_logits: list[np.ndarray], val_slices, threshold: float, train_smallest_tumor: int | None) -> dict:
@@ -297,13 +303,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     np.random.seed(cfg.seed + rank)
     # The model (and its encoder weights) before anything is written: a bad name or weights file leaves no folder behind.
     spec = resolve_model(cfg.model)
-    normalization = Normalization()
+    normalization = Normalization(mode=cfg.normalization)
     start_from = resume_ckpt if resume_ckpt is not None else init_ckpt
     if start_from is not None:
         model = model_from_checkpoint(start_from).train()
         carried = ("encoder_weights", "encoder_weights_sha256", "dropped_modules", "layer_shapes", "pruning", "pruned_from")
         weights_info = {k: start_from[k] for k in carried if k in start_from}
-        normalization = Normalization.from_json(start_from["normalization"])
+        normalization = Normalization.from_json(start_from["normalization"], origin=str(cfg.init_checkpoint or cfg.out))
+        if "normalization" in cfg.given() and normalization.mode != cfg.normalization:
+            raise LggError(f"--normalization {cfg.normalization} differs from the {normalization.mode!r} normalization the checkpoint was trained with")
+        cfg = replace(cfg, normalization=normalization.mode)  # the record says what the run feeds the model
     else:
         built = build_model(spec, cfg.encoder_weights)
         model = built.model

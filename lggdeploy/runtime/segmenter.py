@@ -57,7 +57,7 @@ class Segmenter:
         self.runner = runner
         self.manifest = manifest
         self.path = path
-        self.normalization = Normalization.from_json(manifest["normalization"])
+        self.normalization = Normalization.from_json(manifest["normalization"], origin=str(path))
         self.img_size = int(manifest["img_size"])
         self.threshold = float(manifest["threshold"] if threshold is None else threshold)
         if not 0 < self.threshold < 1:

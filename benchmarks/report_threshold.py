@@ -1,0 +1,86 @@
+"""Does the threshold tuned on the val patients pay on the test patients? Every run, at 0.5 and at its stored threshold.
+
+usage: .venv/bin/python benchmarks/report_threshold.py --data DATA --out OUT LABEL=RUN_DIR [...]
+
+For each run's best.pt: mean per-patient Dice (patients missed) on its val and test patients at 0.5 and at the
+threshold training tuned on val and stored, without post-processing (the threshold's own effect). Then the test
+patients pooled: a patient tested by several runs (same split seed) counts once, with the mean of its per-run
+differences (tuned - 0.5), and a bootstrap 95 % interval over those distinct patients. Writes OUT/threshold.json
+and OUT/threshold.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from lggdeploy.common.machine import machine_info
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.data.transforms import native_logits
+from lggdeploy.metrics import confusion_counts, summarize
+from lggdeploy.models.checkpoint import load_checkpoint, split_of
+
+from report_recipe import logits_of, parse_run_args, write_markdown
+
+BOOTSTRAP = 10_000
+
+
+def at(native: np.ndarray, slices, threshold: float) -> dict:
+    summary = summarize(confusion_counts(native > np.float32(np.log(threshold / (1 - threshold))), slices.masks), slices.patients)
+    return {"dice": summary["aggregates"]["mean_patient_dice"], "missed": summary["aggregates"]["patients_missed"],
+            "per_patient": {r["patient"]: r["dice"] for r in summary["per_patient"]}}
+
+
+def pooled(rows: list[dict]) -> dict:
+    """Distinct test patients, each with its mean (tuned - 0.5) over the runs that tested it; bootstrap interval."""
+    diffs = defaultdict(list)
+    for r in rows:
+        for patient, tuned in r["test|tuned"]["per_patient"].items():
+            diffs[patient].append(tuned - r["test|0.5"]["per_patient"][patient])
+    per_patient = {p: float(np.mean(d)) for p, d in sorted(diffs.items())}
+    values = np.array(list(per_patient.values()))
+    rng = np.random.default_rng(0)
+    means = values[rng.integers(0, len(values), (BOOTSTRAP, len(values)))].mean(1)
+    return {"n_patients": len(values), "mean_difference": float(values.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "patients_better": int((values > 0.005).sum()), "patients_worse": int((values < -0.005).sum()), "per_patient": per_patient}
+
+
+def main() -> None:
+    args = parse_run_args()
+    dataset = load_dataset(args.data)
+    rows = []
+    for item in args.runs:
+        label, run = item.split("=", 1)
+        ckpt = load_checkpoint(Path(run) / "best.pt")
+        row = {"label": label, "run": run, "threshold": ckpt["threshold"], "split_seed": split_of(ckpt).seed}
+        for part in ("val", "test"):
+            slices = load_slices(dataset, getattr(split_of(ckpt), part))
+            native = native_logits(logits_of(ckpt, slices))
+            row[f"{part}_patients"] = len(slices.patient_ids)
+            row[f"{part}|0.5"], row[f"{part}|tuned"] = at(native, slices, 0.5), at(native, slices, ckpt["threshold"])
+        rows.append(row)
+        print(label, row["threshold"], " ".join(f"{k}={v['dice']:.3f}/{v['missed']}" for k, v in row.items() if isinstance(v, dict)), flush=True)
+    summary = pooled(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    (args.out / "threshold.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "pooled_test": summary}, indent=2) + "\n")
+    lines = ["Mean per-patient Dice (patients missed) at 0.5 and at the threshold tuned on val and stored, no post-processing.", "",
+             "| run | split seed | stored threshold | val (n) at 0.5 | val at tuned | test (n) at 0.5 | test at tuned | test: tuned − 0.5 |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cell = lambda key: f"{r[key]['dice']:.3f} ({r[key]['missed']})"  # noqa: E731
+        lines.append(f"| {r['label']} | {r['split_seed']} | {r['threshold']:g} | {cell('val|0.5')} (n={r['val_patients']}) | {cell('val|tuned')} | "
+                     f"{cell('test|0.5')} (n={r['test_patients']}) | {cell('test|tuned')} | {r['test|tuned']['dice'] - r['test|0.5']['dice']:+.3f} |")
+    lo, hi = summary["ci95"]
+    lines += ["", f"Test patients pooled (each distinct patient once, its mean difference over the runs that tested it): n = {summary['n_patients']}, "
+              f"mean difference tuned − 0.5 = {summary['mean_difference']:+.4f}, bootstrap 95 % interval [{lo:+.4f}, {hi:+.4f}]; "
+              f"{summary['patients_better']} patients better, {summary['patients_worse']} worse (|Δ| > 0.005)."]
+    write_markdown(args.out / "threshold.md", lines, machine)
+
+
+if __name__ == "__main__":
+    main()
