@@ -17,20 +17,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from pathlib import Path
 
 
 import numpy as np
 
 from lggdeploy.common.machine import machine_info
-from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import logits_to_masks
-from lggdeploy.metrics import confusion_counts, summarize
-from lggdeploy.models.checkpoint import load_checkpoint, split_of
 from lggdeploy.postprocess import PostProcess
 
-from report_recipe import logits_of, parse_run_args, write_markdown
+from report_recipe import best_runs, dice_record, logits_of, parse_run_args, split_parts, write_markdown
 
 def fill(*channels: int):
     """The data set's fill: `channels` of a (N, H, W, 3) uint8 stack replaced by FLAIR (channel 1), in place."""
@@ -63,23 +59,17 @@ def main() -> None:
     args = parse_run_args()
     dataset = load_dataset(args.data)
     rows = []
-    for item in args.runs:
-        label, run = item.split("=", 1)
-        ckpt = load_checkpoint(Path(run) / "best.pt")
-        split = split_of(ckpt)
+    for label, run, ckpt in best_runs(args.runs):
         rule = PostProcess.from_json(ckpt.get("postprocess"))
         row = {"label": label, "run": run, "missing_modality": ckpt.get("train_config", {}).get("missing_modality", 0.0),
                "normalization": ckpt["normalization"].get("mode", "fixed"),
                "threshold": ckpt["threshold"], "postprocess": rule.describe()}
-        for part in ("val", "test"):
-            slices = load_slices(dataset, getattr(split, part))
+        for part, slices in split_parts(dataset, ckpt).items():
             row[f"{part}_patients"] = len(slices.patient_ids)
             for name, condition in CONDITIONS.items():
                 variant = altered(slices, condition)
                 predicted = rule.apply_per_patient(logits_to_masks(logits_of(ckpt, variant), threshold=ckpt["threshold"]), slices.patients)
-                summary = summarize(confusion_counts(predicted, slices.masks), slices.patients)
-                row[f"{part}|{name}"] = {"dice": summary["aggregates"]["mean_patient_dice"], "missed": summary["aggregates"]["patients_missed"],
-                                         "per_patient": {r["patient"]: r["dice"] for r in summary["per_patient"]}}
+                row[f"{part}|{name}"] = dice_record(predicted, slices)
         rows.append(row)
         print(label, " ".join(f"{k}={v['dice']:.3f}/{v['missed']}" for k, v in row.items() if isinstance(v, dict)), flush=True)
 

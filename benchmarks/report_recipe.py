@@ -43,6 +43,26 @@ def score(native: np.ndarray, slices, threshold: float) -> dict:
     return add_largest_component(summarize(confusion_counts(predicted, slices.masks), slices.patients), predicted, slices)
 
 
+def best_runs(items: list[str]):
+    """(label, run folder, its best.pt) for each LABEL=RUN_DIR argument of the run reports."""
+    for item in items:
+        label, run = item.split("=", 1)
+        yield label, run, load_checkpoint(Path(run) / "best.pt")
+
+
+def split_parts(dataset, ckpt: dict) -> dict:
+    """The slices of the checkpoint's val and test patients, by part."""
+    split = split_of(ckpt)
+    return {part: load_slices(dataset, getattr(split, part)) for part in ("val", "test")}
+
+
+def dice_record(predicted: np.ndarray, slices) -> dict:
+    """Mean per-patient Dice, patients missed and the per-patient Dice of native-size masks."""
+    summary = summarize(confusion_counts(predicted, slices.masks), slices.patients)
+    return {"dice": summary["aggregates"]["mean_patient_dice"], "missed": summary["aggregates"]["patients_missed"],
+            "per_patient": {r["patient"]: r["dice"] for r in summary["per_patient"]}}
+
+
 def epoch_noise(history: list[dict], key: str) -> float | None:
     values = [row[key] for row in history if key in row]
     tail = values[len(values) // 2 :]

@@ -14,26 +14,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
 from lggdeploy.common.machine import machine_info
-from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import native_logits
-from lggdeploy.metrics import confusion_counts, summarize
-from lggdeploy.models.checkpoint import load_checkpoint, split_of
+from lggdeploy.models.checkpoint import split_of
 
-from report_recipe import logits_of, parse_run_args, write_markdown
+from report_recipe import best_runs, dice_record, logits_of, parse_run_args, split_parts, write_markdown
 
 BOOTSTRAP = 10_000
 
 
 def at(native: np.ndarray, slices, threshold: float) -> dict:
-    summary = summarize(confusion_counts(native > np.float32(np.log(threshold / (1 - threshold))), slices.masks), slices.patients)
-    return {"dice": summary["aggregates"]["mean_patient_dice"], "missed": summary["aggregates"]["patients_missed"],
-            "per_patient": {r["patient"]: r["dice"] for r in summary["per_patient"]}}
+    return dice_record(native > np.float32(np.log(threshold / (1 - threshold))), slices)
 
 
 def pooled(rows: list[dict]) -> dict:
@@ -54,12 +49,9 @@ def main() -> None:
     args = parse_run_args()
     dataset = load_dataset(args.data)
     rows = []
-    for item in args.runs:
-        label, run = item.split("=", 1)
-        ckpt = load_checkpoint(Path(run) / "best.pt")
+    for label, run, ckpt in best_runs(args.runs):
         row = {"label": label, "run": run, "threshold": ckpt["threshold"], "split_seed": split_of(ckpt).seed}
-        for part in ("val", "test"):
-            slices = load_slices(dataset, getattr(split_of(ckpt), part))
+        for part, slices in split_parts(dataset, ckpt).items():
             native = native_logits(logits_of(ckpt, slices))
             row[f"{part}_patients"] = len(slices.patient_ids)
             row[f"{part}|0.5"], row[f"{part}|tuned"] = at(native, slices, 0.5), at(native, slices, ckpt["threshold"])
