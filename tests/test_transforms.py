@@ -105,3 +105,19 @@ def test_normalization_records_round_trip_and_unknown_modes_are_refused():
     assert Normalization.from_json(old) == Normalization()
     with pytest.raises(LggError, match=r"engines/x.onnx: normalization mode 'volume' is unknown to lggdeploy"):
         Normalization.from_json(dict(old, mode="volume"), origin="engines/x.onnx")
+    # Every constant of the slice mode is recorded and read back: a record keeps computing the gains it was written
+    # with when the module's defaults change. A record of the previous release (level and threshold only) reads with
+    # today's constants, which are the ones it was written with.
+    record = slice_mode.to_json()
+    assert {"tissue_stride", "tissue_top_quantile", "tissue_min_share", "tissue_min_top", "tissue_max_gain"} <= set(record)
+    coarse = Normalization.from_json(dict(record, tissue_stride=8, tissue_max_gain=2.0))
+    assert (coarse.tissue_stride, coarse.tissue_max_gain) == (8, 2.0)
+    x01 = np.random.default_rng(0).random((2, 3, 64, 64), np.float32) * 0.05  # dim slices: the gain bound decides
+    x01[:, :, 16:48, 16:48] += 0.04
+    assert coarse.slice_factors(x01).max() == np.float32(2.0) and slice_mode.slice_factors(x01).max() > 2.0
+    previous = {k: record[k] for k in ("scale", "mean", "std", "mode", "tissue_level", "tissue_above")}
+    assert Normalization.from_json(previous) == slice_mode
+    with pytest.raises(LggError, match=r"bundle.json: its normalization record is damaged"):
+        Normalization.from_json(dict(record, tissue_stride=0), origin="bundle.json")
+    with pytest.raises(LggError, match=r"bundle.json: its normalization record is damaged"):
+        Normalization.from_json({"mode": "slice"}, origin="bundle.json")

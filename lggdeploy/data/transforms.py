@@ -30,6 +30,8 @@ TISSUE_MAX_GAIN = 4.0
 
 
 NORMALIZATION_MODES = ("fixed", "slice")
+SLICE_FIELDS = ("tissue_level", "tissue_above", "tissue_stride", "tissue_top_quantile", "tissue_min_share", "tissue_min_top",
+                "tissue_max_gain")
 
 
 @dataclass(frozen=True)
@@ -50,30 +52,45 @@ class Normalization:
     mode: str = "fixed"
     tissue_level: float = TISSUE_LEVEL
     tissue_above: float = 0.2  # share of the channel's 99th percentile
+    # Recorded with the mode (to_json) so that a later change of the module's defaults cannot change the inputs an
+    # existing checkpoint or engine was trained and calibrated on; records without them were written with these values.
+    tissue_stride: int = TISSUE_STRIDE
+    tissue_top_quantile: float = TISSUE_TOP_QUANTILE
+    tissue_min_share: float = TISSUE_MIN_SHARE
+    tissue_min_top: float = TISSUE_MIN_TOP
+    tissue_max_gain: float = TISSUE_MAX_GAIN
 
     def __post_init__(self):
         if self.mode not in NORMALIZATION_MODES:
             raise ValueError(f"unknown normalization mode {self.mode!r}: this lggdeploy knows {', '.join(NORMALIZATION_MODES)}")
+        if not (self.tissue_stride >= 1 and 0 < self.tissue_top_quantile <= 1 and self.tissue_max_gain >= 1):
+            raise ValueError(f"invalid slice-normalization constants: stride {self.tissue_stride}, quantile "
+                             f"{self.tissue_top_quantile}, max gain {self.tissue_max_gain}")
 
     def to_json(self) -> dict:
         out = {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std), "mode": self.mode}
         if self.mode == "slice":
-            out.update(tissue_level=self.tissue_level, tissue_above=self.tissue_above)
+            out.update({k: getattr(self, k) for k in SLICE_FIELDS})
         return out
 
     @classmethod
     def from_json(cls, obj: dict, origin: str = "record") -> "Normalization":
         """Records written before modes existed are "fixed". An unknown mode is refused: guessing would feed the engine
         wrongly scaled inputs without an error."""
+        from lggdeploy.common.errors import LggError
+
         mode = obj.get("mode", "fixed")
         if mode not in NORMALIZATION_MODES:
             from lggdeploy import __version__
-            from lggdeploy.common.errors import LggError
 
             raise LggError(f"{origin}: normalization mode {mode!r} is unknown to lggdeploy {__version__} (it knows "
                            f"{', '.join(NORMALIZATION_MODES)}); use the lggdeploy version that wrote it")
-        extra = {k: float(obj[k]) for k in ("tissue_level", "tissue_above") if k in obj}
-        return cls(mean=tuple(float(v) for v in obj["mean"]), std=tuple(float(v) for v in obj["std"]), mode=mode, **extra)
+        try:
+            extra = {k: (int if k == "tissue_stride" else float)(obj[k]) for k in SLICE_FIELDS if k in obj}
+            return cls(mean=tuple(float(v) for v in obj["mean"]), std=tuple(float(v) for v in obj["std"]), mode=mode, **extra)
+        except (KeyError, TypeError, ValueError) as err:
+            raise LggError(f"{origin}: its normalization record is damaged ({type(err).__name__}: {err}); rebuild or "
+                           "re-export it with lggdeploy") from None
 
     def _stats(self) -> tuple[np.ndarray, np.ndarray]:
         shape = (1, 3, 1, 1)
@@ -97,28 +114,28 @@ class Normalization:
     def slice_factors(self, x01: np.ndarray) -> np.ndarray:
         """(N, C, H, W) in [0, 1] -> (N, C, 1, 1) float32 gains f (see the class)."""
         n, c = x01.shape[:2]
-        ordered = np.sort(np.asarray(x01[:, :, ::TISSUE_STRIDE, ::TISSUE_STRIDE], np.float32).reshape(n, c, -1), axis=-1)
+        ordered = np.sort(np.asarray(x01[:, :, ::self.tissue_stride, ::self.tissue_stride], np.float32).reshape(n, c, -1), axis=-1)
         m = ordered.shape[-1]
-        top = ordered[..., int(TISSUE_TOP_QUANTILE * (m - 1))]
+        top = ordered[..., int(self.tissue_top_quantile * (m - 1))]
         count = (ordered > (self.tissue_above * top)[..., None]).sum(-1)  # tissue: the last `count` sorted samples
         median = np.take_along_axis(ordered, (m - count + (np.maximum(count, 1) - 1) // 2)[..., None].clip(max=m - 1), -1)[..., 0]
-        usable = (count >= TISSUE_MIN_SHARE * m) & (top >= TISSUE_MIN_TOP)
+        usable = (count >= self.tissue_min_share * m) & (top >= self.tissue_min_top)
         factor = np.where(usable, np.float32(self.tissue_level) / np.maximum(median, np.float32(1e-6)), np.float32(1))
-        return np.clip(factor, 1 / TISSUE_MAX_GAIN, TISSUE_MAX_GAIN).astype(np.float32).reshape(n, c, 1, 1)
+        return np.clip(factor, 1 / self.tissue_max_gain, self.tissue_max_gain).astype(np.float32).reshape(n, c, 1, 1)
 
     def slice_factors_torch(self, x01):
         """slice_factors for a torch tensor (training), the same definition."""
         import torch
 
         n, c = x01.shape[:2]
-        ordered = x01[:, :, ::TISSUE_STRIDE, ::TISSUE_STRIDE].float().reshape(n, c, -1).sort(dim=-1).values
+        ordered = x01[:, :, ::self.tissue_stride, ::self.tissue_stride].float().reshape(n, c, -1).sort(dim=-1).values
         m = ordered.shape[-1]
-        top = ordered[..., int(TISSUE_TOP_QUANTILE * (m - 1))]
+        top = ordered[..., int(self.tissue_top_quantile * (m - 1))]
         count = (ordered > (self.tissue_above * top)[..., None]).sum(-1)
         median = ordered.gather(-1, (m - count + (count.clamp(min=1) - 1) // 2)[..., None].clamp(max=m - 1))[..., 0]
-        usable = (count >= TISSUE_MIN_SHARE * m) & (top >= TISSUE_MIN_TOP)
+        usable = (count >= self.tissue_min_share * m) & (top >= self.tissue_min_top)
         factor = torch.where(usable, self.tissue_level / median.clamp(min=1e-6), torch.ones_like(median))
-        return factor.clamp(1 / TISSUE_MAX_GAIN, TISSUE_MAX_GAIN).reshape(n, c, 1, 1).to(x01.dtype)
+        return factor.clamp(1 / self.tissue_max_gain, self.tissue_max_gain).reshape(n, c, 1, 1).to(x01.dtype)
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
