@@ -63,3 +63,8 @@ wait
   D6-slice=$RUNS/slice-30min-seed296/pspnet-scratch D6-slice-s318=$RUNS/slice-30min-seed318/pspnet-scratch
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES" --steps 8 --rounds 2  # needs the machine to itself
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES/train_speed_confirm" --steps 8 --rounds 5 --no-compile
+# 2026-12-01, a CPU with AMX: the training step (bf16 autocast on AMX tiles), then today's defaults on split 7 (D7-s7)
+# and unet-effb7 at 256 px from random init in the same 30-minute budget (for optimize; under-trained).
+.venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES/train_speed_amx" --steps 8 --rounds 3 --no-compile
+OUT=$RES/amx-30min-seed7 RUNS=$RUNS/amx-30min-seed7 DATA=$DATA bash benchmarks/train_cpu.sh pspnet-scratch 1000 --budget-minutes 30 --seed 7
+OUT=$RES/effb7-256-amx RUNS=$RUNS/effb7-256-amx DATA=$DATA bash benchmarks/train_cpu.sh unet-effb7 1000 --encoder-weights random --budget-minutes 30 --seed 7

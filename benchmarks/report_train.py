@@ -52,6 +52,8 @@ def main() -> None:
         )
     lines += ["", "## Test split (best checkpoint)", "", "| metric | value |", "|---|---|"]
     for key, label in METRIC_LABELS.items():
+        if key not in test["aggregates"]:  # the with/without post-processing rows exist only when a rule is stored
+            continue
         value = test["aggregates"][key]
         lines.append(f"| {label} | {'n/a' if value is None else f'{value:.4f}'} |")
     lines += ["", "| patient | slices | tumor slices | Dice | IoU |", "|---|---|---|---|---|"]

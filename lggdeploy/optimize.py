@@ -29,6 +29,7 @@ from pathlib import Path
 from lggdeploy.common.errors import GateFailed, LggError
 from lggdeploy.common.files import ensure_folder, sha256_file, write_json_atomic, write_text_atomic
 from lggdeploy.common.progress import console
+from lggdeploy.engines.export import EXPORT_GRAPH
 
 LADDER = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("onnxruntime", "int8"), ("openvino", "int8"))
 
@@ -144,7 +145,8 @@ def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Ca
     candidates: list[Candidate] = []
 
     def save() -> None:
-        write_json_atomic(opts.out / "ladder.json", {"checkpoint": str(checkpoint), "candidates": [asdict(c) for c in candidates]})
+        write_json_atomic(opts.out / "ladder.json", {"checkpoint": str(checkpoint), "export_graph": EXPORT_GRAPH,
+                                                     "candidates": [asdict(c) for c in candidates]})
 
     def over_budget() -> bool:
         return opts.budget_minutes is not None and time.perf_counter() - started > opts.budget_minutes * 60
@@ -246,7 +248,10 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         saved = json.loads(ladder_file.read_text())
         if saved.get("checkpoint") != str(checkpoint):
             raise LggError(f"{opts.out} holds the optimization of {saved.get('checkpoint')}, not {checkpoint}: choose another --out")
-        state = {f"{c['checkpoint']}|{c['backend']}|{c['precision']}": c for c in saved["candidates"]}
+        if saved.get("export_graph", 1) == EXPORT_GRAPH:
+            state = {f"{c['checkpoint']}|{c['backend']}|{c['precision']}": c for c in saved["candidates"]}
+        else:  # engines of an older export form: rebuilt (pruned checkpoints are still reused)
+            console.print(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
     started = time.perf_counter()
     candidates = walk_ladder(checkpoint, opts, state)
     passed = [c for c in candidates if c.status == "passed"]

@@ -36,6 +36,10 @@ def test_export_is_one_checked_file_with_dynamic_batch(exported):
     onnx.checker.check_model(model)
     assert model.graph.input[0].name == "input" and model.graph.output[0].name == "logits"
     assert record["parity"]["passed"] and record["parity"]["max_abs_logit_diff"] < 1e-3 and record["opset"] == 18
+    # The pyramid's uneven levels (a 16 x 16 map to 3 and 6 bins at 128 px) are exported as bin means
+    # (engines/exportable.py), not as the exporter's gather-every-window decomposition of area interpolation.
+    ops = [node.op_type for node in model.graph.node]
+    assert not {"GatherND", "Where", "CumSum"} & set(ops) and ops.count("Slice") == 18, sorted(set(ops))
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -275,3 +279,22 @@ def test_build_flags_are_checked_before_any_work(segmenting_run, phantom_dir, tm
         result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path / "e"), *flags])
         assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (flags, result.output)
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
+
+
+def test_an_export_of_an_older_graph_form_is_redone_and_a_current_one_reused(segmenting_run, phantom_dir, tmp_path):
+    import json
+
+    from lggdeploy.engines.export import EXPORT_GRAPH
+
+    build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
+    (record_path,) = tmp_path.glob("*/model.onnx.json")
+    record = json.loads(record_path.read_text())
+    assert record["export_graph"] == EXPORT_GRAPH
+    onnx_path = record_path.with_suffix("")
+    stamp = onnx_path.stat().st_mtime_ns
+    build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
+    assert onnx_path.stat().st_mtime_ns == stamp  # today's form: reused
+    del record["export_graph"]  # as written before the form was recorded
+    record_path.write_text(json.dumps(record))
+    build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
+    assert json.loads(record_path.read_text())["export_graph"] == EXPORT_GRAPH and onnx_path.stat().st_mtime_ns != stamp

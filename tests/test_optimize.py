@@ -65,6 +65,29 @@ def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
     assert all("reused" in c["reason"] for c in again["candidates"] if c["status"] == "passed")
 
 
+def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_run, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    summary, opts = optimized
+    out = tmp_path / "optimized"
+    shutil.copytree(opts.out, out)
+    ladder = json.loads((out / "ladder.json").read_text())
+    assert ladder["export_graph"] == optimize_module.EXPORT_GRAPH
+    ladder["export_graph"] = 1  # written before smp's pyramid pooling was exported as bin means
+    (out / "ladder.json").write_text(json.dumps(ladder))
+
+    class Rebuilt(Exception):
+        pass
+
+    def rebuild(*args, **kwargs):
+        raise Rebuilt
+
+    monkeypatch.setattr(optimize_module, "_build", rebuild)
+    with pytest.raises(Rebuilt):
+        optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out))
+
+
 def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are_not_pruned(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     from lggdeploy.models import prune
 

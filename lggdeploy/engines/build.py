@@ -79,7 +79,7 @@ class _Context:
         self.val = load_slices(dataset, self.split.val)
         self.onnx = self.folder / "model.onnx"
         record = self.folder / "model.onnx.json"
-        if not (self.onnx.is_file() and record.is_file() and json.loads(record.read_text()).get("checkpoint_sha256") == self.sha):
+        if not (self.onnx.is_file() and record.is_file() and _current_export(json.loads(record.read_text()), self.sha)):
             export_checkpoint(checkpoint, opts.out_dir, data)
         self.export_record = json.loads(record.read_text())
         self.criteria = GateCriteria(opts.max_drop, opts.max_patient_drop, opts.min_agreement)
@@ -158,6 +158,13 @@ class _FloatSource:
     model: object = None  # QAT: the fine-tuned float network (its weights identify each convolution)
 
 
+def _current_export(record: dict, checkpoint_sha256: str) -> bool:
+    """An export on disk is reused only when it is of this checkpoint and of today's graph form."""
+    from lggdeploy.engines.export import EXPORT_GRAPH
+
+    return record.get("checkpoint_sha256") == checkpoint_sha256 and record.get("export_graph", 1) == EXPORT_GRAPH
+
+
 @dataclass
 class _QatModel:
     source: _FloatSource
@@ -169,7 +176,7 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
     from lggdeploy.common.progress import progress_bar
     from lggdeploy.data.arrays import load_slices
     from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
-    from lggdeploy.engines.export import export_onnx
+    from lggdeploy.engines.export import EXPORT_GRAPH, export_onnx
     from lggdeploy.engines.precision import qat
     from lggdeploy.engines.precision.calibration import slice_ids, slice_list_hash
     from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
@@ -179,12 +186,15 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
     chosen = ctx.calibration_slices()
     key = recipe.key(ctx.sha, slice_ids(chosen))
     folder = ctx.folder / "qat"
-    stored, onnx_path = folder / f"{key}.pt", folder / f"{key}.onnx"
-    if stored.is_file() and onnx_path.is_file():
+    stored, onnx_path = folder / f"{key}.pt", folder / f"{key}-graph{EXPORT_GRAPH}.onnx"
+    if stored.is_file():
         ckpt = load_checkpoint(stored)
         model = model_from_checkpoint(ckpt)
         record = {**ckpt["qat"], "reused": True}
         console.print(f"QAT: reusing {stored} ({record['epochs']} epoch(s), lr {record['lr']})")
+        if not onnx_path.is_file():  # fine-tuned before today's export form: export again, no retraining
+            with atomic_path(onnx_path) as tmp:
+                export_onnx(model, tmp, ctx.img_size)
     else:
         recipe.validate()
         started = time.perf_counter()
@@ -218,7 +228,7 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
         }
         folder.mkdir(parents=True, exist_ok=True)
         payload = make_payload(model, base=ctx.ckpt, qat=record, qat_of=ctx.sha)
-        with atomic_path(onnx_path) as tmp:  # the ONNX first: a kill between the two leaves no checkpoint to reuse
+        with atomic_path(onnx_path) as tmp:  # the ONNX first (a kill before the checkpoint is saved loses only it)
             export_onnx(model, tmp, ctx.img_size)
         save_checkpoint(stored, payload)
     source = _FloatSource(onnx_path, sha256_file(stored), "qat-", record["conv_input_amax"], model)
@@ -233,7 +243,10 @@ def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSour
     prepared = int8.preprocess_for_quantization(source.onnx, work / f"{source.tag}prepared.onnx")
     chosen = ctx.calibration_slices()
     ids = calibration.slice_ids(chosen)
-    key = calibration.cache_key(source.sha256, ids, ctx.opts.calib_method, recipe.symmetric_activations)
+    # Keyed on the float graph itself (for post-training, the export's sha256; for QAT, its export rather than its
+    # checkpoint): the cache names the graph's tensors, which another export form names differently.
+    graph_sha256 = source.sha256 if source.ranges is None else sha256_file(source.onnx)
+    key = calibration.cache_key(graph_sha256, ids, ctx.opts.calib_method, recipe.symmetric_activations)
     cache = ctx.folder / "calibration" / f"{source.tag}{key}.json"
     reader = calibration.make_reader(chosen, ctx.img_size, ctx.normalization)
     cache_was_there = cache.is_file()

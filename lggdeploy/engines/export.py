@@ -1,7 +1,7 @@
 """ONNX export with a parity gate against PyTorch on real slices.
 
 The dynamo exporter is used (smp 0.6's PSPNet exports at 256x256 only through it: the legacy exporter
-fails on the 1/2/3/6 pyramid pooling), with a dynamic batch dimension, named input/output and the
+fails on the 1/2/3/6 pyramid pooling; its uneven levels are exported through `exportable.BinAveragePool2d`), with a dynamic batch dimension, named input/output and the
 weights inside the single .onnx file (ONNX Runtime's quantization pre-processing rejects external data).
 A parity failure raises and leaves no artifact.
 """
@@ -25,6 +25,9 @@ from lggdeploy.common.files import atomic_path, ensure_folder, sha256_file, writ
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 OPSET = 18
+# The graph's form, recorded in every export: 1 the exporter's own graph; 2 smp's pyramid pooling exported as bin
+# means (engines/exportable.py). Builds and optimize runs redo an export of another form instead of reusing it.
+EXPORT_GRAPH = 2
 
 
 @dataclass
@@ -55,7 +58,9 @@ def export_onnx(model, path: str | os.PathLike, img_size: int, opset: int = OPSE
     import onnx
     import torch
 
-    model = model.eval()
+    from lggdeploy.engines.exportable import for_export
+
+    model = for_export(model.eval())
     example = torch.zeros(2, 3, img_size, img_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +154,7 @@ def export_record(checkpoint, checkpoint_sha256: str, ckpt: dict, onnx_path: Pat
         "onnx": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),
         "opset": opset,
+        "export_graph": EXPORT_GRAPH,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, ckpt["img_size"], ckpt["img_size"]], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, ckpt["img_size"], ckpt["img_size"]], "dtype": "float32"},
         "img_size": ckpt["img_size"],
