@@ -3,7 +3,7 @@
 smp's PSPNet pools its 32 x 32 feature map (256 px input) to 1, 2, 3 and 6 bins; during an ONNX export its PSPBlock
 switches from `nn.AdaptiveAvgPool2d` to `F.interpolate(mode="area")`, the same average. 32 is not a multiple of 3 or
 6, so the dynamo exporter writes those two levels as a gather of every window, transposes, masked fills and 13
-splits (about 350 nodes). On an AMX Xeon that part took 43 % of OpenVINO's INT8 inference time
+splits (about 350 nodes). On an AMX Xeon that part took over 40 % of OpenVINO's INT8 inference time
 (ReduceMean on a reference kernel, transposes, reorders; `benchmarks/results/optimize-amx/`). `BinAveragePool2d`
 computes the same bins (PyTorch's: start = floor(i n / o), end = ceil((i + 1) n / o)) as the mean of each bin's
 slice, one axis after the other (Slice, ReduceMean, Concat; a cumulative-sum form ran on OpenVINO's reference CumSum
@@ -79,10 +79,14 @@ def _swap(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def _swappable(module: nn.Module) -> bool:
+    return _is_psp_block(module) or type(module) is nn.AdaptiveAvgPool2d
+
+
 def for_export(model: nn.Module) -> nn.Module:
     """A copy of `model` with smp's PSPBlocks and every plain `nn.AdaptiveAvgPool2d` replaced by the modules above
     (the model itself is not touched); the model itself when it has none."""
-    if not any(_swap(m) is not None for m in model.modules()):
+    if not any(_swappable(m) for m in model.modules()):
         return model
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
