@@ -94,3 +94,21 @@ def test_a_qat_that_does_nothing_does_not_pass_without_float_nodes(segmenting_ru
         assert read_manifest(report.engines[0]["engine"])["gate"]["nodes_kept_in_float"]
     else:
         assert report.failures
+
+
+def test_convolutions_without_a_qat_range_keep_their_calibration_and_a_foreign_export_is_refused(tmp_path):
+    """modelopt quantizes nn.Conv2d, not every subclass (efficientnet-pytorch's same-padding convolutions): the
+    convolutions it left alone get no QAT range; an export that matches none of the fine-tuned layers is refused."""
+    import torch
+
+    from lggdeploy.common.errors import LggError
+    from lggdeploy.engines.export import export_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1)).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", 16)
+    ranges = qat.conv_input_ranges(path, model, {"2": 1.5})  # only the second convolution was fine-tuned with a range
+    assert list(ranges.values()) == [1.5] and len(ranges) == 1
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1)).eval()
+    with pytest.raises(LggError, match="none of the 2 ONNX convolutions matches a fine-tuned layer"):
+        qat.conv_input_ranges(path, other, {"0": 1.0, "2": 1.5})
