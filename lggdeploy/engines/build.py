@@ -152,7 +152,7 @@ class _FloatSource:
     """The float ONNX an INT8 graph is quantized from: the export (post-training) or the QAT model's."""
 
     onnx: Path
-    sha256: str
+    sha256: str  # of the ONNX file: keys its calibration cache, whose tensor names are the graph's
     tag: str  # "" or "qat-": names its work files and its calibration cache
     ranges: dict | None = None  # QAT: {module: amax}, mapped onto the ONNX convolutions' inputs
     model: object = None  # QAT: the fine-tuned float network (its weights identify each convolution)
@@ -231,8 +231,8 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
         with atomic_path(onnx_path) as tmp:  # the ONNX first (a kill before the checkpoint is saved loses only it)
             export_onnx(model, tmp, ctx.img_size)
         save_checkpoint(stored, payload)
-    source = _FloatSource(onnx_path, sha256_file(stored), "qat-", record["conv_input_amax"], model)
-    return _QatModel(source, {k: v for k, v in record.items() if k != "conv_input_amax"} | {"checkpoint": str(stored), "checkpoint_sha256": source.sha256})
+    source = _FloatSource(onnx_path, sha256_file(onnx_path), "qat-", record["conv_input_amax"], model)
+    return _QatModel(source, {k: v for k, v in record.items() if k != "conv_input_amax"} | {"checkpoint": str(stored), "checkpoint_sha256": sha256_file(stored)})
 
 
 def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSource):
@@ -243,10 +243,7 @@ def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSour
     prepared = int8.preprocess_for_quantization(source.onnx, work / f"{source.tag}prepared.onnx")
     chosen = ctx.calibration_slices()
     ids = calibration.slice_ids(chosen)
-    # Keyed on the float graph itself (for post-training, the export's sha256; for QAT, its export rather than its
-    # checkpoint): the cache names the graph's tensors, which another export form names differently.
-    graph_sha256 = source.sha256 if source.ranges is None else sha256_file(source.onnx)
-    key = calibration.cache_key(graph_sha256, ids, ctx.opts.calib_method, recipe.symmetric_activations)
+    key = calibration.cache_key(source.sha256, ids, ctx.opts.calib_method, recipe.symmetric_activations)
     cache = ctx.folder / "calibration" / f"{source.tag}{key}.json"
     reader = calibration.make_reader(chosen, ctx.img_size, ctx.normalization)
     cache_was_there = cache.is_file()
