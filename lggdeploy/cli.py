@@ -186,6 +186,8 @@ def train_cmd(
                                                      "(pre- and/or post-contrast replaced by FLAIR; default 0.2; 0: off)"),
     normalization: Optional[str] = typer.Option(None, help="model input: slice (default: each channel of each slice scaled to one tissue median first, so brightness "
                                                 "differences between scans are removed) or fixed (ImageNet statistics on x / 255: absolute intensity)"),
+    bn_momentum: Optional[float] = typer.Option(None, help="running-statistics momentum of every batch-norm layer while training (default 0.1, "
+                                                "PyTorch's; 0 keeps each encoder's own, e.g. efficientnet's 0.01)"),
     postprocess: Optional[str] = typer.Option(None, help="post-processing stored in best.pt: auto (default: 3-D components smaller than half the smallest train tumor "
                                               "removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
                                               "or N,F (also those under F x the largest component)"),
@@ -198,7 +200,7 @@ def train_cmd(
              "encoder_weights": encoder_weights, "augment": augment, "precision": precision, "loss": loss, "tumor_fraction": tumor_fraction,
              "warmup_epochs": warmup_epochs, "ema_decay": ema, "tune_threshold": tune_threshold, "threshold": threshold,
              "budget_minutes": budget_minutes, "postprocess": postprocess, "missing_modality": missing_modality,
-             "normalization": normalization}
+             "normalization": normalization, "bn_momentum": bn_momentum}
     given = {k: v for k, v in given.items() if v is not None}
     cfg = TrainConfig(model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), device=device, resume=resume,
                       explicit=frozenset({"model", *given}), **given)

@@ -178,12 +178,48 @@ def test_bad_recipe_options_are_one_clear_line(phantom_dir, tmp_path):
                         (dict(ema_decay=0.2), "--ema must be 0"),
                         (dict(warmup_epochs=3), "--warmup-epochs must be"),
                         (dict(missing_modality=1.5), "--missing-modality must be a share"),
-                        (dict(normalization="volume"), "unknown --normalization 'volume'")):
+                        (dict(normalization="volume"), "unknown --normalization 'volume'"),
+                        (dict(bn_momentum=1.5), "--bn-momentum must lie between 0")):
         with pytest.raises(LggError, match=message):
             train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "x", epochs=2, img_size=64, **kw))
     result = CliRunner().invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(tmp_path / "y"), "--tumor-fraction", "2"])
     assert result.exit_code != 0 and "--tumor-fraction must be 0 (slices as the data come) or a fraction below 1" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "y").exists()
+
+
+def test_batch_norm_momentum_reaches_every_layer_and_the_run(phantom_dir, tmp_path, monkeypatch):
+    """efficientnet-pytorch's batch norms average their statistics over ~100 steps (momentum 0.01), which left a
+    2-epoch unet-effb7 with eval statistics of far earlier weights; training sets 0.1 in every layer unless told 0."""
+    from collections import Counter
+
+    from lggdeploy.models import train as train_module
+    from lggdeploy.models.networks import build_model
+    from lggdeploy.models.presets import resolve_model
+    from lggdeploy.models.recipe import set_batch_norm_momentum
+
+    def momenta(model):
+        return Counter(round(m.momentum, 6) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+    effb7 = build_model(resolve_model("unet-effb7"), "random").model
+    before = momenta(effb7)
+    assert before[0.01] > 100  # the encoder's own
+    assert set_batch_norm_momentum(effb7, 0) == 0 and momenta(effb7) == before
+    assert set_batch_norm_momentum(effb7, 0.1) == before[0.01] and set(momenta(effb7)) == {0.1}
+
+    seen = []
+
+    def spy(model, momentum):
+        seen.append(momentum)
+        changed = set_batch_norm_momentum(model, momentum)
+        seen.append(set(momenta(model)))
+        return changed
+
+    monkeypatch.setattr(train_module, "set_batch_norm_momentum", spy)
+    kw = dict(model="pspnet-scratch", data=phantom_dir, epochs=1, batch_size=8, img_size=64, show_progress=False)
+    result = train(TrainConfig(out=tmp_path / "m", bn_momentum=0.3, **kw))
+    assert seen == [0.3, {0.3}] and load_checkpoint(result.last_path)["train_config"]["bn_momentum"] == 0.3
+    refused = CliRunner().invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(tmp_path / "m"), "--resume", "--bn-momentum", "0.1"])
+    assert refused.exit_code != 0 and "--bn-momentum 0.1 (the run has 0.3)" in refused.output and "Traceback" not in refused.output
 
 
 def test_budget_fixes_the_number_of_epochs_and_the_schedule(phantom_dir, tmp_path):

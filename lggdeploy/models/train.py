@@ -39,7 +39,7 @@ from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.curves import plot_history
 from lggdeploy.models.torch_runner import resolve_device
 from lggdeploy.models.presets import resolve_model
-from lggdeploy.models.recipe import epoch_order, lr_factor, make_ema, segmentation_loss
+from lggdeploy.models.recipe import epoch_order, lr_factor, make_ema, segmentation_loss, set_batch_norm_momentum
 from lggdeploy.models import threshold as threshold_tuning
 from lggdeploy.common.progress import console, progress_bar
 
@@ -88,6 +88,9 @@ class TrainConfig:
     # Wall-clock budget: after epoch 1 the run fixes its number of epochs (and the cosine's length) so that it ends
     # within this many minutes, counted from the start of train(); --epochs, when given, stays the upper bound.
     budget_minutes: float | None = None
+    # Every batch-norm layer's running-statistics momentum while training (PyTorch's 0.1); 0 keeps each layer's own
+    # (efficientnet-pytorch's 0.01 left unet-effb7's eval statistics far behind its weights: recipe.set_batch_norm_momentum).
+    bn_momentum: float = 0.1
 
     def given(self) -> set[str]:
         """The options the user gave: `explicit` when the caller says (the CLI does), else every field off its default."""
@@ -124,6 +127,8 @@ class TrainConfig:
             raise LggError(f"unknown --normalization {self.normalization!r}: choose {' or '.join(NORMALIZATION_MODES)}")
         if not 0 < self.threshold < 1:
             raise LggError(f"--threshold must lie strictly between 0 and 1, got {self.threshold}")
+        if not 0 <= self.bn_momentum <= 1:
+            raise LggError(f"--bn-momentum must lie between 0 (each layer keeps its own) and 1, got {self.bn_momentum}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
         if self.postprocess != "auto":
@@ -163,7 +168,7 @@ def _history_csv(history: list[dict]) -> str:
 # Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
 FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last", "teacher", "distill_weight",
                    "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "postprocess", "missing_modality",
-                   "normalization")
+                   "normalization", "bn_momentum")
 
 
 def _as_config_value(key: str, value):
@@ -172,7 +177,7 @@ def _as_config_value(key: str, value):
 
 # What a run started before the recipe options existed trained with: resuming it keeps that, not today's defaults.
 LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False, "postprocess": "none", "missing_modality": 0.0,
-                 "normalization": "fixed"}
+                 "normalization": "fixed", "bn_momentum": 0.0}
 
 
 def _postprocess_fields(choice: str, val_logits: list[np.ndarray], val_slices, threshold: float, train_smallest_tumor: int | None) -> dict:
@@ -346,6 +351,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_smallest_tumor = smallest_tumor(train_slices.masks, train_slices.patients)  # bounds the post-processing's size
     val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
 
+    set_batch_norm_momentum(model, cfg.bn_momentum)
     model.to(device)
     teacher = None
     if cfg.teacher is not None:
