@@ -130,10 +130,12 @@ def data_split(
     output: Path = typer.Option(Path("split.json"), "-o", "--out", help="split JSON to write"),
     seed: int = typer.Option(0),
     ratios: str = typer.Option("0.7,0.15,0.15", help="train,val,test fractions of patients"),
+    folds: Optional[int] = typer.Option(None, help="K-fold cross-validation instead: K split files fold-k-of-K.json in the folder --out "
+                                        "(default folds/); every patient is tested once, val is the --ratios val share"),
 ):
-    """Patient-level train/val/test split, deterministic from --seed, written as JSON."""
+    """Patient-level train/val/test split, deterministic from --seed, written as JSON (or K of them with --folds)."""
     from lggdeploy.data.kaggle import load_dataset
-    from lggdeploy.data.split import make_split, save_split
+    from lggdeploy.data.split import make_folds, make_split, save_split
     from lggdeploy.common.tables import rich_table
 
     try:
@@ -142,6 +144,16 @@ def data_split(
         raise LggError(f"--ratios {ratios!r}: give three comma-separated fractions, e.g. 0.7,0.15,0.15") from None
     if len(parts) != 3:
         raise LggError(f"--ratios {ratios!r}: give exactly three fractions (train,val,test)")
+    if folds is not None:
+        target = output if output != Path("split.json") else Path("folds")
+        if target.exists() and not target.is_dir():
+            raise LggError(f"--out {target}: with --folds, --out names a folder for the fold files, and {target} is a file")
+        rows = []
+        for split in make_folds(load_dataset(folder), folds=folds, seed=seed, val_ratio=parts[1]):
+            path = save_split(split, target / f"fold-{split.fold[0]}-of-{folds}.json")
+            rows += [{**row, "split": f"{path.name} {row['split']}"} for row in split.summary_rows()]
+        out.print(rich_table(rows, SPLIT_COLUMNS, title=f"{folds} folds written to {target}/ (every patient tested once)"))
+        return
     split = make_split(load_dataset(folder), seed=seed, ratios=parts)
     save_split(split, output)
     out.print(rich_table(split.summary_rows(), SPLIT_COLUMNS, title=f"split written to {output}"))

@@ -72,3 +72,34 @@ def test_a_split_without_tumor_in_every_part_is_not_kept_silently(real_dataset, 
         make_split(real_dataset, seed=0, max_tries=0)
     split = make_split(real_dataset, seed=0)  # with retries, one tumor patient lands in each part
     assert all(set(ids[:3]) & set(split.patients(name)) for name in ("train", "val", "test"))
+
+
+def test_folds_test_every_patient_once_and_are_usable_splits(real_data, real_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from lggdeploy.cli import app
+    from lggdeploy.data.split import SPLITS, make_folds
+
+    folds = make_folds(real_dataset, folds=5, seed=0)
+    ids = real_dataset.patient_ids
+    n_val = max(1, round(0.15 * len(ids)))
+    assert sorted(p for fold in folds for p in fold.test) == ids  # every patient tested exactly once
+    sizes = [len(fold.test) for fold in folds]
+    assert max(sizes) - min(sizes) <= 1
+    for k, fold in enumerate(folds, 1):
+        assert fold.fold == (k, 5) and len(fold.val) == n_val and len(fold.train) == len(ids) - n_val - len(fold.test)
+        fold.validate()  # no patient in two parts
+        for name in SPLITS:
+            assert sum(fold.tumor_slices[p] for p in fold.patients(name)) > 0
+    assert [f.to_json() for f in make_folds(real_dataset, folds=5, seed=0)] == [f.to_json() for f in folds]
+    assert [f.test for f in make_folds(real_dataset, folds=5, seed=1)] != [f.test for f in folds]
+    with pytest.raises(DataError, match="choose 2 to"):
+        make_folds(real_dataset, folds=1)
+
+    result = CliRunner().invoke(app, ["data", "split", str(real_data), "--folds", "5", "-o", str(tmp_path / "cv")])
+    assert result.exit_code == 0, result.output
+    files = sorted((tmp_path / "cv").glob("fold-*-of-5.json"))
+    assert len(files) == 5
+    again = load_split(files[0])
+    assert again.fold == (1, 5) and again.test == folds[0].test and again.val == folds[0].val
+    again.check_against(real_dataset)

@@ -32,6 +32,7 @@ class Split:
     source: str = ""
     tumor_slices: dict[str, int] = field(default_factory=dict)  # per patient, for `data info`
     slices: dict[str, int] = field(default_factory=dict)
+    fold: tuple[int, int] | None = None  # (k, K): fold k of a K-fold cross-validation (make_folds), else None
 
     def patients(self, name: str) -> list[str]:
         if name == "all":
@@ -50,6 +51,7 @@ class Split:
             "train": self.train,
             "val": self.val,
             "test": self.test,
+            **({"fold": list(self.fold)} if self.fold else {}),
             "slices": self.slices,
             "tumor_slices": self.tumor_slices,
         }
@@ -68,6 +70,7 @@ class Split:
                 source=str(obj.get("source", "")),
                 slices=dict(obj.get("slices", {})),
                 tumor_slices=dict(obj.get("tumor_slices", {})),
+                fold=(int(obj["fold"][0]), int(obj["fold"][1])) if obj.get("fold") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{origin}: malformed split file ({exc}); regenerate it with `lggdeploy data split`") from None
@@ -156,6 +159,40 @@ def make_split(
         slices={pid: len(dataset.patients[pid].slices) for pid in ids},
         tumor_slices=tumor,
     )
+
+
+def make_folds(dataset: Dataset, folds: int = 5, seed: int = 0, val_ratio: float = DEFAULT_RATIOS[1], max_tries: int = 1000) -> list[Split]:
+    """K-fold cross-validation at patient level: the patients, shuffled with `seed`, are cut into `folds` test sets
+    of equal size (±1), so every patient is a test patient exactly once; each fold's val patients (`val_ratio` of
+    all) are the ones that follow its test set in the shuffled order, the rest train. Shuffles are retried
+    (deterministically) until every part of every fold has tumor slices, where the data allow it."""
+    ids = dataset.patient_ids
+    n = len(ids)
+    if not 0 < val_ratio < 1:
+        raise DataError(f"--val-ratio {val_ratio}: give a fraction between 0 and 1 (the share of patients each fold validates on)")
+    n_val = max(1, round(n * val_ratio))
+    if folds < 2 or n - (n + folds - 1) // folds - n_val < 1:
+        raise DataError(f"{folds} folds of {dataset.root}'s {n} patients leave no patient to train on (or are fewer than 2): choose 2 to {max(2, n // (n_val + 1))} folds")
+    tumor = count_tumor_slices(dataset, ids)
+    with_tumor = {pid for pid, count in tumor.items() if count}
+    rng = np.random.default_rng(seed)
+    for _ in range(max_tries):
+        order = [ids[i] for i in rng.permutation(n)]
+        bounds = np.linspace(0, n, folds + 1).round().astype(int)
+        parts = []
+        for k in range(folds):
+            test = order[bounds[k] : bounds[k + 1]]
+            rest = order[bounds[k + 1] :] + order[: bounds[k]]
+            parts.append((rest[n_val:], rest[:n_val], test))
+        if len(with_tumor) < 3 or all(with_tumor.intersection(part) for fold in parts for part in fold):
+            break
+    else:
+        raise DataError(f"no {folds}-fold split of {dataset.root} with tumor slices in every train, val and test part was found in {max_tries} shuffles (seed {seed}); try another --seed")
+    return [
+        Split(train=sorted(train), val=sorted(val), test=sorted(test), seed=seed, ratios=(len(train) / n, len(val) / n, len(test) / n),
+              source=str(dataset.root), slices={pid: len(dataset.patients[pid].slices) for pid in ids}, tumor_slices=tumor, fold=(k + 1, folds))
+        for k, (train, val, test) in enumerate(parts)
+    ]
 
 
 def save_split(split: Split, path: str | os.PathLike) -> Path:
