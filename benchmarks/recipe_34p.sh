@@ -68,3 +68,7 @@ wait
 .venv/bin/python benchmarks/train_speed.py --data "$DATA" --out "$RES/train_speed_amx" --steps 8 --rounds 3 --no-compile
 OUT=$RES/amx-30min-seed7 RUNS=$RUNS/amx-30min-seed7 DATA=$DATA bash benchmarks/train_cpu.sh pspnet-scratch 1000 --budget-minutes 30 --seed 7
 OUT=$RES/effb7-256-amx RUNS=$RUNS/effb7-256-amx DATA=$DATA bash benchmarks/train_cpu.sh unet-effb7 1000 --encoder-weights random --budget-minutes 30 --seed 7
+# 2026-12-02: unet-effb7 at 256 px again with --bn-momentum 0.1 (the new default), then its batch-norm statistics
+# against recomputed ones for both runs (results/recipe/bn-momentum/).
+OUT=$RES/effb7-256-bnm RUNS=$RUNS/effb7-256-bnm DATA=$DATA bash benchmarks/train_cpu.sh unet-effb7 1000 --encoder-weights random --budget-minutes 30 --seed 7
+.venv/bin/python benchmarks/recompute_bn.py $RUNS/effb7-256-amx/unet-effb7/best.pt $RUNS/effb7-256-bnm/unet-effb7/best.pt --data "$DATA" --out "$RES/bn-momentum/recompute_bn.json"
