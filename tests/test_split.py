@@ -93,8 +93,9 @@ def test_folds_test_every_patient_once_and_are_usable_splits(real_data, real_dat
             assert sum(fold.tumor_slices[p] for p in fold.patients(name)) > 0
     assert [f.to_json() for f in make_folds(real_dataset, folds=5, seed=0)] == [f.to_json() for f in folds]
     assert [f.test for f in make_folds(real_dataset, folds=5, seed=1)] != [f.test for f in folds]
-    with pytest.raises(DataError, match="choose 2 to"):
-        make_folds(real_dataset, folds=1)
+    for bad in (1, len(ids) + 1):  # leave-one-out (K = n) is the most there can be
+        with pytest.raises(DataError, match=f"choose 2 to {len(ids)} folds"):
+            make_folds(real_dataset, folds=bad)
 
     result = CliRunner().invoke(app, ["data", "split", str(real_data), "--folds", "5", "-o", str(tmp_path / "cv")])
     assert result.exit_code == 0, result.output

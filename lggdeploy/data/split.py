@@ -169,10 +169,15 @@ def make_folds(dataset: Dataset, folds: int = 5, seed: int = 0, val_ratio: float
     ids = dataset.patient_ids
     n = len(ids)
     if not 0 < val_ratio < 1:
-        raise DataError(f"--val-ratio {val_ratio}: give a fraction between 0 and 1 (the share of patients each fold validates on)")
+        raise DataError(f"val share {val_ratio} (the middle of --ratios): give a fraction between 0 and 1, the share of patients each fold validates on")
     n_val = max(1, round(n * val_ratio))
-    if folds < 2 or n - (n + folds - 1) // folds - n_val < 1:
-        raise DataError(f"{folds} folds of {dataset.root}'s {n} patients leave no patient to train on (or are fewer than 2): choose 2 to {max(2, n // (n_val + 1))} folds")
+    usable = [k for k in range(2, n + 1) if n - -(-n // k) - n_val >= 1]  # each fold keeps at least one train patient
+    if folds not in usable:
+        raise DataError(
+            f"{folds} folds of {dataset.root}'s {n} patients: "
+            + (f"choose {usable[0]} to {usable[-1]} folds (each fold tests about {n}/K patients and validates on {n_val})" if usable
+               else f"too few patients to cross-validate (each fold needs test, {n_val} val and at least one train patient)")
+        )
     tumor = count_tumor_slices(dataset, ids)
     with_tumor = {pid for pid, count in tumor.items() if count}
     rng = np.random.default_rng(seed)
