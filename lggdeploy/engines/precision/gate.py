@@ -343,12 +343,15 @@ def _plain_session_options(threads: int | None):
     return opts
 
 
-def _run_model(model, batch: np.ndarray, opts, outputs: list[str] | None = None) -> list[np.ndarray] | np.ndarray:
+def _session(model, opts):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    result = session.run(outputs, {session.get_inputs()[0].name: batch})
-    return result if outputs is not None else result[0]
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _run_model(model, batch: np.ndarray, opts) -> np.ndarray:
+    session = _session(model, opts)
+    return session.run(None, {session.get_inputs()[0].name: batch})[0]
 
 
 NSR_FLOOR = 1e-6  # -60 dB: below INT8 rounding (~1e-4), so an exact input (the graph's) does not make a ratio infinite
@@ -387,13 +390,13 @@ def local_error_added(float_model, qdq_model, batch: np.ndarray, names: list[str
         augmented.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors if t not in present)
         return augmented
 
-    float_aug, qdq_aug = with_outputs(float_model), with_outputs(qdq_model)
+    float_session, qdq_session = _session(with_outputs(float_model), opts), _session(with_outputs(qdq_model), opts)
+    input_name = float_session.get_inputs()[0].name
     signal = dict.fromkeys(tensors, 0.0)
     noise = dict.fromkeys(tensors, 0.0)
     for i in range(len(batch)):
-        one = batch[i : i + 1]
-        ref = _run_model(float_aug, one, opts, tensors)
-        got = _run_model(qdq_aug, one, opts, tensors)
+        one = {input_name: batch[i : i + 1]}
+        ref, got = float_session.run(tensors, one), qdq_session.run(tensors, one)
         for t, r, q in zip(tensors, ref, got):
             r = r.astype(np.float64)
             signal[t] += float(np.sum(r**2))
