@@ -192,9 +192,6 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
         model = model_from_checkpoint(ckpt)
         record = {**ckpt["qat"], "reused": True}
         console.print(f"QAT: reusing {stored} ({record['epochs']} epoch(s), lr {record['lr']})")
-        if not onnx_path.is_file():  # fine-tuned before today's export form: export again, no retraining
-            with atomic_path(onnx_path) as tmp:
-                export_onnx(model, tmp, ctx.img_size)
     else:
         recipe.validate()
         started = time.perf_counter()
@@ -227,10 +224,12 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
             "seconds": round(time.perf_counter() - started, 1), "conv_input_amax": amax, "key": key,
         }
         folder.mkdir(parents=True, exist_ok=True)
-        payload = make_payload(model, base=ctx.ckpt, qat=record, qat_of=ctx.sha)
-        with atomic_path(onnx_path) as tmp:  # the ONNX first (a kill before the checkpoint is saved loses only it)
+        save_checkpoint(stored, make_payload(model, base=ctx.ckpt, qat=record, qat_of=ctx.sha))
+    # Exported from the stored model: after fine-tuning, for a model fine-tuned before today's export form, or after a
+    # kill between the checkpoint and its ONNX — never a retraining.
+    if not onnx_path.is_file():
+        with atomic_path(onnx_path) as tmp:
             export_onnx(model, tmp, ctx.img_size)
-        save_checkpoint(stored, payload)
     source = _FloatSource(onnx_path, sha256_file(onnx_path), "qat-", record["conv_input_amax"], model)
     return _QatModel(source, {k: v for k, v in record.items() if k != "conv_input_amax"} | {"checkpoint": str(stored), "checkpoint_sha256": sha256_file(stored)})
 

@@ -79,14 +79,10 @@ def _swap(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _swappable(module: nn.Module) -> bool:
-    return _is_psp_block(module) or type(module) is nn.AdaptiveAvgPool2d
-
-
 def for_export(model: nn.Module) -> nn.Module:
     """A copy of `model` with smp's PSPBlocks and every plain `nn.AdaptiveAvgPool2d` replaced by the modules above
     (the model itself is not touched); the model itself when it has none."""
-    if not any(_swappable(m) for m in model.modules()):
+    if not any(_swap(m) is not None for m in model.modules()):  # a replacement only references the block's modules
         return model
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
