@@ -127,7 +127,7 @@ def data_synth(
 @friendly
 def data_split(
     folder: Path = typer.Argument(..., help="kaggle_3m folder"),
-    output: Path = typer.Option(Path("split.json"), "-o", "--out", help="split JSON to write"),
+    output: Optional[Path] = typer.Option(None, "-o", "--out", help="split JSON to write (default split.json; with --folds a folder, default folds/)"),
     seed: int = typer.Option(0),
     ratios: str = typer.Option("0.7,0.15,0.15", help="train,val,test fractions of patients"),
     folds: Optional[int] = typer.Option(None, help="K-fold cross-validation instead: K split files fold-k-of-K.json in the folder --out "
@@ -135,7 +135,7 @@ def data_split(
 ):
     """Patient-level train/val/test split, deterministic from --seed, written as JSON (or K of them with --folds)."""
     from lggdeploy.data.kaggle import load_dataset
-    from lggdeploy.data.split import make_folds, make_split, save_split
+    from lggdeploy.data.split import make_folds, make_split, save_folds, save_split
     from lggdeploy.common.tables import rich_table
 
     try:
@@ -145,15 +145,14 @@ def data_split(
     if len(parts) != 3:
         raise LggError(f"--ratios {ratios!r}: give exactly three fractions (train,val,test)")
     if folds is not None:
-        target = output if output != Path("split.json") else Path("folds")
-        if target.exists() and not target.is_dir():
-            raise LggError(f"--out {target}: with --folds, --out names a folder for the fold files, and {target} is a file")
+        target = output or Path("folds")
+        splits = make_folds(load_dataset(folder), folds=folds, seed=seed, val_ratio=parts[1])
         rows = []
-        for split in make_folds(load_dataset(folder), folds=folds, seed=seed, val_ratio=parts[1]):
-            path = save_split(split, target / f"fold-{split.fold[0]}-of-{folds}.json")
+        for split, path in zip(splits, save_folds(splits, target)):
             rows += [{**row, "split": f"{path.name} {row['split']}"} for row in split.summary_rows()]
         out.print(rich_table(rows, SPLIT_COLUMNS, title=f"{folds} folds written to {target}/ (every patient tested once)"))
         return
+    output = output or Path("split.json")
     split = make_split(load_dataset(folder), seed=seed, ratios=parts)
     save_split(split, output)
     out.print(rich_table(split.summary_rows(), SPLIT_COLUMNS, title=f"split written to {output}"))

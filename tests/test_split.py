@@ -104,3 +104,8 @@ def test_folds_test_every_patient_once_and_are_usable_splits(real_data, real_dat
     again = load_split(files[0])
     assert again.fold == (1, 5) and again.test == folds[0].test and again.val == folds[0].val
     again.check_against(real_dataset)
+    a_file = tmp_path / "split.json"
+    a_file.write_text("{}")
+    refused = CliRunner().invoke(app, ["data", "split", str(real_data), "--folds", "5", "-o", str(a_file)])
+    assert refused.exit_code != 0 and "is a file" in refused.output and "Traceback" not in refused.output
+    assert a_file.read_text() == "{}"

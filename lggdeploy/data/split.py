@@ -97,7 +97,7 @@ class Split:
 
     def with_counts(self, dataset: Dataset) -> "Split":
         """Fill in slice and tumor-slice counts per patient from `dataset` (for `data info`)."""
-        self.slices = {pid: len(dataset.patients[pid].slices) for pid in self.patients("all")}
+        self.slices = count_slices(dataset, self.patients("all"))
         self.tumor_slices = count_tumor_slices(dataset, self.patients("all"))
         return self
 
@@ -108,6 +108,10 @@ class Split:
                 f"{origin}: {len(missing)} patient(s) of the split are not in {dataset.root} (e.g. {missing[0]}); "
                 "use the data folder the split was made for, or make a new split with `lggdeploy data split`"
             )
+
+
+def count_slices(dataset: Dataset, patient_ids: list[str]) -> dict[str, int]:
+    return {pid: len(dataset.patients[pid].slices) for pid in patient_ids}
 
 
 def count_tumor_slices(dataset: Dataset, patient_ids: list[str]) -> dict[str, int]:
@@ -156,7 +160,7 @@ def make_split(
         seed=seed,
         ratios=tuple(ratios),
         source=str(dataset.root),
-        slices={pid: len(dataset.patients[pid].slices) for pid in ids},
+        slices=count_slices(dataset, ids),
         tumor_slices=tumor,
     )
 
@@ -193,11 +197,25 @@ def make_folds(dataset: Dataset, folds: int = 5, seed: int = 0, val_ratio: float
             break
     else:
         raise DataError(f"no {folds}-fold split of {dataset.root} with tumor slices in every train, val and test part was found in {max_tries} shuffles (seed {seed}); try another --seed")
+    slices = count_slices(dataset, ids)
     return [
         Split(train=sorted(train), val=sorted(val), test=sorted(test), seed=seed, ratios=(len(train) / n, len(val) / n, len(test) / n),
-              source=str(dataset.root), slices={pid: len(dataset.patients[pid].slices) for pid in ids}, tumor_slices=tumor, fold=(k + 1, folds))
+              source=str(dataset.root), slices=slices, tumor_slices=tumor, fold=(k + 1, folds))
         for k, (train, val, test) in enumerate(parts)
     ]
+
+
+def fold_file_name(k: int, folds: int) -> str:
+    """`fold-k-of-K.json`: the name `data split --folds` gives fold k (benchmarks/crossval.sh spells the same)."""
+    return f"fold-{k}-of-{folds}.json"
+
+
+def save_folds(splits: list[Split], folder: str | os.PathLike) -> list[Path]:
+    """Write each fold of `make_folds` to `folder`/fold-k-of-K.json (atomically, one file at a time)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file: with --folds, --out names a folder for the fold files")
+    return [save_split(split, folder / fold_file_name(*split.fold)) for split in splits]
 
 
 def save_split(split: Split, path: str | os.PathLike) -> Path:
