@@ -39,7 +39,8 @@ def main() -> None:
             rows.append({"fold": k, **r})
         agg = result["aggregates"]
         per_fold.append({"fold": k, "patients": len(result["per_patient"]), "mean_patient_dice": agg["mean_patient_dice"], "patients_missed": agg["patients_missed"],
-                         "epochs": len(history), "best_epoch": best["epoch"], "best_val": best["val_mean_patient_dice"]})
+                         "epochs": len(history), "epoch_1_seconds": history[0]["seconds"], "training_minutes": sum(r["seconds"] for r in history) / 60,
+                         "best_epoch": best["epoch"], "best_val": best["val_mean_patient_dice"]})
     if not rows:
         raise SystemExit(f"{args.out}: no fold has an eval_test.json yet")
     tumor = [r for r in rows if r["tumor_pixels"] > 0]
@@ -65,8 +66,10 @@ def main() -> None:
         f"| mean per-patient Dice without post-processing | {raw.mean():.3f} |",
         f"| patients missed (no overlap) | {len(missed)} of {n}{': ' + ', '.join(missed) if missed else ''} |",
         f"| patients below Dice 0.5 | {int((dice < 0.5).sum())} of {n} |", "",
-        "| fold | test patients | mean per-patient Dice | missed | epochs | best epoch (val Dice) |", "|---|---|---|---|---|---|",
-        *[f"| {f['fold']} | {f['patients']} | {f['mean_patient_dice']:.3f} | {f['patients_missed']} | {f['epochs']} | {f['best_epoch']} ({f['best_val']:.3f}) |" for f in per_fold],
+        "With --budget-minutes a fold fixes its epochs from its epoch 1, so a slow epoch 1 (a busy host) means fewer epochs.", "",
+        "| fold | test patients | mean per-patient Dice | missed | epochs | epoch 1 (s) | training (min) | best epoch (val Dice) |", "|---|---|---|---|---|---|---|---|",
+        *[f"| {f['fold']} | {f['patients']} | {f['mean_patient_dice']:.3f} | {f['patients_missed']} | {f['epochs']} | {f['epoch_1_seconds']:.0f} | {f['training_minutes']:.1f} | "
+          f"{f['best_epoch']} ({f['best_val']:.3f}) |" for f in per_fold],
         "", "| fold | patient | slices | tumor slices | Dice | Dice without post-processing | detected |", "|---|---|---|---|---|---|---|",
         *[f"| {r['fold']} | {r['patient']} | {r['slices']} | {r['tumor_slices']} | {r['dice']:.3f} | {r.get('dice_without_postprocess', r['dice']):.3f} | {r['detected']} |" for r in rows],
     ]

@@ -372,7 +372,7 @@ def optimize_cmd(
     max_drop: float = typer.Option(0.5, help="largest allowed mean drop of val per-patient Dice against the unpruned FP32 model, in points"),
     max_patient_drop: float = typer.Option(2.0, help="largest allowed drop of any one val patient's Dice, in points"),
     min_agreement: float = typer.Option(0.90, help="smallest allowed mask Dice against the FP32 model's masks, per val patient"),
-    budget_minutes: Optional[float] = typer.Option(None, help="stop building new candidates after this many minutes (the ones built are still timed)"),
+    budget_minutes: Optional[float] = typer.Option(None, help="after this many minutes no new candidate is started and a failing INT8 search stops before its next rebuild (what passed is still timed; a rerun continues)"),
     prune_ratios: str = typer.Option("0.3", help="comma-separated structured pruning ratios to try ('' for none)"),
     prune_epochs: int = typer.Option(2, help="fine-tuning epochs after pruning (distilled from the unpruned model)"),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune pruned models against the unpruned model's outputs"),

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lggdeploy.common.errors import GateFailed, LggError
+from lggdeploy.common.errors import GateFailed, LggError, SearchStopped
 from lggdeploy.common.files import ensure_folder, sha256_file, write_json_atomic, write_text_atomic
 from lggdeploy.common.progress import console
 from lggdeploy.engines.export import EXPORT_GRAPH
@@ -74,7 +74,7 @@ class Candidate:
     checkpoint: str
     backend: str
     precision: str
-    status: str = "pending"  # passed | failed gate | skipped | unavailable | not tried (budget)
+    status: str = "pending"  # passed | failed gate | skipped | unavailable | not tried (budget) | stopped (budget)
     reason: str = ""
     engine: str | None = None
     val_dice: float | None = None
@@ -116,13 +116,13 @@ def _pruned(checkpoint: Path, ratio: float, opts: OptimizeOptions) -> Path:
     return path
 
 
-def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts: OptimizeOptions) -> dict:
+def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts: OptimizeOptions, deadline: float | None = None) -> dict:
     from lggdeploy.engines.build import BuildOptions, build_engines
 
     report = build_engines([checkpoint], BuildOptions(
         out_dir=opts.out / "engines", data=opts.data, backend=backend, precision=precision, calib_samples=opts.calib_samples,
         max_drop=opts.max_drop, max_patient_drop=opts.max_patient_drop, min_agreement=opts.min_agreement, threads=opts.threads,
-        qat=opts.qat, qat_epochs=opts.qat_epochs, reference=None if checkpoint == reference else reference,
+        qat=opts.qat, qat_epochs=opts.qat_epochs, reference=None if checkpoint == reference else reference, deadline=deadline,
     ))
     if report.failures:
         raise GateFailed(report.failures[0])
@@ -140,7 +140,8 @@ def _record(candidate: Candidate, engine: dict) -> None:
 
 def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Candidate]:
     """Build (or reuse) every candidate; `state` is the saved ladder of a previous run, updated as we go."""
-    started = time.perf_counter()
+    started = time.monotonic()
+    deadline = None if opts.budget_minutes is None else started + opts.budget_minutes * 60
     models = [("unpruned", checkpoint)]
     candidates: list[Candidate] = []
 
@@ -149,7 +150,7 @@ def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Ca
                                                      "candidates": [asdict(c) for c in candidates]})
 
     def over_budget() -> bool:
-        return opts.budget_minutes is not None and time.perf_counter() - started > opts.budget_minutes * 60
+        return deadline is not None and time.monotonic() > deadline
 
     failed_ratio = None  # the smallest pruning ratio whose FP32 engine failed the gate
     for ratio in (None, *sorted(opts.prune_ratios)):
@@ -184,7 +185,9 @@ def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Ca
                 candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"
             else:
                 try:
-                    _record(candidate, _build(path, checkpoint, backend, precision, opts))
+                    _record(candidate, _build(path, checkpoint, backend, precision, opts, deadline))
+                except SearchStopped as exc:  # not "failed gate": a later run with more time searches again
+                    candidate.status, candidate.reason = "stopped (budget)", str(exc)[:300]
                 except GateFailed as exc:
                     candidate.status, candidate.reason = "failed gate", str(exc)[:300]
             if precision == "fp32" and candidate.status == "failed gate":

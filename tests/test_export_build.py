@@ -15,7 +15,7 @@ from lggdeploy.models.checkpoint import load_checkpoint, save_checkpoint
 from lggdeploy.cli import app
 from lggdeploy.engines.formats import discover, read_manifest
 from lggdeploy.engines.precision.gate import Outputs
-from lggdeploy.common.errors import CheckpointError, EngineError, GateFailed, LggError
+from lggdeploy.common.errors import CheckpointError, EngineError, GateFailed, LggError, SearchStopped
 from lggdeploy.engines.export import export_checkpoint
 from lggdeploy.engines.precision.int8 import zero_points
 
@@ -161,6 +161,29 @@ def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phanto
     val = load_checkpoint(segmenting_run.best_path)["split"]["val"]
     assert ranking["patients"] == sorted(val)  # the ranking slices come from every val patient, not the first two sorted slices
     assert ranking["top"][0]["score"] >= ranking["top"][-1]["score"]
+
+
+@pytest.mark.parametrize("qat", ["off", "auto"])
+def test_a_failing_int8_search_stops_at_the_deadline_without_writing(segmenting_run, phantom_dir, tmp_path, monkeypatch, qat):
+    """optimize --budget-minutes: past the deadline a failing INT8 engine is not rebuilt (nor ranked, nor QAT-tuned)."""
+    import time
+
+    real = _Context.run_engine
+    runs = []
+
+    def first_graph_fails(self, path, fmt, facts):
+        runs.append(path.name)
+        return without_tumor_on(real(self, path, fmt, facts), self.val.patients, self.val.patient_ids[0])
+
+    def no_qat(self):
+        raise AssertionError("quantization-aware fine-tuning started after the deadline")
+
+    monkeypatch.setattr(_Context, "run_engine", first_graph_fails)
+    monkeypatch.setattr(_Context, "qat_model", no_qat)
+    with pytest.raises(SearchStopped, match=r"--budget-minutes ran out .*no engine written: rerun with a larger --budget-minutes"):
+        build(segmenting_run, phantom_dir, tmp_path, precision="int8", int8_profile="cpu", qat=qat, deadline=time.monotonic())
+    assert runs == ["engine-0.onnx"]
+    assert discover(tmp_path) == [] and not list(tmp_path.rglob("onnxruntime-int8*"))
 
 
 def test_an_all_background_model_is_judged_by_agreement(segmenting_run, phantom_dir, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from lggdeploy import optimize as optimize_module
 from lggdeploy.cli import app
-from lggdeploy.common.errors import GateFailed
+from lggdeploy.common.errors import GateFailed, SearchStopped
 from lggdeploy.engines.formats import read_manifest
 from lggdeploy.optimize import OptimizeOptions, optimize
 
@@ -101,11 +101,11 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
     monkeypatch.setattr(prune, "prune_checkpoint", counting_prune)
     real = optimize_module._build
 
-    def pruned_fp32_fails(checkpoint, reference, backend, precision, opts):
+    def pruned_fp32_fails(checkpoint, reference, backend, precision, opts, deadline=None):
         built.append((checkpoint != reference, precision))
         if checkpoint != reference:
             raise GateFailed("pruned FP32 lost 9 points (simulated)")
-        return real(checkpoint, reference, backend, precision, opts)
+        return real(checkpoint, reference, backend, precision, opts, deadline)
 
     monkeypatch.setattr(optimize_module, "_build", pruned_fp32_fails)
     opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(0.5, 0.3), prune_epochs=1, qat="off", calib_samples=8,
@@ -127,3 +127,28 @@ def test_bad_options_are_one_line(segmenting_run, tmp_path):
                           (["--prune-ratios", "a,b"], "comma-separated numbers")):
         result = runner.invoke(app, ["optimize", str(segmenting_run.best_path), "-o", str(tmp_path / "o"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_candidate_stopped_by_the_budget_is_searched_again_by_a_rerun(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    """A failing INT8 search that --budget-minutes stopped is `stopped (budget)`, not `failed gate`: a rerun builds it again."""
+    real = optimize_module._build
+    calls = []
+
+    def int8_runs_out_of_time(checkpoint, reference, backend, precision, opts, deadline=None):
+        calls.append((precision, deadline is not None))
+        if precision == "int8":
+            raise SearchStopped("onnxruntime-int8-cpu: --budget-minutes ran out during the INT8 fallback search (simulated)")
+        return real(checkpoint, reference, backend, precision, opts, deadline)
+
+    monkeypatch.setattr(optimize_module, "_build", int8_runs_out_of_time)
+    opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(), qat="off", calib_samples=8, batch=1, batch_sizes=(1,), iters=2,
+                           ladder=LADDER, budget_minutes=60)
+    summary = optimize(segmenting_run.best_path, opts)
+    assert calls == [("fp32", True), ("int8", True)]  # the budget reaches the builds as a deadline
+    assert [(c["precision"], c["status"]) for c in summary["candidates"]] == [("fp32", "passed"), ("int8", "stopped (budget)")]
+    assert summary["chosen"]["precision"] == "fp32"
+    calls.clear()
+    monkeypatch.setattr(optimize_module, "_build", lambda *args: calls.append((args[3], args[5] is not None)) or real(*args))
+    again = optimize(segmenting_run.best_path, opts)
+    assert calls == [("int8", True)]  # FP32's pass is reused, the stopped INT8 is searched again
+    assert again["candidates"][1]["status"] in ("passed", "failed gate")

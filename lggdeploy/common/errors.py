@@ -31,3 +31,7 @@ class GateFailed(LggError):
     """An engine lost more accuracy than the budget allows and no fallback met it."""
 
     exit_code = 3
+
+
+class SearchStopped(GateFailed):
+    """The time budget ran out while an engine was still failing its gate (before the next fallback rebuild or QAT)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lggdeploy.backends.base import BuildTarget, RunOptions
-from lggdeploy.common.errors import BackendUnavailable, GateFailed, LggError
+from lggdeploy.common.errors import BackendUnavailable, GateFailed, LggError, SearchStopped
 from lggdeploy.postprocess import PostProcess
 from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.common.progress import console
@@ -48,6 +48,9 @@ class BuildOptions:
     # The FP32 model the gate compares with (default: the checkpoint itself). `optimize` gates the engines of a
     # pruned checkpoint against the unpruned model, so that pruning and quantization share one budget.
     reference: Path | None = None
+    # A time.monotonic() instant (optimize's --budget-minutes): past it, an engine still failing its gate stops searching
+    # (no more fallback rebuilds, no QAT) and SearchStopped is raised instead of GateFailed.
+    deadline: float | None = None
 
 
 class _Context:
@@ -330,6 +333,9 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
         def run(p: Path):
             return ctx.run_engine(p, fmt, backend_facts)
 
+        def out_of_time() -> bool:
+            return opts.deadline is not None and time.monotonic() > opts.deadline
+
         tag = ""
         gate = None
         qat_mode = "off" if opts.qat_epochs == 0 else opts.qat
@@ -340,13 +346,16 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
                     extra["post_training_gate"] = gate.summary()
                     console.print(f"{label}: post-training INT8 failed its gate; quantization-aware fine-tuning ({opts.qat_epochs} epoch(s), --qat off to skip)")
             if gate is None or not gate.passed:
+                if out_of_time():
+                    raise SearchStopped(f"{label}: --budget-minutes ran out before quantization-aware fine-tuning (post-training INT8 failed its gate); "
+                                        "no engine written: rerun with a larger --budget-minutes to continue")
                 qat_model = ctx.qat_model()
                 tag = "qat-"
                 graph, rank, extra["calibration"] = _int8_graph(ctx, fmt, work, qat_model.source)
                 extra["qat"] = qat_model.record
                 gate = None
         if gate is None:
-            path, gate = gate_with_fallback(ctx.reference, build, run, rank, label + (" (QAT)" if tag else ""))
+            path, gate = gate_with_fallback(ctx.reference, build, run, rank, label + (" (QAT)" if tag else ""), out_of_time=out_of_time)
         if not gate.passed and not opts.force:
             raise GateFailed(
                 f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
@@ -462,6 +471,8 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
         for fmt in formats:
             try:
                 report.engines.append(build_one(ctx, fmt))
+            except SearchStopped:
+                raise  # the budget is spent: nothing more is built
             except GateFailed as exc:
                 console.print(f"[red]gate failed:[/] {exc}")
                 report.failures.append(str(exc))

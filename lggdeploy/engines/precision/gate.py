@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from lggdeploy.common.errors import SearchStopped
 from lggdeploy.common.progress import console, progress_bar
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
@@ -219,8 +220,11 @@ def gate_with_fallback(
     rank: Callable[[], tuple[list[tuple[str, float | None]], dict]] | None,
     label: str = "",
     max_fallback_fraction: float = 0.5,
+    out_of_time: Callable[[], bool] = lambda: False,
 ) -> tuple[Path, GateResult]:
-    """Build with nothing excluded; while the gate fails and `rank` is given, keep 1, 2, 4, ... worst nodes in float."""
+    """Build with nothing excluded; while the gate fails and `rank` is given, keep 1, 2, 4, ... worst nodes in float.
+    `out_of_time()` is asked before the ranking and before every rebuild: when it says so, SearchStopped ends the search
+    (no engine; `optimize --budget-minutes`)."""
     if reference.predicts_no_tumor:
         console.print(f"[bold yellow]warning:[/] {label}: {REFERENCE_EMPTY_NOTE}")
     path = build([])
@@ -229,12 +233,14 @@ def gate_with_fallback(
     console.print(describe(result, label))
     if result.passed or rank is None:
         return path, result
+    _stop_if(out_of_time, label, result.attempts)
     ranked, how = rank()
     ranking = [name for name, _ in ranked][: max(1, int(len(ranked) * max_fallback_fraction))]
     ranking_record = {**how, "quantized_nodes": len(ranked), "top": [{"node": n, "score": s} for n, s in ranked[:32] if s is not None]}
     attempts = list(result.attempts)
     k = 1
     while k <= len(ranking):
+        _stop_if(out_of_time, label, attempts)
         kept = ranking[:k]
         path = build(kept)
         result = reference.judge(run(path))
@@ -246,6 +252,15 @@ def gate_with_fallback(
         k = min(2 * k, len(ranking))
     result.attempts, result.ranking = attempts, ranking_record
     return path, result
+
+
+def _stop_if(out_of_time: Callable[[], bool], label: str, attempts: list[dict]) -> None:
+    if out_of_time():
+        last = attempts[-1]
+        raise SearchStopped(
+            f"{label}: --budget-minutes ran out during the INT8 fallback search, after {len(attempts)} failing build(s) "
+            f"(the last kept {last['nodes_kept_in_float']} node(s) in float); no engine written: rerun with a larger --budget-minutes to continue"
+        )
 
 
 def quantized_nodes(qdq_model) -> list[str]:
