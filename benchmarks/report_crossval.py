@@ -67,7 +67,7 @@ def main() -> None:
         f"| patients missed (no overlap) | {len(missed)} of {n}{': ' + ', '.join(missed) if missed else ''} |",
         f"| patients below Dice 0.5 | {int((dice < 0.5).sum())} of {n} |", "",
         "With --budget-minutes a fold fixes its epochs from its epoch 1, so a slow epoch 1 (a busy host) means fewer epochs.", "",
-        "| fold | test patients | mean per-patient Dice | missed | epochs | epoch 1 (s) | training (min) | best epoch (val Dice) |", "|---|---|---|---|---|---|---|---|",
+        "| fold | test patients | mean per-patient Dice | missed | epochs | epoch 1 (s) | all epochs (min) | best epoch (val Dice) |", "|---|---|---|---|---|---|---|---|",
         *[f"| {f['fold']} | {f['patients']} | {f['mean_patient_dice']:.3f} | {f['patients_missed']} | {f['epochs']} | {f['epoch_1_seconds']:.0f} | {f['training_minutes']:.1f} | "
           f"{f['best_epoch']} ({f['best_val']:.3f}) |" for f in per_fold],
         "", "| fold | patient | slices | tumor slices | Dice | Dice without post-processing | detected |", "|---|---|---|---|---|---|---|",
