@@ -25,7 +25,7 @@ import onnx
 
 from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.base import RunOptions
-from lggdeploy.backends.openvino import OpenVinoRunner
+from lggdeploy.backends.openvino import PRECISION_HINT, OpenVinoRunner
 from lggdeploy.common.machine import machine_info
 
 ENGINES = (("ONNX Runtime FP32", "model.onnx", "ort", "fp32"), ("OpenVINO FP32", "model.onnx", "ov", "fp32"),
@@ -35,7 +35,7 @@ ENGINES = (("ONNX Runtime FP32", "model.onnx", "ort", "fp32"), ("OpenVINO FP32",
 def runner(path: Path, kind: str, precision: str, threads: int):
     if kind == "ort":
         return ort_backend.load(path, {"precision": "fp32"}, RunOptions(threads=threads, spin=False))
-    return OpenVinoRunner(path, precision, threads)
+    return OpenVinoRunner(path, PRECISION_HINT[precision], threads)  # as the engines it compared were built (INT8 remainder in f32)
 
 
 def main() -> None:

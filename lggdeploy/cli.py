@@ -305,7 +305,7 @@ def build_cmd(
     checkpoints: list[Path] = typer.Argument(..., help="one or more checkpoints, or one bundle from `lggdeploy pack` (build on this device)"),
     precision: str = typer.Option("fp32", help="fp32, fp16, int8 or all"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime (CPU) or tensorrt (NVIDIA GPU)"),
-    int8_profile: Optional[str] = typer.Option(None, help="cpu or tensorrt (default: cpu for onnxruntime, tensorrt for tensorrt)"),
+    int8_profile: Optional[str] = typer.Option(None, help="cpu, tensorrt or openvino (default: cpu for onnxruntime, tensorrt for tensorrt, openvino for openvino)"),
     out_dir: Path = typer.Option(Path("engines"), "--out", "-o"),
     data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder with the checkpoint's val patients (default: the checkpoint's)"),
     calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),

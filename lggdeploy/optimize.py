@@ -4,7 +4,8 @@ The ladder, cheapest first, for the checkpoint and for each pruning ratio (prune
 distillation from the unpruned model):
 
     onnxruntime fp32, openvino fp32, openvino bf16 (AVX512-BF16/AMX CPUs), onnxruntime int8 (cpu profile),
-    openvino int8 (cpu profile, plain Q/DQ) — INT8 with quantization-aware fine-tuning when post-training fails
+    openvino int8 (openvino profile: Q/DQ on convolution inputs) — INT8 with quantization-aware fine-tuning when
+    post-training fails. Each rung is the backend's default engine format for that precision (formats.py).
 
 Every candidate is built by `build` behind the accuracy gate, always against the *unpruned* FP32 model, so that
 pruning and quantization spend one budget (--max-drop). A pruning ratio whose FP32 engine already fails the
@@ -85,10 +86,36 @@ class Candidate:
     latency_ms_per_image: dict = field(default_factory=dict)
     speedup_vs_pytorch: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
+    engine_format: str = ""  # e.g. openvino-int8-openvino: a rung whose default format changed is built again
+
+    def __post_init__(self) -> None:
+        self.engine_format = self.engine_format or format_name(self.backend, self.precision)
 
     @property
     def key(self) -> str:
-        return f"{self.checkpoint}|{self.backend}|{self.precision}"
+        return candidate_key(asdict(self))
+
+
+def format_name(backend: str, precision: str) -> str:
+    from lggdeploy.engines.formats import select_formats
+
+    return select_formats(backend, precision)[0].name
+
+
+def candidate_key(candidate: dict) -> str:
+    """Which saved candidate a rung reuses: same checkpoint, same engine format. A ladder saved before formats were
+    recorded names it by its engine file; a rung of it that wrote none (failed gate) is built again."""
+    fmt = candidate.get("engine_format")
+    if not fmt:
+        fmt = Path(candidate["engine"]).name.rsplit(".", 1)[0] if candidate.get("engine") else f"{candidate['backend']}-{candidate['precision']}?"
+    return f"{candidate['checkpoint']}|{fmt}"
+
+
+def engine_label(candidate: dict) -> str:
+    """'openvino int8 (openvino profile)': the INT8 profile named, as bench names it."""
+    parts = (candidate.get("engine_format") or "").split("-")
+    profile = f" ({parts[2]} profile)" if len(parts) == 3 else ""
+    return f"{candidate['backend']} {candidate['precision']}{profile}"
 
 
 def _available(backend: str, precision: str) -> tuple[bool, str]:
@@ -252,7 +279,7 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         if saved.get("checkpoint") != str(checkpoint):
             raise LggError(f"{opts.out} holds the optimization of {saved.get('checkpoint')}, not {checkpoint}: choose another --out")
         if saved.get("export_graph", 1) == EXPORT_GRAPH:
-            state = {f"{c['checkpoint']}|{c['backend']}|{c['precision']}": c for c in saved["candidates"]}
+            state = {candidate_key(c): c for c in saved["candidates"]}
         else:  # engines of an older export form: rebuilt (pruned checkpoints are still reused)
             console.print(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
     started = time.perf_counter()
@@ -328,14 +355,14 @@ def markdown(summary: dict) -> str:
     head += [f"ms/img b{b}" for b in b_list] + [f"× PyTorch b{b}" for b in b_list] + ["test Dice/patient (n)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     front = set(summary["front"])
-    chosen_key = f"{summary['chosen']['checkpoint']}|{summary['chosen']['backend']}|{summary['chosen']['precision']}"
+    chosen_key = candidate_key(summary["chosen"])
     torch_ms = summary["pytorch_fp32_ms_per_image"]
     lines.append("| unpruned | PyTorch eager FP32 [reference] | timed | — | — | — | — | " + " | ".join(_fmt(torch_ms.get(b)) for b in b_list) + " | " + " | ".join("1.00" for _ in b_list) + " | — |")
     for c in summary["candidates"]:
-        key = f"{c['checkpoint']}|{c['backend']}|{c['precision']}"
+        key = candidate_key(c)
         mark = " **[chosen]**" if key == chosen_key else (" [front]" if key in front else "")
         test = c["test"] or {}
-        cells = [c["model"], f"{c['backend']} {c['precision']}{mark}", c["status"] + (f": {c['reason'][:80]}" if c["status"] not in ("passed",) and c["reason"] else ""),
+        cells = [c["model"], f"{engine_label(c)}{mark}", c["status"] + (f": {c['reason'][:80]}" if c["status"] not in ("passed",) and c["reason"] else ""),
                  _fmt(c["val_dice"], 4), _fmt(c["val_drop_points"]), "—" if c["nodes_kept_in_float"] is None else str(c["nodes_kept_in_float"]), "yes" if c["qat"] else ""]
         cells += [_fmt(c["latency_ms_per_image"].get(b)) for b in b_list] + [_fmt(c["speedup_vs_pytorch"].get(b)) for b in b_list]
         cells.append(f"{_fmt(test.get('mean_patient_dice'), 4)} ({test.get('patients')})" if test.get("mean_patient_dice") is not None else "—")
@@ -345,7 +372,7 @@ def markdown(summary: dict) -> str:
     cpu = summary["machine"].get("cpu", {})
     lines += [
         "",
-        f"Chosen: {chosen['model']} {chosen['backend']} {chosen['precision']} — fastest candidate at batch {summary['options']['batch']} that passed the gate "
+        f"Chosen: {chosen['model']} {engine_label(chosen)} — fastest candidate at batch {summary['options']['batch']} that passed the gate "
         f"(mean val per-patient Dice drop ≤ {summary['criteria']['max_mean_drop_points']} points, worst patient ≤ {summary['criteria']['max_patient_drop_points']}, "
         f"mask agreement ≥ {summary['criteria']['min_agreement']}, {summary['criteria']['against']}).",
         "Speed-ups vs ONNX Runtime FP32 (unpruned): " + (", ".join(f"b{b} {v:.2f}×" for b, v in summary["chosen_vs_onnxruntime_fp32"].items()) if summary["chosen_vs_onnxruntime_fp32"] else "—"),
@@ -372,7 +399,7 @@ def _plot(candidates: list[Candidate], front: list[Candidate], chosen: Candidate
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in timed:
         ax.scatter(c.latency_ms_per_image[b], c.val_dice, marker="o" if c.model == "unpruned" else "s", color="tab:red" if c is chosen else "tab:blue")
-        ax.annotate(f"{c.model}\n{c.backend} {c.precision}", (c.latency_ms_per_image[b], c.val_dice), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.annotate(f"{c.model}\n{engine_label(asdict(c))}", (c.latency_ms_per_image[b], c.val_dice), fontsize=7, xytext=(4, 2), textcoords="offset points")
     if front:
         ax.plot([c.latency_ms_per_image[b] for c in front], [c.val_dice for c in front], "--", color="gray", label="Pareto front")
     ax.set_xlabel(f"ms per image, batch {b}")

@@ -19,6 +19,15 @@ def build(run, data, out, **kw):
     return report.engines
 
 
+def activations_dequantized_for_no_convolution(model) -> list[str]:
+    readers: dict[str, set] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in weights and "Conv" not in readers.get(n.output[0], ())]
+
+
 def test_openvino_engines_pass_the_gate_and_match_onnxruntime(segmenting_run, phantom_dir, tmp_path):
     from lggdeploy.data.arrays import load_slices
     from lggdeploy.data.kaggle import load_dataset
@@ -28,14 +37,23 @@ def test_openvino_engines_pass_the_gate_and_match_onnxruntime(segmenting_run, ph
     engines += build(segmenting_run, phantom_dir, tmp_path, backend="openvino", precision="int8")
     engines += build(segmenting_run, phantom_dir, tmp_path, backend="onnxruntime", precision="fp32")
     names = [e["engine"].split("/")[-1] for e in engines]
-    assert names == ["openvino-fp32.onnx", "openvino-int8-cpu.onnx", "onnxruntime-fp32.onnx"]
+    assert names == ["openvino-fp32.onnx", "openvino-int8-openvino.onnx", "onnxruntime-fp32.onnx"]
     assert all(read_manifest(e["engine"])["gate"]["passed"] for e in engines)
-    assert len(discover(tmp_path)) == 3
+    assert len(discover(tmp_path)) == 3  # (the cpu-profile engine below makes a fourth)
     # the OpenVINO INT8 engine is the plain Q/DQ graph (no ONNX Runtime-only operators) and is its own portable twin
     int8 = onnx.load(engines[1]["engine"])
     ops = {n.op_type for n in int8.graph.node}
     assert "QuantizeLinear" in ops and "QLinearConv" not in ops and not any(n.domain == "com.microsoft" for n in int8.graph.node)
-    assert engines[1]["portable_qdq"]["file"] == "openvino-int8-cpu.onnx"
+    assert engines[1]["portable_qdq"]["file"] == "openvino-int8-openvino.onnx"
+    # the openvino profile quantizes activations only where a convolution reads them (OpenVINO fuses those); the cpu
+    # profile (ONNX Runtime's placement, still built on request) also rounds convolution outputs on their way to an
+    # activation function
+    assert not activations_dequantized_for_no_convolution(int8)
+    cpu = build(segmenting_run, phantom_dir, tmp_path, backend="openvino", precision="int8", int8_profile="cpu")[0]
+    assert cpu["engine"].endswith("openvino-int8-cpu.onnx") and activations_dequantized_for_no_convolution(onnx.load(cpu["engine"]))
+    from lggdeploy.common.machine import cpu_has_bf16
+
+    assert engines[1]["inference_precision_hint"] == ("bf16" if cpu_has_bf16() else "f32")  # the float remainder
 
     val = load_slices(load_dataset(phantom_dir), read_manifest(engines[0]["engine"])["split"]["val"])
     x = preprocess(val.images[:5], 128, Normalization())  # batch 5, then 2: each shape compiled once and reused
@@ -57,6 +75,7 @@ def test_bf16_only_where_the_cpu_has_it(segmenting_run, phantom_dir, tmp_path, m
     assert discover(tmp_path) == []
     engines = build(segmenting_run, phantom_dir, tmp_path, backend="openvino", precision="all")  # "all" skips bf16 and says so
     assert [e["precision"] for e in engines] == ["fp32", "int8"]
+    assert engines[1]["inference_precision_hint"] == "f32"  # no BF16 here: the INT8 engine's float remainder runs in f32
     monkeypatch.undo()
     if not machine.cpu_has_bf16():
         pytest.skip("this CPU has no AVX512-BF16/AMX: the BF16 engine itself cannot be built here")

@@ -33,7 +33,7 @@ def test_the_ladder_is_gated_timed_and_the_fastest_passing_engine_chosen(optimiz
     chosen = summary["chosen"]
     assert chosen["latency_ms_per_image"]["2"] == min(c["latency_ms_per_image"]["2"] for c in passed)
     front = summary["front"]
-    assert f"{chosen['checkpoint']}|{chosen['backend']}|{chosen['precision']}" in front
+    assert optimize_module.candidate_key(chosen) in front and chosen["engine"].endswith(chosen["engine_format"] + ".onnx")
     for c in passed:  # every pruned candidate was gated against the unpruned FP32 model
         gate = read_manifest(c["engine"])["gate"]
         assert gate["reference"] == str(segmenting_run.best_path) and abs(gate["drop_points"]) <= opts.max_drop
@@ -63,6 +63,38 @@ def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
     again = optimize(segmenting_run.best_path, opts)
     assert [c["status"] for c in again["candidates"]] == [c["status"] for c in summary["candidates"]]
     assert all("reused" in c["reason"] for c in again["candidates"] if c["status"] == "passed")
+
+
+def test_a_rung_whose_default_engine_format_changed_is_built_again(optimized, segmenting_run, tmp_path, monkeypatch):
+    """A ladder saved when this rung's INT8 engine had another profile (as OpenVINO's did before its own profile) or
+    before formats were recorded: that rung is built again in today's format; the FP32 rung before it is reused."""
+    import dataclasses
+    import shutil
+
+    summary, opts = optimized
+    assert [c["engine_format"] for c in summary["candidates"][:2]] == ["onnxruntime-fp32", "onnxruntime-int8-cpu"]
+
+    class Rebuilt(Exception):
+        pass
+
+    def rebuild(checkpoint, reference, backend, precision, *args, **kwargs):
+        raise Rebuilt(backend, precision)
+
+    monkeypatch.setattr(optimize_module, "_build", rebuild)
+    for saved_format in ("onnxruntime-int8-tensorrt", None):
+        out = tmp_path / f"optimized-{saved_format}"
+        shutil.copytree(opts.out, out)
+        ladder = json.loads((out / "ladder.json").read_text())
+        if saved_format:
+            ladder["candidates"][1]["engine_format"] = saved_format
+        else:  # saved before formats were recorded: the FP32 rung is known by its engine file, a failed rung by nothing
+            for c in ladder["candidates"]:
+                del c["engine_format"]
+            ladder["candidates"][1].update(status="failed gate", engine=None)
+        (out / "ladder.json").write_text(json.dumps(ladder))
+        with pytest.raises(Rebuilt) as rebuilt:  # the first build call: the FP32 rung was reused
+            optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out))
+        assert rebuilt.value.args == ("onnxruntime", "int8")
 
 
 def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_run, tmp_path, monkeypatch):

@@ -1,10 +1,13 @@
 """OpenVINO: the CPU runtime Intel and AMD x86 edge boxes ship. Builds and loads; no torch; optional extra.
 
 The engine file is an ONNX graph that OpenVINO reads directly (one file, so the sha256 in the manifest and the
-bundle's checksum list cover the whole engine): the FP32 export for `fp32` and `bf16`, the plain Q/DQ graph of
-the cpu INT8 profile for `int8` (OpenVINO's low-precision transformations turn Q/DQ into int8 kernels; it cannot
-read ONNX Runtime's QLinear or com.microsoft operators). BF16 is an execution precision, not a graph: the
-runner compiles with INFERENCE_PRECISION_HINT=bf16, refused where the CPU has neither AVX512-BF16 nor AMX.
+bundle's checksum list cover the whole engine): the FP32 export for `fp32` and `bf16`, a plain Q/DQ graph for
+`int8` (OpenVINO's low-precision transformations turn Q/DQ into int8 kernels; it cannot read ONNX Runtime's
+QLinear or com.microsoft operators). BF16 is an execution precision, not a graph: the runner compiles with
+INFERENCE_PRECISION_HINT=bf16, refused where the CPU has neither AVX512-BF16 nor AMX. An INT8 engine's float
+remainder (what the Q/DQ nodes leave unquantized: activations, pooling, upsampling) runs in BF16 where the CPU has
+it — OpenVINO's own default there — and in FP32 elsewhere; the build records the hint in the manifest and the gate
+judges the engine as it records it.
 
 Compiled models are cached per batch size (static shapes are what OpenVINO's CPU plugin runs fastest).
 """
@@ -19,7 +22,16 @@ import numpy as np
 from lggdeploy.backends.base import BuildTarget, RunOptions
 from lggdeploy.common.errors import EngineError
 
-PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the Q/DQ nodes decide; the rest runs in f32
+PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the Q/DQ nodes decide; see precision_hint
+
+
+def precision_hint(precision: str) -> str:
+    """The execution precision a new engine is built for: an INT8 graph's float remainder in BF16 where the CPU has it."""
+    if precision == "int8":
+        from lggdeploy.common.machine import cpu_has_bf16
+
+        return "bf16" if cpu_has_bf16() else "f32"
+    return PRECISION_HINT[precision]
 
 
 def is_available() -> tuple[bool, str]:
@@ -53,11 +65,11 @@ def build(onnx_path: str | Path, fmt, target: str | Path, options: BuildTarget) 
         ov.Core().read_model(str(target))
     except Exception as exc:
         raise EngineError(f"OpenVINO cannot read {Path(onnx_path).name} ({str(exc).strip().splitlines()[0][:200]})") from None
-    return {"openvino_version": ov.__version__.split("-")[0], "inference_precision_hint": PRECISION_HINT[fmt.precision], "device": "CPU"}
+    return {"openvino_version": ov.__version__.split("-")[0], "inference_precision_hint": precision_hint(fmt.precision), "device": "CPU"}
 
 
 class OpenVinoRunner:
-    def __init__(self, path, precision: str, threads: int):
+    def __init__(self, path, hint: str, threads: int):
         import openvino as ov
 
         self.core = ov.Core()
@@ -66,7 +78,7 @@ class OpenVinoRunner:
         except Exception as exc:
             raise EngineError(f"{path}: OpenVINO cannot read it ({str(exc).strip().splitlines()[0][:200]})") from None
         self.config = {
-            "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision],
+            "INFERENCE_PRECISION_HINT": hint,
             "INFERENCE_NUM_THREADS": threads,
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
@@ -99,7 +111,11 @@ def load(path, manifest: dict | None = None, options: RunOptions = RunOptions())
         raise EngineError(f"{path}: OpenVINO runs fp32, bf16 or int8 engines, its manifest says {precision!r}; rebuild it")
     if options.device.startswith("cuda"):
         raise EngineError(f"{path}: an OpenVINO engine runs on the CPU here; drop --device {options.device}")
-    runner = OpenVinoRunner(path, precision, options.cpu_threads())
+    # The hint the engine was built and gated with (engines built before it was recorded: the precision's default).
+    hint = (manifest or {}).get("inference_precision_hint", PRECISION_HINT[precision])
+    if hint not in ("f32", "bf16") or (hint == "bf16" and precision == "fp32"):
+        raise EngineError(f"{path}: its manifest asks OpenVINO for inference precision {hint!r} on a {precision} engine; rebuild it")
+    runner = OpenVinoRunner(path, hint, options.cpu_threads())
     size = (manifest or {}).get("img_size")
     shape = runner.model.inputs[0].get_partial_shape()
     if size is not None and shape.rank.get_length() == 4 and shape[2].is_static and (shape[2].get_length(), shape[3].get_length()) != (size, size):

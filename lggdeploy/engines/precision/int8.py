@@ -6,8 +6,14 @@
   place them and TensorRT fuses them. Quantizing every tensor (residual adds, the pyramid's concat, the logits
   before the final upsampling) cost the 34-patient pspnet-scratch 5.15 points on val; convolutions only, 0.35
   (benchmarks/results/qat/).
-- `cpu`: what the host CPU runs fastest — ONNX Runtime's guidance: U8S8 (uint8 activations, int8 weights),
-  with reduce_range on x86 without VNNI; S8S8 on ARM with dot-product instructions.
+- `cpu`: what ONNX Runtime runs fastest on the host CPU — its guidance: U8S8 (uint8 activations, int8 weights),
+  with reduce_range on x86 without VNNI; S8S8 on ARM with dot-product instructions. Q/DQ on the convolutions'
+  outputs too, which ONNX Runtime needs to fuse a convolution into QLinearConv.
+- `openvino`: the cpu profile's types, but Q/DQ on the convolutions' inputs only — where OpenVINO's own quantizer
+  (NNCF) puts its FakeQuantize nodes. A quantized output leaves a convolution's activation (SiLU, sigmoid gates,
+  residual adds) between a DequantizeLinear and the next QuantizeLinear, which OpenVINO runs as separate float
+  kernels instead of fusing it into the int8 convolution: the EfficientNet-B7 UNet spent 57 % of its time there
+  and ran slower than its BF16 engine (benchmarks/results/openvino-int8-placement/).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 from lggdeploy.common.errors import LggError
 
 METHODS = ("minmax", "entropy", "percentile")
-PROFILES = ("tensorrt", "cpu")
+PROFILES = ("tensorrt", "cpu", "openvino")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ class Int8Recipe:
 def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = None) -> Int8Recipe:
     if profile == "tensorrt":
         return Int8Recipe("tensorrt", "int8", "int8", True, False, True, ("Conv", "ConvTranspose", "MatMul", "Gemm"), quantize_bias=False, quantize_outputs=False)
+    if profile == "openvino":
+        import dataclasses
+
+        return dataclasses.replace(recipe_for("cpu", isa, arch), profile="openvino", quantize_outputs=False)
     if profile == "cpu":
         from lggdeploy.common.machine import cpu_info
 
@@ -55,7 +65,7 @@ def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = No
         if arch in ("aarch64", "arm64") and "asimddp" in isa:
             return Int8Recipe("cpu", "int8", "int8", True, False, True, ("Conv", "MatMul", "Gemm"))
         return Int8Recipe("cpu", "uint8", "int8", True, not vnni, False, ("Conv", "MatMul", "Gemm"))
-    raise LggError(f"unknown INT8 profile {profile!r}: choose tensorrt or cpu")
+    raise LggError(f"unknown INT8 profile {profile!r}: choose {', '.join(PROFILES)}")
 
 
 def _method(name: str):
