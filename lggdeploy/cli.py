@@ -391,7 +391,7 @@ def optimize_cmd(
                            distill=distill, qat=qat, qat_epochs=qat_epochs, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
                            iters=iters, threads=threads)
     summary = optimize(checkpoint, opts)
-    out.print((out_dir / "optimize.md").read_text())
+    print_machine_text((out_dir / "optimize.md").read_text())  # markdown as written: "[chosen]" is not console markup
     chosen = summary["chosen"]
     out.print(f"chosen: {chosen['engine']} -> {out_dir / 'chosen'}")
 

@@ -207,7 +207,7 @@ def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Ca
             elif previous and previous["status"] in ("passed", "failed gate") and (previous["status"] == "failed gate" or Path(previous["engine"] or "").is_file()):
                 for key, value in previous.items():
                     setattr(candidate, key, value)
-                candidate.reason = (candidate.reason + " (reused)").strip()
+                candidate.reason = candidate.reason if candidate.reason.endswith("(reused)") else (candidate.reason + " (reused)").strip()
             elif over_budget():
                 candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"
             else:

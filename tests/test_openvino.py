@@ -82,6 +82,12 @@ def test_bf16_only_where_the_cpu_has_it(segmenting_run, phantom_dir, tmp_path, m
     bf16 = build(segmenting_run, phantom_dir, tmp_path, backend="openvino", precision="bf16")[0]
     manifest = read_manifest(bf16["engine"])
     assert manifest["inference_precision_hint"] == "bf16" and manifest["gate"]["passed"]
+    # an INT8 engine built here runs its float remainder in BF16, as gated; carried to a CPU without BF16, in f32
+    int8 = build(segmenting_run, phantom_dir, tmp_path / "bf16-cpu", backend="openvino", precision="int8")[0]
+    assert int8["inference_precision_hint"] == "bf16"
+    assert open_engine(int8["engine"]).config["INFERENCE_PRECISION_HINT"] == "bf16"
+    monkeypatch.setattr(machine, "cpu_has_bf16", lambda isa=None: False)
+    assert open_engine(int8["engine"]).config["INFERENCE_PRECISION_HINT"] == "f32"
 
 
 def test_every_int8_engine_has_a_portable_qdq_twin(segmenting_run, phantom_dir, tmp_path):

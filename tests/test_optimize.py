@@ -63,6 +63,8 @@ def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
     again = optimize(segmenting_run.best_path, opts)
     assert [c["status"] for c in again["candidates"]] == [c["status"] for c in summary["candidates"]]
     assert all("reused" in c["reason"] for c in again["candidates"] if c["status"] == "passed")
+    third = optimize(segmenting_run.best_path, opts)  # reused twice: still said once
+    assert [c["reason"] for c in third["candidates"]] == [c["reason"] for c in again["candidates"]]
 
 
 def test_a_rung_whose_default_engine_format_changed_is_built_again(optimized, segmenting_run, tmp_path, monkeypatch):

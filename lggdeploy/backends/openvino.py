@@ -6,8 +6,8 @@ bundle's checksum list cover the whole engine): the FP32 export for `fp32` and `
 QLinear or com.microsoft operators). BF16 is an execution precision, not a graph: the runner compiles with
 INFERENCE_PRECISION_HINT=bf16, refused where the CPU has neither AVX512-BF16 nor AMX. An INT8 engine's float
 remainder (what the Q/DQ nodes leave unquantized: activations, pooling, upsampling) runs in BF16 where the CPU has
-it — OpenVINO's own default there — and in FP32 elsewhere; the build records the hint in the manifest and the gate
-judges the engine as it records it.
+it — OpenVINO's own default there — and in FP32 elsewhere; the build records the hint in the manifest, the gate
+judges the engine with it, and a CPU without BF16 runs that remainder in FP32.
 
 Compiled models are cached per batch size (static shapes are what OpenVINO's CPU plugin runs fastest).
 """
@@ -115,6 +115,8 @@ def load(path, manifest: dict | None = None, options: RunOptions = RunOptions())
     hint = (manifest or {}).get("inference_precision_hint", PRECISION_HINT[precision])
     if hint not in ("f32", "bf16") or (hint == "bf16" and precision == "fp32"):
         raise EngineError(f"{path}: its manifest asks OpenVINO for inference precision {hint!r} on a {precision} engine; rebuild it")
+    if hint == "bf16" and precision == "int8":
+        hint = precision_hint("int8")  # a CPU without BF16 runs the float remainder in f32: closer to FP32 than what was gated
     runner = OpenVinoRunner(path, hint, options.cpu_threads())
     size = (manifest or {}).get("img_size")
     shape = runner.model.inputs[0].get_partial_shape()
