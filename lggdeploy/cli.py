@@ -304,7 +304,7 @@ def export_cmd(
 def build_cmd(
     checkpoints: list[Path] = typer.Argument(..., help="one or more checkpoints, or one bundle from `lggdeploy pack` (build on this device)"),
     precision: str = typer.Option("fp32", help="fp32, fp16, int8 or all"),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime (CPU) or tensorrt (NVIDIA GPU)"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime or openvino (CPU), tensorrt (NVIDIA GPU)"),
     int8_profile: Optional[str] = typer.Option(None, help="cpu, tensorrt or openvino (default: cpu for onnxruntime, tensorrt for tensorrt, openvino for openvino)"),
     out_dir: Path = typer.Option(Path("engines"), "--out", "-o"),
     data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder with the checkpoint's val patients (default: the checkpoint's)"),

@@ -12,8 +12,8 @@
 - `openvino`: the cpu profile's types, but Q/DQ on the convolutions' inputs only — where OpenVINO's own quantizer
   (NNCF) puts its FakeQuantize nodes. A quantized output leaves a convolution's activation (SiLU, sigmoid gates,
   residual adds) between a DequantizeLinear and the next QuantizeLinear, which OpenVINO runs as separate float
-  kernels instead of fusing it into the int8 convolution: the EfficientNet-B7 UNet spent 57 % of its time there
-  and ran slower than its BF16 engine (benchmarks/results/openvino-int8-placement/).
+  kernels instead of fusing it into the int8 convolution: the EfficientNet-B7 UNet spent a quarter of its time
+  there and ran slower than its BF16 engine (benchmarks/results/openvino-int8-placement/).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lggdeploy.common.errors import LggError
@@ -52,9 +52,7 @@ def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = No
     if profile == "tensorrt":
         return Int8Recipe("tensorrt", "int8", "int8", True, False, True, ("Conv", "ConvTranspose", "MatMul", "Gemm"), quantize_bias=False, quantize_outputs=False)
     if profile == "openvino":
-        import dataclasses
-
-        return dataclasses.replace(recipe_for("cpu", isa, arch), profile="openvino", quantize_outputs=False)
+        return replace(recipe_for("cpu", isa, arch), profile="openvino", quantize_outputs=False)
     if profile == "cpu":
         from lggdeploy.common.machine import cpu_info
 
