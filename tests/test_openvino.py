@@ -54,6 +54,13 @@ def test_openvino_engines_pass_the_gate_and_match_onnxruntime(segmenting_run, ph
     from lggdeploy.common.machine import cpu_has_bf16
 
     assert engines[1]["inference_precision_hint"] == ("bf16" if cpu_has_bf16() else "f32")  # the float remainder
+    from lggdeploy.backends import openvino as ov_backend
+    from lggdeploy.common.errors import EngineError
+
+    older = {k: v for k, v in read_manifest(engines[1]["engine"]).items() if k != "inference_precision_hint"}
+    assert ov_backend.load(engines[1]["engine"], older).config["INFERENCE_PRECISION_HINT"] == "f32"  # built before the hint was recorded
+    with pytest.raises(EngineError, match="inference precision 'bf16' on a fp32 engine"):
+        ov_backend.load(engines[0]["engine"], {**read_manifest(engines[0]["engine"]), "inference_precision_hint": "bf16"})
 
     val = load_slices(load_dataset(phantom_dir), read_manifest(engines[0]["engine"])["split"]["val"])
     x = preprocess(val.images[:5], 128, Normalization())  # batch 5, then 2: each shape compiled once and reused
