@@ -6,7 +6,7 @@ ENGINES_DIR: one checkpoint's engine folder holding openvino-bf16.onnx, openvino
 placement: Q/DQ on convolution inputs and outputs) and openvino-int8-openvino.onnx (inputs only) — e.g. an
 `lggdeploy optimize` run plus `lggdeploy build --backend openvino --precision int8 --int8-profile cpu` into it. Each
 INT8 engine is compiled twice, its float remainder in f32 and in bf16, through lggdeploy's own OpenVINO runner (the
-threads, stream and hint bench uses); every graph is timed interleaved round by round in a shuffled order, on random
+threads, stream and hint bench uses); every graph is timed interleaved round by round in a shuffled order (bench's `interleaved_times`), on random
 input (latency does not depend on the values); median ms per image. The gate verdicts are the engines' manifests'
 (their remainder as built); the other hint is timed only. Also counts the Q/DQ nodes and, with --profile, reads
 OpenVINO's per-node counters to say where the time goes. Writes OUT/openvino_int8_placement.json and .md.
@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import random
-import time
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import onnx
 
 from lggdeploy.backends.openvino import OpenVinoRunner
+from lggdeploy.bench.run import interleaved_times
 from lggdeploy.common.machine import machine_info
 
 ENGINES = (("OpenVINO BF16 (FP32 graph)", "openvino-bf16.onnx", ("bf16",)),
@@ -70,17 +70,10 @@ def main() -> None:
                        "quantize_linear_nodes": ops.get("QuantizeLinear", 0)}
         for hint in hints:
             runs[(name, hint)] = OpenVinoRunner(path, hint, args.threads)
-    times = {key: [] for key in runs}
     for r in runs.values():
         r.infer(x), r.infer(x)  # compile and warm up
-    rng = random.Random(0)
-    for _ in range(args.rounds):
-        order = list(runs)
-        rng.shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            runs[key].infer(x)
-            times[key].append((time.perf_counter() - start) * 1000 / args.batch)
+    seconds = interleaved_times([functools.partial(r.infer, x) for r in runs.values()], args.rounds, np.random.default_rng(0))
+    times = {key: [s * 1000 / args.batch for s in t] for key, t in zip(runs, seconds)}
     base = float(np.median(times[(ENGINES[0][0], "bf16")]))
     rows = []
     for (name, hint), t in times.items():

@@ -5,7 +5,7 @@ usage: .venv/bin/python benchmarks/pyramid_export_ab.py --before ENGINES_DIR --a
 ENGINES_DIR: one checkpoint's engine folder holding model.onnx (FP32) and openvino-int8-cpu.onnx, one built with the
 exporter's own graph (export_graph 1) and one with today's (export_graph 2) — e.g. two `lggdeploy optimize` runs of the
 same checkpoint. Times ONNX Runtime FP32, OpenVINO FP32 / BF16 / INT8 of both folders through lggdeploy's own
-runners (the threads, streams and hints `bench` uses), interleaved round by round in a shuffled order, on random
+runners (the threads, streams and hints `bench` uses), interleaved round by round in a shuffled order (bench's `interleaved_times`), on random
 input (latency does not depend on the values), batch 8 and 1; median ms per image. Also counts the graphs' nodes.
 Writes OUT/pyramid_export_ab.json and .md.
 """
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
-import random
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import onnx
 from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.backends.openvino import PRECISION_HINT, OpenVinoRunner
+from lggdeploy.bench.run import interleaved_times
 from lggdeploy.common.machine import machine_info
 
 ENGINES = (("ONNX Runtime FP32", "model.onnx", "ort", "fp32"), ("OpenVINO FP32", "model.onnx", "ov", "fp32"),
@@ -53,21 +53,15 @@ def main() -> None:
         # export_graph as recorded (exports made before the record had the field read as 1, whatever their form)
         graphs[tag] = {"folder": str(folder), "export_graph": record.get("export_graph", 1), "nodes": sum(ops.values()), "ops": dict(ops.most_common())}
     rows = []
-    rng = random.Random(0)
+    rng = np.random.default_rng(0)
     for batch in (8, 1):
         x = np.random.default_rng(0).standard_normal((batch, 3, 256, 256)).astype(np.float32)
         runs = {(name, tag): runner((args.before if tag == "before" else args.after) / file, kind, precision, args.threads)
                 for name, file, kind, precision in ENGINES for tag in ("before", "after")}
-        times = {key: [] for key in runs}
         for r in runs.values():
             r.infer(x), r.infer(x)  # compile and warm up
-        for _ in range(args.rounds):
-            order = list(runs)
-            rng.shuffle(order)
-            for key in order:
-                start = time.perf_counter()
-                runs[key].infer(x)
-                times[key].append((time.perf_counter() - start) * 1000 / batch)
+        seconds = interleaved_times([functools.partial(r.infer, x) for r in runs.values()], args.rounds, rng)
+        times = {key: [s * 1000 / batch for s in t] for key, t in zip(runs, seconds)}
         for name, *_ in ENGINES:
             before, after = (float(np.median(times[(name, t)])) for t in ("before", "after"))
             rows.append({"engine": name, "batch": batch, "before_ms": round(before, 2), "after_ms": round(after, 2), "speedup": round(before / after, 2)})

@@ -13,6 +13,7 @@ with the reason. The reference is the checkpoint the engines were built from (sh
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -202,6 +203,24 @@ def validate(opts: BenchOptions) -> None:
     RunOptions(threads=opts.threads).cpu_threads()
 
 
+def interleaved_times(calls: list, rounds: int, rng: np.random.Generator, after_round=None, stop_after_seconds: float | None = None) -> list[list[float]]:
+    """Seconds of each call per round, the calls timed in a fresh shuffled order every round, so that the shared
+    host's drift hits them alike. `stop_after_seconds`: stop after a round once that much time has passed (3 rounds
+    at least)."""
+    times: list[list[float]] = [[] for _ in calls]
+    started = time.perf_counter()
+    for round_ in range(rounds):
+        for index in rng.permutation(len(calls)):
+            t0 = time.perf_counter()
+            calls[index]()
+            times[index].append(time.perf_counter() - t0)
+        if after_round is not None:
+            after_round()
+        if stop_after_seconds and round_ >= 2 and time.perf_counter() - started > stop_after_seconds:
+            break
+    return times
+
+
 def run_bench(opts: BenchOptions) -> dict:
     from lggdeploy.common.machine import machine_info
     from lggdeploy.scoring import NonFiniteOutput, score_runner
@@ -238,23 +257,14 @@ def run_bench(opts: BenchOptions) -> dict:
     order_rng = np.random.default_rng(opts.seed)
     with progress_bar() as bar:
         for b in opts.batch_sizes:
-            times: dict[int, list[float]] = {id(e): [] for e in active}
             for e in active:
                 for _ in range(opts.warmup):
                     e.runner.infer(inputs[(e.group, b)])
             task = bar.add_task(f"timing batch {b}", total=opts.iters, info=f"{len(active)} engines interleaved")
-            started = time.perf_counter()
-            for round_ in range(opts.iters):
-                for index in order_rng.permutation(len(active)):  # a fresh order every round
-                    e = active[index]
-                    t0 = time.perf_counter()
-                    e.runner.infer(inputs[(e.group, b)])
-                    times[id(e)].append(time.perf_counter() - t0)
-                bar.advance(task)
-                if opts.seconds and round_ >= 2 and time.perf_counter() - started > opts.seconds:
-                    break
-            for e in active:
-                e.latency[b] = latency_summary(times[id(e)], b)
+            calls = [functools.partial(e.runner.infer, inputs[(e.group, b)]) for e in active]
+            times = interleaved_times(calls, opts.iters, order_rng, lambda: bar.advance(task), opts.seconds)
+            for e, seconds in zip(active, times):
+                e.latency[b] = latency_summary(seconds, b)
     # End to end at every batch size: uint8 slices in, resize + normalize, infer, masks at native size out, and the
     # engine's post-processing on the batch as one volume (a patient's series is post-processed once per call).
     for e in active:
