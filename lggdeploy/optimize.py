@@ -112,10 +112,11 @@ def candidate_key(candidate: dict) -> str:
 
 
 def engine_label(candidate: dict) -> str:
-    """'openvino int8 (openvino profile)': the INT8 profile named, as bench names it."""
+    """'openvino int8 (openvino profile)': bench's label of the rung's engine format."""
+    from lggdeploy.bench.labels import engine_name
+
     parts = (candidate.get("engine_format") or "").split("-")
-    profile = f" ({parts[2]} profile)" if len(parts) == 3 else ""
-    return f"{candidate['backend']} {candidate['precision']}{profile}"
+    return engine_name({"backend": candidate["backend"], "precision": candidate["precision"], "int8_profile": parts[2] if len(parts) == 3 else None})
 
 
 def _available(backend: str, precision: str) -> tuple[bool, str]:
