@@ -96,6 +96,31 @@ class Candidate:
         return candidate_key(asdict(self))
 
 
+PATHS_RELATIVE = "relative to this folder"  # ladder.json's paths inside --out: the folder can be moved or copied
+
+
+def _stored(candidate: dict, out: Path) -> dict:
+    """A candidate as ladder.json keeps it: its checkpoint and engine relative to --out when they lie inside it."""
+    root = out.resolve()
+    stored = dict(candidate)
+    for field_name in ("checkpoint", "engine"):
+        if stored.get(field_name):
+            path = Path(stored[field_name]).resolve()
+            stored[field_name] = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    return stored
+
+
+def _loaded(candidate: dict, out: Path, relative_to_out: bool) -> dict:
+    """The inverse of _stored: absolute paths. Ladders written before PATHS_RELATIVE hold paths relative to the
+    directory optimize ran in, which is taken to be this one."""
+    loaded = dict(candidate)
+    for field_name in ("checkpoint", "engine"):
+        if loaded.get(field_name):
+            path = Path(loaded[field_name])
+            loaded[field_name] = str((out / path if relative_to_out and not path.is_absolute() else path).resolve())
+    return loaded
+
+
 def format_name(backend: str, precision: str) -> str:
     from lggdeploy.engines.formats import select_formats
 
@@ -103,12 +128,13 @@ def format_name(backend: str, precision: str) -> str:
 
 
 def candidate_key(candidate: dict) -> str:
-    """Which saved candidate a rung reuses: same checkpoint, same engine format. A ladder saved before formats were
-    recorded names it by its engine file; a rung of it that wrote none (failed gate) is built again."""
+    """Which saved candidate a rung reuses: same model ("unpruned" or "pruned 30%": a ladder belongs to one
+    checkpoint, checked by its sha256, and a ratio's pruned checkpoint lives in --out), same engine format. A ladder
+    saved before formats were recorded names it by its engine file; a rung of it that wrote none is built again."""
     fmt = candidate.get("engine_format")
     if not fmt:
         fmt = Path(candidate["engine"]).name.rsplit(".", 1)[0] if candidate.get("engine") else f"{candidate['backend']}-{candidate['precision']}?"
-    return f"{candidate['checkpoint']}|{fmt}"
+    return f"{candidate['model']}|{fmt}"
 
 
 def engine_label(candidate: dict) -> str:
@@ -159,7 +185,7 @@ def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts
 
 def _record(candidate: Candidate, engine: dict) -> None:
     gate = engine["gate"]
-    candidate.status, candidate.engine = "passed", engine["engine"]
+    candidate.status, candidate.engine = "passed", str(Path(engine["engine"]).resolve())
     candidate.val_dice, candidate.val_drop_points = gate["engine_dice"], gate["drop_points"]
     candidate.nodes_kept_in_float = len(gate["nodes_kept_in_float"])
     candidate.qat = bool(engine.get("qat"))
@@ -169,13 +195,14 @@ def _record(candidate: Candidate, engine: dict) -> None:
 def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Candidate]:
     """Build (or reuse) every candidate; `state` is the saved ladder of a previous run, updated as we go."""
     started = time.monotonic()
+    checkpoint_sha256 = sha256_file(checkpoint)
     deadline = None if opts.budget_minutes is None else started + opts.budget_minutes * 60
     models = [("unpruned", checkpoint)]
     candidates: list[Candidate] = []
 
     def save() -> None:
-        write_json_atomic(opts.out / "ladder.json", {"checkpoint": str(checkpoint), "export_graph": EXPORT_GRAPH,
-                                                     "candidates": [asdict(c) for c in candidates]})
+        write_json_atomic(opts.out / "ladder.json", {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256, "export_graph": EXPORT_GRAPH,
+                                                     "paths": PATHS_RELATIVE, "candidates": [_stored(asdict(c), opts.out) for c in candidates]})
 
     def over_budget() -> bool:
         return deadline is not None and time.monotonic() > deadline
@@ -197,7 +224,7 @@ def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Ca
         name, path = models[-1]
         fp32_failed = False
         for backend, precision in opts.ladder:
-            candidate = Candidate(name, str(path), backend, precision)
+            candidate = Candidate(name, str(Path(path).resolve()), backend, precision)
             candidates.append(candidate)
             previous = state.get(candidate.key)
             ok, reason = _available(backend, precision)
@@ -277,10 +304,12 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
     state = {}
     if ladder_file.is_file():
         saved = json.loads(ladder_file.read_text())
-        if saved.get("checkpoint") != str(checkpoint):
+        same = saved["checkpoint_sha256"] == sha256_file(checkpoint) if saved.get("checkpoint_sha256") else saved.get("checkpoint") == str(checkpoint)
+        if not same:
             raise LggError(f"{opts.out} holds the optimization of {saved.get('checkpoint')}, not {checkpoint}: choose another --out")
         if saved.get("export_graph", 1) == EXPORT_GRAPH:
-            state = {candidate_key(c): c for c in saved["candidates"]}
+            loaded = [_loaded(c, opts.out, saved.get("paths") == PATHS_RELATIVE) for c in saved["candidates"]]
+            state = {candidate_key(c): c for c in loaded}
         else:  # engines of an older export form: rebuilt (pruned checkpoints are still reused)
             console.print(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
     started = time.perf_counter()

@@ -67,6 +67,32 @@ def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
     assert [c["reason"] for c in third["candidates"]] == [c["reason"] for c in again["candidates"]]
 
 
+def test_a_moved_output_folder_is_reused_and_timed_from_where_it_now_lies(optimized, segmenting_run, tmp_path, monkeypatch):
+    """ladder.json keeps the paths inside --out relative to it: a copied or moved folder reuses its own engines."""
+    import dataclasses
+    import shutil
+
+    summary, opts = optimized
+    moved = tmp_path / "moved"
+    shutil.copytree(opts.out, moved)
+    stored = json.loads((moved / "ladder.json").read_text())["candidates"]
+    assert all(not c["engine"] or c["engine"].startswith("engines/") for c in stored)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt a candidate the copied folder holds")
+
+    monkeypatch.setattr(optimize_module, "_build", no_build)
+    monkeypatch.setattr("lggdeploy.models.prune.prune_checkpoint", no_build)
+    shutil.rmtree(opts.out / "engines")  # what the original folder held is gone: only the copy's files can serve
+    try:
+        again = optimize(segmenting_run.best_path, dataclasses.replace(opts, out=moved))
+    finally:
+        shutil.copytree(moved / "engines", opts.out / "engines")
+    passed = [c for c in again["candidates"] if c["status"] == "passed"]
+    assert [c["status"] for c in again["candidates"]] == [c["status"] for c in summary["candidates"]]
+    assert passed and all(c["engine"].startswith(str(moved.resolve())) and c["latency_ms_per_image"].keys() == {"1", "2"} for c in passed)
+
+
 def test_a_rung_whose_default_engine_format_changed_is_built_again(optimized, segmenting_run, tmp_path, monkeypatch):
     """A ladder saved when this rung's INT8 engine had another profile (as OpenVINO's did before its own profile) or
     before formats were recorded: that rung is built again in today's format; the FP32 rung before it is reused."""
