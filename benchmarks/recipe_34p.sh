@@ -72,3 +72,6 @@ OUT=$RES/effb7-256-amx RUNS=$RUNS/effb7-256-amx DATA=$DATA bash benchmarks/train
 # against recomputed ones for both runs (results/recipe/bn-momentum/).
 OUT=$RES/effb7-256-bnm RUNS=$RUNS/effb7-256-bnm DATA=$DATA bash benchmarks/train_cpu.sh unet-effb7 1000 --encoder-weights random --budget-minutes 30 --seed 7
 .venv/bin/python benchmarks/recompute_bn.py $RUNS/effb7-256-amx/unet-effb7/best.pt $RUNS/effb7-256-bnm/unet-effb7/best.pt --data "$DATA" --out "$RES/bn-momentum/recompute_bn.json"
+# 2026-12-02, an AMD EPYC with AVX2 only (no VNNI, no BF16; issue 12's machine kind): D7-s7's command again, the model of
+# results/optimize-epyc/ (nine 186-229 s epochs in the 30 minutes instead of the AMX CPU's eighteen).
+OUT=$RES/epyc-30min-seed7 RUNS=$RUNS/epyc-30min-seed7 DATA=$DATA bash benchmarks/train_cpu.sh pspnet-scratch 1000 --budget-minutes 30 --seed 7
