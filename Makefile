@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch/torchvision from this machine's disk (a CUDA build that also runs on the CPU); pip, not uv.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-slow install clean
 
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,10 @@ demo: install
 	$(VENV)/bin/lggdeploy demo --out demo
 
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -m "not slow"
 
-test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+test-slow: install
+	$(PY) -m pytest -q --durations=10 -m slow
 
 clean:
 	rm -rf $(VENV) demo runs

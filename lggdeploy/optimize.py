@@ -306,7 +306,8 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         saved = json.loads(ladder_file.read_text())
         same = saved["checkpoint_sha256"] == sha256_file(checkpoint) if saved.get("checkpoint_sha256") else saved.get("checkpoint") == str(checkpoint)
         if not same:
-            raise LggError(f"{opts.out} holds the optimization of {saved.get('checkpoint')}, not {checkpoint}: choose another --out")
+            other = "another version of it (its sha256 differs)" if saved.get("checkpoint") == str(checkpoint) else saved.get("checkpoint")
+            raise LggError(f"{opts.out} holds the optimization of {other}, not {checkpoint}: choose another --out")
         if saved.get("export_graph", 1) == EXPORT_GRAPH:
             loaded = [_loaded(c, opts.out, saved.get("paths") == PATHS_RELATIVE) for c in saved["candidates"]]
             state = {candidate_key(c): c for c in loaded}

@@ -186,6 +186,7 @@ def test_a_failing_int8_search_stops_at_the_deadline_without_writing(segmenting_
     assert discover(tmp_path) == [] and not list(tmp_path.rglob("onnxruntime-int8*"))
 
 
+@pytest.mark.slow
 def test_an_all_background_model_is_judged_by_agreement(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     ckpt = load_checkpoint(segmenting_run.best_path)
     ckpt.pop("path")
@@ -304,6 +305,7 @@ def test_build_flags_are_checked_before_any_work(segmenting_run, phantom_dir, tm
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 
+@pytest.mark.slow
 def test_an_export_of_an_older_graph_form_is_redone_and_a_current_one_reused(segmenting_run, phantom_dir, tmp_path):
     import json
 

@@ -187,6 +187,14 @@ def test_bad_options_are_one_line(segmenting_run, tmp_path):
                           (["--prune-ratios", "a,b"], "comma-separated numbers")):
         result = runner.invoke(app, ["optimize", str(segmenting_run.best_path), "-o", str(tmp_path / "o"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    out = tmp_path / "other"  # a folder holding the ladder of another checkpoint, or of an earlier version of this one
+    out.mkdir()
+    for saved, message in (({"checkpoint": "elsewhere/best.pt"}, "the optimization of elsewhere/best.pt, not"),
+                           ({"checkpoint": str(segmenting_run.best_path), "checkpoint_sha256": "0" * 64}, "another version of it (its sha256 differs)")):
+        (out / "ladder.json").write_text(json.dumps({**saved, "candidates": []}))
+        result = runner.invoke(app, ["optimize", str(segmenting_run.best_path), "-o", str(out)])
+        assert result.exit_code != 0 and message in " ".join(result.output.split()) and "choose another --out" in " ".join(result.output.split())
+        assert "Traceback" not in result.output
 
 
 def test_a_candidate_stopped_by_the_budget_is_searched_again_by_a_rerun(segmenting_run, phantom_dir, tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ def test_pruned_model_keeps_its_output_shape_and_gets_smaller(name):
         assert grouped and all(m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0 for m in grouped)
 
 
+@pytest.mark.slow
 def test_pruned_checkpoint_round_trip_export_and_accumulating_recipe(segmenting_run, phantom_dir, tmp_path):
     first = prune_checkpoint(segmenting_run.best_path, 0.3, tmp_path / "p30", finetune_epochs=1, data=phantom_dir)
     ckpt = load_checkpoint(first)

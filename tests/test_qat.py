@@ -15,33 +15,44 @@ from lggdeploy.models.checkpoint import load_checkpoint
 
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed (pip install 'lggdeploy[qat]')")
 
-# One calibration slice gives ranges that fit the other slices badly: post-training INT8 agrees with the FP32
-# masks at about 0.90 on the phantom val patient and loses 2.6 points (the same with QAT's fine-tuning removed);
-# QAT (distilled from the FP32 model, 2 epochs) agrees at about 0.93 and loses 1.7, with nothing in float
-# (measured on the FP32-trained fixture, 2026-11-28).
-CRITERIA = dict(calib_samples=1, min_agreement=0.915, max_drop=2.0, max_patient_drop=2.0)
+# One calibration slice gives ranges that fit the other slices badly. The fixture model's exact numbers depend on the
+# CPU it was trained on (FP32 on AVX2 and on AVX-512 kernels ends in different weights): post-training INT8 agreed with
+# the FP32 masks at 0.90 on an AVX-512 Xeon (2026-11-28) and at 0.95 on an AVX2 EPYC (2026-12-02); QAT (distilled
+# from the FP32 model, 2 epochs) at 0.93 and 0.96, with nothing in float. So the bound is set 0.005 above what
+# post-training INT8 reaches on this machine: post-training fails it, QAT must do better.
+CRITERIA = dict(calib_samples=1, max_drop=2.0, max_patient_drop=2.0)
+QAT_MARGIN = 0.005
 
 
-def build(run, data, out, **kw):
-    report = build_engines([run.best_path], BuildOptions(out_dir=out, data=data, precision="int8", int8_profile="tensorrt", qat_epochs=2, **CRITERIA, **kw))
-    return report
+def build(run, data, out, criteria, **kw):
+    return build_engines([run.best_path], BuildOptions(out_dir=out, data=data, precision="int8", int8_profile="tensorrt", qat_epochs=2, **criteria, **kw))
 
 
 @pytest.fixture(scope="module")
-def qat_engine(segmenting_run, phantom_dir, tmp_path_factory):
+def criteria(segmenting_run, phantom_dir, tmp_path_factory):
+    """The gate's bounds, with the agreement bound just above what post-training INT8 reaches here."""
+    probe = dict(calib_samples=1, min_agreement=0.0, max_drop=100.0, max_patient_drop=100.0)  # passes at once: no fallback search
+    report = build(segmenting_run, phantom_dir, tmp_path_factory.mktemp("ptq"), probe, qat="off")
+    ptq = read_manifest(report.engines[0]["engine"])["gate"]["min_agreement"]
+    assert ptq < 1 - QAT_MARGIN, f"post-training INT8 already agrees at {ptq}: nothing for QAT to fix"
+    return dict(CRITERIA, min_agreement=round(ptq + QAT_MARGIN, 4))
+
+
+@pytest.fixture(scope="module")
+def qat_engine(segmenting_run, phantom_dir, criteria, tmp_path_factory):
     out = tmp_path_factory.mktemp("qat")
-    report = build(segmenting_run, phantom_dir, out)
+    report = build(segmenting_run, phantom_dir, out, criteria)
     assert not report.failures, report.failures
     return out, report.engines[0]
 
 
-def test_ptq_fails_the_gate_and_qat_passes_with_nothing_in_float(qat_engine, segmenting_run):
+def test_ptq_fails_the_gate_and_qat_passes_with_nothing_in_float(qat_engine, criteria, segmenting_run):
     out, engine = qat_engine
     manifest = read_manifest(engine["engine"])
     ptq = manifest["post_training_gate"]
-    assert ptq["passed"] is False and ptq["min_agreement"] < CRITERIA["min_agreement"]
+    assert ptq["passed"] is False and ptq["min_agreement"] < criteria["min_agreement"]
     gate = manifest["gate"]
-    assert gate["passed"] and gate["nodes_kept_in_float"] == [] and gate["min_agreement"] >= CRITERIA["min_agreement"]
+    assert gate["passed"] and gate["nodes_kept_in_float"] == [] and gate["min_agreement"] >= criteria["min_agreement"]
     assert gate["min_agreement"] > ptq["min_agreement"]
     record = manifest["qat"]
     ckpt = load_checkpoint(segmenting_run.best_path)
@@ -73,23 +84,23 @@ def test_the_qat_graph_keeps_the_tensorrt_profile_rules(qat_engine):
     assert weights == sum(n.op_type == "Conv" for n in model.graph.node)
 
 
-def test_a_second_build_reuses_the_qat_model(qat_engine, segmenting_run, phantom_dir, monkeypatch):
+def test_a_second_build_reuses_the_qat_model(qat_engine, criteria, segmenting_run, phantom_dir, monkeypatch):
     out, first = qat_engine
 
     def no_training(*args, **kwargs):
         raise AssertionError("QAT ran again although its model was kept")
 
     monkeypatch.setattr(qat, "finetune", no_training)
-    report = build(segmenting_run, phantom_dir, out)
+    report = build(segmenting_run, phantom_dir, out, criteria)
     again = read_manifest(report.engines[0]["engine"])
     assert again["qat"]["reused"] is True and again["qat"]["checkpoint_sha256"] == first["qat"]["checkpoint_sha256"]
     assert again["sha256"] == first["sha256"]  # same QAT model, same cached ranges: the same engine
 
 
-def test_a_qat_that_does_nothing_does_not_pass_without_float_nodes(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+def test_a_qat_that_does_nothing_does_not_pass_without_float_nodes(segmenting_run, phantom_dir, criteria, tmp_path, monkeypatch):
     """The negative control: with the fine-tuning step removed, the same build needs nodes in float or fails."""
     monkeypatch.setattr(qat, "finetune", lambda *args, **kwargs: [])
-    report = build(segmenting_run, phantom_dir, tmp_path)
+    report = build(segmenting_run, phantom_dir, tmp_path, criteria)
     if report.engines:
         assert read_manifest(report.engines[0]["engine"])["gate"]["nodes_kept_in_float"]
     else:

@@ -91,6 +91,7 @@ def test_threshold_choice_moves_only_for_a_real_gain():
     assert thresholds.tune(calibrated, masks, patients, default=0.5)["threshold"] == 0.5
 
 
+@pytest.mark.slow
 def test_tuned_threshold_is_stored_and_used_end_to_end(segmenting_run, phantom_dir, tmp_path):
     """A run with tuning writes the chosen threshold into best.pt; eval on the val patients reproduces the Dice
     the tuning measured at that threshold; export, the engine's manifest and the runtime carry it."""

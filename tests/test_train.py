@@ -157,6 +157,7 @@ def test_bad_training_options_are_clear(phantom_dir, tmp_path):
         train(TrainConfig(model="unet-effb9", data=phantom_dir, out=tmp_path / "c", img_size=64))
 
 
+@pytest.mark.slow
 def test_ddp_through_torchrun_on_cpu(phantom_dir, tmp_path):
     """Two gloo processes on the CPU: the same code path multi-GPU training takes with nccl."""
     out = tmp_path / "ddp"
