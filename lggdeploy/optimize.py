@@ -192,10 +192,9 @@ def _record(candidate: Candidate, engine: dict) -> None:
     candidate.build_seconds = engine.get("build_seconds")
 
 
-def walk_ladder(checkpoint: Path, opts: OptimizeOptions, state: dict) -> list[Candidate]:
+def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions, state: dict) -> list[Candidate]:
     """Build (or reuse) every candidate; `state` is the saved ladder of a previous run, updated as we go."""
     started = time.monotonic()
-    checkpoint_sha256 = sha256_file(checkpoint)
     deadline = None if opts.budget_minutes is None else started + opts.budget_minutes * 60
     models = [("unpruned", checkpoint)]
     candidates: list[Candidate] = []
@@ -301,10 +300,11 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
     ckpt = load_checkpoint(checkpoint)
     ensure_folder(opts.out)
     ladder_file = opts.out / "ladder.json"
+    checkpoint_sha256 = sha256_file(checkpoint)
     state = {}
     if ladder_file.is_file():
         saved = json.loads(ladder_file.read_text())
-        same = saved["checkpoint_sha256"] == sha256_file(checkpoint) if saved.get("checkpoint_sha256") else saved.get("checkpoint") == str(checkpoint)
+        same = saved["checkpoint_sha256"] == checkpoint_sha256 if saved.get("checkpoint_sha256") else saved.get("checkpoint") == str(checkpoint)
         if not same:
             other = "another version of it (its sha256 differs)" if saved.get("checkpoint") == str(checkpoint) else saved.get("checkpoint")
             raise LggError(f"{opts.out} holds the optimization of {other}, not {checkpoint}: choose another --out")
@@ -314,7 +314,7 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         else:  # engines of an older export form: rebuilt (pruned checkpoints are still reused)
             console.print(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
     started = time.perf_counter()
-    candidates = walk_ladder(checkpoint, opts, state)
+    candidates = walk_ladder(checkpoint, checkpoint_sha256, opts, state)
     passed = [c for c in candidates if c.status == "passed"]
     if not passed:
         raise GateFailed(f"no candidate kept accuracy within {opts.max_drop} points; see {ladder_file}")
@@ -330,7 +330,7 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         "format": "lggdeploy-optimize",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256,
         "model": ckpt["model"]["name"],
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "criteria": {"max_mean_drop_points": opts.max_drop, "max_patient_drop_points": opts.max_patient_drop, "min_agreement": opts.min_agreement, "against": "the unpruned PyTorch FP32 model, val split"},
