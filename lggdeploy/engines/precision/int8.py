@@ -13,7 +13,10 @@
   (NNCF) puts its FakeQuantize nodes. A quantized output leaves a convolution's activation (SiLU, sigmoid gates,
   residual adds) between a DequantizeLinear and the next QuantizeLinear, which OpenVINO runs as separate float
   kernels instead of fusing it into the int8 convolution: the EfficientNet-B7 UNet spent a quarter of its time
-  there and ran slower than its BF16 engine (benchmarks/results/openvino-int8-placement/).
+  there and ran slower than its BF16 engine (benchmarks/results/openvino-int8-placement/). And full 8-bit weights
+  on every CPU: on an AVX2-only CPU, 7-bit weights (the cpu profile's reduce_range) cost OpenVINO accuracy and
+  bought no speed — least val mask agreement 0.904 against 0.974, logit SQNR 28.4 against 34.8 dB, same
+  ms/image (benchmarks/results/int8-weight-range/).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = No
     if profile == "tensorrt":
         return Int8Recipe("tensorrt", "int8", "int8", True, False, True, ("Conv", "ConvTranspose", "MatMul", "Gemm"), quantize_bias=False, quantize_outputs=False)
     if profile == "openvino":
-        return replace(recipe_for("cpu", isa, arch), profile="openvino", quantize_outputs=False)
+        return replace(recipe_for("cpu", isa, arch), profile="openvino", quantize_outputs=False, reduce_range=False)
     if profile == "cpu":
         from lggdeploy.common.machine import cpu_info
 
@@ -103,8 +106,10 @@ def quantize(
     method: str,
     cache_path: Path,
     nodes_to_exclude: list[str] | None = None,
+    tensor_overrides: dict | None = None,
 ) -> Path:
-    """Write a Q/DQ INT8 model. Ranges come from `cache_path` when it exists (no recalibration)."""
+    """Write a Q/DQ INT8 model. Ranges come from `cache_path` when it exists (no recalibration).
+    `tensor_overrides`: ONNX Runtime's TensorQuantOverrides (per tensor: reduce_range, axis, ...)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from lggdeploy.common.files import atomic_path
@@ -120,6 +125,8 @@ def quantize(
         extra["OpTypesToExcludeOutputQuantization"] = list(recipe.op_types or ())
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
+    if tensor_overrides:
+        extra["TensorQuantOverrides"] = tensor_overrides
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     if reader is not None and hasattr(reader, "rewind"):
         reader.rewind()  # a reader another call has read to its end would give no data

@@ -1,0 +1,122 @@
+"""OpenVINO INT8 on a CPU without VNNI: 7-bit weights everywhere, on the first convolution only, or nowhere.
+
+usage: .venv/bin/python benchmarks/int8_weight_range.py CKPT --data DATA --out OUT [--rounds 10] [--threads 2]
+
+Without VNNI an x86 int8 convolution multiplies uint8 activations by int8 weights in pairs summed into int16
+(vpmaddubsw), which can saturate: 2 x 255 x 127 > 32767. ONNX Runtime's guidance is `reduce_range` (7-bit weights,
+every layer) on such CPUs, which lggdeploy's `cpu` INT8 profile follows and its `openvino` profile inherited. NNCF,
+OpenVINO's own quantizer, applies the same fix to the first layer only by default (`OverflowFix.FIRST_LAYER`).
+
+The three variants are quantized from one export and ONE calibration cache (identical activation ranges: only the
+weights differ), compiled by lggdeploy's OpenVINO runner, run on the checkpoint's val and test patients and judged
+against the PyTorch FP32 model as the accuracy gate judges (per-patient Dice, drop, agreement with the FP32 masks,
+logit SQNR), then timed interleaved at batch 8 on the same val slices. Writes OUT/int8_weight_range.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lggdeploy.backends.openvino import OpenVinoRunner
+from lggdeploy.bench.run import interleaved_times
+from lggdeploy.common.machine import machine_info
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.data.transforms import preprocess
+from lggdeploy.engines.export import export_onnx
+from lggdeploy.engines.precision import calibration, int8
+from lggdeploy.engines.precision.gate import GateCriteria, Reference, run_on_slices
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
+from lggdeploy.models.torch_runner import TorchRunner
+
+VARIANTS = (("7-bit weights, every convolution (ONNX Runtime's reduce_range; the profile before this study)", "all"),
+            ("7-bit weights, first convolution only (NNCF's default overflow fix)", "first"),
+            ("8-bit weights everywhere", "none"))
+
+
+def first_conv_weight(path: Path) -> str:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return next(n.input[1] for n in graph.node if n.op_type == "Conv")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib-samples", type=int, default=32)  # build's default
+    args = parser.parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    split, norm, size, threshold = split_of(ckpt), normalization_of(ckpt), ckpt["img_size"], ckpt["threshold"]
+    dataset = load_dataset(args.data)
+    slices = {name: load_slices(dataset, getattr(split, name)) for name in ("val", "test")}
+    base = int8.recipe_for("openvino")
+    work = Path(tempfile.mkdtemp(prefix="int8-range-"))
+    fp32 = work / "model.onnx"
+    export_onnx(model_from_checkpoint(ckpt), fp32, size)
+    prepared = int8.preprocess_for_quantization(fp32, work / "prepared.onnx")
+    chosen = calibration.pick_calibration_slices(slices["val"], args.calib_samples)
+    reader = calibration.make_reader(chosen, size, norm)
+    cache = work / "calibration.json"
+    first = first_conv_weight(prepared)
+    torch_runner = TorchRunner(model_from_checkpoint(ckpt))
+    refs = {name: Reference(run_on_slices(torch_runner, s, size, norm, threshold, f"pytorch fp32 {name}"), s, GateCriteria()) for name, s in slices.items()}
+    runners, rows = {}, []
+    for label, where in VARIANTS:
+        recipe = replace(base, reduce_range=where == "all")
+        overrides = {first: [{"axis": 0, "reduce_range": True}]} if where == "first" else None
+        path = int8.quantize(prepared, work / f"int8-{where}.onnx", recipe, reader, "minmax", cache, tensor_overrides=overrides)
+        runner = OpenVinoRunner(path, "f32", args.threads)
+        runners[where] = runner
+        row = {"variant": label, "reduce_range": where}
+        for name, s in slices.items():
+            result = refs[name].judge(run_on_slices(runner, s, size, norm, threshold, f"{where} {name}"))
+            row[name] = {"patients": len(result.per_patient), "fp32_dice": result.fp32_dice, "engine_dice": result.engine_dice,
+                         "drop_points": result.drop_points, "worst_patient_drop_points": result.worst["drop_points"],
+                         "min_agreement": result.least_agreement["agreement"], "mean_agreement": float(np.mean([r["agreement"] for r in result.per_patient])),
+                         "min_logit_sqnr_db": min(r["logit_sqnr_db"] for r in result.per_patient),
+                         "passes_gate": result.passed, "per_patient": result.per_patient}
+        rows.append(row)
+    x = preprocess(slices["val"].images[:8], size, norm)
+    for r in runners.values():
+        r.infer(x), r.infer(x)
+    seconds = interleaved_times([functools.partial(r.infer, x) for r in runners.values()], args.rounds, np.random.default_rng(0))
+    for row, t in zip(rows, seconds):
+        row["ms_per_image_b8"] = round(float(np.median(t)) * 1000 / 8, 2)
+    for r in runners.values():
+        r.close()
+    info = machine_info()
+    cpu = info["cpu"]
+    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "int8_weight_range.json").write_text(json.dumps({"date": when, "machine": info, "checkpoint": str(args.checkpoint),
+                                                               "calibration": {"split": "val", "samples": len(chosen), "method": "minmax"},
+                                                               "first_conv_weight": first, "rows": rows}, indent=2))
+    lines = [f"OpenVINO INT8 (openvino profile), weight range; `{args.checkpoint}`; {cpu.get('model')}, {args.threads} threads "
+             f"({', '.join(cpu.get('isa', []))}); {when}. One calibration cache ({len(chosen)} val slices, minmax) for all three. "
+             f"Against the PyTorch FP32 model; n = {len(split.val)} val / {len(split.test)} test patients. Batch 8, median of {args.rounds} interleaved rounds.", "",
+             "| weights | split | Dice/patient (FP32) | drop (pts) | worst patient drop | least agreement | mean agreement | least logit SQNR (dB) | gate | ms/img b8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for name in ("val", "test"):
+            r = row[name]
+            lines.append(f"| {row['variant']} | {name} | {r['engine_dice']:.4f} ({r['fp32_dice']:.4f}) | {r['drop_points']:.2f} | {r['worst_patient_drop_points']:.2f} | "
+                         f"{r['min_agreement']:.4f} | {r['mean_agreement']:.4f} | {r['min_logit_sqnr_db']:.1f} | {'passes' if r['passes_gate'] else 'fails'} | "
+                         f"{row['ms_per_image_b8'] if name == 'val' else ''} |")
+    (args.out / "int8_weight_range.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
