@@ -75,3 +75,17 @@ def manifest_for(engine, source_engine, **changes):
     manifest = read_manifest(source_engine)
     manifest.pop("format"), manifest.pop("version")
     return write_manifest(engine, dict(manifest, **changes, sha256=sha256_file(engine)))
+
+
+class BatchReader:
+    """An ONNX Runtime calibration reader over a (N, C, H, W) array, one image per call."""
+
+    def __init__(self, batch):
+        self.items, self.position = [{"input": batch[i : i + 1]} for i in range(len(batch))], 0
+
+    def get_next(self):
+        self.position += 1
+        return self.items[self.position - 1] if self.position <= len(self.items) else None
+
+    def rewind(self):
+        self.position = 0

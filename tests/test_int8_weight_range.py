@@ -11,21 +11,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from tests.conftest import BatchReader
+
 AVX2_ONLY = {"isa": ["avx2", "fma"], "arch": "x86_64"}
 VNNI = {"isa": ["avx2", "fma", "avx512f", "avx512_vnni"], "arch": "x86_64"}
-
-
-class _Reader:
-    def __init__(self, batch):
-        self.items = [{"input": batch[i : i + 1]} for i in range(len(batch))]
-        self.position = 0
-
-    def get_next(self):
-        self.position += 1
-        return self.items[self.position - 1] if self.position <= len(self.items) else None
-
-    def rewind(self):
-        self.position = 0
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,7 @@ def quantized(prepared, profile: str, cpu: dict, name: str, **kwargs):
 
     graph, batch, tmp = prepared
     recipe = int8.recipe_for(profile, **cpu)
-    return recipe, int8.quantize(graph, tmp / f"{name}.onnx", recipe, _Reader(batch), "minmax", tmp / f"{name}-cache.json", **kwargs)
+    return recipe, int8.quantize(graph, tmp / f"{name}.onnx", recipe, BatchReader(batch), "minmax", tmp / f"{name}-cache.json", **kwargs)
 
 
 def test_cpu_profile_reduces_weights_to_7_bits_only_without_vnni(prepared):

@@ -5,20 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.conftest import BatchReader
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-
-class _Reader:
-    def __init__(self, batch):
-        self.items, self.position = [{"input": batch[i : i + 1]} for i in range(len(batch))], 0
-
-    def get_next(self):
-        self.position += 1
-        return self.items[self.position - 1] if self.position <= len(self.items) else None
-
-    def rewind(self):
-        self.position = 0
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +29,7 @@ def graphs(tmp_path_factory):
     torch.onnx.export(net, torch.from_numpy(batch[:1]), tmp / "float.onnx", input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
     prepared = int8.preprocess_for_quantization(tmp / "float.onnx", tmp / "prepared.onnx")
     recipe = int8.recipe_for("cpu", isa=["avx512_vnni"], arch="x86_64")
-    qdq_path = int8.quantize(prepared, tmp / "qdq.onnx", recipe, _Reader(batch), "minmax", tmp / "cache.json")
+    qdq_path = int8.quantize(prepared, tmp / "qdq.onnx", recipe, BatchReader(batch), "minmax", tmp / "cache.json")
     qdq = onnx.load(str(qdq_path))
     convs = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
     victim = convs[3]
