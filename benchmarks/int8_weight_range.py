@@ -1,6 +1,9 @@
-"""OpenVINO INT8 on a CPU without VNNI: 7-bit weights everywhere, on the first convolution only, or nowhere.
+"""INT8 on a CPU without VNNI: 7-bit weights everywhere, on the first convolution only, or nowhere.
 
-usage: .venv/bin/python benchmarks/int8_weight_range.py CKPT --data DATA --out OUT [--rounds 10] [--threads 2]
+usage: .venv/bin/python benchmarks/int8_weight_range.py CKPT --data DATA --out OUT [--profile openvino|cpu] [--rounds 10] [--threads 2]
+
+--profile openvino (default): the openvino profile's graphs run by OpenVINO; --profile cpu: the cpu profile's graphs
+run by ONNX Runtime (the runtime each profile is for).
 
 Without VNNI an x86 int8 convolution multiplies uint8 activations by int8 weights in pairs summed into int16
 (vpmaddubsw), which can saturate: 2 x 255 x 127 > 32767. ONNX Runtime's guidance is `reduce_range` (7-bit weights,
@@ -26,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.openvino import OpenVinoRunner
+from lggdeploy.backends.base import RunOptions
 from lggdeploy.bench.run import interleaved_times
 from lggdeploy.common.machine import machine_info
 from lggdeploy.data.arrays import load_slices
@@ -38,7 +43,7 @@ from lggdeploy.engines.precision.gate import GateCriteria, Reference, run_on_sli
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.torch_runner import TorchRunner
 
-VARIANTS = (("7-bit weights, every convolution (ONNX Runtime's reduce_range; the profile before this study)", "all"),
+VARIANTS = (("7-bit weights, every convolution (ONNX Runtime's reduce_range)", "all"),
             ("7-bit weights, first convolution only (NNCF's default overflow fix)", "first"),
             ("8-bit weights everywhere", "none"))
 
@@ -55,13 +60,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", choices=("openvino", "cpu"), default="openvino")
     parser.add_argument("--calib-samples", type=int, default=32)  # build's default
     args = parser.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     split, norm, size, threshold = split_of(ckpt), normalization_of(ckpt), ckpt["img_size"], ckpt["threshold"]
     dataset = load_dataset(args.data)
     slices = {name: load_slices(dataset, getattr(split, name)) for name in ("val", "test")}
-    base = int8.recipe_for("openvino")
+    base = int8.recipe_for(args.profile)
     work = Path(tempfile.mkdtemp(prefix="int8-range-"))
     fp32 = work / "model.onnx"
     export_onnx(model_from_checkpoint(ckpt), fp32, size)
@@ -77,7 +83,7 @@ def main() -> None:
         recipe = replace(base, reduce_range=where == "all")
         overrides = {first: [{"axis": 0, "reduce_range": True}]} if where == "first" else None
         path = int8.quantize(prepared, work / f"int8-{where}.onnx", recipe, reader, "minmax", cache, tensor_overrides=overrides)
-        runner = OpenVinoRunner(path, "f32", args.threads)
+        runner = OpenVinoRunner(path, "f32", args.threads) if args.profile == "openvino" else ort_backend.load(path, options=RunOptions(threads=args.threads, spin=False))
         runners[where] = runner
         row = {"variant": label, "reduce_range": where}
         for name, s in slices.items():
@@ -100,10 +106,11 @@ def main() -> None:
     cpu = info["cpu"]
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_weight_range.json").write_text(json.dumps({"date": when, "machine": info, "checkpoint": str(args.checkpoint),
+    (args.out / "int8_weight_range.json").write_text(json.dumps({"date": when, "machine": info, "checkpoint": str(args.checkpoint), "profile": args.profile,
                                                                "calibration": {"split": "val", "samples": len(chosen), "method": "minmax"},
                                                                "first_conv_weight": first, "rows": rows}, indent=2))
-    lines = [f"OpenVINO INT8 (openvino profile), weight range; `{args.checkpoint}`; {cpu.get('model')}, {args.threads} threads "
+    runtime = "OpenVINO" if args.profile == "openvino" else "ONNX Runtime"
+    lines = [f"{runtime} INT8 ({args.profile} profile), weight range; `{args.checkpoint}`; {cpu.get('model')}, {args.threads} threads "
              f"({', '.join(cpu.get('isa', []))}); {when}. One calibration cache ({len(chosen)} val slices, minmax) for all three. "
              f"Against the PyTorch FP32 model; n = {len(split.val)} val / {len(split.test)} test patients. Batch 8, median of {args.rounds} interleaved rounds.", "",
              "| weights | split | Dice/patient (FP32) | drop (pts) | worst patient drop | least agreement | mean agreement | least logit SQNR (dB) | gate | ms/img b8 |",
