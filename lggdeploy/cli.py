@@ -375,6 +375,7 @@ def optimize_cmd(
     budget_minutes: Optional[float] = typer.Option(None, help="after this many minutes no new candidate is started and a failing INT8 search stops before its next rebuild (what passed is still timed; a rerun continues)"),
     prune_ratios: str = typer.Option("0.3", help="comma-separated structured pruning ratios to try ('' for none)"),
     prune_epochs: int = typer.Option(2, help="fine-tuning epochs after pruning (distilled from the unpruned model)"),
+    prune_lr: float = typer.Option(1e-4, help="fine-tuning learning rate after pruning (warm-up, then cosine)"),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune pruned models against the unpruned model's outputs"),
     qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto, always or off"),
     qat_epochs: int = typer.Option(1, help="QAT epochs when post-training INT8 fails (0: no QAT)"),
@@ -387,7 +388,7 @@ def optimize_cmd(
     from lggdeploy.optimize import OptimizeOptions, optimize
 
     opts = OptimizeOptions(out=out_dir, data=data, max_drop=max_drop, max_patient_drop=max_patient_drop, min_agreement=min_agreement,
-                           budget_minutes=budget_minutes, prune_ratios=_floats(prune_ratios, "--prune-ratios"), prune_epochs=prune_epochs,
+                           budget_minutes=budget_minutes, prune_ratios=_floats(prune_ratios, "--prune-ratios"), prune_epochs=prune_epochs, prune_lr=prune_lr,
                            distill=distill, qat=qat, qat_epochs=qat_epochs, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
                            iters=iters, threads=threads)
     summary = optimize(checkpoint, opts)

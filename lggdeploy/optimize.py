@@ -65,6 +65,8 @@ class OptimizeOptions:
             raise LggError(f"--prune-ratios must lie strictly between 0 and 1, got {', '.join(map(str, self.prune_ratios))}")
         if self.prune_ratios and self.prune_epochs < 1:
             raise LggError("pruning without fine-tuning loses most of the accuracy: give --prune-epochs 1 or more, or --prune-ratios ''")
+        if self.prune_ratios and not self.prune_lr > 0:
+            raise LggError(f"--prune-lr must be positive, got {self.prune_lr}")
         if self.batch not in self.batch_sizes:
             raise LggError(f"--batch {self.batch} must be one of the timed batch sizes {self.batch_sizes}")
 
@@ -159,15 +161,39 @@ def _pruned(checkpoint: Path, ratio: float, opts: OptimizeOptions) -> Path:
     """The pruned, fine-tuned checkpoint of one ratio (reused when a previous run made it)."""
     from lggdeploy.models.prune import prune_checkpoint
 
-    folder = opts.out / "pruned" / f"ratio{int(round(ratio * 100))}"
-    if (folder / "best.pt").is_file() and (folder / "done.json").is_file():
+    folder = _pruned_folder(opts, ratio)
+    if (folder / "best.pt").is_file() and (folder / "done.json").is_file():  # its fine-tuning was checked by check_pruned_models
         console.print(f"optimize: reusing {folder / 'best.pt'}")
         return folder / "best.pt"
     if folder.exists():
         shutil.rmtree(folder)  # a run killed while pruning: start that ratio again
     path = prune_checkpoint(checkpoint, ratio, folder, 1, opts.prune_epochs, opts.data, opts.prune_lr, distill=opts.distill)
-    write_json_atomic(folder / "done.json", {"ratio": ratio, "sha256": sha256_file(path)})
+    write_json_atomic(folder / "done.json", {"ratio": ratio, "sha256": sha256_file(path), "finetune": _finetune(opts)})
     return path
+
+
+def _pruned_folder(opts: OptimizeOptions, ratio: float) -> Path:
+    return opts.out / "pruned" / f"ratio{int(round(ratio * 100))}"
+
+
+def _finetune(opts: OptimizeOptions) -> dict:
+    return {"epochs": opts.prune_epochs, "lr": opts.prune_lr, "distill": opts.distill}
+
+
+def _finetune_flags(finetune: dict) -> str:
+    return f"--prune-epochs {finetune['epochs']} --prune-lr {finetune['lr']:g} {'--distill' if finetune['distill'] else '--no-distill'}"
+
+
+def check_pruned_models(opts: OptimizeOptions) -> None:
+    """Before anything is built or ladder.json rewritten: a pruned model of an earlier run that was fine-tuned otherwise
+    than this run asks is neither reused nor replaced (nor are its rungs' verdicts). Runs from before this record
+    existed left no fine-tuning settings: their models are reused as they are."""
+    for ratio in opts.prune_ratios:
+        done = _pruned_folder(opts, ratio) / "done.json"
+        made = json.loads(done.read_text()).get("finetune") if done.is_file() else None
+        if made is not None and made != _finetune(opts):
+            raise LggError(f"{done.parent} was fine-tuned with {_finetune_flags(made)}; this run asks for {_finetune_flags(_finetune(opts))}: "
+                           "give the same options to resume, or choose another --out")
 
 
 def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts: OptimizeOptions, deadline: float | None = None) -> dict:
@@ -314,6 +340,7 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         else:  # engines of an older export form: rebuilt (pruned checkpoints are still reused)
             console.print(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
     started = time.perf_counter()
+    check_pruned_models(opts)
     candidates = walk_ladder(checkpoint, checkpoint_sha256, opts, state)
     passed = [c for c in candidates if c.status == "passed"]
     if not passed:

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from lggdeploy import optimize as optimize_module
 from lggdeploy.cli import app
-from lggdeploy.common.errors import GateFailed, SearchStopped
+from lggdeploy.common.errors import GateFailed, LggError, SearchStopped
 from lggdeploy.engines.formats import read_manifest
 from lggdeploy.optimize import OptimizeOptions, optimize
 
@@ -65,6 +65,24 @@ def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
     assert all("reused" in c["reason"] for c in again["candidates"] if c["status"] == "passed")
     third = optimize(segmenting_run.best_path, opts)  # reused twice: still said once
     assert [c["reason"] for c in third["candidates"]] == [c["reason"] for c in again["candidates"]]
+
+
+def test_a_pruned_model_fine_tuned_otherwise_is_not_reused(optimized, segmenting_run, monkeypatch):
+    """A rerun that asks for another fine-tune must not take the first run's pruned model (nor its verdicts) for it."""
+    import dataclasses
+
+    summary, opts = optimized
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("built or pruned before refusing")
+
+    monkeypatch.setattr(optimize_module, "_build", no_work)
+    monkeypatch.setattr("lggdeploy.models.prune.prune_checkpoint", no_work)
+    for change in ({"prune_epochs": 10}, {"prune_lr": 3e-4}, {"distill": False}):
+        with pytest.raises(LggError) as err:
+            optimize(segmenting_run.best_path, dataclasses.replace(opts, **change))
+        assert "was fine-tuned with --prune-epochs 1 --prune-lr 0.0001 --distill" in str(err.value) and "choose another --out" in str(err.value)
+    assert [c["status"] for c in optimize(segmenting_run.best_path, opts)["candidates"]] == [c["status"] for c in summary["candidates"]]
 
 
 def test_a_moved_output_folder_is_reused_and_timed_from_where_it_now_lies(optimized, segmenting_run, tmp_path, monkeypatch):
@@ -184,7 +202,8 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
 def test_bad_options_are_one_line(segmenting_run, tmp_path):
     runner = CliRunner()
     for args, message in ((["--prune-ratios", "1.5"], "strictly between 0 and 1"), (["--batch", "4"], "must be one of the timed batch sizes"),
-                          (["--prune-ratios", "a,b"], "comma-separated numbers")):
+                          (["--prune-ratios", "a,b"], "comma-separated numbers"),
+                          (["--prune-lr", "0"], "--prune-lr must be positive")):
         result = runner.invoke(app, ["optimize", str(segmenting_run.best_path), "-o", str(tmp_path / "o"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     out = tmp_path / "other"  # a folder holding the ladder of another checkpoint, or of an earlier version of this one
