@@ -54,6 +54,11 @@ def first_conv_weight(path: Path) -> str:
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="int8-range-") as tmp:
+        run(Path(tmp))
+
+
+def run(work: Path) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, required=True)
@@ -68,15 +73,15 @@ def main() -> None:
     dataset = load_dataset(args.data)
     slices = {name: load_slices(dataset, getattr(split, name)) for name in ("val", "test")}
     base = int8.recipe_for(args.profile)
-    work = Path(tempfile.mkdtemp(prefix="int8-range-"))
+    model = model_from_checkpoint(ckpt)  # exported and run as the reference (export_onnx leaves it untouched)
     fp32 = work / "model.onnx"
-    export_onnx(model_from_checkpoint(ckpt), fp32, size)
+    export_onnx(model, fp32, size)
     prepared = int8.preprocess_for_quantization(fp32, work / "prepared.onnx")
     chosen = calibration.pick_calibration_slices(slices["val"], args.calib_samples)
     reader = calibration.make_reader(chosen, size, norm)
     cache = work / "calibration.json"
     first = first_conv_weight(prepared)
-    torch_runner = TorchRunner(model_from_checkpoint(ckpt))
+    torch_runner = TorchRunner(model)
     refs = {name: Reference(run_on_slices(torch_runner, s, size, norm, threshold, f"pytorch fp32 {name}"), s, GateCriteria()) for name, s in slices.items()}
     runners, rows = {}, []
     for label, where in VARIANTS:
