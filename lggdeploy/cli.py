@@ -379,6 +379,7 @@ def optimize_cmd(
     distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune pruned models against the unpruned model's outputs"),
     qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto, always or off"),
     qat_epochs: int = typer.Option(1, help="QAT epochs when post-training INT8 fails (0: no QAT)"),
+    calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),
     batch: int = typer.Option(8, help="the batch size the fastest engine is chosen for"),
     batch_sizes: str = typer.Option("1,8", help="batch sizes timed"),
     iters: int = typer.Option(20, help="timed rounds per batch size (candidates interleaved)"),
@@ -389,7 +390,7 @@ def optimize_cmd(
 
     opts = OptimizeOptions(out=out_dir, data=data, max_drop=max_drop, max_patient_drop=max_patient_drop, min_agreement=min_agreement,
                            budget_minutes=budget_minutes, prune_ratios=_floats(prune_ratios, "--prune-ratios"), prune_epochs=prune_epochs, prune_lr=prune_lr,
-                           distill=distill, qat=qat, qat_epochs=qat_epochs, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
+                           distill=distill, qat=qat, qat_epochs=qat_epochs, calib_samples=calib_samples, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
                            iters=iters, threads=threads)
     summary = optimize(checkpoint, opts)
     print_machine_text((out_dir / "optimize.md").read_text())  # markdown as written: "[chosen]" is not console markup

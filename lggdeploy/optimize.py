@@ -15,7 +15,9 @@ per-patient Dice is written with the chosen engine — the fastest that passed a
 saying how it was found.
 
 Resumable: engines, pruned checkpoints and gate verdicts live under --out; a second run reuses what the
-first built (a failed candidate is not rebuilt either) and only re-times.
+first built (a failed candidate is not rebuilt either) and only re-times. A verdict is reused only under the gate
+criteria (and, for INT8, the calibration and QAT settings) it was reached with: a rerun asking for others judges
+that rung again.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Candidate:
     speedup_vs_pytorch: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
     engine_format: str = ""  # e.g. openvino-int8-openvino: a rung whose default format changed is built again
+    judged_with: dict = field(default_factory=dict)  # the gate criteria (and INT8 build settings) of its verdict
 
     def __post_init__(self) -> None:
         self.engine_format = self.engine_format or format_name(self.backend, self.precision)
@@ -184,6 +187,19 @@ def _finetune_flags(finetune: dict) -> str:
     return f"--prune-epochs {finetune['epochs']} --prune-lr {finetune['lr']:g} {'--distill' if finetune['distill'] else '--no-distill'}"
 
 
+def judged_with(opts: OptimizeOptions, precision: str) -> dict:
+    """What a rung's verdict depends on besides the model and the engine format: the gate's criteria, and for INT8 the
+    calibration and quantization-aware settings (a stricter gate, more calibration slices or QAT may change it)."""
+    settings = {"max_drop": opts.max_drop, "max_patient_drop": opts.max_patient_drop, "min_agreement": opts.min_agreement}
+    if precision == "int8":
+        settings |= {"calib_samples": opts.calib_samples, "qat": opts.qat, "qat_epochs": opts.qat_epochs}
+    return settings
+
+
+def _flags(settings: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+
+
 def check_pruned_models(opts: OptimizeOptions) -> None:
     """Before anything is built or ladder.json rewritten: a pruned model of an earlier run that was fine-tuned otherwise
     than this run asks is neither reused nor replaced (nor are its rungs' verdicts). Runs from before this record
@@ -252,6 +268,11 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             candidate = Candidate(name, str(Path(path).resolve()), backend, precision)
             candidates.append(candidate)
             previous = state.get(candidate.key)
+            candidate.judged_with = judged_with(opts, precision)
+            if previous and previous.get("judged_with") and previous["judged_with"] != candidate.judged_with:
+                console.print(f"optimize: {name} {engine_label(previous)} was judged with {_flags(previous['judged_with'])}; "
+                              f"judging it again with {_flags(candidate.judged_with)}")
+                previous = None
             ok, reason = _available(backend, precision)
             if not ok:
                 candidate.status, candidate.reason = "unavailable", reason
@@ -260,6 +281,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             elif previous and previous["status"] in ("passed", "failed gate") and (previous["status"] == "failed gate" or Path(previous["engine"] or "").is_file()):
                 for key, value in previous.items():
                     setattr(candidate, key, value)
+                candidate.judged_with = previous.get("judged_with") or {}  # {}: a ladder from before the record, reused as it is
                 candidate.reason = candidate.reason if candidate.reason.endswith("(reused)") else (candidate.reason + " (reused)").strip()
             elif over_budget():
                 candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"

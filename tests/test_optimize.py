@@ -133,14 +133,42 @@ def test_a_rung_whose_default_engine_format_changed_is_built_again(optimized, se
         ladder = json.loads((out / "ladder.json").read_text())
         if saved_format:
             ladder["candidates"][1]["engine_format"] = saved_format
-        else:  # saved before formats were recorded: the FP32 rung is known by its engine file, a failed rung by nothing
+        else:  # saved before formats (and verdicts' criteria) were recorded: the FP32 rung is known by its engine file, a failed rung by nothing
             for c in ladder["candidates"]:
-                del c["engine_format"]
+                del c["engine_format"], c["judged_with"]
             ladder["candidates"][1].update(status="failed gate", engine=None)
         (out / "ladder.json").write_text(json.dumps(ladder))
+        rerun = dataclasses.replace(opts, out=out, max_drop=opts.max_drop if saved_format else 1.0)  # no record: its criteria are not known to differ
         with pytest.raises(Rebuilt) as rebuilt:  # the first build call: the FP32 rung was reused
-            optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out))
+            optimize(segmenting_run.best_path, rerun)
         assert rebuilt.value.args == ("onnxruntime", "int8")
+
+
+def test_a_verdict_is_reused_only_under_the_criteria_it_was_reached_with(optimized, segmenting_run, tmp_path, monkeypatch):
+    """A rerun with a looser or stricter gate judges every rung again; other INT8 calibration or QAT settings only the INT8 rungs."""
+    import dataclasses
+    import shutil
+
+    summary, opts = optimized
+    saved = json.loads((opts.out / "ladder.json").read_text())["candidates"]
+    assert saved[0]["judged_with"] == {"max_drop": 0.5, "max_patient_drop": 2.0, "min_agreement": 0.9}
+    assert saved[1]["judged_with"] == {**saved[0]["judged_with"], "calib_samples": 8, "qat": "off", "qat_epochs": 1}
+
+    class Rebuilt(Exception):
+        pass
+
+    def rebuild(checkpoint, reference, backend, precision, build_opts, deadline=None):
+        raise Rebuilt(precision, build_opts.max_drop, build_opts.min_agreement, build_opts.calib_samples)
+
+    monkeypatch.setattr(optimize_module, "_build", rebuild)
+    monkeypatch.setattr("lggdeploy.models.prune.prune_checkpoint", rebuild)  # the pruned model is reused: its fine-tune did not change
+    for change, first_rebuilt in (({"max_drop": 5.0}, ("fp32", 5.0, 0.9, 8)), ({"min_agreement": 0.95}, ("fp32", 0.5, 0.95, 8)),
+                                  ({"calib_samples": 16}, ("int8", 0.5, 0.9, 16)), ({"qat": "always"}, ("int8", 0.5, 0.9, 8))):
+        out = tmp_path / "-".join(map(str, change.values()))
+        shutil.copytree(opts.out, out)
+        with pytest.raises(Rebuilt) as rebuilt:
+            optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out, **change))
+        assert rebuilt.value.args == first_rebuilt, change
 
 
 def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_run, tmp_path, monkeypatch):
