@@ -137,7 +137,8 @@ def test_gate_failure_exits_nonzero_and_writes_nothing_unless_forced(segmenting_
     assert any("dropped" in f and "> 2.0" in f for f in gate["failures"]) and any("agree with the FP32 model's at Dice 0.0000" in f for f in gate["failures"])
 
 
-@pytest.mark.parametrize("profile", ["tensorrt", "cpu"])  # cpu: int32 bias Q/DQ, whose outputs take the float biases' names
+# cpu: int32 bias Q/DQ, whose outputs take the float biases' names; tensorrt (the same search on a simpler graph) in test-slow, for the suite's time
+@pytest.mark.parametrize("profile", [pytest.param("tensorrt", marks=pytest.mark.slow), "cpu"])
 def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phantom_dir, tmp_path, monkeypatch, profile):
     """The first INT8 graph fails (forced here: it loses a patient); the gate ranks the quantized nodes by their
     effect on the output over every val patient and rebuilds with the worst kept in float, which passes."""
@@ -163,7 +164,7 @@ def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phanto
     assert ranking["top"][0]["score"] >= ranking["top"][-1]["score"]
 
 
-@pytest.mark.parametrize("qat", ["off", "auto"])
+@pytest.mark.parametrize("qat", [pytest.param("off", marks=pytest.mark.slow), "auto"])  # auto covers more (no QAT past the deadline)
 def test_a_failing_int8_search_stops_at_the_deadline_without_writing(segmenting_run, phantom_dir, tmp_path, monkeypatch, qat):
     """optimize --budget-minutes: past the deadline a failing INT8 engine is not rebuilt (nor ranked, nor QAT-tuned)."""
     import time

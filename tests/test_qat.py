@@ -97,6 +97,7 @@ def test_a_second_build_reuses_the_qat_model(qat_engine, criteria, segmenting_ru
     assert again["sha256"] == first["sha256"]  # same QAT model, same cached ranges: the same engine
 
 
+@pytest.mark.slow  # the negative control of the test above: runs in CI's test-slow, to keep `make test` inside its time
 def test_a_qat_that_does_nothing_does_not_pass_without_float_nodes(segmenting_run, phantom_dir, criteria, tmp_path, monkeypatch):
     """The negative control: with the fine-tuning step removed, the same build needs nodes in float or fails."""
     monkeypatch.setattr(qat, "finetune", lambda *args, **kwargs: [])
