@@ -268,12 +268,13 @@ def prune_cmd(
     batch_size: int = typer.Option(8),
     device: str = typer.Option("auto"),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune against the unpruned model's outputs (soft targets) beside the labels"),
+    distill_weight: float = typer.Option(0.5, help="the teacher's share of the fine-tuning loss, in (0, 1]; the labels' Dice + BCE get the rest"),
 ):
     """Structured channel pruning (Torch-Pruning, DepGraph) with optional fine-tuning; writes an ordinary checkpoint."""
     from lggdeploy.models.checkpoint import load_checkpoint
     from lggdeploy.models.prune import prune_checkpoint
 
-    path = prune_checkpoint(checkpoint, ratio, out_dir, steps, finetune_epochs, data, lr, batch_size, device, distill)
+    path = prune_checkpoint(checkpoint, ratio, out_dir, steps, finetune_epochs, data, lr, batch_size, device, distill, distill_weight)
     recipe = load_checkpoint(path)["pruning"][-1]
     tuned = recipe["finetune"][-1]["best"]["val_mean_patient_dice"] if recipe["finetune"] else None
     out.print(
@@ -377,6 +378,7 @@ def optimize_cmd(
     prune_epochs: int = typer.Option(2, help="fine-tuning epochs after pruning (distilled from the unpruned model)"),
     prune_lr: float = typer.Option(1e-4, help="fine-tuning learning rate after pruning (warm-up, then cosine)"),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune pruned models against the unpruned model's outputs"),
+    distill_weight: float = typer.Option(0.5, help="the unpruned model's share of the fine-tuning loss, in (0, 1]"),
     qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto, always or off"),
     qat_epochs: int = typer.Option(1, help="QAT epochs when post-training INT8 fails (0: no QAT)"),
     calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),
@@ -390,7 +392,7 @@ def optimize_cmd(
 
     opts = OptimizeOptions(out=out_dir, data=data, max_drop=max_drop, max_patient_drop=max_patient_drop, min_agreement=min_agreement,
                            budget_minutes=budget_minutes, prune_ratios=_floats(prune_ratios, "--prune-ratios"), prune_epochs=prune_epochs, prune_lr=prune_lr,
-                           distill=distill, qat=qat, qat_epochs=qat_epochs, calib_samples=calib_samples, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
+                           distill=distill, distill_weight=distill_weight, qat=qat, qat_epochs=qat_epochs, calib_samples=calib_samples, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
                            iters=iters, threads=threads)
     summary = optimize(checkpoint, opts)
     print_machine_text((out_dir / "optimize.md").read_text())  # markdown as written: "[chosen]" is not console markup

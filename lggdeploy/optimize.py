@@ -49,6 +49,7 @@ class OptimizeOptions:
     prune_epochs: int = 2
     prune_lr: float = 1e-4
     distill: bool = True
+    distill_weight: float = 0.5  # the teacher's share of the fine-tuning loss
     qat: str = "auto"
     qat_epochs: int = 1
     calib_samples: int = 32
@@ -69,6 +70,8 @@ class OptimizeOptions:
             raise LggError("pruning without fine-tuning loses most of the accuracy: give --prune-epochs 1 or more, or --prune-ratios ''")
         if self.prune_ratios and not self.prune_lr > 0:
             raise LggError(f"--prune-lr must be positive, got {self.prune_lr}")
+        if self.prune_ratios and self.distill and not 0 < self.distill_weight <= 1:
+            raise LggError(f"--distill-weight must lie in (0, 1], got {self.distill_weight}")
         if self.batch not in self.batch_sizes:
             raise LggError(f"--batch {self.batch} must be one of the timed batch sizes {self.batch_sizes}")
 
@@ -170,7 +173,7 @@ def _pruned(checkpoint: Path, ratio: float, opts: OptimizeOptions) -> Path:
         return folder / "best.pt"
     if folder.exists():
         shutil.rmtree(folder)  # a run killed while pruning: start that ratio again
-    path = prune_checkpoint(checkpoint, ratio, folder, 1, opts.prune_epochs, opts.data, opts.prune_lr, distill=opts.distill)
+    path = prune_checkpoint(checkpoint, ratio, folder, 1, opts.prune_epochs, opts.data, opts.prune_lr, distill=opts.distill, distill_weight=opts.distill_weight)
     write_json_atomic(folder / "done.json", {"ratio": ratio, "sha256": sha256_file(path), "finetune": _finetune(opts)})
     return path
 
@@ -180,11 +183,12 @@ def _pruned_folder(opts: OptimizeOptions, ratio: float) -> Path:
 
 
 def _finetune(opts: OptimizeOptions) -> dict:
-    return {"epochs": opts.prune_epochs, "lr": opts.prune_lr, "distill": opts.distill}
+    return {"epochs": opts.prune_epochs, "lr": opts.prune_lr, "distill": opts.distill, "distill_weight": opts.distill_weight if opts.distill else None}
 
 
 def _finetune_flags(finetune: dict) -> str:
-    return f"--prune-epochs {finetune['epochs']} --prune-lr {finetune['lr']:g} {'--distill' if finetune['distill'] else '--no-distill'}"
+    distill = f"--distill --distill-weight {finetune['distill_weight']:g}" if finetune["distill"] else "--no-distill"
+    return f"--prune-epochs {finetune['epochs']} --prune-lr {finetune['lr']:g} {distill}"
 
 
 def judged_with(opts: OptimizeOptions, precision: str) -> dict:
@@ -207,6 +211,8 @@ def check_pruned_models(opts: OptimizeOptions) -> None:
     for ratio in opts.prune_ratios:
         done = _pruned_folder(opts, ratio) / "done.json"
         made = json.loads(done.read_text()).get("finetune") if done.is_file() else None
+        if made is not None and "distill_weight" not in made:  # recorded before the weight was a choice: it was 0.5
+            made["distill_weight"] = 0.5 if made["distill"] else None
         if made is not None and made != _finetune(opts):
             raise LggError(f"{done.parent} was fine-tuned with {_finetune_flags(made)}; this run asks for {_finetune_flags(_finetune(opts))}: "
                            "give the same options to resume, or choose another --out")

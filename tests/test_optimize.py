@@ -78,10 +78,23 @@ def test_a_pruned_model_fine_tuned_otherwise_is_not_reused(optimized, segmenting
 
     monkeypatch.setattr(optimize_module, "_build", no_work)
     monkeypatch.setattr("lggdeploy.models.prune.prune_checkpoint", no_work)
-    for change in ({"prune_epochs": 10}, {"prune_lr": 3e-4}, {"distill": False}):
+    for change in ({"prune_epochs": 10}, {"prune_lr": 3e-4}, {"distill": False}, {"distill_weight": 1.0}):
         with pytest.raises(LggError) as err:
             optimize(segmenting_run.best_path, dataclasses.replace(opts, **change))
-        assert "was fine-tuned with --prune-epochs 1 --prune-lr 0.0001 --distill" in str(err.value) and "choose another --out" in str(err.value)
+        message = str(err.value)
+        assert "was fine-tuned with --prune-epochs 1 --prune-lr 0.0001 --distill --distill-weight 0.5;" in message and "choose another --out" in message
+    import shutil
+
+    older = opts.out.parent / (opts.out.name + "-older")  # a done.json from before the weight was recorded: it was 0.5
+    shutil.copytree(opts.out, older)
+    done = older / "pruned" / "ratio30" / "done.json"
+    record = json.loads(done.read_text())
+    del record["finetune"]["distill_weight"]
+    done.write_text(json.dumps(record))
+    optimize_module.check_pruned_models(dataclasses.replace(opts, out=older))
+    with pytest.raises(LggError, match="--distill-weight 0.5; this run asks for .*--distill-weight 0.9"):
+        optimize_module.check_pruned_models(dataclasses.replace(opts, out=older, distill_weight=0.9))
+    shutil.rmtree(older)
     assert [c["status"] for c in optimize(segmenting_run.best_path, opts)["candidates"]] == [c["status"] for c in summary["candidates"]]
 
 
@@ -231,7 +244,7 @@ def test_bad_options_are_one_line(segmenting_run, tmp_path):
     runner = CliRunner()
     for args, message in ((["--prune-ratios", "1.5"], "strictly between 0 and 1"), (["--batch", "4"], "must be one of the timed batch sizes"),
                           (["--prune-ratios", "a,b"], "comma-separated numbers"),
-                          (["--prune-lr", "0"], "--prune-lr must be positive")):
+                          (["--prune-lr", "0"], "--prune-lr must be positive"), (["--distill-weight", "1.5"], "--distill-weight must lie in (0, 1]")):
         result = runner.invoke(app, ["optimize", str(segmenting_run.best_path), "-o", str(tmp_path / "o"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     out = tmp_path / "other"  # a folder holding the ladder of another checkpoint, or of an earlier version of this one

@@ -32,11 +32,13 @@ def test_pruned_model_keeps_its_output_shape_and_gets_smaller(name):
 
 @pytest.mark.slow
 def test_pruned_checkpoint_round_trip_export_and_accumulating_recipe(segmenting_run, phantom_dir, tmp_path):
-    first = prune_checkpoint(segmenting_run.best_path, 0.3, tmp_path / "p30", finetune_epochs=1, data=phantom_dir)
+    first = prune_checkpoint(segmenting_run.best_path, 0.3, tmp_path / "p30", finetune_epochs=1, data=phantom_dir, distill_weight=0.8)
     ckpt = load_checkpoint(first)
     assert len(ckpt["pruning"]) == 1 and ckpt["pruning"][0]["ratio"] == 0.3 and ckpt["pruning"][0]["finetune"]
+    assert ckpt["pruning"][0]["distillation"]["weight"] == 0.8
     # Fine-tuning trains with the original's missing-sequence share (0 for this model), not today's default (0.2).
     stage = load_checkpoint(tmp_path / "p30" / "stage1" / "last.pt")
+    assert stage["train_config"]["distill_weight"] == 0.8 and stage["train_config"]["teacher"] == str(segmenting_run.best_path)
     assert stage["train_config"]["missing_modality"] == load_checkpoint(segmenting_run.best_path)["train_config"]["missing_modality"] == 0.0
     model = model_from_checkpoint(ckpt)
     assert sum(p.numel() for p in model.parameters()) == ckpt["pruning"][0]["params_after"]
@@ -55,6 +57,8 @@ def test_prune_bad_input_is_clear(segmenting_run, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "--ratio must be between 0 and 1" in result.output
     result = runner.invoke(app, ["prune", str(segmenting_run.best_path), "--ratio", "0.3", "--finetune-epochs", "1", "--data", str(tmp_path / "nodata"), "-o", str(tmp_path / "b")])
     assert result.exit_code == 2 and "nodata" in result.output
+    result = runner.invoke(app, ["prune", str(segmenting_run.best_path), "--ratio", "0.3", "--distill-weight", "0", "-o", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "--distill-weight must lie in (0, 1]" in result.output and not (tmp_path / "w").exists()
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # as if the extra were not installed
     with pytest.raises(LggError, match="pip install 'lggdeploy\\[prune\\]'"):
         prune_checkpoint(segmenting_run.best_path, 0.3, tmp_path / "c")

@@ -96,6 +96,7 @@ def prune_checkpoint(
     batch_size: int = 8,
     device: str = "auto",
     distill: bool = True,
+    distill_weight: float = 0.5,
 ) -> Path:
     """Prune (and fine-tune) a checkpoint; returns the path of the new checkpoint (best.pt of its run folder)."""
     from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
@@ -107,6 +108,8 @@ def prune_checkpoint(
         from lggdeploy.data.kaggle import resolve_data_root
 
         data = resolve_data_root(data, ckpt.get("data_root"), "fine-tuning after pruning")
+    if distill and not 0 < distill_weight <= 1:
+        raise LggError(f"--distill-weight must lie in (0, 1] (the teacher's share of the fine-tuning loss; --no-distill for none), got {distill_weight}")
     if (out / "last.pt").exists() or (out / "best.pt").exists():
         raise LggError(f"{out} already holds a checkpoint; choose another -o")
     check_can_create(out)  # before the pruning and fine-tuning work
@@ -125,7 +128,7 @@ def prune_checkpoint(
         start = save_stage(model, None, out / f"stage{n}_start.pt")
         result = train(TrainConfig(model=ckpt["model"]["name"], data=data, out=out / f"stage{n}", epochs=epochs_per_step,
                                    batch_size=batch_size, lr=lr, img_size=ckpt["img_size"], device=device, init_checkpoint=start,
-                                   teacher=Path(checkpoint) if distill else None,
+                                   teacher=Path(checkpoint) if distill else None, distill_weight=distill_weight,
                                    # the original's own missing-sequence share (0 for checkpoints from before it existed)
                                    missing_modality=float(ckpt.get("train_config", {}).get("missing_modality", 0.0))))
         tuned = model_from_checkpoint(load_checkpoint(result.best_path))
@@ -135,7 +138,7 @@ def prune_checkpoint(
 
     recipe = prune_model(model, ckpt["img_size"], ratio, steps, finetune)
     recipe["finetune_epochs"] = epochs_per_step * steps if finetune_epochs else 0
-    recipe["distillation"] = {"teacher": str(checkpoint), "weight": 0.5, "targets": "the unpruned model's sigmoid outputs"} if distill and finetune_epochs else None
+    recipe["distillation"] = {"teacher": str(checkpoint), "weight": distill_weight, "targets": "the unpruned model's sigmoid outputs"} if distill and finetune_epochs else None
     recipe["finetune"] = [{"step": st["step"], "best": st["best"]} for st in stages]
     console.print(
         f"params {recipe['params_before'] / 1e6:.2f}M -> {recipe['params_after'] / 1e6:.2f}M, "
