@@ -275,7 +275,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             candidates.append(candidate)
             previous = state.get(candidate.key)
             candidate.judged_with = judged_with(opts, precision)
-            if previous and previous.get("judged_with") and previous["judged_with"] != candidate.judged_with:
+            if previous and previous["status"] in ("passed", "failed gate") and previous.get("judged_with") and previous["judged_with"] != candidate.judged_with:
                 console.print(f"optimize: {name} {engine_label(previous)} was judged with {_flags(previous['judged_with'])}; "
                               f"judging it again with {_flags(candidate.judged_with)}")
                 previous = None
