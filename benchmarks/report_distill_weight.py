@@ -1,0 +1,55 @@
+"""Two fine-tunes of one pruned model that differ only in the distillation weight, side by side: the gate's per-patient
+rows (each pruned model's FP32 engine judged against the unpruned model on val) and val Dice by fine-tuning epoch.
+
+usage: python benchmarks/report_distill_weight.py --gate W=manifest.json ... --history W=history.csv ... --out DIR
+(W: the weight; manifest: a gate record as `build` writes it, the engine's .json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+
+def pairs(values: list[str]) -> dict[str, Path]:
+    return {v.split("=", 1)[0]: Path(v.split("=", 1)[1]) for v in values}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gate", nargs="+", required=True)
+    parser.add_argument("--history", nargs="+", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    gates = {w: json.loads(p.read_text())["gate"] for w, p in pairs(args.gate).items()}
+    histories = {w: list(csv.DictReader(p.open())) for w, p in pairs(args.history).items()}
+    weights = list(gates)
+    first = gates[weights[0]]
+    n = first["patients"]
+    lines = [f"Gate of each pruned model's FP32 engine against the unpruned FP32 model, val split, n = {n} patients (no interval, no verdict from {n}). "
+             f"Criteria: mean drop ≤ {first['criteria']['max_mean_drop_points']}, worst patient ≤ {first['criteria']['max_patient_drop_points']} points, "
+             f"mask agreement ≥ {first['criteria']['min_agreement']}.", "",
+             "| patient | unpruned FP32 Dice | " + " | ".join(f"w={w}: Dice / drop (pts) / agreement" for w in weights) + " |",
+             "|---|---|" + "---|" * len(weights)]
+    rows = {w: {r["patient"]: r for r in g["per_patient"]} for w, g in gates.items()}
+    for patient, ref in rows[weights[0]].items():
+        cells = [f"{rows[w][patient]['engine_dice']:.4f} / {rows[w][patient]['drop_points']:+.2f} / {rows[w][patient]['agreement']:.3f}" for w in weights]
+        lines.append(f"| {patient} | {ref['fp32_dice']:.4f} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + f"{first['fp32_dice']:.4f} | " + " | ".join(
+        f"{g['engine_dice']:.4f} / {g['drop_points']:+.2f} / least {g['min_agreement']:.3f}" for g in gates.values()) + " |")
+    lines.append("| **gate** | | " + " | ".join("passed" if g["passed"] else "FAILED: " + "; ".join(g["failures"]) for g in gates.values()) + " |")
+    lines += ["", "Val mean per-patient Dice by fine-tuning epoch (the best epoch is kept):", "",
+              "| epoch | " + " | ".join(f"w={w}" for w in histories) + " |", "|---|" + "---|" * len(histories)]
+    epochs = max(len(h) for h in histories.values())
+    for i in range(epochs):
+        lines.append(f"| {i + 1} | " + " | ".join(f"{float(h[i]['val_mean_patient_dice']):.4f}" if i < len(h) else "—" for h in histories.values()) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distill_weight.md").write_text("\n".join(lines) + "\n")
+    (args.out / "distill_weight.json").write_text(json.dumps({"gates": gates, "histories": histories}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
