@@ -95,6 +95,7 @@ class Candidate:
     test: dict = field(default_factory=dict)
     engine_format: str = ""  # e.g. openvino-int8-openvino: a rung whose default format changed is built again
     judged_with: dict = field(default_factory=dict)  # the gate criteria (and INT8 build settings) of its verdict
+    gate: dict = field(default_factory=dict)  # the verdict's figures, per patient too (a failed rung writes no engine to hold them)
 
     def __post_init__(self) -> None:
         self.engine_format = self.engine_format or format_name(self.backend, self.precision)
@@ -227,7 +228,7 @@ def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts
         qat=opts.qat, qat_epochs=opts.qat_epochs, reference=None if checkpoint == reference else reference, deadline=deadline,
     ))
     if report.failures:
-        raise GateFailed(report.failures[0])
+        raise GateFailed(report.failures[0], report.failed_gates[0])
     return report.engines[0]
 
 
@@ -238,6 +239,19 @@ def _record(candidate: Candidate, engine: dict) -> None:
     candidate.nodes_kept_in_float = len(gate["nodes_kept_in_float"])
     candidate.qat = bool(engine.get("qat"))
     candidate.build_seconds = engine.get("build_seconds")
+    candidate.gate = gate_summary(gate)
+
+
+GATE_FIELDS = ("reference", "criteria", "fp32_dice", "engine_dice", "drop_points", "worst_patient", "worst_patient_drop_points", "min_agreement",
+               "min_agreement_patient", "passed", "failures")
+PATIENT_FIELDS = ("patient", "fp32_dice", "engine_dice", "drop_points", "agreement")
+
+
+def gate_summary(gate: dict | None) -> dict:
+    """What ladder.json keeps of a gate record: the verdict, its figures and the per-patient rows (not the fallback ranking)."""
+    if not gate:
+        return {}
+    return {**{k: gate.get(k) for k in GATE_FIELDS}, "per_patient": [{k: row.get(k) for k in PATIENT_FIELDS} for row in gate.get("per_patient", [])]}
 
 
 def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions, state: dict) -> list[Candidate]:
@@ -297,7 +311,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
                 except SearchStopped as exc:  # not "failed gate": a later run with more time searches again
                     candidate.status, candidate.reason = "stopped (budget)", str(exc)[:300]
                 except GateFailed as exc:
-                    candidate.status, candidate.reason = "failed gate", str(exc)[:300]
+                    candidate.status, candidate.reason, candidate.gate = "failed gate", str(exc)[:300], gate_summary(exc.gate)
             if precision == "fp32" and candidate.status == "failed gate":
                 fp32_failed = True
                 if ratio is not None:

@@ -208,6 +208,8 @@ def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_r
 
 
 def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are_not_pruned(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    import dataclasses
+
     from lggdeploy.models import prune
 
     built, pruned = [], []
@@ -222,8 +224,8 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
 
     def pruned_fp32_fails(checkpoint, reference, backend, precision, opts, deadline=None):
         built.append((checkpoint != reference, precision))
-        if checkpoint != reference:
-            raise GateFailed("pruned FP32 lost 9 points (simulated)")
+        if checkpoint != reference:  # masks identical to the unpruned model's on every val patient: the real build fails it
+            opts = dataclasses.replace(opts, min_agreement=1.0)
         return real(checkpoint, reference, backend, precision, opts, deadline)
 
     monkeypatch.setattr(optimize_module, "_build", pruned_fp32_fails)
@@ -234,6 +236,17 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
     assert pruned == [0.3]  # smallest ratio first; 50 % was never pruned once 30 % failed at FP32
     statuses = {(c["model"], c["precision"]): (c["status"], c["reason"]) for c in summary["candidates"]}
     assert statuses[("pruned 30%", "fp32")][0] == "failed gate"
+    failed = next(c for c in summary["candidates"] if c["model"] == "pruned 30%" and c["precision"] == "fp32")
+    gate = failed["gate"]  # the failed rung's figures are kept although no engine was written
+    from lggdeploy.models.checkpoint import load_checkpoint
+
+    val = load_checkpoint(segmenting_run.best_path)["split"]["val"]
+    assert gate["passed"] is False and gate["criteria"]["min_agreement"] == 1.0 and gate["reference"] == str(segmenting_run.best_path)
+    assert gate["per_patient"] and all(row.keys() == set(optimize_module.PATIENT_FIELDS) for row in gate["per_patient"])
+    assert sorted(row["patient"] for row in gate["per_patient"]) == sorted(val)
+    assert any("masks agree with the FP32 model's" in f for f in gate["failures"]) and gate["min_agreement"] < 1
+    passed_gate = summary["candidates"][0]["gate"]
+    assert passed_gate["passed"] and len(passed_gate["per_patient"]) == len(gate["per_patient"])
     assert statuses[("pruned 30%", "int8")] == ("skipped", "its FP32 engine already fails the gate against the unpruned model")
     assert statuses[("pruned 50%", "fp32")] == statuses[("pruned 50%", "int8")] == ("skipped", "pruning 30% already fails the gate at FP32")
     saved = json.loads((tmp_path / "ladder.json").read_text())

@@ -28,9 +28,14 @@ class BackendUnavailable(LggError):
 
 
 class GateFailed(LggError):
-    """An engine lost more accuracy than the budget allows and no fallback met it."""
+    """An engine lost more accuracy than the budget allows and no fallback met it. `gate`: the gate's record (per-patient
+    rows, failures) when one was reached, so that a caller can keep it although no engine was written."""
 
     exit_code = 3
+
+    def __init__(self, message: str, gate: dict | None = None):
+        super().__init__(message)
+        self.gate = gate
 
 
 class SearchStopped(GateFailed):

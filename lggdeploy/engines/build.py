@@ -13,7 +13,7 @@ import datetime as _dt
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lggdeploy.backends.base import BuildTarget, RunOptions
@@ -360,7 +360,8 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
             raise GateFailed(
                 f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
                 f"even with {len(gate.nodes_kept_in_float)} node(s) kept in float; no engine written "
-                + ("(try more --qat-epochs, --calib-method, or --force to keep it marked as failed)" if fmt.precision == "int8" else "(--force keeps it, marked as failed)")
+                + ("(try more --qat-epochs, --calib-method, or --force to keep it marked as failed)" if fmt.precision == "int8" else "(--force keeps it, marked as failed)"),
+                gate={**gate.to_json(), "reference": str(ctx.opts.reference or ctx.checkpoint)},
             )
         twin = None
         engine_sha = sha256_file(path)
@@ -414,6 +415,7 @@ def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dic
 class BuildReport:
     engines: list[dict]
     failures: list[str]  # gate failures: one message each; the other engines were still built
+    failed_gates: list[dict | None] = field(default_factory=list)  # their gate records, in the same order
 
 
 def validate(opts: BuildOptions) -> None:
@@ -476,4 +478,5 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
             except GateFailed as exc:
                 console.print(f"[red]gate failed:[/] {exc}")
                 report.failures.append(str(exc))
+                report.failed_gates.append(exc.gate)
     return report
