@@ -1,6 +1,8 @@
 """`lggdeploy optimize` on a tiny ladder (phantom set, small model): skip, resume and the choice. No timing asserted."""
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -9,6 +11,7 @@ from lggdeploy import optimize as optimize_module
 from lggdeploy.cli import app
 from lggdeploy.common.errors import GateFailed, LggError, SearchStopped
 from lggdeploy.engines.formats import read_manifest
+from lggdeploy.models.checkpoint import load_checkpoint
 from lggdeploy.optimize import OptimizeOptions, optimize
 
 LADDER = (("onnxruntime", "fp32"), ("onnxruntime", "int8"))
@@ -69,8 +72,6 @@ def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
 
 def test_a_pruned_model_fine_tuned_otherwise_is_not_reused(optimized, segmenting_run, monkeypatch):
     """A rerun that asks for another fine-tune must not take the first run's pruned model (nor its verdicts) for it."""
-    import dataclasses
-
     summary, opts = optimized
 
     def no_work(*args, **kwargs):
@@ -83,8 +84,6 @@ def test_a_pruned_model_fine_tuned_otherwise_is_not_reused(optimized, segmenting
             optimize(segmenting_run.best_path, dataclasses.replace(opts, **change))
         message = str(err.value)
         assert "was fine-tuned with --prune-epochs 1 --prune-lr 0.0001 --distill --distill-weight 0.5;" in message and "choose another --out" in message
-    import shutil
-
     older = opts.out.parent / (opts.out.name + "-older")  # a done.json from before the weight was recorded: it was 0.5
     shutil.copytree(opts.out, older)
     done = older / "pruned" / "ratio30" / "done.json"
@@ -100,9 +99,6 @@ def test_a_pruned_model_fine_tuned_otherwise_is_not_reused(optimized, segmenting
 
 def test_a_moved_output_folder_is_reused_and_timed_from_where_it_now_lies(optimized, segmenting_run, tmp_path, monkeypatch):
     """ladder.json keeps the paths inside --out relative to it: a copied or moved folder reuses its own engines."""
-    import dataclasses
-    import shutil
-
     summary, opts = optimized
     moved = tmp_path / "moved"
     shutil.copytree(opts.out, moved)
@@ -127,9 +123,6 @@ def test_a_moved_output_folder_is_reused_and_timed_from_where_it_now_lies(optimi
 def test_a_rung_whose_default_engine_format_changed_is_built_again(optimized, segmenting_run, tmp_path, monkeypatch):
     """A ladder saved when this rung's INT8 engine had another profile (as OpenVINO's did before its own profile) or
     before formats were recorded: that rung is built again in today's format; the FP32 rung before it is reused."""
-    import dataclasses
-    import shutil
-
     summary, opts = optimized
     assert [c["engine_format"] for c in summary["candidates"][:2]] == ["onnxruntime-fp32", "onnxruntime-int8-cpu"]
 
@@ -159,9 +152,6 @@ def test_a_rung_whose_default_engine_format_changed_is_built_again(optimized, se
 
 def test_a_verdict_is_reused_only_under_the_criteria_it_was_reached_with(optimized, segmenting_run, tmp_path, monkeypatch):
     """A rerun with a looser or stricter gate judges every rung again; other INT8 calibration or QAT settings only the INT8 rungs."""
-    import dataclasses
-    import shutil
-
     summary, opts = optimized
     saved = json.loads((opts.out / "ladder.json").read_text())["candidates"]
     assert saved[0]["judged_with"] == {"max_drop": 0.5, "max_patient_drop": 2.0, "min_agreement": 0.9}
@@ -185,9 +175,6 @@ def test_a_verdict_is_reused_only_under_the_criteria_it_was_reached_with(optimiz
 
 
 def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_run, tmp_path, monkeypatch):
-    import dataclasses
-    import shutil
-
     summary, opts = optimized
     out = tmp_path / "optimized"
     shutil.copytree(opts.out, out)
@@ -208,8 +195,6 @@ def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_r
 
 
 def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are_not_pruned(segmenting_run, phantom_dir, tmp_path, monkeypatch):
-    import dataclasses
-
     from lggdeploy.models import prune
 
     built, pruned = [], []
@@ -238,8 +223,6 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
     assert statuses[("pruned 30%", "fp32")][0] == "failed gate"
     failed = next(c for c in summary["candidates"] if c["model"] == "pruned 30%" and c["precision"] == "fp32")
     gate = failed["gate"]  # the failed rung's figures are kept although no engine was written
-    from lggdeploy.models.checkpoint import load_checkpoint
-
     val = load_checkpoint(segmenting_run.best_path)["split"]["val"]
     assert gate["passed"] is False and gate["criteria"]["min_agreement"] == 1.0 and gate["reference"] == str(segmenting_run.best_path)
     assert gate["per_patient"] and all(row.keys() == set(optimize_module.PATIENT_FIELDS) for row in gate["per_patient"])
