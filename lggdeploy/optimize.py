@@ -458,11 +458,18 @@ def markdown(summary: dict) -> str:
     chosen_key = candidate_key(summary["chosen"])
     torch_ms = summary["pytorch_fp32_ms_per_image"]
     lines.append("| unpruned | PyTorch eager FP32 [reference] | timed | — | — | — | — | " + " | ".join(_fmt(torch_ms.get(b)) for b in b_list) + " | " + " | ".join("1.00" for _ in b_list) + " | — |")
+    notes = []  # why a rung did not pass, in full below the table (a table cell would cut it)
     for c in summary["candidates"]:
         key = candidate_key(c)
         mark = " **[chosen]**" if key == chosen_key else (" [front]" if key in front else "")
         test = c["test"] or {}
-        cells = [c["model"], f"{engine_label(c)}{mark}", c["status"] + (f": {c['reason'][:80]}" if c["status"] not in ("passed",) and c["reason"] else ""),
+        status = c["status"]
+        if c["status"] != "passed" and c["reason"]:
+            failures = (c.get("gate") or {}).get("failures")  # a failed rung: the gate's own lines, not its message's head
+            why = "; ".join(failures) + (" (reused)" if c["reason"].endswith("(reused)") else "") if failures else c["reason"]
+            notes.append(f"[{len(notes) + 1}] {c['model']}, {engine_label(c)}: {why}")
+            status += f" [{len(notes)}]"
+        cells = [c["model"], f"{engine_label(c)}{mark}", status,
                  _fmt(c["val_dice"], 4), _fmt(c["val_drop_points"]), "—" if c["nodes_kept_in_float"] is None else str(c["nodes_kept_in_float"]), "yes" if c["qat"] else ""]
         cells += [_fmt(c["latency_ms_per_image"].get(b)) for b in b_list] + [_fmt(c["speedup_vs_pytorch"].get(b)) for b in b_list]
         cells.append(f"{_fmt(test.get('mean_patient_dice'), 4)} ({test.get('patients')})" if test.get("mean_patient_dice") is not None else "—")
@@ -470,6 +477,8 @@ def markdown(summary: dict) -> str:
     noise = summary["noise_floor"]
     chosen = summary["chosen"]
     cpu = summary["machine"].get("cpu", {})
+    if notes:
+        lines += [""] + [f"{note}  " for note in notes]
     lines += [
         "",
         f"Chosen: {chosen['model']} {engine_label(chosen)} — fastest candidate at batch {summary['options']['batch']} that passed the gate "

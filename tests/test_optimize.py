@@ -228,6 +228,9 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
     assert gate["per_patient"] and all(row.keys() == set(optimize_module.PATIENT_FIELDS) for row in gate["per_patient"])
     assert sorted(row["patient"] for row in gate["per_patient"]) == sorted(val)
     assert any("masks agree with the FP32 model's" in f for f in gate["failures"]) and gate["min_agreement"] < 1
+    report = (tmp_path / "optimize.md").read_text()  # the table says why in full, below it
+    assert f"pruned 30%, onnxruntime fp32: {'; '.join(gate['failures'])}  \n" in report and "| failed gate [" in report
+    assert "pruned 30%, onnxruntime int8 (cpu profile): its FP32 engine already fails the gate against the unpruned model  \n" in report
     passed_gate = summary["candidates"][0]["gate"]
     assert passed_gate["passed"] and len(passed_gate["per_patient"]) == len(gate["per_patient"])
     assert statuses[("pruned 30%", "int8")] == ("skipped", "its FP32 engine already fails the gate against the unpruned model")
