@@ -321,6 +321,7 @@ def build_cmd(
     qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto (when post-training INT8 fails its gate), always or off"),
     qat_epochs: int = typer.Option(1, help="QAT epochs on the checkpoint's train split (0: no QAT)"),
     qat_lr: float = typer.Option(1e-3, help="QAT learning rate (SGD, momentum 0.9, cosine to zero)"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="judge against this checkpoint's FP32 model instead of the built one's (e.g. the unpruned model a pruned one replaces; same input size, normalization and split)"),
 ):
     """Build engines behind the accuracy gate; --precision all builds the whole matrix. From a bundle: build on this
     device from the bundle's graphs, verified on its verification set (the device's gate)."""
@@ -345,7 +346,7 @@ def build_cmd(
     opts = BuildOptions(out_dir=out_dir, data=data, backend=backend, precision=precision, int8_profile=int8_profile,
                         calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, max_patient_drop=max_patient_drop,
                         min_agreement=min_agreement, force=force, batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads,
-                        qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr)
+                        qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr, reference=reference)
     report = build_engines(checkpoints, opts)
     rows = [
         {"engine": "/".join(Path(r["engine"]).parts[-2:]), "n": r["gate"]["patients"], "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"],

@@ -187,6 +187,27 @@ def test_a_failing_int8_search_stops_at_the_deadline_without_writing(segmenting_
     assert discover(tmp_path) == [] and not list(tmp_path.rglob("onnxruntime-int8*"))
 
 
+def test_build_judges_against_another_model_with_reference(segmenting_run, phantom_dir, tmp_path):
+    """--reference: the gate's FP32 model is another checkpoint (as optimize judges a pruned model against the unpruned
+    one). A model that predicts no tumor passes against itself (the slow test below) and fails against the real one."""
+    ckpt = load_checkpoint(segmenting_run.best_path)
+    ckpt.pop("path")
+    state = dict(ckpt["state_dict"])
+    bias = next(k for k in state if k.startswith("segmentation_head") and k.endswith("bias"))
+    state[bias] = state[bias] - 1000.0
+    save_checkpoint(tmp_path / "empty.pt", dict(ckpt, state_dict=state))
+    args = ["build", str(tmp_path / "empty.pt"), "--data", str(phantom_dir), "--reference", str(segmenting_run.best_path), "-o", str(tmp_path / "e")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3 and "failed the accuracy gate" in result.output and not list((tmp_path / "e").rglob("onnxruntime-fp32.onnx*"))
+    forced = runner.invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    gate = read_manifest(next((tmp_path / "e").rglob("onnxruntime-fp32.onnx")))["gate"]
+    assert gate["reference"] == str(segmenting_run.best_path) and gate["fp32_dice"] > 0.5 and gate["engine_dice"] == 0.0 and not gate["passed"]
+    save_checkpoint(tmp_path / "other-split.pt", dict(ckpt, split={**ckpt["split"], "val": ckpt["split"]["train"][:1]}))
+    result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "--reference", str(tmp_path / "other-split.pt"), "-o", str(tmp_path / "f")])
+    assert result.exit_code == 2 and "differs from" in result.output and "in its split" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.slow
 def test_an_all_background_model_is_judged_by_agreement(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     ckpt = load_checkpoint(segmenting_run.best_path)
