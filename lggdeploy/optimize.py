@@ -70,8 +70,10 @@ class OptimizeOptions:
             raise LggError("pruning without fine-tuning loses most of the accuracy: give --prune-epochs 1 or more, or --prune-ratios ''")
         if self.prune_ratios and not self.prune_lr > 0:
             raise LggError(f"--prune-lr must be positive, got {self.prune_lr}")
-        if self.prune_ratios and self.distill and not 0 < self.distill_weight <= 1:
-            raise LggError(f"--distill-weight must lie in (0, 1], got {self.distill_weight}")
+        if self.prune_ratios and self.distill:
+            from lggdeploy.models.prune import check_distill_weight
+
+            check_distill_weight(self.distill_weight)
         if self.batch not in self.batch_sizes:
             raise LggError(f"--batch {self.batch} must be one of the timed batch sizes {self.batch_sizes}")
 

@@ -187,15 +187,22 @@ def test_a_failing_int8_search_stops_at_the_deadline_without_writing(segmenting_
     assert discover(tmp_path) == [] and not list(tmp_path.rglob("onnxruntime-int8*"))
 
 
-def test_build_judges_against_another_model_with_reference(segmenting_run, phantom_dir, tmp_path):
-    """--reference: the gate's FP32 model is another checkpoint (as optimize judges a pruned model against the unpruned
-    one). A model that predicts no tumor passes against itself (the slow test below) and fails against the real one."""
-    ckpt = load_checkpoint(segmenting_run.best_path)
+def no_tumor_checkpoint(run, path):
+    """A copy of the run's model whose head bias is pushed down by 1000: it predicts no tumor anywhere. Returns the
+    original checkpoint (without its path)."""
+    ckpt = load_checkpoint(run.best_path)
     ckpt.pop("path")
     state = dict(ckpt["state_dict"])
     bias = next(k for k in state if k.startswith("segmentation_head") and k.endswith("bias"))
     state[bias] = state[bias] - 1000.0
-    save_checkpoint(tmp_path / "empty.pt", dict(ckpt, state_dict=state))
+    save_checkpoint(path, dict(ckpt, state_dict=state))
+    return ckpt
+
+
+def test_build_judges_against_another_model_with_reference(segmenting_run, phantom_dir, tmp_path):
+    """--reference: the gate's FP32 model is another checkpoint (as optimize judges a pruned model against the unpruned
+    one). A model that predicts no tumor passes against itself (the slow test below) and fails against the real one."""
+    ckpt = no_tumor_checkpoint(segmenting_run, tmp_path / "empty.pt")
     args = ["build", str(tmp_path / "empty.pt"), "--data", str(phantom_dir), "--reference", str(segmenting_run.best_path), "-o", str(tmp_path / "e")]
     result = runner.invoke(app, args)
     assert result.exit_code == 3 and "failed the accuracy gate" in result.output and not list((tmp_path / "e").rglob("onnxruntime-fp32.onnx*"))
@@ -210,12 +217,7 @@ def test_build_judges_against_another_model_with_reference(segmenting_run, phant
 
 @pytest.mark.slow
 def test_an_all_background_model_is_judged_by_agreement(segmenting_run, phantom_dir, tmp_path, monkeypatch):
-    ckpt = load_checkpoint(segmenting_run.best_path)
-    ckpt.pop("path")
-    state = dict(ckpt["state_dict"])
-    bias = next(k for k in state if k.startswith("segmentation_head") and k.endswith("bias"))
-    state[bias] = state[bias] - 1000.0  # predicts no tumor anywhere
-    save_checkpoint(tmp_path / "empty.pt", dict(ckpt, state_dict=state))
+    no_tumor_checkpoint(segmenting_run, tmp_path / "empty.pt")
     engine = build_engines([tmp_path / "empty.pt"], BuildOptions(out_dir=tmp_path / "e", data=phantom_dir, precision="fp32")).engines[0]
     gate = read_manifest(engine["engine"])["gate"]
     assert gate["passed"] and gate["reference_predicts_no_tumor"] and "only the agreement" in gate["note"] and gate["fp32_dice"] == 0.0

@@ -115,6 +115,14 @@ class _Context:
             self._reference = Reference(self.run(TorchRunner(model_from_checkpoint(self.reference_ckpt)), "pytorch fp32 reference"), self.val, self.criteria)
         return self._reference
 
+    @property
+    def reference_path(self) -> Path:  # the checkpoint whose FP32 model the gate (and QAT's teacher) uses
+        return self.opts.reference or self.checkpoint
+
+    def gate_record(self, gate) -> dict:
+        """The gate's record as the manifest keeps it (and GateFailed carries it when no engine is written)."""
+        return {**gate.to_json(), "reference": str(self.reference_path)}
+
     @functools.cached_property
     def reference_ckpt(self) -> dict:  # read once: the gate's reference and QAT's teacher both use it
         if self.opts.reference is None:
@@ -221,7 +229,7 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
             "library": qat.LIBRARY, "library_version": qat.modelopt_version(), "config": "INT8_DEFAULT_CFG (int8, per-channel weights on axis 0, per-tensor activations, max calibration)",
             **{k: getattr(recipe, k) for k in ("epochs", "lr", "optimizer", "batch_size", "weight_decay", "seed", "augment", "distill_weight")},
             "loss": f"distillation from the FP32 model (BCE on its probabilities), weight {recipe.distill_weight}; the rest Dice + BCE on labels",
-            "teacher": str(ctx.opts.reference or ctx.checkpoint), "batch_norm": "statistics frozen", "schedule": "cosine to zero",
+            "teacher": str(ctx.reference_path), "batch_norm": "statistics frozen", "schedule": "cosine to zero",
             "train_patients": list(ctx.split.train), "train_slices": len(train),
             "calibration_slice_list_sha256": slice_list_hash(slice_ids(chosen)), "history": history,
             "seconds": round(time.perf_counter() - started, 1), "conv_input_amax": amax, "key": key,
@@ -361,7 +369,7 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
                 f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
                 f"even with {len(gate.nodes_kept_in_float)} node(s) kept in float; no engine written "
                 + ("(try more --qat-epochs, --calib-method, or --force to keep it marked as failed)" if fmt.precision == "int8" else "(--force keeps it, marked as failed)"),
-                gate={**gate.to_json(), "reference": str(ctx.opts.reference or ctx.checkpoint)},
+                gate=ctx.gate_record(gate),
             )
         twin = None
         engine_sha = sha256_file(path)
@@ -403,7 +411,7 @@ def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dic
         "data_root": ctx.ckpt.get("data_root"),
         "pruned": bool(ctx.ckpt.get("pruning")),
         "pruning": ctx.ckpt.get("pruning", []),
-        "gate": {**gate.to_json(), "reference": str(ctx.opts.reference or ctx.checkpoint)},
+        "gate": ctx.gate_record(gate),
         "forced": not gate.passed,
         "build_seconds": round(seconds, 2),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

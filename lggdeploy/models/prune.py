@@ -85,6 +85,12 @@ def prune_model(model: nn.Module, img_size: int, ratio: float, steps: int = 1, b
     }
 
 
+def check_distill_weight(weight: float) -> None:
+    """The teacher's share of the fine-tuning loss after pruning: `prune` and `optimize` check it before any work."""
+    if not 0 < weight <= 1:
+        raise LggError(f"--distill-weight must lie in (0, 1] (the teacher's share of the fine-tuning loss; --no-distill for none), got {weight}")
+
+
 def prune_checkpoint(
     checkpoint: str | os.PathLike,
     ratio: float,
@@ -108,8 +114,8 @@ def prune_checkpoint(
         from lggdeploy.data.kaggle import resolve_data_root
 
         data = resolve_data_root(data, ckpt.get("data_root"), "fine-tuning after pruning")
-    if distill and not 0 < distill_weight <= 1:
-        raise LggError(f"--distill-weight must lie in (0, 1] (the teacher's share of the fine-tuning loss; --no-distill for none), got {distill_weight}")
+    if distill:
+        check_distill_weight(distill_weight)
     if (out / "last.pt").exists() or (out / "best.pt").exists():
         raise LggError(f"{out} already holds a checkpoint; choose another -o")
     check_can_create(out)  # before the pruning and fine-tuning work
