@@ -213,6 +213,7 @@ def test_build_judges_against_another_model_with_reference(segmenting_run, phant
     save_checkpoint(tmp_path / "other-split.pt", dict(ckpt, split={**ckpt["split"], "val": ckpt["split"]["train"][:1]}))
     result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "--reference", str(tmp_path / "other-split.pt"), "-o", str(tmp_path / "f")])
     assert result.exit_code == 2 and "differs from" in result.output and "in its split" in result.output and "Traceback" not in result.output
+    assert not [f for f in (tmp_path / "f").rglob("*") if f.is_file()]  # said before the export: nothing written
 
 
 @pytest.mark.slow

@@ -72,6 +72,8 @@ class _Context:
         self.img_size = self.ckpt["img_size"]
         self.normalization = normalization_of(self.ckpt)
         self.threshold = self.ckpt["threshold"]
+        if opts.reference is not None:
+            _ = self.reference_ckpt  # a reference that cannot judge this checkpoint: its one line before any export is made
         self.sha = sha256_file(checkpoint)
         self.folder = Path(opts.out_dir) / engine_tag(self.ckpt, self.sha)
         remove_stale_temporaries(self.folder)  # .build-* folders and .tmp files of a build that was killed
