@@ -75,12 +75,12 @@ class OrtOne:
 class OvStreams:
     """One compiled model with `parts` streams (one thread each), the batch split into `parts` requests run at once."""
 
-    def __init__(self, path: Path, hint: str, parts: int, batch: int):
+    def __init__(self, path: Path, hint: str, parts: int, batch_shape: tuple):
         import openvino as ov
 
         core = ov.Core()
         model = core.read_model(str(path))
-        model.reshape({model.inputs[0].get_any_name(): [batch // parts, 3, 256, 256]})
+        model.reshape({model.inputs[0].get_any_name(): [batch_shape[0] // parts, *batch_shape[1:]]})
         config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": parts, "NUM_STREAMS": parts, "PERFORMANCE_HINT": "THROUGHPUT"}
         compiled = core.compile_model(model, "CPU", config)
         self.requests = [compiled.create_infer_request() for _ in range(parts)]
@@ -109,8 +109,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the CLI does: without it PyTorch page-faults its activations in on every batch
-    x = np.random.default_rng(0).standard_normal((args.batch, 3, 256, 256)).astype(np.float32)
-    model = model_from_checkpoint(load_checkpoint(args.checkpoint)).eval()
+    ckpt = load_checkpoint(args.checkpoint)
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, ckpt["img_size"], ckpt["img_size"])).astype(np.float32)
+    model = model_from_checkpoint(ckpt).eval()
     torch_runner = TorchRunner(model, "cpu")
     arms: dict[str, object] = {"PyTorch eager FP32 (reference)": torch_runner.infer, "PyTorch eager FP32 (A/A twin)": torch_runner.infer}
     ort_path = args.engines / "onnxruntime-fp32.onnx"
@@ -123,7 +124,7 @@ def main() -> None:
             continue
         hint = load_openvino(path, read_manifest(path)).config["INFERENCE_PRECISION_HINT"]  # as built and gated
         arms[f"{label}, one request"] = OpenVinoRunner(path, hint, args.threads).infer
-        arms[f"{label}, {args.threads} streams"] = OvStreams(path, hint, args.threads, args.batch).infer
+        arms[f"{label}, {args.threads} streams"] = OvStreams(path, hint, args.threads, x.shape).infer
     outputs = {name: np.asarray(call(x), np.float32) for name, call in arms.items()}  # warm-up, and the outputs
     for call in arms.values():
         call(x)
