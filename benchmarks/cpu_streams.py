@@ -6,10 +6,10 @@ usage: .venv/bin/python benchmarks/cpu_streams.py CKPT ENGINES_DIR --out OUT [--
 CKPT: the checkpoint (PyTorch eager FP32, the reference). ENGINES_DIR: its engine folder with
 onnxruntime-fp32.onnx and openvino-int8-openvino.onnx (and openvino-fp32.onnx if present), as `lggdeploy build`
 writes them. Each engine runs two ways on the same input:
-- one request: batch 8 in one call on `--threads` cores (how lggdeploy's runners run engines);
+- one request: batch 8 in one call on `--threads` cores: lggdeploy's own runners, opened as bench opens them;
 - streams: the batch split into `--threads` equal parts run at the same time, one core each (OpenVINO: the model
-  compiled with NUM_STREAMS = threads, one thread per stream, one request per part; ONNX Runtime: one session per
-  part with one intra-op thread, run from a thread pool — ONNX Runtime releases the GIL while it runs).
+  compiled with NUM_STREAMS = threads, one thread per stream, one request per part; ONNX Runtime: one lggdeploy runner
+  per part with one intra-op thread, run from a thread pool — ONNX Runtime releases the GIL while it runs).
   OpenVINO engines run with the float-remainder precision their manifest records.
 Both ways must give the same output (max |difference| of the logits is recorded). Every arm is timed interleaved
 round by round in a shuffled order (bench's `interleaved_times`), with an A/A pair of the reference; median ms per
@@ -27,49 +27,23 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.backends.openvino import OpenVinoRunner
-from lggdeploy.backends.openvino import load as load_openvino
-from lggdeploy.engines.formats import read_manifest
+from lggdeploy.backends.base import RunOptions
+from lggdeploy.backends.onnxruntime import CPU, OnnxRuntimeRunner
 from lggdeploy.bench.run import interleaved_times
 from lggdeploy.common.machine import keep_freed_memory, machine_info
+from lggdeploy.engines.formats import open_engine
 
 
 class OrtStreams:
-    """The batch split over `parts` sessions, one intra-op thread each, run concurrently."""
+    """The batch split over `parts` of lggdeploy's ONNX Runtime runners, one intra-op thread each, run concurrently."""
 
     def __init__(self, path: Path, parts: int):
-        import onnxruntime as ort
-
-        def session():
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as bench runs it
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-        self.sessions = [session() for _ in range(parts)]
-        self.input = self.sessions[0].get_inputs()[0].name
+        self.runners = [OnnxRuntimeRunner(path, [CPU], 1, spin=False) for _ in range(parts)]
         self.pool = ThreadPoolExecutor(parts)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        chunks = np.array_split(x, len(self.sessions))
-        outs = self.pool.map(lambda s_c: s_c[0].run(None, {self.input: s_c[1]})[0], zip(self.sessions, chunks))
-        return np.concatenate(list(outs))
-
-
-class OrtOne:
-    def __init__(self, path: Path, threads: int):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would slow the next arm
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: x})[0]
+        parts = np.array_split(x, len(self.runners))
+        return np.concatenate(list(self.pool.map(lambda runner, part: runner.infer(part), self.runners, parts)))
 
 
 class OvStreams:
@@ -114,16 +88,18 @@ def main() -> None:
     model = model_from_checkpoint(ckpt).eval()
     torch_runner = TorchRunner(model, "cpu")
     arms: dict[str, object] = {"PyTorch eager FP32 (reference)": torch_runner.infer, "PyTorch eager FP32 (A/A twin)": torch_runner.infer}
+    one_request = RunOptions(threads=args.threads, spin=False)  # lggdeploy's runners, as bench opens them
     ort_path = args.engines / "onnxruntime-fp32.onnx"
-    arms["ONNX Runtime FP32, one request"] = OrtOne(ort_path, args.threads).infer
+    arms["ONNX Runtime FP32, one request"] = open_engine(ort_path, options=one_request).infer
     arms[f"ONNX Runtime FP32, {args.threads} streams"] = OrtStreams(ort_path, args.threads).infer
     for label, file in (("OpenVINO FP32", "openvino-fp32.onnx"), ("OpenVINO INT8", "openvino-int8-openvino.onnx")):
         path = args.engines / file
         if not path.exists():
             print(f"{path} not found: {label} left out")
             continue
-        hint = load_openvino(path, read_manifest(path)).config["INFERENCE_PRECISION_HINT"]  # as built and gated
-        arms[f"{label}, one request"] = OpenVinoRunner(path, hint, args.threads).infer
+        one = open_engine(path, options=one_request)
+        arms[f"{label}, one request"] = one.infer
+        hint = one.config["INFERENCE_PRECISION_HINT"]  # the float remainder's precision, as built and gated
         arms[f"{label}, {args.threads} streams"] = OvStreams(path, hint, args.threads, x.shape).infer
     outputs = {name: np.asarray(call(x), np.float32) for name, call in arms.items()}  # warm-up, and the outputs
     for call in arms.values():
