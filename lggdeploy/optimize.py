@@ -17,7 +17,7 @@ saying how it was found.
 Resumable: engines, pruned checkpoints and gate verdicts live under --out; a second run reuses what the
 first built (a failed candidate is not rebuilt either) and only re-times. A verdict is reused only under the gate
 criteria (and, for INT8, the calibration and QAT settings) it was reached with: a rerun asking for others judges
-that rung again.
+that rung again — an FP32/BF16 rung from its stored per-patient rows (`_rejudged`), an INT8 rung by building it again.
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts
         max_drop=opts.max_drop, max_patient_drop=opts.max_patient_drop, min_agreement=opts.min_agreement, threads=opts.threads,
         qat=opts.qat, qat_epochs=opts.qat_epochs, reference=None if checkpoint == reference else reference, deadline=deadline,
     ))
-    if report.failures:
-        raise GateFailed(report.failures[0], report.failed_gates[0])
+    if report.failed:
+        raise report.failed[0]
     return report.engines[0]
 
 
@@ -254,6 +254,29 @@ def gate_summary(gate: dict | None) -> dict:
     if not gate:
         return {}
     return {**{k: gate.get(k) for k in GATE_FIELDS}, "per_patient": [{k: row.get(k) for k in PATIENT_FIELDS} for row in gate.get("per_patient", [])]}
+
+
+def _rejudged(previous: dict, settings: dict, precision: str) -> dict | None:
+    """A stored verdict judged again under other gate criteria from its per-patient rows, without a rebuild; None when
+    that needs a rebuild. Only a rung built without a search can be: FP32, FP16 and BF16 engines are the same engine
+    under any criteria, while an INT8 rung's fallback and QAT depend on them (and its calibration on the engine). A rung
+    that now passes is reused only if it passed before (a failed rung wrote no engine); one that now fails is settled."""
+    rows = (previous.get("gate") or {}).get("per_patient")
+    if precision == "int8" or not rows or any(row.get("agreement") is None for row in rows):
+        return None
+    from lggdeploy.engines.precision.gate import GateCriteria, GateResult
+
+    result = GateResult(GateCriteria(settings["max_drop"], settings["max_patient_drop"], settings["min_agreement"]), rows, False)
+    failures = result.failures()
+    if not failures and not (previous["status"] == "passed" and Path(previous["engine"] or "").is_file()):
+        return None
+    rejudged = dict(previous, judged_with=settings, gate={**previous["gate"], "criteria": result.criteria.to_json(), "passed": not failures, "failures": failures})
+    console.print(f"optimize: {engine_label(previous)} of {previous['model']}, judged with {_flags(previous['judged_with'])}, "
+                  f"judged again from its stored per-patient rows with {_flags(settings)}: {'passed' if not failures else 'failed'}")
+    rejudged["reason"] = "; ".join([*failures, f"judged again from stored rows with {_flags(settings)}"])
+    if failures:
+        rejudged.update(status="failed gate", engine=None)
+    return rejudged
 
 
 def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions, state: dict) -> list[Candidate]:
@@ -292,9 +315,10 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             previous = state.get(candidate.key)
             candidate.judged_with = judged_with(opts, precision)
             if previous and previous["status"] in ("passed", "failed gate") and previous.get("judged_with") and previous["judged_with"] != candidate.judged_with:
-                console.print(f"optimize: {name} {engine_label(previous)} was judged with {_flags(previous['judged_with'])}; "
-                              f"judging it again with {_flags(candidate.judged_with)}")
-                previous = None
+                previous = _rejudged(previous, candidate.judged_with, precision)
+                if previous is None:
+                    console.print(f"optimize: {name} {engine_label(state[candidate.key])} was judged with {_flags(state[candidate.key]['judged_with'])}; "
+                                  f"judging it again with {_flags(candidate.judged_with)}")
             ok, reason = _available(backend, precision)
             if not ok:
                 candidate.status, candidate.reason = "unavailable", reason
@@ -421,7 +445,8 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
 def _write_outputs(summary: dict, candidates: list[Candidate], front: list[Candidate], chosen: Candidate, opts: OptimizeOptions) -> None:
     from lggdeploy.engines.formats import read_manifest, write_manifest
 
-    write_json_atomic(opts.out / "optimize.json", summary)
+    stored = {"candidates": [_stored(c, opts.out) for c in summary["candidates"]], "chosen": _stored(summary["chosen"], opts.out), "paths": PATHS_RELATIVE}
+    write_json_atomic(opts.out / "optimize.json", summary | stored)  # as ladder.json: paths inside --out relative to it
     write_text_atomic(opts.out / "optimize.md", markdown(summary))
     _plot(candidates, front, chosen, opts)
     folder = ensure_folder(opts.out / "chosen")
@@ -442,7 +467,8 @@ def _write_outputs(summary: dict, candidates: list[Candidate], front: list[Candi
         "speedup_vs_pytorch": summary["chosen"]["speedup_vs_pytorch"],
         "speedup_vs_onnxruntime_fp32": summary["chosen_vs_onnxruntime_fp32"],
         "candidates": len(candidates),
-        "report": str(opts.out / "optimize.json"),
+        "judged_with": chosen.judged_with,  # the criteria of the choice (the build's gate record above may be another run's)
+        "report": "../optimize.json",  # relative to this folder
     }
     write_manifest(target, manifest)
 

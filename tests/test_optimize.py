@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -48,6 +49,10 @@ def test_the_ladder_is_gated_timed_and_the_fastest_passing_engine_chosen(optimiz
     assert engine_name in chosen_files and f"{engine_name}.json" in chosen_files
     record = read_manifest(opts.out / "chosen" / engine_name)["optimize"]
     assert record["batch"] == 2 and record["latency_ms_per_image"] == chosen["latency_ms_per_image"]
+    assert record["judged_with"] == {"max_drop": 0.5, "max_patient_drop": 2.0, "min_agreement": 0.9, **({"calib_samples": 8, "qat": "off", "qat_epochs": 1} if chosen["precision"] == "int8" else {})}
+    written = json.loads((opts.out / "chosen" / record["report"]).read_text())  # paths inside --out relative to it, as in ladder.json
+    assert written["paths"] == optimize_module.PATHS_RELATIVE and not written["chosen"]["engine"].startswith("/")
+    assert (opts.out / written["chosen"]["engine"]).resolve() == Path(chosen["engine"]).resolve()
     assert (opts.out / "optimize.md").read_text().count("[chosen]") == 1 and (opts.out / "front.png").is_file()
     assert summary["pytorch_fp32_ms_per_image"].keys() == {"1", "2"} and summary["noise_floor"]["aa_ratios"]
 
@@ -151,11 +156,14 @@ def test_a_rung_whose_default_engine_format_changed_is_built_again(optimized, se
 
 
 def test_a_verdict_is_reused_only_under_the_criteria_it_was_reached_with(optimized, segmenting_run, tmp_path, monkeypatch):
-    """A rerun with a looser or stricter gate judges every rung again; other INT8 calibration or QAT settings only the INT8 rungs."""
+    """A rerun with a looser or stricter gate judges the FP32 rungs again from their stored per-patient rows (the same
+    engine under any criteria) and builds the INT8 rungs again (their fallback and QAT depend on the criteria); other
+    INT8 calibration or QAT settings only the INT8 rungs."""
     summary, opts = optimized
     saved = json.loads((opts.out / "ladder.json").read_text())["candidates"]
     assert saved[0]["judged_with"] == {"max_drop": 0.5, "max_patient_drop": 2.0, "min_agreement": 0.9}
     assert saved[1]["judged_with"] == {**saved[0]["judged_with"], "calib_samples": 8, "qat": "off", "qat_epochs": 1}
+    assert saved[0]["status"] == "passed" and saved[0]["gate"]["min_agreement"] >= 0.95  # so that it passes every gate below
 
     class Rebuilt(Exception):
         pass
@@ -165,13 +173,44 @@ def test_a_verdict_is_reused_only_under_the_criteria_it_was_reached_with(optimiz
 
     monkeypatch.setattr(optimize_module, "_build", rebuild)
     monkeypatch.setattr("lggdeploy.models.prune.prune_checkpoint", rebuild)  # the pruned model is reused: its fine-tune did not change
-    for change, first_rebuilt in (({"max_drop": 5.0}, ("fp32", 5.0, 0.9, 8)), ({"min_agreement": 0.95}, ("fp32", 0.5, 0.95, 8)),
+    for change, first_rebuilt in (({"max_drop": 5.0}, ("int8", 5.0, 0.9, 8)), ({"min_agreement": 0.95}, ("int8", 0.5, 0.95, 8)),
                                   ({"calib_samples": 16}, ("int8", 0.5, 0.9, 16)), ({"qat": "always"}, ("int8", 0.5, 0.9, 8))):
         out = tmp_path / "-".join(map(str, change.values()))
         shutil.copytree(opts.out, out)
         with pytest.raises(Rebuilt) as rebuilt:
             optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out, **change))
         assert rebuilt.value.args == first_rebuilt, change
+        fp32 = json.loads((out / "ladder.json").read_text())["candidates"][0]
+        assert fp32["status"] == "passed" and fp32["engine"] and fp32["judged_with"] == {**saved[0]["judged_with"], **{k: v for k, v in change.items() if k in fp32["judged_with"]}}
+
+
+def test_a_stricter_gate_fails_a_stored_fp32_verdict_from_its_rows_without_a_build(optimized, segmenting_run, tmp_path, monkeypatch):
+    """An FP32 rung whose stored per-patient rows fail the rerun's gate is failed without a build, and (its FP32 failing)
+    the INT8 rung after it is skipped; a rung that failed before is built again under a looser gate (it wrote no engine)."""
+    summary, opts = optimized
+    built = []
+
+    def rebuild(checkpoint, reference, backend, precision, build_opts, deadline=None):
+        built.append((precision, build_opts.min_agreement))
+        raise GateFailed("not built in this test", None)
+
+    monkeypatch.setattr(optimize_module, "_build", rebuild)
+    out = tmp_path / "stricter"
+    shutil.copytree(opts.out, out)
+    ladder = json.loads((out / "ladder.json").read_text())
+    rows = ladder["candidates"][0]["gate"]["per_patient"]
+    rows[0]["agreement"] = 0.93  # as if one val patient's masks had agreed less
+    (out / "ladder.json").write_text(json.dumps(ladder))
+    with pytest.raises(GateFailed, match="no candidate kept accuracy"):
+        optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out, prune_ratios=(), min_agreement=0.95))
+    assert built == []
+    fp32, int8 = json.loads((out / "ladder.json").read_text())["candidates"]
+    assert fp32["status"] == "failed gate" and f"patient {rows[0]['patient']}" in fp32["reason"] and "stored rows" in fp32["reason"]
+    assert fp32["gate"]["passed"] is False and fp32["gate"]["criteria"]["min_agreement"] == 0.95 and fp32["engine"] is None
+    assert int8["status"] == "skipped"
+    with pytest.raises(GateFailed):  # looser again: the failed rung has no engine to reuse, so it is built
+        optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out, prune_ratios=(), min_agreement=0.9))
+    assert built[0] == ("fp32", 0.9)
 
 
 def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_run, tmp_path, monkeypatch):

@@ -423,9 +423,12 @@ def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dic
 
 @dataclass
 class BuildReport:
-    engines: list[dict]
-    failures: list[str]  # gate failures: one message each; the other engines were still built
-    failed_gates: list[dict | None] = field(default_factory=list)  # their gate records, in the same order
+    engines: list[dict] = field(default_factory=list)
+    failed: list[GateFailed] = field(default_factory=list)  # gate failures, each with its gate record; the other engines were still built
+
+    @property
+    def failures(self) -> list[str]:
+        return [str(exc) for exc in self.failed]
 
 
 def validate(opts: BuildOptions) -> None:
@@ -477,7 +480,7 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
                 raise BackendUnavailable(f"{fmt.name}: {why}")
             console.print(f"[yellow]skipped {fmt.name}:[/] {why}")
             formats.remove(fmt)
-    report = BuildReport([], [])
+    report = BuildReport()
     for checkpoint in checkpoints:
         ctx = _Context(Path(checkpoint), opts)
         for fmt in formats:
@@ -487,6 +490,5 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
                 raise  # the budget is spent: nothing more is built
             except GateFailed as exc:
                 console.print(f"[red]gate failed:[/] {exc}")
-                report.failures.append(str(exc))
-                report.failed_gates.append(exc.gate)
+                report.failed.append(exc)
     return report
