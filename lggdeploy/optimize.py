@@ -315,9 +315,9 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             previous = state.get(candidate.key)
             candidate.judged_with = judged_with(opts, precision)
             if previous and previous["status"] in ("passed", "failed gate") and previous.get("judged_with") and previous["judged_with"] != candidate.judged_with:
-                previous = _rejudged(previous, candidate.judged_with, precision)
+                earlier, previous = previous, _rejudged(previous, candidate.judged_with, precision)
                 if previous is None:
-                    console.print(f"optimize: {name} {engine_label(state[candidate.key])} was judged with {_flags(state[candidate.key]['judged_with'])}; "
+                    console.print(f"optimize: {name} {engine_label(earlier)} was judged with {_flags(earlier['judged_with'])}; "
                                   f"judging it again with {_flags(candidate.judged_with)}")
             ok, reason = _available(backend, precision)
             if not ok:
