@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.backends.onnxruntime import CPU, OnnxRuntimeRunner
 from lggdeploy.bench.run import interleaved_times
@@ -120,9 +120,9 @@ def main() -> None:
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     aa = abs(ms["PyTorch eager FP32 (A/A twin)"] / ref - 1) * 100
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_streams.json").write_text(json.dumps({"date": when, "machine": info, "checkpoint": str(args.checkpoint), "engines": str(args.engines),
-                                                           "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "aa_percent": round(aa, 2),
-                                                           "rows": rows}, indent=2))
+    write_json_atomic(args.out / "cpu_streams.json", {"date": when, "machine": info, "checkpoint": str(args.checkpoint), "engines": str(args.engines),
+                                                      "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "aa_percent": round(aa, 2),
+                                                      "rows": rows})
     lines = [f"One batch of {args.batch} over {args.threads} CPU streams against one request on {args.threads} threads; `{args.engines}`; "
              f"{cpu.get('model')} ({', '.join(cpu.get('isa', []))}); {when}; median of {args.rounds} interleaved rounds, ms per image; "
              f"A/A noise {aa:.1f} %.", "",
@@ -130,7 +130,7 @@ def main() -> None:
     for r in rows:
         diff = "" if r["max_abs_logit_diff_vs_one_request"] is None else f"{r['max_abs_logit_diff_vs_one_request']:.2e}"
         lines.append(f"| {r['arm']} | {r['ms_per_image']:.2f} | {r['x_pytorch']:.2f} | {r['x_ort_fp32']:.2f} | {diff} |")
-    (args.out / "cpu_streams.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "cpu_streams.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

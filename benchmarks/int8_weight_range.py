@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.openvino import OpenVinoRunner
 from lggdeploy.backends.base import RunOptions
@@ -111,9 +111,9 @@ def run(work: Path) -> None:
     cpu = info["cpu"]
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_weight_range.json").write_text(json.dumps({"date": when, "machine": info, "checkpoint": str(args.checkpoint), "profile": args.profile,
-                                                               "calibration": {"split": "val", "samples": len(chosen), "method": "minmax"},
-                                                               "first_conv_weight": first, "rows": rows}, indent=2))
+    write_json_atomic(args.out / "int8_weight_range.json", {"date": when, "machine": info, "checkpoint": str(args.checkpoint), "profile": args.profile,
+                                                            "calibration": {"split": "val", "samples": len(chosen), "method": "minmax"},
+                                                            "first_conv_weight": first, "rows": rows})
     runtime = "OpenVINO" if args.profile == "openvino" else "ONNX Runtime"
     lines = [f"{runtime} INT8 ({args.profile} profile), weight range; `{args.checkpoint}`; {cpu.get('model')}, {args.threads} threads "
              f"({', '.join(cpu.get('isa', []))}); {when}. One calibration cache ({len(chosen)} val slices, minmax) for all three. "
@@ -126,7 +126,7 @@ def run(work: Path) -> None:
             lines.append(f"| {row['variant']} | {name} | {r['engine_dice']:.4f} ({r['fp32_dice']:.4f}) | {r['drop_points']:.2f} | {r['worst_patient_drop_points']:.2f} | "
                          f"{r['min_agreement']:.4f} | {r['mean_agreement']:.4f} | {r['min_logit_sqnr_db']:.1f} | {'passes' if r['passes_gate'] else 'fails'} | "
                          f"{row['ms_per_image_b8'] if name == 'val' else ''} |")
-    (args.out / "int8_weight_range.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "int8_weight_range.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

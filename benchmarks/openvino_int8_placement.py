@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends.openvino import OpenVinoRunner
 from lggdeploy.bench.run import interleaved_times
 from lggdeploy.common.machine import machine_info
@@ -87,8 +88,8 @@ def main() -> None:
     cpu = info["cpu"]
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "openvino_int8_placement.json").write_text(json.dumps({"date": when, "machine": info, "engines": str(args.engines), "batch": args.batch,
-                                                                        "rounds": args.rounds, "rows": rows}, indent=2))
+    write_json_atomic(args.out / "openvino_int8_placement.json", {"date": when, "machine": info, "engines": str(args.engines), "batch": args.batch,
+                                                                  "rounds": args.rounds, "rows": rows})
     lines = [f"OpenVINO INT8 placement and remainder precision, `{args.engines}`; {cpu.get('model')}, {args.threads} threads "
              f"({', '.join(cpu.get('isa', []))}); {when}; batch {args.batch}, median of {args.rounds} interleaved rounds, ms per image.", "",
              "| engine | float remainder | Q nodes | nodes kept in float (gate) | gate (remainder as built) | ms/img | × BF16 engine |" + (" time by kernel kind |" if args.profile else ""),
@@ -99,7 +100,7 @@ def main() -> None:
         if args.profile:
             cells.append(", ".join(f"{k} {v} %" for k, v in r["time_by_kernel_percent"].items()))
         lines.append("| " + " | ".join(cells) + " |")
-    (args.out / "openvino_int8_placement.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "openvino_int8_placement.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.backends.openvino import PRECISION_HINT, OpenVinoRunner
@@ -71,13 +72,13 @@ def main() -> None:
     cpu = info["cpu"]
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pyramid_export_ab.json").write_text(json.dumps({"date": when, "machine": info, "graphs": graphs, "rounds": args.rounds, "rows": rows}, indent=2))
+    write_json_atomic(args.out / "pyramid_export_ab.json", {"date": when, "machine": info, "graphs": graphs, "rounds": args.rounds, "rows": rows})
     lines = [f"Pyramid pooling export form, before ({graphs['before']['nodes']} graph nodes) and after ({graphs['after']['nodes']} nodes); "
              f"{cpu.get('model')}, {args.threads} threads "
              f"({', '.join(cpu.get('isa', []))}); {when}; median of {args.rounds} interleaved rounds, ms per image.", "",
              "| engine | batch | before | after | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['engine']} | {r['batch']} | {r['before_ms']:.2f} | {r['after_ms']:.2f} | {r['speedup']:.2f}x |" for r in rows]
-    (args.out / "pyramid_export_ab.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "pyramid_export_ab.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

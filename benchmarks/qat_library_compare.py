@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
@@ -142,7 +143,7 @@ def main() -> None:
               "fp32_val_mean_patient_dice": fp32, "recipe": {"epochs": recipe.epochs, "lr": recipe.lr, "optimizer": recipe.optimizer, "distill_weight": recipe.distill_weight},
               "machine": machine, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "qat_library_compare.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(args.out / "qat_library_compare.json", record)
     lines = [f"QAT libraries on {args.checkpoint} (val FP32 mean per-patient Dice {fp32:.4f}, n={len(split.val)} patients), "
              f"{machine['cpu']['model']}, {dt.date.today().isoformat()}.", "",
              "| library | stage | val Dice/patient | drop (pts) | worst patient (pts) | least agreement | seconds |", "|---|---|---|---|---|---|---|"]
@@ -157,7 +158,7 @@ def main() -> None:
             else:
                 o = e["onnxruntime"]
                 lines.append(f"| {r['library']} | own ONNX export on ONNX Runtime (zero points {', '.join(e['zero_point_dtypes'])}, all 0: {e['all_zero_points_0']}; per-channel axes {e['per_channel_axes']}; tensorrt profile rules: {'kept' if e['tensorrt_profile_ok'] else 'broken'}) | {o['val_mean_patient_dice']:.4f} | {o['drop_points']:.2f} | {o['worst_patient_drop_points']:.2f} | {o['least_agreement']:.4f} | |")
-    (args.out / "qat_library_compare.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "qat_library_compare.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import cpu_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
@@ -73,7 +74,7 @@ def main() -> None:
               f"{r['stored']['mean_patient_dice']:.3f} | {r['recomputed']['mean_patient_dice']:.3f} | "
               f"{r['stored']['patients_missed']} | {r['recomputed']['patients_missed']} |")
     if args.out:
-        args.out.write_text(json.dumps({"machine": cpu_info(), "torch": torch.__version__, "rows": rows}, indent=1))
+        write_json_atomic(args.out, {"machine": cpu_info(), "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

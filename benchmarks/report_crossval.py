@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.bench.stats import MIN_PATIENTS_FOR_INTERVAL, paired_bootstrap_ci
 from lggdeploy.common.machine import machine_info
 
@@ -54,7 +55,7 @@ def main() -> None:
               "mean_patient_dice_without_postprocess": float(raw.mean()), "patients_missed": missed, "patients_below_0_5": int((dice < 0.5).sum()),
               "tumor_free_patients": [r["patient"] for r in rows if r["tumor_pixels"] == 0]}
     record = {"command": args.command, "date": dt.date.today().isoformat(), "machine": machine_info(), "pooled": pooled, "folds": per_fold, "per_patient": rows}
-    (args.out / "crossval.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json_atomic(args.out / "crossval.json", record)
     lines = [
         f"# Cross-validation: {args.folds} folds, {len(per_fold)} run ({dt.date.today().isoformat()})", "",
         f"- command: `{args.command}`" if args.command else None, f"- each fold's machine and date: fold-k/README.md; pooled on {_machine_line(record['machine'])}", "",
@@ -73,7 +74,7 @@ def main() -> None:
         "", "| fold | patient | slices | tumor slices | Dice | Dice without post-processing | detected |", "|---|---|---|---|---|---|---|",
         *[f"| {r['fold']} | {r['patient']} | {r['slices']} | {r['tumor_slices']} | {r['dice']:.3f} | {r.get('dice_without_postprocess', r['dice']):.3f} | {r['detected']} |" for r in rows],
     ]
-    (args.out / "README.md").write_text("\n".join(line for line in lines if line is not None) + "\n")
+    write_text_atomic(args.out / "README.md", "\n".join(line for line in lines if line is not None) + "\n")
     print("\n".join(lines[:14]))
 
 

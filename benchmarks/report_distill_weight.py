@@ -12,6 +12,8 @@ import csv
 import json
 from pathlib import Path
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
+
 
 def pairs(values: list[str]) -> dict[str, Path]:
     return {v.split("=", 1)[0]: Path(v.split("=", 1)[1]) for v in values}
@@ -46,8 +48,8 @@ def main() -> None:
     for i in range(epochs):
         lines.append(f"| {i + 1} | " + " | ".join(f"{float(h[i]['val_mean_patient_dice']):.4f}" if i < len(h) else "—" for h in histories.values()) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distill_weight.md").write_text("\n".join(lines) + "\n")
-    (args.out / "distill_weight.json").write_text(json.dumps({"gates": gates, "histories": histories}, indent=2) + "\n")
+    write_text_atomic(args.out / "distill_weight.md", "\n".join(lines) + "\n")
+    write_json_atomic(args.out / "distill_weight.json", {"gates": gates, "histories": histories})
     print("\n".join(lines))
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 
 
 import numpy as np
 
+from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import logits_to_masks
@@ -75,7 +75,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    (args.out / "missing_modality.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": machine, "runs": rows}, indent=2) + "\n")
+    write_json_atomic(args.out / "missing_modality.json", {"date": dt.date.today().isoformat(), "machine": machine, "runs": rows})
     names = list(CONDITIONS)
     lines = ["Mean per-patient Dice (patients missed) at each run's stored threshold and post-processing; the data set's fill (FLAIR copied into the missing "
              "channels), FLAIR at 0.6 of its intensity, or the whole scan at 0.6 or 1.4, applied to every slice of the split.", "",

@@ -14,11 +14,11 @@ hand in OUT/README.md).
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 
 import numpy as np
 
+from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
@@ -79,7 +79,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    (args.out / "postprocess.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient}, indent=2) + "\n")
+    write_json_atomic(args.out / "postprocess.json", {"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient})
     f3 = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     cells = lambda r, part: " | ".join(f"{f3(r[f'{part}_dice_{name}'])} ({r[f'{part}_missed_{name}']})" for name in COLUMNS)  # noqa: E731
     head = " | ".join(COLUMNS)

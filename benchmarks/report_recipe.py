@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
@@ -73,7 +74,7 @@ def write_markdown(path: Path, lines: list[str], machine: dict) -> None:
     """The report's markdown with the machine line at its foot, written and printed."""
     cpu = machine["cpu"]
     lines = [*lines, "", f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {dt.date.today().isoformat()}."]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -143,7 +144,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    (args.out / "ablation.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient}, indent=2) + "\n")
+    write_json_atomic(args.out / "ablation.json", {"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient})
     fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [
         "| run | epochs (median s) | best epoch, weights | val Dice at selection (n=5) | val epoch-to-epoch noise (raw) | threshold | test Dice @0.5 | test Dice @tuned | + largest comp. | test missed @0.5 / tuned (n=5) |",

@@ -12,11 +12,11 @@ and OUT/threshold.md.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections import defaultdict
 
 import numpy as np
 
+from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import native_logits
@@ -60,7 +60,7 @@ def main() -> None:
     summary = pooled(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    (args.out / "threshold.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "pooled_test": summary}, indent=2) + "\n")
+    write_json_atomic(args.out / "threshold.json", {"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "pooled_test": summary})
     lines = ["Mean per-patient Dice (patients missed) at 0.5 and at the threshold tuned on val and stored, no post-processing.", "",
              "| run | split seed | stored threshold | val (n) at 0.5 | val at tuned | test (n) at 0.5 | test at tuned | test: tuned − 0.5 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.models.checkpoint import load_checkpoint
 from lggdeploy.common.machine import machine_info
 from lggdeploy.metrics import METRIC_LABELS
@@ -27,7 +28,7 @@ def main() -> None:
     machine = machine_info()
     for name in ("history.csv", "history.json", "curves.png", "split.json"):
         shutil.copy(args.run / name, args.out / name)
-    (args.out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
+    write_json_atomic(args.out / "machine.json", machine)
 
     cpu = machine["cpu"]
     lines = [
@@ -60,7 +61,7 @@ def main() -> None:
     for row in test["per_patient"]:
         lines.append(f"| {row['patient']} | {row['slices']} | {row['tumor_slices']} | {row['dice']:.4f} | {row['iou']:.4f} |")
     lines += ["", "![training curves](curves.png)", ""]
-    (args.out / "README.md").write_text("\n".join(lines))
+    write_text_atomic(args.out / "README.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import random
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_has_bf16, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
@@ -101,14 +101,14 @@ def main() -> None:
              "steps_timed": len(times[n]), "warmup_and_compile_s": compile_seconds.get(n)} for n in times]
     machine = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_speed.json").write_text(json.dumps({"date": dt.date.today().isoformat(), "model": args.model, "batch": args.batch, "machine": machine, "rows": rows}, indent=2) + "\n")
+    write_json_atomic(args.out / "train_speed.json", {"date": dt.date.today().isoformat(), "model": args.model, "batch": args.batch, "machine": machine, "rows": rows})
     cpu = machine["cpu"]
     lines = [f"Training step, {args.model}, batch {args.batch}, 256 px, {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}), "
              f"torch {torch.__version__}, {dt.date.today().isoformat()}; median of {args.rounds} interleaved rounds x {args.steps} steps.", "",
              "| configuration | median s / step | speed-up vs fp32 NCHW | first-round warm-up incl. compilation (s) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['median_step_s']:.3f} | {r['speedup_vs_fp32_nchw']:.2f}x | {r['warmup_and_compile_s'] or ''} |")
-    (args.out / "train_speed.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "train_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
