@@ -12,7 +12,10 @@ pruning and quantization spend one budget (--max-drop). A pruning ratio whose FP
 gate is not quantized. Everything that passed is then timed side by side in one `bench` run (engines
 interleaved, the PyTorch reference and its A/A row included), and the Pareto front of latency against val
 per-patient Dice is written with the chosen engine — the fastest that passed at `--batch` — and a manifest
-saying how it was found.
+saying how it was found. An INT8 rung that fails its gate fully quantized is searched (nodes kept in float, QAT) only
+if it could still win: a speed probe times it at `--batch` beside every engine that has passed so far, interleaved, and
+when it is already PROBE_MARGIN× slower than the fastest of them the search — which only adds float work — is not run
+("cannot win"; the rung is then missing from the front, which holds only engines that passed).
 
 Resumable: engines, pruned checkpoints and gate verdicts live under --out; a second run reuses what the
 first built (a failed candidate is not rebuilt either) and only re-times. A verdict is reused only under the gate
@@ -23,13 +26,14 @@ that rung again — an FP32/BF16 rung from its stored per-patient rows (`_rejudg
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lggdeploy.common.errors import GateFailed, LggError, SearchStopped
+from lggdeploy.common.errors import CannotWin, GateFailed, LggError, SearchStopped
 from lggdeploy.common.files import ensure_folder, sha256_file, write_json_atomic, write_text_atomic
 from lggdeploy.common.progress import console
 from lggdeploy.engines.export import EXPORT_GRAPH
@@ -84,7 +88,7 @@ class Candidate:
     checkpoint: str
     backend: str
     precision: str
-    status: str = "pending"  # passed | failed gate | skipped | unavailable | not tried (budget) | stopped (budget)
+    status: str = "pending"  # passed | failed gate | cannot win | skipped | unavailable | not tried (budget) | stopped (budget)
     reason: str = ""
     engine: str | None = None
     val_dice: float | None = None
@@ -107,6 +111,7 @@ class Candidate:
         return candidate_key(asdict(self))
 
 
+SETTLED = ("passed", "failed gate", "cannot win")  # verdicts a rerun reuses under the same criteria
 PATHS_RELATIVE = "relative to this folder"  # ladder.json's paths inside --out: the folder can be moved or copied
 
 
@@ -221,17 +226,63 @@ def check_pruned_models(opts: OptimizeOptions) -> None:
                            "give the same options to resume, or choose another --out")
 
 
-def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts: OptimizeOptions, deadline: float | None = None) -> dict:
+def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts: OptimizeOptions, deadline: float | None = None,
+           worth_searching=None) -> dict:
     from lggdeploy.engines.build import BuildOptions, build_engines
 
     report = build_engines([checkpoint], BuildOptions(
         out_dir=opts.out / "engines", data=opts.data, backend=backend, precision=precision, calib_samples=opts.calib_samples,
         max_drop=opts.max_drop, max_patient_drop=opts.max_patient_drop, min_agreement=opts.min_agreement, threads=opts.threads,
         qat=opts.qat, qat_epochs=opts.qat_epochs, reference=None if checkpoint == reference else reference, deadline=deadline,
+        worth_searching=worth_searching,
     ))
     if report.failed:
         raise report.failed[0]
     return report.engines[0]
+
+
+PROBE_ROUNDS = 5
+PROBE_MARGIN = 1.10  # a failing INT8 engine this much slower than the fastest passed one is not searched: well above the A/A noise of 1-3 %
+
+
+def probe_verdict(probe_ms: float, passed_ms: dict[str, float], batch: int) -> str | None:
+    """Why a fully quantized engine at `probe_ms` cannot be the fastest, given the passed engines' ms per image; None when it might."""
+    if not passed_ms:
+        return None
+    label, best = min(passed_ms.items(), key=lambda item: item[1])
+    if probe_ms < best * PROBE_MARGIN:
+        return None
+    return (f"fully quantized it ran at {probe_ms:.1f} ms/image at batch {batch}, {probe_ms / best:.2f}× the time of {label}, which passed "
+            f"({best:.1f} ms; {PROBE_ROUNDS} interleaved rounds): keeping nodes in float or QAT only adds float work, so it cannot be the fastest")
+
+
+def speed_probe(passed: list[Candidate], opts: OptimizeOptions):
+    """build's `worth_searching` hook for an INT8 rung: the failing engine timed beside every engine that passed so far."""
+    if not passed:
+        return None
+
+    def worth_searching(open_candidate, val_batch) -> str | None:
+        import numpy as np
+
+        from lggdeploy.backends.base import RunOptions
+        from lggdeploy.bench.run import interleaved_times
+        from lggdeploy.engines.formats import open_engine
+
+        x = val_batch(opts.batch)
+        runners = []
+        try:
+            runners.append(open_candidate())
+            runners += [open_engine(c.engine, options=RunOptions(threads=opts.threads)) for c in passed]
+            for runner in runners:  # warm-up
+                runner.infer(x)
+            seconds = interleaved_times([functools.partial(r.infer, x) for r in runners], PROBE_ROUNDS, np.random.default_rng(0))
+        finally:
+            for runner in runners:
+                runner.close()
+        ms = [float(np.median(s)) * 1000 / len(x) for s in seconds]
+        return probe_verdict(ms[0], {f"{c.model} {engine_label(asdict(c))}": m for c, m in zip(passed, ms[1:])}, len(x))
+
+    return worth_searching
 
 
 def _record(candidate: Candidate, engine: dict) -> None:
@@ -314,7 +365,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             candidates.append(candidate)
             previous = state.get(candidate.key)
             candidate.judged_with = judged_with(opts, precision)
-            if previous and previous["status"] in ("passed", "failed gate") and previous.get("judged_with") and previous["judged_with"] != candidate.judged_with:
+            if previous and previous["status"] in SETTLED and previous.get("judged_with") and previous["judged_with"] != candidate.judged_with:
                 earlier, previous = previous, _rejudged(previous, candidate.judged_with, precision)
                 if previous is None:
                     console.print(f"optimize: {name} {engine_label(earlier)} was judged with {_flags(earlier['judged_with'])}; "
@@ -324,7 +375,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
                 candidate.status, candidate.reason = "unavailable", reason
             elif fp32_failed:  # every backend's FP32 engine runs the same model: one failing FP32 settles it
                 candidate.status, candidate.reason = "skipped", "its FP32 engine already fails the gate against the unpruned model"
-            elif previous and previous["status"] in ("passed", "failed gate") and (previous["status"] == "failed gate" or Path(previous["engine"] or "").is_file()):
+            elif previous and previous["status"] in SETTLED and (previous["status"] != "passed" or Path(previous["engine"] or "").is_file()):
                 for key, value in previous.items():
                     setattr(candidate, key, value)
                 candidate.judged_with = previous.get("judged_with") or {}  # {}: a ladder from before the record, reused as it is
@@ -332,10 +383,13 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             elif over_budget():
                 candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"
             else:
+                probe = speed_probe([c for c in candidates if c.status == "passed"], opts) if precision == "int8" else None
                 try:
-                    _record(candidate, _build(path, checkpoint, backend, precision, opts, deadline))
+                    _record(candidate, _build(path, checkpoint, backend, precision, opts, deadline, worth_searching=probe))
                 except SearchStopped as exc:  # not "failed gate": a later run with more time searches again
                     candidate.status, candidate.reason = "stopped (budget)", str(exc)[:300]
+                except CannotWin as exc:
+                    candidate.status, candidate.reason, candidate.gate = "cannot win", str(exc)[:400], gate_summary(exc.gate)
                 except GateFailed as exc:
                     candidate.status, candidate.reason, candidate.gate = "failed gate", str(exc)[:300], gate_summary(exc.gate)
             if precision == "fp32" and candidate.status == "failed gate":
@@ -493,7 +547,7 @@ def markdown(summary: dict) -> str:
         test = c["test"] or {}
         status = c["status"]
         if c["status"] != "passed" and c["reason"]:
-            failures = (c.get("gate") or {}).get("failures")  # a failed rung: the gate's own lines, not its message's head
+            failures = (c.get("gate") or {}).get("failures") if c["status"] == "failed gate" else None  # the gate's own lines, not its message's head
             why = "; ".join(failures) + (" (reused)" if c["reason"].endswith("(reused)") else "") if failures else c["reason"]
             notes.append(f"[{len(notes) + 1}] {c['model']}, {engine_label(c)}: {why}")
             status += f" [{len(notes)}]"

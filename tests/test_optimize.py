@@ -168,7 +168,7 @@ def test_a_verdict_is_reused_only_under_the_criteria_it_was_reached_with(optimiz
     class Rebuilt(Exception):
         pass
 
-    def rebuild(checkpoint, reference, backend, precision, build_opts, deadline=None):
+    def rebuild(checkpoint, reference, backend, precision, build_opts, deadline=None, **kwargs):
         raise Rebuilt(precision, build_opts.max_drop, build_opts.min_agreement, build_opts.calib_samples)
 
     monkeypatch.setattr(optimize_module, "_build", rebuild)
@@ -190,7 +190,7 @@ def test_a_stricter_gate_fails_a_stored_fp32_verdict_from_its_rows_without_a_bui
     summary, opts = optimized
     built = []
 
-    def rebuild(checkpoint, reference, backend, precision, build_opts, deadline=None):
+    def rebuild(checkpoint, reference, backend, precision, build_opts, deadline=None, **kwargs):
         built.append((precision, build_opts.min_agreement))
         raise GateFailed("not built in this test", None)
 
@@ -246,11 +246,11 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
     monkeypatch.setattr(prune, "prune_checkpoint", counting_prune)
     real = optimize_module._build
 
-    def pruned_fp32_fails(checkpoint, reference, backend, precision, opts, deadline=None):
+    def pruned_fp32_fails(checkpoint, reference, backend, precision, opts, deadline=None, **kwargs):
         built.append((checkpoint != reference, precision))
         if checkpoint != reference:  # masks identical to the unpruned model's on every val patient: the real build fails it
             opts = dataclasses.replace(opts, min_agreement=1.0)
-        return real(checkpoint, reference, backend, precision, opts, deadline)
+        return real(checkpoint, reference, backend, precision, opts, deadline, **kwargs)
 
     monkeypatch.setattr(optimize_module, "_build", pruned_fp32_fails)
     opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(0.5, 0.3), prune_epochs=1, qat="off", calib_samples=8,
@@ -300,11 +300,11 @@ def test_a_candidate_stopped_by_the_budget_is_searched_again_by_a_rerun(segmenti
     real = optimize_module._build
     calls = []
 
-    def int8_runs_out_of_time(checkpoint, reference, backend, precision, opts, deadline=None):
+    def int8_runs_out_of_time(checkpoint, reference, backend, precision, opts, deadline=None, **kwargs):
         calls.append((precision, deadline is not None))
         if precision == "int8":
             raise SearchStopped("onnxruntime-int8-cpu: --budget-minutes ran out during the INT8 fallback search (simulated)")
-        return real(checkpoint, reference, backend, precision, opts, deadline)
+        return real(checkpoint, reference, backend, precision, opts, deadline, **kwargs)
 
     monkeypatch.setattr(optimize_module, "_build", int8_runs_out_of_time)
     opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(), qat="off", calib_samples=8, batch=1, batch_sizes=(1,), iters=2,
@@ -315,7 +315,7 @@ def test_a_candidate_stopped_by_the_budget_is_searched_again_by_a_rerun(segmenti
     assert summary["chosen"]["precision"] == "fp32"
     calls.clear()
 
-    def int8_fails_this_time(checkpoint, reference, backend, precision, opts, deadline=None):
+    def int8_fails_this_time(checkpoint, reference, backend, precision, opts, deadline=None, **kwargs):
         calls.append((precision, deadline is not None))
         raise GateFailed("onnxruntime-int8-cpu: failed the accuracy gate (simulated)")
 
@@ -323,3 +323,71 @@ def test_a_candidate_stopped_by_the_budget_is_searched_again_by_a_rerun(segmenti
     again = optimize(segmenting_run.best_path, opts)
     assert calls == [("int8", True)]  # FP32's pass is reused, the stopped INT8 is searched again
     assert [c["status"] for c in again["candidates"]] == ["passed", "failed gate"]
+
+
+def test_a_probe_verdict_gives_up_only_well_beyond_the_noise():
+    passed = {"unpruned openvino bf16": 10.0, "unpruned onnxruntime fp32": 20.0}
+    assert optimize_module.probe_verdict(10.5, passed, 8) is None  # within the margin: it might still win
+    assert optimize_module.probe_verdict(8.0, passed, 8) is None
+    assert optimize_module.probe_verdict(5.0, {}, 8) is None  # nothing passed yet: nothing to beat
+    why = optimize_module.probe_verdict(13.0, passed, 8)
+    assert why.startswith("fully quantized it ran at 13.0 ms/image at batch 8, 1.30× the time of unpruned openvino bf16, which passed (10.0 ms")
+
+
+def _int8_fails_post_training(real):
+    """The real build, with an INT8 gate no quantized engine passes (masks identical to the FP32 model's)."""
+    def build(checkpoint, reference, backend, precision, opts, deadline=None, **kwargs):
+        if precision == "int8":
+            opts = dataclasses.replace(opts, min_agreement=1.0)
+        return real(checkpoint, reference, backend, precision, opts, deadline, **kwargs)
+    return build
+
+
+def test_an_int8_rung_that_cannot_win_is_not_searched_and_a_rerun_keeps_the_verdict(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    """INT8 fails its gate fully quantized; the speed probe really opens and runs it beside the passed FP32 engine (its
+    measured time is scaled here, no timing asserted): slower than the margin, neither the fallback nor QAT runs."""
+    from lggdeploy.engines import build as build_module
+
+    monkeypatch.setattr(optimize_module, "_build", _int8_fails_post_training(optimize_module._build))
+    measured = []
+    real_verdict = optimize_module.probe_verdict
+
+    def slower(probe_ms, passed_ms, batch):
+        measured.append((probe_ms, dict(passed_ms), batch))
+        return real_verdict(probe_ms * 100, passed_ms, batch)
+
+    def no_qat(*args, **kwargs):
+        raise AssertionError("quantization-aware fine-tuning ran for an engine that cannot win")
+
+    monkeypatch.setattr(optimize_module, "probe_verdict", slower)
+    monkeypatch.setattr(build_module, "_quantization_aware", no_qat)
+    opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(), qat="auto", calib_samples=8, batch=2, batch_sizes=(1, 2), iters=2, ladder=LADDER)
+    summary = optimize(segmenting_run.best_path, opts)
+    [(probe_ms, passed_ms, batch)] = measured
+    assert probe_ms > 0 and list(passed_ms) == ["unpruned onnxruntime fp32"] and passed_ms["unpruned onnxruntime fp32"] > 0 and batch == 2
+    fp32, int8 = summary["candidates"]
+    assert fp32["status"] == "passed" and int8["status"] == "cannot win" and int8["engine"] is None
+    assert "not searched — fully quantized it ran at" in int8["reason"] and "only adds float work" in int8["reason"]
+    assert int8["gate"]["passed"] is False and int8["gate"]["min_agreement"] < 1  # the real gate failed it, fully quantized
+    assert not list((tmp_path / "engines").rglob("onnxruntime-int8-cpu.onnx"))
+    report = (tmp_path / "optimize.md").read_text()  # the note says why: the probe, not the gate's lines
+    assert "| cannot win [1] |" in report and "[1] unpruned, onnxruntime int8 (cpu profile): " in report and "not searched — fully quantized" in report
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a settled verdict was built again")
+
+    monkeypatch.setattr(optimize_module, "_build", no_build)
+    again = optimize(segmenting_run.best_path, opts)
+    assert [c["status"] for c in again["candidates"]] == ["passed", "cannot win"] and again["candidates"][1]["reason"].endswith("(reused)")
+
+
+def test_an_int8_rung_that_might_win_is_searched(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(optimize_module, "_build", _int8_fails_post_training(optimize_module._build))
+    monkeypatch.setattr(optimize_module, "probe_verdict", lambda probe_ms, passed_ms, batch: None)
+    opts = OptimizeOptions(out=tmp_path, data=phantom_dir, prune_ratios=(), qat="off", calib_samples=8, batch=1, batch_sizes=(1,), iters=2, ladder=LADDER)
+    summary = optimize(segmenting_run.best_path, opts)
+    int8 = summary["candidates"][1]
+    if int8["status"] == "passed":  # searched: the fallback kept nodes in float
+        assert read_manifest(int8["engine"])["gate"]["nodes_kept_in_float"]
+    else:
+        assert int8["status"] == "failed gate" and "node(s) kept in float" in int8["reason"] and "even with 0 node(s)" not in int8["reason"]

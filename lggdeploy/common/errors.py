@@ -40,3 +40,8 @@ class GateFailed(LggError):
 
 class SearchStopped(GateFailed):
     """The time budget ran out while an engine was still failing its gate (before the next fallback rebuild or QAT)."""
+
+
+class CannotWin(GateFailed):
+    """An INT8 engine failed its gate fully quantized, and even so it was not faster than an engine that had already
+    passed: the search that could make it pass (nodes kept in float, QAT) only slows it, so it was not run (`optimize`)."""

@@ -15,9 +15,10 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from lggdeploy.backends.base import BuildTarget, RunOptions
-from lggdeploy.common.errors import BackendUnavailable, GateFailed, LggError, SearchStopped
+from lggdeploy.common.errors import BackendUnavailable, CannotWin, GateFailed, LggError, SearchStopped
 from lggdeploy.postprocess import PostProcess
 from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.common.progress import console
@@ -51,6 +52,10 @@ class BuildOptions:
     # A time.monotonic() instant (optimize's --budget-minutes): past it, an engine still failing its gate stops searching
     # (no more fallback rebuilds, no QAT) and SearchStopped is raised instead of GateFailed.
     deadline: float | None = None
+    # optimize's speed probe, asked once when an INT8 engine fails its gate fully quantized (before any fallback or QAT):
+    # worth_searching(open_engine, val_batch) -> a reason no search from it can win, or None. open_engine() opens that
+    # engine as bench would; val_batch(n) gives n preprocessed val slices. A reason raises CannotWin (no engine written).
+    worth_searching: Callable | None = None
 
 
 class _Context:
@@ -137,10 +142,21 @@ class _Context:
                 raise LggError(f"the reference {self.opts.reference} differs from {self.checkpoint} in its {key}: a gate needs the same inputs and val patients")
         return other
 
-    def run_engine(self, path: Path, fmt: EngineFormat, facts: dict) -> Outputs:
-        """Open a candidate engine exactly as bench and the runtime will (formats.open_engine) and run it on val."""
+    def open_candidate(self, path: Path, fmt: EngineFormat, facts: dict):
+        """A candidate engine opened exactly as bench and the runtime will (formats.open_engine): no manifest, no sha256 yet."""
         candidate = {"backend": fmt.backend, "precision": fmt.precision, "int8_profile": fmt.int8_profile, "img_size": self.img_size, **facts}
-        runner = open_engine(path, candidate, self.run_options, verify=False)  # a candidate: no manifest, no sha256 yet
+        return open_engine(path, candidate, self.run_options, verify=False)
+
+    def val_batch(self, count: int):
+        """`count` val slices spread over the patients, preprocessed as the engines take them (the speed probe's input)."""
+        from lggdeploy.data.arrays import pick_slices
+        from lggdeploy.data.transforms import preprocess
+
+        return preprocess(pick_slices(self.val, min(count, len(self.val.images))).images, self.img_size, self.normalization)
+
+    def run_engine(self, path: Path, fmt: EngineFormat, facts: dict) -> Outputs:
+        """Open a candidate engine as bench and the runtime will and run it on val."""
+        runner = self.open_candidate(path, fmt, facts)
         try:
             return self.run(runner, fmt.name)
         finally:
@@ -346,12 +362,23 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
         def out_of_time() -> bool:
             return opts.deadline is not None and time.monotonic() > opts.deadline
 
+        def worth_searching(p: Path) -> str | None:
+            return opts.worth_searching(functools.partial(ctx.open_candidate, p, fmt, backend_facts), ctx.val_batch)
+
+        def cannot_win(gate) -> CannotWin:
+            return CannotWin(f"{label}: not searched — {gate.not_searched}; it failed the accuracy gate fully quantized "
+                             f"({'; '.join(gate.failures())}); no engine written", gate=ctx.gate_record(gate))
+
+        probe = worth_searching if fmt.precision == "int8" and opts.worth_searching is not None and not opts.force else None
         tag = ""
         gate = None
         qat_mode = "off" if opts.qat_epochs == 0 else opts.qat
         if fmt.precision == "int8" and qat_mode != "off":
             if qat_mode == "auto":  # post-training INT8 first, as is; QAT only when that fails
-                path, gate = gate_with_fallback(ctx.reference, build, run, None, f"{label} (post-training)")
+                path, gate = gate_with_fallback(ctx.reference, build, run, None, f"{label} (post-training)", worth_searching=probe)
+                probe = None  # asked once, of the first fully quantized engine
+                if gate.not_searched:
+                    raise cannot_win(gate)
                 if not gate.passed:
                     extra["post_training_gate"] = gate.summary()
                     console.print(f"{label}: post-training INT8 failed its gate; quantization-aware fine-tuning ({opts.qat_epochs} epoch(s), --qat off to skip)")
@@ -365,7 +392,9 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
                 extra["qat"] = qat_model.record
                 gate = None
         if gate is None:
-            path, gate = gate_with_fallback(ctx.reference, build, run, rank, label + (" (QAT)" if tag else ""), out_of_time=out_of_time)
+            path, gate = gate_with_fallback(ctx.reference, build, run, rank, label + (" (QAT)" if tag else ""), out_of_time=out_of_time, worth_searching=probe)
+            if gate.not_searched:
+                raise cannot_win(gate)
         if not gate.passed and not opts.force:
             raise GateFailed(
                 f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
@@ -489,6 +518,6 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
             except SearchStopped:
                 raise  # the budget is spent: nothing more is built
             except GateFailed as exc:
-                console.print(f"[red]gate failed:[/] {exc}")
+                console.print(f"[red]{'cannot win' if isinstance(exc, CannotWin) else 'gate failed'}:[/] {exc}")
                 report.failed.append(exc)
     return report

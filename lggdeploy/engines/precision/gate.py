@@ -89,6 +89,7 @@ class GateResult:
     nodes_kept_in_float: list[str] = field(default_factory=list)
     attempts: list[dict] = field(default_factory=list)
     ranking: dict | None = None
+    not_searched: str = ""  # why a failing engine's fallback search was not run (gate_with_fallback's worth_searching)
 
     @property
     def fp32_dice(self) -> float:
@@ -221,17 +222,22 @@ def gate_with_fallback(
     label: str = "",
     max_fallback_fraction: float = 0.5,
     out_of_time: Callable[[], bool] = lambda: False,
+    worth_searching: Callable[[Path], str | None] | None = None,
 ) -> tuple[Path, GateResult]:
     """Build with nothing excluded; while the gate fails and `rank` is given, keep 1, 2, 4, ... worst nodes in float.
     `out_of_time()` is asked before the ranking and before every rebuild: when it says so, SearchStopped ends the search
-    (no engine; `optimize --budget-minutes`)."""
+    (no engine; `optimize --budget-minutes`). `worth_searching(path)` is asked once, when the engine built with nothing
+    excluded fails: a reason it returns ends the search before it starts (`result.not_searched`; `optimize`'s speed
+    probe) — whether `rank` is given or a caller searches on its own (QAT)."""
     if reference.predicts_no_tumor:
         console.print(f"[bold yellow]warning:[/] {label}: {REFERENCE_EMPTY_NOTE}")
     path = build([])
     result = reference.judge(run(path))
     result.attempts.append(result.summary())
     console.print(describe(result, label))
-    if result.passed or rank is None:
+    if not result.passed and worth_searching is not None:
+        result.not_searched = worth_searching(path) or ""
+    if result.passed or rank is None or result.not_searched:
         return path, result
     _stop_if(out_of_time, label, result.attempts)
     ranked, how = rank()
