@@ -43,5 +43,6 @@ class SearchStopped(GateFailed):
 
 
 class CannotWin(GateFailed):
-    """An INT8 engine failed its gate fully quantized, and even so it was not faster than an engine that had already
-    passed: the search that could make it pass (nodes kept in float, QAT) only slows it, so it was not run (`optimize`)."""
+    """An INT8 engine failed its gate fully quantized, and even so it was clearly slower (optimize.PROBE_MARGIN) than an
+    engine that had already passed: the search that could make it pass (nodes kept in float, QAT) only adds float work,
+    so it was not run (`optimize`'s speed probe)."""
