@@ -335,7 +335,7 @@ def test_a_probe_verdict_gives_up_only_well_beyond_the_noise():
 
 
 def _int8_fails_post_training(real):
-    """The real build, with an INT8 gate no quantized engine passes (masks identical to the FP32 model's)."""
+    """The real build, its INT8 gate asking for masks identical to the FP32 model's (a quantized engine's differ: asserted below)."""
     def build(checkpoint, reference, backend, precision, opts, deadline=None, **kwargs):
         if precision == "int8":
             opts = dataclasses.replace(opts, min_agreement=1.0)
