@@ -387,6 +387,7 @@ def optimize_cmd(
     batch_sizes: str = typer.Option("1,8", help="batch sizes timed"),
     iters: int = typer.Option(20, help="timed rounds per batch size (candidates interleaved)"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for every runtime (default: all cores)"),
+    search_all: bool = typer.Option(False, "--search-all", help="search every INT8 rung that fails post-training, even one the speed probe finds already slower than an engine that passed (a complete front, a longer run)"),
 ):
     """The fastest engine that keeps accuracy: precision x pruning x CPU backend, gated, timed side by side."""
     from lggdeploy.optimize import OptimizeOptions, optimize
@@ -394,7 +395,7 @@ def optimize_cmd(
     opts = OptimizeOptions(out=out_dir, data=data, max_drop=max_drop, max_patient_drop=max_patient_drop, min_agreement=min_agreement,
                            budget_minutes=budget_minutes, prune_ratios=_floats(prune_ratios, "--prune-ratios"), prune_epochs=prune_epochs, prune_lr=prune_lr,
                            distill=distill, distill_weight=distill_weight, qat=qat, qat_epochs=qat_epochs, calib_samples=calib_samples, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
-                           iters=iters, threads=threads)
+                           iters=iters, threads=threads, search_all=search_all)
     summary = optimize(checkpoint, opts)
     print_machine_text((out_dir / "optimize.md").read_text())  # markdown as written: "[chosen]" is not console markup
     chosen = summary["chosen"]

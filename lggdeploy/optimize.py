@@ -15,7 +15,8 @@ per-patient Dice is written with the chosen engine — the fastest that passed a
 saying how it was found. An INT8 rung that fails its gate fully quantized is searched (nodes kept in float, QAT) only
 if it could still win: a speed probe times it at `--batch` beside every engine that has passed so far, interleaved, and
 when it is already PROBE_MARGIN× slower than the fastest of them the search — which only adds float work — is not run
-("cannot win"; the rung is then missing from the front, which holds only engines that passed).
+("cannot win"; the rung is then missing from the front, which holds only engines that passed; --search-all searches
+it anyway, and a rerun with it searches the rungs an earlier run gave up).
 
 Resumable: engines, pruned checkpoints and gate verdicts live under --out; a second run reuses what the
 first built (a failed candidate is not rebuilt either) and only re-times. A verdict is reused only under the gate
@@ -62,6 +63,7 @@ class OptimizeOptions:
     iters: int = 20
     threads: int | None = None
     ladder: tuple[tuple[str, str], ...] = LADDER
+    search_all: bool = False  # search every failing INT8 rung, even one the speed probe finds cannot win (a complete front)
 
     def validate(self) -> None:
         if self.max_drop < 0:
@@ -375,7 +377,8 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
                 candidate.status, candidate.reason = "unavailable", reason
             elif fp32_failed:  # every backend's FP32 engine runs the same model: one failing FP32 settles it
                 candidate.status, candidate.reason = "skipped", "its FP32 engine already fails the gate against the unpruned model"
-            elif previous and previous["status"] in SETTLED and (previous["status"] != "passed" or Path(previous["engine"] or "").is_file()):
+            elif (previous and previous["status"] in SETTLED and (previous["status"] != "passed" or Path(previous["engine"] or "").is_file())
+                  and not (opts.search_all and previous["status"] == "cannot win")):
                 for key, value in previous.items():
                     setattr(candidate, key, value)
                 candidate.judged_with = previous.get("judged_with") or {}  # {}: a ladder from before the record, reused as it is
@@ -383,7 +386,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             elif over_budget():
                 candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"
             else:
-                probe = speed_probe([c for c in candidates if c.status == "passed"], opts) if precision == "int8" else None
+                probe = speed_probe([c for c in candidates if c.status == "passed"], opts) if precision == "int8" and not opts.search_all else None
                 try:
                     _record(candidate, _build(path, checkpoint, backend, precision, opts, deadline, worth_searching=probe))
                 except SearchStopped as exc:  # not "failed gate": a later run with more time searches again

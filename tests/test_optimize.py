@@ -380,6 +380,16 @@ def test_an_int8_rung_that_cannot_win_is_not_searched_and_a_rerun_keeps_the_verd
     again = optimize(segmenting_run.best_path, opts)
     assert [c["status"] for c in again["candidates"]] == ["passed", "cannot win"] and again["candidates"][1]["reason"].endswith("(reused)")
 
+    built = []
+
+    def searched(checkpoint, reference, backend, precision, build_opts, deadline=None, worth_searching=None):
+        built.append((precision, worth_searching))
+        raise GateFailed("not built in this test", None)
+
+    monkeypatch.setattr(optimize_module, "_build", searched)  # --search-all: the given-up rung is searched, without a probe
+    optimize(segmenting_run.best_path, dataclasses.replace(opts, search_all=True))
+    assert built == [("int8", None)]
+
 
 def test_an_int8_rung_that_might_win_is_searched(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(optimize_module, "_build", _int8_fails_post_training(optimize_module._build))
