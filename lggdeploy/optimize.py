@@ -421,26 +421,42 @@ def pareto_front(candidates: list[Candidate], batch: int) -> list[Candidate]:
 
 
 def _time(candidates: list[Candidate], checkpoint: Path, opts: OptimizeOptions) -> dict:
-    """One bench run over every engine that passed (and the PyTorch references, A/A row): latency side by side."""
+    """One bench run over every engine that passed (and the PyTorch references, A/A row): latency side by side, and
+    each engine's test Dice with its drop against the unpruned PyTorch FP32 model on the same test patients."""
     from lggdeploy.bench.run import BenchOptions, run_bench
 
     engines = opts.out / "engines"
     results = run_bench(BenchOptions(engines_dir=engines, data=opts.data, split="test", batch_sizes=opts.batch_sizes, iters=opts.iters, threads=opts.threads))
     by_engine = {str(Path(r["engine"]).resolve()): r for r in results["rows"] if not r["aa"]}
+    reference = {p["patient"]: p["dice"] for p in (_pytorch_row(results, checkpoint) or {}).get("per_patient") or []}
     for c in candidates:
         row = by_engine.get(str(Path(c.engine).resolve())) if c.engine else None
         if row and row["status"] == "ok":
             c.latency_ms_per_image = {b: s["p50_ms"] / int(b) for b, s in row["latency"].items()}
-            c.test = {"mean_patient_dice": row.get("mean_patient_dice"), "patients": row.get("patients"), "patients_missed": row.get("patients_missed")}
+            c.test = {"mean_patient_dice": row.get("mean_patient_dice"), "patients": row.get("patients"), "patients_missed": row.get("patients_missed"),
+                      **drop_on_test(reference, {p["patient"]: p["dice"] for p in row.get("per_patient") or []})}
     return results
+
+
+def drop_on_test(reference: dict[str, float], engine: dict[str, float]) -> dict:
+    """Mean and worst per-patient Dice drop (points) of an engine against the reference on the patients both scored."""
+    drops = {p: 100 * (reference[p] - engine[p]) for p in engine if p in reference}
+    if not drops:
+        return {}
+    worst = max(drops, key=drops.get)
+    return {"drop_points": sum(drops.values()) / len(drops), "worst_patient": worst, "worst_patient_drop_points": drops[worst]}
+
+
+def _pytorch_row(results: dict, checkpoint: Path) -> dict | None:
+    """The unpruned model's PyTorch eager FP32 reference row of a bench run."""
+    return next((r for r in results["rows"] if r["status"] == "ok" and r["backend"] == "torch" and r["precision"] == "fp32" and not r["aa"]
+                 and Path(r["engine"]).resolve() == checkpoint.resolve()), None)
 
 
 def _pytorch_ms(results: dict, checkpoint: Path) -> dict[str, float]:
     """ms per image of the unpruned model's PyTorch eager FP32 reference row, per batch size."""
-    for r in results["rows"]:
-        if r["status"] == "ok" and r["backend"] == "torch" and r["precision"] == "fp32" and not r["aa"] and Path(r["engine"]).resolve() == checkpoint.resolve():
-            return {b: s["p50_ms"] / int(b) for b, s in r["latency"].items()}
-    return {}
+    row = _pytorch_row(results, checkpoint)
+    return {b: s["p50_ms"] / int(b) for b, s in row["latency"].items()} if row else {}
 
 
 def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
@@ -473,6 +489,7 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
     results = _time(candidates, checkpoint, opts)
     b = str(opts.batch)
     torch_ms = _pytorch_ms(results, checkpoint)
+    torch_row = _pytorch_row(results, checkpoint) or {}
     ort = next((c for c in candidates if c.model == "unpruned" and c.backend == "onnxruntime" and c.precision == "fp32" and c.latency_ms_per_image), None)
     for c in candidates:
         c.speedup_vs_pytorch = {k: torch_ms[k] / v for k, v in c.latency_ms_per_image.items() if k in torch_ms}
@@ -491,6 +508,7 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         "chosen": asdict(chosen),
         "chosen_vs_onnxruntime_fp32": {k: ort.latency_ms_per_image[k] / v for k, v in chosen.latency_ms_per_image.items() if k in ort.latency_ms_per_image} if ort else None,
         "pytorch_fp32_ms_per_image": torch_ms,
+        "pytorch_fp32_test": {"mean_patient_dice": torch_row.get("mean_patient_dice"), "patients": torch_row.get("patients")},
         "noise_floor": results["noise_floor"],
         "machine": results["machine"],
         "seconds": round(time.perf_counter() - started, 1),
@@ -534,15 +552,21 @@ def _fmt(value, digits=2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _test_cell(test: dict) -> str:
+    return f"{_fmt(test.get('mean_patient_dice'), 4)} ({test.get('patients')})" if test.get("mean_patient_dice") is not None else "—"
+
+
 def markdown(summary: dict) -> str:
     b_list = [str(b) for b in summary["options"]["batch_sizes"]]
     head = ["model", "engine", "status", "val Dice/patient", "val drop (pts)", "nodes in float", "QAT"]
-    head += [f"ms/img b{b}" for b in b_list] + [f"× PyTorch b{b}" for b in b_list] + ["test Dice/patient (n)"]
+    head += [f"ms/img b{b}" for b in b_list] + [f"× PyTorch b{b}" for b in b_list] + ["test Dice/patient (n)", "test drop (pts): mean, worst patient"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     front = set(summary["front"])
     chosen_key = candidate_key(summary["chosen"])
     torch_ms = summary["pytorch_fp32_ms_per_image"]
-    lines.append("| unpruned | PyTorch eager FP32 [reference] | timed | — | — | — | — | " + " | ".join(_fmt(torch_ms.get(b)) for b in b_list) + " | " + " | ".join("1.00" for _ in b_list) + " | — |")
+    torch_test = summary.get("pytorch_fp32_test") or {}
+    lines.append("| unpruned | PyTorch eager FP32 [reference] | timed | — | — | — | — | " + " | ".join(_fmt(torch_ms.get(b)) for b in b_list) + " | " + " | ".join("1.00" for _ in b_list)
+                 + f" | {_test_cell(torch_test)} | — |")
     notes = []  # why a rung did not pass, in full below the table (a table cell would cut it)
     for c in summary["candidates"]:
         key = candidate_key(c)
@@ -557,7 +581,8 @@ def markdown(summary: dict) -> str:
         cells = [c["model"], f"{engine_label(c)}{mark}", status,
                  _fmt(c["val_dice"], 4), _fmt(c["val_drop_points"]), "—" if c["nodes_kept_in_float"] is None else str(c["nodes_kept_in_float"]), "yes" if c["qat"] else ""]
         cells += [_fmt(c["latency_ms_per_image"].get(b)) for b in b_list] + [_fmt(c["speedup_vs_pytorch"].get(b)) for b in b_list]
-        cells.append(f"{_fmt(test.get('mean_patient_dice'), 4)} ({test.get('patients')})" if test.get("mean_patient_dice") is not None else "—")
+        cells.append(_test_cell(test))
+        cells.append(f"{test['drop_points']:.2f}, {test['worst_patient_drop_points']:.2f} ({test['worst_patient']})" if "drop_points" in test else "—")
         lines.append("| " + " | ".join(cells) + " |")
     noise = summary["noise_floor"]
     chosen = summary["chosen"]
@@ -573,7 +598,8 @@ def markdown(summary: dict) -> str:
         f"A/A noise floor (the PyTorch reference timed twice): worst deviation {_fmt(noise['worst_deviation'] * 100 if noise['worst_deviation'] is not None else None, 1)} %"
         + (" — WARNING: noisy run" if noise["warning"] else ""),
         f"Latency: medians over {summary['options']['iters']} interleaved rounds; machine: {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores "
-        f"({', '.join(cpu.get('isa', []))}); {summary['created']}. Test Dice: the test split (n patients in brackets; the choice uses val only).",
+        f"({', '.join(cpu.get('isa', []))}); {summary['created']}. Test Dice: the test split (n patients in brackets; the choice uses val only); "
+        "test drop: against the unpruned PyTorch FP32 model on the same test patients, with n this small no interval or verdict.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -55,6 +55,20 @@ def test_the_ladder_is_gated_timed_and_the_fastest_passing_engine_chosen(optimiz
     assert (opts.out / written["chosen"]["engine"]).resolve() == Path(chosen["engine"]).resolve()
     assert (opts.out / "optimize.md").read_text().count("[chosen]") == 1 and (opts.out / "front.png").is_file()
     assert summary["pytorch_fp32_ms_per_image"].keys() == {"1", "2"} and summary["noise_floor"]["aa_ratios"]
+    torch_test = summary["pytorch_fp32_test"]  # test drops against the unpruned PyTorch model on the same test patients
+    test_patients = load_checkpoint(segmenting_run.best_path)["split"]["test"]
+    assert torch_test["patients"] == len(test_patients) and torch_test["mean_patient_dice"] is not None
+    for c in passed:
+        assert c["test"]["patients"] == torch_test["patients"] and c["test"]["worst_patient"] in test_patients
+        assert c["test"]["drop_points"] == pytest.approx(100 * (torch_test["mean_patient_dice"] - c["test"]["mean_patient_dice"]), abs=1e-9)
+        assert c["test"]["worst_patient_drop_points"] >= c["test"]["drop_points"] - 1e-9
+    assert "| test drop (pts): mean, worst patient |" in (opts.out / "optimize.md").read_text()
+
+
+def test_the_test_drop_is_per_patient_against_the_reference():
+    drop = optimize_module.drop_on_test({"a": 0.8, "b": 0.6}, {"a": 0.7, "b": 0.65, "c": 0.9})  # c: not scored by the reference
+    assert drop == {"drop_points": pytest.approx(2.5), "worst_patient": "a", "worst_patient_drop_points": pytest.approx(10.0)}
+    assert optimize_module.drop_on_test({}, {"a": 0.7}) == {}
 
 
 def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
