@@ -599,7 +599,7 @@ def markdown(summary: dict) -> str:
         + (" — WARNING: noisy run" if noise["warning"] else ""),
         f"Latency: medians over {summary['options']['iters']} interleaved rounds; machine: {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores "
         f"({', '.join(cpu.get('isa', []))}); {summary['created']}. Test Dice: the test split (n patients in brackets; the choice uses val only); "
-        "test drop: against the unpruned PyTorch FP32 model on the same test patients, with n this small no interval or verdict.",
+        "test drop: against the unpruned PyTorch FP32 model on the same test patients, mean and worst patient, no interval (`lggdeploy bench` gives the paired one where n allows).",
     ]
     return "\n".join(lines) + "\n"
 
