@@ -30,7 +30,7 @@ from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.backends.onnxruntime import CPU, OnnxRuntimeRunner
 from lggdeploy.bench.run import interleaved_times
-from lggdeploy.common.machine import keep_freed_memory, machine_info
+from lggdeploy.common.machine import cpu_line, keep_freed_memory, machine_info
 from lggdeploy.engines.formats import open_engine
 
 
@@ -124,7 +124,7 @@ def main() -> None:
                                                       "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "aa_percent": round(aa, 2),
                                                       "rows": rows})
     lines = [f"One batch of {args.batch} over {args.threads} CPU streams against one request on {args.threads} threads; `{args.engines}`; "
-             f"{cpu.get('model')} ({', '.join(cpu.get('isa', []))}); {when}; median of {args.rounds} interleaved rounds, ms per image; "
+             f"{cpu_line(cpu, args.threads)}; {when}; median of {args.rounds} interleaved rounds, ms per image; "
              f"A/A noise {aa:.1f} %.", "",
              "| arm | ms/img | × PyTorch eager FP32 | × ONNX Runtime FP32 (one request) | max abs logit diff vs one request |", "|---|---|---|---|---|"]
     for r in rows:

@@ -33,7 +33,7 @@ from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.openvino import OpenVinoRunner
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.bench.run import interleaved_times
-from lggdeploy.common.machine import machine_info
+from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import preprocess
@@ -115,8 +115,8 @@ def run(work: Path) -> None:
                                                             "calibration": {"split": "val", "samples": len(chosen), "method": "minmax"},
                                                             "first_conv_weight": first, "rows": rows})
     runtime = "OpenVINO" if args.profile == "openvino" else "ONNX Runtime"
-    lines = [f"{runtime} INT8 ({args.profile} profile), weight range; `{args.checkpoint}`; {cpu.get('model')}, {args.threads} threads "
-             f"({', '.join(cpu.get('isa', []))}); {when}. One calibration cache ({len(chosen)} val slices, minmax) for all three. "
+    lines = [f"{runtime} INT8 ({args.profile} profile), weight range; `{args.checkpoint}`; {cpu_line(cpu, args.threads)}; "
+             f"{when}. One calibration cache ({len(chosen)} val slices, minmax) for all three. "
              f"Against the PyTorch FP32 model; n = {len(split.val)} val / {len(split.test)} test patients. Batch 8, median of {args.rounds} interleaved rounds.", "",
              "| weights | split | Dice/patient (FP32) | drop (pts) | worst patient drop | least agreement | mean agreement | least logit SQNR (dB) | gate | ms/img b8 |",
              "|---|---|---|---|---|---|---|---|---|---|"]

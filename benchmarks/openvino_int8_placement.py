@@ -27,7 +27,7 @@ import onnx
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends.openvino import OpenVinoRunner
 from lggdeploy.bench.run import interleaved_times
-from lggdeploy.common.machine import machine_info
+from lggdeploy.common.machine import cpu_line, machine_info
 
 ENGINES = (("OpenVINO BF16 (FP32 graph)", "openvino-bf16.onnx", ("bf16",)),
            ("OpenVINO INT8, cpu profile (Q/DQ on conv inputs and outputs)", "openvino-int8-cpu.onnx", ("f32", "bf16")),
@@ -90,8 +90,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "openvino_int8_placement.json", {"date": when, "machine": info, "engines": str(args.engines), "batch": args.batch,
                                                                   "rounds": args.rounds, "rows": rows})
-    lines = [f"OpenVINO INT8 placement and remainder precision, `{args.engines}`; {cpu.get('model')}, {args.threads} threads "
-             f"({', '.join(cpu.get('isa', []))}); {when}; batch {args.batch}, median of {args.rounds} interleaved rounds, ms per image.", "",
+    lines = [f"OpenVINO INT8 placement and remainder precision, `{args.engines}`; {cpu_line(cpu, args.threads)}; "
+             f"{when}; batch {args.batch}, median of {args.rounds} interleaved rounds, ms per image.", "",
              "| engine | float remainder | Q nodes | nodes kept in float (gate) | gate (remainder as built) | ms/img | × BF16 engine |" + (" time by kernel kind |" if args.profile else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if args.profile else "")]
     for r in rows:

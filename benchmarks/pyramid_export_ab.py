@@ -27,7 +27,7 @@ from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.backends.openvino import PRECISION_HINT, OpenVinoRunner
 from lggdeploy.bench.run import interleaved_times
-from lggdeploy.common.machine import machine_info
+from lggdeploy.common.machine import cpu_line, machine_info
 
 ENGINES = (("ONNX Runtime FP32", "model.onnx", "ort", "fp32"), ("OpenVINO FP32", "model.onnx", "ov", "fp32"),
            ("OpenVINO BF16", "model.onnx", "ov", "bf16"), ("OpenVINO INT8", "openvino-int8-cpu.onnx", "ov", "int8"))
@@ -74,8 +74,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "pyramid_export_ab.json", {"date": when, "machine": info, "graphs": graphs, "rounds": args.rounds, "rows": rows})
     lines = [f"Pyramid pooling export form, before ({graphs['before']['nodes']} graph nodes) and after ({graphs['after']['nodes']} nodes); "
-             f"{cpu.get('model')}, {args.threads} threads "
-             f"({', '.join(cpu.get('isa', []))}); {when}; median of {args.rounds} interleaved rounds, ms per image.", "",
+             f"{cpu_line(cpu, args.threads)}; {when}; median of {args.rounds} interleaved rounds, ms per image.", "",
              "| engine | batch | before | after | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['engine']} | {r['batch']} | {r['before_ms']:.2f} | {r['after_ms']:.2f} | {r['speedup']:.2f}x |" for r in rows]
     write_text_atomic(args.out / "pyramid_export_ab.md", "\n".join(lines) + "\n")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
-from lggdeploy.common.machine import machine_info
+from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
@@ -145,7 +145,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "qat_library_compare.json", record)
     lines = [f"QAT libraries on {args.checkpoint} (val FP32 mean per-patient Dice {fp32:.4f}, n={len(split.val)} patients), "
-             f"{machine['cpu']['model']}, {dt.date.today().isoformat()}.", "",
+             f"{cpu_line(machine['cpu'])}, {dt.date.today().isoformat()}.", "",
              "| library | stage | val Dice/patient | drop (pts) | worst patient (pts) | least agreement | seconds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         for stage, secs in (("PTQ (calibrated fake-quant torch model)", r["calibration_seconds"]), (f"QAT {recipe.epochs} epoch(s)", sum(r["qat_epoch_seconds"]))):

@@ -13,12 +13,11 @@ import numpy as np
 
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.bench.stats import MIN_PATIENTS_FOR_INTERVAL, paired_bootstrap_ci
-from lggdeploy.common.machine import machine_info
+from lggdeploy.common.machine import cpu_line, machine_info
 
 
 def _machine_line(machine: dict) -> str:
-    cpu = machine["cpu"]
-    return f"{cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}), {machine['os']}"
+    return f"{cpu_line(machine['cpu'])}, {machine['os']}"
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
-from lggdeploy.common.machine import machine_info
+from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.metrics import confusion_counts, summarize
@@ -72,8 +72,7 @@ def epoch_noise(history: list[dict], key: str) -> float | None:
 
 def write_markdown(path: Path, lines: list[str], machine: dict) -> None:
     """The report's markdown with the machine line at its foot, written and printed."""
-    cpu = machine["cpu"]
-    lines = [*lines, "", f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {dt.date.today().isoformat()}."]
+    lines = [*lines, "", f"Machine: {cpu_line(machine['cpu'])}; {dt.date.today().isoformat()}."]
     write_text_atomic(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

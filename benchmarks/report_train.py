@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.models.checkpoint import load_checkpoint
-from lggdeploy.common.machine import machine_info
+from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.metrics import METRIC_LABELS
 
 
@@ -30,13 +30,12 @@ def main() -> None:
         shutil.copy(args.run / name, args.out / name)
     write_json_atomic(args.out / "machine.json", machine)
 
-    cpu = machine["cpu"]
     lines = [
         f"# {ckpt['model']['name']} trained on the CPU on the shared real patients",
         "",
         f"- date: {dt.date.today().isoformat()}",
         f"- command: `{args.command}`",
-        f"- machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}), torch {machine['libraries']['torch']}, smp {machine['libraries']['segmentation-models-pytorch']}",
+        f"- machine: {cpu_line(machine['cpu'])}, torch {machine['libraries']['torch']}, smp {machine['libraries']['segmentation-models-pytorch']}",
         f"- data: {ckpt['data_root']} — train {len(ckpt['split']['train'])} / val {len(ckpt['split']['val'])} / test {len(ckpt['split']['test'])} patients (split seed {ckpt['split']['seed']})",
         f"- encoder weights: {ckpt['encoder_weights']}; input {ckpt['img_size']} px; epochs {len(history)}; compute {ckpt.get('compute_precision', 'float32')}; wall time {args.seconds / 60:.1f} min",
         f"- best epoch {ckpt['best']['epoch']} by validation mean per-patient Dice",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
-from lggdeploy.common.machine import cpu_has_bf16, machine_info
+from lggdeploy.common.machine import cpu_has_bf16, cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import make_split
@@ -102,8 +102,7 @@ def main() -> None:
     machine = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "train_speed.json", {"date": dt.date.today().isoformat(), "model": args.model, "batch": args.batch, "machine": machine, "rows": rows})
-    cpu = machine["cpu"]
-    lines = [f"Training step, {args.model}, batch {args.batch}, 256 px, {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}), "
+    lines = [f"Training step, {args.model}, batch {args.batch}, 256 px, {cpu_line(machine['cpu'])}, "
              f"torch {torch.__version__}, {dt.date.today().isoformat()}; median of {args.rounds} interleaved rounds x {args.steps} steps.", "",
              "| configuration | median s / step | speed-up vs fp32 NCHW | first-round warm-up incl. compilation (s) |", "|---|---|---|---|"]
     for r in rows:

@@ -534,12 +534,13 @@ def verify_cmd(
 def doctor_cmd():
     """Which backends are usable here and why not; CPU ISA, GPU, library versions."""
     from lggdeploy.doctor import report
+    from lggdeploy.common.machine import cpu_line
     from lggdeploy.common.tables import rich_table
 
     info = report()
     out.print(rich_table(info["backends"], [("backend", "backend"), ("usable", "usable"), ("formats", "engine formats"), ("detail", "detail / reason")], title="backends"))
     cpu = info["machine"]["cpu"]
-    out.print(f"CPU: {cpu['model']}, {cpu['cores']} cores, ISA: {', '.join(cpu['isa']) or 'none of ' + 'AVX2/AVX-512/VNNI'}; INT8 cpu profile here: {info['int8_cpu_recipe']}")
+    out.print(f"CPU: {cpu_line(cpu)}; INT8 cpu profile here: {info['int8_cpu_recipe']}")
     gpus = info["machine"]["gpus"]
     out.print("GPU: " + (", ".join(f"{g['name']} (compute capability {g['compute_capability']})" for g in gpus) if gpus else "none visible"))
     out.print("libraries: " + ", ".join(f"{k} {v}" for k, v in info["machine"]["libraries"].items() if v))

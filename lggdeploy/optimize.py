@@ -16,7 +16,8 @@ saying how it was found. An INT8 rung that fails its gate fully quantized is sea
 if it could still win: a speed probe times it at `--batch` beside every engine that has passed so far, interleaved, and
 when it is already PROBE_MARGIN× slower than the fastest of them the search — which only adds float work — is not run
 ("cannot win"; the rung is then missing from the front, which holds only engines that passed; --search-all searches
-it anyway, and a rerun with it searches the rungs an earlier run gave up).
+it anyway, and a rerun with it searches the rungs an earlier run gave up; a rerun reuses the verdict only while the
+engine that beat it passes in that run, else it probes again).
 
 Resumable: engines, pruned checkpoints and gate verdicts live under --out; a second run reuses what the
 first built (a failed candidate is not rebuilt either) and only re-times. A verdict is reused only under the gate
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from lggdeploy.common.errors import CannotWin, GateFailed, LggError, SearchStopped
 from lggdeploy.common.files import ensure_folder, sha256_file, write_json_atomic, write_text_atomic
+from lggdeploy.common.machine import cpu_line
 from lggdeploy.common.progress import console
 from lggdeploy.engines.export import EXPORT_GRAPH
 
@@ -104,6 +106,7 @@ class Candidate:
     engine_format: str = ""  # e.g. openvino-int8-openvino: a rung whose default format changed is built again
     judged_with: dict = field(default_factory=dict)  # the gate criteria (and INT8 build settings) of its verdict
     gate: dict = field(default_factory=dict)  # the verdict's figures, per patient too (a failed rung writes no engine to hold them)
+    beaten_by: str = ""  # cannot win: the key of the passed engine the speed probe found faster (the verdict holds while it passes)
 
     def __post_init__(self) -> None:
         self.engine_format = self.engine_format or format_name(self.backend, self.precision)
@@ -258,8 +261,10 @@ def probe_verdict(probe_ms: float, passed_ms: dict[str, float], batch: int) -> s
             f"({best:.1f} ms; {PROBE_ROUNDS} interleaved rounds): keeping nodes in float or QAT only adds float work, so it cannot be the fastest")
 
 
-def speed_probe(passed: list[Candidate], opts: OptimizeOptions):
-    """build's `worth_searching` hook for an INT8 rung: the failing engine timed beside every engine that passed so far."""
+def speed_probe(passed: list[Candidate], opts: OptimizeOptions, probed: Candidate):
+    """build's `worth_searching` hook for the INT8 rung `probed`: the failing engine timed beside every engine that passed
+    so far; when it cannot win, `probed.beaten_by` names the fastest of them (a rerun reuses the verdict only while that
+    engine passes)."""
     if not passed:
         return None
 
@@ -282,7 +287,10 @@ def speed_probe(passed: list[Candidate], opts: OptimizeOptions):
             for runner in runners:
                 runner.close()
         ms = [float(np.median(s)) * 1000 / len(x) for s in seconds]
-        return probe_verdict(ms[0], {f"{c.model} {engine_label(asdict(c))}": m for c, m in zip(passed, ms[1:])}, len(x))
+        verdict = probe_verdict(ms[0], {f"{c.model} {engine_label(asdict(c))}": m for c, m in zip(passed, ms[1:])}, len(x))
+        if verdict:
+            probed.beaten_by = min(zip(passed, ms[1:]), key=lambda pair: pair[1])[0].key
+        return verdict
 
     return worth_searching
 
@@ -346,6 +354,9 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
     def over_budget() -> bool:
         return deadline is not None and time.monotonic() > deadline
 
+    def passed_keys() -> set[str]:
+        return {c.key for c in candidates if c.status == "passed"}
+
     failed_ratio = None  # the smallest pruning ratio whose FP32 engine failed the gate
     for ratio in (None, *sorted(opts.prune_ratios)):
         if ratio is not None:
@@ -378,7 +389,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             elif fp32_failed:  # every backend's FP32 engine runs the same model: one failing FP32 settles it
                 candidate.status, candidate.reason = "skipped", "its FP32 engine already fails the gate against the unpruned model"
             elif (previous and previous["status"] in SETTLED and (previous["status"] != "passed" or Path(previous["engine"] or "").is_file())
-                  and not (opts.search_all and previous["status"] == "cannot win")):
+                  and (previous["status"] != "cannot win" or (not opts.search_all and previous.get("beaten_by") in passed_keys()))):
                 for key, value in previous.items():
                     setattr(candidate, key, value)
                 candidate.judged_with = previous.get("judged_with") or {}  # {}: a ladder from before the record, reused as it is
@@ -386,15 +397,15 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             elif over_budget():
                 candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"
             else:
-                probe = speed_probe([c for c in candidates if c.status == "passed"], opts) if precision == "int8" and not opts.search_all else None
+                probe = speed_probe([c for c in candidates if c.status == "passed"], opts, candidate) if precision == "int8" and not opts.search_all else None
                 try:
                     _record(candidate, _build(path, checkpoint, backend, precision, opts, deadline, worth_searching=probe))
                 except SearchStopped as exc:  # not "failed gate": a later run with more time searches again
-                    candidate.status, candidate.reason = "stopped (budget)", str(exc)[:300]
+                    candidate.status, candidate.reason = "stopped (budget)", str(exc)
                 except CannotWin as exc:
-                    candidate.status, candidate.reason, candidate.gate = "cannot win", str(exc)[:400], gate_summary(exc.gate)
+                    candidate.status, candidate.reason, candidate.gate = "cannot win", str(exc), gate_summary(exc.gate)
                 except GateFailed as exc:
-                    candidate.status, candidate.reason, candidate.gate = "failed gate", str(exc)[:300], gate_summary(exc.gate)
+                    candidate.status, candidate.reason, candidate.gate = "failed gate", str(exc), gate_summary(exc.gate)
             if precision == "fp32" and candidate.status == "failed gate":
                 fp32_failed = True
                 if ratio is not None:
@@ -597,8 +608,8 @@ def markdown(summary: dict) -> str:
         "Speed-ups vs ONNX Runtime FP32 (unpruned): " + (", ".join(f"b{b} {v:.2f}×" for b, v in summary["chosen_vs_onnxruntime_fp32"].items()) if summary["chosen_vs_onnxruntime_fp32"] else "—"),
         f"A/A noise floor (the PyTorch reference timed twice): worst deviation {_fmt(noise['worst_deviation'] * 100 if noise['worst_deviation'] is not None else None, 1)} %"
         + (" — WARNING: noisy run" if noise["warning"] else ""),
-        f"Latency: medians over {summary['options']['iters']} interleaved rounds; machine: {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores "
-        f"({', '.join(cpu.get('isa', []))}); {summary['created']}. Test Dice: the test split (n patients in brackets; the choice uses val only); "
+        f"Latency: medians over {summary['options']['iters']} interleaved rounds; machine: {cpu_line(cpu)}; "
+        f"{summary['created']}. Test Dice: the test split (n patients in brackets; the choice uses val only); "
         "test drop: against the unpruned PyTorch FP32 model on the same test patients, mean and worst patient, no interval (`lggdeploy bench` gives the paired one where n allows).",
     ]
     return "\n".join(lines) + "\n"

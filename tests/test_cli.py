@@ -115,3 +115,18 @@ def test_sigterm_cleans_up_and_exits_143(tmp_path, monkeypatch, trained_run, pha
     assert result.exit_code == 143 and "terminated" in result.output
     leftovers = [p for p in (tmp_path / "engines").rglob("*") if p.name.startswith((".build-", "."))]
     assert leftovers == []
+
+
+def test_doctor_names_the_cpu_by_family_and_model_too():
+    """An AMD 'model name' can be just 'AMD EPYC' (Zen 3 AVX2-only and Zen 4 AVX-512 alike): doctor, bench and optimize
+    name the CPU with the family / model numbers /proc/cpuinfo gives, as a record kept before them is named without."""
+    from lggdeploy.common.machine import cpu_info, cpu_line
+
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    cpu = cpu_info()
+    assert f"CPU: {cpu_line(cpu)};" in " ".join(result.output.split())
+    if "cpu family" in Path("/proc/cpuinfo").read_text():
+        assert isinstance(cpu["family"], int) and f"(family {cpu['family']} model {cpu['model_number']})" in cpu_line(cpu)
+    assert cpu_line({"model": "AMD EPYC", "cores": 2, "isa": ["avx2", "fma"]}) == "AMD EPYC, 2 cores (avx2, fma)"
+    assert cpu_line({"model": "X", "family": 6, "model_number": 143, "cores": 8, "isa": []}, threads=2) == "X (family 6 model 143), 2 threads (no AVX2, AVX-512 or AMX)"

@@ -382,6 +382,7 @@ def test_an_int8_rung_that_cannot_win_is_not_searched_and_a_rerun_keeps_the_verd
     fp32, int8 = summary["candidates"]
     assert fp32["status"] == "passed" and int8["status"] == "cannot win" and int8["engine"] is None
     assert "not searched — fully quantized it ran at" in int8["reason"] and "only adds float work" in int8["reason"]
+    assert int8["reason"].endswith("no engine written") and int8["beaten_by"] == "unpruned|onnxruntime-fp32"  # in full, and by whom
     assert int8["gate"]["passed"] is False and int8["gate"]["min_agreement"] < 1  # the real gate failed it, fully quantized
     assert not list((tmp_path / "engines").rglob("onnxruntime-int8-cpu.onnx"))
     report = (tmp_path / "optimize.md").read_text()  # the note says why: the probe, not the gate's lines
@@ -393,6 +394,7 @@ def test_an_int8_rung_that_cannot_win_is_not_searched_and_a_rerun_keeps_the_verd
     monkeypatch.setattr(optimize_module, "_build", no_build)
     again = optimize(segmenting_run.best_path, opts)
     assert [c["status"] for c in again["candidates"]] == ["passed", "cannot win"] and again["candidates"][1]["reason"].endswith("(reused)")
+    shutil.copy(tmp_path / "ladder.json", tmp_path / "ladder.json.kept")
 
     built = []
 
@@ -400,8 +402,13 @@ def test_an_int8_rung_that_cannot_win_is_not_searched_and_a_rerun_keeps_the_verd
         built.append((precision, worth_searching))
         raise GateFailed("not built in this test", None)
 
-    monkeypatch.setattr(optimize_module, "_build", searched)  # --search-all: the given-up rung is searched, without a probe
-    optimize(segmenting_run.best_path, dataclasses.replace(opts, search_all=True))
+    monkeypatch.setattr(optimize_module, "_build", searched)  # a rerun without the engine that beat it: the rung is judged again
+    with pytest.raises(GateFailed, match="no candidate kept accuracy"):
+        optimize(segmenting_run.best_path, dataclasses.replace(opts, ladder=(("onnxruntime", "int8"),)))
+    assert built == [("int8", None)]  # nothing passed in this run, so nothing to probe against: searched
+    built.clear()
+    shutil.copy(tmp_path / "ladder.json.kept", tmp_path / "ladder.json")  # the ladder as the cannot-win run left it
+    optimize(segmenting_run.best_path, dataclasses.replace(opts, search_all=True))  # --search-all: searched, without a probe
     assert built == [("int8", None)]
 
 

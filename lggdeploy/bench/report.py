@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lggdeploy.bench.labels import engine_name
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
+from lggdeploy.common.machine import cpu_line
 from lggdeploy.common.tables import csv_table, markdown_table
 from lggdeploy.common.tables import rich_table as _rich_table
 
@@ -99,7 +100,7 @@ def notes(results: dict) -> list[str]:
             + ("— WARNING: above 10 %, this run was noisy." if floor.get("warning") else "(the noise floor of this run).")
         )
     lines += [
-        f"Machine: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['isa'])}); {results['created']}.",
+        f"Machine: {cpu_line(cpu)}; {results['created']}.",
         "ΔDice: per-patient Dice of the engine minus the PyTorch FP32 reference on the same slices, in points (0.01 Dice), mean over patients; "
         "a paired bootstrap 95% interval from 5 patients on, otherwise the range of the per-patient differences and no interval.",
     ]

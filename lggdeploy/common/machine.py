@@ -11,7 +11,9 @@ LIBRARIES = ("torch", "segmentation-models-pytorch", "numpy", "onnx", "onnxrunti
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
+    """CPU model, cores, the ISA flags speed depends on, and the family / model numbers (an AMD "model name" can be just
+    "AMD EPYC", which names neither generation nor vector units: family 25 model 1 is Zen 3, AVX2 only; model 17 Zen 4)."""
+    model, flags, numbers = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -19,11 +21,24 @@ def cpu_info() -> dict:
                 key = key.strip()
                 if key == "model name":
                     model = value.strip()
+                elif key in ("cpu family", "model") and value.strip().isdigit():
+                    numbers.setdefault("family" if key == "cpu family" else "model_number", int(value))
                 elif key in ("flags", "Features"):
                     flags = set(value.split())
     except OSError:
         pass
-    return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags], "arch": platform.machine()}
+    return {"model": model, **numbers, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags], "arch": platform.machine()}
+
+
+def cpu_line(cpu: dict, threads: int | None = None) -> str:
+    """How a report names the CPU its figures came from, e.g. 'AMD EPYC (family 25 model 1), 2 cores (avx2, fma)';
+    with `threads`, the threads the run used instead of the cores. A record from before family / model were kept
+    (or from a CPU that reports none) goes without them."""
+    name = cpu.get("model", "?")
+    if cpu.get("family") is not None and cpu.get("model_number") is not None:
+        name += f" (family {cpu['family']} model {cpu['model_number']})"
+    count = f"{threads} threads" if threads is not None else f"{cpu.get('cores', '?')} cores"
+    return f"{name}, {count} ({', '.join(cpu.get('isa') or []) or 'no AVX2, AVX-512 or AMX'})"
 
 
 def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
