@@ -407,6 +407,12 @@ def test_an_int8_rung_that_cannot_win_is_not_searched_and_a_rerun_keeps_the_verd
         optimize(segmenting_run.best_path, dataclasses.replace(opts, ladder=(("onnxruntime", "int8"),)))
     assert built == [("int8", None)]  # nothing passed in this run, so nothing to probe against: searched
     built.clear()
+    kept = json.loads((tmp_path / "ladder.json.kept").read_text())  # beaten by an engine this run does not pass: probed again
+    kept["candidates"][1]["beaten_by"] = "unpruned|openvino-bf16"
+    (tmp_path / "ladder.json").write_text(json.dumps(kept))
+    optimize(segmenting_run.best_path, opts)
+    assert [(precision, probe is not None) for precision, probe in built] == [("int8", True)]
+    built.clear()
     shutil.copy(tmp_path / "ladder.json.kept", tmp_path / "ladder.json")  # the ladder as the cannot-win run left it
     optimize(segmenting_run.best_path, dataclasses.replace(opts, search_all=True))  # --search-all: searched, without a probe
     assert built == [("int8", None)]
