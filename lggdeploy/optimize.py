@@ -354,8 +354,16 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
     def over_budget() -> bool:
         return deadline is not None and time.monotonic() > deadline
 
-    def passed_keys() -> set[str]:
-        return {c.key for c in candidates if c.status == "passed"}
+    def reusable(previous: dict | None) -> bool:
+        """A settled verdict a rerun takes as it is: a pass whose engine is still there, a failed gate, and a
+        cannot-win while the engine that beat it passes in this run (never under --search-all)."""
+        if not previous or previous["status"] not in SETTLED:
+            return False
+        if previous["status"] == "passed":
+            return Path(previous["engine"] or "").is_file()
+        if previous["status"] == "cannot win":
+            return not opts.search_all and previous.get("beaten_by") in {c.key for c in candidates if c.status == "passed"}
+        return True
 
     failed_ratio = None  # the smallest pruning ratio whose FP32 engine failed the gate
     for ratio in (None, *sorted(opts.prune_ratios)):
@@ -388,8 +396,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
                 candidate.status, candidate.reason = "unavailable", reason
             elif fp32_failed:  # every backend's FP32 engine runs the same model: one failing FP32 settles it
                 candidate.status, candidate.reason = "skipped", "its FP32 engine already fails the gate against the unpruned model"
-            elif (previous and previous["status"] in SETTLED and (previous["status"] != "passed" or Path(previous["engine"] or "").is_file())
-                  and (previous["status"] != "cannot win" or (not opts.search_all and previous.get("beaten_by") in passed_keys()))):
+            elif reusable(previous):
                 for key, value in previous.items():
                     setattr(candidate, key, value)
                 candidate.judged_with = previous.get("judged_with") or {}  # {}: a ladder from before the record, reused as it is
@@ -431,22 +438,24 @@ def pareto_front(candidates: list[Candidate], batch: int) -> list[Candidate]:
     return sorted(front, key=lambda c: c.latency_ms_per_image[str(batch)])
 
 
-def _time(candidates: list[Candidate], checkpoint: Path, opts: OptimizeOptions) -> dict:
+def _time(candidates: list[Candidate], checkpoint: Path, opts: OptimizeOptions) -> tuple[dict, dict]:
     """One bench run over every engine that passed (and the PyTorch references, A/A row): latency side by side, and
-    each engine's test Dice with its drop against the unpruned PyTorch FP32 model on the same test patients."""
+    each engine's test Dice with its drop against the unpruned PyTorch FP32 model on the same test patients. Returns
+    the bench results and that model's PyTorch row ({} when it was not timed)."""
     from lggdeploy.bench.run import BenchOptions, run_bench
 
     engines = opts.out / "engines"
     results = run_bench(BenchOptions(engines_dir=engines, data=opts.data, split="test", batch_sizes=opts.batch_sizes, iters=opts.iters, threads=opts.threads))
     by_engine = {str(Path(r["engine"]).resolve()): r for r in results["rows"] if not r["aa"]}
-    reference = {p["patient"]: p["dice"] for p in (_pytorch_row(results, checkpoint) or {}).get("per_patient") or []}
+    torch_row = _pytorch_row(results, checkpoint) or {}
+    reference = {p["patient"]: p["dice"] for p in torch_row.get("per_patient") or []}
     for c in candidates:
         row = by_engine.get(str(Path(c.engine).resolve())) if c.engine else None
         if row and row["status"] == "ok":
-            c.latency_ms_per_image = {b: s["p50_ms"] / int(b) for b, s in row["latency"].items()}
+            c.latency_ms_per_image = _ms_per_image(row)
             c.test = {"mean_patient_dice": row.get("mean_patient_dice"), "patients": row.get("patients"), "patients_missed": row.get("patients_missed"),
                       **drop_on_test(reference, {p["patient"]: p["dice"] for p in row.get("per_patient") or []})}
-    return results
+    return results, torch_row
 
 
 def drop_on_test(reference: dict[str, float], engine: dict[str, float]) -> dict:
@@ -464,10 +473,9 @@ def _pytorch_row(results: dict, checkpoint: Path) -> dict | None:
                  and Path(r["engine"]).resolve() == checkpoint.resolve()), None)
 
 
-def _pytorch_ms(results: dict, checkpoint: Path) -> dict[str, float]:
-    """ms per image of the unpruned model's PyTorch eager FP32 reference row, per batch size."""
-    row = _pytorch_row(results, checkpoint)
-    return {b: s["p50_ms"] / int(b) for b, s in row["latency"].items()} if row else {}
+def _ms_per_image(row: dict) -> dict[str, float]:
+    """A bench row's median ms per image, per batch size ({} for no row)."""
+    return {b: s["p50_ms"] / int(b) for b, s in row.get("latency", {}).items()}
 
 
 def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
@@ -497,10 +505,9 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
     passed = [c for c in candidates if c.status == "passed"]
     if not passed:
         raise GateFailed(f"no candidate kept accuracy within {opts.max_drop} points; see {ladder_file}")
-    results = _time(candidates, checkpoint, opts)
+    results, torch_row = _time(candidates, checkpoint, opts)
     b = str(opts.batch)
-    torch_ms = _pytorch_ms(results, checkpoint)
-    torch_row = _pytorch_row(results, checkpoint) or {}
+    torch_ms = _ms_per_image(torch_row)
     ort = next((c for c in candidates if c.model == "unpruned" and c.backend == "onnxruntime" and c.precision == "fp32" and c.latency_ms_per_image), None)
     for c in candidates:
         c.speedup_vs_pytorch = {k: torch_ms[k] / v for k, v in c.latency_ms_per_image.items() if k in torch_ms}
