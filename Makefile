@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # torch/torchvision from this machine's disk (a CUDA build that also runs on the CPU); pip, not uv.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow lint format docs install clean
 
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,22 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q --durations=10 -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet -e '.[docs]'
+	touch $@
+
+# The docs site: a broken link or a page missing from the nav fails the build.
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) demo runs

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.backends.onnxruntime import CPU, OnnxRuntimeRunner
 from lggdeploy.bench.run import interleaved_times
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line, keep_freed_memory, machine_info
 from lggdeploy.engines.formats import open_engine
 
@@ -55,7 +55,12 @@ class OvStreams:
         core = ov.Core()
         model = core.read_model(str(path))
         model.reshape({model.inputs[0].get_any_name(): [batch_shape[0] // parts, *batch_shape[1:]]})
-        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": parts, "NUM_STREAMS": parts, "PERFORMANCE_HINT": "THROUGHPUT"}
+        config = {
+            "INFERENCE_PRECISION_HINT": hint,
+            "INFERENCE_NUM_THREADS": parts,
+            "NUM_STREAMS": parts,
+            "PERFORMANCE_HINT": "THROUGHPUT",
+        }
         compiled = core.compile_model(model, "CPU", config)
         self.requests = [compiled.create_infer_request() for _ in range(parts)]
 
@@ -87,7 +92,10 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((args.batch, 3, ckpt["img_size"], ckpt["img_size"])).astype(np.float32)
     model = model_from_checkpoint(ckpt).eval()
     torch_runner = TorchRunner(model, "cpu")
-    arms: dict[str, object] = {"PyTorch eager FP32 (reference)": torch_runner.infer, "PyTorch eager FP32 (A/A twin)": torch_runner.infer}
+    arms: dict[str, object] = {
+        "PyTorch eager FP32 (reference)": torch_runner.infer,
+        "PyTorch eager FP32 (A/A twin)": torch_runner.infer,
+    }
     one_request = RunOptions(threads=args.threads, spin=False)  # lggdeploy's runners, as bench opens them
     ort_path = args.engines / "onnxruntime-fp32.onnx"
     arms["ONNX Runtime FP32, one request"] = open_engine(ort_path, options=one_request).infer
@@ -104,7 +112,9 @@ def main() -> None:
     outputs = {name: np.asarray(call(x), np.float32) for name, call in arms.items()}  # warm-up, and the outputs
     for call in arms.values():
         call(x)
-    seconds = interleaved_times([functools.partial(call, x) for call in arms.values()], args.rounds, np.random.default_rng(0))
+    seconds = interleaved_times(
+        [functools.partial(call, x) for call in arms.values()], args.rounds, np.random.default_rng(0)
+    )
     ms = {name: float(np.median(t)) * 1000 / args.batch for name, t in zip(arms, seconds)}
     ref = ms["PyTorch eager FP32 (reference)"]
     ort_one = ms["ONNX Runtime FP32, one request"]
@@ -113,23 +123,47 @@ def main() -> None:
         family = name.split(",")[0]
         twin = next((o for o in arms if o.startswith(family + ", one request")), None)
         diff = float(np.max(np.abs(outputs[name] - outputs[twin]))) if twin and twin != name else None
-        rows.append({"arm": name, "ms_per_image": round(ms[name], 2), "x_pytorch": round(ref / ms[name], 2), "x_ort_fp32": round(ort_one / ms[name], 2),
-                     "max_abs_logit_diff_vs_one_request": diff})
+        rows.append(
+            {
+                "arm": name,
+                "ms_per_image": round(ms[name], 2),
+                "x_pytorch": round(ref / ms[name], 2),
+                "x_ort_fp32": round(ort_one / ms[name], 2),
+                "max_abs_logit_diff_vs_one_request": diff,
+            }
+        )
     info = machine_info()
     cpu = info["cpu"]
-    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     aa = abs(ms["PyTorch eager FP32 (A/A twin)"] / ref - 1) * 100
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "cpu_streams.json", {"date": when, "machine": info, "checkpoint": str(args.checkpoint), "engines": str(args.engines),
-                                                      "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "aa_percent": round(aa, 2),
-                                                      "rows": rows})
-    lines = [f"One batch of {args.batch} over {args.threads} CPU streams against one request on {args.threads} threads; `{args.engines}`; "
-             f"{cpu_line(cpu, args.threads)}; {when}; median of {args.rounds} interleaved rounds, ms per image; "
-             f"A/A noise {aa:.1f} %.", "",
-             "| arm | ms/img | × PyTorch eager FP32 | × ONNX Runtime FP32 (one request) | max abs logit diff vs one request |", "|---|---|---|---|---|"]
+    write_json_atomic(
+        args.out / "cpu_streams.json",
+        {
+            "date": when,
+            "machine": info,
+            "checkpoint": str(args.checkpoint),
+            "engines": str(args.engines),
+            "batch": args.batch,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "aa_percent": round(aa, 2),
+            "rows": rows,
+        },
+    )
+    lines = [
+        f"One batch of {args.batch} over {args.threads} CPU streams against one request on {args.threads} threads; `{args.engines}`; "
+        f"{cpu_line(cpu, args.threads)}; {when}; median of {args.rounds} interleaved rounds, ms per image; "
+        f"A/A noise {aa:.1f} %.",
+        "",
+        "| arm | ms/img | × PyTorch eager FP32 | × ONNX Runtime FP32 (one request) | max abs logit diff vs one request |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         diff = "" if r["max_abs_logit_diff_vs_one_request"] is None else f"{r['max_abs_logit_diff_vs_one_request']:.2e}"
-        lines.append(f"| {r['arm']} | {r['ms_per_image']:.2f} | {r['x_pytorch']:.2f} | {r['x_ort_fp32']:.2f} | {diff} |")
+        lines.append(
+            f"| {r['arm']} | {r['ms_per_image']:.2f} | {r['x_pytorch']:.2f} | {r['x_ort_fp32']:.2f} | {diff} |"
+        )
     write_text_atomic(args.out / "cpu_streams.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -41,8 +41,15 @@ def main() -> None:
             n, _, h, w = self.shape
             plane = h * w * 4
             for i in range(n):  # the first channel of each image, device to device
-                trt_backend._check(cudart.cudaMemcpyAsync(self.addresses["logits"] + i * plane, self.addresses["input"] + i * 3 * plane, plane,
-                                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream))
+                trt_backend._check(
+                    cudart.cudaMemcpyAsync(
+                        self.addresses["logits"] + i * plane,
+                        self.addresses["input"] + i * 3 * plane,
+                        plane,
+                        cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                        stream,
+                    )
+                )
             return True
 
     class Engine:
@@ -67,9 +74,13 @@ def main() -> None:
             return Context()
 
     identity = trt_backend.gpu_identity()
-    stub = types.SimpleNamespace(__version__="10.16.0.72", Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=None: None}),
-                                 Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda blob: Engine()),
-                                 TensorIOMode=types.SimpleNamespace(INPUT="INPUT"), nptype=lambda dtype: np.float32)
+    stub = types.SimpleNamespace(
+        __version__="10.16.0.72",
+        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=None: None}),
+        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda blob: Engine()),
+        TensorIOMode=types.SimpleNamespace(INPUT="INPUT"),
+        nptype=lambda dtype: np.float32,
+    )
     trt_backend._import_trt = lambda: stub
     import tempfile
     from pathlib import Path

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends import onnxruntime as ort_backend
-from lggdeploy.backends.openvino import OpenVinoRunner
 from lggdeploy.backends.base import RunOptions
+from lggdeploy.backends.openvino import OpenVinoRunner
 from lggdeploy.bench.run import interleaved_times
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
@@ -43,9 +43,11 @@ from lggdeploy.engines.precision.gate import GateCriteria, Reference, run_on_sli
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.torch_runner import TorchRunner
 
-VARIANTS = (("7-bit weights, every convolution (ONNX Runtime's reduce_range)", "all"),
-            ("7-bit weights, first convolution only (NNCF's default overflow fix)", "first"),
-            ("8-bit weights everywhere", "none"))
+VARIANTS = (
+    ("7-bit weights, every convolution (ONNX Runtime's reduce_range)", "all"),
+    ("7-bit weights, first convolution only (NNCF's default overflow fix)", "first"),
+    ("8-bit weights everywhere", "none"),
+)
 
 
 def first_conv_weight(path: Path) -> str:
@@ -82,50 +84,84 @@ def run(work: Path) -> None:
     cache = work / "calibration.json"
     first = first_conv_weight(prepared)
     torch_runner = TorchRunner(model)
-    refs = {name: Reference(run_on_slices(torch_runner, s, size, norm, threshold, f"pytorch fp32 {name}"), s, GateCriteria()) for name, s in slices.items()}
+    refs = {
+        name: Reference(
+            run_on_slices(torch_runner, s, size, norm, threshold, f"pytorch fp32 {name}"), s, GateCriteria()
+        )
+        for name, s in slices.items()
+    }
     runners, rows = {}, []
     for label, where in VARIANTS:
         recipe = replace(base, reduce_range=where == "all")
         overrides = {first: [{"axis": 0, "reduce_range": True}]} if where == "first" else None
-        path = int8.quantize(prepared, work / f"int8-{where}.onnx", recipe, reader, "minmax", cache, tensor_overrides=overrides)
-        runner = OpenVinoRunner(path, "f32", args.threads) if args.profile == "openvino" else ort_backend.load(path, options=RunOptions(threads=args.threads, spin=False))
+        path = int8.quantize(
+            prepared, work / f"int8-{where}.onnx", recipe, reader, "minmax", cache, tensor_overrides=overrides
+        )
+        runner = (
+            OpenVinoRunner(path, "f32", args.threads)
+            if args.profile == "openvino"
+            else ort_backend.load(path, options=RunOptions(threads=args.threads, spin=False))
+        )
         runners[where] = runner
         row = {"variant": label, "reduce_range": where}
         for name, s in slices.items():
             result = refs[name].judge(run_on_slices(runner, s, size, norm, threshold, f"{where} {name}"))
-            row[name] = {"patients": len(result.per_patient), "fp32_dice": result.fp32_dice, "engine_dice": result.engine_dice,
-                         "drop_points": result.drop_points, "worst_patient_drop_points": result.worst["drop_points"],
-                         "min_agreement": result.least_agreement["agreement"], "mean_agreement": float(np.mean([r["agreement"] for r in result.per_patient])),
-                         "min_logit_sqnr_db": min(r["logit_sqnr_db"] for r in result.per_patient),
-                         "passes_gate": result.passed, "per_patient": result.per_patient}
+            row[name] = {
+                "patients": len(result.per_patient),
+                "fp32_dice": result.fp32_dice,
+                "engine_dice": result.engine_dice,
+                "drop_points": result.drop_points,
+                "worst_patient_drop_points": result.worst["drop_points"],
+                "min_agreement": result.least_agreement["agreement"],
+                "mean_agreement": float(np.mean([r["agreement"] for r in result.per_patient])),
+                "min_logit_sqnr_db": min(r["logit_sqnr_db"] for r in result.per_patient),
+                "passes_gate": result.passed,
+                "per_patient": result.per_patient,
+            }
         rows.append(row)
     x = preprocess(slices["val"].images[:8], size, norm)
     for r in runners.values():
         r.infer(x), r.infer(x)
-    seconds = interleaved_times([functools.partial(r.infer, x) for r in runners.values()], args.rounds, np.random.default_rng(0))
+    seconds = interleaved_times(
+        [functools.partial(r.infer, x) for r in runners.values()], args.rounds, np.random.default_rng(0)
+    )
     for row, t in zip(rows, seconds):
         row["ms_per_image_b8"] = round(float(np.median(t)) * 1000 / 8, 2)
     for r in runners.values():
         r.close()
     info = machine_info()
     cpu = info["cpu"]
-    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "int8_weight_range.json", {"date": when, "machine": info, "checkpoint": str(args.checkpoint), "profile": args.profile,
-                                                            "calibration": {"split": "val", "samples": len(chosen), "method": "minmax"},
-                                                            "first_conv_weight": first, "rows": rows})
+    write_json_atomic(
+        args.out / "int8_weight_range.json",
+        {
+            "date": when,
+            "machine": info,
+            "checkpoint": str(args.checkpoint),
+            "profile": args.profile,
+            "calibration": {"split": "val", "samples": len(chosen), "method": "minmax"},
+            "first_conv_weight": first,
+            "rows": rows,
+        },
+    )
     runtime = "OpenVINO" if args.profile == "openvino" else "ONNX Runtime"
-    lines = [f"{runtime} INT8 ({args.profile} profile), weight range; `{args.checkpoint}`; {cpu_line(cpu, args.threads)}; "
-             f"{when}. One calibration cache ({len(chosen)} val slices, minmax) for all three. "
-             f"Against the PyTorch FP32 model; n = {len(split.val)} val / {len(split.test)} test patients. Batch 8, median of {args.rounds} interleaved rounds.", "",
-             "| weights | split | Dice/patient (FP32) | drop (pts) | worst patient drop | least agreement | mean agreement | least logit SQNR (dB) | gate | ms/img b8 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{runtime} INT8 ({args.profile} profile), weight range; `{args.checkpoint}`; {cpu_line(cpu, args.threads)}; "
+        f"{when}. One calibration cache ({len(chosen)} val slices, minmax) for all three. "
+        f"Against the PyTorch FP32 model; n = {len(split.val)} val / {len(split.test)} test patients. Batch 8, median of {args.rounds} interleaved rounds.",
+        "",
+        "| weights | split | Dice/patient (FP32) | drop (pts) | worst patient drop | least agreement | mean agreement | least logit SQNR (dB) | gate | ms/img b8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         for name in ("val", "test"):
             r = row[name]
-            lines.append(f"| {row['variant']} | {name} | {r['engine_dice']:.4f} ({r['fp32_dice']:.4f}) | {r['drop_points']:.2f} | {r['worst_patient_drop_points']:.2f} | "
-                         f"{r['min_agreement']:.4f} | {r['mean_agreement']:.4f} | {r['min_logit_sqnr_db']:.1f} | {'passes' if r['passes_gate'] else 'fails'} | "
-                         f"{row['ms_per_image_b8'] if name == 'val' else ''} |")
+            lines.append(
+                f"| {row['variant']} | {name} | {r['engine_dice']:.4f} ({r['fp32_dice']:.4f}) | {r['drop_points']:.2f} | {r['worst_patient_drop_points']:.2f} | "
+                f"{r['min_agreement']:.4f} | {r['mean_agreement']:.4f} | {r['min_logit_sqnr_db']:.1f} | {'passes' if r['passes_gate'] else 'fails'} | "
+                f"{row['ms_per_image_b8'] if name == 'val' else ''} |"
+            )
     write_text_atomic(args.out / "int8_weight_range.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,22 +16,24 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import functools
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends.openvino import OpenVinoRunner
 from lggdeploy.bench.run import interleaved_times
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line, machine_info
 
-ENGINES = (("OpenVINO BF16 (FP32 graph)", "openvino-bf16.onnx", ("bf16",)),
-           ("OpenVINO INT8, cpu profile (Q/DQ on conv inputs and outputs)", "openvino-int8-cpu.onnx", ("f32", "bf16")),
-           ("OpenVINO INT8, openvino profile (Q/DQ on conv inputs)", "openvino-int8-openvino.onnx", ("f32", "bf16")))
+ENGINES = (
+    ("OpenVINO BF16 (FP32 graph)", "openvino-bf16.onnx", ("bf16",)),
+    ("OpenVINO INT8, cpu profile (Q/DQ on conv inputs and outputs)", "openvino-int8-cpu.onnx", ("f32", "bf16")),
+    ("OpenVINO INT8, openvino profile (Q/DQ on conv inputs)", "openvino-int8-openvino.onnx", ("f32", "bf16")),
+)
 
 
 def time_split(runner: OpenVinoRunner, x: np.ndarray) -> dict[str, float]:
@@ -66,19 +68,32 @@ def main() -> None:
         path = args.engines / file
         manifest = json.loads((args.engines / f"{file}.json").read_text())
         ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-        facts[name] = {"file": file, "gate_passed": manifest["gate"]["passed"], "nodes_kept_in_float": len(manifest["gate"]["nodes_kept_in_float"]),
-                       "val_drop_points": round(manifest["gate"]["drop_points"], 2), "built_with_hint": manifest.get("inference_precision_hint", "f32"),
-                       "quantize_linear_nodes": ops.get("QuantizeLinear", 0)}
+        facts[name] = {
+            "file": file,
+            "gate_passed": manifest["gate"]["passed"],
+            "nodes_kept_in_float": len(manifest["gate"]["nodes_kept_in_float"]),
+            "val_drop_points": round(manifest["gate"]["drop_points"], 2),
+            "built_with_hint": manifest.get("inference_precision_hint", "f32"),
+            "quantize_linear_nodes": ops.get("QuantizeLinear", 0),
+        }
         for hint in hints:
             runs[(name, hint)] = OpenVinoRunner(path, hint, args.threads)
     for r in runs.values():
         r.infer(x), r.infer(x)  # compile and warm up
-    seconds = interleaved_times([functools.partial(r.infer, x) for r in runs.values()], args.rounds, np.random.default_rng(0))
+    seconds = interleaved_times(
+        [functools.partial(r.infer, x) for r in runs.values()], args.rounds, np.random.default_rng(0)
+    )
     times = {key: [s * 1000 / args.batch for s in t] for key, t in zip(runs, seconds)}
     base = float(np.median(times[(ENGINES[0][0], "bf16")]))
     rows = []
     for (name, hint), t in times.items():
-        row = {"engine": name, "remainder": hint, "ms_per_image": round(float(np.median(t)), 2), "vs_bf16": round(base / float(np.median(t)), 2), **facts[name]}
+        row = {
+            "engine": name,
+            "remainder": hint,
+            "ms_per_image": round(float(np.median(t)), 2),
+            "vs_bf16": round(base / float(np.median(t)), 2),
+            **facts[name],
+        }
         if args.profile:
             row["time_by_kernel_percent"] = time_split(runs[(name, hint)], x)
         rows.append(row)
@@ -86,17 +101,38 @@ def main() -> None:
         r.close()
     info = machine_info()
     cpu = info["cpu"]
-    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "openvino_int8_placement.json", {"date": when, "machine": info, "engines": str(args.engines), "batch": args.batch,
-                                                                  "rounds": args.rounds, "rows": rows})
-    lines = [f"OpenVINO INT8 placement and remainder precision, `{args.engines}`; {cpu_line(cpu, args.threads)}; "
-             f"{when}; batch {args.batch}, median of {args.rounds} interleaved rounds, ms per image.", "",
-             "| engine | float remainder | Q nodes | nodes kept in float (gate) | gate (remainder as built) | ms/img | × BF16 engine |" + (" time by kernel kind |" if args.profile else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if args.profile else "")]
+    write_json_atomic(
+        args.out / "openvino_int8_placement.json",
+        {
+            "date": when,
+            "machine": info,
+            "engines": str(args.engines),
+            "batch": args.batch,
+            "rounds": args.rounds,
+            "rows": rows,
+        },
+    )
+    lines = [
+        f"OpenVINO INT8 placement and remainder precision, `{args.engines}`; {cpu_line(cpu, args.threads)}; "
+        f"{when}; batch {args.batch}, median of {args.rounds} interleaved rounds, ms per image.",
+        "",
+        "| engine | float remainder | Q nodes | nodes kept in float (gate) | gate (remainder as built) | ms/img | × BF16 engine |"
+        + (" time by kernel kind |" if args.profile else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if args.profile else ""),
+    ]
     for r in rows:
         gate = f"{'passed' if r['gate_passed'] else 'FAILED'}, val drop {r['val_drop_points']} ({r['built_with_hint']})"
-        cells = [r["engine"], r["remainder"], str(r["quantize_linear_nodes"]), str(r["nodes_kept_in_float"]), gate, f"{r['ms_per_image']:.2f}", f"{r['vs_bf16']:.2f}"]
+        cells = [
+            r["engine"],
+            r["remainder"],
+            str(r["quantize_linear_nodes"]),
+            str(r["nodes_kept_in_float"]),
+            gate,
+            f"{r['ms_per_image']:.2f}",
+            f"{r['vs_bf16']:.2f}",
+        ]
         if args.profile:
             cells.append(", ".join(f"{k} {v} %" for k, v in r["time_by_kernel_percent"].items()))
         lines.append("| " + " | ".join(cells) + " |")

@@ -22,21 +22,27 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.backends.openvino import PRECISION_HINT, OpenVinoRunner
 from lggdeploy.bench.run import interleaved_times
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line, machine_info
 
-ENGINES = (("ONNX Runtime FP32", "model.onnx", "ort", "fp32"), ("OpenVINO FP32", "model.onnx", "ov", "fp32"),
-           ("OpenVINO BF16", "model.onnx", "ov", "bf16"), ("OpenVINO INT8", "openvino-int8-cpu.onnx", "ov", "int8"))
+ENGINES = (
+    ("ONNX Runtime FP32", "model.onnx", "ort", "fp32"),
+    ("OpenVINO FP32", "model.onnx", "ov", "fp32"),
+    ("OpenVINO BF16", "model.onnx", "ov", "bf16"),
+    ("OpenVINO INT8", "openvino-int8-cpu.onnx", "ov", "int8"),
+)
 
 
 def runner(path: Path, kind: str, precision: str, threads: int):
     if kind == "ort":
         return ort_backend.load(path, {"precision": "fp32"}, RunOptions(threads=threads, spin=False))
-    return OpenVinoRunner(path, PRECISION_HINT[precision], threads)  # as the engines it compared were built (INT8 remainder in f32)
+    return OpenVinoRunner(
+        path, PRECISION_HINT[precision], threads
+    )  # as the engines it compared were built (INT8 remainder in f32)
 
 
 def main() -> None:
@@ -52,31 +58,57 @@ def main() -> None:
         record = json.loads((folder / "model.onnx.json").read_text())
         ops = Counter(n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node)
         # export_graph as recorded (exports made before the record had the field read as 1, whatever their form)
-        graphs[tag] = {"folder": str(folder), "export_graph": record.get("export_graph", 1), "nodes": sum(ops.values()), "ops": dict(ops.most_common())}
+        graphs[tag] = {
+            "folder": str(folder),
+            "export_graph": record.get("export_graph", 1),
+            "nodes": sum(ops.values()),
+            "ops": dict(ops.most_common()),
+        }
     rows = []
     rng = np.random.default_rng(0)
     for batch in (8, 1):
         x = np.random.default_rng(0).standard_normal((batch, 3, 256, 256)).astype(np.float32)
-        runs = {(name, tag): runner((args.before if tag == "before" else args.after) / file, kind, precision, args.threads)
-                for name, file, kind, precision in ENGINES for tag in ("before", "after")}
+        runs = {
+            (name, tag): runner((args.before if tag == "before" else args.after) / file, kind, precision, args.threads)
+            for name, file, kind, precision in ENGINES
+            for tag in ("before", "after")
+        }
         for r in runs.values():
             r.infer(x), r.infer(x)  # compile and warm up
         seconds = interleaved_times([functools.partial(r.infer, x) for r in runs.values()], args.rounds, rng)
         times = {key: [s * 1000 / batch for s in t] for key, t in zip(runs, seconds)}
         for name, *_ in ENGINES:
             before, after = (float(np.median(times[(name, t)])) for t in ("before", "after"))
-            rows.append({"engine": name, "batch": batch, "before_ms": round(before, 2), "after_ms": round(after, 2), "speedup": round(before / after, 2)})
+            rows.append(
+                {
+                    "engine": name,
+                    "batch": batch,
+                    "before_ms": round(before, 2),
+                    "after_ms": round(after, 2),
+                    "speedup": round(before / after, 2),
+                }
+            )
         for r in runs.values():
             r.close()
     info = machine_info()
     cpu = info["cpu"]
-    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "pyramid_export_ab.json", {"date": when, "machine": info, "graphs": graphs, "rounds": args.rounds, "rows": rows})
-    lines = [f"Pyramid pooling export form, before ({graphs['before']['nodes']} graph nodes) and after ({graphs['after']['nodes']} nodes); "
-             f"{cpu_line(cpu, args.threads)}; {when}; median of {args.rounds} interleaved rounds, ms per image.", "",
-             "| engine | batch | before | after | speed-up |", "|---|---|---|---|---|"]
-    lines += [f"| {r['engine']} | {r['batch']} | {r['before_ms']:.2f} | {r['after_ms']:.2f} | {r['speedup']:.2f}x |" for r in rows]
+    write_json_atomic(
+        args.out / "pyramid_export_ab.json",
+        {"date": when, "machine": info, "graphs": graphs, "rounds": args.rounds, "rows": rows},
+    )
+    lines = [
+        f"Pyramid pooling export form, before ({graphs['before']['nodes']} graph nodes) and after ({graphs['after']['nodes']} nodes); "
+        f"{cpu_line(cpu, args.threads)}; {when}; median of {args.rounds} interleaved rounds, ms per image.",
+        "",
+        "| engine | batch | before | after | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['engine']} | {r['batch']} | {r['before_ms']:.2f} | {r['after_ms']:.2f} | {r['speedup']:.2f}x |"
+        for r in rows
+    ]
     write_text_atomic(args.out / "pyramid_export_ab.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

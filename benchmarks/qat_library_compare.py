@@ -49,8 +49,12 @@ def score(predicted: np.ndarray, reference: np.ndarray, slices) -> dict:
     ref = summarize(confusion_counts(reference, slices.masks), slices.patients)
     agree = summarize(confusion_counts(predicted, reference), slices.patients)
     drops = [100 * (r["dice"] - m["dice"]) for m, r in zip(mine["per_patient"], ref["per_patient"])]
-    return {"val_mean_patient_dice": mine["aggregates"]["mean_patient_dice"], "drop_points": float(np.mean(drops)),
-            "worst_patient_drop_points": float(max(drops)), "least_agreement": float(min(p["dice"] for p in agree["per_patient"]))}
+    return {
+        "val_mean_patient_dice": mine["aggregates"]["mean_patient_dice"],
+        "drop_points": float(np.mean(drops)),
+        "worst_patient_drop_points": float(max(drops)),
+        "least_agreement": float(min(p["dice"] for p in agree["per_patient"])),
+    }
 
 
 def nncf_quantize(model, batches):
@@ -58,7 +62,9 @@ def nncf_quantize(model, batches):
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        return nncf.quantize(model.eval(), nncf.Dataset(batches), preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(batches))
+        return nncf.quantize(
+            model.eval(), nncf.Dataset(batches), preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=len(batches)
+        )
 
 
 def qdq_rules(path: Path) -> dict:
@@ -68,7 +74,11 @@ def qdq_rules(path: Path) -> dict:
 
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims is not None}
+    consts = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in model.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims is not None
+    }
     values = {**consts, **inits}
     zps, weight_axes, dq = [], [], 0
     for node in model.graph.node:
@@ -83,10 +93,15 @@ def qdq_rules(path: Path) -> dict:
         if scale is not None and np.size(scale) > 1:
             weight_axes.append(axis)
     dtypes = sorted({d for d, _ in zps})
-    return {"dequantize_nodes": dq, "zero_point_dtypes": dtypes, "all_zero_points_0": all(z for _, z in zps),
-            "per_channel_axes": sorted(set(weight_axes)), "per_channel_nodes": len(weight_axes),
-            "conv_nodes": sum(n.op_type == "Conv" for n in model.graph.node),
-            "tensorrt_profile_ok": dtypes == ["int8"] and all(z for _, z in zps) and set(weight_axes) <= {0}}
+    return {
+        "dequantize_nodes": dq,
+        "zero_point_dtypes": dtypes,
+        "all_zero_points_0": all(z for _, z in zps),
+        "per_channel_axes": sorted(set(weight_axes)),
+        "per_channel_nodes": len(weight_axes),
+        "conv_nodes": sum(n.op_type == "Conv" for n in model.graph.node),
+        "tensorrt_profile_ok": dtypes == ["int8"] and all(z for _, z in zps) and set(weight_axes) <= {0},
+    }
 
 
 def main() -> None:
@@ -125,12 +140,22 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             try:
                 stripped = nncf.strip(model, do_copy=True, example_input=batches[0][:1])
-                torch.onnx.export(stripped.eval(), batches[0][:1], str(onnx_path), opset_version=17, dynamo=False,
-                                  input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                torch.onnx.export(
+                    stripped.eval(),
+                    batches[0][:1],
+                    str(onnx_path),
+                    opset_version=17,
+                    dynamo=False,
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                )
                 row["onnx_export"] = qdq_rules(onnx_path)
                 from lggdeploy.backends.onnxruntime import OnnxRuntimeRunner
 
-                row["onnx_export"]["onnxruntime"] = score(masks_of(OnnxRuntimeRunner(onnx_path, ["CPUExecutionProvider"], 2), val, ckpt), reference, val)
+                row["onnx_export"]["onnxruntime"] = score(
+                    masks_of(OnnxRuntimeRunner(onnx_path, ["CPUExecutionProvider"], 2), val, ckpt), reference, val
+                )
             except Exception as exc:  # what NNCF's export does with this network is part of the finding
                 row["onnx_export"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
             finally:
@@ -139,25 +164,47 @@ def main() -> None:
         print(json.dumps(row))
     fp32 = summarize(confusion_counts(reference, val.masks), val.patients)["aggregates"]["mean_patient_dice"]
     machine = machine_info()
-    record = {"date": dt.date.today().isoformat(), "checkpoint": str(args.checkpoint), "val_patients": list(split.val),
-              "fp32_val_mean_patient_dice": fp32, "recipe": {"epochs": recipe.epochs, "lr": recipe.lr, "optimizer": recipe.optimizer, "distill_weight": recipe.distill_weight},
-              "machine": machine, "rows": rows}
+    record = {
+        "date": dt.date.today().isoformat(),
+        "checkpoint": str(args.checkpoint),
+        "val_patients": list(split.val),
+        "fp32_val_mean_patient_dice": fp32,
+        "recipe": {
+            "epochs": recipe.epochs,
+            "lr": recipe.lr,
+            "optimizer": recipe.optimizer,
+            "distill_weight": recipe.distill_weight,
+        },
+        "machine": machine,
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "qat_library_compare.json", record)
-    lines = [f"QAT libraries on {args.checkpoint} (val FP32 mean per-patient Dice {fp32:.4f}, n={len(split.val)} patients), "
-             f"{cpu_line(machine['cpu'])}, {dt.date.today().isoformat()}.", "",
-             "| library | stage | val Dice/patient | drop (pts) | worst patient (pts) | least agreement | seconds |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"QAT libraries on {args.checkpoint} (val FP32 mean per-patient Dice {fp32:.4f}, n={len(split.val)} patients), "
+        f"{cpu_line(machine['cpu'])}, {dt.date.today().isoformat()}.",
+        "",
+        "| library | stage | val Dice/patient | drop (pts) | worst patient (pts) | least agreement | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        for stage, secs in (("PTQ (calibrated fake-quant torch model)", r["calibration_seconds"]), (f"QAT {recipe.epochs} epoch(s)", sum(r["qat_epoch_seconds"]))):
+        for stage, secs in (
+            ("PTQ (calibrated fake-quant torch model)", r["calibration_seconds"]),
+            (f"QAT {recipe.epochs} epoch(s)", sum(r["qat_epoch_seconds"])),
+        ):
             s = r["ptq" if stage.startswith("PTQ") else "qat"]
-            lines.append(f"| {r['library']} | {stage} | {s['val_mean_patient_dice']:.4f} | {s['drop_points']:.2f} | {s['worst_patient_drop_points']:.2f} | {s['least_agreement']:.4f} | {secs} |")
+            lines.append(
+                f"| {r['library']} | {stage} | {s['val_mean_patient_dice']:.4f} | {s['drop_points']:.2f} | {s['worst_patient_drop_points']:.2f} | {s['least_agreement']:.4f} | {secs} |"
+            )
         if "onnx_export" in r:
             e = r["onnx_export"]
             if "error" in e:
                 lines.append(f"| {r['library']} | own ONNX export | failed: {e['error']} | | | | |")
             else:
                 o = e["onnxruntime"]
-                lines.append(f"| {r['library']} | own ONNX export on ONNX Runtime (zero points {', '.join(e['zero_point_dtypes'])}, all 0: {e['all_zero_points_0']}; per-channel axes {e['per_channel_axes']}; tensorrt profile rules: {'kept' if e['tensorrt_profile_ok'] else 'broken'}) | {o['val_mean_patient_dice']:.4f} | {o['drop_points']:.2f} | {o['worst_patient_drop_points']:.2f} | {o['least_agreement']:.4f} | |")
+                lines.append(
+                    f"| {r['library']} | own ONNX export on ONNX Runtime (zero points {', '.join(e['zero_point_dtypes'])}, all 0: {e['all_zero_points_0']}; per-channel axes {e['per_channel_axes']}; tensorrt profile rules: {'kept' if e['tensorrt_profile_ok'] else 'broken'}) | {o['val_mean_patient_dice']:.4f} | {o['drop_points']:.2f} | {o['worst_patient_drop_points']:.2f} | {o['least_agreement']:.4f} | |"
+                )
     write_text_atomic(args.out / "qat_library_compare.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

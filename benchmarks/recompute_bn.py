@@ -37,7 +37,12 @@ def main() -> None:
     rows = []
     for path in args.checkpoints:
         ckpt = load_checkpoint(path)
-        model, norm, split, size = model_from_checkpoint(ckpt).eval(), normalization_of(ckpt), split_of(ckpt), ckpt["img_size"]
+        model, norm, split, size = (
+            model_from_checkpoint(ckpt).eval(),
+            normalization_of(ckpt),
+            split_of(ckpt),
+            ckpt["img_size"],
+        )
         val = load_slices(dataset, split.val)
 
         def score() -> dict:
@@ -47,7 +52,9 @@ def main() -> None:
         stored = score()
         train = load_slices(dataset, split.train)
         chosen = np.random.default_rng(0).choice(len(train), min(args.slices, len(train)), replace=False)
-        x = norm.apply_torch(torch.from_numpy(resize_images(train.images[chosen], size)).permute(0, 3, 1, 2).float().div_(255))
+        x = norm.apply_torch(
+            torch.from_numpy(resize_images(train.images[chosen], size)).permute(0, 3, 1, 2).float().div_(255)
+        )
         layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         momenta = sorted({round(m.momentum, 6) for m in layers if m.momentum is not None})
         for m in layers:
@@ -60,19 +67,32 @@ def main() -> None:
                 model(x[i : i + 8])
         model.eval()
         recompute_s = time.perf_counter() - started
-        rows.append({
-            "checkpoint": str(path), "model": ckpt["model"]["name"], "img_size": size, "epochs": ckpt.get("epoch"),
-            "bn_momentum_trained": ckpt.get("train_config", {}).get("bn_momentum", "layers' own"), "momenta_in_network": momenta,
-            "val_patients": len(split.val), "stored": stored, "recomputed": score(), "recomputed_from_train_slices": len(x),
-            "recompute_seconds": round(recompute_s, 1),
-        })
+        rows.append(
+            {
+                "checkpoint": str(path),
+                "model": ckpt["model"]["name"],
+                "img_size": size,
+                "epochs": ckpt.get("epoch"),
+                "bn_momentum_trained": ckpt.get("train_config", {}).get("bn_momentum", "layers' own"),
+                "momenta_in_network": momenta,
+                "val_patients": len(split.val),
+                "stored": stored,
+                "recomputed": score(),
+                "recomputed_from_train_slices": len(x),
+                "recompute_seconds": round(recompute_s, 1),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| checkpoint | model | BN momentum in training | val patients | val Dice/patient, stored stats | recomputed | missed, stored | recomputed |")
+    print(
+        "\n| checkpoint | model | BN momentum in training | val patients | val Dice/patient, stored stats | recomputed | missed, stored | recomputed |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['checkpoint']} | {r['model']} {r['img_size']} px | {r['bn_momentum_trained']} | {r['val_patients']} | "
-              f"{r['stored']['mean_patient_dice']:.3f} | {r['recomputed']['mean_patient_dice']:.3f} | "
-              f"{r['stored']['patients_missed']} | {r['recomputed']['patients_missed']} |")
+        print(
+            f"| {r['checkpoint']} | {r['model']} {r['img_size']} px | {r['bn_momentum_trained']} | {r['val_patients']} | "
+            f"{r['stored']['mean_patient_dice']:.3f} | {r['recomputed']['mean_patient_dice']:.3f} | "
+            f"{r['stored']['patients_missed']} | {r['recomputed']['patients_missed']} |"
+        )
     if args.out:
         write_json_atomic(args.out, {"machine": cpu_info(), "torch": torch.__version__, "rows": rows})
 

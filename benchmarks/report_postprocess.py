@@ -17,6 +17,7 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
+from report_recipe import logits_of, parse_run_args, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
@@ -27,14 +28,14 @@ from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models.checkpoint import load_checkpoint, split_of
 from lggdeploy.postprocess import LARGEST, PostProcess, smallest_tumor, tune
 
-from report_recipe import logits_of, parse_run_args, write_markdown
-
 COLUMNS = ("none", "size", "two-part", "largest", "tuned today")
 LARGEST_FRACTION = 0.5  # the two-part rule: also components under half the patient's largest (`--postprocess N,0.5`)
 
 
 def scored(predicted: np.ndarray, slices, rule: PostProcess) -> dict:
-    return summarize(confusion_counts(rule.apply_per_patient(predicted, slices.patients), slices.masks), slices.patients)
+    return summarize(
+        confusion_counts(rule.apply_per_patient(predicted, slices.patients), slices.masks), slices.patients
+    )
 
 
 def main() -> None:
@@ -50,38 +51,70 @@ def main() -> None:
         val, test = load_slices(dataset, split.val), load_slices(dataset, split.test)
         val_predicted = logits_to_masks(logits_of(ckpt, val), threshold=threshold)
         record = tune(val_predicted, val.masks, val.patients, smallest_tumor(train_masks.masks, train_masks.patients))
-        size = record["candidate"]["min_component_voxels"]  # the size rule's own size (every split here has train tumors)
-        rules = {"none": PostProcess(), "size": PostProcess(size), "two-part": PostProcess(size, LARGEST_FRACTION),
-                 "largest": PostProcess(LARGEST), "tuned today": PostProcess.from_json(record["postprocess"])}
+        size = record["candidate"][
+            "min_component_voxels"
+        ]  # the size rule's own size (every split here has train tumors)
+        rules = {
+            "none": PostProcess(),
+            "size": PostProcess(size),
+            "two-part": PostProcess(size, LARGEST_FRACTION),
+            "largest": PostProcess(LARGEST),
+            "tuned today": PostProcess.from_json(record["postprocess"]),
+        }
         stored = ckpt.get("postprocess_tuning")
         if stored is not None:
             rules["stored by training"] = PostProcess.from_json(ckpt["postprocess"])
         predicted = logits_to_masks(logits_of(ckpt, test), threshold=threshold)
-        figures = {part: {name: scored(masks, slices, rule) for name, rule in rules.items()}
-                   for part, masks, slices in (("val", val_predicted, val), ("test", predicted, test))}
+        figures = {
+            part: {name: scored(masks, slices, rule) for name, rule in rules.items()}
+            for part, masks, slices in (("val", val_predicted, val), ("test", predicted, test))
+        }
         agg = lambda part, name: figures[part][name]["aggregates"]  # noqa: E731
-        rows.append({
-            "label": label, "run": run, "threshold": threshold, "size_voxels": size, "tuning_today": record,
-            "rules": {name: rule.to_json() for name, rule in rules.items()},
-            "rule_today": rules["tuned today"].describe(),
-            "rule_stored": rules["stored by training"].describe() if stored is not None else None,
-            "val_patients": len(split.val), "test_patients": len(split.test),
-            **{f"{part}_dice_{name}": agg(part, name)["mean_patient_dice"] for part in figures for name in rules},
-            **{f"{part}_missed_{name}": agg(part, name)["patients_missed"] for part in figures for name in rules},
-            "test_median_tuned_today": agg("test", "tuned today")["median_patient_dice"],
-            "test_fp_slice_rate_none": agg("test", "none")["false_positive_slice_rate"],
-            "test_fp_slice_rate_tuned_today": agg("test", "tuned today")["false_positive_slice_rate"],
-        })
-        per_patient[label] = [{"patient": rows_[0]["patient"], "tumor_slices": rows_[0]["tumor_slices"], **{name: r["dice"] for name, r in zip(rules, rows_)}}
-                              for rows_ in zip(*(figures["test"][name]["per_patient"] for name in rules))]
+        rows.append(
+            {
+                "label": label,
+                "run": run,
+                "threshold": threshold,
+                "size_voxels": size,
+                "tuning_today": record,
+                "rules": {name: rule.to_json() for name, rule in rules.items()},
+                "rule_today": rules["tuned today"].describe(),
+                "rule_stored": rules["stored by training"].describe() if stored is not None else None,
+                "val_patients": len(split.val),
+                "test_patients": len(split.test),
+                **{f"{part}_dice_{name}": agg(part, name)["mean_patient_dice"] for part in figures for name in rules},
+                **{f"{part}_missed_{name}": agg(part, name)["patients_missed"] for part in figures for name in rules},
+                "test_median_tuned_today": agg("test", "tuned today")["median_patient_dice"],
+                "test_fp_slice_rate_none": agg("test", "none")["false_positive_slice_rate"],
+                "test_fp_slice_rate_tuned_today": agg("test", "tuned today")["false_positive_slice_rate"],
+            }
+        )
+        per_patient[label] = [
+            {
+                "patient": rows_[0]["patient"],
+                "tumor_slices": rows_[0]["tumor_slices"],
+                **{name: r["dice"] for name, r in zip(rules, rows_)},
+            }
+            for rows_ in zip(*(figures["test"][name]["per_patient"] for name in rules))
+        ]
         r = rows[-1]
-        print(f"{label}: today {r['rule_today']}; test " + ", ".join(f"{name} {r['test_dice_' + name]:.4f}" for name in rules), flush=True)
+        print(
+            f"{label}: today {r['rule_today']}; test "
+            + ", ".join(f"{name} {r['test_dice_' + name]:.4f}" for name in rules),
+            flush=True,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    write_json_atomic(args.out / "postprocess.json", {"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient})
+    write_json_atomic(
+        args.out / "postprocess.json",
+        {"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient},
+    )
     f3 = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    cells = lambda r, part: " | ".join(f"{f3(r[f'{part}_dice_{name}'])} ({r[f'{part}_missed_{name}']})" for name in COLUMNS)  # noqa: E731
+
+    def cells(r, part):
+        return " | ".join(f"{f3(r[f'{part}_dice_{name}'])} ({r[f'{part}_missed_{name}']})" for name in COLUMNS)  # noqa: E731
+
     head = " | ".join(COLUMNS)
     lines = [
         "Mean per-patient Dice (patients missed) per rule; size = components under half the smallest train tumor removed; two-part = also those under "
@@ -92,11 +125,20 @@ def main() -> None:
     ]
     for r in rows:
         stored = f"{r['rule_stored']} ({f3(r['test_dice_stored by training'])})" if r["rule_stored"] else "—"
-        lines.append(f"| {r['label']} | {r['threshold']} | {r['size_voxels']} | {r['rule_today']} | {stored} | {r['val_patients']} | {cells(r, 'val')} | "
-                     f"{r['test_patients']} | {cells(r, 'test')} | {f3(r['test_fp_slice_rate_none'])} → {f3(r['test_fp_slice_rate_tuned_today'])} |")
+        lines.append(
+            f"| {r['label']} | {r['threshold']} | {r['size_voxels']} | {r['rule_today']} | {stored} | {r['val_patients']} | {cells(r, 'val')} | "
+            f"{r['test_patients']} | {cells(r, 'test')} | {f3(r['test_fp_slice_rate_none'])} → {f3(r['test_fp_slice_rate_tuned_today'])} |"
+        )
     lines += ["", f"Per test patient: Dice {' / '.join(COLUMNS[:4])}:"]
     for label, patients in per_patient.items():
-        lines += ["", f"**{label}**: " + "; ".join(f"{p['patient']} ({p['tumor_slices']} tumor slices) " + " / ".join(f"{p[c]:.3f}" for c in COLUMNS[:4]) for p in patients)]
+        lines += [
+            "",
+            f"**{label}**: "
+            + "; ".join(
+                f"{p['patient']} ({p['tumor_slices']} tumor slices) " + " / ".join(f"{p[c]:.3f}" for c in COLUMNS[:4])
+                for p in patients
+            ),
+        ]
     write_markdown(args.out / "postprocess.md", lines, machine)
 
 

@@ -24,12 +24,12 @@ from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.data.transforms import native_logits
+from lggdeploy.engines.precision.gate import run_on_slices
 from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models import threshold as thresholds
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.torch_runner import TorchRunner
-from lggdeploy.data.transforms import native_logits
-from lggdeploy.engines.precision.gate import run_on_slices
 from lggdeploy.scoring import add_largest_component
 
 
@@ -41,7 +41,9 @@ def logits_of(ckpt: dict, slices) -> np.ndarray:
 
 def score(native: np.ndarray, slices, threshold: float) -> dict:
     predicted = native > np.float32(np.log(threshold / (1 - threshold)))
-    return add_largest_component(summarize(confusion_counts(predicted, slices.masks), slices.patients), predicted, slices)
+    return add_largest_component(
+        summarize(confusion_counts(predicted, slices.masks), slices.patients), predicted, slices
+    )
 
 
 def best_runs(items: list[str]):
@@ -60,8 +62,11 @@ def split_parts(dataset, ckpt: dict) -> dict:
 def dice_record(predicted: np.ndarray, slices) -> dict:
     """Mean per-patient Dice, patients missed and the per-patient Dice of native-size masks."""
     summary = summarize(confusion_counts(predicted, slices.masks), slices.patients)
-    return {"dice": summary["aggregates"]["mean_patient_dice"], "missed": summary["aggregates"]["patients_missed"],
-            "per_patient": {r["patient"]: r["dice"] for r in summary["per_patient"]}}
+    return {
+        "dice": summary["aggregates"]["mean_patient_dice"],
+        "missed": summary["aggregates"]["patients_missed"],
+        "per_patient": {r["patient"]: r["dice"] for r in summary["per_patient"]},
+    }
 
 
 def epoch_noise(history: list[dict], key: str) -> float | None:
@@ -99,7 +104,12 @@ def main() -> None:
         ckpt = load_checkpoint(run / which)
         if which == "last.pt":
             ckpt = {k: v for k, v in ckpt.items() if k not in ("threshold_tuning",)}
-            ckpt["best"] = {"epoch": ckpt["epoch"], "val_mean_patient_dice": ckpt["history"][-1].get("val_mean_patient_dice_raw_weights", ckpt["history"][-1]["val_mean_patient_dice"])}
+            ckpt["best"] = {
+                "epoch": ckpt["epoch"],
+                "val_mean_patient_dice": ckpt["history"][-1].get(
+                    "val_mean_patient_dice_raw_weights", ckpt["history"][-1]["val_mean_patient_dice"]
+                ),
+            }
             ckpt["weights"] = "raw (last.pt)"
         history = json.loads((run / "history.json").read_text())
         split = split_of(ckpt)
@@ -107,43 +117,64 @@ def main() -> None:
         if "threshold_tuning" in ckpt:
             tuning, tuned_when = ckpt["threshold_tuning"], "in training"
         else:
-            tuning, tuned_when = thresholds.tune(logits_of(ckpt, val), val.masks, val.patients, default=ckpt["threshold"]), "afterwards (same rule)"
+            tuning, tuned_when = (
+                thresholds.tune(logits_of(ckpt, val), val.masks, val.patients, default=ckpt["threshold"]),
+                "afterwards (same rule)",
+            )
         test_native = native_logits(logits_of(ckpt, test), 256)
         at_half, at_tuned = score(test_native, test, 0.5), score(test_native, test, tuning["threshold"])
         cfg = ckpt.get("train_config", {})
         seconds = [r["seconds"] for r in history]
-        rows.append({
-            "label": label,
-            "run": str(run),
-            "recipe": {k: cfg.get(k) for k in ("loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "epochs", "budget_minutes")},
-            "epochs": len(history),
-            "median_epoch_seconds": float(np.median(seconds)),
-            "train_minutes": round(sum(seconds) / 60, 1),
-            "best_epoch": ckpt["best"]["epoch"],
-            "weights": ckpt.get("weights", "raw"),
-            "val_patients": len(split.val),
-            "test_patients": len(split.test),
-            "val_dice_at_selection": ckpt["best"]["val_mean_patient_dice"],
-            "val_epoch_noise": epoch_noise(history, "val_mean_patient_dice"),
-            "val_epoch_noise_raw_weights": epoch_noise(history, "val_mean_patient_dice_raw_weights"),
-            "threshold": tuning["threshold"],
-            "threshold_tuned": tuned_when,
-            "val_dice_tuned": tuning["val_mean_patient_dice"],
-            "test_dice_at_0.5": at_half["aggregates"]["mean_patient_dice"],
-            "test_dice_tuned": at_tuned["aggregates"]["mean_patient_dice"],
-            "test_dice_tuned_largest_component": at_tuned["aggregates"]["mean_patient_dice_largest_component"],
-            "test_median_dice_tuned": at_tuned["aggregates"]["median_patient_dice"],
-            "test_missed_at_0.5": at_half["aggregates"]["patients_missed"],
-            "test_missed_tuned": at_tuned["aggregates"]["patients_missed"],
-            "test_global_dice_tuned": at_tuned["aggregates"]["global_dice"],
-            "test_slice_mean_dice_study_style_tuned": at_tuned["aggregates"]["slice_mean_dice_study_style"],
-        })
+        rows.append(
+            {
+                "label": label,
+                "run": str(run),
+                "recipe": {
+                    k: cfg.get(k)
+                    for k in (
+                        "loss",
+                        "tumor_fraction",
+                        "warmup_epochs",
+                        "ema_decay",
+                        "tune_threshold",
+                        "epochs",
+                        "budget_minutes",
+                    )
+                },
+                "epochs": len(history),
+                "median_epoch_seconds": float(np.median(seconds)),
+                "train_minutes": round(sum(seconds) / 60, 1),
+                "best_epoch": ckpt["best"]["epoch"],
+                "weights": ckpt.get("weights", "raw"),
+                "val_patients": len(split.val),
+                "test_patients": len(split.test),
+                "val_dice_at_selection": ckpt["best"]["val_mean_patient_dice"],
+                "val_epoch_noise": epoch_noise(history, "val_mean_patient_dice"),
+                "val_epoch_noise_raw_weights": epoch_noise(history, "val_mean_patient_dice_raw_weights"),
+                "threshold": tuning["threshold"],
+                "threshold_tuned": tuned_when,
+                "val_dice_tuned": tuning["val_mean_patient_dice"],
+                "test_dice_at_0.5": at_half["aggregates"]["mean_patient_dice"],
+                "test_dice_tuned": at_tuned["aggregates"]["mean_patient_dice"],
+                "test_dice_tuned_largest_component": at_tuned["aggregates"]["mean_patient_dice_largest_component"],
+                "test_median_dice_tuned": at_tuned["aggregates"]["median_patient_dice"],
+                "test_missed_at_0.5": at_half["aggregates"]["patients_missed"],
+                "test_missed_tuned": at_tuned["aggregates"]["patients_missed"],
+                "test_global_dice_tuned": at_tuned["aggregates"]["global_dice"],
+                "test_slice_mean_dice_study_style_tuned": at_tuned["aggregates"]["slice_mean_dice_study_style"],
+            }
+        )
         per_patient[label] = {"at_0.5": at_half["per_patient"], "tuned": at_tuned["per_patient"]}
-        print(f"{label}: test {rows[-1]['test_dice_at_0.5']:.4f} @0.5, {rows[-1]['test_dice_tuned']:.4f} @{tuning['threshold']}")
+        print(
+            f"{label}: test {rows[-1]['test_dice_at_0.5']:.4f} @0.5, {rows[-1]['test_dice_tuned']:.4f} @{tuning['threshold']}"
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    write_json_atomic(args.out / "ablation.json", {"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient})
+    write_json_atomic(
+        args.out / "ablation.json",
+        {"date": dt.date.today().isoformat(), "machine": machine, "runs": rows, "per_patient": per_patient},
+    )
     fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [
         "| run | epochs (median s) | best epoch, weights | val Dice at selection (n=5) | val epoch-to-epoch noise (raw) | threshold | test Dice @0.5 | test Dice @tuned | + largest comp. | test missed @0.5 / tuned (n=5) |",
@@ -160,7 +191,10 @@ def main() -> None:
     labels = list(per_patient)
     lines += ["| patient | tumor slices | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for i, row in enumerate(per_patient[labels[0]]["tuned"]):
-        cells = [f"{per_patient[l]['tuned'][i]['dice']:.3f} ({per_patient[l]['tuned'][i]['dice_largest_component']:.3f})" for l in labels]
+        cells = [
+            f"{per_patient[label]['tuned'][i]['dice']:.3f} ({per_patient[label]['tuned'][i]['dice_largest_component']:.3f})"
+            for label in labels
+        ]
         lines.append(f"| {row['patient']} | {row['tumor_slices']} | " + " | ".join(cells) + " |")
     write_markdown(args.out / "ablation.md", lines, machine)
 

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
-from lggdeploy.models.checkpoint import load_checkpoint
 from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.metrics import METRIC_LABELS
+from lggdeploy.models.checkpoint import load_checkpoint
 
 
 def main() -> None:
@@ -58,7 +58,9 @@ def main() -> None:
         lines.append(f"| {label} | {'n/a' if value is None else f'{value:.4f}'} |")
     lines += ["", "| patient | slices | tumor slices | Dice | IoU |", "|---|---|---|---|---|"]
     for row in test["per_patient"]:
-        lines.append(f"| {row['patient']} | {row['slices']} | {row['tumor_slices']} | {row['dice']:.4f} | {row['iou']:.4f} |")
+        lines.append(
+            f"| {row['patient']} | {row['slices']} | {row['tumor_slices']} | {row['dice']:.4f} | {row['iou']:.4f} |"
+        )
     lines += ["", "![training curves](curves.png)", ""]
     write_text_atomic(args.out / "README.md", "\n".join(lines))
 

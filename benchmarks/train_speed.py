@@ -55,7 +55,10 @@ def main() -> None:
     slices = load_slices(dataset, split.train[:6])
     x_all = torch.from_numpy(preprocess(slices.images, 256, Normalization()))
     y_all = torch.from_numpy(resize_masks(slices.masks, 256)).unsqueeze(1).float()
-    batches = [(x_all[i : i + args.batch], y_all[i : i + args.batch]) for i in range(0, args.batch * (args.steps + 3), args.batch)]
+    batches = [
+        (x_all[i : i + args.batch], y_all[i : i + args.batch])
+        for i in range(0, args.batch * (args.steps + 3), args.batch)
+    ]
     batches = [b for b in batches if len(b[0]) == args.batch]
     configs = [c for c in CONFIGS if (c[1] != "bf16" or cpu_has_bf16()) and not (c[3] and args.no_compile)]
 
@@ -97,16 +100,39 @@ def main() -> None:
         print(f"round {round_ + 1}/{args.rounds} done")
 
     base = float(np.median(times[configs[0][0]]))
-    rows = [{"config": n, "median_step_s": float(np.median(times[n])), "speedup_vs_fp32_nchw": base / float(np.median(times[n])),
-             "steps_timed": len(times[n]), "warmup_and_compile_s": compile_seconds.get(n)} for n in times]
+    rows = [
+        {
+            "config": n,
+            "median_step_s": float(np.median(times[n])),
+            "speedup_vs_fp32_nchw": base / float(np.median(times[n])),
+            "steps_timed": len(times[n]),
+            "warmup_and_compile_s": compile_seconds.get(n),
+        }
+        for n in times
+    ]
     machine = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "train_speed.json", {"date": dt.date.today().isoformat(), "model": args.model, "batch": args.batch, "machine": machine, "rows": rows})
-    lines = [f"Training step, {args.model}, batch {args.batch}, 256 px, {cpu_line(machine['cpu'])}, "
-             f"torch {torch.__version__}, {dt.date.today().isoformat()}; median of {args.rounds} interleaved rounds x {args.steps} steps.", "",
-             "| configuration | median s / step | speed-up vs fp32 NCHW | first-round warm-up incl. compilation (s) |", "|---|---|---|---|"]
+    write_json_atomic(
+        args.out / "train_speed.json",
+        {
+            "date": dt.date.today().isoformat(),
+            "model": args.model,
+            "batch": args.batch,
+            "machine": machine,
+            "rows": rows,
+        },
+    )
+    lines = [
+        f"Training step, {args.model}, batch {args.batch}, 256 px, {cpu_line(machine['cpu'])}, "
+        f"torch {torch.__version__}, {dt.date.today().isoformat()}; median of {args.rounds} interleaved rounds x {args.steps} steps.",
+        "",
+        "| configuration | median s / step | speed-up vs fp32 NCHW | first-round warm-up incl. compilation (s) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['median_step_s']:.3f} | {r['speedup_vs_fp32_nchw']:.2f}x | {r['warmup_and_compile_s'] or ''} |")
+        lines.append(
+            f"| {r['config']} | {r['median_step_s']:.3f} | {r['speedup_vs_fp32_nchw']:.2f}x | {r['warmup_and_compile_s'] or ''} |"
+        )
     write_text_atomic(args.out / "train_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

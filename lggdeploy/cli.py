@@ -7,14 +7,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
 from lggdeploy.common.errors import GateFailed, LggError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, help="Brain-MRI LGG segmentation: data, training, evaluation.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Brain-MRI LGG segmentation: data, training, evaluation.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Check, describe, synthesize and split kaggle_3m-layout data.")
 app.add_typer(data_app, name="data")
 # Wide enough for the metric tables when output goes to a file or CI log (rich would assume 80 columns).
@@ -22,7 +26,13 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
-SPLIT_COLUMNS = [("split", "split"), ("patients", "patients"), ("slices", "slices"), ("tumor_slices", "tumor slices"), ("tumor_fraction", "tumor fraction")]
+SPLIT_COLUMNS = [
+    ("split", "split"),
+    ("patients", "patients"),
+    ("slices", "slices"),
+    ("tumor_slices", "tumor slices"),
+    ("tumor_fraction", "tumor fraction"),
+]
 
 
 class Terminated(BaseException):
@@ -39,7 +49,9 @@ def friendly(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+        previous = (
+            signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+        )
         try:
             return func(*args, **kwargs)
         except LggError as exc:
@@ -68,8 +80,8 @@ def print_machine_text(text: str) -> None:
 @friendly
 def data_check(folder: Path = typer.Argument(..., help="kaggle_3m folder (one sub-folder per patient)")):
     """Validate every file; list all problems, each with its file. Exit 1 if anything is wrong."""
-    from lggdeploy.data.kaggle import check_dataset, scan
     from lggdeploy.common.progress import progress_bar
+    from lggdeploy.data.kaggle import check_dataset, scan
 
     dataset, _ = scan(folder)
     with progress_bar() as bar:
@@ -87,20 +99,28 @@ def data_check(folder: Path = typer.Argument(..., help="kaggle_3m folder (one su
 @friendly
 def data_info(
     folder: Path = typer.Argument(..., help="kaggle_3m folder"),
-    split_file: Optional[Path] = typer.Option(None, "--split-file", help="split JSON (default: the split `data split` would make with --seed)"),
+    split_file: Path | None = typer.Option(
+        None, "--split-file", help="split JSON (default: the split `data split` would make with --seed)"
+    ),
     seed: int = typer.Option(0, help="seed of the default split"),
 ):
     """Patients, slices and tumor fraction per split."""
+    from lggdeploy.common.tables import rich_table
     from lggdeploy.data.kaggle import load_dataset
     from lggdeploy.data.split import load_split, make_split
-    from lggdeploy.common.tables import rich_table
 
     dataset = load_dataset(folder)
     split = load_split(split_file) if split_file else make_split(dataset, seed=seed)
     split.check_against(dataset, origin=str(split_file or "split"))
     if not split.tumor_slices:
         split.with_counts(dataset)
-    out.print(rich_table(split.summary_rows(), SPLIT_COLUMNS, title=f"{folder}: {len(dataset.patients)} patients, {dataset.num_slices} slices"))
+    out.print(
+        rich_table(
+            split.summary_rows(),
+            SPLIT_COLUMNS,
+            title=f"{folder}: {len(dataset.patients)} patients, {dataset.num_slices} slices",
+        )
+    )
 
 
 @data_app.command("synth")
@@ -119,7 +139,13 @@ def data_synth(
     check_target(folder, patients, (min_slices, max_slices))
     with progress_bar() as bar:
         task = bar.add_task("synthesizing", total=patients, info="")
-        ids = synthesize(folder, patients=patients, slices=(min_slices, max_slices), seed=seed, on_patient=lambda pid: bar.advance(task))
+        ids = synthesize(
+            folder,
+            patients=patients,
+            slices=(min_slices, max_slices),
+            seed=seed,
+            on_patient=lambda pid: bar.advance(task),
+        )
     out.print(f"wrote {len(ids)} phantom patients to {folder}")
 
 
@@ -127,16 +153,21 @@ def data_synth(
 @friendly
 def data_split(
     folder: Path = typer.Argument(..., help="kaggle_3m folder"),
-    output: Optional[Path] = typer.Option(None, "-o", "--out", help="split JSON to write (default split.json; with --folds a folder, default folds/)"),
+    output: Path | None = typer.Option(
+        None, "-o", "--out", help="split JSON to write (default split.json; with --folds a folder, default folds/)"
+    ),
     seed: int = typer.Option(0),
     ratios: str = typer.Option("0.7,0.15,0.15", help="train,val,test fractions of patients"),
-    folds: Optional[int] = typer.Option(None, help="K-fold cross-validation instead: K split files fold-k-of-K.json in the folder --out "
-                                        "(default folds/); every patient is tested once, val is the --ratios val share"),
+    folds: int | None = typer.Option(
+        None,
+        help="K-fold cross-validation instead: K split files fold-k-of-K.json in the folder --out "
+        "(default folds/); every patient is tested once, val is the --ratios val share",
+    ),
 ):
     """Patient-level train/val/test split, deterministic from --seed, written as JSON (or K of them with --folds)."""
+    from lggdeploy.common.tables import rich_table
     from lggdeploy.data.kaggle import load_dataset
     from lggdeploy.data.split import make_folds, make_split, save_folds, save_split
-    from lggdeploy.common.tables import rich_table
 
     try:
         parts = tuple(float(r) for r in ratios.split(","))
@@ -150,7 +181,9 @@ def data_split(
         rows = []
         for split, path in zip(splits, save_folds(splits, target)):
             rows += [{**row, "split": f"{path.name} {row['split']}"} for row in split.summary_rows()]
-        out.print(rich_table(rows, SPLIT_COLUMNS, title=f"{folds} folds written to {target}/ (every patient tested once)"))
+        out.print(
+            rich_table(rows, SPLIT_COLUMNS, title=f"{folds} folds written to {target}/ (every patient tested once)")
+        )
         return
     output = output or Path("split.json")
     split = make_split(load_dataset(folder), seed=seed, ratios=parts)
@@ -161,67 +194,157 @@ def data_split(
 @app.command("presets")
 def presets():
     """The model presets of the study."""
-    from lggdeploy.models.presets import PRESETS
     from lggdeploy.common.tables import rich_table
+    from lggdeploy.models.presets import PRESETS
 
-    rows = [{"name": s.name, "arch": s.arch, "encoder": s.encoder, "weights": s.encoder_weights or "random", "study": s.study_test_dice} for s in PRESETS.values()]
-    cols = [("name", "preset"), ("arch", "architecture"), ("encoder", "encoder"), ("weights", "default encoder weights"), ("study", "study test Dice (per-slice)")]
+    rows = [
+        {
+            "name": s.name,
+            "arch": s.arch,
+            "encoder": s.encoder,
+            "weights": s.encoder_weights or "random",
+            "study": s.study_test_dice,
+        }
+        for s in PRESETS.values()
+    ]
+    cols = [
+        ("name", "preset"),
+        ("arch", "architecture"),
+        ("encoder", "encoder"),
+        ("weights", "default encoder weights"),
+        ("study", "study test Dice (per-slice)"),
+    ]
     out.print(rich_table(rows, cols))
 
 
 @app.command("train")
 @friendly
 def train_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="preset (pspnet-scratch, pspnet-resnext50, unet-effb7) or ARCH:ENCODER"),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="preset (pspnet-scratch, pspnet-resnext50, unet-effb7) or ARCH:ENCODER"
+    ),
     data: Path = typer.Option(..., "--data", help="kaggle_3m folder"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
-    epochs: Optional[int] = typer.Option(None, help="epochs (default 10; on --resume: the run's own, or more to extend it)"),
-    batch_size: Optional[int] = typer.Option(None, help="batch size (default 8)"),
-    lr: Optional[float] = typer.Option(None, help="peak learning rate (default 3e-4)"),
-    img_size: Optional[int] = typer.Option(None, help="model input size (default 256; slices are 256x256; metrics are always at 256)"),
-    seed: Optional[int] = typer.Option(None, help="seed of the split, initialization, shuffling and augmentation (default 0)"),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
+    epochs: int | None = typer.Option(
+        None, help="epochs (default 10; on --resume: the run's own, or more to extend it)"
+    ),
+    batch_size: int | None = typer.Option(None, help="batch size (default 8)"),
+    lr: float | None = typer.Option(None, help="peak learning rate (default 3e-4)"),
+    img_size: int | None = typer.Option(
+        None, help="model input size (default 256; slices are 256x256; metrics are always at 256)"
+    ),
+    seed: int | None = typer.Option(
+        None, help="seed of the split, initialization, shuffling and augmentation (default 0)"
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
-    split_file: Optional[Path] = typer.Option(None, help="split JSON (default: a new seeded split saved in the run folder)"),
-    encoder_weights: Optional[str] = typer.Option(None, help="imagenet, random, or PATH to a local encoder state dict (default: the preset's)"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from last.pt, with its own settings"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="training augmentation (default on)"),
-    precision: Optional[str] = typer.Option(None, help="auto (default: fp16 AMP on CUDA, bf16 on CPUs with AMX, else fp32), fp32, bf16 (CPUs with AVX512-BF16 or AMX), fp16 (CUDA)"),
-    loss: Optional[str] = typer.Option(None, help="overlap term beside BCE: image-dice (default; per tumor slice), dice (pooled over the batch), tversky"),
-    tumor_fraction: Optional[float] = typer.Option(None, help="share of each epoch drawn from tumor slices (default 0.5; 0: slices as the data come)"),
-    warmup_epochs: Optional[float] = typer.Option(None, help="linear learning-rate warm-up before the cosine, in epochs (default 0.5)"),
-    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights per step, e.g. 0.99 (default 0: off)"),
-    tune_threshold: Optional[bool] = typer.Option(None, "--tune-threshold/--no-tune-threshold", help="tune the decision threshold on the val patients and store it in best.pt (default off: on 21 test patients it did not pay)"),
-    threshold: Optional[float] = typer.Option(None, help="decision threshold for validation (and stored unless tuned; default 0.5)"),
-    budget_minutes: Optional[float] = typer.Option(None, help="wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the cap)"),
-    missing_modality: Optional[float] = typer.Option(None, help="share of training slices given the data set's fill for a missing sequence "
-                                                     "(pre- and/or post-contrast replaced by FLAIR; default 0.2; 0: off)"),
-    normalization: Optional[str] = typer.Option(None, help="model input: slice (default: each channel of each slice scaled to one tissue median first, so brightness "
-                                                "differences between scans are removed) or fixed (ImageNet statistics on x / 255: absolute intensity)"),
-    bn_momentum: Optional[float] = typer.Option(None, help="running-statistics momentum of every batch-norm layer while training (default 0.1, "
-                                                "PyTorch's; 0 keeps each encoder's own, e.g. efficientnet's 0.01)"),
-    postprocess: Optional[str] = typer.Option(None, help="post-processing stored in best.pt: auto (default: 3-D components smaller than half the smallest train tumor "
-                                              "removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
-                                              "or N,F (also those under F x the largest component)"),
+    split_file: Path | None = typer.Option(
+        None, help="split JSON (default: a new seeded split saved in the run folder)"
+    ),
+    encoder_weights: str | None = typer.Option(
+        None, help="imagenet, random, or PATH to a local encoder state dict (default: the preset's)"
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue the run in --out from last.pt, with its own settings"
+    ),
+    augment: bool | None = typer.Option(None, "--augment/--no-augment", help="training augmentation (default on)"),
+    precision: str | None = typer.Option(
+        None,
+        help="auto (default: fp16 AMP on CUDA, bf16 on CPUs with AMX, else fp32), fp32, bf16 (CPUs with AVX512-BF16 or AMX), fp16 (CUDA)",
+    ),
+    loss: str | None = typer.Option(
+        None,
+        help="overlap term beside BCE: image-dice (default; per tumor slice), dice (pooled over the batch), tversky",
+    ),
+    tumor_fraction: float | None = typer.Option(
+        None, help="share of each epoch drawn from tumor slices (default 0.5; 0: slices as the data come)"
+    ),
+    warmup_epochs: float | None = typer.Option(
+        None, help="linear learning-rate warm-up before the cosine, in epochs (default 0.5)"
+    ),
+    ema: float | None = typer.Option(None, help="EMA decay of the weights per step, e.g. 0.99 (default 0: off)"),
+    tune_threshold: bool | None = typer.Option(
+        None,
+        "--tune-threshold/--no-tune-threshold",
+        help="tune the decision threshold on the val patients and store it in best.pt (default off: on 21 test patients it did not pay)",
+    ),
+    threshold: float | None = typer.Option(
+        None, help="decision threshold for validation (and stored unless tuned; default 0.5)"
+    ),
+    budget_minutes: float | None = typer.Option(
+        None, help="wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the cap)"
+    ),
+    missing_modality: float | None = typer.Option(
+        None,
+        help="share of training slices given the data set's fill for a missing sequence "
+        "(pre- and/or post-contrast replaced by FLAIR; default 0.2; 0: off)",
+    ),
+    normalization: str | None = typer.Option(
+        None,
+        help="model input: slice (default: each channel of each slice scaled to one tissue median first, so brightness "
+        "differences between scans are removed) or fixed (ImageNet statistics on x / 255: absolute intensity)",
+    ),
+    bn_momentum: float | None = typer.Option(
+        None,
+        help="running-statistics momentum of every batch-norm layer while training (default 0.1, "
+        "PyTorch's; 0 keeps each encoder's own, e.g. efficientnet's 0.01)",
+    ),
+    postprocess: str | None = typer.Option(
+        None,
+        help="post-processing stored in best.pt: auto (default: 3-D components smaller than half the smallest train tumor "
+        "removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
+        "or N,F (also those under F x the largest component)",
+    ),
 ):
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
     from lggdeploy.models.train import TrainConfig, train
     from lggdeploy.postprocess import PostProcess
 
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "img_size": img_size, "seed": seed, "split_file": split_file,
-             "encoder_weights": encoder_weights, "augment": augment, "precision": precision, "loss": loss, "tumor_fraction": tumor_fraction,
-             "warmup_epochs": warmup_epochs, "ema_decay": ema, "tune_threshold": tune_threshold, "threshold": threshold,
-             "budget_minutes": budget_minutes, "postprocess": postprocess, "missing_modality": missing_modality,
-             "normalization": normalization, "bn_momentum": bn_momentum}
+    given = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "img_size": img_size,
+        "seed": seed,
+        "split_file": split_file,
+        "encoder_weights": encoder_weights,
+        "augment": augment,
+        "precision": precision,
+        "loss": loss,
+        "tumor_fraction": tumor_fraction,
+        "warmup_epochs": warmup_epochs,
+        "ema_decay": ema,
+        "tune_threshold": tune_threshold,
+        "threshold": threshold,
+        "budget_minutes": budget_minutes,
+        "postprocess": postprocess,
+        "missing_modality": missing_modality,
+        "normalization": normalization,
+        "bn_momentum": bn_momentum,
+    }
     given = {k: v for k, v in given.items() if v is not None}
-    cfg = TrainConfig(model=model, data=data, out=out_dir or Path("runs") / model.replace(":", "-"), device=device, resume=resume,
-                      explicit=frozenset({"model", *given}), **given)
+    cfg = TrainConfig(
+        model=model,
+        data=data,
+        out=out_dir or Path("runs") / model.replace(":", "-"),
+        device=device,
+        resume=resume,
+        explicit=frozenset({"model", *given}),
+        **given,
+    )
     result = train(cfg)
     best = result.best
     out.print(
         f"best epoch {best['epoch']}: validation mean per-patient Dice {best['val_mean_patient_dice']:.4f}"
-        + (f" (threshold tuned to {best['threshold']}: {best['val_mean_patient_dice_tuned_threshold']:.4f})" if "threshold" in best else "")
-        + (f" (post-processing {PostProcess.from_json(best['postprocess']).describe()}: {best['val_mean_patient_dice_postprocessed']:.4f})"
-           if "val_mean_patient_dice_postprocessed" in best else "")
+        + (
+            f" (threshold tuned to {best['threshold']}: {best['val_mean_patient_dice_tuned_threshold']:.4f})"
+            if "threshold" in best
+            else ""
+        )
+        + (
+            f" (post-processing {PostProcess.from_json(best['postprocess']).describe()}: {best['val_mean_patient_dice_postprocessed']:.4f})"
+            if "val_mean_patient_dice_postprocessed" in best
+            else ""
+        )
         + " "
         f"({result.seconds:.0f} s); checkpoint {result.best_path}, curves {result.best_path.parent / 'curves.png'}"
     )
@@ -233,26 +356,34 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="checkpoint from `lggdeploy train`"),
     data: Path = typer.Option(..., "--data", help="kaggle_3m folder"),
     split: str = typer.Option("test", help="test, val, train or all"),
-    split_file: Optional[Path] = typer.Option(None, help="split JSON (default: the one embedded in the checkpoint)"),
-    json_out: Optional[Path] = typer.Option(None, "--out", "-o", help="summary JSON (default: next to the checkpoint)"),
+    split_file: Path | None = typer.Option(None, help="split JSON (default: the one embedded in the checkpoint)"),
+    json_out: Path | None = typer.Option(None, "--out", "-o", help="summary JSON (default: next to the checkpoint)"),
     batch_size: int = typer.Option(16),
     device: str = typer.Option("cpu"),
 ):
     """Per-patient and aggregate metrics; writes a JSON with one row per patient."""
-    from lggdeploy.models.evaluate import default_eval_path, evaluate_checkpoint
     from lggdeploy.common.files import check_writable, write_json_atomic
     from lggdeploy.common.tables import PATIENT_COLUMNS, columns_present, metrics_table, rich_table
     from lggdeploy.metrics import METRIC_LABELS
+    from lggdeploy.models.evaluate import default_eval_path, evaluate_checkpoint
     from lggdeploy.postprocess import PostProcess
 
     target = check_writable(json_out or default_eval_path(checkpoint, split))  # before the long work
-    summary = evaluate_checkpoint(checkpoint, data, split=split, split_file=split_file, batch_size=batch_size, device=device)
+    summary = evaluate_checkpoint(
+        checkpoint, data, split=split, split_file=split_file, batch_size=batch_size, device=device
+    )
     path = write_json_atomic(target, summary)
-    out.print(rich_table(summary["per_patient"], columns_present(summary["per_patient"], PATIENT_COLUMNS), title="per patient"))
+    out.print(
+        rich_table(
+            summary["per_patient"], columns_present(summary["per_patient"], PATIENT_COLUMNS), title="per patient"
+        )
+    )
     out.print(metrics_table(summary, METRIC_LABELS, title=f"{summary['meta']['model']} on {split} split"))
     meta = summary["meta"]
-    out.print(f"decision threshold {meta['threshold']} ({meta['threshold_origin']}); post-processing: "
-              f"{PostProcess.from_json(meta['postprocess']).describe()} ({meta['postprocess_origin']}); per-patient rows and aggregates written to {path}")
+    out.print(
+        f"decision threshold {meta['threshold']} ({meta['threshold_origin']}); post-processing: "
+        f"{PostProcess.from_json(meta['postprocess']).describe()} ({meta['postprocess_origin']}); per-patient rows and aggregates written to {path}"
+    )
 
 
 @app.command("prune")
@@ -262,19 +393,31 @@ def prune_cmd(
     ratio: float = typer.Option(..., help="fraction of channels to remove, in (0, 1)"),
     steps: int = typer.Option(1, help="prune in K steps, fine-tuning between them"),
     finetune_epochs: int = typer.Option(0, help="epochs of fine-tuning on the train split (spread over the steps)"),
-    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder for fine-tuning (default: the checkpoint's)"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder for the pruned checkpoint (default: <run>-pruned<ratio%>)"),
+    data: Path | None = typer.Option(
+        None, "--data", help="kaggle_3m folder for fine-tuning (default: the checkpoint's)"
+    ),
+    out_dir: Path | None = typer.Option(
+        None, "--out", "-o", help="run folder for the pruned checkpoint (default: <run>-pruned<ratio%>)"
+    ),
     lr: float = typer.Option(1e-4, help="fine-tuning learning rate"),
     batch_size: int = typer.Option(8),
     device: str = typer.Option("auto"),
-    distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune against the unpruned model's outputs (soft targets) beside the labels"),
-    distill_weight: float = typer.Option(0.5, help="the teacher's share of the fine-tuning loss, in (0, 1]; the labels' Dice + BCE get the rest"),
+    distill: bool = typer.Option(
+        True,
+        "--distill/--no-distill",
+        help="fine-tune against the unpruned model's outputs (soft targets) beside the labels",
+    ),
+    distill_weight: float = typer.Option(
+        0.5, help="the teacher's share of the fine-tuning loss, in (0, 1]; the labels' Dice + BCE get the rest"
+    ),
 ):
     """Structured channel pruning (Torch-Pruning, DepGraph) with optional fine-tuning; writes an ordinary checkpoint."""
     from lggdeploy.models.checkpoint import load_checkpoint
     from lggdeploy.models.prune import prune_checkpoint
 
-    path = prune_checkpoint(checkpoint, ratio, out_dir, steps, finetune_epochs, data, lr, batch_size, device, distill, distill_weight)
+    path = prune_checkpoint(
+        checkpoint, ratio, out_dir, steps, finetune_epochs, data, lr, batch_size, device, distill, distill_weight
+    )
     recipe = load_checkpoint(path)["pruning"][-1]
     tuned = recipe["finetune"][-1]["best"]["val_mean_patient_dice"] if recipe["finetune"] else None
     out.print(
@@ -289,7 +432,9 @@ def prune_cmd(
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="checkpoint from `lggdeploy train`"),
     out_dir: Path = typer.Option(Path("engines"), "--out", "-o", help="engines folder"),
-    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder for the parity check (default: the checkpoint's)"),
+    data: Path | None = typer.Option(
+        None, "--data", help="kaggle_3m folder for the parity check (default: the checkpoint's)"
+    ),
     opset: int = typer.Option(18),
 ):
     """Export to ONNX (dynamic batch, single file) and check parity with PyTorch on real slices."""
@@ -297,31 +442,52 @@ def export_cmd(
 
     path, record = export_checkpoint(checkpoint, out_dir, data, opset)
     parity = record["parity"]
-    out.print(f"wrote {path} (opset {record['opset']}); parity on {parity['slices']} slices: max |logit diff| {parity['max_abs_logit_diff']:.2e}, masks agree on {parity['mask_agreement']:.4%}")
+    out.print(
+        f"wrote {path} (opset {record['opset']}); parity on {parity['slices']} slices: max |logit diff| {parity['max_abs_logit_diff']:.2e}, masks agree on {parity['mask_agreement']:.4%}"
+    )
 
 
 @app.command("build")
 @friendly
 def build_cmd(
-    checkpoints: list[Path] = typer.Argument(..., help="one or more checkpoints, or one bundle from `lggdeploy pack` (build on this device)"),
+    checkpoints: list[Path] = typer.Argument(
+        ..., help="one or more checkpoints, or one bundle from `lggdeploy pack` (build on this device)"
+    ),
     precision: str = typer.Option("fp32", help="fp32, fp16, int8 or all"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime or openvino (CPU), tensorrt (NVIDIA GPU)"),
-    int8_profile: Optional[str] = typer.Option(None, help="cpu, tensorrt or openvino (default: cpu for onnxruntime, tensorrt for tensorrt, openvino for openvino)"),
+    int8_profile: str | None = typer.Option(
+        None,
+        help="cpu, tensorrt or openvino (default: cpu for onnxruntime, tensorrt for tensorrt, openvino for openvino)",
+    ),
     out_dir: Path = typer.Option(Path("engines"), "--out", "-o"),
-    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder with the checkpoint's val patients (default: the checkpoint's)"),
+    data: Path | None = typer.Option(
+        None, "--data", help="kaggle_3m folder with the checkpoint's val patients (default: the checkpoint's)"
+    ),
     calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),
     calib_method: str = typer.Option("minmax", help="minmax, entropy or percentile"),
-    max_drop: float = typer.Option(0.5, help="largest allowed mean drop of val per-patient Dice, in points (0.01 Dice)"),
+    max_drop: float = typer.Option(
+        0.5, help="largest allowed mean drop of val per-patient Dice, in points (0.01 Dice)"
+    ),
     max_patient_drop: float = typer.Option(2.0, help="largest allowed drop of any one val patient's Dice, in points"),
-    min_agreement: float = typer.Option(0.90, help="smallest allowed Dice of the engine's masks against the FP32 model's, per val patient"),
+    min_agreement: float = typer.Option(
+        0.90, help="smallest allowed Dice of the engine's masks against the FP32 model's, per val patient"
+    ),
     force: bool = typer.Option(False, "--force", help="write an engine that failed its gate (its manifest says so)"),
-    min_batch: int = typer.Option(1), opt_batch: int = typer.Option(8), max_batch: int = typer.Option(32),
+    min_batch: int = typer.Option(1),
+    opt_batch: int = typer.Option(8),
+    max_batch: int = typer.Option(32),
     workspace_gib: float = typer.Option(4.0, help="TensorRT workspace limit"),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads for the gate (default: all cores)"),
-    qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto (when post-training INT8 fails its gate), always or off"),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads for the gate (default: all cores)"),
+    qat: str = typer.Option(
+        "auto", help="INT8 quantization-aware fine-tuning: auto (when post-training INT8 fails its gate), always or off"
+    ),
     qat_epochs: int = typer.Option(1, help="QAT epochs on the checkpoint's train split (0: no QAT)"),
     qat_lr: float = typer.Option(1e-3, help="QAT learning rate (SGD, momentum 0.9, cosine to zero)"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="judge against this checkpoint's FP32 model instead of the built one's (e.g. the unpruned model a pruned one replaces; same input size, normalization and split)"),
+    reference: Path | None = typer.Option(
+        None,
+        "--reference",
+        help="judge against this checkpoint's FP32 model instead of the built one's (e.g. the unpruned model a pruned one replaces; same input size, normalization and split)",
+    ),
 ):
     """Build engines behind the accuracy gate; --precision all builds the whole matrix. From a bundle: build on this
     device from the bundle's graphs, verified on its verification set (the device's gate)."""
@@ -332,53 +498,141 @@ def build_cmd(
         from lggdeploy.runtime.device_build import build_from_bundle
 
         if len(checkpoints) > 1:
-            raise LggError("give one bundle on its own (`lggdeploy build scanner-bundle.tar.gz --backend tensorrt`), not with checkpoints or other bundles")
-        built = build_from_bundle(bundles[0], backend=backend, precision=precision, int8_profile=int8_profile, out_dir=out_dir,
-                                  batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads, force=force)
-        rows = [{"engine": "/".join(b.engine.parts[-2:]), "source": b.source, "slices": len(b.report.per_slice_agreement),
-                 "overall": b.report.overall_agreement, "least": min(b.report.per_slice_agreement),
-                 "verified": "passed" if b.report.passed else "FAILED (forced)"} for b in built]
-        out.print(rich_table(rows, [("engine", "engine"), ("source", "built from"), ("slices", "verification slices"), ("overall", "mask agreement"),
-                                    ("least", "least slice agreement"), ("verified", "verification")], title="built on this device from the bundle"))
+            raise LggError(
+                "give one bundle on its own (`lggdeploy build scanner-bundle.tar.gz --backend tensorrt`), not with checkpoints or other bundles"
+            )
+        built = build_from_bundle(
+            bundles[0],
+            backend=backend,
+            precision=precision,
+            int8_profile=int8_profile,
+            out_dir=out_dir,
+            batch=(min_batch, opt_batch, max_batch),
+            workspace_gib=workspace_gib,
+            threads=threads,
+            force=force,
+        )
+        rows = [
+            {
+                "engine": "/".join(b.engine.parts[-2:]),
+                "source": b.source,
+                "slices": len(b.report.per_slice_agreement),
+                "overall": b.report.overall_agreement,
+                "least": min(b.report.per_slice_agreement),
+                "verified": "passed" if b.report.passed else "FAILED (forced)",
+            }
+            for b in built
+        ]
+        out.print(
+            rich_table(
+                rows,
+                [
+                    ("engine", "engine"),
+                    ("source", "built from"),
+                    ("slices", "verification slices"),
+                    ("overall", "mask agreement"),
+                    ("least", "least slice agreement"),
+                    ("verified", "verification"),
+                ],
+                title="built on this device from the bundle",
+            )
+        )
         return
     from lggdeploy.engines.build import BuildOptions, build_engines
 
-    opts = BuildOptions(out_dir=out_dir, data=data, backend=backend, precision=precision, int8_profile=int8_profile,
-                        calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, max_patient_drop=max_patient_drop,
-                        min_agreement=min_agreement, force=force, batch=(min_batch, opt_batch, max_batch), workspace_gib=workspace_gib, threads=threads,
-                        qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr, reference=reference)
+    opts = BuildOptions(
+        out_dir=out_dir,
+        data=data,
+        backend=backend,
+        precision=precision,
+        int8_profile=int8_profile,
+        calib_samples=calib_samples,
+        calib_method=calib_method,
+        max_drop=max_drop,
+        max_patient_drop=max_patient_drop,
+        min_agreement=min_agreement,
+        force=force,
+        batch=(min_batch, opt_batch, max_batch),
+        workspace_gib=workspace_gib,
+        threads=threads,
+        qat=qat,
+        qat_epochs=qat_epochs,
+        qat_lr=qat_lr,
+        reference=reference,
+    )
     report = build_engines(checkpoints, opts)
     rows = [
-        {"engine": "/".join(Path(r["engine"]).parts[-2:]), "n": r["gate"]["patients"], "fp32": r["gate"]["fp32_dice"], "engine_dice": r["gate"]["engine_dice"],
-         "drop": r["gate"]["drop_points"], "worst": f"{r['gate']['worst_patient_drop_points']:.2f} ({r['gate']['worst_patient']})",
-         "agreement": r["gate"]["min_agreement"], "kept": len(r["gate"]["nodes_kept_in_float"]),
-         "qat": f"{r['qat']['epochs']} ep" if r.get("qat") else "",
-         "gate": ("passed" if r["gate"]["passed"] else "FAILED (forced)") + (" [FP32 predicts no tumor]" if r["gate"]["reference_predicts_no_tumor"] else ""),
-         "seconds": r["build_seconds"]}
+        {
+            "engine": "/".join(Path(r["engine"]).parts[-2:]),
+            "n": r["gate"]["patients"],
+            "fp32": r["gate"]["fp32_dice"],
+            "engine_dice": r["gate"]["engine_dice"],
+            "drop": r["gate"]["drop_points"],
+            "worst": f"{r['gate']['worst_patient_drop_points']:.2f} ({r['gate']['worst_patient']})",
+            "agreement": r["gate"]["min_agreement"],
+            "kept": len(r["gate"]["nodes_kept_in_float"]),
+            "qat": f"{r['qat']['epochs']} ep" if r.get("qat") else "",
+            "gate": ("passed" if r["gate"]["passed"] else "FAILED (forced)")
+            + (" [FP32 predicts no tumor]" if r["gate"]["reference_predicts_no_tumor"] else ""),
+            "seconds": r["build_seconds"],
+        }
         for r in report.engines
     ]
-    cols = [("engine", "engine"), ("n", "val patients"), ("fp32", "FP32 Dice/patient"), ("engine_dice", "engine Dice/patient"), ("drop", "mean drop (points)"),
-            ("worst", "worst patient drop"), ("agreement", "least mask agreement"), ("kept", "nodes kept in float"), ("qat", "QAT"), ("gate", "gate"), ("seconds", "build s")]
+    cols = [
+        ("engine", "engine"),
+        ("n", "val patients"),
+        ("fp32", "FP32 Dice/patient"),
+        ("engine_dice", "engine Dice/patient"),
+        ("drop", "mean drop (points)"),
+        ("worst", "worst patient drop"),
+        ("agreement", "least mask agreement"),
+        ("kept", "nodes kept in float"),
+        ("qat", "QAT"),
+        ("gate", "gate"),
+        ("seconds", "build s"),
+    ]
     if rows:
-        out.print(rich_table(rows, cols, title="engines (gate: paired per-patient Dice and mask agreement with the FP32 model, val split)"))
+        out.print(
+            rich_table(
+                rows,
+                cols,
+                title="engines (gate: paired per-patient Dice and mask agreement with the FP32 model, val split)",
+            )
+        )
     if report.failures:
-        raise GateFailed(f"{len(report.failures)} engine(s) failed the accuracy gate and were not written (see above); {len(rows)} built")
+        raise GateFailed(
+            f"{len(report.failures)} engine(s) failed the accuracy gate and were not written (see above); {len(rows)} built"
+        )
 
 
 @app.command("optimize")
 @friendly
 def optimize_cmd(
     checkpoint: Path = typer.Argument(..., help="the trained (unpruned) checkpoint"),
-    out_dir: Path = typer.Option(Path("optimized"), "--out", "-o", help="ladder, engines, report and the chosen engine (a second run resumes here)"),
-    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoint's)"),
-    max_drop: float = typer.Option(0.5, help="largest allowed mean drop of val per-patient Dice against the unpruned FP32 model, in points"),
+    out_dir: Path = typer.Option(
+        Path("optimized"),
+        "--out",
+        "-o",
+        help="ladder, engines, report and the chosen engine (a second run resumes here)",
+    ),
+    data: Path | None = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoint's)"),
+    max_drop: float = typer.Option(
+        0.5, help="largest allowed mean drop of val per-patient Dice against the unpruned FP32 model, in points"
+    ),
     max_patient_drop: float = typer.Option(2.0, help="largest allowed drop of any one val patient's Dice, in points"),
-    min_agreement: float = typer.Option(0.90, help="smallest allowed mask Dice against the FP32 model's masks, per val patient"),
-    budget_minutes: Optional[float] = typer.Option(None, help="after this many minutes no new candidate is started and a failing INT8 search stops before its next rebuild (what passed is still timed; a rerun continues)"),
+    min_agreement: float = typer.Option(
+        0.90, help="smallest allowed mask Dice against the FP32 model's masks, per val patient"
+    ),
+    budget_minutes: float | None = typer.Option(
+        None,
+        help="after this many minutes no new candidate is started and a failing INT8 search stops before its next rebuild (what passed is still timed; a rerun continues)",
+    ),
     prune_ratios: str = typer.Option("0.3", help="comma-separated structured pruning ratios to try ('' for none)"),
     prune_epochs: int = typer.Option(2, help="fine-tuning epochs after pruning (distilled from the unpruned model)"),
     prune_lr: float = typer.Option(1e-4, help="fine-tuning learning rate after pruning (warm-up, then cosine)"),
-    distill: bool = typer.Option(True, "--distill/--no-distill", help="fine-tune pruned models against the unpruned model's outputs"),
+    distill: bool = typer.Option(
+        True, "--distill/--no-distill", help="fine-tune pruned models against the unpruned model's outputs"
+    ),
     distill_weight: float = typer.Option(0.5, help="the unpruned model's share of the fine-tuning loss, in (0, 1]"),
     qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto, always or off"),
     qat_epochs: int = typer.Option(1, help="QAT epochs when post-training INT8 fails (0: no QAT)"),
@@ -386,16 +640,37 @@ def optimize_cmd(
     batch: int = typer.Option(8, help="the batch size the fastest engine is chosen for"),
     batch_sizes: str = typer.Option("1,8", help="batch sizes timed"),
     iters: int = typer.Option(20, help="timed rounds per batch size (candidates interleaved)"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for every runtime (default: all cores)"),
-    search_all: bool = typer.Option(False, "--search-all", help="search every INT8 rung that fails post-training, even one the speed probe finds already slower than an engine that passed (a complete front, a longer run)"),
+    threads: int | None = typer.Option(None, help="CPU threads for every runtime (default: all cores)"),
+    search_all: bool = typer.Option(
+        False,
+        "--search-all",
+        help="search every INT8 rung that fails post-training, even one the speed probe finds already slower than an engine that passed (a complete front, a longer run)",
+    ),
 ):
     """The fastest engine that keeps accuracy: precision x pruning x CPU backend, gated, timed side by side."""
     from lggdeploy.optimize import OptimizeOptions, optimize
 
-    opts = OptimizeOptions(out=out_dir, data=data, max_drop=max_drop, max_patient_drop=max_patient_drop, min_agreement=min_agreement,
-                           budget_minutes=budget_minutes, prune_ratios=_floats(prune_ratios, "--prune-ratios"), prune_epochs=prune_epochs, prune_lr=prune_lr,
-                           distill=distill, distill_weight=distill_weight, qat=qat, qat_epochs=qat_epochs, calib_samples=calib_samples, batch=batch, batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
-                           iters=iters, threads=threads, search_all=search_all)
+    opts = OptimizeOptions(
+        out=out_dir,
+        data=data,
+        max_drop=max_drop,
+        max_patient_drop=max_patient_drop,
+        min_agreement=min_agreement,
+        budget_minutes=budget_minutes,
+        prune_ratios=_floats(prune_ratios, "--prune-ratios"),
+        prune_epochs=prune_epochs,
+        prune_lr=prune_lr,
+        distill=distill,
+        distill_weight=distill_weight,
+        qat=qat,
+        qat_epochs=qat_epochs,
+        calib_samples=calib_samples,
+        batch=batch,
+        batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
+        iters=iters,
+        threads=threads,
+        search_all=search_all,
+    )
     summary = optimize(checkpoint, opts)
     print_machine_text((out_dir / "optimize.md").read_text())  # markdown as written: "[chosen]" is not console markup
     chosen = summary["chosen"]
@@ -413,20 +688,20 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 @friendly
 def bench_cmd(
     engines_dir: Path = typer.Argument(Path("engines"), help="folder with engines and their manifests"),
-    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoints' data folder)"),
+    data: Path | None = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoints' data folder)"),
     split: str = typer.Option("test", help="test, val, train or all"),
-    split_file: Optional[Path] = typer.Option(None, help="split JSON (default: the split in each engine's manifest)"),
+    split_file: Path | None = typer.Option(None, help="split JSON (default: the split in each engine's manifest)"),
     batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes to time"),
     iters: int = typer.Option(20, help="timed rounds per batch size (engines interleaved in each round)"),
-    seconds: Optional[float] = typer.Option(None, help="stop the rounds of a batch size after this many seconds"),
+    seconds: float | None = typer.Option(None, help="stop the rounds of a batch size after this many seconds"),
     warmup: int = typer.Option(3),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
+    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
     fmt: str = typer.Option("table", "--format", help="table, md, csv or json on screen"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="write bench.json/md/csv and the plots here"),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="write bench.json/md/csv and the plots here"),
 ):
     """Latency beside per-patient Dice/IoU/accuracy for every engine, with the PyTorch FP32 reference."""
-    from lggdeploy.bench.run import BenchOptions, run_bench
     from lggdeploy.bench.report import OUTPUT_FORMATS, csv_text, markdown, rich_table, write_all
+    from lggdeploy.bench.run import BenchOptions, run_bench
     from lggdeploy.common.files import ensure_folder
 
     if fmt not in OUTPUT_FORMATS:
@@ -437,8 +712,19 @@ def bench_cmd(
         raise LggError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
     if out_dir:
         ensure_folder(out_dir)  # before the scoring and timing, not after
-    results = run_bench(BenchOptions(engines_dir=engines_dir, data=data, split=split, split_file=split_file, batch_sizes=sizes,
-                                     iters=iters, seconds=seconds, warmup=warmup, threads=threads))
+    results = run_bench(
+        BenchOptions(
+            engines_dir=engines_dir,
+            data=data,
+            split=split,
+            split_file=split_file,
+            batch_sizes=sizes,
+            iters=iters,
+            seconds=seconds,
+            warmup=warmup,
+            threads=threads,
+        )
+    )
     if fmt == "table":
         out.print(rich_table(results))
     elif fmt == "md":
@@ -460,17 +746,19 @@ def predict_cmd(
     engine: Path = typer.Argument(..., help="an engine built by `lggdeploy build` (its .json manifest beside it)"),
     source: Path = typer.Argument(..., help="one slice .tif, a patient folder, or a kaggle_3m root"),
     out_dir: Path = typer.Option(Path("predictions"), "--out", "-o"),
-    threshold: Optional[float] = typer.Option(None, help="probability threshold (default: the engine's manifest)"),
-    postprocess: Optional[str] = typer.Option(None, help="post-processing of each patient's volume: the engine's stored one (default), none, largest "
-                                              "(largest 3-D component only), N (3-D components under N voxels removed) or N,F (also those under F x the largest)"),
-    spacing: Optional[float] = typer.Option(None, help="in-plane pixel spacing in mm, for tumor areas in mm²"),
-    threads: Optional[int] = typer.Option(None),
+    threshold: float | None = typer.Option(None, help="probability threshold (default: the engine's manifest)"),
+    postprocess: str | None = typer.Option(
+        None,
+        help="post-processing of each patient's volume: the engine's stored one (default), none, largest "
+        "(largest 3-D component only), N (3-D components under N voxels removed) or N,F (also those under F x the largest)",
+    ),
+    spacing: float | None = typer.Option(None, help="in-plane pixel spacing in mm, for tumor areas in mm²"),
+    threads: int | None = typer.Option(None),
 ):
     """Masks (TIFF 0/255), overlay PNGs and per-patient tumor volumes (and Dice where masks exist). No torch needed."""
-    from lggdeploy.runtime.predict import predict_paths
-    from lggdeploy.runtime import Segmenter
-
     from lggdeploy.postprocess import PostProcess
+    from lggdeploy.runtime import Segmenter
+    from lggdeploy.runtime.predict import predict_paths
 
     try:
         rule = PostProcess.parse(postprocess) if postprocess is not None else None
@@ -480,7 +768,9 @@ def predict_cmd(
         report = predict_paths(segmenter, source, out_dir, spacing_mm=spacing)
     for row in report.rows:
         dice = f", Dice {row['dice']:.4f}" if row["dice"] is not None else ""
-        out.print(f"{row['patient']}: {row['slices']} slices, tumor in {row['tumor_slices']}, {row['tumor_pixels']} pixels{dice}")
+        out.print(
+            f"{row['patient']}: {row['slices']} slices, tumor in {row['tumor_slices']}, {row['tumor_pixels']} pixels{dice}"
+        )
     if report.rows:
         out.print(f"wrote {report.written} masks and overlays, and {out_dir / 'patients.csv'}")
     else:
@@ -497,22 +787,30 @@ def pack_cmd(
     engines: list[Path] = typer.Argument(..., help="engines of one model (their manifests beside them)"),
     output: Path = typer.Option(Path("scanner-bundle.tar.gz"), "-o", "--out", help="bundle to write"),
     samples: int = typer.Option(16, help="verification slices from the val patients (tumor and tumor-free)"),
-    data: Optional[Path] = typer.Option(None, "--data", help="kaggle_3m folder with the val patients (default: the engines')"),
+    data: Path | None = typer.Option(
+        None, "--data", help="kaggle_3m folder with the val patients (default: the engines')"
+    ),
 ):
     """One self-contained bundle for an edge scanner: engines, ONNX, calibration, a verification set, checksums, README."""
     from lggdeploy.engines.pack import pack
 
     path = pack(engines, output, samples, data)
-    out.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): {len(engines)} engine(s), {samples} verification slices; on the device: lggdeploy verify {path.name}")
+    out.print(
+        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): {len(engines)} engine(s), {samples} verification slices; on the device: lggdeploy verify {path.name}"
+    )
 
 
 @app.command("verify")
 @friendly
 def verify_cmd(
     bundle: Path = typer.Argument(..., help="a bundle from `lggdeploy pack`"),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="an engine built on this device (its manifest beside it); default: the bundle's"),
-    min_agreement: Optional[float] = typer.Option(None, help="override the bundle's agreement threshold (Dice of masks vs the FP32 model's)"),
-    threads: Optional[int] = typer.Option(None),
+    engine: Path | None = typer.Option(
+        None, "--engine", help="an engine built on this device (its manifest beside it); default: the bundle's"
+    ),
+    min_agreement: float | None = typer.Option(
+        None, help="override the bundle's agreement threshold (Dice of masks vs the FP32 model's)"
+    ),
+    threads: int | None = typer.Option(None),
 ):
     """Checksums, then the engine on this device against the FP32 model's masks; exit 3 when it disagrees. No torch."""
     from lggdeploy.common.tables import rich_table
@@ -520,10 +818,23 @@ def verify_cmd(
 
     check_bundle_args(bundle, min_agreement)
     report = verify_bundle(bundle, engine, threads, min_agreement)
-    out.print(rich_table(report.per_patient, [("patient", "patient"), ("agreement", "mask agreement with FP32"), ("logit_sqnr_db", "logit SQNR dB"),
-                                              ("fp32_dice", "FP32 Dice"), ("engine_dice", "engine Dice")], title=f"verify {report.engine}"))
-    out.print(f"overall agreement {report.overall_agreement:.4f}, logit SQNR {report.logit_sqnr_db:.1f} dB, {len(report.per_slice_agreement)} slices, "
-              f"least slice agreement {min(report.per_slice_agreement):.4f}; threshold {report.min_agreement}")
+    out.print(
+        rich_table(
+            report.per_patient,
+            [
+                ("patient", "patient"),
+                ("agreement", "mask agreement with FP32"),
+                ("logit_sqnr_db", "logit SQNR dB"),
+                ("fp32_dice", "FP32 Dice"),
+                ("engine_dice", "engine Dice"),
+            ],
+            title=f"verify {report.engine}",
+        )
+    )
+    out.print(
+        f"overall agreement {report.overall_agreement:.4f}, logit SQNR {report.logit_sqnr_db:.1f} dB, {len(report.per_slice_agreement)} slices, "
+        f"least slice agreement {min(report.per_slice_agreement):.4f}; threshold {report.min_agreement}"
+    )
     if not report.passed:
         err.print("[red]FAILED:[/] " + "; ".join(report.failures))
         raise typer.Exit(3)
@@ -533,16 +844,34 @@ def verify_cmd(
 @app.command("doctor")
 def doctor_cmd():
     """Which backends are usable here and why not; CPU ISA, GPU, library versions."""
-    from lggdeploy.doctor import report
     from lggdeploy.common.machine import cpu_line
     from lggdeploy.common.tables import rich_table
+    from lggdeploy.doctor import report
 
     info = report()
-    out.print(rich_table(info["backends"], [("backend", "backend"), ("usable", "usable"), ("formats", "engine formats"), ("detail", "detail / reason")], title="backends"))
+    out.print(
+        rich_table(
+            info["backends"],
+            [
+                ("backend", "backend"),
+                ("usable", "usable"),
+                ("formats", "engine formats"),
+                ("detail", "detail / reason"),
+            ],
+            title="backends",
+        )
+    )
     cpu = info["machine"]["cpu"]
     out.print(f"CPU: {cpu_line(cpu)}; INT8 cpu profile here: {info['int8_cpu_recipe']}")
     gpus = info["machine"]["gpus"]
-    out.print("GPU: " + (", ".join(f"{g['name']} (compute capability {g['compute_capability']})" for g in gpus) if gpus else "none visible"))
+    out.print(
+        "GPU: "
+        + (
+            ", ".join(f"{g['name']} (compute capability {g['compute_capability']})" for g in gpus)
+            if gpus
+            else "none visible"
+        )
+    )
     out.print("libraries: " + ", ".join(f"{k} {v}" for k, v in info["machine"]["libraries"].items() if v))
 
 
@@ -554,12 +883,16 @@ def demo_cmd(
     seed: int = typer.Option(0),
 ):
     """The main job on the embedded phantom set: train the three presets briefly, evaluate, print the table."""
-    from lggdeploy.demo import COLUMNS, run_demo
     from lggdeploy.bench.report import rich_table as bench_table
     from lggdeploy.common.tables import rich_table
+    from lggdeploy.demo import COLUMNS, run_demo
 
     results = run_demo(out_dir, patients=patients, seed=seed)
-    out.print(rich_table(results["rows"], COLUMNS, title="training: phantom test split (per-patient Dice is the primary metric)"))
+    out.print(
+        rich_table(
+            results["rows"], COLUMNS, title="training: phantom test split (per-patient Dice is the primary metric)"
+        )
+    )
     out.print(bench_table(results["bench"]))
     out.print(
         f"results: {out_dir / 'results.md'} (both tables), {out_dir / 'bench'} (bench.json/md/csv, speed_accuracy.png, speedup.png); "

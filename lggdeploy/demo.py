@@ -12,13 +12,13 @@ import os
 import shutil
 from pathlib import Path
 
+from lggdeploy.common.files import write_json_atomic, write_text_atomic
+from lggdeploy.common.tables import markdown_table
 from lggdeploy.data.kaggle import check_dataset, raise_for_problems
 from lggdeploy.data.phantom import synthesize
 from lggdeploy.data.split import make_split, save_split
 from lggdeploy.models.evaluate import evaluate_checkpoint
-from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.models.presets import PRESETS
-from lggdeploy.common.tables import markdown_table
 from lggdeploy.models.train import TrainConfig, train
 
 # Small enough for 2 CPU cores in minutes; EfficientNet-B7 costs ~6x PSPNet per step, so it gets fewer epochs.
@@ -90,7 +90,9 @@ def run_demo(
             }
         )
     results = {"data": str(data), "split": split.to_json(), "img_size": DEMO_IMG_SIZE, "rows": rows}
-    text = "# lggdeploy demo (phantom data)\n\n## Training (test split of the phantom set)\n\n" + markdown_table(rows, COLUMNS)
+    text = "# lggdeploy demo (phantom data)\n\n## Training (test split of the phantom set)\n\n" + markdown_table(
+        rows, COLUMNS
+    )
     if engines:
         results["bench"] = _engines_and_bench(out, data, [runs / r["model"] / "best.pt" for r in rows], bench_iters)
         from lggdeploy.bench.report import markdown
@@ -102,14 +104,16 @@ def run_demo(
 
 
 def _engines_and_bench(out: Path, data: Path, checkpoints: list[Path], iters: int) -> dict:
-    from lggdeploy.bench.run import BenchOptions, run_bench
     from lggdeploy.bench.report import write_all
+    from lggdeploy.bench.run import BenchOptions, run_bench
     from lggdeploy.engines.build import BuildOptions, build_engines
 
     engines = out / "engines"
     if engines.exists():  # the demo's own engines from an earlier run
         shutil.rmtree(engines)
-    build_engines(checkpoints, BuildOptions(out_dir=engines, data=data, precision="all", calib_samples=16))  # gate failures are printed; bench shows what was built
+    build_engines(
+        checkpoints, BuildOptions(out_dir=engines, data=data, precision="all", calib_samples=16)
+    )  # gate failures are printed; bench shows what was built
     results = run_bench(BenchOptions(engines_dir=engines, data=data, split="test", batch_sizes=(1, 8), iters=iters))
     write_all(results, out / "bench")
     return results

@@ -17,15 +17,38 @@ def report() -> dict:
         formats = ", ".join(f.name.removeprefix(name + "-") for f in FORMATS if f.backend == name)
         backends.append({"backend": name, "usable": "yes" if ok else "no", "formats": formats, "detail": detail})
     ok, detail = torch_available()
-    backends.append({"backend": "torch (FP32 reference, training)", "usable": "yes" if ok else "no", "formats": "checkpoints", "detail": detail})
+    backends.append(
+        {
+            "backend": "torch (FP32 reference, training)",
+            "usable": "yes" if ok else "no",
+            "formats": "checkpoints",
+            "detail": detail,
+        }
+    )
     from lggdeploy.common.machine import cpu_has_bf16
     from lggdeploy.engines.precision.qat import modelopt_version
 
     version = modelopt_version()
-    backends.append({"backend": "nvidia-modelopt (INT8 QAT)", "usable": "yes" if version else "no", "formats": "QAT for int8",
-                     "detail": f"nvidia-modelopt {version}" if version else "not installed (pip install 'lggdeploy[qat]'); post-training INT8 still works"})
-    backends.append({"backend": "bf16 (OpenVINO)", "usable": "yes" if cpu_has_bf16() else "no", "formats": "openvino-bf16",
-                     "detail": "AVX512-BF16 or AMX present" if cpu_has_bf16() else "this CPU has neither AVX512-BF16 nor AMX"})
+    backends.append(
+        {
+            "backend": "nvidia-modelopt (INT8 QAT)",
+            "usable": "yes" if version else "no",
+            "formats": "QAT for int8",
+            "detail": f"nvidia-modelopt {version}"
+            if version
+            else "not installed (pip install 'lggdeploy[qat]'); post-training INT8 still works",
+        }
+    )
+    backends.append(
+        {
+            "backend": "bf16 (OpenVINO)",
+            "usable": "yes" if cpu_has_bf16() else "no",
+            "formats": "openvino-bf16",
+            "detail": "AVX512-BF16 or AMX present" if cpu_has_bf16() else "this CPU has neither AVX512-BF16 nor AMX",
+        }
+    )
     recipe = recipe_for("cpu")
-    summary = f"{recipe.activation_type} activations / {recipe.weight_type} weights" + (", reduce_range" if recipe.reduce_range else "")
+    summary = f"{recipe.activation_type} activations / {recipe.weight_type} weights" + (
+        ", reduce_range" if recipe.reduce_range else ""
+    )
     return {"backends": backends, "machine": machine_info(), "int8_cpu_recipe": summary}

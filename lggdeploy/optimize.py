@@ -41,7 +41,13 @@ from lggdeploy.common.machine import cpu_line
 from lggdeploy.common.progress import console
 from lggdeploy.engines.export import EXPORT_GRAPH
 
-LADDER = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("onnxruntime", "int8"), ("openvino", "int8"))
+LADDER = (
+    ("onnxruntime", "fp32"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("onnxruntime", "int8"),
+    ("openvino", "int8"),
+)
 
 
 @dataclass
@@ -65,7 +71,9 @@ class OptimizeOptions:
     iters: int = 20
     threads: int | None = None
     ladder: tuple[tuple[str, str], ...] = LADDER
-    search_all: bool = False  # search every failing INT8 rung, even one the speed probe finds cannot win (a complete front)
+    search_all: bool = (
+        False  # search every failing INT8 rung, even one the speed probe finds cannot win (a complete front)
+    )
 
     def validate(self) -> None:
         if self.max_drop < 0:
@@ -73,9 +81,13 @@ class OptimizeOptions:
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise LggError(f"--budget-minutes must be positive, got {self.budget_minutes}")
         if any(not 0 < r < 1 for r in self.prune_ratios):
-            raise LggError(f"--prune-ratios must lie strictly between 0 and 1, got {', '.join(map(str, self.prune_ratios))}")
+            raise LggError(
+                f"--prune-ratios must lie strictly between 0 and 1, got {', '.join(map(str, self.prune_ratios))}"
+            )
         if self.prune_ratios and self.prune_epochs < 1:
-            raise LggError("pruning without fine-tuning loses most of the accuracy: give --prune-epochs 1 or more, or --prune-ratios ''")
+            raise LggError(
+                "pruning without fine-tuning loses most of the accuracy: give --prune-epochs 1 or more, or --prune-ratios ''"
+            )
         if self.prune_ratios and not self.prune_lr > 0:
             raise LggError(f"--prune-lr must be positive, got {self.prune_lr}")
         if self.prune_ratios and self.distill:
@@ -92,7 +104,9 @@ class Candidate:
     checkpoint: str
     backend: str
     precision: str
-    status: str = "pending"  # passed | failed gate | cannot win | skipped | unavailable | not tried (budget) | stopped (budget)
+    status: str = (
+        "pending"  # passed | failed gate | cannot win | skipped | unavailable | not tried (budget) | stopped (budget)
+    )
     reason: str = ""
     engine: str | None = None
     val_dice: float | None = None
@@ -105,8 +119,12 @@ class Candidate:
     test: dict = field(default_factory=dict)
     engine_format: str = ""  # e.g. openvino-int8-openvino: a rung whose default format changed is built again
     judged_with: dict = field(default_factory=dict)  # the gate criteria (and INT8 build settings) of its verdict
-    gate: dict = field(default_factory=dict)  # the verdict's figures, per patient too (a failed rung writes no engine to hold them)
-    beaten_by: str = ""  # cannot win: the key of the passed engine the speed probe found faster (the verdict holds while it passes)
+    gate: dict = field(
+        default_factory=dict
+    )  # the verdict's figures, per patient too (a failed rung writes no engine to hold them)
+    beaten_by: str = (
+        ""  # cannot win: the key of the passed engine the speed probe found faster (the verdict holds while it passes)
+    )
 
     def __post_init__(self) -> None:
         self.engine_format = self.engine_format or format_name(self.backend, self.precision)
@@ -154,7 +172,11 @@ def candidate_key(candidate: dict) -> str:
     saved before formats were recorded names it by its engine file; a rung of it that wrote none is built again."""
     fmt = candidate.get("engine_format")
     if not fmt:
-        fmt = Path(candidate["engine"]).name.rsplit(".", 1)[0] if candidate.get("engine") else f"{candidate['backend']}-{candidate['precision']}?"
+        fmt = (
+            Path(candidate["engine"]).name.rsplit(".", 1)[0]
+            if candidate.get("engine")
+            else f"{candidate['backend']}-{candidate['precision']}?"
+        )
     return f"{candidate['model']}|{fmt}"
 
 
@@ -163,7 +185,13 @@ def engine_label(candidate: dict) -> str:
     from lggdeploy.bench.labels import engine_name
 
     parts = (candidate.get("engine_format") or "").split("-")
-    return engine_name({"backend": candidate["backend"], "precision": candidate["precision"], "int8_profile": parts[2] if len(parts) == 3 else None})
+    return engine_name(
+        {
+            "backend": candidate["backend"],
+            "precision": candidate["precision"],
+            "int8_profile": parts[2] if len(parts) == 3 else None,
+        }
+    )
 
 
 def _available(backend: str, precision: str) -> tuple[bool, str]:
@@ -181,12 +209,24 @@ def _pruned(checkpoint: Path, ratio: float, opts: OptimizeOptions) -> Path:
     from lggdeploy.models.prune import prune_checkpoint
 
     folder = _pruned_folder(opts, ratio)
-    if (folder / "best.pt").is_file() and (folder / "done.json").is_file():  # its fine-tuning was checked by check_pruned_models
+    if (folder / "best.pt").is_file() and (
+        folder / "done.json"
+    ).is_file():  # its fine-tuning was checked by check_pruned_models
         console.print(f"optimize: reusing {folder / 'best.pt'}")
         return folder / "best.pt"
     if folder.exists():
         shutil.rmtree(folder)  # a run killed while pruning: start that ratio again
-    path = prune_checkpoint(checkpoint, ratio, folder, 1, opts.prune_epochs, opts.data, opts.prune_lr, distill=opts.distill, distill_weight=opts.distill_weight)
+    path = prune_checkpoint(
+        checkpoint,
+        ratio,
+        folder,
+        1,
+        opts.prune_epochs,
+        opts.data,
+        opts.prune_lr,
+        distill=opts.distill,
+        distill_weight=opts.distill_weight,
+    )
     write_json_atomic(folder / "done.json", {"ratio": ratio, "sha256": sha256_file(path), "finetune": _finetune(opts)})
     return path
 
@@ -196,7 +236,12 @@ def _pruned_folder(opts: OptimizeOptions, ratio: float) -> Path:
 
 
 def _finetune(opts: OptimizeOptions) -> dict:
-    return {"epochs": opts.prune_epochs, "lr": opts.prune_lr, "distill": opts.distill, "distill_weight": opts.distill_weight if opts.distill else None}
+    return {
+        "epochs": opts.prune_epochs,
+        "lr": opts.prune_lr,
+        "distill": opts.distill,
+        "distill_weight": opts.distill_weight if opts.distill else None,
+    }
 
 
 def _finetune_flags(finetune: dict) -> str:
@@ -207,7 +252,11 @@ def _finetune_flags(finetune: dict) -> str:
 def judged_with(opts: OptimizeOptions, precision: str) -> dict:
     """What a rung's verdict depends on besides the model and the engine format: the gate's criteria, and for INT8 the
     calibration and quantization-aware settings (a stricter gate, more calibration slices or QAT may change it)."""
-    settings = {"max_drop": opts.max_drop, "max_patient_drop": opts.max_patient_drop, "min_agreement": opts.min_agreement}
+    settings = {
+        "max_drop": opts.max_drop,
+        "max_patient_drop": opts.max_patient_drop,
+        "min_agreement": opts.min_agreement,
+    }
     if precision == "int8":
         settings |= {"calib_samples": opts.calib_samples, "qat": opts.qat, "qat_epochs": opts.qat_epochs}
     return settings
@@ -227,20 +276,42 @@ def check_pruned_models(opts: OptimizeOptions) -> None:
         if made is not None and "distill_weight" not in made:  # recorded before the weight was a choice: it was 0.5
             made["distill_weight"] = 0.5 if made["distill"] else None
         if made is not None and made != _finetune(opts):
-            raise LggError(f"{done.parent} was fine-tuned with {_finetune_flags(made)}; this run asks for {_finetune_flags(_finetune(opts))}: "
-                           "give the same options to resume, or choose another --out")
+            raise LggError(
+                f"{done.parent} was fine-tuned with {_finetune_flags(made)}; this run asks for {_finetune_flags(_finetune(opts))}: "
+                "give the same options to resume, or choose another --out"
+            )
 
 
-def _build(checkpoint: Path, reference: Path, backend: str, precision: str, opts: OptimizeOptions, deadline: float | None = None,
-           worth_searching=None) -> dict:
+def _build(
+    checkpoint: Path,
+    reference: Path,
+    backend: str,
+    precision: str,
+    opts: OptimizeOptions,
+    deadline: float | None = None,
+    worth_searching=None,
+) -> dict:
     from lggdeploy.engines.build import BuildOptions, build_engines
 
-    report = build_engines([checkpoint], BuildOptions(
-        out_dir=opts.out / "engines", data=opts.data, backend=backend, precision=precision, calib_samples=opts.calib_samples,
-        max_drop=opts.max_drop, max_patient_drop=opts.max_patient_drop, min_agreement=opts.min_agreement, threads=opts.threads,
-        qat=opts.qat, qat_epochs=opts.qat_epochs, reference=None if checkpoint == reference else reference, deadline=deadline,
-        worth_searching=worth_searching,
-    ))
+    report = build_engines(
+        [checkpoint],
+        BuildOptions(
+            out_dir=opts.out / "engines",
+            data=opts.data,
+            backend=backend,
+            precision=precision,
+            calib_samples=opts.calib_samples,
+            max_drop=opts.max_drop,
+            max_patient_drop=opts.max_patient_drop,
+            min_agreement=opts.min_agreement,
+            threads=opts.threads,
+            qat=opts.qat,
+            qat_epochs=opts.qat_epochs,
+            reference=None if checkpoint == reference else reference,
+            deadline=deadline,
+            worth_searching=worth_searching,
+        ),
+    )
     if report.failed:
         raise report.failed[0]
     return report.engines[0]
@@ -257,8 +328,10 @@ def probe_verdict(probe_ms: float, passed_ms: dict[str, float], batch: int) -> s
     label, best = min(passed_ms.items(), key=lambda item: item[1])
     if probe_ms < best * PROBE_MARGIN:
         return None
-    return (f"fully quantized it ran at {probe_ms:.1f} ms/image at batch {batch}, {probe_ms / best:.2f}× the time of {label}, which passed "
-            f"({best:.1f} ms; {PROBE_ROUNDS} interleaved rounds): keeping nodes in float or QAT only adds float work, so it cannot be the fastest")
+    return (
+        f"fully quantized it ran at {probe_ms:.1f} ms/image at batch {batch}, {probe_ms / best:.2f}× the time of {label}, which passed "
+        f"({best:.1f} ms; {PROBE_ROUNDS} interleaved rounds): keeping nodes in float or QAT only adds float work, so it cannot be the fastest"
+    )
 
 
 def speed_probe(passed: list[Candidate], opts: OptimizeOptions, probed: Candidate):
@@ -282,12 +355,16 @@ def speed_probe(passed: list[Candidate], opts: OptimizeOptions, probed: Candidat
             runners += [open_engine(c.engine, options=RunOptions(threads=opts.threads)) for c in passed]
             for runner in runners:  # warm-up
                 runner.infer(x)
-            seconds = interleaved_times([functools.partial(r.infer, x) for r in runners], PROBE_ROUNDS, np.random.default_rng(0))
+            seconds = interleaved_times(
+                [functools.partial(r.infer, x) for r in runners], PROBE_ROUNDS, np.random.default_rng(0)
+            )
         finally:
             for runner in runners:
                 runner.close()
         ms = [float(np.median(s)) * 1000 / len(x) for s in seconds]
-        verdict = probe_verdict(ms[0], {f"{c.model} {engine_label(asdict(c))}": m for c, m in zip(passed, ms[1:])}, len(x))
+        verdict = probe_verdict(
+            ms[0], {f"{c.model} {engine_label(asdict(c))}": m for c, m in zip(passed, ms[1:])}, len(x)
+        )
         if verdict:
             probed.beaten_by = min(zip(passed, ms[1:]), key=lambda pair: pair[1])[0].key
         return verdict
@@ -305,8 +382,19 @@ def _record(candidate: Candidate, engine: dict) -> None:
     candidate.gate = gate_summary(gate)
 
 
-GATE_FIELDS = ("reference", "criteria", "fp32_dice", "engine_dice", "drop_points", "worst_patient", "worst_patient_drop_points", "min_agreement",
-               "min_agreement_patient", "passed", "failures")
+GATE_FIELDS = (
+    "reference",
+    "criteria",
+    "fp32_dice",
+    "engine_dice",
+    "drop_points",
+    "worst_patient",
+    "worst_patient_drop_points",
+    "min_agreement",
+    "min_agreement_patient",
+    "passed",
+    "failures",
+)
 PATIENT_FIELDS = ("patient", "fp32_dice", "engine_dice", "drop_points", "agreement")
 
 
@@ -314,7 +402,10 @@ def gate_summary(gate: dict | None) -> dict:
     """What ladder.json keeps of a gate record: the verdict, its figures and the per-patient rows (not the fallback ranking)."""
     if not gate:
         return {}
-    return {**{k: gate.get(k) for k in GATE_FIELDS}, "per_patient": [{k: row.get(k) for k in PATIENT_FIELDS} for row in gate.get("per_patient", [])]}
+    return {
+        **{k: gate.get(k) for k in GATE_FIELDS},
+        "per_patient": [{k: row.get(k) for k in PATIENT_FIELDS} for row in gate.get("per_patient", [])],
+    }
 
 
 def _rejudged(previous: dict, settings: dict, precision: str) -> dict | None:
@@ -327,13 +418,21 @@ def _rejudged(previous: dict, settings: dict, precision: str) -> dict | None:
         return None
     from lggdeploy.engines.precision.gate import GateCriteria, GateResult
 
-    result = GateResult(GateCriteria(settings["max_drop"], settings["max_patient_drop"], settings["min_agreement"]), rows, False)
+    result = GateResult(
+        GateCriteria(settings["max_drop"], settings["max_patient_drop"], settings["min_agreement"]), rows, False
+    )
     failures = result.failures()
     if not failures and not (previous["status"] == "passed" and Path(previous["engine"] or "").is_file()):
         return None
-    rejudged = dict(previous, judged_with=settings, gate={**previous["gate"], "criteria": result.criteria.to_json(), "passed": not failures, "failures": failures})
-    console.print(f"optimize: {engine_label(previous)} of {previous['model']}, judged with {_flags(previous['judged_with'])}, "
-                  f"judged again from its stored per-patient rows with {_flags(settings)}: {'passed' if not failures else 'failed'}")
+    rejudged = dict(
+        previous,
+        judged_with=settings,
+        gate={**previous["gate"], "criteria": result.criteria.to_json(), "passed": not failures, "failures": failures},
+    )
+    console.print(
+        f"optimize: {engine_label(previous)} of {previous['model']}, judged with {_flags(previous['judged_with'])}, "
+        f"judged again from its stored per-patient rows with {_flags(settings)}: {'passed' if not failures else 'failed'}"
+    )
     rejudged["reason"] = "; ".join([*failures, f"judged again from stored rows with {_flags(settings)}"])
     if failures:
         rejudged.update(status="failed gate", engine=None)
@@ -348,8 +447,16 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
     candidates: list[Candidate] = []
 
     def save() -> None:
-        write_json_atomic(opts.out / "ladder.json", {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256, "export_graph": EXPORT_GRAPH,
-                                                     "paths": PATHS_RELATIVE, "candidates": [_stored(asdict(c), opts.out) for c in candidates]})
+        write_json_atomic(
+            opts.out / "ladder.json",
+            {
+                "checkpoint": str(checkpoint),
+                "checkpoint_sha256": checkpoint_sha256,
+                "export_graph": EXPORT_GRAPH,
+                "paths": PATHS_RELATIVE,
+                "candidates": [_stored(asdict(c), opts.out) for c in candidates],
+            },
+        )
 
     def over_budget() -> bool:
         return deadline is not None and time.monotonic() > deadline
@@ -362,7 +469,9 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
         if previous["status"] == "passed":
             return Path(previous["engine"] or "").is_file()
         if previous["status"] == "cannot win":
-            return not opts.search_all and previous.get("beaten_by") in {c.key for c in candidates if c.status == "passed"}
+            return not opts.search_all and previous.get("beaten_by") in {
+                c.key for c in candidates if c.status == "passed"
+            }
         return True
 
     failed_ratio = None  # the smallest pruning ratio whose FP32 engine failed the gate
@@ -386,27 +495,52 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             candidates.append(candidate)
             previous = state.get(candidate.key)
             candidate.judged_with = judged_with(opts, precision)
-            if previous and previous["status"] in SETTLED and previous.get("judged_with") and previous["judged_with"] != candidate.judged_with:
+            if (
+                previous
+                and previous["status"] in SETTLED
+                and previous.get("judged_with")
+                and previous["judged_with"] != candidate.judged_with
+            ):
                 earlier, previous = previous, _rejudged(previous, candidate.judged_with, precision)
                 if previous is None:
-                    console.print(f"optimize: {name} {engine_label(earlier)} was judged with {_flags(earlier['judged_with'])}; "
-                                  f"judging it again with {_flags(candidate.judged_with)}")
+                    console.print(
+                        f"optimize: {name} {engine_label(earlier)} was judged with {_flags(earlier['judged_with'])}; "
+                        f"judging it again with {_flags(candidate.judged_with)}"
+                    )
             ok, reason = _available(backend, precision)
             if not ok:
                 candidate.status, candidate.reason = "unavailable", reason
             elif fp32_failed:  # every backend's FP32 engine runs the same model: one failing FP32 settles it
-                candidate.status, candidate.reason = "skipped", "its FP32 engine already fails the gate against the unpruned model"
+                candidate.status, candidate.reason = (
+                    "skipped",
+                    "its FP32 engine already fails the gate against the unpruned model",
+                )
             elif reusable(previous):
                 for key, value in previous.items():
                     setattr(candidate, key, value)
-                candidate.judged_with = previous.get("judged_with") or {}  # {}: a ladder from before the record, reused as it is
-                candidate.reason = candidate.reason if candidate.reason.endswith("(reused)") else (candidate.reason + " (reused)").strip()
+                candidate.judged_with = (
+                    previous.get("judged_with") or {}
+                )  # {}: a ladder from before the record, reused as it is
+                candidate.reason = (
+                    candidate.reason
+                    if candidate.reason.endswith("(reused)")
+                    else (candidate.reason + " (reused)").strip()
+                )
             elif over_budget():
-                candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"
+                candidate.status, candidate.reason = (
+                    "not tried (budget)",
+                    f"--budget-minutes {opts.budget_minutes} spent",
+                )
             else:
-                probe = speed_probe([c for c in candidates if c.status == "passed"], opts, candidate) if precision == "int8" and not opts.search_all else None
+                probe = (
+                    speed_probe([c for c in candidates if c.status == "passed"], opts, candidate)
+                    if precision == "int8" and not opts.search_all
+                    else None
+                )
                 try:
-                    _record(candidate, _build(path, checkpoint, backend, precision, opts, deadline, worth_searching=probe))
+                    _record(
+                        candidate, _build(path, checkpoint, backend, precision, opts, deadline, worth_searching=probe)
+                    )
                 except SearchStopped as exc:  # not "failed gate": a later run with more time searches again
                     candidate.status, candidate.reason = "stopped (budget)", str(exc)
                 except CannotWin as exc:
@@ -445,7 +579,16 @@ def _time(candidates: list[Candidate], checkpoint: Path, opts: OptimizeOptions) 
     from lggdeploy.bench.run import BenchOptions, run_bench
 
     engines = opts.out / "engines"
-    results = run_bench(BenchOptions(engines_dir=engines, data=opts.data, split="test", batch_sizes=opts.batch_sizes, iters=opts.iters, threads=opts.threads))
+    results = run_bench(
+        BenchOptions(
+            engines_dir=engines,
+            data=opts.data,
+            split="test",
+            batch_sizes=opts.batch_sizes,
+            iters=opts.iters,
+            threads=opts.threads,
+        )
+    )
     by_engine = {str(Path(r["engine"]).resolve()): r for r in results["rows"] if not r["aa"]}
     torch_row = _pytorch_row(results, checkpoint) or {}
     reference = {p["patient"]: p["dice"] for p in torch_row.get("per_patient") or []}
@@ -453,8 +596,12 @@ def _time(candidates: list[Candidate], checkpoint: Path, opts: OptimizeOptions) 
         row = by_engine.get(str(Path(c.engine).resolve())) if c.engine else None
         if row and row["status"] == "ok":
             c.latency_ms_per_image = _ms_per_image(row)
-            c.test = {"mean_patient_dice": row.get("mean_patient_dice"), "patients": row.get("patients"), "patients_missed": row.get("patients_missed"),
-                      **drop_on_test(reference, {p["patient"]: p["dice"] for p in row.get("per_patient") or []})}
+            c.test = {
+                "mean_patient_dice": row.get("mean_patient_dice"),
+                "patients": row.get("patients"),
+                "patients_missed": row.get("patients_missed"),
+                **drop_on_test(reference, {p["patient"]: p["dice"] for p in row.get("per_patient") or []}),
+            }
     return results, torch_row
 
 
@@ -464,13 +611,27 @@ def drop_on_test(reference: dict[str, float], engine: dict[str, float]) -> dict:
     if not drops:
         return {}
     worst = max(drops, key=drops.get)
-    return {"drop_points": sum(drops.values()) / len(drops), "worst_patient": worst, "worst_patient_drop_points": drops[worst]}
+    return {
+        "drop_points": sum(drops.values()) / len(drops),
+        "worst_patient": worst,
+        "worst_patient_drop_points": drops[worst],
+    }
 
 
 def _pytorch_row(results: dict, checkpoint: Path) -> dict | None:
     """The unpruned model's PyTorch eager FP32 reference row of a bench run."""
-    return next((r for r in results["rows"] if r["status"] == "ok" and r["backend"] == "torch" and r["precision"] == "fp32" and not r["aa"]
-                 and Path(r["engine"]).resolve() == checkpoint.resolve()), None)
+    return next(
+        (
+            r
+            for r in results["rows"]
+            if r["status"] == "ok"
+            and r["backend"] == "torch"
+            and r["precision"] == "fp32"
+            and not r["aa"]
+            and Path(r["engine"]).resolve() == checkpoint.resolve()
+        ),
+        None,
+    )
 
 
 def _ms_per_image(row: dict) -> dict[str, float]:
@@ -490,9 +651,17 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
     state = {}
     if ladder_file.is_file():
         saved = json.loads(ladder_file.read_text())
-        same = saved["checkpoint_sha256"] == checkpoint_sha256 if saved.get("checkpoint_sha256") else saved.get("checkpoint") == str(checkpoint)
+        same = (
+            saved["checkpoint_sha256"] == checkpoint_sha256
+            if saved.get("checkpoint_sha256")
+            else saved.get("checkpoint") == str(checkpoint)
+        )
         if not same:
-            other = "another version of it (its sha256 differs)" if saved.get("checkpoint") == str(checkpoint) else saved.get("checkpoint")
+            other = (
+                "another version of it (its sha256 differs)"
+                if saved.get("checkpoint") == str(checkpoint)
+                else saved.get("checkpoint")
+            )
             raise LggError(f"{opts.out} holds the optimization of {other}, not {checkpoint}: choose another --out")
         if saved.get("export_graph", 1) == EXPORT_GRAPH:
             loaded = [_loaded(c, opts.out, saved.get("paths") == PATHS_RELATIVE) for c in saved["candidates"]]
@@ -508,25 +677,49 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
     results, torch_row = _time(candidates, checkpoint, opts)
     b = str(opts.batch)
     torch_ms = _ms_per_image(torch_row)
-    ort = next((c for c in candidates if c.model == "unpruned" and c.backend == "onnxruntime" and c.precision == "fp32" and c.latency_ms_per_image), None)
+    ort = next(
+        (
+            c
+            for c in candidates
+            if c.model == "unpruned" and c.backend == "onnxruntime" and c.precision == "fp32" and c.latency_ms_per_image
+        ),
+        None,
+    )
     for c in candidates:
         c.speedup_vs_pytorch = {k: torch_ms[k] / v for k, v in c.latency_ms_per_image.items() if k in torch_ms}
     front = pareto_front(candidates, opts.batch)
-    chosen = min((c for c in candidates if c.status == "passed" and b in c.latency_ms_per_image), key=lambda c: c.latency_ms_per_image[b])
+    chosen = min(
+        (c for c in candidates if c.status == "passed" and b in c.latency_ms_per_image),
+        key=lambda c: c.latency_ms_per_image[b],
+    )
     summary = {
         "format": "lggdeploy-optimize",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": checkpoint_sha256,
         "model": ckpt["model"]["name"],
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-        "criteria": {"max_mean_drop_points": opts.max_drop, "max_patient_drop_points": opts.max_patient_drop, "min_agreement": opts.min_agreement, "against": "the unpruned PyTorch FP32 model, val split"},
+        "criteria": {
+            "max_mean_drop_points": opts.max_drop,
+            "max_patient_drop_points": opts.max_patient_drop,
+            "min_agreement": opts.min_agreement,
+            "against": "the unpruned PyTorch FP32 model, val split",
+        },
         "candidates": [asdict(c) for c in candidates],
         "front": [c.key for c in front],
         "chosen": asdict(chosen),
-        "chosen_vs_onnxruntime_fp32": {k: ort.latency_ms_per_image[k] / v for k, v in chosen.latency_ms_per_image.items() if k in ort.latency_ms_per_image} if ort else None,
+        "chosen_vs_onnxruntime_fp32": {
+            k: ort.latency_ms_per_image[k] / v
+            for k, v in chosen.latency_ms_per_image.items()
+            if k in ort.latency_ms_per_image
+        }
+        if ort
+        else None,
         "pytorch_fp32_ms_per_image": torch_ms,
-        "pytorch_fp32_test": {"mean_patient_dice": torch_row.get("mean_patient_dice"), "patients": torch_row.get("patients")},
+        "pytorch_fp32_test": {
+            "mean_patient_dice": torch_row.get("mean_patient_dice"),
+            "patients": torch_row.get("patients"),
+        },
         "noise_floor": results["noise_floor"],
         "machine": results["machine"],
         "seconds": round(time.perf_counter() - started, 1),
@@ -535,10 +728,16 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
     return summary
 
 
-def _write_outputs(summary: dict, candidates: list[Candidate], front: list[Candidate], chosen: Candidate, opts: OptimizeOptions) -> None:
+def _write_outputs(
+    summary: dict, candidates: list[Candidate], front: list[Candidate], chosen: Candidate, opts: OptimizeOptions
+) -> None:
     from lggdeploy.engines.formats import read_manifest, write_manifest
 
-    stored = {"candidates": [_stored(c, opts.out) for c in summary["candidates"]], "chosen": _stored(summary["chosen"], opts.out), "paths": PATHS_RELATIVE}
+    stored = {
+        "candidates": [_stored(c, opts.out) for c in summary["candidates"]],
+        "chosen": _stored(summary["chosen"], opts.out),
+        "paths": PATHS_RELATIVE,
+    }
     write_json_atomic(opts.out / "optimize.json", summary | stored)  # as ladder.json: paths inside --out relative to it
     write_text_atomic(opts.out / "optimize.md", markdown(summary))
     _plot(candidates, front, chosen, opts)
@@ -571,20 +770,33 @@ def _fmt(value, digits=2) -> str:
 
 
 def _test_cell(test: dict) -> str:
-    return f"{_fmt(test.get('mean_patient_dice'), 4)} ({test.get('patients')})" if test.get("mean_patient_dice") is not None else "—"
+    return (
+        f"{_fmt(test.get('mean_patient_dice'), 4)} ({test.get('patients')})"
+        if test.get("mean_patient_dice") is not None
+        else "—"
+    )
 
 
 def markdown(summary: dict) -> str:
     b_list = [str(b) for b in summary["options"]["batch_sizes"]]
     head = ["model", "engine", "status", "val Dice/patient", "val drop (pts)", "nodes in float", "QAT"]
-    head += [f"ms/img b{b}" for b in b_list] + [f"× PyTorch b{b}" for b in b_list] + ["test Dice/patient (n)", "test drop (pts): mean, worst patient"]
+    head += (
+        [f"ms/img b{b}" for b in b_list]
+        + [f"× PyTorch b{b}" for b in b_list]
+        + ["test Dice/patient (n)", "test drop (pts): mean, worst patient"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     front = set(summary["front"])
     chosen_key = candidate_key(summary["chosen"])
     torch_ms = summary["pytorch_fp32_ms_per_image"]
     torch_test = summary.get("pytorch_fp32_test") or {}
-    lines.append("| unpruned | PyTorch eager FP32 [reference] | timed | — | — | — | — | " + " | ".join(_fmt(torch_ms.get(b)) for b in b_list) + " | " + " | ".join("1.00" for _ in b_list)
-                 + f" | {_test_cell(torch_test)} | — |")
+    lines.append(
+        "| unpruned | PyTorch eager FP32 [reference] | timed | — | — | — | — | "
+        + " | ".join(_fmt(torch_ms.get(b)) for b in b_list)
+        + " | "
+        + " | ".join("1.00" for _ in b_list)
+        + f" | {_test_cell(torch_test)} | — |"
+    )
     notes = []  # why a rung did not pass, in full below the table (a table cell would cut it)
     for c in summary["candidates"]:
         key = candidate_key(c)
@@ -592,15 +804,34 @@ def markdown(summary: dict) -> str:
         test = c["test"] or {}
         status = c["status"]
         if c["status"] != "passed" and c["reason"]:
-            failures = (c.get("gate") or {}).get("failures") if c["status"] == "failed gate" else None  # the gate's own lines, not its message's head
-            why = "; ".join(failures) + (" (reused)" if c["reason"].endswith("(reused)") else "") if failures else c["reason"]
+            failures = (
+                (c.get("gate") or {}).get("failures") if c["status"] == "failed gate" else None
+            )  # the gate's own lines, not its message's head
+            why = (
+                "; ".join(failures) + (" (reused)" if c["reason"].endswith("(reused)") else "")
+                if failures
+                else c["reason"]
+            )
             notes.append(f"[{len(notes) + 1}] {c['model']}, {engine_label(c)}: {why}")
             status += f" [{len(notes)}]"
-        cells = [c["model"], f"{engine_label(c)}{mark}", status,
-                 _fmt(c["val_dice"], 4), _fmt(c["val_drop_points"]), "—" if c["nodes_kept_in_float"] is None else str(c["nodes_kept_in_float"]), "yes" if c["qat"] else ""]
-        cells += [_fmt(c["latency_ms_per_image"].get(b)) for b in b_list] + [_fmt(c["speedup_vs_pytorch"].get(b)) for b in b_list]
+        cells = [
+            c["model"],
+            f"{engine_label(c)}{mark}",
+            status,
+            _fmt(c["val_dice"], 4),
+            _fmt(c["val_drop_points"]),
+            "—" if c["nodes_kept_in_float"] is None else str(c["nodes_kept_in_float"]),
+            "yes" if c["qat"] else "",
+        ]
+        cells += [_fmt(c["latency_ms_per_image"].get(b)) for b in b_list] + [
+            _fmt(c["speedup_vs_pytorch"].get(b)) for b in b_list
+        ]
         cells.append(_test_cell(test))
-        cells.append(f"{test['drop_points']:.2f}, {test['worst_patient_drop_points']:.2f} ({test['worst_patient']})" if "drop_points" in test else "—")
+        cells.append(
+            f"{test['drop_points']:.2f}, {test['worst_patient_drop_points']:.2f} ({test['worst_patient']})"
+            if "drop_points" in test
+            else "—"
+        )
         lines.append("| " + " | ".join(cells) + " |")
     noise = summary["noise_floor"]
     chosen = summary["chosen"]
@@ -612,7 +843,12 @@ def markdown(summary: dict) -> str:
         f"Chosen: {chosen['model']} {engine_label(chosen)} — fastest candidate at batch {summary['options']['batch']} that passed the gate "
         f"(mean val per-patient Dice drop ≤ {summary['criteria']['max_mean_drop_points']} points, worst patient ≤ {summary['criteria']['max_patient_drop_points']}, "
         f"mask agreement ≥ {summary['criteria']['min_agreement']}, {summary['criteria']['against']}).",
-        "Speed-ups vs ONNX Runtime FP32 (unpruned): " + (", ".join(f"b{b} {v:.2f}×" for b, v in summary["chosen_vs_onnxruntime_fp32"].items()) if summary["chosen_vs_onnxruntime_fp32"] else "—"),
+        "Speed-ups vs ONNX Runtime FP32 (unpruned): "
+        + (
+            ", ".join(f"b{b} {v:.2f}×" for b, v in summary["chosen_vs_onnxruntime_fp32"].items())
+            if summary["chosen_vs_onnxruntime_fp32"]
+            else "—"
+        ),
         f"A/A noise floor (the PyTorch reference timed twice): worst deviation {_fmt(noise['worst_deviation'] * 100 if noise['worst_deviation'] is not None else None, 1)} %"
         + (" — WARNING: noisy run" if noise["warning"] else ""),
         f"Latency: medians over {summary['options']['iters']} interleaved rounds; machine: {cpu_line(cpu)}; "
@@ -636,10 +872,27 @@ def _plot(candidates: list[Candidate], front: list[Candidate], chosen: Candidate
     timed = [c for c in candidates if c.status == "passed" and b in c.latency_ms_per_image]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in timed:
-        ax.scatter(c.latency_ms_per_image[b], c.val_dice, marker="o" if c.model == "unpruned" else "s", color="tab:red" if c is chosen else "tab:blue")
-        ax.annotate(f"{c.model}\n{engine_label(asdict(c))}", (c.latency_ms_per_image[b], c.val_dice), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.scatter(
+            c.latency_ms_per_image[b],
+            c.val_dice,
+            marker="o" if c.model == "unpruned" else "s",
+            color="tab:red" if c is chosen else "tab:blue",
+        )
+        ax.annotate(
+            f"{c.model}\n{engine_label(asdict(c))}",
+            (c.latency_ms_per_image[b], c.val_dice),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
     if front:
-        ax.plot([c.latency_ms_per_image[b] for c in front], [c.val_dice for c in front], "--", color="gray", label="Pareto front")
+        ax.plot(
+            [c.latency_ms_per_image[b] for c in front],
+            [c.val_dice for c in front],
+            "--",
+            color="gray",
+            label="Pareto front",
+        )
     ax.set_xlabel(f"ms per image, batch {b}")
     ax.set_ylabel("val mean per-patient Dice")
     ax.set_title("optimize: candidates that passed the gate (red: chosen)")

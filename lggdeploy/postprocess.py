@@ -45,7 +45,9 @@ class PostProcess:
 
     def __post_init__(self):
         if not (self.min_component_voxels >= 0 or self.min_component_voxels == LARGEST):
-            raise ValueError(f"min_component_voxels must be >= 0 (or {LARGEST}: largest only), got {self.min_component_voxels}")
+            raise ValueError(
+                f"min_component_voxels must be >= 0 (or {LARGEST}: largest only), got {self.min_component_voxels}"
+            )
         if not 0.0 <= self.min_fraction_of_largest <= 1.0:
             raise ValueError(f"min_fraction_of_largest must be between 0 and 1, got {self.min_fraction_of_largest}")
         if self.min_component_voxels == LARGEST and self.min_fraction_of_largest:
@@ -96,14 +98,14 @@ class PostProcess:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict | None) -> "PostProcess":
+    def from_json(cls, obj: dict | None) -> PostProcess:
         """None (a checkpoint or manifest from before post-processing existed) means none."""
         if obj is None:
             return cls()
         return cls(int(obj["min_component_voxels"]), float(obj.get("min_fraction_of_largest", 0.0)))
 
     @classmethod
-    def parse(cls, text: str) -> "PostProcess":
+    def parse(cls, text: str) -> PostProcess:
         """Command-line form: none, largest, N (components under N voxels removed) or N,F (under N voxels or
         under F x the largest component removed; e.g. 1034,0.5 or 0,0.5)."""
         text = text.strip().lower()
@@ -115,7 +117,9 @@ class PostProcess:
         try:
             value, share = int(voxels), float(fraction) if fraction else 0.0
         except ValueError:
-            raise ValueError(f"post-processing must be none, largest, N or N,F (N voxels, F a fraction of the largest component), got {text!r}") from None
+            raise ValueError(
+                f"post-processing must be none, largest, N or N,F (N voxels, F a fraction of the largest component), got {text!r}"
+            ) from None
         if value < 0:
             raise ValueError(f"a minimum component size must be >= 0 voxels, got {value}")
         if not 0.0 <= share <= 1.0:
@@ -166,24 +170,46 @@ def smallest_tumor(masks: np.ndarray, patients: np.ndarray) -> int | None:
     return min(volumes) if volumes else None
 
 
-def tune(predicted: np.ndarray, masks: np.ndarray, patients: np.ndarray, train_smallest_tumor: int | None,
-         fraction: float = SIZE_FRACTION) -> dict:
+def tune(
+    predicted: np.ndarray,
+    masks: np.ndarray,
+    patients: np.ndarray,
+    train_smallest_tumor: int | None,
+    fraction: float = SIZE_FRACTION,
+) -> dict:
     """The post-processing to store: components smaller than `fraction` x the smallest train tumor removed, kept
     only if the val patients' mean per-patient Dice does not drop and no val patient found without it is missed
     with it. `predicted` are the val masks at the stored threshold (native size); returns the record kept in the
     checkpoint as `postprocess_tuning` (the rule is under "postprocess")."""
-    record = {"fraction_of_smallest_train_tumor": fraction, "smallest_train_tumor_voxels": train_smallest_tumor,
-              "patients": list(dict.fromkeys(np.asarray(patients).tolist()))}
+    record = {
+        "fraction_of_smallest_train_tumor": fraction,
+        "smallest_train_tumor_voxels": train_smallest_tumor,
+        "patients": list(dict.fromkeys(np.asarray(patients).tolist())),
+    }
     if not train_smallest_tumor:
-        return {**record, "postprocess": PostProcess().to_json(), "kept": False, "why": "no tumor in the train patients"}
+        return {
+            **record,
+            "postprocess": PostProcess().to_json(),
+            "kept": False,
+            "why": "no tumor in the train patients",
+        }
     candidate = PostProcess(max(1, int(fraction * train_smallest_tumor)))
     without = summarize(confusion_counts(predicted, masks), patients)
     with_ = summarize(confusion_counts(candidate.apply_per_patient(predicted, patients), masks), patients)
-    newly_missed = [a["patient"] for a, b in zip(without["per_patient"], with_["per_patient"]) if a["detected"] and not b["detected"]]
+    newly_missed = [
+        a["patient"]
+        for a, b in zip(without["per_patient"], with_["per_patient"])
+        if a["detected"] and not b["detected"]
+    ]
     before, after = without["aggregates"]["mean_patient_dice"], with_["aggregates"]["mean_patient_dice"]
     kept = after >= before and not newly_missed
-    why = ("val mean per-patient Dice did not drop and no val patient was lost" if kept else
-           f"it would miss val patient(s) {', '.join(newly_missed)}" if newly_missed else "it lowered the val mean per-patient Dice")
+    why = (
+        "val mean per-patient Dice did not drop and no val patient was lost"
+        if kept
+        else f"it would miss val patient(s) {', '.join(newly_missed)}"
+        if newly_missed
+        else "it lowered the val mean per-patient Dice"
+    )
     return {
         **record,
         "candidate": candidate.to_json(),

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
+from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
 from lggdeploy.metrics import SegmentationScores, confusion_counts, dice_from_counts, summarize
 from lggdeploy.postprocess import LARGEST, PostProcess
-from lggdeploy.common.progress import progress_bar
 
 
 class NonFiniteOutput(ValueError):
@@ -84,7 +84,9 @@ def add_largest_component(summary: dict, predicted: np.ndarray, slices: SliceArr
         sel = slices.patients == row["patient"]
         counts = confusion_counts(largest_connected_component(predicted[sel]), slices.masks[sel]).sum(axis=0)
         row["dice_largest_component"] = float(dice_from_counts(*counts[:3]))
-    summary["aggregates"]["mean_patient_dice_largest_component"] = float(np.mean([r["dice_largest_component"] for r in summary["per_patient"]]))
+    summary["aggregates"]["mean_patient_dice_largest_component"] = float(
+        np.mean([r["dice_largest_component"] for r in summary["per_patient"]])
+    )
     return summary
 
 

@@ -16,7 +16,9 @@ SMALL_REAL_PATIENT = "TCGA_CS_4943_20000902"  # 20 slices
 def real_data() -> Path:
     path = default_data_dir()
     if path is None or not path.is_dir():
-        pytest.skip("real kaggle_3m patients not found: set LGG_DATA_DIR or place shared/data/kaggle_3m beside the checkout")
+        pytest.skip(
+            "real kaggle_3m patients not found: set LGG_DATA_DIR or place shared/data/kaggle_3m beside the checkout"
+        )
     return path
 
 
@@ -43,7 +45,11 @@ def trained_run(phantom_dir, tmp_path_factory):
     from lggdeploy.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run") / "pspnet-scratch"
-    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, batch_size=8, img_size=64, show_progress=False))
+    result = train(
+        TrainConfig(
+            model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, batch_size=8, img_size=64, show_progress=False
+        )
+    )
     return result
 
 
@@ -57,12 +63,31 @@ def segmenting_run(phantom_dir, tmp_path_factory):
     # fill, fixed normalization): the gate, QAT and
     # bench tests are calibrated on this model's behaviour; tests/test_recipe.py exercises the defaults.
     # No post-processing either, so that the runtime and bench tests compare the network's masks themselves.
-    legacy = dict(loss="dice", tumor_fraction=None, warmup_epochs=0.0, tune_threshold=False, postprocess="none", missing_modality=0.0,
-                  normalization="fixed")
+    legacy = dict(
+        loss="dice",
+        tumor_fraction=None,
+        warmup_epochs=0.0,
+        tune_threshold=False,
+        postprocess="none",
+        missing_modality=0.0,
+        normalization="fixed",
+    )
     # FP32 on every machine: `--precision auto` picks bf16 on AMX CPUs, and the INT8 and QAT tests are calibrated on
     # this model's exact behaviour, which must not depend on the CPU the suite runs on.
-    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=10, batch_size=8, img_size=128, lr=1e-3, show_progress=False,
-                               precision="fp32", **legacy))
+    result = train(
+        TrainConfig(
+            model="pspnet-scratch",
+            data=phantom_dir,
+            out=out,
+            epochs=10,
+            batch_size=8,
+            img_size=128,
+            lr=1e-3,
+            show_progress=False,
+            precision="fp32",
+            **legacy,
+        )
+    )
     assert result.best["val_mean_patient_dice"] > 0.5, result.history
     return result
 

@@ -20,7 +20,14 @@ LAYERS = [
     {"lggdeploy.engines"},
     {"lggdeploy.runtime"},
     {"lggdeploy.bench"},
-    {"lggdeploy.cli", "lggdeploy.demo", "lggdeploy.doctor", "lggdeploy.train", "lggdeploy.evaluate", "lggdeploy.optimize"},
+    {
+        "lggdeploy.cli",
+        "lggdeploy.demo",
+        "lggdeploy.doctor",
+        "lggdeploy.train",
+        "lggdeploy.evaluate",
+        "lggdeploy.optimize",
+    },
 ]
 
 
@@ -36,7 +43,12 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lggdeploy"):
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
-                found.add(candidate if (ROOT.parent / (candidate.replace(".", "/") + ".py")).is_file() or (ROOT.parent / candidate.replace(".", "/")).is_dir() else node.module)
+                found.add(
+                    candidate
+                    if (ROOT.parent / (candidate.replace(".", "/") + ".py")).is_file()
+                    or (ROOT.parent / candidate.replace(".", "/")).is_dir()
+                    else node.module
+                )
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("lggdeploy"))
     return found
@@ -68,7 +80,7 @@ def test_no_import_circle():
             if nxt == "lggdeploy" or nxt not in edges:
                 continue
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = path[path.index(nxt) :] + [nxt]
                 raise AssertionError("import circle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -104,7 +116,9 @@ def test_runtime_and_cli_import_no_torch():
         "import sys, lggdeploy.runtime, lggdeploy.runtime.predict, lggdeploy.cli, lggdeploy.engines.formats, lggdeploy.backends; "
         "print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt', 'onnx') if m in sys.modules))"
     )
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
 def test_every_format_row_has_a_backend_module_that_builds_and_loads():
@@ -148,5 +162,8 @@ if sys.argv[1] == "on":
 block = np.ones(64 << 20, np.uint8)
 print(libc.mallinfo2().hblkhd)
 """
-    mapped = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stdout) for mode in ("off", "on")}
+    mapped = {
+        mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stdout)
+        for mode in ("off", "on")
+    }
     assert mapped["off"] >= 64 << 20 and mapped["on"] < 64 << 20  # (blocks mapped at import time may remain)

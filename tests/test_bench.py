@@ -11,15 +11,14 @@ from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
 from lggdeploy.backends import availability
+from lggdeploy.bench.report import _delta_text, write_all
 from lggdeploy.bench.run import BenchOptions, run_bench
-from lggdeploy.bench.report import write_all
-from lggdeploy.bench.report import _delta_text
 from lggdeploy.bench.stats import latency_summary, paired_bootstrap_ci, paired_summary, pareto_front
-from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.cli import app
 from lggdeploy.common.errors import LggError
-from lggdeploy.models.checkpoint import load_checkpoint
+from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.engines.formats import manifest_path
+from lggdeploy.models.checkpoint import load_checkpoint
 from tests.conftest import manifest_for
 
 
@@ -40,7 +39,9 @@ def test_paired_bootstrap_on_known_inputs():
     mean, lo, hi = paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], reps=5000, seed=1)
     assert mean == 2.0 and lo < 2.0 < hi
     assert 0.6 < lo < 1.4 and 2.6 < hi < 3.4  # the mean of 5 draws from {0..4}: sd ~0.63
-    assert paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], seed=1) == paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], seed=1)
+    assert paired_bootstrap_ci([0.0, 1.0, 2.0, 3.0, 4.0], seed=1) == paired_bootstrap_ci(
+        [0.0, 1.0, 2.0, 3.0, 4.0], seed=1
+    )
 
 
 def test_no_interval_below_five_patients():
@@ -87,17 +88,27 @@ def test_bench_rows_reference_nan_and_unavailable(engines, phantom_dir, tmp_path
     _nan_engine(fp32_engine, folder)
     plan = folder / "tensorrt-fp16.plan"
     plan.write_bytes(b"not a real plan")
-    manifest_for(plan, fp32_engine, backend="tensorrt", precision="fp16", tensorrt_version="10.16.0", compute_capability="9.0")
+    manifest_for(
+        plan, fp32_engine, backend="tensorrt", precision="fp16", tensorrt_version="10.16.0", compute_capability="9.0"
+    )
 
-    results = run_bench(BenchOptions(engines_dir=tmp_path / "engines", data=phantom_dir, split="val", batch_sizes=(1, 2), iters=3, warmup=1))
+    results = run_bench(
+        BenchOptions(
+            engines_dir=tmp_path / "engines", data=phantom_dir, split="val", batch_sizes=(1, 2), iters=3, warmup=1
+        )
+    )
     rows = {(r["backend"], r["precision"]): r for r in results["rows"] if not r["aa"]}
     reference, fp32 = rows[("torch", "fp32")], rows[("onnxruntime", "fp32")]
     twin = next(r for r in results["rows"] if r["aa"])  # the reference timed again as its own entry: the noise floor
     assert twin["backend"] == "torch" and twin["mean_patient_dice"] == reference["mean_patient_dice"]
     assert twin["speedup"]["1"] == pytest.approx(reference["latency"]["1"]["p50_ms"] / twin["latency"]["1"]["p50_ms"])
-    assert results["noise_floor"]["worst_deviation"] == pytest.approx(max(abs(twin["speedup"][b] - 1) for b in ("1", "2")))
+    assert results["noise_floor"]["worst_deviation"] == pytest.approx(
+        max(abs(twin["speedup"][b] - 1) for b in ("1", "2"))
+    )
     assert fp32["patients"] == len(load_checkpoint(reference["engine"])["split"]["val"])
-    assert fp32["delta_dice_points"]["ci95"] is None and fp32["delta_dice_points"]["n"] == fp32["patients"]  # phantom val: < 5 patients
+    assert (
+        fp32["delta_dice_points"]["ci95"] is None and fp32["delta_dice_points"]["n"] == fp32["patients"]
+    )  # phantom val: < 5 patients
     assert reference["status"] == "ok" and fp32["status"] == "ok"
     assert fp32["mean_patient_dice"] == pytest.approx(reference["mean_patient_dice"], abs=1e-4)
     assert [p["patient"] for p in fp32["per_patient"]] == [p["patient"] for p in reference["per_patient"]]
@@ -124,7 +135,23 @@ def test_bench_rows_reference_nan_and_unavailable(engines, phantom_dir, tmp_path
 def test_bench_cli_formats_and_errors(engines, phantom_dir, tmp_path):
     runner = CliRunner()
     out, _ = engines
-    result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), "--split", "val", "--iters", "2", "--batch-sizes", "1", "--format", "csv"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(out),
+            "--data",
+            str(phantom_dir),
+            "--split",
+            "val",
+            "--iters",
+            "2",
+            "--batch-sizes",
+            "1",
+            "--format",
+            "csv",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "mean_patient_dice" in result.output and "onnxruntime fp32" in result.output
     result = runner.invoke(app, ["bench", str(tmp_path / "empty"), "--data", str(phantom_dir)])
@@ -139,12 +166,44 @@ def test_machine_formats_are_never_wrapped(engines, phantom_dir):
 
     runner = CliRunner()
     out, _ = engines
-    result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), "--split", "val", "--iters", "1", "--batch-sizes", "1,2", "--format", "csv"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(out),
+            "--data",
+            str(phantom_dir),
+            "--split",
+            "val",
+            "--iters",
+            "1",
+            "--batch-sizes",
+            "1,2",
+            "--format",
+            "csv",
+        ],
+    )
     assert result.exit_code == 0, result.output
     text = result.stdout
     rows = list(csv.reader(io.StringIO(text)))
     assert len(rows) >= 3 and len({len(r) for r in rows}) == 1 and max(len(line) for line in text.splitlines()) > 160
-    result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), "--split", "val", "--iters", "1", "--batch-sizes", "1", "--format", "md"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(out),
+            "--data",
+            str(phantom_dir),
+            "--split",
+            "val",
+            "--iters",
+            "1",
+            "--batch-sizes",
+            "1",
+            "--format",
+            "md",
+        ],
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert len(lines) >= 3 and len({line.count("|") for line in lines}) == 1
 
@@ -160,10 +219,18 @@ def test_bad_bench_flags_fail_before_the_scoring(engines, phantom_dir, tmp_path,
     out, _ = engines
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for flags, needle in ((["--iters", "0"], "--iters"), (["--warmup", "-1"], "--warmup"), (["--threads", "100000"], "--threads"),
-                          (["--batch-sizes", "0"], "--batch-sizes"), (["--out", str(blocker / "sub")], "file")):
+    for flags, needle in (
+        (["--iters", "0"], "--iters"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--threads", "100000"], "--threads"),
+        (["--batch-sizes", "0"], "--batch-sizes"),
+        (["--out", str(blocker / "sub")], "file"),
+    ):
         result = runner.invoke(app, ["bench", str(out), "--data", str(phantom_dir), *flags])
-        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (flags, result.output)
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (
+            flags,
+            result.output,
+        )
 
 
 def test_bench_refuses_a_reference_that_is_not_the_engines_checkpoint(engines, phantom_dir, tmp_path, segmenting_run):
@@ -174,8 +241,15 @@ def test_bench_refuses_a_reference_that_is_not_the_engines_checkpoint(engines, p
     other = tmp_path / "other.pt"
     other.write_bytes(segmenting_run.best_path.read_bytes() + b"changed")
     manifest_for(folder / Path(fp32_engine).name, fp32_engine, checkpoint=str(other))
-    with pytest.raises(LggError, match=r"other.pt is not the checkpoint onnxruntime-fp32.onnx was built from.*onnxruntime-fp32.onnx.json records"):
-        run_bench(BenchOptions(engines_dir=tmp_path / "engines", data=phantom_dir, split="val", batch_sizes=(1,), iters=1, warmup=0))
+    with pytest.raises(
+        LggError,
+        match=r"other.pt is not the checkpoint onnxruntime-fp32.onnx was built from.*onnxruntime-fp32.onnx.json records",
+    ):
+        run_bench(
+            BenchOptions(
+                engines_dir=tmp_path / "engines", data=phantom_dir, split="val", batch_sizes=(1,), iters=1, warmup=0
+            )
+        )
 
 
 def test_timing_order_is_shuffled_each_round(engines, phantom_dir, monkeypatch):
@@ -193,7 +267,11 @@ def test_timing_order_is_shuffled_each_round(engines, phantom_dir, monkeypatch):
 
     monkeypatch.setattr(bench_run, "_open", tracking_open)
     out, _ = engines
-    run_bench(BenchOptions(engines_dir=out, data=phantom_dir, split="val", batch_sizes=(1,), iters=12, warmup=0, seed=3))
-    timed = calls[-46:-10]  # 12 rounds of 3 entries (reference, its A/A twin, the engine), before 2 x 5 end-to-end runs (one batch size)
+    run_bench(
+        BenchOptions(engines_dir=out, data=phantom_dir, split="val", batch_sizes=(1,), iters=12, warmup=0, seed=3)
+    )
+    timed = calls[
+        -46:-10
+    ]  # 12 rounds of 3 entries (reference, its A/A twin, the engine), before 2 x 5 end-to-end runs (one batch size)
     orders = {tuple(timed[i : i + 3]) for i in range(0, 36, 3)}
     assert len(orders) > 1

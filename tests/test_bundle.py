@@ -33,7 +33,9 @@ def phantom_engines(segmenting_run, phantom_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(phantom_engines, phantom_dir, tmp_path_factory):
-    return pack(phantom_engines, tmp_path_factory.mktemp("bundle") / "scanner-bundle.tar.gz", samples=8, data=phantom_dir)
+    return pack(
+        phantom_engines, tmp_path_factory.mktemp("bundle") / "scanner-bundle.tar.gz", samples=8, data=phantom_dir
+    )
 
 
 def members(path: Path) -> dict[str, bytes]:
@@ -52,7 +54,15 @@ def repack(files: dict[str, bytes], path: Path) -> Path:
 
 def test_pack_then_verify_on_the_phantom_set(bundle):
     files = members(bundle)
-    assert {"bundle.json", "SHA256SUMS", "README.md", "verification.npz", "onnx/model.onnx", "engines/onnxruntime-fp32.onnx", "engines/onnxruntime-fp32.onnx.json"} <= set(files)
+    assert {
+        "bundle.json",
+        "SHA256SUMS",
+        "README.md",
+        "verification.npz",
+        "onnx/model.onnx",
+        "engines/onnxruntime-fp32.onnx",
+        "engines/onnxruntime-fp32.onnx.json",
+    } <= set(files)
     description = json.loads(files["bundle.json"])
     assert description["verification"]["slices"] == 8 and description["verification"]["tumor_slices"] >= 1
     assert len(files["SHA256SUMS"].decode().splitlines()) == len(files) - 1
@@ -65,7 +75,9 @@ def test_pack_then_verify_on_the_phantom_set(bundle):
 
 def test_verify_imports_no_torch(bundle):
     code = f"import sys; from lggdeploy.runtime.verify import verify_bundle; r = verify_bundle({str(bundle)!r}); print(r.passed, 'torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-2:] == ["True", "False"]
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[
+        -2:
+    ] == ["True", "False"]
 
 
 def test_segmenter_verify_in_a_scanners_start_up(bundle, phantom_engines):
@@ -98,15 +110,23 @@ def test_a_verification_set_from_another_model_is_refused(bundle, segmenting_run
 
     ckpt = load_checkpoint(segmenting_run.best_path)
     ckpt.pop("path")
-    save_checkpoint(tmp_path / "other.pt", dict(ckpt, created="another training"))  # another checkpoint (another sha256)
-    other_engines = build_engines([tmp_path / "other.pt"], BuildOptions(out_dir=tmp_path / "e", data=phantom_dir, precision="fp32")).engines
+    save_checkpoint(
+        tmp_path / "other.pt", dict(ckpt, created="another training")
+    )  # another checkpoint (another sha256)
+    other_engines = build_engines(
+        [tmp_path / "other.pt"], BuildOptions(out_dir=tmp_path / "e", data=phantom_dir, precision="fp32")
+    ).engines
     other = members(pack([other_engines[0]["engine"]], tmp_path / "other.tar.gz", samples=8, data=phantom_dir))
     files = members(bundle)
-    files["verification.npz"] = other["verification.npz"]  # the set of another model, checksums and description made to fit
+    files["verification.npz"] = other[
+        "verification.npz"
+    ]  # the set of another model, checksums and description made to fit
     description = json.loads(files["bundle.json"])
     description["verification"] = json.loads(other["bundle.json"])["verification"]
     files["bundle.json"] = json.dumps(description).encode()
-    files["SHA256SUMS"] = "".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items() if n != "SHA256SUMS").encode()
+    files["SHA256SUMS"] = "".join(
+        f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files.items() if n != "SHA256SUMS"
+    ).encode()
     with pytest.raises(BundleError, match="they are different models"):
         verify_bundle(repack(files, tmp_path / "swapped.tar.gz"))
 
@@ -146,20 +166,37 @@ def test_build_on_the_device_from_a_bundle_is_verified_there(bundle, tmp_path):
     from lggdeploy.engines.formats import read_manifest
 
     description = json.loads(members(bundle)["bundle.json"])
-    result = runner.invoke(app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "-o", str(tmp_path / "device")])
+    result = runner.invoke(
+        app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "-o", str(tmp_path / "device")]
+    )
     assert result.exit_code == 0, result.output
     assert "built on this device from the bundle" in result.output and "passed" in result.output
     (engine,) = list((tmp_path / "device").rglob("onnxruntime-fp32.onnx"))
     manifest = read_manifest(engine)
-    assert manifest["built_on_device"]["source"] == "onnx/model.onnx" and manifest["built_on_device"]["verification"]["passed"]
-    assert manifest["checkpoint_sha256"] == description["checkpoint_sha256"] and manifest["threshold"] == description["threshold"]
+    assert (
+        manifest["built_on_device"]["source"] == "onnx/model.onnx"
+        and manifest["built_on_device"]["verification"]["passed"]
+    )
+    assert (
+        manifest["checkpoint_sha256"] == description["checkpoint_sha256"]
+        and manifest["threshold"] == description["threshold"]
+    )
     assert manifest["gate"]["passed"]  # the build machine's gate travels with the model
     assert verify_bundle(bundle, engine=engine).passed
     # The README a device reads names this very command.
-    assert "lggdeploy build scanner-bundle.tar.gz --backend tensorrt --precision fp32 --min-batch 1" in members(bundle)["README.md"].decode()
+    assert (
+        "lggdeploy build scanner-bundle.tar.gz --backend tensorrt --precision fp32 --min-batch 1"
+        in members(bundle)["README.md"].decode()
+    )
     # A precision the bundle holds no graph for: one line that says what to pack.
-    result = runner.invoke(app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "int8", "-o", str(tmp_path / "device")])
-    assert result.exit_code != 0 and "holds no int8-cpu graph to build from" in result.output and "Traceback" not in result.output
+    result = runner.invoke(
+        app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "int8", "-o", str(tmp_path / "device")]
+    )
+    assert (
+        result.exit_code != 0
+        and "holds no int8-cpu graph to build from" in result.output
+        and "Traceback" not in result.output
+    )
     result = runner.invoke(app, ["build", str(bundle), str(bundle), "-o", str(tmp_path / "device")])
     assert result.exit_code != 0 and "give one bundle on its own" in result.output
 
@@ -178,9 +215,24 @@ def test_a_device_build_that_disagrees_is_not_written(bundle, tmp_path, monkeypa
         return {"note": "shifted"}
 
     monkeypatch.setattr(ort_backend, "build", shifted_build)
-    result = runner.invoke(app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "-o", str(tmp_path / "device")])
+    result = runner.invoke(
+        app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "-o", str(tmp_path / "device")]
+    )
     assert result.exit_code == 3, result.output
     assert "disagrees with the validated model" in result.output and "no engine written" in result.output
     assert not [p for p in (tmp_path / "device").rglob("*") if p.is_file()]
-    result = runner.invoke(app, ["build", str(bundle), "--backend", "onnxruntime", "--precision", "fp32", "--force", "-o", str(tmp_path / "forced")])
+    result = runner.invoke(
+        app,
+        [
+            "build",
+            str(bundle),
+            "--backend",
+            "onnxruntime",
+            "--precision",
+            "fp32",
+            "--force",
+            "-o",
+            str(tmp_path / "forced"),
+        ],
+    )
     assert result.exit_code == 0 and "FAILED" in result.output

@@ -1,14 +1,16 @@
 import pytest
 import torch
 
-from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, spec_of, split_of
 from lggdeploy.common.errors import CheckpointError
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, spec_of, split_of
 
 
 def test_checkpoint_describes_itself(trained_run):
     ckpt = load_checkpoint(trained_run.best_path)
     assert spec_of(ckpt).name == "pspnet-scratch"
-    assert ckpt["img_size"] == 64 and ckpt["threshold"] == 0.5 and "threshold_tuning" not in ckpt  # tuning is off by default
+    assert (
+        ckpt["img_size"] == 64 and ckpt["threshold"] == 0.5 and "threshold_tuning" not in ckpt
+    )  # tuning is off by default
     assert ckpt["normalization"]["mean"] == [0.485, 0.456, 0.406] and ckpt["normalization"]["mode"] == "slice"
     assert ckpt["dropped_modules"] == ["encoder.layer3", "encoder.layer4"]
     assert not any(k.startswith("encoder.layer4") for k in ckpt["state_dict"])

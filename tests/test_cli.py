@@ -10,14 +10,18 @@ runner = CliRunner()
 
 def test_eval_writes_per_patient_rows_and_aggregates(trained_run, phantom_dir, tmp_path):
     out = tmp_path / "summary.json"
-    result = runner.invoke(app, ["eval", str(trained_run.best_path), "--data", str(phantom_dir), "--split", "val", "--out", str(out)])
+    result = runner.invoke(
+        app, ["eval", str(trained_run.best_path), "--data", str(phantom_dir), "--split", "val", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
     val_patients = json.loads((trained_run.best_path.parent / "split.json").read_text())["val"]
     assert [row["patient"] for row in summary["per_patient"]] == val_patients
     assert summary["aggregates"]["slices"] == sum(row["slices"] for row in summary["per_patient"])
     assert "mean per-patient Dice" in result.output
-    result = runner.invoke(app, ["eval", str(trained_run.best_path), "--data", str(phantom_dir), "--split", "all", "--out", str(out)])
+    result = runner.invoke(
+        app, ["eval", str(trained_run.best_path), "--data", str(phantom_dir), "--split", "all", "--out", str(out)]
+    )
     assert len(json.loads(out.read_text())["per_patient"]) == 6
 
 
@@ -31,15 +35,32 @@ def one_clear_line(result, *needles):
 
 
 def test_user_mistakes_get_one_clear_line(tmp_path, phantom_dir, trained_run):
-    one_clear_line(runner.invoke(app, ["train", "--model", "nope", "--data", str(phantom_dir), "--out", str(tmp_path / "r")]), "unknown model", "nope")
-    one_clear_line(runner.invoke(app, ["eval", str(tmp_path / "missing.pt"), "--data", str(phantom_dir)]), "missing.pt", "does not exist")
-    one_clear_line(runner.invoke(app, ["eval", str(trained_run.best_path), "--data", str(tmp_path / "nodata")]), "nodata", "does not exist")
+    one_clear_line(
+        runner.invoke(app, ["train", "--model", "nope", "--data", str(phantom_dir), "--out", str(tmp_path / "r")]),
+        "unknown model",
+        "nope",
+    )
+    one_clear_line(
+        runner.invoke(app, ["eval", str(tmp_path / "missing.pt"), "--data", str(phantom_dir)]),
+        "missing.pt",
+        "does not exist",
+    )
+    one_clear_line(
+        runner.invoke(app, ["eval", str(trained_run.best_path), "--data", str(tmp_path / "nodata")]),
+        "nodata",
+        "does not exist",
+    )
     one_clear_line(runner.invoke(app, ["data", "split", str(phantom_dir), "--ratios", "0.5,0.5"]), "exactly three")
-    one_clear_line(runner.invoke(app, ["eval", str(trained_run.best_path), "--data", str(phantom_dir), "--split", "holdout"]), "unknown split")
+    one_clear_line(
+        runner.invoke(app, ["eval", str(trained_run.best_path), "--data", str(phantom_dir), "--split", "holdout"]),
+        "unknown split",
+    )
 
 
 def test_data_commands(tmp_path, phantom_dir):
-    result = runner.invoke(app, ["data", "synth", str(tmp_path / "ph"), "--patients", "3", "--min-slices", "6", "--max-slices", "6"])
+    result = runner.invoke(
+        app, ["data", "synth", str(tmp_path / "ph"), "--patients", "3", "--min-slices", "6", "--max-slices", "6"]
+    )
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["data", "check", str(tmp_path / "ph")]).exit_code == 0
     result = runner.invoke(app, ["data", "split", str(phantom_dir), "-o", str(tmp_path / "s.json"), "--seed", "2"])
@@ -61,9 +82,41 @@ def test_every_command_keeps_the_error_promise(tmp_path, phantom_dir, trained_ru
         "data split (flag)": ["data", "split", data, "--ratios", "0.5,0.6,x", "-o", str(tmp_path / "s.json")],
         "data synth (output)": ["data", "synth", str(blocker)],
         "data synth (flag)": ["data", "synth", str(tmp_path / "ph"), "--patients", "0"],
-        "train (output)": ["train", "--model", "pspnet-scratch", "--data", data, "--out", str(bad), "--epochs", "1", "--img-size", "64"],
-        "train (flag)": ["train", "--model", "pspnet-scratch", "--data", data, "--out", str(tmp_path / "t"), "--batch-size", "1"],
-        "train (device)": ["train", "--model", "pspnet-scratch", "--data", data, "--out", str(tmp_path / "t2"), "--device", "foo"],
+        "train (output)": [
+            "train",
+            "--model",
+            "pspnet-scratch",
+            "--data",
+            data,
+            "--out",
+            str(bad),
+            "--epochs",
+            "1",
+            "--img-size",
+            "64",
+        ],
+        "train (flag)": [
+            "train",
+            "--model",
+            "pspnet-scratch",
+            "--data",
+            data,
+            "--out",
+            str(tmp_path / "t"),
+            "--batch-size",
+            "1",
+        ],
+        "train (device)": [
+            "train",
+            "--model",
+            "pspnet-scratch",
+            "--data",
+            data,
+            "--out",
+            str(tmp_path / "t2"),
+            "--device",
+            "foo",
+        ],
         "eval (output)": ["eval", ckpt, "--data", data, "-o", str(bad / "e.json")],
         "eval (batch size)": ["eval", ckpt, "--data", data, "--batch-size", "0"],
         "eval (device)": ["eval", ckpt, "--data", data, "--device", "foo"],
@@ -87,12 +140,18 @@ def test_every_command_keeps_the_error_promise(tmp_path, phantom_dir, trained_ru
         text = result.output.strip()
         assert "Traceback" not in text and text.count("error:") == 1, (name, result.output)
         assert text.startswith("error:") or "\nerror:" in text, (name, result.output)
-        assert len(text[text.index("error:"):].splitlines()) <= 3, (name, result.output)  # one line (the console may wrap it)
+        assert len(text[text.index("error:") :].splitlines()) <= 3, (
+            name,
+            result.output,
+        )  # one line (the console may wrap it)
     assert blocker.read_text() == "not a folder" and not (tmp_path / "t").exists() and not (tmp_path / "p").exists()
 
 
 def test_failed_training_start_leaves_no_folder(tmp_path, phantom_dir):
-    for args in (["--model", "nope"], ["--model", "pspnet-resnext50", "--encoder-weights", str(tmp_path / "absent.pth")]):
+    for args in (
+        ["--model", "nope"],
+        ["--model", "pspnet-resnext50", "--encoder-weights", str(tmp_path / "absent.pth")],
+    ):
         result = runner.invoke(app, ["train", *args, "--data", str(phantom_dir), "--out", str(tmp_path / "run")])
         assert result.exit_code == 2, result.output
         assert not (tmp_path / "run").exists()
@@ -111,7 +170,9 @@ def test_sigterm_cleans_up_and_exits_143(tmp_path, monkeypatch, trained_run, pha
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(build_module, "build_one", terminated_mid_build)
-    result = runner.invoke(app, ["build", str(trained_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path / "engines")])
+    result = runner.invoke(
+        app, ["build", str(trained_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path / "engines")]
+    )
     assert result.exit_code == 143 and "terminated" in result.output
     leftovers = [p for p in (tmp_path / "engines").rglob("*") if p.name.startswith((".build-", "."))]
     assert leftovers == []
@@ -127,6 +188,11 @@ def test_doctor_names_the_cpu_by_family_and_model_too():
     cpu = cpu_info()
     assert f"CPU: {cpu_line(cpu)};" in " ".join(result.output.split())
     if "cpu family" in Path("/proc/cpuinfo").read_text():
-        assert isinstance(cpu["family"], int) and f"(family {cpu['family']} model {cpu['model_number']})" in cpu_line(cpu)
+        assert isinstance(cpu["family"], int) and f"(family {cpu['family']} model {cpu['model_number']})" in cpu_line(
+            cpu
+        )
     assert cpu_line({"model": "AMD EPYC", "cores": 2, "isa": ["avx2", "fma"]}) == "AMD EPYC, 2 cores (avx2, fma)"
-    assert cpu_line({"model": "X", "family": 6, "model_number": 143, "cores": 8, "isa": []}, threads=2) == "X (family 6 model 143), 2 threads (no AVX2, AVX-512 or AMX)"
+    assert (
+        cpu_line({"model": "X", "family": 6, "model_number": 143, "cores": 8, "isa": []}, threads=2)
+        == "X (family 6 model 143), 2 threads (no AVX2, AVX-512 or AMX)"
+    )

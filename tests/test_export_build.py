@@ -9,15 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lggdeploy.engines.build import BuildOptions, _Context, build_engines
-from lggdeploy.common.files import sha256_file
-from lggdeploy.models.checkpoint import load_checkpoint, save_checkpoint
 from lggdeploy.cli import app
+from lggdeploy.common.errors import CheckpointError, EngineError, GateFailed, LggError, SearchStopped
+from lggdeploy.common.files import sha256_file
+from lggdeploy.engines.build import BuildOptions, _Context, build_engines
+from lggdeploy.engines.export import export_checkpoint
 from lggdeploy.engines.formats import discover, read_manifest
 from lggdeploy.engines.precision.gate import Outputs
-from lggdeploy.common.errors import CheckpointError, EngineError, GateFailed, LggError, SearchStopped
-from lggdeploy.engines.export import export_checkpoint
 from lggdeploy.engines.precision.int8 import zero_points
+from lggdeploy.models.checkpoint import load_checkpoint, save_checkpoint
 
 runner = CliRunner()
 
@@ -59,7 +59,9 @@ def test_parity_failure_leaves_no_artifact(segmenting_run, phantom_dir, tmp_path
 
 
 def build(segmenting_run, phantom_dir, out, **kw):
-    report = build_engines([segmenting_run.best_path], BuildOptions(out_dir=out, data=phantom_dir, calib_samples=8, **kw))
+    report = build_engines(
+        [segmenting_run.best_path], BuildOptions(out_dir=out, data=phantom_dir, calib_samples=8, **kw)
+    )
     if report.failures:
         raise GateFailed(report.failures[0])
     return report.engines
@@ -68,12 +70,18 @@ def build(segmenting_run, phantom_dir, out, **kw):
 def test_fp32_fp16_int8_matrix_with_manifests(segmenting_run, phantom_dir, exported):
     out = exported[0]
     results = build(segmenting_run, phantom_dir, out, precision="all")
-    assert [r["engine"].split("/")[-1] for r in results] == ["onnxruntime-fp32.onnx", "onnxruntime-fp16.onnx", "onnxruntime-int8-cpu.onnx"]
+    assert [r["engine"].split("/")[-1] for r in results] == [
+        "onnxruntime-fp32.onnx",
+        "onnxruntime-fp16.onnx",
+        "onnxruntime-int8-cpu.onnx",
+    ]
     for r in results:
         manifest = read_manifest(r["engine"])
         assert manifest["gate"]["passed"] and manifest["gate"]["split"] == "val"
         assert manifest["checkpoint_sha256"] == sha256_file(segmenting_run.best_path)
-        assert manifest["normalization"] == load_checkpoint(segmenting_run.best_path)["normalization"]  # what the model was trained with
+        assert (
+            manifest["normalization"] == load_checkpoint(segmenting_run.best_path)["normalization"]
+        )  # what the model was trained with
         assert manifest["sha256"] == sha256_file(r["engine"])
         assert abs(manifest["gate"]["drop_points"]) <= 0.5
     fp16 = onnx.load(results[1]["engine"])
@@ -116,7 +124,9 @@ def without_tumor_on(outputs: Outputs, patients: np.ndarray, patient: str) -> Ou
     return Outputs(logits, masks)
 
 
-def test_gate_failure_exits_nonzero_and_writes_nothing_unless_forced(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+def test_gate_failure_exits_nonzero_and_writes_nothing_unless_forced(
+    segmenting_run, phantom_dir, tmp_path, monkeypatch
+):
     real = _Context.run_engine
 
     def one_patient_lost(self, path, fmt, facts):
@@ -126,15 +136,23 @@ def test_gate_failure_exits_nonzero_and_writes_nothing_unless_forced(segmenting_
     with pytest.raises(GateFailed, match="failed the accuracy gate on .* val patients .*dropped .* points > 2.0"):
         build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
     assert discover(tmp_path) == [] and not list(tmp_path.rglob("onnxruntime-fp32.onnx*"))
-    result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path)])
+    result = runner.invoke(
+        app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path)]
+    )
     assert result.exit_code == 3 and "Traceback" not in result.output
     forced = build(segmenting_run, phantom_dir, tmp_path, precision="fp32", force=True)[0]
     gate = read_manifest(forced["engine"])["gate"]
     assert read_manifest(forced["engine"])["forced"] is True and gate["passed"] is False
     lost = [r for r in gate["per_patient"] if r["engine_dice"] == 0]
-    assert len(lost) == 1 and gate["worst_patient"] == lost[0]["patient"] and gate["worst_patient_drop_points"] == pytest.approx(100 * lost[0]["fp32_dice"])
+    assert (
+        len(lost) == 1
+        and gate["worst_patient"] == lost[0]["patient"]
+        and gate["worst_patient_drop_points"] == pytest.approx(100 * lost[0]["fp32_dice"])
+    )
     assert gate["min_agreement"] == 0.0
-    assert any("dropped" in f and "> 2.0" in f for f in gate["failures"]) and any("agree with the FP32 model's at Dice 0.0000" in f for f in gate["failures"])
+    assert any("dropped" in f and "> 2.0" in f for f in gate["failures"]) and any(
+        "agree with the FP32 model's at Dice 0.0000" in f for f in gate["failures"]
+    )
 
 
 # cpu: int32 bias Q/DQ, whose outputs take the float biases' names; tensorrt (the same search on a simpler graph) in test-slow, for the suite's time
@@ -146,7 +164,11 @@ def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phanto
 
     def first_graph_fails(self, path, fmt, facts):
         outputs = real(self, path, fmt, facts)
-        return without_tumor_on(outputs, self.val.patients, self.val.patient_ids[0]) if path.name.startswith("engine-0.") else outputs
+        return (
+            without_tumor_on(outputs, self.val.patients, self.val.patient_ids[0])
+            if path.name.startswith("engine-0.")
+            else outputs
+        )
 
     monkeypatch.setattr(_Context, "run_engine", first_graph_fails)
     engine = build(segmenting_run, phantom_dir, tmp_path, precision="int8", int8_profile=profile, qat="off")[0]
@@ -156,16 +178,26 @@ def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phanto
     # (how many this model needs is its own business: each failed attempt is recorded).
     attempts = [(a["passed"], a["nodes_kept_in_float"]) for a in gate["attempts"]]
     assert gate["passed"] and kept and attempts[-1] == (True, len(kept))
-    assert [p for p, _ in attempts] == [False] * (len(attempts) - 1) + [True] and [n for _, n in attempts] == sorted(n for _, n in attempts)
+    assert [p for p, _ in attempts] == [False] * (len(attempts) - 1) + [True] and [n for _, n in attempts] == sorted(
+        n for _, n in attempts
+    )
     ranking = gate["ranking"]
-    assert ranking["method"].startswith("output effect") and set(kept) == {r["node"] for r in ranking["top"][: len(kept)]}
+    assert ranking["method"].startswith("output effect") and set(kept) == {
+        r["node"] for r in ranking["top"][: len(kept)]
+    }
     val = load_checkpoint(segmenting_run.best_path)["split"]["val"]
-    assert ranking["patients"] == sorted(val)  # the ranking slices come from every val patient, not the first two sorted slices
+    assert ranking["patients"] == sorted(
+        val
+    )  # the ranking slices come from every val patient, not the first two sorted slices
     assert ranking["top"][0]["score"] >= ranking["top"][-1]["score"]
 
 
-@pytest.mark.parametrize("qat", [pytest.param("off", marks=pytest.mark.slow), "auto"])  # auto covers more (no QAT past the deadline)
-def test_a_failing_int8_search_stops_at_the_deadline_without_writing(segmenting_run, phantom_dir, tmp_path, monkeypatch, qat):
+@pytest.mark.parametrize(
+    "qat", [pytest.param("off", marks=pytest.mark.slow), "auto"]
+)  # auto covers more (no QAT past the deadline)
+def test_a_failing_int8_search_stops_at_the_deadline_without_writing(
+    segmenting_run, phantom_dir, tmp_path, monkeypatch, qat
+):
     """optimize --budget-minutes: past the deadline a failing INT8 engine is not rebuilt (nor ranked, nor QAT-tuned)."""
     import time
 
@@ -181,8 +213,18 @@ def test_a_failing_int8_search_stops_at_the_deadline_without_writing(segmenting_
 
     monkeypatch.setattr(_Context, "run_engine", first_graph_fails)
     monkeypatch.setattr(_Context, "qat_model", no_qat)
-    with pytest.raises(SearchStopped, match=r"--budget-minutes ran out .*no engine written: rerun with a larger --budget-minutes"):
-        build(segmenting_run, phantom_dir, tmp_path, precision="int8", int8_profile="cpu", qat=qat, deadline=time.monotonic())
+    with pytest.raises(
+        SearchStopped, match=r"--budget-minutes ran out .*no engine written: rerun with a larger --budget-minutes"
+    ):
+        build(
+            segmenting_run,
+            phantom_dir,
+            tmp_path,
+            precision="int8",
+            int8_profile="cpu",
+            qat=qat,
+            deadline=time.monotonic(),
+        )
     assert runs == ["engine-0.onnx"]
     assert discover(tmp_path) == [] and not list(tmp_path.rglob("onnxruntime-int8*"))
 
@@ -203,25 +245,67 @@ def test_build_judges_against_another_model_with_reference(segmenting_run, phant
     """--reference: the gate's FP32 model is another checkpoint (as optimize judges a pruned model against the unpruned
     one). A model that predicts no tumor passes against itself (the slow test below) and fails against the real one."""
     ckpt = no_tumor_checkpoint(segmenting_run, tmp_path / "empty.pt")
-    args = ["build", str(tmp_path / "empty.pt"), "--data", str(phantom_dir), "--reference", str(segmenting_run.best_path), "-o", str(tmp_path / "e")]
+    args = [
+        "build",
+        str(tmp_path / "empty.pt"),
+        "--data",
+        str(phantom_dir),
+        "--reference",
+        str(segmenting_run.best_path),
+        "-o",
+        str(tmp_path / "e"),
+    ]
     result = runner.invoke(app, args)
-    assert result.exit_code == 3 and "failed the accuracy gate" in result.output and not list((tmp_path / "e").rglob("onnxruntime-fp32.onnx*"))
+    assert (
+        result.exit_code == 3
+        and "failed the accuracy gate" in result.output
+        and not list((tmp_path / "e").rglob("onnxruntime-fp32.onnx*"))
+    )
     forced = runner.invoke(app, [*args, "--force"])
     assert forced.exit_code == 0, forced.output
     gate = read_manifest(next((tmp_path / "e").rglob("onnxruntime-fp32.onnx")))["gate"]
-    assert gate["reference"] == str(segmenting_run.best_path) and gate["fp32_dice"] > 0.5 and gate["engine_dice"] == 0.0 and not gate["passed"]
+    assert (
+        gate["reference"] == str(segmenting_run.best_path)
+        and gate["fp32_dice"] > 0.5
+        and gate["engine_dice"] == 0.0
+        and not gate["passed"]
+    )
     save_checkpoint(tmp_path / "other-split.pt", dict(ckpt, split={**ckpt["split"], "val": ckpt["split"]["train"][:1]}))
-    result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "--reference", str(tmp_path / "other-split.pt"), "-o", str(tmp_path / "f")])
-    assert result.exit_code == 2 and "differs from" in result.output and "in its split" in result.output and "Traceback" not in result.output
+    result = runner.invoke(
+        app,
+        [
+            "build",
+            str(segmenting_run.best_path),
+            "--data",
+            str(phantom_dir),
+            "--reference",
+            str(tmp_path / "other-split.pt"),
+            "-o",
+            str(tmp_path / "f"),
+        ],
+    )
+    assert (
+        result.exit_code == 2
+        and "differs from" in result.output
+        and "in its split" in result.output
+        and "Traceback" not in result.output
+    )
     assert not [f for f in (tmp_path / "f").rglob("*") if f.is_file()]  # said before the export: nothing written
 
 
 @pytest.mark.slow
 def test_an_all_background_model_is_judged_by_agreement(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     no_tumor_checkpoint(segmenting_run, tmp_path / "empty.pt")
-    engine = build_engines([tmp_path / "empty.pt"], BuildOptions(out_dir=tmp_path / "e", data=phantom_dir, precision="fp32")).engines[0]
+    engine = build_engines(
+        [tmp_path / "empty.pt"], BuildOptions(out_dir=tmp_path / "e", data=phantom_dir, precision="fp32")
+    ).engines[0]
     gate = read_manifest(engine["engine"])["gate"]
-    assert gate["passed"] and gate["reference_predicts_no_tumor"] and "only the agreement" in gate["note"] and gate["fp32_dice"] == 0.0
+    assert (
+        gate["passed"]
+        and gate["reference_predicts_no_tumor"]
+        and "only the agreement" in gate["note"]
+        and gate["fp32_dice"] == 0.0
+    )
     real = _Context.run_engine
 
     def predicts_something(self, path, fmt, facts):
@@ -231,8 +315,12 @@ def test_an_all_background_model_is_judged_by_agreement(segmenting_run, phantom_
         return Outputs(outputs.logits, masks)
 
     monkeypatch.setattr(_Context, "run_engine", predicts_something)
-    report = build_engines([tmp_path / "empty.pt"], BuildOptions(out_dir=tmp_path / "f", data=phantom_dir, precision="fp32"))
-    assert report.engines == [] and "agree with the FP32 model's at Dice 0.0000" in report.failures[0]  # no "drop 0.00, passed"
+    report = build_engines(
+        [tmp_path / "empty.pt"], BuildOptions(out_dir=tmp_path / "f", data=phantom_dir, precision="fp32")
+    )
+    assert (
+        report.engines == [] and "agree with the FP32 model's at Dice 0.0000" in report.failures[0]
+    )  # no "drop 0.00, passed"
 
 
 def test_bad_inputs_are_clear(segmenting_run, phantom_dir, tmp_path):
@@ -251,7 +339,19 @@ def test_bad_inputs_are_clear(segmenting_run, phantom_dir, tmp_path):
     save_checkpoint(tmp_path / "unknown.pt", unknown)
     with pytest.raises(CheckpointError, match="unknown model"):
         build_engines([tmp_path / "unknown.pt"], BuildOptions(out_dir=tmp_path, data=phantom_dir))
-    result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--backend", "tensorrt", "--data", str(phantom_dir), "-o", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "build",
+            str(segmenting_run.best_path),
+            "--backend",
+            "tensorrt",
+            "--data",
+            str(phantom_dir),
+            "-o",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2 and "tensorrt" in result.output.lower() and "Traceback" not in result.output
 
 
@@ -275,7 +375,10 @@ def test_no_kill_leaves_an_engine_beside_another_engines_manifest(segmenting_run
 
     first = build(segmenting_run, phantom_dir, tmp_path, precision="fp32")[0]
     folder = Path(first["engine"]).parent
-    stale_build, stale_tmp = folder / f".build-{dead_pid()}-abc", folder / f".onnxruntime-fp32.onnx.json.{dead_pid()}.xyz.tmp"
+    stale_build, stale_tmp = (
+        folder / f".build-{dead_pid()}-abc",
+        folder / f".onnxruntime-fp32.onnx.json.{dead_pid()}.xyz.tmp",
+    )
     stale_build.mkdir()
     (stale_build / "engine-0.onnx").write_bytes(b"x" * 1000)
     stale_tmp.write_text("{")
@@ -313,8 +416,13 @@ def test_fp16_reports_weights_clamped_to_its_range(tmp_path):
     from lggdeploy.engines.precision.fp16 import convert_fp16
 
     weight = numpy_helper.from_array(np.array([[1e5, 0.5], [1e-9, -2.0]], np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [weight],
+    )
     source = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(source))
     path, facts = convert_fp16(source, tmp_path / "h.onnx")
@@ -323,10 +431,20 @@ def test_fp16_reports_weights_clamped_to_its_range(tmp_path):
 
 
 def test_build_flags_are_checked_before_any_work(segmenting_run, phantom_dir, tmp_path):
-    for flags, needle in ((["--max-drop", "-1"], "--max-drop"), (["--calib-samples", "0"], "--calib-samples"), (["--calib-method", "median"], "--calib-method"),
-                          (["--min-batch", "9", "--opt-batch", "8"], "batch profile"), (["--threads", "0"], "--threads")):
-        result = runner.invoke(app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path / "e"), *flags])
-        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (flags, result.output)
+    for flags, needle in (
+        (["--max-drop", "-1"], "--max-drop"),
+        (["--calib-samples", "0"], "--calib-samples"),
+        (["--calib-method", "median"], "--calib-method"),
+        (["--min-batch", "9", "--opt-batch", "8"], "batch profile"),
+        (["--threads", "0"], "--threads"),
+    ):
+        result = runner.invoke(
+            app, ["build", str(segmenting_run.best_path), "--data", str(phantom_dir), "-o", str(tmp_path / "e"), *flags]
+        )
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (
+            flags,
+            result.output,
+        )
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 

@@ -23,11 +23,23 @@ def prepared(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("weight-range")
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(8, 1, 1)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 1, 1),
+    ).eval()
     batch = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
-    torch.onnx.export(net, torch.from_numpy(batch[:1]), tmp / "float.onnx", input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
+    torch.onnx.export(
+        net,
+        torch.from_numpy(batch[:1]),
+        tmp / "float.onnx",
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
+        dynamo=False,
+    )
     return int8.preprocess_for_quantization(tmp / "float.onnx", tmp / "prepared.onnx"), batch, tmp
 
 
@@ -49,7 +61,9 @@ def quantized(prepared, profile: str, cpu: dict, name: str, **kwargs):
 
     graph, batch, tmp = prepared
     recipe = int8.recipe_for(profile, **cpu)
-    return recipe, int8.quantize(graph, tmp / f"{name}.onnx", recipe, BatchReader(batch), "minmax", tmp / f"{name}-cache.json", **kwargs)
+    return recipe, int8.quantize(
+        graph, tmp / f"{name}.onnx", recipe, BatchReader(batch), "minmax", tmp / f"{name}-cache.json", **kwargs
+    )
 
 
 def test_cpu_profile_reduces_weights_to_7_bits_only_without_vnni(prepared):
@@ -69,7 +83,9 @@ def test_a_tensor_override_reduces_one_weight_only(prepared):
     from lggdeploy.engines.precision import int8
 
     first = next(n.input[1] for n in onnx.load(str(prepared[0])).graph.node if n.op_type == "Conv")
-    _, path = quantized(prepared, "openvino", AVX2_ONLY, "ov-first", tensor_overrides={first: [{"axis": 0, "reduce_range": True}]})
+    _, path = quantized(
+        prepared, "openvino", AVX2_ONLY, "ov-first", tensor_overrides={first: [{"axis": 0, "reduce_range": True}]}
+    )
     extremes = int8_weight_extremes(path)
     assert extremes[0] <= 64 and extremes[1:] == [127] * (len(extremes) - 1)
     assert int8.recipe_for("openvino", **AVX2_ONLY).to_json()["reduce_range"] is False

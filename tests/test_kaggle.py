@@ -6,9 +6,9 @@ import tifffile
 from typer.testing import CliRunner
 
 from lggdeploy.cli import app
+from lggdeploy.common.errors import DataError
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import check_dataset, load_dataset, read_image
-from lggdeploy.common.errors import DataError
 from tests.conftest import SMALL_REAL_PATIENT
 
 P = SMALL_REAL_PATIENT

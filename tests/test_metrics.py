@@ -67,12 +67,18 @@ def test_detection_misses_and_largest_component_dice_on_constructed_volumes():
             self.position = 0
 
         def infer(self, batch):
-            out = np.where(predicted[self.position : self.position + len(batch)], 10.0, -10.0).astype(np.float32)[:, None]
+            out = np.where(predicted[self.position : self.position + len(batch)], 10.0, -10.0).astype(np.float32)[
+                :, None
+            ]
             self.position += len(batch)
             return out
 
-    slices = SliceArrays(np.zeros((4, 256, 256, 3), np.uint8), truth, np.array(["A", "A", "B", "B"]), np.array([1, 2, 1, 2]))
-    summary = score_runner(Replay(), slices, 256, Normalization(), batch_size=3, show_progress=False, largest_component=True)
+    slices = SliceArrays(
+        np.zeros((4, 256, 256, 3), np.uint8), truth, np.array(["A", "A", "B", "B"]), np.array([1, 2, 1, 2])
+    )
+    summary = score_runner(
+        Replay(), slices, 256, Normalization(), batch_size=3, show_progress=False, largest_component=True
+    )
     rows = {r["patient"]: r for r in summary["per_patient"]}
     assert rows["A"]["detected"] is True and rows["B"]["detected"] is False
     assert summary["aggregates"]["patients_missed"] == 1 and summary["aggregates"]["patients_with_tumor"] == 2

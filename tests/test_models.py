@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.common.errors import ModelError
+from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.presets import PRESETS, resolve_model
 
 

@@ -25,7 +25,11 @@ def activations_dequantized_for_no_convolution(model) -> list[str]:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
     weights = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in weights and "Conv" not in readers.get(n.output[0], ())]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] not in weights and "Conv" not in readers.get(n.output[0], ())
+    ]
 
 
 def test_openvino_engines_pass_the_gate_and_match_onnxruntime(segmenting_run, phantom_dir, tmp_path):
@@ -43,14 +47,20 @@ def test_openvino_engines_pass_the_gate_and_match_onnxruntime(segmenting_run, ph
     # the OpenVINO INT8 engine is the plain Q/DQ graph (no ONNX Runtime-only operators) and is its own portable twin
     int8 = onnx.load(engines[1]["engine"])
     ops = {n.op_type for n in int8.graph.node}
-    assert "QuantizeLinear" in ops and "QLinearConv" not in ops and not any(n.domain == "com.microsoft" for n in int8.graph.node)
+    assert (
+        "QuantizeLinear" in ops
+        and "QLinearConv" not in ops
+        and not any(n.domain == "com.microsoft" for n in int8.graph.node)
+    )
     assert engines[1]["portable_qdq"]["file"] == "openvino-int8-openvino.onnx"
     # the openvino profile quantizes activations only where a convolution reads them (OpenVINO fuses those); the cpu
     # profile (ONNX Runtime's placement, still built on request) also rounds convolution outputs on their way to an
     # activation function
     assert not activations_dequantized_for_no_convolution(int8)
     cpu = build(segmenting_run, phantom_dir, tmp_path, backend="openvino", precision="int8", int8_profile="cpu")[0]
-    assert cpu["engine"].endswith("openvino-int8-cpu.onnx") and activations_dequantized_for_no_convolution(onnx.load(cpu["engine"]))
+    assert cpu["engine"].endswith("openvino-int8-cpu.onnx") and activations_dequantized_for_no_convolution(
+        onnx.load(cpu["engine"])
+    )
     from lggdeploy.common.machine import cpu_has_bf16
 
     assert engines[1]["inference_precision_hint"] == ("bf16" if cpu_has_bf16() else "f32")  # the float remainder
@@ -58,9 +68,13 @@ def test_openvino_engines_pass_the_gate_and_match_onnxruntime(segmenting_run, ph
     from lggdeploy.common.errors import EngineError
 
     older = {k: v for k, v in read_manifest(engines[1]["engine"]).items() if k != "inference_precision_hint"}
-    assert ov_backend.load(engines[1]["engine"], older).config["INFERENCE_PRECISION_HINT"] == "f32"  # built before the hint was recorded
+    assert (
+        ov_backend.load(engines[1]["engine"], older).config["INFERENCE_PRECISION_HINT"] == "f32"
+    )  # built before the hint was recorded
     with pytest.raises(EngineError, match="inference precision 'bf16' on a fp32 engine"):
-        ov_backend.load(engines[0]["engine"], {**read_manifest(engines[0]["engine"]), "inference_precision_hint": "bf16"})
+        ov_backend.load(
+            engines[0]["engine"], {**read_manifest(engines[0]["engine"]), "inference_precision_hint": "bf16"}
+        )
 
     val = load_slices(load_dataset(phantom_dir), read_manifest(engines[0]["engine"])["split"]["val"])
     x = preprocess(val.images[:5], 128, Normalization())  # batch 5, then 2: each shape compiled once and reused
@@ -80,9 +94,13 @@ def test_bf16_only_where_the_cpu_has_it(segmenting_run, phantom_dir, tmp_path, m
     with pytest.raises(BackendUnavailable, match="neither AVX512-BF16 nor AMX"):
         build(segmenting_run, phantom_dir, tmp_path, backend="openvino", precision="bf16")
     assert discover(tmp_path) == []
-    engines = build(segmenting_run, phantom_dir, tmp_path, backend="openvino", precision="all")  # "all" skips bf16 and says so
+    engines = build(
+        segmenting_run, phantom_dir, tmp_path, backend="openvino", precision="all"
+    )  # "all" skips bf16 and says so
     assert [e["precision"] for e in engines] == ["fp32", "int8"]
-    assert engines[1]["inference_precision_hint"] == "f32"  # no BF16 here: the INT8 engine's float remainder runs in f32
+    assert (
+        engines[1]["inference_precision_hint"] == "f32"
+    )  # no BF16 here: the INT8 engine's float remainder runs in f32
     monkeypatch.undo()
     if not machine.cpu_has_bf16():
         pytest.skip("this CPU has no AVX512-BF16/AMX: the BF16 engine itself cannot be built here")
@@ -98,7 +116,9 @@ def test_bf16_only_where_the_cpu_has_it(segmenting_run, phantom_dir, tmp_path, m
 
 
 def test_every_int8_engine_has_a_portable_qdq_twin(segmenting_run, phantom_dir, tmp_path):
-    engine = build(segmenting_run, phantom_dir, tmp_path, precision="int8")[0]  # onnxruntime cpu profile: QLinear ops after optimization
+    engine = build(segmenting_run, phantom_dir, tmp_path, precision="int8")[
+        0
+    ]  # onnxruntime cpu profile: QLinear ops after optimization
     manifest = read_manifest(engine["engine"])
     twin = tmp_path.joinpath(*engine["engine"].split("/")[-2:]).parent / manifest["portable_qdq"]["file"]
     assert twin.name == "onnxruntime-int8-cpu.qdq.onnx" and twin.is_file()

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from lggdeploy.common.errors import DataError
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import check_dataset
 from lggdeploy.data.phantom import phantom_volume, synthesize
-from lggdeploy.common.errors import DataError
 
 
 def test_phantom_set_passes_the_real_validator(phantom_dir):

@@ -91,7 +91,11 @@ def val_case(tumor_small_and_not_largest: bool):
 def test_tuning_keeps_the_rule_only_where_the_val_patients_say_it_does_not_hurt():
     predicted, truth, patients = val_case(False)
     record = tune(predicted, truth, patients, train_smallest_tumor=100)
-    assert record["candidate"] == {"min_component_voxels": 50} and record["kept"] and record["postprocess"] == record["candidate"]
+    assert (
+        record["candidate"] == {"min_component_voxels": 50}
+        and record["kept"]
+        and record["postprocess"] == record["candidate"]
+    )
     assert record["val_mean_patient_dice_with"] > record["val_mean_patient_dice_without"]
     # A val patient whose small tumor would be removed (a larger false positive is kept): rejected, whatever the mean.
     predicted, truth, patients = val_case(True)
@@ -108,18 +112,22 @@ def test_scoring_reports_the_post_processed_figures_beside_the_raw_ones():
         def infer(self, x):
             start = Replay.at
             Replay.at += len(x)
-            return np.where(predicted[start:start + len(x)], 6.0, -6.0).astype(np.float32)[:, None]
+            return np.where(predicted[start : start + len(x)], 6.0, -6.0).astype(np.float32)[:, None]
 
     from lggdeploy.data.arrays import SliceArrays
     from lggdeploy.data.transforms import Normalization
 
     big = lambda a: np.kron(a, np.ones((8, 8), a.dtype)).astype(a.dtype)  # noqa: E731  32 -> 256 px
-    slices = SliceArrays(images=np.zeros((12, 256, 256, 3), np.uint8), masks=big(truth), patients=patients, numbers=np.arange(12))
+    slices = SliceArrays(
+        images=np.zeros((12, 256, 256, 3), np.uint8), masks=big(truth), patients=patients, numbers=np.arange(12)
+    )
     predicted = big(predicted)
     Replay.at = 0
     raw = score_runner(Replay(), slices, 256, Normalization(), batch_size=5, show_progress=False)
     Replay.at = 0
-    post = score_runner(Replay(), slices, 256, Normalization(), batch_size=5, show_progress=False, postprocess=PostProcess(50 * 64))
+    post = score_runner(
+        Replay(), slices, 256, Normalization(), batch_size=5, show_progress=False, postprocess=PostProcess(50 * 64)
+    )
     assert post["aggregates"]["mean_patient_dice_without_postprocess"] == raw["aggregates"]["mean_patient_dice"]
     assert post["aggregates"]["mean_patient_dice"] > raw["aggregates"]["mean_patient_dice"]
     assert [r["dice_without_postprocess"] for r in post["per_patient"]] == [r["dice"] for r in raw["per_patient"]]
@@ -135,8 +143,19 @@ def test_training_stores_the_val_choice_and_eval_engines_and_runtime_use_it(segm
     from lggdeploy.models.train import TrainConfig, train
     from lggdeploy.runtime import Segmenter
 
-    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "run", epochs=1, batch_size=8, img_size=128, show_progress=False,
-                               lr=1e-4, init_checkpoint=segmenting_run.best_path.parent / "last.pt"))
+    result = train(
+        TrainConfig(
+            model="pspnet-scratch",
+            data=phantom_dir,
+            out=tmp_path / "run",
+            epochs=1,
+            batch_size=8,
+            img_size=128,
+            show_progress=False,
+            lr=1e-4,
+            init_checkpoint=segmenting_run.best_path.parent / "last.pt",
+        )
+    )
     ckpt = load_checkpoint(result.best_path)
     dataset = load_dataset(phantom_dir)
     split = split_of(ckpt)
@@ -144,14 +163,20 @@ def test_training_stores_the_val_choice_and_eval_engines_and_runtime_use_it(segm
     tuning = ckpt["postprocess_tuning"]
     assert tuning["smallest_train_tumor_voxels"] == smallest_tumor(train_slices.masks, train_slices.patients) > 0
     assert tuning["candidate"] == {"min_component_voxels": int(0.5 * tuning["smallest_train_tumor_voxels"])}
-    assert ckpt["postprocess"] == (tuning["candidate"] if tuning["kept"] else {"min_component_voxels": 0}) == result.best["postprocess"]
+    assert (
+        ckpt["postprocess"]
+        == (tuning["candidate"] if tuning["kept"] else {"min_component_voxels": 0})
+        == result.best["postprocess"]
+    )
     summary = evaluate_checkpoint(result.best_path, phantom_dir, split="val")
     assert summary["meta"]["postprocess"] == ckpt["postprocess"]
     expected = tuning["val_mean_patient_dice_with"] if tuning["kept"] else tuning["val_mean_patient_dice_without"]
     assert summary["aggregates"]["mean_patient_dice"] == pytest.approx(expected, abs=2e-3)
 
     # A rule written into a checkpoint (here: keep only the largest component) reaches the engine and the runtime.
-    ruled = save_checkpoint(tmp_path / "ruled.pt", dict(ckpt, threshold=0.05, postprocess=PostProcess(LARGEST).to_json()))
+    ruled = save_checkpoint(
+        tmp_path / "ruled.pt", dict(ckpt, threshold=0.05, postprocess=PostProcess(LARGEST).to_json())
+    )
     report = build_engines([ruled], BuildOptions(out_dir=tmp_path / "engines", data=phantom_dir, precision="fp32"))
     engine = next(Path(e["engine"]) for e in report.engines if e["engine"].endswith(".onnx"))
     assert read_manifest(engine)["postprocess"] == {"min_component_voxels": LARGEST}
@@ -161,24 +186,35 @@ def test_training_stores_the_val_choice_and_eval_engines_and_runtime_use_it(segm
     # A threshold low enough to leave more than one component for the rule to remove (how low depends on the CPU the
     # fixture model was trained on: its weights differ between AVX2 and AVX-512 kernels).
     for threshold in (0.05, 0.02, 0.01, 0.005, 0.002, 0.001):
-        with Segmenter.load(engine, threshold=threshold) as stored, Segmenter.load(engine, threshold=threshold, postprocess=PostProcess()) as none:
+        with (
+            Segmenter.load(engine, threshold=threshold) as stored,
+            Segmenter.load(engine, threshold=threshold, postprocess=PostProcess()) as none,
+        ):
             kept, raw = stored.predict(val.images), none.predict(val.images)
         if connected_components(raw.masks)[1].size > 1:
             break
-    assert connected_components(raw.masks)[1].size > 1, "even threshold 0.001 leaves one component: nothing for the rule to remove"
+    assert connected_components(raw.masks)[1].size > 1, (
+        "even threshold 0.001 leaves one component: nothing for the rule to remove"
+    )
     assert (kept.masks == largest_connected_component(raw.masks)).all() and kept.masks.sum() < raw.masks.sum()
-    assert (kept.probabilities[~kept.masks] <= threshold + 1e-6).all() and (kept.probabilities[kept.masks] > threshold).all()
+    assert (kept.probabilities[~kept.masks] <= threshold + 1e-6).all() and (
+        kept.probabilities[kept.masks] > threshold
+    ).all()
 
     # `predict --postprocess` overrides the stored rule; a bad value is one clear line.
     source = phantom_dir / split.val[0]
     for value, expected_masks in (("none", raw.masks), (None, kept.masks)):
         out = tmp_path / f"pred-{value}"
-        args = ["predict", str(engine), str(source), "-o", str(out), "--threshold", str(threshold)] + (["--postprocess", value] if value else [])
+        args = ["predict", str(engine), str(source), "-o", str(out), "--threshold", str(threshold)] + (
+            ["--postprocess", value] if value else []
+        )
         assert CliRunner().invoke(app, args).exit_code == 0
         import tifffile
 
         pid = split.val[0]
         written = np.stack([tifffile.imread(out / pid / f"{pid}_{n}_pred_mask.tif") > 0 for n in val.numbers])
         assert (written == expected_masks).all()
-    bad = CliRunner().invoke(app, ["predict", str(engine), str(source), "-o", str(tmp_path / "bad"), "--postprocess", "banana"])
+    bad = CliRunner().invoke(
+        app, ["predict", str(engine), str(source), "-o", str(tmp_path / "bad"), "--postprocess", "banana"]
+    )
     assert bad.exit_code != 0 and "--postprocess" in bad.output and "Traceback" not in bad.output

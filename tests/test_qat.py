@@ -13,7 +13,9 @@ from lggdeploy.engines.precision import qat
 from lggdeploy.engines.precision.int8 import zero_points
 from lggdeploy.models.checkpoint import load_checkpoint
 
-pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed (pip install 'lggdeploy[qat]')")
+pytest.importorskip(
+    "modelopt.torch.quantization", reason="nvidia-modelopt is not installed (pip install 'lggdeploy[qat]')"
+)
 
 # One calibration slice gives ranges that fit the other slices badly. The fixture model's exact numbers depend on the
 # CPU it was trained on (FP32 on AVX2 and on AVX-512 kernels ends in different weights): post-training INT8 agreed with
@@ -25,13 +27,18 @@ QAT_MARGIN = 0.005
 
 
 def build(run, data, out, criteria, **kw):
-    return build_engines([run.best_path], BuildOptions(out_dir=out, data=data, precision="int8", int8_profile="tensorrt", qat_epochs=2, **criteria, **kw))
+    return build_engines(
+        [run.best_path],
+        BuildOptions(out_dir=out, data=data, precision="int8", int8_profile="tensorrt", qat_epochs=2, **criteria, **kw),
+    )
 
 
 @pytest.fixture(scope="module")
 def criteria(segmenting_run, phantom_dir, tmp_path_factory):
     """The gate's bounds, with the agreement bound just above what post-training INT8 reaches here."""
-    probe = dict(calib_samples=1, min_agreement=0.0, max_drop=100.0, max_patient_drop=100.0)  # passes at once: no fallback search
+    probe = dict(
+        calib_samples=1, min_agreement=0.0, max_drop=100.0, max_patient_drop=100.0
+    )  # passes at once: no fallback search
     report = build(segmenting_run, phantom_dir, tmp_path_factory.mktemp("ptq"), probe, qat="off")
     ptq = read_manifest(report.engines[0]["engine"])["gate"]["min_agreement"]
     assert ptq < 1 - QAT_MARGIN, f"post-training INT8 already agrees at {ptq}: nothing for QAT to fix"
@@ -57,7 +64,12 @@ def test_ptq_fails_the_gate_and_qat_passes_with_nothing_in_float(qat_engine, cri
     record = manifest["qat"]
     ckpt = load_checkpoint(segmenting_run.best_path)
     assert record["library"] == "nvidia-modelopt" and record["library_version"] == qat.modelopt_version()
-    assert record["epochs"] == 2 and record["lr"] == 1e-3 and record["optimizer"] == "sgd" and record["distill_weight"] == 1.0
+    assert (
+        record["epochs"] == 2
+        and record["lr"] == 1e-3
+        and record["optimizer"] == "sgd"
+        and record["distill_weight"] == 1.0
+    )
     assert record["train_patients"] == ckpt["split"]["train"] and len(record["history"]) == 2
     assert "take the range QAT trained with" in manifest["calibration"]["qat_ranges"]
 
@@ -76,7 +88,10 @@ def test_the_qat_graph_keeps_the_tensorrt_profile_rules(qat_engine):
         if node.op_type == "DequantizeLinear":
             assert node.input[2] in inits and inits[node.input[2]].dtype == np.int8  # signed int8, zero point 0
             users = {c.op_type for c in consumers[node.output[0]]}
-            assert "Conv" in users and users <= {"Conv", "Add"}  # Q/DQ on convolution inputs (shared with a residual Add)
+            assert "Conv" in users and users <= {
+                "Conv",
+                "Add",
+            }  # Q/DQ on convolution inputs (shared with a residual Add)
             if node.input[0] in inits and inits[node.input[0]].ndim == 4:  # a convolution's weight: per output channel
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
                 assert axis == 0 and inits[node.input[1]].shape == (inits[node.input[0]].shape[0],)
@@ -98,7 +113,9 @@ def test_a_second_build_reuses_the_qat_model(qat_engine, criteria, segmenting_ru
 
 
 @pytest.mark.slow  # the negative control of the test above: runs in CI's test-slow, to keep `make test` inside its time
-def test_a_qat_that_does_nothing_does_not_pass_without_float_nodes(segmenting_run, phantom_dir, criteria, tmp_path, monkeypatch):
+def test_a_qat_that_does_nothing_does_not_pass_without_float_nodes(
+    segmenting_run, phantom_dir, criteria, tmp_path, monkeypatch
+):
     """The negative control: with the fine-tuning step removed, the same build needs nodes in float or fails."""
     monkeypatch.setattr(qat, "finetune", lambda *args, **kwargs: [])
     report = build(segmenting_run, phantom_dir, tmp_path, criteria)

@@ -26,14 +26,24 @@ def graphs(tmp_path_factory):
         layers += [torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()]
     net = torch.nn.Sequential(*layers, torch.nn.Conv2d(8, 1, 1)).eval()
     batch = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
-    torch.onnx.export(net, torch.from_numpy(batch[:1]), tmp / "float.onnx", input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
+    torch.onnx.export(
+        net,
+        torch.from_numpy(batch[:1]),
+        tmp / "float.onnx",
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
+        dynamo=False,
+    )
     prepared = int8.preprocess_for_quantization(tmp / "float.onnx", tmp / "prepared.onnx")
     recipe = int8.recipe_for("cpu", isa=["avx512_vnni"], arch="x86_64")
     qdq_path = int8.quantize(prepared, tmp / "qdq.onnx", recipe, BatchReader(batch), "minmax", tmp / "cache.json")
     qdq = onnx.load(str(qdq_path))
     convs = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
     victim = convs[3]
-    weight = next(n for n in qdq.graph.node if n.name == victim.name).input[1]  # Conv(x, W, b): W is a DequantizeLinear's output
+    weight = next(n for n in qdq.graph.node if n.name == victim.name).input[
+        1
+    ]  # Conv(x, W, b): W is a DequantizeLinear's output
     weight_dq = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == weight)
     scale = next(init for init in qdq.graph.initializer if init.name == weight_dq.input[1])
     scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 6, scale.name))

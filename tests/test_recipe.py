@@ -42,8 +42,12 @@ def test_oversampling_changes_the_tumor_fraction_seen_per_epoch(phantom_dir):
 
 def test_a_training_epoch_sees_the_requested_tumor_fraction(phantom_dir, tmp_path):
     kw = dict(model="pspnet-scratch", data=phantom_dir, epochs=1, batch_size=4, img_size=64, show_progress=False)
-    natural = train(TrainConfig(out=tmp_path / "plain", tumor_fraction=0, **kw)).history[0]["train_tumor_slice_fraction"]
-    oversampled = train(TrainConfig(out=tmp_path / "over", tumor_fraction=0.9, **kw)).history[0]["train_tumor_slice_fraction"]
+    natural = train(TrainConfig(out=tmp_path / "plain", tumor_fraction=0, **kw)).history[0][
+        "train_tumor_slice_fraction"
+    ]
+    oversampled = train(TrainConfig(out=tmp_path / "over", tumor_fraction=0.9, **kw)).history[0][
+        "train_tumor_slice_fraction"
+    ]
     assert oversampled > natural + 0.2 and oversampled == pytest.approx(0.9, abs=0.05), (natural, oversampled)
 
 
@@ -56,7 +60,9 @@ def test_per_image_losses_weigh_a_missed_small_lesion():
     logits = torch.where(target > 0, 8.0, -8.0)
     logits[1] = -8.0  # the small lesion missed
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()
-    pooled, per_image, tversky = (segmentation_loss(logits, target, k).item() - bce for k in ("dice", "image-dice", "tversky"))
+    pooled, per_image, tversky = (
+        segmentation_loss(logits, target, k).item() - bce for k in ("dice", "image-dice", "tversky")
+    )
     assert pooled < 0.02 and per_image > 0.4 and tversky > 0.4, (pooled, per_image, tversky)
     one = torch.zeros(1, 1, 8, 8)
     one[0, 0, :4] = 1
@@ -86,7 +92,9 @@ def test_threshold_choice_moves_only_for_a_real_gain():
     record = thresholds.tune(logits, masks, patients, default=0.5)
     assert record["val_mean_patient_dice_at_default"] == 0.0 and record["val_mean_patient_dice"] == pytest.approx(1.0)
     assert 0.05 < record["threshold"] < 0.35 and record["patients"] == ["a", "b"]
-    assert abs(record["threshold"] - 0.5) == min(abs(r["threshold"] - 0.5) for r in record["sweep"] if r["mean_patient_dice"] == 1.0)
+    assert abs(record["threshold"] - 0.5) == min(
+        abs(r["threshold"] - 0.5) for r in record["sweep"] if r["mean_patient_dice"] == 1.0
+    )
     calibrated = np.where(masks, 4.0, -4.0).astype(np.float32)[:, None]  # every threshold gives Dice 1: keep 0.5
     assert thresholds.tune(calibrated, masks, patients, default=0.5)["threshold"] == 0.5
 
@@ -100,14 +108,30 @@ def test_tuned_threshold_is_stored_and_used_end_to_end(segmenting_run, phantom_d
     from lggdeploy.runtime.segmenter import Segmenter
 
     out = tmp_path / "tuned"
-    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, batch_size=8, img_size=128, show_progress=False,
-                               lr=1e-4, init_checkpoint=segmenting_run.best_path.parent / "last.pt", ema_decay=0.9, tune_threshold=True))
+    result = train(
+        TrainConfig(
+            model="pspnet-scratch",
+            data=phantom_dir,
+            out=out,
+            epochs=2,
+            batch_size=8,
+            img_size=128,
+            show_progress=False,
+            lr=1e-4,
+            init_checkpoint=segmenting_run.best_path.parent / "last.pt",
+            ema_decay=0.9,
+            tune_threshold=True,
+        )
+    )
     ckpt = load_checkpoint(result.best_path)
     tuning = ckpt["threshold_tuning"]
     assert ckpt["threshold"] == tuning["threshold"] == result.best["threshold"] and ckpt["weights"] == "ema"
     assert tuning["patients"] == split_of(ckpt).val
     summary = evaluate_checkpoint(result.best_path, phantom_dir, split="val")
-    assert summary["meta"]["threshold"] == ckpt["threshold"] and summary["meta"]["threshold_origin"] == "tuned on 1 val patients"
+    assert (
+        summary["meta"]["threshold"] == ckpt["threshold"]
+        and summary["meta"]["threshold_origin"] == "tuned on 1 val patients"
+    )
     assert summary["aggregates"]["mean_patient_dice"] == pytest.approx(tuning["val_mean_patient_dice"], abs=2e-3)
 
     # A threshold other than 0.5 written into the checkpoint travels to the engine and the runtime and changes masks.
@@ -133,8 +157,18 @@ def test_fine_tuning_keeps_the_threshold_it_starts_from(trained_run, phantom_dir
     from lggdeploy.models.checkpoint import save_checkpoint
 
     save_checkpoint(start, dict(ckpt, threshold=0.35))
-    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "ft", epochs=1, batch_size=8, img_size=64,
-                               show_progress=False, init_checkpoint=start))
+    result = train(
+        TrainConfig(
+            model="pspnet-scratch",
+            data=phantom_dir,
+            out=tmp_path / "ft",
+            epochs=1,
+            batch_size=8,
+            img_size=64,
+            show_progress=False,
+            init_checkpoint=start,
+        )
+    )
     assert load_checkpoint(result.best_path)["threshold"] == 0.35
     assert model_from_checkpoint(load_checkpoint(result.best_path)) is not None
 
@@ -147,11 +181,23 @@ def test_slice_normalization_is_stored_and_used_end_to_end(trained_run, phantom_
     from lggdeploy.postprocess import PostProcess
     from lggdeploy.runtime.segmenter import Segmenter
 
-    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "s", epochs=1, batch_size=8, img_size=64,
-                               show_progress=False, normalization="slice"))
+    result = train(
+        TrainConfig(
+            model="pspnet-scratch",
+            data=phantom_dir,
+            out=tmp_path / "s",
+            epochs=1,
+            batch_size=8,
+            img_size=64,
+            show_progress=False,
+            normalization="slice",
+        )
+    )
     ckpt = load_checkpoint(result.best_path)
     assert ckpt["normalization"]["mode"] == "slice" and ckpt["train_config"]["normalization"] == "slice"
-    report = build_engines([result.best_path], BuildOptions(out_dir=tmp_path / "engines", data=phantom_dir, precision="fp32"))
+    report = build_engines(
+        [result.best_path], BuildOptions(out_dir=tmp_path / "engines", data=phantom_dir, precision="fp32")
+    )
     engine = next(Path(e["engine"]) for e in report.engines if e["engine"].endswith(".onnx"))
     assert read_manifest(engine)["normalization"] == ckpt["normalization"]
     images = load_slices(load_dataset(phantom_dir), split_of(ckpt).val).images
@@ -163,28 +209,61 @@ def test_slice_normalization_is_stored_and_used_end_to_end(trained_run, phantom_
 
     with Segmenter.load(engine, postprocess=PostProcess()) as segmenter:
         probabilities = segmenter.predict(images).probabilities
-    same, other = (np.abs(probabilities - torch_probabilities(n)).max() for n in (Normalization(mode="slice"), Normalization()))
+    same, other = (
+        np.abs(probabilities - torch_probabilities(n)).max() for n in (Normalization(mode="slice"), Normalization())
+    )
     assert same < 1e-3 and other > 10 * same, (same, other)
     start_mode = load_checkpoint(trained_run.best_path)["normalization"].get("mode", "fixed")
     other_mode = "fixed" if start_mode == "slice" else "slice"
     with pytest.raises(LggError, match=f"--normalization {other_mode} differs from the '{start_mode}' normalization"):
-        train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "ft", epochs=1, batch_size=8, img_size=64,
-                          show_progress=False, init_checkpoint=trained_run.best_path, normalization=other_mode,
-                          explicit=frozenset({"epochs", "normalization"})))
+        train(
+            TrainConfig(
+                model="pspnet-scratch",
+                data=phantom_dir,
+                out=tmp_path / "ft",
+                epochs=1,
+                batch_size=8,
+                img_size=64,
+                show_progress=False,
+                init_checkpoint=trained_run.best_path,
+                normalization=other_mode,
+                explicit=frozenset({"epochs", "normalization"}),
+            )
+        )
 
 
 def test_bad_recipe_options_are_one_clear_line(phantom_dir, tmp_path):
-    for kw, message in ((dict(tumor_fraction=1.5), "--tumor-fraction must be 0"),
-                        (dict(loss="focal"), "unknown --loss 'focal'"),
-                        (dict(ema_decay=0.2), "--ema must be 0"),
-                        (dict(warmup_epochs=3), "--warmup-epochs must be"),
-                        (dict(missing_modality=1.5), "--missing-modality must be a share"),
-                        (dict(normalization="volume"), "unknown --normalization 'volume'"),
-                        (dict(bn_momentum=1.5), "--bn-momentum must lie between 0")):
+    for kw, message in (
+        (dict(tumor_fraction=1.5), "--tumor-fraction must be 0"),
+        (dict(loss="focal"), "unknown --loss 'focal'"),
+        (dict(ema_decay=0.2), "--ema must be 0"),
+        (dict(warmup_epochs=3), "--warmup-epochs must be"),
+        (dict(missing_modality=1.5), "--missing-modality must be a share"),
+        (dict(normalization="volume"), "unknown --normalization 'volume'"),
+        (dict(bn_momentum=1.5), "--bn-momentum must lie between 0"),
+    ):
         with pytest.raises(LggError, match=message):
-            train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "x", epochs=2, img_size=64, **kw))
-    result = CliRunner().invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(tmp_path / "y"), "--tumor-fraction", "2"])
-    assert result.exit_code != 0 and "--tumor-fraction must be 0 (slices as the data come) or a fraction below 1" in result.output
+            train(
+                TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "x", epochs=2, img_size=64, **kw)
+            )
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "pspnet-scratch",
+            "--data",
+            str(phantom_dir),
+            "--out",
+            str(tmp_path / "y"),
+            "--tumor-fraction",
+            "2",
+        ],
+    )
+    assert (
+        result.exit_code != 0
+        and "--tumor-fraction must be 0 (slices as the data come) or a fraction below 1" in result.output
+    )
     assert "Traceback" not in result.output and not (tmp_path / "y").exists()
 
 
@@ -199,7 +278,9 @@ def test_batch_norm_momentum_reaches_every_layer_and_the_run(phantom_dir, tmp_pa
     from lggdeploy.models.recipe import set_batch_norm_momentum
 
     def momenta(model):
-        return Counter(round(m.momentum, 6) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        return Counter(
+            round(m.momentum, 6) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        )
 
     effb7 = build_model(resolve_model("unet-effb7"), "random").model
     before = momenta(effb7)
@@ -219,8 +300,26 @@ def test_batch_norm_momentum_reaches_every_layer_and_the_run(phantom_dir, tmp_pa
     kw = dict(model="pspnet-scratch", data=phantom_dir, epochs=1, batch_size=8, img_size=64, show_progress=False)
     result = train(TrainConfig(out=tmp_path / "m", bn_momentum=0.3, **kw))
     assert seen == [0.3, {0.3}] and load_checkpoint(result.last_path)["train_config"]["bn_momentum"] == 0.3
-    refused = CliRunner().invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(tmp_path / "m"), "--resume", "--bn-momentum", "0.1"])
-    assert refused.exit_code != 0 and "--bn-momentum 0.1 (the run has 0.3)" in refused.output and "Traceback" not in refused.output
+    refused = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "pspnet-scratch",
+            "--data",
+            str(phantom_dir),
+            "--out",
+            str(tmp_path / "m"),
+            "--resume",
+            "--bn-momentum",
+            "0.1",
+        ],
+    )
+    assert (
+        refused.exit_code != 0
+        and "--bn-momentum 0.1 (the run has 0.3)" in refused.output
+        and "Traceback" not in refused.output
+    )
 
 
 def test_budget_fixes_the_number_of_epochs_and_the_schedule(phantom_dir, tmp_path):
@@ -228,11 +327,25 @@ def test_budget_fixes_the_number_of_epochs_and_the_schedule(phantom_dir, tmp_pat
 
     assert epochs_within_budget(1800, 200, 150, None) == 11  # 1600 s left * 0.97 / 150 s = 10 more epochs
     assert epochs_within_budget(1800, 200, 150, 6) == 6 and epochs_within_budget(100, 200, 150, None) == 1
-    result = train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "b", epochs=4, batch_size=8, img_size=64,
-                               show_progress=False, budget_minutes=0.5, explicit=frozenset({"epochs", "budget_minutes"})))
+    result = train(
+        TrainConfig(
+            model="pspnet-scratch",
+            data=phantom_dir,
+            out=tmp_path / "b",
+            epochs=4,
+            batch_size=8,
+            img_size=64,
+            show_progress=False,
+            budget_minutes=0.5,
+            explicit=frozenset({"epochs", "budget_minutes"}),
+        )
+    )
     last = load_checkpoint(result.last_path)
     decided = last["budget"]["epochs"]
-    assert 1 <= decided <= 4 and len(result.history) == decided == last["train_config"]["epochs"] == last["schedule_epochs"]
+    assert (
+        1 <= decided <= 4
+        and len(result.history) == decided == last["train_config"]["epochs"] == last["schedule_epochs"]
+    )
     if decided > 1:  # the cosine spans exactly the decided epochs: the last epoch ends at the schedule's floor
         assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)
 
@@ -245,7 +358,9 @@ def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_
     kw = dict(model="pspnet-scratch", data=phantom_dir, out=out, batch_size=8, img_size=64, show_progress=False)
     train(TrainConfig(epochs=1, **kw))
     last = load_checkpoint(out / "last.pt")
-    last["train_config"] = {k: v for k, v in last["train_config"].items() if k not in LEGACY_RECIPE}  # as an older lggdeploy wrote it
+    last["train_config"] = {
+        k: v for k, v in last["train_config"].items() if k not in LEGACY_RECIPE
+    }  # as an older lggdeploy wrote it
     last["normalization"] = {k: last["normalization"][k] for k in ("scale", "mean", "std")}
     save_checkpoint(out / "last.pt", last)
     train(TrainConfig(epochs=2, resume=True, explicit=frozenset({"epochs"}), **kw))
@@ -257,7 +372,11 @@ def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_
     "isa, auto, bf16_allowed",
     [
         (["avx2", "fma"], None, False),  # no native bf16: FP32, and an explicit bf16 is refused
-        (["avx2", "avx512f", "avx512_bf16"], None, True),  # AVX512-BF16 without AMX: measured slower, so auto stays FP32
+        (
+            ["avx2", "avx512f", "avx512_bf16"],
+            None,
+            True,
+        ),  # AVX512-BF16 without AMX: measured slower, so auto stays FP32
         (["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"], torch.bfloat16, True),  # AMX: auto trains in bf16
     ],
 )

@@ -11,28 +11,33 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
-from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.cli import app
+from lggdeploy.common.errors import EngineError, LggError
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.transforms import Normalization
+from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.engines.formats import read_manifest
-from tests.conftest import manifest_for
-from lggdeploy.common.errors import EngineError, LggError
 from lggdeploy.runtime import Segmenter, largest_connected_component
 from lggdeploy.scoring import score_runner
+from tests.conftest import manifest_for
 
 
 @pytest.fixture(scope="module")
 def int8_engine(segmenting_run, phantom_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runtime_engines")
-    report = build_engines([segmenting_run.best_path], BuildOptions(out_dir=out, data=phantom_dir, precision="int8", calib_samples=8, max_drop=100))
+    report = build_engines(
+        [segmenting_run.best_path],
+        BuildOptions(out_dir=out, data=phantom_dir, precision="int8", calib_samples=8, max_drop=100),
+    )
     return report.engines[0]["engine"]
 
 
 def test_importing_the_runtime_imports_no_torch():
     code = "import sys, lggdeploy.runtime, lggdeploy.runtime.predict, lggdeploy.cli; print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
 def test_predict_masks_equal_what_bench_scores(int8_engine, segmenting_run, phantom_dir):
@@ -41,8 +46,14 @@ def test_predict_masks_equal_what_bench_scores(int8_engine, segmenting_run, phan
     slices = load_slices(dataset, manifest["split"]["val"])
     with Segmenter.load(int8_engine) as segmenter:
         prediction = segmenter.predict(slices.images)
-        scored = score_runner(segmenter.runner, slices, manifest["img_size"], Normalization.from_json(manifest["normalization"]),
-                              threshold=manifest["threshold"], show_progress=False)
+        scored = score_runner(
+            segmenter.runner,
+            slices,
+            manifest["img_size"],
+            Normalization.from_json(manifest["normalization"]),
+            threshold=manifest["threshold"],
+            show_progress=False,
+        )
     assert prediction.masks.shape == slices.masks.shape and prediction.probabilities.dtype == np.float32
     assert np.array_equal(prediction.masks, prediction.probabilities > manifest["threshold"])
     tp = (prediction.masks & slices.masks).sum()
@@ -115,7 +126,9 @@ def test_predict_cli_on_a_folder_with_one_corrupt_file(int8_engine, phantom_dir,
     shutil.copytree(phantom_dir / patient, source)
     corrupt = sorted(source.glob(f"{patient}_2.tif"))[0]
     corrupt.write_bytes(b"broken")
-    result = CliRunner().invoke(app, ["predict", str(int8_engine), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--spacing", "0.5"])
+    result = CliRunner().invoke(
+        app, ["predict", str(int8_engine), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--spacing", "0.5"]
+    )
     assert result.exit_code == 2, result.output
     assert f"{patient}_2.tif" in result.output and "Traceback" not in result.output
     n = len(list(source.glob("*_mask.tif")))
@@ -135,7 +148,9 @@ def test_predict_keeps_every_mask_with_its_own_slice(int8_engine, phantom_dir, t
     source = tmp_path / "in" / patient
     shutil.copytree(phantom_dir / patient, source)
     (source / f"{patient}_5_mask.tif").write_bytes(b"garbage")
-    tifffile.imwrite(source / f"{patient}_7_mask.tif", (tifffile.imread(source / f"{patient}_7_mask.tif") > 0).astype(np.uint8))
+    tifffile.imwrite(
+        source / f"{patient}_7_mask.tif", (tifffile.imread(source / f"{patient}_7_mask.tif") > 0).astype(np.uint8)
+    )
     result = CliRunner().invoke(app, ["predict", str(int8_engine), str(tmp_path / "in"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{patient}_5_mask.tif" in result.output and f"{patient}_7_mask.tif" in result.output
@@ -147,7 +162,9 @@ def test_predict_keeps_every_mask_with_its_own_slice(int8_engine, phantom_dir, t
             alone = segmenter.predict(tifffile.imread(image)).masks[0]
             assert np.array_equal(tifffile.imread(written[f"{image.stem}_pred_mask.tif"]) > 0, alone), image.name
     rows = (tmp_path / "out" / "patients.csv").read_text().splitlines()
-    assert rows[1].split(",")[1] == str(len(images)) and rows[1].endswith(",")  # every slice; no Dice without every mask
+    assert rows[1].split(",")[1] == str(len(images)) and rows[1].endswith(
+        ","
+    )  # every slice; no Dice without every mask
 
 
 def test_an_engine_that_is_not_its_manifests_is_refused(int8_engine, tmp_path):
@@ -159,8 +176,13 @@ def test_an_engine_that_is_not_its_manifests_is_refused(int8_engine, tmp_path):
 
     manifest = read_manifest(int8_engine)
     manifest.pop("format"), manifest.pop("version")
-    write_manifest(fp32, dict(manifest, precision="fp32", int8_profile=None, sha256="0" * 64))  # an fp32 manifest; the int8 file
-    with pytest.raises(EngineError, match=r"onnxruntime-fp32.onnx \(sha256 .*is not the engine its manifest onnxruntime-fp32.onnx.json describes"):
+    write_manifest(
+        fp32, dict(manifest, precision="fp32", int8_profile=None, sha256="0" * 64)
+    )  # an fp32 manifest; the int8 file
+    with pytest.raises(
+        EngineError,
+        match=r"onnxruntime-fp32.onnx \(sha256 .*is not the engine its manifest onnxruntime-fp32.onnx.json describes",
+    ):
         Segmenter.load(fp32)
     manifest_path(fp32).write_text(manifest_path(fp32).read_text().replace('"sha256"', '"sha256_was"'))
     with pytest.raises(EngineError, match="records no sha256"):
@@ -178,13 +200,17 @@ def test_a_manifest_with_another_input_size_is_refused(int8_engine, tmp_path):
 def test_threads_are_bounded_by_the_cores(int8_engine, tmp_path):
     import os
 
-    result = CliRunner().invoke(app, ["predict", str(int8_engine), str(tmp_path), "--threads", "100000", "-o", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app, ["predict", str(int8_engine), str(tmp_path), "--threads", "100000", "-o", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2 and f"from 1 to {os.cpu_count()}" in result.output and "Traceback" not in result.output
 
 
 def test_predict_on_a_wrong_shape_slice_writes_and_claims_nothing(int8_engine, tmp_path):
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "X_1.tif", np.zeros((128, 128, 3), np.uint8))
-    result = CliRunner().invoke(app, ["predict", str(int8_engine), str(tmp_path / "in" / "X_1.tif"), "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["predict", str(int8_engine), str(tmp_path / "in" / "X_1.tif"), "-o", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and "patients.csv" not in result.output and "shape" in result.output
     assert not (tmp_path / "out" / "patients.csv").exists()

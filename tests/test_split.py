@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from lggdeploy.common.errors import DataError
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import Split, load_split, make_split, save_split
-from lggdeploy.common.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,9 @@ def test_a_split_with_an_empty_part_is_refused(real_dataset, tmp_path):
 
     with pytest.raises(DataError, match="must be positive"):
         make_split(real_dataset, ratios=(1.0, 0.0, 0.0))
-    result = CliRunner().invoke(app, ["data", "split", str(real_dataset.root), "--ratios", "1,0,0", "-o", str(tmp_path / "s.json")])
+    result = CliRunner().invoke(
+        app, ["data", "split", str(real_dataset.root), "--ratios", "1,0,0", "-o", str(tmp_path / "s.json")]
+    )
     assert result.exit_code == 2 and not (tmp_path / "s.json").exists()
 
 
@@ -67,7 +69,9 @@ def test_a_split_without_tumor_in_every_part_is_not_kept_silently(real_dataset, 
     import lggdeploy.data.split as split_module
 
     ids = real_dataset.patient_ids
-    monkeypatch.setattr(split_module, "count_tumor_slices", lambda dataset, patients: {p: (5 if p in ids[:3] else 0) for p in patients})
+    monkeypatch.setattr(
+        split_module, "count_tumor_slices", lambda dataset, patients: {p: (5 if p in ids[:3] else 0) for p in patients}
+    )
     with pytest.raises(DataError, match="with tumor slices in train, val and test was found in 0 shuffles .*3 of"):
         make_split(real_dataset, seed=0, max_tries=0)
     split = make_split(real_dataset, seed=0)  # with retries, one tumor patient lands in each part

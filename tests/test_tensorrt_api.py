@@ -43,7 +43,9 @@ def has(api: dict, dotted: str) -> bool:
 def test_every_used_name_exists_in_its_versions(version):
     api = json.loads((api_dir() / f"trt{version}.json").read_text())
     assert api["version"].startswith(version + ".")
-    missing = [name for name, versions in tensorrt_backend.TRT_NAMES.items() if version in versions and not has(api, name)]
+    missing = [
+        name for name, versions in tensorrt_backend.TRT_NAMES.items() if version in versions and not has(api, name)
+    ]
     assert missing == []
 
 
@@ -55,7 +57,9 @@ def test_version_guarded_names_really_differ():
             assert has(trt10, name)
     # the precision flags TensorRT 11 removed are never used: precision lives in the ONNX graph
     tree = ast.parse(SOURCE)
-    identifiers = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    identifiers = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+    }
     for removed in ("BuilderFlag", "int8_calibrator", "IInt8EntropyCalibrator2", "set_dynamic_range", "EXPLICIT_BATCH"):
         assert removed not in identifiers
     assert not has(trt11, "BuilderFlag.FP16") and has(trt10, "BuilderFlag.FP16")
@@ -64,13 +68,19 @@ def test_version_guarded_names_really_differ():
 def test_the_declared_list_covers_the_source():
     """No trt.X access and no method of a TensorRT object outside TRT_NAMES."""
     tree = ast.parse(SOURCE)
-    module_attrs = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "trt"}
+    module_attrs = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "trt"
+    }
     declared_tops = {name.split(".")[0] for name in tensorrt_backend.TRT_NAMES}
     assert module_attrs <= declared_tops, module_attrs - declared_tops
     declared_members = {name.split(".")[-1] for name in tensorrt_backend.TRT_NAMES}
     trt_objects = r"\b(?:builder|network|parser|config|profile|cache|engine|context|runtime|self\.engine|self\.context|self\.runtime|e|trt\.\w+)\.(\w+)"
     used = set(re.findall(trt_objects, SOURCE))
-    assert used <= declared_members | {"Logger", "WARNING", "INPUT", "STRONGLY_TYPED", "WORKSPACE"}, used - declared_members
+    assert used <= declared_members | {"Logger", "WARNING", "INPUT", "STRONGLY_TYPED", "WORKSPACE"}, (
+        used - declared_members
+    )
 
 
 def test_importing_lggdeploy_does_not_import_tensorrt():
@@ -78,7 +88,10 @@ def test_importing_lggdeploy_does_not_import_tensorrt():
     import sys
 
     code = "import sys, lggdeploy, lggdeploy.backends, lggdeploy.engines.build, lggdeploy.cli; print('tensorrt' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_missing_tensorrt_is_a_clear_reason():

@@ -82,7 +82,9 @@ class FakeContext:
     def execute_async_v3(self, stream):
         n = int(np.prod(self.shape))
         source = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses["input"])).reshape(self.shape)
-        out = np.ctypeslib.as_array((ctypes.c_float * (n // 3)).from_address(self.addresses["logits"])).reshape(self.get_tensor_shape("logits"))
+        out = np.ctypeslib.as_array((ctypes.c_float * (n // 3)).from_address(self.addresses["logits"])).reshape(
+            self.get_tensor_shape("logits")
+        )
         out[:] = 2 * source[:, :1]  # "logits": twice the first channel
         return True
 
@@ -170,7 +172,9 @@ def test_device_buffers_grow_once_and_are_reused(runner_for):
 def test_the_runner_is_bound_to_its_thread(runner_for):
     runner, _ = runner_for(FakeEngine())
     errors = []
-    thread = threading.Thread(target=lambda: errors.append(pytest.raises(EngineError, runner.infer, np.zeros((1, 3, 8, 8), np.float32))))
+    thread = threading.Thread(
+        target=lambda: errors.append(pytest.raises(EngineError, runner.infer, np.zeros((1, 3, 8, 8), np.float32)))
+    )
     thread.start()
     thread.join()
     assert errors and "bound to the thread" in str(errors[0].value)
@@ -188,4 +192,7 @@ def test_gpu_identity_is_the_current_device_and_keys_the_timing_cache(runner_for
     path = trt_backend.timing_cache_path(tmp_path / "tensorrt.timing-cache", "10.16.0.72", identity)
     assert path.name == "tensorrt-trt10.16.0.72-sm90-NVIDIA-H100-80GB-HBM3.timing-cache"
     cudart.device = 0
-    assert trt_backend.timing_cache_path(tmp_path / "tensorrt.timing-cache", "11.1.0.106", trt_backend.gpu_identity()) != path
+    assert (
+        trt_backend.timing_cache_path(tmp_path / "tensorrt.timing-cache", "11.1.0.106", trt_backend.gpu_identity())
+        != path
+    )

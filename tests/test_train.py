@@ -19,7 +19,17 @@ from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, 
 from lggdeploy.models.recipe import segmentation_loss
 from lggdeploy.models.train import TrainConfig, train
 
-HISTORY_COLUMNS = {"epoch", "train_loss", "train_dice", "train_iou", "train_accuracy", "val_loss", "val_mean_patient_dice", "val_mean_patient_iou", "val_pixel_accuracy"}
+HISTORY_COLUMNS = {
+    "epoch",
+    "train_loss",
+    "train_dice",
+    "train_iou",
+    "train_accuracy",
+    "val_loss",
+    "val_mean_patient_dice",
+    "val_mean_patient_iou",
+    "val_pixel_accuracy",
+}
 
 
 def test_training_writes_history_curves_and_checkpoints(trained_run, phantom_dir):
@@ -37,7 +47,10 @@ def test_training_writes_history_curves_and_checkpoints(trained_run, phantom_dir
     y = torch.from_numpy(resize_masks(slices.masks, ckpt["img_size"])).unsqueeze(1).float()
     with torch.no_grad():
         kind = ckpt["train_config"]["loss"]
-        losses = [segmentation_loss(model(x[i : i + 16]), y[i : i + 16], kind).item() * len(x[i : i + 16]) for i in range(0, len(x), 16)]
+        losses = [
+            segmentation_loss(model(x[i : i + 16]), y[i : i + 16], kind).item() * len(x[i : i + 16])
+            for i in range(0, len(x), 16)
+        ]
     assert float(rows[1]["val_loss"]) == pytest.approx(sum(losses) / len(x), rel=1e-4)
 
 
@@ -53,7 +66,9 @@ def test_curves_show_every_series(trained_run):
 
 
 def small(phantom_dir, out, **kw):
-    return TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, batch_size=8, img_size=64, show_progress=False, **kw)
+    return TrainConfig(
+        model="pspnet-scratch", data=phantom_dir, out=out, batch_size=8, img_size=64, show_progress=False, **kw
+    )
 
 
 def test_resume_continues_where_it_stopped(phantom_dir, tmp_path):
@@ -76,12 +91,42 @@ def test_resume_continues_where_it_stopped(phantom_dir, tmp_path):
 def test_resume_refuses_flags_that_contradict_the_run(phantom_dir, tmp_path):
     out = tmp_path / "run"
     train(small(phantom_dir, out, epochs=1))
-    for change, flag in ((dict(img_size=128), "--img-size 128"), (dict(lr=0.1), "--lr 0.1"), (dict(batch_size=4), "--batch-size 4")):
+    for change, flag in (
+        (dict(img_size=128), "--img-size 128"),
+        (dict(lr=0.1), "--lr 0.1"),
+        (dict(batch_size=4), "--batch-size 4"),
+    ):
         with pytest.raises(LggError, match=f"other settings: {flag} "):
-            train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=out, epochs=2, resume=True, show_progress=False, **change))
+            train(
+                TrainConfig(
+                    model="pspnet-scratch",
+                    data=phantom_dir,
+                    out=out,
+                    epochs=2,
+                    resume=True,
+                    show_progress=False,
+                    **change,
+                )
+            )
     assert load_checkpoint(out / "last.pt")["epoch"] == 1  # nothing was trained or written
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(out), "--resume", "--img-size", "64", "--epochs", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "pspnet-scratch",
+            "--data",
+            str(phantom_dir),
+            "--out",
+            str(out),
+            "--resume",
+            "--img-size",
+            "64",
+            "--epochs",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output  # the run's own value, given again, is fine
     assert load_checkpoint(out / "best.pt")["img_size"] == load_checkpoint(out / "last.pt")["img_size"] == 64
 
@@ -122,7 +167,9 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(phantom_dir,
             assert torch.allclose(tensor.float(), b["ema_state_dict"][key].float(), rtol=0, atol=1e-6), key
         assert b["train_config"]["loss"] == "image-dice" and b["train_config"]["ema_decay"] == 0.9
         assert load_checkpoint(straight.best_path)["threshold"] == load_checkpoint(resumed.best_path)["threshold"]
-    assert [r["train_loss"] for r in straight.history] == pytest.approx([r["train_loss"] for r in resumed.history], rel=1e-6)
+    assert [r["train_loss"] for r in straight.history] == pytest.approx(
+        [r["train_loss"] for r in resumed.history], rel=1e-6
+    )
     assert b["rng_states"][0]["numpy"] and b["rng_states"][0]["python"]
 
 
@@ -150,7 +197,11 @@ def test_interrupt_leaves_last_good_checkpoint(phantom_dir, tmp_path, monkeypatc
 
 def test_bad_training_options_are_clear(phantom_dir, tmp_path):
     with pytest.raises(LggError, match="--img-size must be a multiple of 32"):
-        train(small(phantom_dir, tmp_path / "a", epochs=1).__class__(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "a", img_size=100))
+        train(
+            small(phantom_dir, tmp_path / "a", epochs=1).__class__(
+                model="pspnet-scratch", data=phantom_dir, out=tmp_path / "a", img_size=100
+            )
+        )
     with pytest.raises(LggError, match="does not exist"):
         train(TrainConfig(model="pspnet-scratch", data=tmp_path / "missing", out=tmp_path / "b", img_size=64))
     with pytest.raises(LggError, match="unknown model"):
@@ -161,9 +212,31 @@ def test_bad_training_options_are_clear(phantom_dir, tmp_path):
 def test_ddp_through_torchrun_on_cpu(phantom_dir, tmp_path):
     """Two gloo processes on the CPU: the same code path multi-GPU training takes with nccl."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lggdeploy.cli", "train",
-           "--model", "pspnet-scratch", "--data", str(phantom_dir), "--out", str(out), "--epochs", "1", "--img-size", "64",
-           "--batch-size", "4", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lggdeploy.cli",
+        "train",
+        "--model",
+        "pspnet-scratch",
+        "--data",
+        str(phantom_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--img-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -174,6 +247,17 @@ def test_ddp_through_torchrun_on_cpu(phantom_dir, tmp_path):
 @pytest.mark.slow
 def test_pspnet_scratch_learns_on_real_patients(real_data, tmp_path):
     """Accuracy judged on real patients: a few CPU epochs lift validation per-patient Dice far above trivial."""
-    result = train(TrainConfig(model="pspnet-scratch", data=real_data, out=tmp_path / "real", epochs=4, batch_size=8, img_size=128, lr=1e-3, show_progress=False))
+    result = train(
+        TrainConfig(
+            model="pspnet-scratch",
+            data=real_data,
+            out=tmp_path / "real",
+            epochs=4,
+            batch_size=8,
+            img_size=128,
+            lr=1e-3,
+            show_progress=False,
+        )
+    )
     # Trivial predictors: all-background scores 0; all-tumor scores 2f/(1+f) with f the tumor pixel fraction (<2%).
     assert result.best["val_mean_patient_dice"] > 0.5, result.history

@@ -55,7 +55,9 @@ def test_missing_sequence_fill_copies_flair_into_the_missing_channels_at_the_req
     # the augmented FLAIR is the same with the fill on or off, and every slice copies it (share 1).
     mask = (torch.rand(4, 1, 16, 16) > 0.5).float()
     off, _ = Augmentation()(image[:4, :, :4, :4].repeat(1, 1, 4, 4), mask, torch.Generator().manual_seed(3))
-    on, _ = Augmentation(missing_modality=1.0)(image[:4, :, :4, :4].repeat(1, 1, 4, 4), mask, torch.Generator().manual_seed(3))
+    on, _ = Augmentation(missing_modality=1.0)(
+        image[:4, :, :4, :4].repeat(1, 1, 4, 4), mask, torch.Generator().manual_seed(3)
+    )
     assert torch.equal(on[:, 1], off[:, 1])
     assert all(torch.equal(on[i, 0], on[i, 1]) or torch.equal(on[i, 2], on[i, 1]) for i in range(4))
 
@@ -84,7 +86,9 @@ def test_slice_normalization_removes_a_scans_brightness_on_real_slices(real_data
     from lggdeploy.data.transforms import to_unit
 
     x01 = to_unit(images)
-    assert np.allclose(slice_mode.slice_factors(x01), slice_mode.slice_factors_torch(torch.from_numpy(x01)).numpy(), rtol=1e-6)
+    assert np.allclose(
+        slice_mode.slice_factors(x01), slice_mode.slice_factors_torch(torch.from_numpy(x01)).numpy(), rtol=1e-6
+    )
     factors = slice_mode.slice_factors(x01)
     assert 0.25 <= factors.min() and factors.max() <= 4 and len(np.unique(factors)) > 10  # per slice and channel
     # A slice without tissue (under 1 % of the samples above the threshold) keeps its values.
@@ -101,7 +105,11 @@ def test_normalization_records_round_trip_and_unknown_modes_are_refused():
     slice_mode = Normalization(mode="slice")
     assert Normalization.from_json(slice_mode.to_json()) == slice_mode
     assert Normalization.from_json(Normalization().to_json()) == Normalization()
-    old = {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # written before modes existed
+    old = {
+        "scale": 1 / 255,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }  # written before modes existed
     assert Normalization.from_json(old) == Normalization()
     with pytest.raises(LggError, match=r"engines/x.onnx: normalization mode 'volume' is unknown to lggdeploy"):
         Normalization.from_json(dict(old, mode="volume"), origin="engines/x.onnx")
@@ -109,7 +117,9 @@ def test_normalization_records_round_trip_and_unknown_modes_are_refused():
     # with when the module's defaults change. A record of the previous release (level and threshold only) reads with
     # today's constants, which are the ones it was written with.
     record = slice_mode.to_json()
-    assert {"tissue_stride", "tissue_top_quantile", "tissue_min_share", "tissue_min_top", "tissue_max_gain"} <= set(record)
+    assert {"tissue_stride", "tissue_top_quantile", "tissue_min_share", "tissue_min_top", "tissue_max_gain"} <= set(
+        record
+    )
     coarse = Normalization.from_json(dict(record, tissue_stride=8, tissue_max_gain=2.0))
     assert (coarse.tissue_stride, coarse.tissue_max_gain) == (8, 2.0)
     x01 = np.random.default_rng(0).random((2, 3, 64, 64), np.float32) * 0.05  # dim slices: the gain bound decides

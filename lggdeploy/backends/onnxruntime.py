@@ -50,7 +50,11 @@ def build(onnx_path: str | Path, fmt, target: str | Path, options: BuildTarget) 
         ort.InferenceSession(str(onnx_path), session_opts, providers=[CPU])
     else:
         shutil.copyfile(onnx_path, target)
-    return {"providers": [CPU], "onnxruntime_version": ort.__version__, "graph_optimization": "extended, offline" if options.optimize else "none (plain Q/DQ)"}
+    return {
+        "providers": [CPU],
+        "onnxruntime_version": ort.__version__,
+        "graph_optimization": "extended, offline" if options.optimize else "none (plain Q/DQ)",
+    }
 
 
 class OnnxRuntimeRunner:
@@ -60,13 +64,17 @@ class OnnxRuntimeRunner:
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads, spin), providers=providers)
         except Exception as exc:
-            raise EngineError(f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0][:200]})") from None
+            raise EngineError(
+                f"{path}: ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0][:200]})"
+            ) from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.providers = self.session.get_providers()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0].astype(np.float32, copy=False)
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[
+            0
+        ].astype(np.float32, copy=False)
 
     def close(self) -> None:
         self.session = None
@@ -88,5 +96,7 @@ def load(path, manifest: dict | None = None, options: RunOptions = RunOptions())
     shape = runner.session.get_inputs()[0].shape
     if size is not None and all(isinstance(d, int) for d in shape[2:]) and tuple(shape[2:]) != (size, size):
         runner.close()
-        raise EngineError(f"{path}: the model takes {shape[2]}x{shape[3]} inputs but its manifest says img_size {size}; the manifest belongs to another engine: rebuild it")
+        raise EngineError(
+            f"{path}: the model takes {shape[2]}x{shape[3]} inputs but its manifest says img_size {size}; the manifest belongs to another engine: rebuild it"
+        )
     return runner

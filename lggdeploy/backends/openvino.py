@@ -50,7 +50,10 @@ def cpu_supports(precision: str) -> tuple[bool, str]:
 
     if cpu_has_bf16():
         return True, ""
-    return False, "this CPU has neither AVX512-BF16 nor AMX, so OpenVINO would run BF16 as FP32: build fp32 or int8 here"
+    return (
+        False,
+        "this CPU has neither AVX512-BF16 nor AMX, so OpenVINO would run BF16 as FP32: build fp32 or int8 here",
+    )
 
 
 def build(onnx_path: str | Path, fmt, target: str | Path, options: BuildTarget) -> dict:
@@ -64,8 +67,14 @@ def build(onnx_path: str | Path, fmt, target: str | Path, options: BuildTarget) 
     try:
         ov.Core().read_model(str(target))
     except Exception as exc:
-        raise EngineError(f"OpenVINO cannot read {Path(onnx_path).name} ({str(exc).strip().splitlines()[0][:200]})") from None
-    return {"openvino_version": ov.__version__.split("-")[0], "inference_precision_hint": precision_hint(fmt.precision), "device": "CPU"}
+        raise EngineError(
+            f"OpenVINO cannot read {Path(onnx_path).name} ({str(exc).strip().splitlines()[0][:200]})"
+        ) from None
+    return {
+        "openvino_version": ov.__version__.split("-")[0],
+        "inference_precision_hint": precision_hint(fmt.precision),
+        "device": "CPU",
+    }
 
 
 class OpenVinoRunner:
@@ -108,19 +117,32 @@ class OpenVinoRunner:
 def load(path, manifest: dict | None = None, options: RunOptions = RunOptions()) -> OpenVinoRunner:
     precision = (manifest or {}).get("precision", "fp32")
     if precision not in PRECISION_HINT:
-        raise EngineError(f"{path}: OpenVINO runs fp32, bf16 or int8 engines, its manifest says {precision!r}; rebuild it")
+        raise EngineError(
+            f"{path}: OpenVINO runs fp32, bf16 or int8 engines, its manifest says {precision!r}; rebuild it"
+        )
     if options.device.startswith("cuda"):
         raise EngineError(f"{path}: an OpenVINO engine runs on the CPU here; drop --device {options.device}")
     # The hint the engine was built and gated with (engines built before it was recorded: the precision's default).
     hint = (manifest or {}).get("inference_precision_hint", PRECISION_HINT[precision])
     if hint not in ("f32", "bf16") or (hint == "bf16" and precision == "fp32"):
-        raise EngineError(f"{path}: its manifest asks OpenVINO for inference precision {hint!r} on a {precision} engine; rebuild it")
+        raise EngineError(
+            f"{path}: its manifest asks OpenVINO for inference precision {hint!r} on a {precision} engine; rebuild it"
+        )
     if hint == "bf16" and precision == "int8":
-        hint = precision_hint("int8")  # a CPU without BF16 runs the float remainder in f32: closer to FP32 than what was gated
+        hint = precision_hint(
+            "int8"
+        )  # a CPU without BF16 runs the float remainder in f32: closer to FP32 than what was gated
     runner = OpenVinoRunner(path, hint, options.cpu_threads())
     size = (manifest or {}).get("img_size")
     shape = runner.model.inputs[0].get_partial_shape()
-    if size is not None and shape.rank.get_length() == 4 and shape[2].is_static and (shape[2].get_length(), shape[3].get_length()) != (size, size):
+    if (
+        size is not None
+        and shape.rank.get_length() == 4
+        and shape[2].is_static
+        and (shape[2].get_length(), shape[3].get_length()) != (size, size)
+    ):
         runner.close()
-        raise EngineError(f"{path}: the model takes {shape[2]}x{shape[3]} inputs but its manifest says img_size {size}; the manifest belongs to another engine: rebuild it")
+        raise EngineError(
+            f"{path}: the model takes {shape[2]}x{shape[3]} inputs but its manifest says img_size {size}; the manifest belongs to another engine: rebuild it"
+        )
     return runner

@@ -75,7 +75,9 @@ def _import_trt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise BackendUnavailable("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU and driver)") from None
+        raise BackendUnavailable(
+            "TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU and driver)"
+        ) from None
     return trt
 
 
@@ -128,11 +130,18 @@ def is_available() -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__}, {gpu_identity()['gpu']}"
 
 
-def build(onnx_path: str | os.PathLike, fmt, plan_path: str | os.PathLike, options: BuildTarget, optimization_level: int = 3) -> dict:
+def build(
+    onnx_path: str | os.PathLike, fmt, plan_path: str | os.PathLike, options: BuildTarget, optimization_level: int = 3
+) -> dict:
     """Parse a typed ONNX graph and write a serialized engine atomically. Returns build facts for the manifest."""
     from lggdeploy.common.files import atomic_path
 
-    batch, img_size, workspace_gib, timing_cache = options.batch, options.img_size, options.workspace_gib, options.timing_cache
+    batch, img_size, workspace_gib, timing_cache = (
+        options.batch,
+        options.img_size,
+        options.workspace_gib,
+        options.timing_cache,
+    )
 
     ok, reason = is_available()
     if not ok:
@@ -162,7 +171,9 @@ def build(onnx_path: str | os.PathLike, fmt, plan_path: str | os.PathLike, optio
     cache_file = timing_cache_path(timing_cache, str(trt.__version__), identity) if timing_cache else None
     cache_blob = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
     cache = config.create_timing_cache(cache_blob)
-    if cache is None or not config.set_timing_cache(cache, False):  # a cache of another TensorRT or GPU is refused: start empty
+    if cache is None or not config.set_timing_cache(
+        cache, False
+    ):  # a cache of another TensorRT or GPU is refused: start empty
         cache = config.create_timing_cache(b"")
         if cache is None or not config.set_timing_cache(cache, False):
             raise EngineError("TensorRT refused an empty timing cache (create_timing_cache/set_timing_cache failed)")
@@ -175,15 +186,22 @@ def build(onnx_path: str | os.PathLike, fmt, plan_path: str | os.PathLike, optio
     if built_cache is not None:
         with atomic_path(cache_file) as tmp:
             tmp.write_bytes(bytes(built_cache.serialize()))
-    return {"tensorrt_version": str(trt.__version__), **identity, "batch_profile": list(batch), "workspace_gib": workspace_gib,
-            "timing_cache": cache_file.name if cache_file else None}
+    return {
+        "tensorrt_version": str(trt.__version__),
+        **identity,
+        "batch_profile": list(batch),
+        "workspace_gib": workspace_gib,
+        "timing_cache": cache_file.name if cache_file else None,
+    }
 
 
 def timing_cache_path(base: str | os.PathLike, version: str, identity: dict) -> Path:
     """One timing cache per TensorRT version and GPU architecture: tactics timed on one are meaningless on another."""
     base = Path(base)
     gpu = "".join(c if c.isalnum() else "-" for c in identity["gpu"]).strip("-")
-    return base.with_name(f"{base.stem}-trt{version}-sm{identity['compute_capability'].replace('.', '')}-{gpu}{base.suffix}")
+    return base.with_name(
+        f"{base.stem}-trt{version}-sm{identity['compute_capability'].replace('.', '')}-{gpu}{base.suffix}"
+    )
 
 
 def check_compatible(manifest: dict, path) -> None:
@@ -191,7 +209,9 @@ def check_compatible(manifest: dict, path) -> None:
     trt = _import_trt()
     built = manifest.get("tensorrt_version")
     if built != str(trt.__version__):
-        raise EngineError(f"{path} was built with TensorRT {built}, this machine has {trt.__version__}: rebuild it here with `lggdeploy build`")
+        raise EngineError(
+            f"{path} was built with TensorRT {built}, this machine has {trt.__version__}: rebuild it here with `lggdeploy build`"
+        )
     here = gpu_identity()
     if manifest.get("compute_capability") != here["compute_capability"]:
         raise EngineError(
@@ -244,15 +264,21 @@ class TensorRTRunner:
             raise EngineError("a TensorRTRunner is bound to the thread that created it: make one Segmenter per thread")
         batch = np.ascontiguousarray(batch, np.float32)
         if len(batch) < self.min_batch:
-            raise EngineError(f"{self.path}: batch {len(batch)} is below the engine's optimization profile ({self.min_batch}..{self.max_batch}); rebuild with --min-batch {len(batch)}")
+            raise EngineError(
+                f"{self.path}: batch {len(batch)} is below the engine's optimization profile ({self.min_batch}..{self.max_batch}); rebuild with --min-batch {len(batch)}"
+            )
         if len(batch) > self.max_batch:
-            return np.concatenate([self._infer(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)])
+            return np.concatenate(
+                [self._infer(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+            )
         return self._infer(batch)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         cudart = self.cudart
         if not self.context.set_input_shape(self.input, tuple(batch.shape)):
-            raise EngineError(f"{self.path}: TensorRT refused input shape {tuple(batch.shape)} (profile batch {self.min_batch}..{self.max_batch}, {self.engine.get_tensor_shape(self.input)})")
+            raise EngineError(
+                f"{self.path}: TensorRT refused input shape {tuple(batch.shape)} (profile batch {self.min_batch}..{self.max_batch}, {self.engine.get_tensor_shape(self.input)})"
+            )
         out_shape = tuple(self.context.get_tensor_shape(self.output))
         if out_shape[0] != len(batch):
             raise EngineError(f"{self.path}: TensorRT reports output shape {out_shape} for a batch of {len(batch)}")

@@ -16,5 +16,14 @@ def engine_name(row: dict) -> str:
 
 def short_name(row: dict) -> str:
     """A compact engine label for plots: 'ort int8/cpu', 'torch fp32 (ref)'."""
-    name = engine_name(row).replace("onnxruntime", "ort").replace(" [reference, A/A]", " (ref A/A)").replace(" [reference]", " (ref)")
-    return name.replace(" (cpu profile)", "/cpu").replace(" (tensorrt profile)", "/trt").replace(" (openvino profile)", "/ov")
+    name = (
+        engine_name(row)
+        .replace("onnxruntime", "ort")
+        .replace(" [reference, A/A]", " (ref A/A)")
+        .replace(" [reference]", " (ref)")
+    )
+    return (
+        name.replace(" (cpu profile)", "/cpu")
+        .replace(" (tensorrt profile)", "/trt")
+        .replace(" (openvino profile)", "/ov")
+    )

@@ -18,7 +18,11 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 
     batches = results["options"]["batch_sizes"]
     large = str(max(batches))
-    scored = [r for r in results["rows"] if r["status"] == "ok" and r.get("mean_patient_dice") is not None and large in r.get("latency", {})]
+    scored = [
+        r
+        for r in results["rows"]
+        if r["status"] == "ok" and r.get("mean_patient_dice") is not None and large in r.get("latency", {})
+    ]
     paths = []
     if not scored:
         return paths
@@ -31,10 +35,21 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     for rank, i in enumerate(order):  # stagger labels so neighbouring points stay readable
         r, (x, y) = scored[i], points[i]
         edge = "black" if r["backend"] == "torch" else "none"
-        ax.scatter(x, y, marker=markers[r["model"]], s=90, c=colours.get(r["precision"], "grey"), edgecolors=edge, linewidths=1.5, zorder=3)
+        ax.scatter(
+            x,
+            y,
+            marker=markers[r["model"]],
+            s=90,
+            c=colours.get(r["precision"], "grey"),
+            edgecolors=edge,
+            linewidths=1.5,
+            zorder=3,
+        )
         ax.annotate(short_name(r), (x, y), textcoords="offset points", xytext=(6, -12 + 10 * (rank % 3)), fontsize=7)
     front = pareto_front(points)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey", zorder=2, label="Pareto front")
+    ax.plot(
+        [points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey", zorder=2, label="Pareto front"
+    )
     for model in models:
         ax.scatter([], [], marker=markers[model], c="white", edgecolors="black", label=model)
     for precision, colour in colours.items():
@@ -76,5 +91,3 @@ def _save(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     return path
-
-

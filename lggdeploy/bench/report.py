@@ -38,7 +38,9 @@ def flat_rows(results: dict) -> list[dict]:
                 "file_mb": row.get("file_mb"),
                 f"p50_ms_b{small}": first.get("p50_ms"),
                 f"iqr_ms_b{small}": first.get("iqr_ms"),
-                f"p99_or_max_ms_b{small}": first.get("p99_ms") if first.get("p99_ms") is not None else first.get("max_ms"),
+                f"p99_or_max_ms_b{small}": first.get("p99_ms")
+                if first.get("p99_ms") is not None
+                else first.get("max_ms"),
                 f"p50_ms_per_image_b{large}": lat.get(large, {}).get("p50_ms_per_image"),
                 f"images_per_s_b{large}": lat.get(large, {}).get("images_per_s"),
                 f"speedup_b{small}": row.get("speedup", {}).get(small),
@@ -62,22 +64,39 @@ def flat_rows(results: dict) -> list[dict]:
 
 
 HEADERS = {
-    "model": "model", "engine": "engine", "status": "status", "file_mb": "file MB",
-    "end_to_end_ms_per_image": "end-to-end ms/img", "mean_patient_dice": "Dice/patient mean",
-    "median_patient_dice": "Dice/patient median", "global_dice": "global Dice", "mean_patient_iou": "IoU/patient",
-    "pixel_accuracy": "pixel acc.", "postprocess": "post-processing", "slice_dice_study_style": "per-slice Dice (study)",
-    "delta_dice_points": "ΔDice pts vs FP32", "delta_dice_spread": "ΔDice 95% CI (n ≥ 5) or range",
-    "patients": "n patients", "patients_missed": "patients missed",
+    "model": "model",
+    "engine": "engine",
+    "status": "status",
+    "file_mb": "file MB",
+    "end_to_end_ms_per_image": "end-to-end ms/img",
+    "mean_patient_dice": "Dice/patient mean",
+    "median_patient_dice": "Dice/patient median",
+    "global_dice": "global Dice",
+    "mean_patient_iou": "IoU/patient",
+    "pixel_accuracy": "pixel acc.",
+    "postprocess": "post-processing",
+    "slice_dice_study_style": "per-slice Dice (study)",
+    "delta_dice_points": "ΔDice pts vs FP32",
+    "delta_dice_spread": "ΔDice 95% CI (n ≥ 5) or range",
+    "patients": "n patients",
+    "patients_missed": "patients missed",
 }
 
 
 def header(key: str) -> str:
     if key in HEADERS:
         return HEADERS[key]
-    for prefix, text in (("p50_ms_per_image_b", "p50 ms/img b"), ("p50_ms_b", "p50 ms b"), ("iqr_ms_b", "IQR ms b"), ("p99_or_max_ms_b", "p99 (max if <100 runs) ms b"),
-                         ("images_per_s_b", "img/s b"), ("speedup_b", "speed-up b"), ("e2e_ms_per_image_b", "end-to-end ms/img b")):
+    for prefix, text in (
+        ("p50_ms_per_image_b", "p50 ms/img b"),
+        ("p50_ms_b", "p50 ms b"),
+        ("iqr_ms_b", "IQR ms b"),
+        ("p99_or_max_ms_b", "p99 (max if <100 runs) ms b"),
+        ("images_per_s_b", "img/s b"),
+        ("speedup_b", "speed-up b"),
+        ("e2e_ms_per_image_b", "end-to-end ms/img b"),
+    ):
         if key.startswith(prefix):
-            return text + key[len(prefix):]
+            return text + key[len(prefix) :]
     return key
 
 
@@ -87,7 +106,9 @@ def notes(results: dict) -> list[str]:
     patients = {r.get("patients") for r in results["rows"] if r.get("patients")}
     n = ", ".join(str(p) for p in sorted(patients)) or "?"
     lines = [
-        f"Split: {options['split']}, {n} patient(s)" + (" — ONE patient: a per-patient mean of one; read it as a case, not a verdict" if patients == {1} else "") + ".",
+        f"Split: {options['split']}, {n} patient(s)"
+        + (" — ONE patient: a per-patient mean of one; read it as a case, not a verdict" if patients == {1} else "")
+        + ".",
         f"Latency: median and IQR over {options['iters']} rounds after {options['warmup']} warm-up runs, engines in a freshly shuffled order each round "
         f"(seed {options.get('order_seed', 0)}), {options['threads']} threads for ONNX Runtime, OpenVINO and PyTorch alike; p99 only from 100 runs, else the max. "
         "End-to-end: uint8 slices in, resize and normalization, inference, masks at native size out, the engine's post-processing (median of 5).",
@@ -97,7 +118,11 @@ def notes(results: dict) -> list[str]:
     if floor.get("worst_deviation") is not None:
         lines.append(
             f"A/A row: the reference timed twice as two entries; their ratio deviates from 1 by up to {floor['worst_deviation']:.1%} "
-            + ("— WARNING: above 10 %, this run was noisy." if floor.get("warning") else "(the noise floor of this run).")
+            + (
+                "— WARNING: above 10 %, this run was noisy."
+                if floor.get("warning")
+                else "(the noise floor of this run)."
+            )
         )
     lines += [
         f"Machine: {cpu_line(cpu)}; {results['created']}.",
@@ -120,7 +145,15 @@ def csv_text(results: dict) -> str:
 
 def rich_table(results: dict):
     rows = flat_rows(results)
-    hidden = {"median_patient_dice", "slice_dice_study_style", "global_dice", "pixel_accuracy", "file_mb", "mean_patient_iou", "postprocess"}
+    hidden = {
+        "median_patient_dice",
+        "slice_dice_study_style",
+        "global_dice",
+        "pixel_accuracy",
+        "file_mb",
+        "mean_patient_iou",
+        "postprocess",
+    }
     if all(r["status"] == "ok" for r in rows):
         hidden.add("status")
     keep = [k for k in rows[0] if not k.startswith(("p99", "iqr", "images_per_s", "e2e")) and k not in hidden]

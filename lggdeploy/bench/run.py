@@ -23,13 +23,13 @@ import numpy as np
 
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.bench.stats import latency_summary, paired_summary
+from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import sha256_file
+from lggdeploy.common.progress import console, progress_bar
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
+from lggdeploy.engines.formats import discover, format_of, manifest_path, open_engine, read_manifest
 from lggdeploy.postprocess import PostProcess
 from lggdeploy.runtime.segmenter import stored_postprocess
-from lggdeploy.engines.formats import discover, format_of, manifest_path, open_engine, read_manifest
-from lggdeploy.common.errors import LggError
-from lggdeploy.common.progress import console, progress_bar
 
 
 @dataclass
@@ -66,13 +66,26 @@ class Entry:
     memory_mb: float | None = None
     accuracy: dict | None = None
     latency: dict = field(default_factory=dict)
-    end_to_end_ms_per_image: dict = field(default_factory=dict)  # batch size -> ms per image, uint8 slices in, masks out
-    twin_of: "Entry | None" = None  # the A/A entry: the reference timed a second time, as its own entry
+    end_to_end_ms_per_image: dict = field(
+        default_factory=dict
+    )  # batch size -> ms per image, uint8 slices in, masks out
+    twin_of: Entry | None = None  # the A/A entry: the reference timed a second time, as its own entry
 
     @property
     def label(self) -> str:
         device = f"({self.device})" if self.backend == "torch" and self.device != "cpu" else None
-        return " ".join(p for p in (self.model, self.backend, self.precision, self.int8_profile, device, "A/A" if self.twin_of else None) if p)
+        return " ".join(
+            p
+            for p in (
+                self.model,
+                self.backend,
+                self.precision,
+                self.int8_profile,
+                device,
+                "A/A" if self.twin_of else None,
+            )
+            if p
+        )
 
     @property
     def postprocess(self) -> PostProcess:
@@ -95,7 +108,9 @@ def _rss_mb() -> float:
 def _entries(opts: BenchOptions) -> list[Entry]:
     engines = discover(opts.engines_dir)
     if not engines:
-        raise LggError(f"no engines with manifests under {opts.engines_dir}: build some with `lggdeploy build CHECKPOINT`")
+        raise LggError(
+            f"no engines with manifests under {opts.engines_dir}: build some with `lggdeploy build CHECKPOINT`"
+        )
     entries: list[Entry] = []
     references: dict[str, Entry] = {}
     for path in engines:
@@ -110,14 +125,49 @@ def _entries(opts: BenchOptions) -> list[Entry]:
                     f"{checkpoint} is not the checkpoint {path.name} was built from: its sha256 is {actual[:12]}…, "
                     f"{manifest_path(path)} records {group[:12]}…; restore that checkpoint or rebuild the engines from this one"
                 )
-            references[group] = Entry(model, "torch", "fp32", None, checkpoint, checkpoint, group, manifest, pruned=bool(manifest.get("pruned")))
+            references[group] = Entry(
+                model,
+                "torch",
+                "fp32",
+                None,
+                checkpoint,
+                checkpoint,
+                group,
+                manifest,
+                pruned=bool(manifest.get("pruned")),
+            )
             if _cuda_available():  # PyTorch on the GPU, FP32 and FP16 autocast, beside the CPU reference
                 for precision in ("fp32", "fp16"):
-                    entries.append(Entry(model, "torch", precision, None, checkpoint, checkpoint, group, manifest, device="cuda"))
-        entries.append(Entry(model, manifest["backend"], manifest["precision"], manifest.get("int8_profile"), path, checkpoint, group, manifest, pruned=bool(manifest.get("pruned"))))
+                    entries.append(
+                        Entry(model, "torch", precision, None, checkpoint, checkpoint, group, manifest, device="cuda")
+                    )
+        entries.append(
+            Entry(
+                model,
+                manifest["backend"],
+                manifest["precision"],
+                manifest.get("int8_profile"),
+                path,
+                checkpoint,
+                group,
+                manifest,
+                pruned=bool(manifest.get("pruned")),
+            )
+        )
     ordered = []  # each checkpoint's reference first, its A/A twin, then its engines
     for group, reference in references.items():
-        twin = Entry(reference.model, "torch", "fp32", None, reference.path, reference.checkpoint, group, reference.manifest, pruned=reference.pruned, twin_of=reference)
+        twin = Entry(
+            reference.model,
+            "torch",
+            "fp32",
+            None,
+            reference.path,
+            reference.checkpoint,
+            group,
+            reference.manifest,
+            pruned=reference.pruned,
+            twin_of=reference,
+        )
         ordered.extend([reference, twin])
         ordered.extend(e for e in entries if e.group == group)
     return ordered
@@ -164,7 +214,11 @@ def _slices_for(entry: Entry, opts: BenchOptions, cache: dict):
     from lggdeploy.data.kaggle import load_dataset, resolve_data_root
     from lggdeploy.data.split import Split, load_split
 
-    split = load_split(opts.split_file) if opts.split_file else Split.from_json(entry.manifest["split"], origin=f"{entry.path} manifest")
+    split = (
+        load_split(opts.split_file)
+        if opts.split_file
+        else Split.from_json(entry.manifest["split"], origin=f"{entry.path} manifest")
+    )
     data = resolve_data_root(opts.data, entry.manifest.get("data_root"), f"bench's accuracy columns ({entry.path})")
     if ("dataset", str(data)) not in cache:  # scan each data folder once, not once per engine
         cache[("dataset", str(data))] = load_dataset(data)
@@ -203,7 +257,9 @@ def validate(opts: BenchOptions) -> None:
     RunOptions(threads=opts.threads).cpu_threads()
 
 
-def interleaved_times(calls: list, rounds: int, rng: np.random.Generator, after_round=None, stop_after_seconds: float | None = None) -> list[list[float]]:
+def interleaved_times(
+    calls: list, rounds: int, rng: np.random.Generator, after_round=None, stop_after_seconds: float | None = None
+) -> list[list[float]]:
     """Seconds of each call per round, the calls timed in a fresh shuffled order every round, so that the shared
     host's drift hits them alike. `stop_after_seconds`: stop after a round once that much time has passed (3 rounds
     at least)."""
@@ -238,13 +294,23 @@ def run_bench(opts: BenchOptions) -> dict:
             console.print(f"[yellow]{entry.label}: {entry.status}[/] ({entry.reason})")
             continue
         slices = _slices_for(entry, opts, slice_cache)
-        norm, size = Normalization.from_json(entry.manifest["normalization"], origin=str(entry.path)), entry.manifest["img_size"]
+        norm, size = (
+            Normalization.from_json(entry.manifest["normalization"], origin=str(entry.path)),
+            entry.manifest["img_size"],
+        )
         if entry.twin_of is not None:
             entry.accuracy = entry.twin_of.accuracy
             continue
         try:
-            entry.accuracy = score_runner(entry.runner, slices, size, norm, threshold=entry.manifest["threshold"], description=f"scoring {entry.label}",
-                                          postprocess=entry.postprocess)
+            entry.accuracy = score_runner(
+                entry.runner,
+                slices,
+                size,
+                norm,
+                threshold=entry.manifest["threshold"],
+                description=f"scoring {entry.label}",
+                postprocess=entry.postprocess,
+            )
         except NonFiniteOutput as exc:
             entry.status, entry.reason = "non-finite", str(exc)
             continue
@@ -278,7 +344,9 @@ def run_bench(opts: BenchOptions) -> dict:
             runs = []
             for _ in range(5):
                 t0 = time.perf_counter()
-                postprocess.apply(logits_to_masks(e.runner.infer(preprocess(batch, size, norm)), threshold=e.manifest["threshold"]))
+                postprocess.apply(
+                    logits_to_masks(e.runner.infer(preprocess(batch, size, norm)), threshold=e.manifest["threshold"])
+                )
                 runs.append(time.perf_counter() - t0)
             e.end_to_end_ms_per_image[b] = float(np.median(runs) * 1000 / b)
     for e in entries:
@@ -317,7 +385,19 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: i
             "gate": e.manifest.get("gate") if e.backend != "torch" else None,
         }
         if e.accuracy:
-            row.update({k: e.accuracy["aggregates"][k] for k in ("mean_patient_dice", "median_patient_dice", "global_dice", "mean_patient_iou", "pixel_accuracy", "slice_mean_dice_study_style")})
+            row.update(
+                {
+                    k: e.accuracy["aggregates"][k]
+                    for k in (
+                        "mean_patient_dice",
+                        "median_patient_dice",
+                        "global_dice",
+                        "mean_patient_iou",
+                        "pixel_accuracy",
+                        "slice_mean_dice_study_style",
+                    )
+                }
+            )
             row["per_patient"] = e.accuracy["per_patient"]
             row["patients"] = e.accuracy["aggregates"]["patients"]
             row["patients_missed"] = e.accuracy["aggregates"]["patients_missed"]
@@ -325,10 +405,16 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: i
             ref = refs.get(e.group)
             if ref is not None and ref.accuracy and not e.is_reference:
                 ref_dice = {r["patient"]: r["dice"] for r in ref.accuracy["per_patient"]}
-                diffs = {r["patient"]: 100 * (r["dice"] - ref_dice[r["patient"]]) for r in e.accuracy["per_patient"] if r["patient"] in ref_dice}
+                diffs = {
+                    r["patient"]: 100 * (r["dice"] - ref_dice[r["patient"]])
+                    for r in e.accuracy["per_patient"]
+                    if r["patient"] in ref_dice
+                }
                 row["delta_dice_points"] = paired_summary(diffs, reps=opts.bootstrap_reps)
             if ref is not None and ref.latency and e.latency:
-                row["speedup"] = {str(b): ref.latency[b]["p50_ms"] / e.latency[b]["p50_ms"] for b in e.latency if b in ref.latency}
+                row["speedup"] = {
+                    str(b): ref.latency[b]["p50_ms"] / e.latency[b]["p50_ms"] for b in e.latency if b in ref.latency
+                }
                 if e.twin_of is not None:
                     noise.extend({"model": e.model, "batch": b, "ratio": ratio} for b, ratio in row["speedup"].items())
         rows.append(row)
@@ -340,9 +426,20 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: i
         )
     return {
         "format": "lggdeploy-bench",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "options": {"split": opts.split, "batch_sizes": list(opts.batch_sizes), "iters": opts.iters, "warmup": opts.warmup, "threads": threads, "order_seed": opts.seed},
-        "noise_floor": {"aa_ratios": noise, "worst_deviation": worst, "warning": worst is not None and worst > opts.noise_warning},
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "options": {
+            "split": opts.split,
+            "batch_sizes": list(opts.batch_sizes),
+            "iters": opts.iters,
+            "warmup": opts.warmup,
+            "threads": threads,
+            "order_seed": opts.seed,
+        },
+        "noise_floor": {
+            "aa_ratios": noise,
+            "worst_deviation": worst,
+            "warning": worst is not None and worst > opts.noise_warning,
+        },
         "machine": machine,
         "rows": rows,
     }

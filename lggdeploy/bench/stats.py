@@ -33,7 +33,9 @@ def latency_summary(seconds: list[float] | np.ndarray, batch: int) -> dict:
     }
 
 
-def paired_bootstrap_ci(differences, reps: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap_ci(
+    differences, reps: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """Mean of per-patient differences and its percentile bootstrap interval, resampling patients with replacement."""
     diffs = np.asarray(differences, np.float64)
     if diffs.size == 0:
@@ -49,12 +51,21 @@ def paired_summary(per_patient: dict[str, float], reps: int = 2000, seed: int = 
     """Paired per-patient differences: n, mean, range, and a 95 % bootstrap interval only from 5 patients on."""
     diffs = np.asarray(list(per_patient.values()), np.float64)
     n = int(diffs.size)
-    summary = {"n": n, "mean": float(diffs.mean()), "min": float(diffs.min()), "max": float(diffs.max()), "ci95": None, "per_patient": per_patient}
+    summary = {
+        "n": n,
+        "mean": float(diffs.mean()),
+        "min": float(diffs.min()),
+        "max": float(diffs.max()),
+        "ci95": None,
+        "per_patient": per_patient,
+    }
     if n >= MIN_PATIENTS_FOR_INTERVAL:
         _, lo, hi = paired_bootstrap_ci(diffs, reps, seed)
         summary["ci95"] = [lo, hi]
     else:
-        summary["note"] = f"{n} patient(s): no interval is given (a bootstrap over fewer than {MIN_PATIENTS_FOR_INTERVAL} patients is false precision); the range of the per-patient differences is shown"
+        summary["note"] = (
+            f"{n} patient(s): no interval is given (a bootstrap over fewer than {MIN_PATIENTS_FOR_INTERVAL} patients is false precision); the range of the per-patient differences is shown"
+        )
     return summary
 
 

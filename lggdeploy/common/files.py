@@ -14,8 +14,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lggdeploy.common.errors import LggError
 
@@ -39,7 +40,9 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
     except OSError as exc:
         raise _unwritable(folder, exc) from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise LggError(f"cannot write into {folder}: permission denied; choose an output path in a folder you can write to")
+        raise LggError(
+            f"cannot write into {folder}: permission denied; choose an output path in a folder you can write to"
+        )
     return folder
 
 
@@ -52,7 +55,9 @@ def check_can_create(folder: str | os.PathLike) -> Path:
     if not existing.is_dir():
         raise LggError(f"cannot write into {folder}: {existing} is a file, not a folder; choose another output path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise LggError(f"cannot write into {folder}: permission denied on {existing}; choose an output path in a folder you can write to")
+        raise LggError(
+            f"cannot write into {folder}: permission denied on {existing}; choose an output path in a folder you can write to"
+        )
     return folder
 
 

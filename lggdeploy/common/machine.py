@@ -7,7 +7,17 @@ import platform
 from importlib import metadata
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimddp")
-LIBRARIES = ("torch", "segmentation-models-pytorch", "numpy", "onnx", "onnxruntime", "openvino", "nvidia-modelopt", "torch-pruning", "tensorrt")
+LIBRARIES = (
+    "torch",
+    "segmentation-models-pytorch",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "openvino",
+    "nvidia-modelopt",
+    "torch-pruning",
+    "tensorrt",
+)
 
 
 def cpu_info() -> dict:
@@ -27,7 +37,13 @@ def cpu_info() -> dict:
                     flags = set(value.split())
     except OSError:
         pass
-    return {"model": model, **numbers, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags], "arch": platform.machine()}
+    return {
+        "model": model,
+        **numbers,
+        "cores": os.cpu_count(),
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "arch": platform.machine(),
+    }
 
 
 def cpu_line(cpu: dict, threads: int | None = None) -> str:
@@ -95,7 +111,13 @@ def gpu_info() -> list[dict]:
     out = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        out.append({"name": props.name, "compute_capability": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1)})
+        out.append(
+            {
+                "name": props.name,
+                "compute_capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / 2**30, 1),
+            }
+        )
     return out
 
 

@@ -9,7 +9,20 @@ from __future__ import annotations
 import csv
 import io
 
-TWO_DECIMALS = ("p50", "p90", "p99", "iqr", "max_ms", "images_per_s", "end_to_end", "file_mb", "speedup", "delta", "seconds", "ms")
+TWO_DECIMALS = (
+    "p50",
+    "p90",
+    "p99",
+    "iqr",
+    "max_ms",
+    "images_per_s",
+    "end_to_end",
+    "file_mb",
+    "speedup",
+    "delta",
+    "seconds",
+    "ms",
+)
 LEFT = ("model", "engine", "status", "patient", "metric", "split", "name", "backend", "candidate")
 
 
@@ -21,7 +34,11 @@ def fmt(value, key: str = "") -> str:
     if isinstance(value, float):
         if value != value:  # NaN
             return "—"
-        return f"{value:.2f}" if key.startswith(TWO_DECIMALS) or key.endswith(("_s", "_ms", "_mb", "seconds")) else f"{value:.4f}"
+        return (
+            f"{value:.2f}"
+            if key.startswith(TWO_DECIMALS) or key.endswith(("_s", "_ms", "_mb", "seconds"))
+            else f"{value:.4f}"
+        )
     return str(value)
 
 
@@ -58,9 +75,17 @@ def metrics_table(summary: dict, labels: dict[str, str], title: str = ""):
     return rich_table(rows, [("metric", "metric"), ("value", "value")], title)
 
 
-PATIENT_COLUMNS = [("patient", "patient"), ("slices", "slices"), ("tumor_slices", "tumor slices"), ("detected", "tumor found"), ("dice", "Dice"),
-                   ("dice_without_postprocess", "Dice, no post-processing"), ("dice_largest_component", "Dice, largest component"),
-                   ("iou", "IoU"), ("accuracy", "accuracy")]
+PATIENT_COLUMNS = [
+    ("patient", "patient"),
+    ("slices", "slices"),
+    ("tumor_slices", "tumor slices"),
+    ("detected", "tumor found"),
+    ("dice", "Dice"),
+    ("dice_without_postprocess", "Dice, no post-processing"),
+    ("dice_largest_component", "Dice, largest component"),
+    ("iou", "IoU"),
+    ("accuracy", "accuracy"),
+]
 
 
 def columns_present(rows: list[dict], columns: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
-from lggdeploy.data.kaggle import Dataset, Problem, raise_for_problems, read_slice
 from lggdeploy.common.errors import DataError
+from lggdeploy.data.kaggle import Dataset, Problem, raise_for_problems, read_slice
 
 
 @dataclass

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -82,12 +82,16 @@ def scan(root: str | os.PathLike) -> tuple[Dataset, list[Problem]]:
     """Walk the folder structure (no pixels read). Returns what was found and every structural problem."""
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data folder {root} does not exist: give the kaggle_3m folder (or make one with `lggdeploy data synth`)")
+        raise DataError(
+            f"data folder {root} does not exist: give the kaggle_3m folder (or make one with `lggdeploy data synth`)"
+        )
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: give the kaggle_3m folder that holds one sub-folder per patient")
     own = _slice_pattern(root.name)
     if any(own.match(entry.name) for entry in root.iterdir()):
-        raise DataError(f"{root} is a patient folder (it holds {root.name}_<N>.tif slices): give its parent, the kaggle_3m folder that holds one sub-folder per patient")
+        raise DataError(
+            f"{root} is a patient folder (it holds {root.name}_<N>.tif slices): give its parent, the kaggle_3m folder that holds one sub-folder per patient"
+        )
     problems: list[Problem] = []
     patients: dict[str, Patient] = {}
     for entry in sorted(root.iterdir()):
@@ -97,9 +101,16 @@ def scan(root: str | os.PathLike) -> tuple[Dataset, list[Problem]]:
             if patient.slices:
                 patients[patient.id] = patient
         elif entry.name not in ROOT_FILES:
-            problems.append(Problem(entry, "stray file in the data root: only patient folders, data.csv and README.md belong here; move it away"))
+            problems.append(
+                Problem(
+                    entry,
+                    "stray file in the data root: only patient folders, data.csv and README.md belong here; move it away",
+                )
+            )
     if not any(entry.is_dir() for entry in root.iterdir()):
-        problems.append(Problem(root, "empty data folder: no patient folders (expected ROOT/<PATIENT>/<PATIENT>_<N>.tif)"))
+        problems.append(
+            Problem(root, "empty data folder: no patient folders (expected ROOT/<PATIENT>/<PATIENT>_<N>.tif)")
+        )
     return Dataset(root=root, patients=patients), problems
 
 
@@ -113,19 +124,30 @@ def _scan_patient(folder: Path) -> tuple[Patient, list[Problem]]:
         match = pattern.match(entry.name) if entry.is_file() else None
         if match is None:
             what = "folder" if entry.is_dir() else "file"
-            problems.append(Problem(entry, f"stray {what}: expected only {folder.name}_<N>.tif and {folder.name}_<N>_mask.tif; move it away"))
+            problems.append(
+                Problem(
+                    entry,
+                    f"stray {what}: expected only {folder.name}_<N>.tif and {folder.name}_<N>_mask.tif; move it away",
+                )
+            )
             continue
         number = int(match.group(1))
         table = masks if match.group(2) else images
         if number in table:
-            problems.append(Problem(entry, f"slice number {number} appears twice (also {table[number].name}); rename or remove one"))
+            problems.append(
+                Problem(entry, f"slice number {number} appears twice (also {table[number].name}); rename or remove one")
+            )
             continue
         table[number] = entry
     for number in sorted(set(images) | set(masks)):
         if number not in masks:
-            problems.append(Problem(images[number], f"missing mask: {folder.name}_{number}_mask.tif not found next to it"))
+            problems.append(
+                Problem(images[number], f"missing mask: {folder.name}_{number}_mask.tif not found next to it")
+            )
         elif number not in images:
-            problems.append(Problem(masks[number], f"missing image: {folder.name}_{number}.tif not found next to this mask"))
+            problems.append(
+                Problem(masks[number], f"missing image: {folder.name}_{number}.tif not found next to this mask")
+            )
         else:
             patient.slices.append(SliceFiles(folder.name, number, images[number], masks[number]))
     if not images and not masks:
@@ -215,11 +237,15 @@ def resolve_data_root(given: str | os.PathLike | None, recorded: str | os.PathLi
     if given:
         folder = Path(given)
         if not folder.is_dir():
-            raise DataError(f"data folder {folder} does not exist or is not a folder: give the kaggle_3m folder with --data")
+            raise DataError(
+                f"data folder {folder} does not exist or is not a folder: give the kaggle_3m folder with --data"
+            )
         return folder
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
-    where = f"the checkpoint's data folder {recorded} is not here" if recorded else "the checkpoint records no data folder"
+    where = (
+        f"the checkpoint's data folder {recorded} is not here" if recorded else "the checkpoint records no data folder"
+    )
     raise DataError(f"{where}: pass --data DIR (the kaggle_3m folder) for {purpose}")
 
 

@@ -10,14 +10,14 @@ file names, dtypes and value conventions, so everything that reads kaggle_3m rea
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 
-from lggdeploy.data.kaggle import IMAGE_SHAPE
 from lggdeploy.common.errors import DataError
+from lggdeploy.data.kaggle import IMAGE_SHAPE
 
 SIZE = IMAGE_SHAPE[0]
 # Mean intensities per tissue on (pre-contrast, FLAIR, post-contrast), in the real data's uint8 range.
@@ -72,7 +72,9 @@ def phantom_volume(rng: np.random.Generator, n_slices: int) -> tuple[np.ndarray,
     rim = lesion & ~ndimage.binary_erosion(lesion, iterations=2)
     images[..., 2] += 25.0 * rim  # faint post-contrast rim enhancement
     images = ndimage.gaussian_filter(images, (0, 1.0, 1.0, 0))  # partial-volume blur at edges
-    images += rng.normal(0, 3.0, images.shape).astype(np.float32) * (tissue[..., None] | (rng.random(images.shape[:3]) < 0.02)[..., None])
+    images += rng.normal(0, 3.0, images.shape).astype(np.float32) * (
+        tissue[..., None] | (rng.random(images.shape[:3]) < 0.02)[..., None]
+    )
     bias = 1 + 0.08 * _smooth_noise(rng, (1, SIZE, SIZE), (0, 60, 60))  # coil bias field
     images *= bias[..., None]
     return np.clip(images, 0, 255).astype(np.uint8), lesion
@@ -118,7 +120,10 @@ def synthesize(
         folder = out / pid
         folder.mkdir()
         for n, (image, mask) in enumerate(zip(images, masks), start=1):
-            for path, array in ((folder / f"{pid}_{n}.tif", image), (folder / f"{pid}_{n}_mask.tif", mask.astype(np.uint8) * 255)):
+            for path, array in (
+                (folder / f"{pid}_{n}.tif", image),
+                (folder / f"{pid}_{n}_mask.tif", mask.astype(np.uint8) * 255),
+            ):
                 with atomic_path(path) as tmp:
                     tifffile.imwrite(tmp, array)
         ids.append(pid)

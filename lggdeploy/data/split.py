@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.data.kaggle import Dataset, read_mask
 from lggdeploy.common.errors import DataError
 from lggdeploy.common.files import write_json_atomic
+from lggdeploy.data.kaggle import Dataset, read_mask
 
 SPLITS = ("train", "val", "test")
 FORMAT = "lggdeploy-split"
@@ -57,7 +57,7 @@ class Split:
         }
 
     @classmethod
-    def from_json(cls, obj: dict, origin: str = "split") -> "Split":
+    def from_json(cls, obj: dict, origin: str = "split") -> Split:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise DataError(f"{origin}: not an lggdeploy split file (make one with `lggdeploy data split DIR`)")
         try:
@@ -73,7 +73,9 @@ class Split:
                 fold=(int(obj["fold"][0]), int(obj["fold"][1])) if obj.get("fold") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{origin}: malformed split file ({exc}); regenerate it with `lggdeploy data split`") from None
+            raise DataError(
+                f"{origin}: malformed split file ({exc}); regenerate it with `lggdeploy data split`"
+            ) from None
         split.validate(origin)
         return split
 
@@ -82,7 +84,9 @@ class Split:
         for name in SPLITS:
             for pid in getattr(self, name):
                 if pid in seen:
-                    raise DataError(f"{origin}: patient {pid} is in both {seen[pid]} and {name}; a patient must be in one split only")
+                    raise DataError(
+                        f"{origin}: patient {pid} is in both {seen[pid]} and {name}; a patient must be in one split only"
+                    )
                 seen[pid] = name
 
     def summary_rows(self) -> list[dict]:
@@ -92,10 +96,18 @@ class Split:
             ids = self.patients(name)
             slices = sum(self.slices.get(p, 0) for p in ids)
             tumor = sum(self.tumor_slices.get(p, 0) for p in ids)
-            rows.append({"split": name, "patients": len(ids), "slices": slices, "tumor_slices": tumor, "tumor_fraction": f"{tumor / slices:.1%}" if slices else None})
+            rows.append(
+                {
+                    "split": name,
+                    "patients": len(ids),
+                    "slices": slices,
+                    "tumor_slices": tumor,
+                    "tumor_fraction": f"{tumor / slices:.1%}" if slices else None,
+                }
+            )
         return rows
 
-    def with_counts(self, dataset: Dataset) -> "Split":
+    def with_counts(self, dataset: Dataset) -> Split:
         """Fill in slice and tumor-slice counts per patient from `dataset` (for `data info`)."""
         self.slices = count_slices(dataset, self.patients("all"))
         self.tumor_slices = count_tumor_slices(dataset, self.patients("all"))
@@ -152,7 +164,9 @@ def make_split(
             f"no split of {dataset.root} with tumor slices in train, val and test was found in {max_tries} shuffles "
             f"(seed {seed}): {len(with_tumor)} of {n} patients have tumor; try another --seed or other --ratios"
         )
-    train, val, test = (sorted(p) for p in (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]))
+    train, val, test = (
+        sorted(p) for p in (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])
+    )
     return Split(
         train=train,
         val=val,
@@ -165,7 +179,9 @@ def make_split(
     )
 
 
-def make_folds(dataset: Dataset, folds: int = 5, seed: int = 0, val_ratio: float = DEFAULT_RATIOS[1], max_tries: int = 1000) -> list[Split]:
+def make_folds(
+    dataset: Dataset, folds: int = 5, seed: int = 0, val_ratio: float = DEFAULT_RATIOS[1], max_tries: int = 1000
+) -> list[Split]:
     """K-fold cross-validation at patient level: the patients, shuffled with `seed`, are cut into `folds` test sets
     of equal size (±1), so every patient is a test patient exactly once; each fold's val patients (`val_ratio` of
     all) are the ones that follow its test set in the shuffled order, the rest train. Shuffles are retried
@@ -173,14 +189,19 @@ def make_folds(dataset: Dataset, folds: int = 5, seed: int = 0, val_ratio: float
     ids = dataset.patient_ids
     n = len(ids)
     if not 0 < val_ratio < 1:
-        raise DataError(f"val share {val_ratio} (the middle of --ratios): give a fraction between 0 and 1, the share of patients each fold validates on")
+        raise DataError(
+            f"val share {val_ratio} (the middle of --ratios): give a fraction between 0 and 1, the share of patients each fold validates on"
+        )
     n_val = max(1, round(n * val_ratio))
     usable = [k for k in range(2, n + 1) if n - -(-n // k) - n_val >= 1]  # each fold keeps at least one train patient
     if folds not in usable:
         raise DataError(
             f"{folds} folds of {dataset.root}'s {n} patients: "
-            + (f"choose {usable[0]} to {usable[-1]} folds (each fold tests about {n}/K patients and validates on {n_val})" if usable
-               else f"too few patients to cross-validate (each fold needs test, {n_val} val and at least one train patient)")
+            + (
+                f"choose {usable[0]} to {usable[-1]} folds (each fold tests about {n}/K patients and validates on {n_val})"
+                if usable
+                else f"too few patients to cross-validate (each fold needs test, {n_val} val and at least one train patient)"
+            )
         )
     tumor = count_tumor_slices(dataset, ids)
     with_tumor = {pid for pid, count in tumor.items() if count}
@@ -196,11 +217,22 @@ def make_folds(dataset: Dataset, folds: int = 5, seed: int = 0, val_ratio: float
         if len(with_tumor) < 3 or all(with_tumor.intersection(part) for fold in parts for part in fold):
             break
     else:
-        raise DataError(f"no {folds}-fold split of {dataset.root} with tumor slices in every train, val and test part was found in {max_tries} shuffles (seed {seed}); try another --seed")
+        raise DataError(
+            f"no {folds}-fold split of {dataset.root} with tumor slices in every train, val and test part was found in {max_tries} shuffles (seed {seed}); try another --seed"
+        )
     slices = count_slices(dataset, ids)
     return [
-        Split(train=sorted(train), val=sorted(val), test=sorted(test), seed=seed, ratios=(len(train) / n, len(val) / n, len(test) / n),
-              source=str(dataset.root), slices=slices, tumor_slices=tumor, fold=(k + 1, folds))
+        Split(
+            train=sorted(train),
+            val=sorted(val),
+            test=sorted(test),
+            seed=seed,
+            ratios=(len(train) / n, len(val) / n, len(test) / n),
+            source=str(dataset.root),
+            slices=slices,
+            tumor_slices=tumor,
+            fold=(k + 1, folds),
+        )
         for k, (train, val, test) in enumerate(parts)
     ]
 
@@ -229,5 +261,7 @@ def load_split(path: str | os.PathLike) -> Split:
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: split file is not valid JSON ({exc}); regenerate it with `lggdeploy data split`") from None
+        raise DataError(
+            f"{path}: split file is not valid JSON ({exc}); regenerate it with `lggdeploy data split`"
+        ) from None
     return Split.from_json(obj, origin=str(path))

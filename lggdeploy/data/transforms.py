@@ -30,8 +30,15 @@ TISSUE_MAX_GAIN = 4.0
 
 
 NORMALIZATION_MODES = ("fixed", "slice")
-SLICE_FIELDS = ("tissue_level", "tissue_above", "tissue_stride", "tissue_top_quantile", "tissue_min_share", "tissue_min_top",
-                "tissue_max_gain")
+SLICE_FIELDS = (
+    "tissue_level",
+    "tissue_above",
+    "tissue_stride",
+    "tissue_top_quantile",
+    "tissue_min_share",
+    "tissue_min_top",
+    "tissue_max_gain",
+)
 
 
 @dataclass(frozen=True)
@@ -62,10 +69,14 @@ class Normalization:
 
     def __post_init__(self):
         if self.mode not in NORMALIZATION_MODES:
-            raise ValueError(f"unknown normalization mode {self.mode!r}: this lggdeploy knows {', '.join(NORMALIZATION_MODES)}")
+            raise ValueError(
+                f"unknown normalization mode {self.mode!r}: this lggdeploy knows {', '.join(NORMALIZATION_MODES)}"
+            )
         if not (self.tissue_stride >= 1 and 0 < self.tissue_top_quantile <= 1 and self.tissue_max_gain >= 1):
-            raise ValueError(f"invalid slice-normalization constants: stride {self.tissue_stride}, quantile "
-                             f"{self.tissue_top_quantile}, max gain {self.tissue_max_gain}")
+            raise ValueError(
+                f"invalid slice-normalization constants: stride {self.tissue_stride}, quantile "
+                f"{self.tissue_top_quantile}, max gain {self.tissue_max_gain}"
+            )
 
     def to_json(self) -> dict:
         out = {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std), "mode": self.mode}
@@ -74,7 +85,7 @@ class Normalization:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict, origin: str = "record") -> "Normalization":
+    def from_json(cls, obj: dict, origin: str = "record") -> Normalization:
         """Records written before modes existed are "fixed". An unknown mode is refused: guessing would feed the engine
         wrongly scaled inputs without an error."""
         from lggdeploy.common.errors import LggError
@@ -83,14 +94,20 @@ class Normalization:
         if mode not in NORMALIZATION_MODES:
             from lggdeploy import __version__
 
-            raise LggError(f"{origin}: normalization mode {mode!r} is unknown to lggdeploy {__version__} (it knows "
-                           f"{', '.join(NORMALIZATION_MODES)}); use the lggdeploy version that wrote it")
+            raise LggError(
+                f"{origin}: normalization mode {mode!r} is unknown to lggdeploy {__version__} (it knows "
+                f"{', '.join(NORMALIZATION_MODES)}); use the lggdeploy version that wrote it"
+            )
         try:
             extra = {k: (int if k == "tissue_stride" else float)(obj[k]) for k in SLICE_FIELDS if k in obj}
-            return cls(mean=tuple(float(v) for v in obj["mean"]), std=tuple(float(v) for v in obj["std"]), mode=mode, **extra)
+            return cls(
+                mean=tuple(float(v) for v in obj["mean"]), std=tuple(float(v) for v in obj["std"]), mode=mode, **extra
+            )
         except (KeyError, TypeError, ValueError) as err:
-            raise LggError(f"{origin}: its normalization record is damaged ({type(err).__name__}: {err}); rebuild or "
-                           "re-export it with lggdeploy") from None
+            raise LggError(
+                f"{origin}: its normalization record is damaged ({type(err).__name__}: {err}); rebuild or "
+                "re-export it with lggdeploy"
+            ) from None
 
     def _stats(self) -> tuple[np.ndarray, np.ndarray]:
         shape = (1, 3, 1, 1)
@@ -114,11 +131,15 @@ class Normalization:
     def slice_factors(self, x01: np.ndarray) -> np.ndarray:
         """(N, C, H, W) in [0, 1] -> (N, C, 1, 1) float32 gains f (see the class)."""
         n, c = x01.shape[:2]
-        ordered = np.sort(np.asarray(x01[:, :, ::self.tissue_stride, ::self.tissue_stride], np.float32).reshape(n, c, -1), axis=-1)
+        ordered = np.sort(
+            np.asarray(x01[:, :, :: self.tissue_stride, :: self.tissue_stride], np.float32).reshape(n, c, -1), axis=-1
+        )
         m = ordered.shape[-1]
         top = ordered[..., int(self.tissue_top_quantile * (m - 1))]
         count = (ordered > (self.tissue_above * top)[..., None]).sum(-1)  # tissue: the last `count` sorted samples
-        median = np.take_along_axis(ordered, (m - count + (np.maximum(count, 1) - 1) // 2)[..., None].clip(max=m - 1), -1)[..., 0]
+        median = np.take_along_axis(
+            ordered, (m - count + (np.maximum(count, 1) - 1) // 2)[..., None].clip(max=m - 1), -1
+        )[..., 0]
         usable = (count >= self.tissue_min_share * m) & (top >= self.tissue_min_top)
         factor = np.where(usable, np.float32(self.tissue_level) / np.maximum(median, np.float32(1e-6)), np.float32(1))
         return np.clip(factor, 1 / self.tissue_max_gain, self.tissue_max_gain).astype(np.float32).reshape(n, c, 1, 1)
@@ -128,7 +149,7 @@ class Normalization:
         import torch
 
         n, c = x01.shape[:2]
-        ordered = x01[:, :, ::self.tissue_stride, ::self.tissue_stride].float().reshape(n, c, -1).sort(dim=-1).values
+        ordered = x01[:, :, :: self.tissue_stride, :: self.tissue_stride].float().reshape(n, c, -1).sort(dim=-1).values
         m = ordered.shape[-1]
         top = ordered[..., int(self.tissue_top_quantile * (m - 1))]
         count = (ordered > (self.tissue_above * top)[..., None]).sum(-1)
@@ -176,7 +197,7 @@ def native_logits(logits: np.ndarray, size: int = NATIVE_SIZE) -> np.ndarray:
     if logits.ndim == 4:
         logits = logits[:, 0]
     if logits.shape[1:] != (size, size):
-        logits = np.stack([np.asarray(Image.fromarray(l).resize((size, size), Image.BILINEAR)) for l in logits])
+        logits = np.stack([np.asarray(Image.fromarray(one).resize((size, size), Image.BILINEAR)) for one in logits])
     return logits
 
 
@@ -205,8 +226,14 @@ class Augmentation:
     missing_modality: float = 0.0
 
     def to_json(self) -> dict:
-        return {"hflip": self.hflip, "rotate_degrees": self.rotate_degrees, "scale": list(self.scale), "gain": list(self.gain), "shift": self.shift,
-                "missing_modality": self.missing_modality}
+        return {
+            "hflip": self.hflip,
+            "rotate_degrees": self.rotate_degrees,
+            "scale": list(self.scale),
+            "gain": list(self.gain),
+            "shift": self.shift,
+            "missing_modality": self.missing_modality,
+        }
 
     def __call__(self, x01, masks, generator=None):
         """x01: (N, 3, H, W) float tensor in [0, 1]; masks: (N, 1, H, W) float {0, 1}. Returns both augmented."""
@@ -227,7 +254,9 @@ class Augmentation:
         affine = affine.to(x01.device, x01.dtype)
         grid = F.affine_grid(affine, list(x01.shape), align_corners=False)
         x01 = F.grid_sample(x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).to(masks.dtype)
+        masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).to(
+            masks.dtype
+        )
         gain = torch.empty(n, 3, 1, 1).uniform_(*self.gain, generator=generator).to(x01.device, x01.dtype)
         shift = torch.empty(n, 3, 1, 1).uniform_(-self.shift, self.shift, generator=generator).to(x01.device, x01.dtype)
         x01 = (x01 * gain + shift).clamp_(0, 1)

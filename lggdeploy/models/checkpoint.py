@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from lggdeploy import __version__
-from lggdeploy.data.split import Split
-from lggdeploy.data.transforms import Normalization
 from lggdeploy.common.errors import CheckpointError
 from lggdeploy.common.files import atomic_path
+from lggdeploy.data.split import Split
+from lggdeploy.data.transforms import Normalization
 from lggdeploy.models.networks import apply_layer_shapes, layer_shapes
 from lggdeploy.models.presets import ModelSpec
 
@@ -29,7 +29,15 @@ FORMAT = "lggdeploy-checkpoint"
 REQUIRED = ("model", "img_size", "normalization", "threshold", "split", "state_dict")
 
 
-TRANSIENT = ("path", "optimizer", "scheduler", "scaler", "torch_rng", "rng_states", "ema_state_dict")  # resume state: never carried over
+TRANSIENT = (
+    "path",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "torch_rng",
+    "rng_states",
+    "ema_state_dict",
+)  # resume state: never carried over
 
 
 def make_payload(network: nn.Module, base: dict | None = None, pruned: bool = False, **fields) -> dict:
@@ -53,7 +61,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         "lggdeploy_version": __version__,
         "torch_version": str(torch.__version__),  # TorchVersion is not weights_only-loadable
         "smp_version": smp.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **payload,
     }
     missing = [k for k in REQUIRED if k not in payload]
@@ -72,18 +80,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # a corrupt file fails weights_only loading too, for other reasons
-            raise CheckpointError(f"{path}: not a readable checkpoint (unpickling failed); the file is corrupt or truncated: retrain or restore it") from None
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (unpickling failed); the file is corrupt or truncated: retrain or restore it"
+            ) from None
         raise CheckpointError(
             f"{path}: holds pickled Python objects (e.g. a whole model saved with torch.save(model)), not an lggdeploy checkpoint; "
             "lggdeploy never unpickles code: train with `lggdeploy train`, or load the weights of such a model into one with --encoder-weights"
         ) from None
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); the file is corrupt or truncated: retrain or restore it") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); the file is corrupt or truncated: retrain or restore it"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an lggdeploy checkpoint (plain state dicts lack the model description); train with `lggdeploy train`")
+        raise CheckpointError(
+            f"{path}: not an lggdeploy checkpoint (plain state dicts lack the model description); train with `lggdeploy train`"
+        )
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; it was written by an incompatible version")
+        raise CheckpointError(
+            f"{path}: checkpoint lacks {', '.join(missing)}; it was written by an incompatible version"
+        )
     ckpt["path"] = str(path)
     return ckpt
 
@@ -109,7 +125,9 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     try:
         model = smp.create_model(spec.arch, encoder_name=spec.encoder, encoder_weights=None, in_channels=3, classes=1)
     except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt.get('path')}: unknown model {spec.name!r} ({spec.arch}/{spec.encoder}: {str(exc)[:120]}); it was written by an incompatible version") from None
+        raise CheckpointError(
+            f"{ckpt.get('path')}: unknown model {spec.name!r} ({spec.arch}/{spec.encoder}: {str(exc)[:120]}); it was written by an incompatible version"
+        ) from None
     for name in ckpt.get("dropped_modules", []):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -119,5 +137,7 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt.get('path')}: weights do not fit {spec.arch}/{spec.encoder} ({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(
+            f"{ckpt.get('path')}: weights do not fit {spec.arch}/{spec.encoder} ({str(exc).splitlines()[0][:160]})"
+        ) from None
     return model.eval()

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from lggdeploy.common.errors import LggError
+from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays, load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.common.errors import LggError
-from lggdeploy.models.torch_runner import TorchRunner, resolve_device
 from lggdeploy.data.transforms import Normalization
-from lggdeploy.common.progress import progress_bar
+from lggdeploy.models.torch_runner import TorchRunner, resolve_device
 from lggdeploy.postprocess import PostProcess
 from lggdeploy.scoring import score_runner
 
@@ -38,8 +38,19 @@ def score_model(
     """score_runner on a PyTorch model (put in eval mode for the pass, then restored)."""
     was_training = model.training
     try:
-        return score_runner(TorchRunner(model, str(device)), slices, img_size, normalization, batch_size, threshold, show_progress, description, on_logits,
-                            largest_component, postprocess)
+        return score_runner(
+            TorchRunner(model, str(device)),
+            slices,
+            img_size,
+            normalization,
+            batch_size,
+            threshold,
+            show_progress,
+            description,
+            on_logits,
+            largest_component,
+            postprocess,
+        )
     finally:
         model.train(was_training)
 
@@ -53,8 +64,8 @@ def evaluate_checkpoint(
     device: str = "cpu",
 ) -> dict:
     """The nnU-Net-style summary: one row per patient plus aggregates, with provenance."""
-    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
     from lggdeploy.data.split import load_split
+    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 
     if batch_size < 1:
         raise LggError(f"--batch-size must be at least 1, got {batch_size}")
@@ -72,8 +83,17 @@ def evaluate_checkpoint(
         slices = load_slices(dataset, patients, on_slice=lambda: bar.advance(task))
     model = model_from_checkpoint(ckpt).to(torch_device)
     postprocess = PostProcess.from_json(ckpt.get("postprocess"))
-    summary = score_model(model, slices, ckpt["img_size"], normalization_of(ckpt), batch_size, torch_device, threshold=ckpt["threshold"], largest_component=True,
-                          postprocess=postprocess)
+    summary = score_model(
+        model,
+        slices,
+        ckpt["img_size"],
+        normalization_of(ckpt),
+        batch_size,
+        torch_device,
+        threshold=ckpt["threshold"],
+        largest_component=True,
+        postprocess=postprocess,
+    )
     summary["meta"] = {
         "checkpoint": str(checkpoint),
         "model": ckpt["model"]["name"],
@@ -81,11 +101,15 @@ def evaluate_checkpoint(
         "split": split,
         "split_file": str(split_file) if split_file else "embedded in checkpoint",
         "threshold": ckpt["threshold"],
-        "threshold_origin": (f"tuned on {len(ckpt['threshold_tuning']['patients'])} val patients" if "threshold_tuning" in ckpt else "the checkpoint's, not tuned"),
+        "threshold_origin": (
+            f"tuned on {len(ckpt['threshold_tuning']['patients'])} val patients"
+            if "threshold_tuning" in ckpt
+            else "the checkpoint's, not tuned"
+        ),
         "postprocess": postprocess.to_json(),
         "postprocess_origin": postprocess_origin(ckpt),
         "img_size": ckpt["img_size"],
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     return summary
 
@@ -96,8 +120,10 @@ def postprocess_origin(ckpt: dict) -> str:
     if tuning is None:
         return "the checkpoint's" if ckpt.get("postprocess") else "none stored in the checkpoint"
     if tuning.get("kept"):
-        return (f"{tuning['fraction_of_smallest_train_tumor']:g} x the smallest train tumor ({tuning['smallest_train_tumor_voxels']} voxels), kept because on {len(tuning['patients'])} val patients "
-                f"{tuning['why']} ({tuning['val_mean_patient_dice_without']:.4f} -> {tuning['val_mean_patient_dice_with']:.4f})")
+        return (
+            f"{tuning['fraction_of_smallest_train_tumor']:g} x the smallest train tumor ({tuning['smallest_train_tumor_voxels']} voxels), kept because on {len(tuning['patients'])} val patients "
+            f"{tuning['why']} ({tuning['val_mean_patient_dice_without']:.4f} -> {tuning['val_mean_patient_dice_with']:.4f})"
+        )
     return f"none: the candidate was rejected on {len(tuning['patients'])} val patients ({tuning['why']})"
 
 

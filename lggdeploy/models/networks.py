@@ -55,7 +55,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+        with socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ):
             return True
     except OSError:
         return False
@@ -82,7 +84,9 @@ def _create(spec: ModelSpec, weights: str | None) -> nn.Module:
 
     try:
         with _hub_offline_unless_reachable(weights):
-            return smp.create_model(spec.arch, encoder_name=spec.encoder, encoder_weights=weights, in_channels=3, classes=1)
+            return smp.create_model(
+                spec.arch, encoder_name=spec.encoder, encoder_weights=weights, in_channels=3, classes=1
+            )
     except (KeyError, ValueError) as exc:
         raise ModelError(f"cannot build {spec.arch} with encoder {spec.encoder}: {exc}") from None
     except Exception as exc:  # hub download failures: no network, no cache, hub errors
@@ -145,7 +149,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"{path}: cannot read encoder weights ({type(exc).__name__}: {str(exc)[:160]}); give a torch state dict or a .safetensors file") from None
+        raise ModelError(
+            f"{path}: cannot read encoder weights ({type(exc).__name__}: {str(exc)[:160]}); give a torch state dict or a .safetensors file"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -185,7 +191,11 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     shapes: dict[str, dict[str, int]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
-            shapes[name] = {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
+            shapes[name] = {
+                "in_channels": module.in_channels,
+                "out_channels": module.out_channels,
+                "groups": module.groups,
+            }
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             shapes[name] = {"num_features": module.num_features}
         elif isinstance(module, nn.Linear):
@@ -193,13 +203,17 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     return shapes
 
 
-def apply_layer_shapes(model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def apply_layer_shapes(
+    model: nn.Module, shapes: dict[str, dict[str, int]], state_dict: dict[str, torch.Tensor]
+) -> nn.Module:
     """Resize a freshly built model's layers to a pruned model's shapes, so its state dict loads strictly."""
     modules = dict(model.named_modules())
     for name, attrs in shapes.items():
         module = modules.get(name)
         if module is None:
-            raise CheckpointError(f"pruned layer {name} does not exist in a fresh model: the checkpoint was pruned from another architecture")
+            raise CheckpointError(
+                f"pruned layer {name} does not exist in a fresh model: the checkpoint was pruned from another architecture"
+            )
         for attr, value in attrs.items():
             setattr(module, attr, value)
         for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):

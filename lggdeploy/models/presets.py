@@ -17,15 +17,36 @@ class ModelSpec:
     study_test_dice: float | None = None  # the originating study's test Dice (per-slice mean style)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "arch": self.arch, "encoder": self.encoder, "default_encoder_weights": self.encoder_weights}
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "encoder": self.encoder,
+            "default_encoder_weights": self.encoder_weights,
+        }
 
 
 PRESETS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("pspnet-scratch", "PSPNet", "resnext50_32x4d", None, "PSPNet, ResNeXt50-32x4d encoder, random init", 0.8054),
-        ModelSpec("pspnet-resnext50", "PSPNet", "resnext50_32x4d", "imagenet", "PSPNet, ResNeXt50-32x4d encoder, ImageNet transfer", 0.9064),
-        ModelSpec("unet-effb7", "Unet", "efficientnet-b7", "imagenet", "UNet, EfficientNet-B7 encoder, ImageNet transfer", 0.9262),
+        ModelSpec(
+            "pspnet-scratch", "PSPNet", "resnext50_32x4d", None, "PSPNet, ResNeXt50-32x4d encoder, random init", 0.8054
+        ),
+        ModelSpec(
+            "pspnet-resnext50",
+            "PSPNet",
+            "resnext50_32x4d",
+            "imagenet",
+            "PSPNet, ResNeXt50-32x4d encoder, ImageNet transfer",
+            0.9064,
+        ),
+        ModelSpec(
+            "unet-effb7",
+            "Unet",
+            "efficientnet-b7",
+            "imagenet",
+            "UNet, EfficientNet-B7 encoder, ImageNet transfer",
+            0.9262,
+        ),
     )
 }
 
@@ -39,8 +60,12 @@ def resolve_model(name: str) -> ModelSpec:
 
         arch, encoder = name.split(":", 1)
         if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
-            raise ModelError(f"unknown smp architecture {arch!r}: choose one of {', '.join(smp.MODEL_ARCHITECTURES_MAPPING)}")
+            raise ModelError(
+                f"unknown smp architecture {arch!r}: choose one of {', '.join(smp.MODEL_ARCHITECTURES_MAPPING)}"
+            )
         if not encoder.startswith("tu-") and encoder not in smp.encoders.get_encoder_names():
-            raise ModelError(f"unknown smp encoder {encoder!r}: see segmentation_models_pytorch.encoders.get_encoder_names() (or use tu-<timm name>)")
+            raise ModelError(
+                f"unknown smp encoder {encoder!r}: see segmentation_models_pytorch.encoders.get_encoder_names() (or use tu-<timm name>)"
+            )
         return ModelSpec(name, arch, encoder, None, f"{arch} with {encoder} encoder")
     raise ModelError(f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}) or ARCH:ENCODER, e.g. unet:resnet34")

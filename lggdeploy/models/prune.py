@@ -27,7 +27,9 @@ def _torch_pruning():
     try:
         import torch_pruning as tp
     except ImportError:
-        raise LggError("structured pruning needs Torch-Pruning: pip install 'lggdeploy[prune]' (or pip install torch-pruning)") from None
+        raise LggError(
+            "structured pruning needs Torch-Pruning: pip install 'lggdeploy[prune]' (or pip install torch-pruning)"
+        ) from None
     return tp
 
 
@@ -81,14 +83,16 @@ def prune_model(model: nn.Module, img_size: int, ratio: float, steps: int = 1, b
         "layers_changed": len(changed),
         "conv_layers_unchanged": sorted(n for n in convs if n not in changed),
         "grouped_or_depthwise_convs": len(grouped),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 
 def check_distill_weight(weight: float) -> None:
     """The teacher's share of the fine-tuning loss after pruning: `prune` and `optimize` check it before any work."""
     if not 0 < weight <= 1:
-        raise LggError(f"--distill-weight must lie in (0, 1] (the teacher's share of the fine-tuning loss; --no-distill for none), got {weight}")
+        raise LggError(
+            f"--distill-weight must lie in (0, 1] (the teacher's share of the fine-tuning loss; --no-distill for none), got {weight}"
+        )
 
 
 def prune_checkpoint(
@@ -109,7 +113,11 @@ def prune_checkpoint(
     from lggdeploy.models.train import TrainConfig, train
 
     ckpt = load_checkpoint(checkpoint)
-    out = Path(out) if out else Path(checkpoint).parent.parent / f"{Path(checkpoint).parent.name}-pruned{int(round(ratio * 100))}"
+    out = (
+        Path(out)
+        if out
+        else Path(checkpoint).parent.parent / f"{Path(checkpoint).parent.name}-pruned{int(round(ratio * 100))}"
+    )
     if finetune_epochs:
         from lggdeploy.data.kaggle import resolve_data_root
 
@@ -125,26 +133,46 @@ def prune_checkpoint(
 
     def save_stage(model: nn.Module, recipe_entry: dict | None, path: Path, **overrides) -> Path:
         pruning = list(ckpt.get("pruning", [])) + ([recipe_entry] if recipe_entry else [])
-        return save_checkpoint(path, make_payload(model, ckpt, pruned=True, pruning=pruning, pruned_from=str(checkpoint), **overrides))
+        return save_checkpoint(
+            path, make_payload(model, ckpt, pruned=True, pruning=pruning, pruned_from=str(checkpoint), **overrides)
+        )
 
     def finetune(step: int) -> None:
         if not epochs_per_step:
             return
         n = len(stages) + 1
         start = save_stage(model, None, out / f"stage{n}_start.pt")
-        result = train(TrainConfig(model=ckpt["model"]["name"], data=data, out=out / f"stage{n}", epochs=epochs_per_step,
-                                   batch_size=batch_size, lr=lr, img_size=ckpt["img_size"], device=device, init_checkpoint=start,
-                                   teacher=Path(checkpoint) if distill else None, distill_weight=distill_weight,
-                                   # the original's own missing-sequence share (0 for checkpoints from before it existed)
-                                   missing_modality=float(ckpt.get("train_config", {}).get("missing_modality", 0.0))))
+        result = train(
+            TrainConfig(
+                model=ckpt["model"]["name"],
+                data=data,
+                out=out / f"stage{n}",
+                epochs=epochs_per_step,
+                batch_size=batch_size,
+                lr=lr,
+                img_size=ckpt["img_size"],
+                device=device,
+                init_checkpoint=start,
+                teacher=Path(checkpoint) if distill else None,
+                distill_weight=distill_weight,
+                # the original's own missing-sequence share (0 for checkpoints from before it existed)
+                missing_modality=float(ckpt.get("train_config", {}).get("missing_modality", 0.0)),
+            )
+        )
         tuned = model_from_checkpoint(load_checkpoint(result.best_path))
         model.load_state_dict(tuned.state_dict())
         stages.append({"step": step + 1, "history": result.history, "best": result.best})
-        console.print(f"pruning step {step + 1}/{steps}: fine-tuned, val per-patient Dice {result.best['val_mean_patient_dice']:.4f}")
+        console.print(
+            f"pruning step {step + 1}/{steps}: fine-tuned, val per-patient Dice {result.best['val_mean_patient_dice']:.4f}"
+        )
 
     recipe = prune_model(model, ckpt["img_size"], ratio, steps, finetune)
     recipe["finetune_epochs"] = epochs_per_step * steps if finetune_epochs else 0
-    recipe["distillation"] = {"teacher": str(checkpoint), "weight": distill_weight, "targets": "the unpruned model's sigmoid outputs"} if distill and finetune_epochs else None
+    recipe["distillation"] = (
+        {"teacher": str(checkpoint), "weight": distill_weight, "targets": "the unpruned model's sigmoid outputs"}
+        if distill and finetune_epochs
+        else None
+    )
     recipe["finetune"] = [{"step": st["step"], "best": st["best"]} for st in stages]
     console.print(
         f"params {recipe['params_before'] / 1e6:.2f}M -> {recipe['params_after'] / 1e6:.2f}M, "
@@ -154,5 +182,8 @@ def prune_checkpoint(
     if stages:
         overrides = {"best": stages[-1]["best"], "history": [row for st in stages for row in st["history"]]}
     else:  # the unpruned model's validation scores say nothing about the pruned one
-        overrides = {"best": {"epoch": None, "val_mean_patient_dice": None, "note": "pruned without fine-tuning: not validated"}, "history": []}
+        overrides = {
+            "best": {"epoch": None, "val_mean_patient_dice": None, "note": "pruned without fine-tuning: not validated"},
+            "history": [],
+        }
     return save_stage(model, recipe, out / "best.pt", **overrides)

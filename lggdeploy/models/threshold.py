@@ -26,7 +26,13 @@ def sweep(logits: np.ndarray, masks: np.ndarray, patients: np.ndarray, grid=GRID
     for t in grid:
         predicted = native > np.float32(np.log(t / (1 - t)))
         aggregates = summarize(confusion_counts(predicted, masks), patients)["aggregates"]
-        rows.append({"threshold": float(t), "mean_patient_dice": aggregates["mean_patient_dice"], "patients_missed": aggregates["patients_missed"]})
+        rows.append(
+            {
+                "threshold": float(t),
+                "mean_patient_dice": aggregates["mean_patient_dice"],
+                "patients_missed": aggregates["patients_missed"],
+            }
+        )
     return rows
 
 

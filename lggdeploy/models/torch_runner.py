@@ -20,7 +20,9 @@ def resolve_device(name: str, local_rank: int = 0):
             raise LggError(f"--device {name} was asked for but no CUDA GPU is visible here; use --device cpu")
         index = local_rank if name == "cuda" else int(name[5:])
         if index >= torch.cuda.device_count():
-            raise LggError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+            raise LggError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
         return torch.device(f"cuda:{index}")
     raise LggError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
 

@@ -24,24 +24,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint, split_of
+from lggdeploy.common.errors import LggError
+from lggdeploy.common.files import (
+    check_can_create,
+    ensure_folder,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_text_atomic,
+)
+from lggdeploy.common.progress import console, progress_bar
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import load_split, make_split, save_split
-from lggdeploy.data.transforms import NORMALIZATION_MODES, Augmentation, Normalization, logits_to_masks, resize_images, resize_masks
-from lggdeploy.postprocess import PostProcess, smallest_tumor
-from lggdeploy.postprocess import tune as tune_postprocess
-from lggdeploy.common.errors import LggError
-from lggdeploy.models.evaluate import score_model
-from lggdeploy.common.files import check_can_create, ensure_folder, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from lggdeploy.data.transforms import (
+    NORMALIZATION_MODES,
+    Augmentation,
+    Normalization,
+    logits_to_masks,
+    resize_images,
+    resize_masks,
+)
 from lggdeploy.metrics import confusion_counts, dice_from_counts, iou_from_counts
-from lggdeploy.models.networks import build_model, count_parameters
+from lggdeploy.models import threshold as threshold_tuning
+from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint, split_of
 from lggdeploy.models.curves import plot_history
-from lggdeploy.models.torch_runner import resolve_device
+from lggdeploy.models.evaluate import score_model
+from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.presets import resolve_model
 from lggdeploy.models.recipe import epoch_order, lr_factor, make_ema, segmentation_loss, set_batch_norm_momentum
-from lggdeploy.models import threshold as threshold_tuning
-from lggdeploy.common.progress import console, progress_bar
+from lggdeploy.models.torch_runner import resolve_device
+from lggdeploy.postprocess import PostProcess, smallest_tumor
+from lggdeploy.postprocess import tune as tune_postprocess
 
 
 @dataclass
@@ -74,11 +87,15 @@ class TrainConfig:
     teacher: Path | None = None
     distill_weight: float = 0.5
     # The recipe (benchmarks/results/recipe/ measured these; defaults are what it showed).
-    loss: str = "image-dice"  # overlap term beside BCE: dice (pooled over the batch), image-dice (per tumor image), tversky
+    loss: str = (
+        "image-dice"  # overlap term beside BCE: dice (pooled over the batch), image-dice (per tumor image), tversky
+    )
     tumor_fraction: float | None = 0.5  # share of each epoch drawn from tumor slices (None or 0: as the data come)
     warmup_epochs: float = 0.5  # linear learning-rate warm-up before the cosine
     ema_decay: float = 0.0  # EMA of the weights (0: off); with it, validation, selection and best.pt use the EMA
-    tune_threshold: bool = False  # sweep the threshold on the val patients and store the best in best.pt (off: pooled over 21 test
+    tune_threshold: bool = (
+        False  # sweep the threshold on the val patients and store the best in best.pt (off: pooled over 21 test
+    )
     # patients it did not pay, benchmarks/results/threshold/)
     missing_modality: float = 0.2  # share of training slices with pre/post-contrast replaced by FLAIR (data set's fill)
     normalization: str = "slice"  # model input: slice (each slice's tissue median to one level, then ImageNet statistics) or fixed (x / 255 as read)
@@ -114,9 +131,13 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise LggError(f"unknown --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.tumor_fraction is not None and not 0 <= self.tumor_fraction < 1:
-            raise LggError(f"--tumor-fraction must be 0 (slices as the data come) or a fraction below 1, got {self.tumor_fraction}")
+            raise LggError(
+                f"--tumor-fraction must be 0 (slices as the data come) or a fraction below 1, got {self.tumor_fraction}"
+            )
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise LggError(f"--warmup-epochs must be at least 0 and below --epochs ({self.epochs}), got {self.warmup_epochs}")
+            raise LggError(
+                f"--warmup-epochs must be at least 0 and below --epochs ({self.epochs}), got {self.warmup_epochs}"
+            )
         if not (self.ema_decay == 0 or 0.5 <= self.ema_decay < 1):
             raise LggError(f"--ema must be 0 (off) or between 0.5 and 1 (e.g. 0.99), got {self.ema_decay}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
@@ -166,9 +187,31 @@ def _history_csv(history: list[dict]) -> str:
 
 
 # Fixed for the life of a run: --resume takes them from last.pt and refuses a flag that contradicts them.
-FIXED_ON_RESUME = ("model", "img_size", "batch_size", "lr", "weight_decay", "seed", "augment", "encoder_weights", "split_file", "threshold", "precision", "channels_last", "teacher", "distill_weight",
-                   "loss", "tumor_fraction", "warmup_epochs", "ema_decay", "tune_threshold", "postprocess", "missing_modality",
-                   "normalization", "bn_momentum")
+FIXED_ON_RESUME = (
+    "model",
+    "img_size",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "seed",
+    "augment",
+    "encoder_weights",
+    "split_file",
+    "threshold",
+    "precision",
+    "channels_last",
+    "teacher",
+    "distill_weight",
+    "loss",
+    "tumor_fraction",
+    "warmup_epochs",
+    "ema_decay",
+    "tune_threshold",
+    "postprocess",
+    "missing_modality",
+    "normalization",
+    "bn_momentum",
+)
 
 
 def _as_config_value(key: str, value):
@@ -176,11 +219,22 @@ def _as_config_value(key: str, value):
 
 
 # What a run started before the recipe options existed trained with: resuming it keeps that, not today's defaults.
-LEGACY_RECIPE = {"loss": "dice", "tumor_fraction": None, "warmup_epochs": 0.0, "ema_decay": 0.0, "tune_threshold": False, "postprocess": "none", "missing_modality": 0.0,
-                 "normalization": "fixed", "bn_momentum": 0.0}
+LEGACY_RECIPE = {
+    "loss": "dice",
+    "tumor_fraction": None,
+    "warmup_epochs": 0.0,
+    "ema_decay": 0.0,
+    "tune_threshold": False,
+    "postprocess": "none",
+    "missing_modality": 0.0,
+    "normalization": "fixed",
+    "bn_momentum": 0.0,
+}
 
 
-def _postprocess_fields(choice: str, val_logits: list[np.ndarray], val_slices, threshold: float, train_smallest_tumor: int | None) -> dict:
+def _postprocess_fields(
+    choice: str, val_logits: list[np.ndarray], val_slices, threshold: float, train_smallest_tumor: int | None
+) -> dict:
     """The checkpoint's post-processing: the user's, or (auto) the one postprocess.tune keeps on the val patients'
     masks at the stored threshold, with its record."""
     if choice != "auto":
@@ -224,7 +278,9 @@ def autocast_dtype(precision: str, device: torch.device):
     if precision == "fp16" and device.type != "cuda":
         raise LggError("--precision fp16 trains only on CUDA (AMP); on a CPU use bf16 (AVX512-BF16/AMX) or fp32")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        raise LggError("--precision bf16: this CPU has no AVX512-BF16 or AMX (bf16 would be emulated and slower); use fp32")
+        raise LggError(
+            "--precision bf16: this CPU has no AVX512-BF16 or AMX (bf16 would be emulated and slower); use fp32"
+        )
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -236,7 +292,12 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": random.getstate(),
     }
 
@@ -248,7 +309,9 @@ def set_rng_state(state: dict) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached"]))
+    np.random.set_state(
+        ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached"])
+    )
     random.setstate(state["python"])
 
 
@@ -292,18 +355,26 @@ def train(cfg: TrainConfig) -> TrainResult:
         if resume_ckpt["model"]["name"] != cfg.model:
             raise LggError(f"--resume: {last_path} trained {resume_ckpt['model']['name']}, not {cfg.model}")
         cfg, changed = resume_config(cfg, resume_ckpt.get("train_config", {}), last_path)
-        resumes = list(resume_ckpt.get("resumes", [])) + [{"after_epoch": int(resume_ckpt["epoch"]), "changed": changed}]
+        resumes = list(resume_ckpt.get("resumes", [])) + [
+            {"after_epoch": int(resume_ckpt["epoch"]), "changed": changed}
+        ]
         cfg.validate()
     elif main and last_path.exists():
-        raise LggError(f"{out} already holds a training run (last.pt): pass --resume to continue it, or choose another --out")
+        raise LggError(
+            f"{out} already holds a training run (last.pt): pass --resume to continue it, or choose another --out"
+        )
     if main and out.is_dir():
         remove_stale_temporaries(out)  # the .tmp files of a run that was killed (SIGKILL) while writing
 
     init_ckpt = load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and resume_ckpt is None else None
     if init_ckpt is not None and init_ckpt["img_size"] != cfg.img_size:
-        raise LggError(f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at")
+        raise LggError(
+            f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at"
+        )
     if init_ckpt is not None and "threshold" not in cfg.given() and cfg.threshold == TrainConfig.threshold:
-        cfg = replace(cfg, threshold=float(init_ckpt["threshold"]))  # fine-tuning keeps the decision threshold it starts from
+        cfg = replace(
+            cfg, threshold=float(init_ckpt["threshold"])
+        )  # fine-tuning keeps the decision threshold it starts from
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     # The model (and its encoder weights) before anything is written: a bad name or weights file leaves no folder behind.
@@ -312,16 +383,29 @@ def train(cfg: TrainConfig) -> TrainResult:
     start_from = resume_ckpt if resume_ckpt is not None else init_ckpt
     if start_from is not None:
         model = model_from_checkpoint(start_from).train()
-        carried = ("encoder_weights", "encoder_weights_sha256", "dropped_modules", "layer_shapes", "pruning", "pruned_from")
+        carried = (
+            "encoder_weights",
+            "encoder_weights_sha256",
+            "dropped_modules",
+            "layer_shapes",
+            "pruning",
+            "pruned_from",
+        )
         weights_info = {k: start_from[k] for k in carried if k in start_from}
         normalization = Normalization.from_json(start_from["normalization"], origin=str(cfg.init_checkpoint or cfg.out))
         if "normalization" in cfg.given() and normalization.mode != cfg.normalization:
-            raise LggError(f"--normalization {cfg.normalization} differs from the {normalization.mode!r} normalization the checkpoint was trained with")
+            raise LggError(
+                f"--normalization {cfg.normalization} differs from the {normalization.mode!r} normalization the checkpoint was trained with"
+            )
         cfg = replace(cfg, normalization=normalization.mode)  # the record says what the run feeds the model
     else:
         built = build_model(spec, cfg.encoder_weights)
         model = built.model
-        weights_info = {"encoder_weights": built.encoder_weights, "encoder_weights_sha256": built.encoder_weights_sha256, "dropped_modules": built.dropped_modules}
+        weights_info = {
+            "encoder_weights": built.encoder_weights,
+            "encoder_weights_sha256": built.encoder_weights_sha256,
+            "dropped_modules": built.dropped_modules,
+        }
 
     if main:
         check_can_create(out)  # an unwritable --out is refused before the data are read
@@ -348,8 +432,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_images = resize_images(train_slices.images, cfg.img_size)
     train_masks = resize_masks(train_slices.masks, cfg.img_size)
     train_tumor = train_slices.masks.reshape(len(train_slices), -1).any(axis=1)
-    train_smallest_tumor = smallest_tumor(train_slices.masks, train_slices.patients)  # bounds the post-processing's size
-    val_targets = torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()  # for the val loss, once
+    train_smallest_tumor = smallest_tumor(
+        train_slices.masks, train_slices.patients
+    )  # bounds the post-processing's size
+    val_targets = (
+        torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()
+    )  # for the val loss, once
 
     set_batch_norm_momentum(model, cfg.bn_momentum)
     model.to(device)
@@ -357,7 +445,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.teacher is not None:
         teacher_ckpt = load_checkpoint(cfg.teacher)
         if teacher_ckpt["img_size"] != cfg.img_size:
-            raise LggError(f"the teacher {cfg.teacher} works at {teacher_ckpt['img_size']} px, the run at {cfg.img_size} px: distil at the teacher's size")
+            raise LggError(
+                f"the teacher {cfg.teacher} works at {teacher_ckpt['img_size']} px, the run at {cfg.img_size} px: distil at the teacher's size"
+            )
         teacher = model_from_checkpoint(teacher_ckpt).to(device).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
@@ -375,10 +465,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     per_rank = n_train // world
     steps_per_epoch = per_rank // cfg.batch_size + (1 if per_rank % cfg.batch_size >= 2 else 0)
     if steps_per_epoch < 1:
-        raise LggError(f"{n_train} training slices are too few for --batch-size {cfg.batch_size} on {world} process(es)")
+        raise LggError(
+            f"{n_train} training slices are too few for --batch-size {cfg.batch_size} on {world} process(es)"
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # The cosine schedule spans the epochs the run was started with; epochs added on --resume run at its final lr.
-    schedule_epochs = int(resume_ckpt.get("schedule_epochs", resume_ckpt["train_config"]["epochs"])) if resume_ckpt is not None else cfg.epochs
+    schedule_epochs = (
+        int(resume_ckpt.get("schedule_epochs", resume_ckpt["train_config"]["epochs"]))
+        if resume_ckpt is not None
+        else cfg.epochs
+    )
     budgeted = cfg.budget_minutes is not None and resume_ckpt is None
     explicit_epochs = "epochs" in cfg.given()
     if budgeted and not explicit_epochs:
@@ -386,7 +482,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         schedule_epochs = TrainConfig.epochs  # provisional cosine length for epoch 1, fixed once epoch 1 is timed
     schedule = {"total_steps": schedule_epochs * steps_per_epoch}
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule["total_steps"], warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, schedule["total_steps"], warmup_steps)
+    )
     ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
     scaler = torch.amp.GradScaler("cuda", enabled=compute_dtype == torch.float16)
     history: list[dict] = []
@@ -407,12 +505,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:
             set_rng_state(states[rank] if rank < len(states) else states[0])
         if start_epoch > cfg.epochs:
-            raise LggError(f"--resume: {last_path} already finished epoch {start_epoch - 1} of {cfg.epochs}; raise --epochs to train longer")
+            raise LggError(
+                f"--resume: {last_path} already finished epoch {start_epoch - 1} of {cfg.epochs}; raise --epochs to train longer"
+            )
 
     augment = Augmentation(missing_modality=cfg.missing_modality)
     config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "explicit"}
     n_epochs = cfg.epochs
-    budget_record: dict | None = dict(resume_ckpt["budget"]) if resume_ckpt is not None and resume_ckpt.get("budget") else None
+    budget_record: dict | None = (
+        dict(resume_ckpt["budget"]) if resume_ckpt is not None and resume_ckpt.get("budget") else None
+    )
 
     def fix_epochs(total: int) -> None:
         """The budget's decision, on every rank: the run's length and its cosine's."""
@@ -420,6 +522,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         n_epochs = schedule_epochs = total
         schedule["total_steps"] = total * steps_per_epoch
         config_record["epochs"] = total
+
     started = time.perf_counter()
     if main:
         console.print(
@@ -435,13 +538,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         while epoch < n_epochs:
             epoch += 1
             epoch_started = time.perf_counter()
-            order = epoch_order(train_tumor, cfg.seed * 100_003 + epoch, cfg.tumor_fraction or None)[rank * per_rank : (rank + 1) * per_rank]
+            order = epoch_order(train_tumor, cfg.seed * 100_003 + epoch, cfg.tumor_fraction or None)[
+                rank * per_rank : (rank + 1) * per_rank
+            ]
             seen_tumor = seen = 0
             aug_generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
             net.train()
             losses: list[float] = []
             counts = np.zeros(4, np.int64)
-            step_task = bar.add_task(f"epoch {epoch}/{'?' if budgeted and epoch == 1 else n_epochs}", total=steps_per_epoch, info="")
+            step_task = bar.add_task(
+                f"epoch {epoch}/{'?' if budgeted and epoch == 1 else n_epochs}", total=steps_per_epoch, info=""
+            )
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].numpy()
                 x01 = torch.from_numpy(train_images[idx]).permute(0, 3, 1, 2).float().div_(255)
@@ -452,13 +559,22 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+                with torch.autocast(
+                    device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None
+                ):
                     logits = net(x)
                 loss = segmentation_loss(logits.float(), y, cfg.loss)
                 if teacher is not None:
-                    with torch.no_grad(), torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+                    with (
+                        torch.no_grad(),
+                        torch.autocast(
+                            device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None
+                        ),
+                    ):
                         soft = torch.sigmoid(teacher(x).float())
-                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.binary_cross_entropy_with_logits(logits.float(), soft)
+                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.binary_cross_entropy_with_logits(
+                        logits.float(), soft
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -469,24 +585,40 @@ def train(cfg: TrainConfig) -> TrainResult:
                 losses.append(loss.item())
                 seen_tumor += int(train_tumor[idx].sum())
                 seen += len(idx)
-                counts += confusion_counts((logits.detach() > 0).cpu().numpy()[:, 0], y.cpu().numpy()[:, 0] > 0.5).sum(axis=0)
+                counts += confusion_counts((logits.detach() > 0).cpu().numpy()[:, 0], y.cpu().numpy()[:, 0] > 0.5).sum(
+                    axis=0
+                )
                 bar.update(step_task, advance=1, info=f"loss {np.mean(losses):.4f}")
             bar.remove_task(step_task)
 
             row = None
-            rng_states = _gather_rng_states(world)  # before validation, so a resumed epoch draws what this one would have
+            rng_states = _gather_rng_states(
+                world
+            )  # before validation, so a resumed epoch draws what this one would have
             if main:
                 val_losses: list[float] = []
                 val_logits: list[np.ndarray] = []
 
                 def add_val_loss(logits: np.ndarray, batch: slice) -> None:
-                    val_losses.append(segmentation_loss(torch.from_numpy(logits), val_targets[batch], cfg.loss).item() * len(logits))
+                    val_losses.append(
+                        segmentation_loss(torch.from_numpy(logits), val_targets[batch], cfg.loss).item() * len(logits)
+                    )
                     if cfg.tune_threshold or cfg.postprocess == "auto":
                         val_logits.append(np.array(logits, np.float32, copy=True))
 
                 # The model the run keeps: the EMA of the weights when on (validated, selected and saved as best.pt).
                 kept = ema.module if ema is not None else model
-                val = score_model(kept, val_slices, cfg.img_size, normalization, cfg.eval_batch_size, device, show_progress=False, threshold=cfg.threshold, on_logits=add_val_loss)
+                val = score_model(
+                    kept,
+                    val_slices,
+                    cfg.img_size,
+                    normalization,
+                    cfg.eval_batch_size,
+                    device,
+                    show_progress=False,
+                    threshold=cfg.threshold,
+                    on_logits=add_val_loss,
+                )
                 val_loss = float(np.sum(val_losses) / len(val_slices))
                 agg = val["aggregates"]
                 tp, fp, fn, tn = counts
@@ -507,16 +639,34 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "val_patients_missed": agg["patients_missed"],
                 }
                 if ema is not None:  # the raw weights too, to see what the EMA buys
-                    raw = score_model(model, val_slices, cfg.img_size, normalization, cfg.eval_batch_size, device, show_progress=False, threshold=cfg.threshold)
+                    raw = score_model(
+                        model,
+                        val_slices,
+                        cfg.img_size,
+                        normalization,
+                        cfg.eval_batch_size,
+                        device,
+                        show_progress=False,
+                        threshold=cfg.threshold,
+                    )
                     row["val_mean_patient_dice_raw_weights"] = raw["aggregates"]["mean_patient_dice"]
                 row["seconds"] = round(time.perf_counter() - epoch_started, 2)
                 if budgeted and epoch == 1:
                     elapsed = time.perf_counter() - run_started
-                    total = epochs_within_budget(cfg.budget_minutes * 60, elapsed, row["seconds"], cfg.epochs if explicit_epochs else None)
+                    total = epochs_within_budget(
+                        cfg.budget_minutes * 60, elapsed, row["seconds"], cfg.epochs if explicit_epochs else None
+                    )
                     fix_epochs(total)
-                    budget_record = {"minutes": cfg.budget_minutes, "epoch_1_seconds": row["seconds"], "elapsed_after_epoch_1_seconds": round(elapsed, 1), "epochs": total}
+                    budget_record = {
+                        "minutes": cfg.budget_minutes,
+                        "epoch_1_seconds": row["seconds"],
+                        "elapsed_after_epoch_1_seconds": round(elapsed, 1),
+                        "epochs": total,
+                    }
                     bar.update(epoch_task, total=total)
-                    console.print(f"budget {cfg.budget_minutes:g} min: epoch 1 took {row['seconds']:.0f} s, so the run trains {total} epochs")
+                    console.print(
+                        f"budget {cfg.budget_minutes:g} min: epoch 1 took {row['seconds']:.0f} s, so the run trains {total} epochs"
+                    )
                 history.append(row)
                 fields_ = dict(
                     model=spec.to_json(),
@@ -540,13 +690,24 @@ def train(cfg: TrainConfig) -> TrainResult:
                     best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
                     kept_fields = dict(fields_, weights="ema" if ema is not None else "raw")
                     if cfg.tune_threshold:
-                        tuning = threshold_tuning.tune(np.concatenate(val_logits), val_slices.masks, val_slices.patients, cfg.threshold)
+                        tuning = threshold_tuning.tune(
+                            np.concatenate(val_logits), val_slices.masks, val_slices.patients, cfg.threshold
+                        )
                         kept_fields.update(threshold=tuning["threshold"], threshold_tuning=tuning)
-                        best.update(threshold=tuning["threshold"], val_mean_patient_dice_tuned_threshold=tuning["val_mean_patient_dice"])
-                    kept_fields.update(_postprocess_fields(cfg.postprocess, val_logits, val_slices, kept_fields["threshold"], train_smallest_tumor))
+                        best.update(
+                            threshold=tuning["threshold"],
+                            val_mean_patient_dice_tuned_threshold=tuning["val_mean_patient_dice"],
+                        )
+                    kept_fields.update(
+                        _postprocess_fields(
+                            cfg.postprocess, val_logits, val_slices, kept_fields["threshold"], train_smallest_tumor
+                        )
+                    )
                     best["postprocess"] = kept_fields["postprocess"]
                     if "postprocess_tuning" in kept_fields and kept_fields["postprocess_tuning"]["kept"]:
-                        best["val_mean_patient_dice_postprocessed"] = kept_fields["postprocess_tuning"]["val_mean_patient_dice_with"]
+                        best["val_mean_patient_dice_postprocessed"] = kept_fields["postprocess_tuning"][
+                            "val_mean_patient_dice_with"
+                        ]
                     save_checkpoint(best_path, {**make_payload(kept, weights_info, **kept_fields), "best": best})
                 save_checkpoint(
                     last_path,

@@ -51,11 +51,17 @@ def _extract(bundle: Path, into: Path) -> Path:
         with tarfile.open(bundle, "r:gz") as tar:
             members = tar.getmembers()
             for member in members:
-                if member.name.startswith(("/", "..")) or ".." in Path(member.name).parts or not (member.isfile() or member.isdir()):
+                if (
+                    member.name.startswith(("/", ".."))
+                    or ".." in Path(member.name).parts
+                    or not (member.isfile() or member.isdir())
+                ):
                     raise BundleError(f"{bundle}: unsafe entry {member.name!r}; this is not a bundle lggdeploy wrote")
             tar.extractall(into, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise BundleError(f"{bundle}: not a readable bundle ({exc}); it was truncated or is not a .tar.gz from `lggdeploy pack`") from None
+        raise BundleError(
+            f"{bundle}: not a readable bundle ({exc}); it was truncated or is not a .tar.gz from `lggdeploy pack`"
+        ) from None
     return into
 
 
@@ -71,13 +77,17 @@ def check_checksums(root: Path, origin: Path) -> dict:
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {"SHA256SUMS"}
     missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
     if missing:
-        raise BundleError(f"{origin}: {missing[0]} is listed in SHA256SUMS but missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the bundle is incomplete")
+        raise BundleError(
+            f"{origin}: {missing[0]} is listed in SHA256SUMS but missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the bundle is incomplete"
+        )
     if extra:
         raise BundleError(f"{origin}: {extra[0]} is not listed in SHA256SUMS; the bundle was altered after packing")
     for name, digest in listed.items():
         actual = hashlib.sha256((root / name).read_bytes()).hexdigest()
         if actual != digest:
-            raise BundleError(f"{origin}: {name} does not match its checksum (sha256 {actual[:12]}…, SHA256SUMS says {digest[:12]}…); the file was altered or damaged")
+            raise BundleError(
+                f"{origin}: {name} does not match its checksum (sha256 {actual[:12]}…, SHA256SUMS says {digest[:12]}…); the file was altered or damaged"
+            )
     try:
         description = json.loads((root / "bundle.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -94,7 +104,9 @@ def choose_engine(root: Path, description: dict, origin: Path) -> Path:
         path = root / entry["file"]
         if format_of(read_manifest(path), path).available()[0]:
             return path
-    raise BundleError(f"{origin}: none of its engines has a backend usable on this device ({', '.join(e['file'] for e in description['engines'])}); run `lggdeploy doctor`")
+    raise BundleError(
+        f"{origin}: none of its engines has a backend usable on this device ({', '.join(e['file'] for e in description['engines'])}); run `lggdeploy doctor`"
+    )
 
 
 @contextlib.contextmanager
@@ -106,7 +118,9 @@ def opened_bundle(bundle: str | Path):
         yield root, check_checksums(root, bundle)
 
 
-def check_engine(segmenter, root: Path, description: dict, origin: Path, min_agreement: float | None = None) -> VerifyReport:
+def check_engine(
+    segmenter, root: Path, description: dict, origin: Path, min_agreement: float | None = None
+) -> VerifyReport:
     """Run an open Segmenter on the verification set and judge it by agreement with the FP32 model's masks."""
     from lggdeploy.data.arrays import SliceArrays
     from lggdeploy.engines.precision.gate import GateCriteria, Outputs, Reference, run_on_slices, sqnr_db
@@ -118,20 +132,46 @@ def check_engine(segmenter, root: Path, description: dict, origin: Path, min_agr
             f"from {description['verification']['checkpoint_sha256'][:12]}…: they are different models"
         )
     data = np.load(root / description["verification"]["file"])
-    slices = SliceArrays(data["images"], np.unpackbits(data["truth"], axis=-1)[..., :256].astype(bool), data["patients"], data["numbers"])
+    slices = SliceArrays(
+        data["images"], np.unpackbits(data["truth"], axis=-1)[..., :256].astype(bool), data["patients"], data["numbers"]
+    )
     reference_masks = np.unpackbits(data["fp32_masks"], axis=-1)[..., :256].astype(bool)
-    reference = Reference(Outputs(data["fp32_logits"][:, 0].astype(np.float32), reference_masks), slices, GateCriteria(min_agreement=0.0))
+    reference = Reference(
+        Outputs(data["fp32_logits"][:, 0].astype(np.float32), reference_masks), slices, GateCriteria(min_agreement=0.0)
+    )
     threshold = min_agreement if min_agreement is not None else float(description["verification"]["min_agreement"])
-    outputs = run_on_slices(segmenter.runner, slices, description["img_size"], segmenter.normalization, segmenter.threshold, f"verify {chosen.name}")
+    outputs = run_on_slices(
+        segmenter.runner,
+        slices,
+        description["img_size"],
+        segmenter.normalization,
+        segmenter.threshold,
+        f"verify {chosen.name}",
+    )
     if outputs.logits.shape[1:] != reference.outputs.logits.shape[1:]:
-        raise BundleError(f"{chosen} produces {outputs.logits.shape[1:]} logits, the verification set holds {reference.outputs.logits.shape[1:]}: another model")
+        raise BundleError(
+            f"{chosen} produces {outputs.logits.shape[1:]} logits, the verification set holds {reference.outputs.logits.shape[1:]}: another model"
+        )
     result = reference.judge(outputs)
     inter = (outputs.masks & reference_masks).reshape(len(slices), -1).sum(axis=1)
     total = outputs.masks.reshape(len(slices), -1).sum(axis=1) + reference_masks.reshape(len(slices), -1).sum(axis=1)
     per_slice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
     overall = float(2 * inter.sum() / total.sum()) if total.sum() else 1.0
-    failures = [f"patient {r['patient']}: agreement {r['agreement']:.4f} < {threshold}" for r in result.per_patient if r["agreement"] < threshold]
+    failures = [
+        f"patient {r['patient']}: agreement {r['agreement']:.4f} < {threshold}"
+        for r in result.per_patient
+        if r["agreement"] < threshold
+    ]
     if overall < threshold:
         failures.append(f"overall agreement {overall:.4f} < {threshold}")
-    return VerifyReport(origin, str(chosen), not failures, threshold, result.per_patient, [float(a) for a in per_slice], overall,
-                        sqnr_db(reference.outputs.logits, outputs.logits), failures)
+    return VerifyReport(
+        origin,
+        str(chosen),
+        not failures,
+        threshold,
+        result.per_patient,
+        [float(a) for a in per_slice],
+        overall,
+        sqnr_db(reference.outputs.logits, outputs.logits),
+        failures,
+    )

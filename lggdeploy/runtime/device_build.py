@@ -22,12 +22,36 @@ from pathlib import Path
 from lggdeploy.backends.base import BuildTarget
 from lggdeploy.common.errors import GateFailed, LggError
 from lggdeploy.common.files import sha256_file, temporary_folder
-from lggdeploy.engines.formats import DEFAULT_INT8_PROFILE, EngineFormat, install_engine, read_manifest, select_formats, write_manifest
+from lggdeploy.engines.formats import (
+    DEFAULT_INT8_PROFILE,
+    EngineFormat,
+    install_engine,
+    read_manifest,
+    select_formats,
+    write_manifest,
+)
 from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, opened_bundle
 
 # What the build machine's manifest says about its own build, not about the model: replaced on the device.
-BUILD_FACTS = ("engine", "backend", "backend_version", "precision", "int8_profile", "sha256", "build_seconds", "created", "portable_qdq",
-               "tensorrt_version", "gpu", "compute_capability", "batch_profile", "workspace_gib", "timing_cache", "forced", "fp16")
+BUILD_FACTS = (
+    "engine",
+    "backend",
+    "backend_version",
+    "precision",
+    "int8_profile",
+    "sha256",
+    "build_seconds",
+    "created",
+    "portable_qdq",
+    "tensorrt_version",
+    "gpu",
+    "compute_capability",
+    "batch_profile",
+    "workspace_gib",
+    "timing_cache",
+    "forced",
+    "fp16",
+)
 
 
 @dataclass
@@ -44,27 +68,43 @@ def source_graph(root: Path, description: dict, fmt: EngineFormat, origin: Path)
     if fmt.precision in ("fp32", "bf16"):
         return root / "onnx" / "model.onnx", read_manifest(root / entries[0]["file"])
     for entry in entries:
-        if entry["precision"] != fmt.precision or (fmt.precision == "int8" and entry.get("int8_profile") != fmt.int8_profile):
+        if entry["precision"] != fmt.precision or (
+            fmt.precision == "int8" and entry.get("int8_profile") != fmt.int8_profile
+        ):
             continue
         if entry.get("portable_qdq"):
             return root / entry["portable_qdq"], read_manifest(root / entry["file"])
-        if entry["backend"] == "onnxruntime":  # an ONNX Runtime engine is itself a typed ONNX graph (FP16, or plain Q/DQ)
+        if (
+            entry["backend"] == "onnxruntime"
+        ):  # an ONNX Runtime engine is itself a typed ONNX graph (FP16, or plain Q/DQ)
             return root / entry["file"], read_manifest(root / entry["file"])
     have = ", ".join(f"{e['precision']}{'-' + e['int8_profile'] if e.get('int8_profile') else ''}" for e in entries)
     want = f"--precision {fmt.precision}" + (f" --int8-profile {fmt.int8_profile}" if fmt.int8_profile else "")
-    raise BundleError(f"{origin} holds no {fmt.name.split('-', 1)[1]} graph to build from (it packs: {have}); on the build machine run "
-                      f"`lggdeploy build CKPT {want}` and pack that engine too")
+    raise BundleError(
+        f"{origin} holds no {fmt.name.split('-', 1)[1]} graph to build from (it packs: {have}); on the build machine run "
+        f"`lggdeploy build CKPT {want}` and pack that engine too"
+    )
 
 
-def build_from_bundle(bundle: str | os.PathLike, backend: str = "tensorrt", precision: str = "fp32", int8_profile: str | None = None,
-                      out_dir: str | os.PathLike = "engines", batch: tuple[int, int, int] = (1, 8, 32), workspace_gib: float = 4.0,
-                      threads: int | None = None, force: bool = False) -> list[DeviceBuild]:
+def build_from_bundle(
+    bundle: str | os.PathLike,
+    backend: str = "tensorrt",
+    precision: str = "fp32",
+    int8_profile: str | None = None,
+    out_dir: str | os.PathLike = "engines",
+    batch: tuple[int, int, int] = (1, 8, 32),
+    workspace_gib: float = 4.0,
+    threads: int | None = None,
+    force: bool = False,
+) -> list[DeviceBuild]:
     """Build every format `backend`/`precision` asks for from the bundle's graphs, verify each on the bundle's set."""
     from lggdeploy.runtime.segmenter import Segmenter
 
     bundle = Path(bundle)
     if precision == "all":
-        raise LggError("--precision all is not offered for a bundle: name the precision this device should run (fp32, fp16 or int8)")
+        raise LggError(
+            "--precision all is not offered for a bundle: name the precision this device should run (fp32, fp16 or int8)"
+        )
     formats = select_formats(backend, precision, int8_profile or DEFAULT_INT8_PROFILE.get(backend))
     for fmt in formats:
         ok, reason = fmt.available()
@@ -80,23 +120,53 @@ def build_from_bundle(bundle: str | os.PathLike, backend: str = "tensorrt", prec
             started = time.perf_counter()
             with temporary_folder(folder) as tmp:
                 candidate = Path(tmp) / fmt.filename()
-                facts = fmt.module.build(source, fmt, candidate, BuildTarget(img_size=description["img_size"], batch=tuple(batch),
-                                                                              workspace_gib=workspace_gib, timing_cache=folder / "tensorrt.timing-cache",
-                                                                              optimize=not fmt.plain_qdq))
+                facts = fmt.module.build(
+                    source,
+                    fmt,
+                    candidate,
+                    BuildTarget(
+                        img_size=description["img_size"],
+                        batch=tuple(batch),
+                        workspace_gib=workspace_gib,
+                        timing_cache=folder / "tensorrt.timing-cache",
+                        optimize=not fmt.plain_qdq,
+                    ),
+                )
                 manifest = {k: v for k, v in base.items() if k not in BUILD_FACTS and k not in ("format", "version")}
-                manifest.update(engine=fmt.filename(), backend=fmt.backend, backend_version=fmt.available()[1], precision=fmt.precision,
-                                int8_profile=fmt.int8_profile, **facts, sha256=sha256_file(candidate),
-                                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                manifest.update(
+                    engine=fmt.filename(),
+                    backend=fmt.backend,
+                    backend_version=fmt.available()[1],
+                    precision=fmt.precision,
+                    int8_profile=fmt.int8_profile,
+                    **facts,
+                    sha256=sha256_file(candidate),
+                    created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                )
                 write_manifest(candidate, manifest)
                 with Segmenter.load(candidate, threads=threads) as segmenter:
                     report = check_engine(segmenter, root, description, bundle)
                 if not report.passed and not force:
-                    raise GateFailed(f"{fmt.name} built on this device from {source.relative_to(root)} disagrees with the validated model on "
-                                     f"the bundle's verification set ({'; '.join(report.failures)}); no engine written (--force keeps it, marked)")
-                manifest.update(build_seconds=round(time.perf_counter() - started, 2), forced=not report.passed, built_on_device={
-                    "bundle": bundle.name, "source": source.relative_to(root).as_posix(), "source_sha256": sha256_file(source),
-                    "verification": {"passed": report.passed, "min_agreement": report.min_agreement, "overall_agreement": report.overall_agreement,
-                                     "least_slice_agreement": min(report.per_slice_agreement), "slices": len(report.per_slice_agreement)}})
+                    raise GateFailed(
+                        f"{fmt.name} built on this device from {source.relative_to(root)} disagrees with the validated model on "
+                        f"the bundle's verification set ({'; '.join(report.failures)}); no engine written (--force keeps it, marked)"
+                    )
+                manifest.update(
+                    build_seconds=round(time.perf_counter() - started, 2),
+                    forced=not report.passed,
+                    built_on_device={
+                        "bundle": bundle.name,
+                        "source": source.relative_to(root).as_posix(),
+                        "source_sha256": sha256_file(source),
+                        "verification": {
+                            "passed": report.passed,
+                            "min_agreement": report.min_agreement,
+                            "overall_agreement": report.overall_agreement,
+                            "least_slice_agreement": min(report.per_slice_agreement),
+                            "slices": len(report.per_slice_agreement),
+                        },
+                    },
+                )
                 install_engine(candidate, target, manifest)
             results.append(DeviceBuild(target, source.relative_to(root).as_posix(), report, manifest))
     return results

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.data.kaggle import read_image, read_mask
 from lggdeploy.common.errors import DataError
 from lggdeploy.common.files import atomic_path, ensure_folder, write_text_atomic
-from lggdeploy.metrics import dice_from_counts
 from lggdeploy.common.progress import progress_bar
+from lggdeploy.data.kaggle import read_image, read_mask
+from lggdeploy.metrics import dice_from_counts
 
 IMAGE = re.compile(r"^(?P<patient>.+)_(?P<number>\d+)\.tif$")
 
@@ -45,7 +45,9 @@ def collect_inputs(source: str | os.PathLike) -> dict[str, list[Path]]:
     patients: dict[str, list[Path]] = {}
     for path in images:
         patients.setdefault(IMAGE.match(path.name)["patient"], []).append(path)
-    return {pid: sorted(paths, key=lambda p: int(IMAGE.match(p.name)["number"])) for pid, paths in sorted(patients.items())}
+    return {
+        pid: sorted(paths, key=lambda p: int(IMAGE.match(p.name)["number"])) for pid, paths in sorted(patients.items())
+    }
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
@@ -66,7 +68,11 @@ def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None) 
 
 
 def predict_paths(
-    segmenter, source: str | os.PathLike, out_dir: str | os.PathLike, largest_component: bool = False, spacing_mm: float | None = None
+    segmenter,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    largest_component: bool = False,
+    spacing_mm: float | None = None,
 ) -> PredictReport:
     import tifffile
     from PIL import Image

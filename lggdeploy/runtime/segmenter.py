@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, preprocess, sigmoid
-from lggdeploy.postprocess import LARGEST, PostProcess
 from lggdeploy.backends.base import RunOptions
-from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.common.errors import EngineError, LggError
+from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, preprocess, sigmoid
+from lggdeploy.engines.formats import open_engine, read_manifest
+from lggdeploy.postprocess import LARGEST, PostProcess
 
 INPUT_SHAPE = (256, 256, 3)
 
@@ -49,11 +49,15 @@ def stored_postprocess(path: Path, manifest: dict) -> PostProcess:
     try:
         return PostProcess.from_json(manifest.get("postprocess"))
     except (ValueError, KeyError, TypeError) as exc:
-        raise EngineError(f"{path}: the manifest's postprocess {manifest.get('postprocess')!r} is not valid ({exc}); rebuild the engine with `lggdeploy build`") from None
+        raise EngineError(
+            f"{path}: the manifest's postprocess {manifest.get('postprocess')!r} is not valid ({exc}); rebuild the engine with `lggdeploy build`"
+        ) from None
 
 
 class Segmenter:
-    def __init__(self, runner, manifest: dict, path: Path, threshold: float | None = None, postprocess: PostProcess | None = None):
+    def __init__(
+        self, runner, manifest: dict, path: Path, threshold: float | None = None, postprocess: PostProcess | None = None
+    ):
         self.runner = runner
         self.manifest = manifest
         self.path = path
@@ -65,19 +69,33 @@ class Segmenter:
         self.postprocess = stored_postprocess(path, manifest) if postprocess is None else postprocess
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threshold: float | None = None, threads: int | None = None, device: str = "auto",
-             postprocess: PostProcess | None = None) -> "Segmenter":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        threshold: float | None = None,
+        threads: int | None = None,
+        device: str = "auto",
+        postprocess: PostProcess | None = None,
+    ) -> Segmenter:
         """Read the manifest, open the engine through its backend, check compatibility before the first inference."""
         path = Path(path)
         manifest = read_manifest(path)
         for key in ("backend", "normalization", "img_size", "threshold"):
             if key not in manifest:
                 raise EngineError(f"{path}: manifest lacks {key!r}; rebuild the engine with `lggdeploy build`")
-        postprocess = stored_postprocess(path, manifest) if postprocess is None else postprocess  # before the engine is opened
+        postprocess = (
+            stored_postprocess(path, manifest) if postprocess is None else postprocess
+        )  # before the engine is opened
         runner = open_engine(path, manifest, RunOptions(threads=threads, device=device))
         return cls(runner, manifest, path, threshold, postprocess)
 
-    def predict(self, slices: np.ndarray, batch_size: int = 8, largest_component: bool = False, postprocess: PostProcess | None = None) -> Prediction:
+    def predict(
+        self,
+        slices: np.ndarray,
+        batch_size: int = 8,
+        largest_component: bool = False,
+        postprocess: PostProcess | None = None,
+    ) -> Prediction:
         """Masks and probabilities for one slice (256, 256, 3) or one patient's stack (N, 256, 256, 3) of uint8.
 
         The stack is post-processed as one volume with `postprocess` (default: the Segmenter's, i.e. the engine's
@@ -87,7 +105,9 @@ class Segmenter:
         if slices.ndim == 3:
             slices = slices[None]
         if slices.ndim != 4 or slices.shape[1:] != INPUT_SHAPE:
-            raise LggError(f"expected uint8 slices of shape {INPUT_SHAPE} (pre-contrast, FLAIR, post-contrast), got {slices.shape[1:] if slices.ndim == 4 else slices.shape}")
+            raise LggError(
+                f"expected uint8 slices of shape {INPUT_SHAPE} (pre-contrast, FLAIR, post-contrast), got {slices.shape[1:] if slices.ndim == 4 else slices.shape}"
+            )
         if slices.dtype != np.uint8:
             raise LggError(f"expected uint8 slices, got {slices.dtype}")
         masks = np.empty((len(slices), *INPUT_SHAPE[:2]), bool)
@@ -121,7 +141,7 @@ class Segmenter:
     def close(self) -> None:
         self.runner.close()
 
-    def __enter__(self) -> "Segmenter":
+    def __enter__(self) -> Segmenter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,7 +17,12 @@ from lggdeploy.runtime.segmenter import Segmenter
 __all__ = ["BundleError", "VerifyReport", "check_bundle_args", "verify_bundle"]
 
 
-def verify_bundle(bundle: str | os.PathLike, engine: str | os.PathLike | None = None, threads: int | None = None, min_agreement: float | None = None) -> VerifyReport:
+def verify_bundle(
+    bundle: str | os.PathLike,
+    engine: str | os.PathLike | None = None,
+    threads: int | None = None,
+    min_agreement: float | None = None,
+) -> VerifyReport:
     bundle = Path(bundle)
     with opened_bundle(bundle) as (root, description):
         path = Path(engine) if engine else choose_engine(root, description, bundle)
