@@ -7,11 +7,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from lggdeploy.common.errors import GateFailed, LggError
+from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA as CRITERIA
+from lggdeploy.engines.precision.criteria import HELP as GATE_HELP
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -25,6 +28,11 @@ app.add_typer(data_app, name="data")
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
+
+# The gate's flags, shared by build and optimize; their defaults live in engines/precision/criteria.py.
+MaxDrop = Annotated[float, typer.Option(help=GATE_HELP["max_drop"])]
+MaxPatientDrop = Annotated[float, typer.Option(help=GATE_HELP["max_patient_drop"])]
+MinAgreement = Annotated[float, typer.Option(help=GATE_HELP["min_agreement"])]
 
 SPLIT_COLUMNS = [
     ("split", "split"),
@@ -465,13 +473,9 @@ def build_cmd(
     ),
     calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),
     calib_method: str = typer.Option("minmax", help="minmax, entropy or percentile"),
-    max_drop: float = typer.Option(
-        0.5, help="largest allowed mean drop of val per-patient Dice, in points (0.01 Dice)"
-    ),
-    max_patient_drop: float = typer.Option(2.0, help="largest allowed drop of any one val patient's Dice, in points"),
-    min_agreement: float = typer.Option(
-        0.90, help="smallest allowed Dice of the engine's masks against the FP32 model's, per val patient"
-    ),
+    max_drop: MaxDrop = CRITERIA.max_drop,
+    max_patient_drop: MaxPatientDrop = CRITERIA.max_patient_drop,
+    min_agreement: MinAgreement = CRITERIA.min_agreement,
     force: bool = typer.Option(False, "--force", help="write an engine that failed its gate (its manifest says so)"),
     min_batch: int = typer.Option(1),
     opt_batch: int = typer.Option(8),
@@ -616,13 +620,9 @@ def optimize_cmd(
         help="ladder, engines, report and the chosen engine (a second run resumes here)",
     ),
     data: Path | None = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoint's)"),
-    max_drop: float = typer.Option(
-        0.5, help="largest allowed mean drop of val per-patient Dice against the unpruned FP32 model, in points"
-    ),
-    max_patient_drop: float = typer.Option(2.0, help="largest allowed drop of any one val patient's Dice, in points"),
-    min_agreement: float = typer.Option(
-        0.90, help="smallest allowed mask Dice against the FP32 model's masks, per val patient"
-    ),
+    max_drop: MaxDrop = CRITERIA.max_drop,
+    max_patient_drop: MaxPatientDrop = CRITERIA.max_patient_drop,
+    min_agreement: MinAgreement = CRITERIA.min_agreement,
     budget_minutes: float | None = typer.Option(
         None,
         help="after this many minutes no new candidate is started and a failing INT8 search stops before its next rebuild (what passed is still timed; a rerun continues)",

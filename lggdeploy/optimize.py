@@ -40,6 +40,7 @@ from lggdeploy.common.files import ensure_folder, sha256_file, write_json_atomic
 from lggdeploy.common.machine import cpu_line
 from lggdeploy.common.progress import console
 from lggdeploy.engines.export import EXPORT_GRAPH
+from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
 
 LADDER = (
     ("onnxruntime", "fp32"),
@@ -54,9 +55,9 @@ LADDER = (
 class OptimizeOptions:
     out: Path = Path("optimized")
     data: Path | None = None
-    max_drop: float = 0.5
-    max_patient_drop: float = 2.0
-    min_agreement: float = 0.90
+    max_drop: float = DEFAULT_CRITERIA.max_drop
+    max_patient_drop: float = DEFAULT_CRITERIA.max_patient_drop
+    min_agreement: float = DEFAULT_CRITERIA.min_agreement
     budget_minutes: float | None = None
     prune_ratios: tuple[float, ...] = (0.3,)
     prune_epochs: int = 2
@@ -76,8 +77,7 @@ class OptimizeOptions:
     )
 
     def validate(self) -> None:
-        if self.max_drop < 0:
-            raise LggError(f"--max-drop must be 0 or more Dice points, got {self.max_drop}")
+        GateCriteria(self.max_drop, self.max_patient_drop, self.min_agreement).validate()
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise LggError(f"--budget-minutes must be positive, got {self.budget_minutes}")
         if any(not 0 < r < 1 for r in self.prune_ratios):
@@ -416,7 +416,7 @@ def _rejudged(previous: dict, settings: dict, precision: str) -> dict | None:
     rows = (previous.get("gate") or {}).get("per_patient")
     if precision == "int8" or not rows or any(row.get("agreement") is None for row in rows):
         return None
-    from lggdeploy.engines.precision.gate import GateCriteria, GateResult
+    from lggdeploy.engines.precision.gate import GateResult
 
     result = GateResult(
         GateCriteria(settings["max_drop"], settings["max_patient_drop"], settings["min_agreement"]), rows, False

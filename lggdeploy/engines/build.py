@@ -13,17 +13,18 @@ import datetime as _dt
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from lggdeploy.backends.base import BuildTarget, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, CannotWin, GateFailed, LggError, SearchStopped
-from lggdeploy.postprocess import PostProcess
 from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.common.progress import console
 from lggdeploy.engines.formats import EngineFormat, install_engine, open_engine, select_formats
-from lggdeploy.engines.precision.gate import GateCriteria, Outputs, Reference, run_on_slices
+from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
+from lggdeploy.engines.precision.gate import Outputs, Reference, run_on_slices
+from lggdeploy.postprocess import PostProcess
 
 
 @dataclass
@@ -35,9 +36,9 @@ class BuildOptions:
     int8_profile: str | None = None
     calib_samples: int = 32
     calib_method: str = "minmax"
-    max_drop: float = 0.5  # mean per-patient Dice drop on val, points
-    max_patient_drop: float = 2.0  # the worst val patient's drop, points
-    min_agreement: float = 0.90  # every val patient: Dice of the engine's masks against the FP32 model's
+    max_drop: float = DEFAULT_CRITERIA.max_drop
+    max_patient_drop: float = DEFAULT_CRITERIA.max_patient_drop
+    min_agreement: float = DEFAULT_CRITERIA.min_agreement
     force: bool = False
     batch: tuple[int, int, int] = (1, 8, 32)
     workspace_gib: float = 4.0
@@ -57,6 +58,10 @@ class BuildOptions:
     # engine as bench would; val_batch(n) gives n preprocessed val slices. A reason raises CannotWin (no engine written).
     worth_searching: Callable | None = None
 
+    @property
+    def criteria(self) -> GateCriteria:
+        return GateCriteria(self.max_drop, self.max_patient_drop, self.min_agreement)
+
 
 class _Context:
     """What every engine of one checkpoint shares: the export, val slices, FP32 reference Dice."""
@@ -73,16 +78,22 @@ class _Context:
         self.ckpt = load_checkpoint(checkpoint)
         self.split = split_of(self.ckpt)
         if not self.split.val:
-            raise LggError(f"{checkpoint}: its split has no validation patients; calibration and the accuracy gate need them (retrain with a split that has val patients)")
+            raise LggError(
+                f"{checkpoint}: its split has no validation patients; calibration and the accuracy gate need them (retrain with a split that has val patients)"
+            )
         self.img_size = self.ckpt["img_size"]
         self.normalization = normalization_of(self.ckpt)
         self.threshold = self.ckpt["threshold"]
         if opts.reference is not None:
-            _ = self.reference_ckpt  # a reference that cannot judge this checkpoint: its one line before any export is made
+            _ = (
+                self.reference_ckpt
+            )  # a reference that cannot judge this checkpoint: its one line before any export is made
         self.sha = sha256_file(checkpoint)
         self.folder = Path(opts.out_dir) / engine_tag(self.ckpt, self.sha)
         remove_stale_temporaries(self.folder)  # .build-* folders and .tmp files of a build that was killed
-        data = resolve_data_root(opts.data, self.ckpt.get("data_root"), "INT8 calibration and the accuracy gate (its val patients)")
+        data = resolve_data_root(
+            opts.data, self.ckpt.get("data_root"), "INT8 calibration and the accuracy gate (its val patients)"
+        )
         dataset = load_dataset(data)
         self.split.check_against(dataset, origin=f"{checkpoint} (embedded split)")
         self.dataset = dataset
@@ -92,7 +103,7 @@ class _Context:
         if not (self.onnx.is_file() and record.is_file() and _current_export(json.loads(record.read_text()), self.sha)):
             export_checkpoint(checkpoint, opts.out_dir, data)
         self.export_record = json.loads(record.read_text())
-        self.criteria = GateCriteria(opts.max_drop, opts.max_patient_drop, opts.min_agreement)
+        self.criteria = opts.criteria
         self._reference: Reference | None = None
         self._qat: _QatModel | None = None
         self.ptq = _FloatSource(self.onnx, self.export_record["onnx_sha256"], "")
@@ -102,7 +113,7 @@ class _Context:
 
         return pick_calibration_slices(self.val, self.opts.calib_samples)
 
-    def qat_model(self) -> "_QatModel":
+    def qat_model(self) -> _QatModel:
         """The checkpoint fine-tuned with fake quantization, exported to float ONNX: once per checkpoint and recipe
         (both INT8 profiles start from it), kept under qat/ so that a second build reuses it."""
         if self._qat is None:
@@ -119,7 +130,11 @@ class _Context:
             from lggdeploy.models.checkpoint import model_from_checkpoint
             from lggdeploy.models.torch_runner import TorchRunner
 
-            self._reference = Reference(self.run(TorchRunner(model_from_checkpoint(self.reference_ckpt)), "pytorch fp32 reference"), self.val, self.criteria)
+            self._reference = Reference(
+                self.run(TorchRunner(model_from_checkpoint(self.reference_ckpt)), "pytorch fp32 reference"),
+                self.val,
+                self.criteria,
+            )
         return self._reference
 
     @property
@@ -139,12 +154,20 @@ class _Context:
         other = load_checkpoint(self.opts.reference)
         for key in ("img_size", "normalization", "split"):
             if other[key] != self.ckpt[key]:
-                raise LggError(f"the reference {self.opts.reference} differs from {self.checkpoint} in its {key}: a gate needs the same inputs and val patients")
+                raise LggError(
+                    f"the reference {self.opts.reference} differs from {self.checkpoint} in its {key}: a gate needs the same inputs and val patients"
+                )
         return other
 
     def open_candidate(self, path: Path, fmt: EngineFormat, facts: dict):
         """A candidate engine opened exactly as bench and the runtime will (formats.open_engine): no manifest, no sha256 yet."""
-        candidate = {"backend": fmt.backend, "precision": fmt.precision, "int8_profile": fmt.int8_profile, "img_size": self.img_size, **facts}
+        candidate = {
+            "backend": fmt.backend,
+            "precision": fmt.precision,
+            "int8_profile": fmt.int8_profile,
+            "img_size": self.img_size,
+            **facts,
+        }
         return open_engine(path, candidate, self.run_options, verify=False)
 
     def val_batch(self, count: int):
@@ -152,7 +175,9 @@ class _Context:
         from lggdeploy.data.arrays import pick_slices
         from lggdeploy.data.transforms import preprocess
 
-        return preprocess(pick_slices(self.val, min(count, len(self.val.images))).images, self.img_size, self.normalization)
+        return preprocess(
+            pick_slices(self.val, min(count, len(self.val.images))).images, self.img_size, self.normalization
+        )
 
     def run_engine(self, path: Path, fmt: EngineFormat, facts: dict) -> Outputs:
         """Open a candidate engine as bench and the runtime will and run it on val."""
@@ -168,12 +193,24 @@ class _Context:
         from lggdeploy.data.transforms import preprocess
 
         tumor = self.val.tumor_slices()
-        pool = SliceArrays(self.val.images[tumor], self.val.masks[tumor], self.val.patients[tumor], self.val.numbers[tumor]) if tumor.any() else self.val
+        pool = (
+            SliceArrays(
+                self.val.images[tumor], self.val.masks[tumor], self.val.patients[tumor], self.val.numbers[tumor]
+            )
+            if tumor.any()
+            else self.val
+        )
         chosen = pick_slices(pool, max(4, len(pool.patient_ids)))
         return preprocess(chosen.images, self.img_size, self.normalization), sorted(set(chosen.patients.tolist()))
 
     def build_target(self, fmt: EngineFormat) -> BuildTarget:
-        return BuildTarget(self.img_size, self.opts.batch, self.opts.workspace_gib, self.folder / "tensorrt.timing-cache", optimize=not fmt.plain_qdq)
+        return BuildTarget(
+            self.img_size,
+            self.opts.batch,
+            self.opts.workspace_gib,
+            self.folder / "tensorrt.timing-cache",
+            optimize=not fmt.plain_qdq,
+        )
 
 
 @dataclass
@@ -226,31 +263,68 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
         started = time.perf_counter()
         train = load_slices(ctx.dataset, ctx.split.train)
         if len(train) < recipe.batch_size:
-            raise LggError(f"{ctx.checkpoint}: its train split holds {len(train)} slices, too few for quantization-aware fine-tuning")
+            raise LggError(
+                f"{ctx.checkpoint}: its train split holds {len(train)} slices, too few for quantization-aware fine-tuning"
+            )
         x = preprocess(chosen.images, ctx.img_size, ctx.normalization)
         import torch
 
         batches = [torch.from_numpy(x[i : i + 8]) for i in range(0, len(x), 8)]
         quantized = qat.quantize_for_training(model_from_checkpoint(ctx.ckpt), batches)
         images, masks = resize_images(train.images, ctx.img_size), resize_masks(train.masks, ctx.img_size)
-        console.print(f"QAT: {qat.LIBRARY} {qat.modelopt_version()}, {recipe.epochs} epoch(s) on {len(ctx.split.train)} train patients ({len(train)} slices), lr {recipe.lr}")
+        console.print(
+            f"QAT: {qat.LIBRARY} {qat.modelopt_version()}, {recipe.epochs} epoch(s) on {len(ctx.split.train)} train patients ({len(train)} slices), lr {recipe.lr}"
+        )
         with progress_bar(True) as bar:
             task = bar.add_task("QAT", total=None, info="")
 
             def on_step(epoch, step, steps, loss):
-                bar.update(task, total=steps * recipe.epochs, completed=(epoch - 1) * steps + step, info=f"epoch {epoch} loss {loss:.4f}")
+                bar.update(
+                    task,
+                    total=steps * recipe.epochs,
+                    completed=(epoch - 1) * steps + step,
+                    info=f"epoch {epoch} loss {loss:.4f}",
+                )
 
-            history = qat.finetune(quantized, images, masks, ctx.normalization, recipe, on_step, teacher=model_from_checkpoint(ctx.reference_ckpt))
+            history = qat.finetune(
+                quantized,
+                images,
+                masks,
+                ctx.normalization,
+                recipe,
+                on_step,
+                teacher=model_from_checkpoint(ctx.reference_ckpt),
+            )
         amax = qat.conv_amax(quantized)
         model = qat.strip_quantizers(quantized, model_from_checkpoint(ctx.ckpt))
         record = {
-            "library": qat.LIBRARY, "library_version": qat.modelopt_version(), "config": "INT8_DEFAULT_CFG (int8, per-channel weights on axis 0, per-tensor activations, max calibration)",
-            **{k: getattr(recipe, k) for k in ("epochs", "lr", "optimizer", "batch_size", "weight_decay", "seed", "augment", "distill_weight")},
+            "library": qat.LIBRARY,
+            "library_version": qat.modelopt_version(),
+            "config": "INT8_DEFAULT_CFG (int8, per-channel weights on axis 0, per-tensor activations, max calibration)",
+            **{
+                k: getattr(recipe, k)
+                for k in (
+                    "epochs",
+                    "lr",
+                    "optimizer",
+                    "batch_size",
+                    "weight_decay",
+                    "seed",
+                    "augment",
+                    "distill_weight",
+                )
+            },
             "loss": f"distillation from the FP32 model (BCE on its probabilities), weight {recipe.distill_weight}; the rest Dice + BCE on labels",
-            "teacher": str(ctx.reference_path), "batch_norm": "statistics frozen", "schedule": "cosine to zero",
-            "train_patients": list(ctx.split.train), "train_slices": len(train),
-            "calibration_slice_list_sha256": slice_list_hash(slice_ids(chosen)), "history": history,
-            "seconds": round(time.perf_counter() - started, 1), "conv_input_amax": amax, "key": key,
+            "teacher": str(ctx.reference_path),
+            "batch_norm": "statistics frozen",
+            "schedule": "cosine to zero",
+            "train_patients": list(ctx.split.train),
+            "train_slices": len(train),
+            "calibration_slice_list_sha256": slice_list_hash(slice_ids(chosen)),
+            "history": history,
+            "seconds": round(time.perf_counter() - started, 1),
+            "conv_input_amax": amax,
+            "key": key,
         }
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(stored, make_payload(model, base=ctx.ckpt, qat=record, qat_of=ctx.sha))
@@ -260,7 +334,11 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
         with atomic_path(onnx_path) as tmp:
             export_onnx(model, tmp, ctx.img_size)
     source = _FloatSource(onnx_path, sha256_file(onnx_path), "qat-", record["conv_input_amax"], model)
-    return _QatModel(source, {k: v for k, v in record.items() if k != "conv_input_amax"} | {"checkpoint": str(stored), "checkpoint_sha256": sha256_file(stored)})
+    return _QatModel(
+        source,
+        {k: v for k, v in record.items() if k != "conv_input_amax"}
+        | {"checkpoint": str(stored), "checkpoint_sha256": sha256_file(stored)},
+    )
 
 
 def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSource):
@@ -287,7 +365,9 @@ def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSour
         qat_ranges = len(ranges)
 
     def graph(kept: list[str]) -> Path:
-        return int8.quantize(prepared, work / f"{source.tag}qdq-{len(kept)}.onnx", recipe, reader, ctx.opts.calib_method, cache, kept)
+        return int8.quantize(
+            prepared, work / f"{source.tag}qdq-{len(kept)}.onnx", recipe, reader, ctx.opts.calib_method, cache, kept
+        )
 
     def rank() -> tuple[list[tuple[str, float]], dict]:
         from lggdeploy.engines.precision.gate import rank_by_output_effect
@@ -310,7 +390,9 @@ def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSour
         "cache_reused": cache_was_there,
     }
     if qat_ranges is not None:
-        facts["qat_ranges"] = f"{qat_ranges} convolution input(s) take the range QAT trained with; the other tensors are calibrated on these slices"
+        facts["qat_ranges"] = (
+            f"{qat_ranges} convolution input(s) take the range QAT trained with; the other tensors are calibrated on these slices"
+        )
     return graph, rank, facts
 
 
@@ -335,7 +417,11 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
             typed = ctx.onnx
             if fmt.precision == "fp16":
                 typed, changed = convert_fp16(ctx.onnx, work / "fp16.onnx")
-                extra["fp16"] = {"converter": "onnxconverter-common float16, keep_io_types", "kept_in_fp32_ops": FP32_OPS, **changed}
+                extra["fp16"] = {
+                    "converter": "onnxconverter-common float16, keep_io_types",
+                    "kept_in_fp32_ops": FP32_OPS,
+                    **changed,
+                }
                 if changed["weights_clamped_to_fp16_range"]:
                     console.print(
                         f"[yellow]{label}: {changed['weights_clamped_to_fp16_range']} weight array(s) hold values beyond the FP16 range "
@@ -366,40 +452,63 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
             return opts.worth_searching(functools.partial(ctx.open_candidate, p, fmt, backend_facts), ctx.val_batch)
 
         def cannot_win(gate) -> CannotWin:
-            return CannotWin(f"{label}: not searched — {gate.not_searched}; it failed the accuracy gate fully quantized "
-                             f"({'; '.join(gate.failures())}); no engine written", gate=ctx.gate_record(gate))
+            return CannotWin(
+                f"{label}: not searched — {gate.not_searched}; it failed the accuracy gate fully quantized "
+                f"({'; '.join(gate.failures())}); no engine written",
+                gate=ctx.gate_record(gate),
+            )
 
-        probe = worth_searching if fmt.precision == "int8" and opts.worth_searching is not None and not opts.force else None
+        probe = (
+            worth_searching if fmt.precision == "int8" and opts.worth_searching is not None and not opts.force else None
+        )
         tag = ""
         gate = None
         qat_mode = "off" if opts.qat_epochs == 0 else opts.qat
         if fmt.precision == "int8" and qat_mode != "off":
             if qat_mode == "auto":  # post-training INT8 first, as is; QAT only when that fails
-                path, gate = gate_with_fallback(ctx.reference, build, run, None, f"{label} (post-training)", worth_searching=probe)
+                path, gate = gate_with_fallback(
+                    ctx.reference, build, run, None, f"{label} (post-training)", worth_searching=probe
+                )
                 probe = None  # asked once, of the first fully quantized engine
                 if gate.not_searched:
                     raise cannot_win(gate)
                 if not gate.passed:
                     extra["post_training_gate"] = gate.summary()
-                    console.print(f"{label}: post-training INT8 failed its gate; quantization-aware fine-tuning ({opts.qat_epochs} epoch(s), --qat off to skip)")
+                    console.print(
+                        f"{label}: post-training INT8 failed its gate; quantization-aware fine-tuning ({opts.qat_epochs} epoch(s), --qat off to skip)"
+                    )
             if gate is None or not gate.passed:
                 if out_of_time():
-                    raise SearchStopped(f"{label}: --budget-minutes ran out before quantization-aware fine-tuning (post-training INT8 failed its gate); "
-                                        "no engine written: rerun with a larger --budget-minutes to continue")
+                    raise SearchStopped(
+                        f"{label}: --budget-minutes ran out before quantization-aware fine-tuning (post-training INT8 failed its gate); "
+                        "no engine written: rerun with a larger --budget-minutes to continue"
+                    )
                 qat_model = ctx.qat_model()
                 tag = "qat-"
                 graph, rank, extra["calibration"] = _int8_graph(ctx, fmt, work, qat_model.source)
                 extra["qat"] = qat_model.record
                 gate = None
         if gate is None:
-            path, gate = gate_with_fallback(ctx.reference, build, run, rank, label + (" (QAT)" if tag else ""), out_of_time=out_of_time, worth_searching=probe)
+            path, gate = gate_with_fallback(
+                ctx.reference,
+                build,
+                run,
+                rank,
+                label + (" (QAT)" if tag else ""),
+                out_of_time=out_of_time,
+                worth_searching=probe,
+            )
             if gate.not_searched:
                 raise cannot_win(gate)
         if not gate.passed and not opts.force:
             raise GateFailed(
                 f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
                 f"even with {len(gate.nodes_kept_in_float)} node(s) kept in float; no engine written "
-                + ("(try more --qat-epochs, --calib-method, or --force to keep it marked as failed)" if fmt.precision == "int8" else "(--force keeps it, marked as failed)"),
+                + (
+                    "(try more --qat-epochs, --calib-method, or --force to keep it marked as failed)"
+                    if fmt.precision == "int8"
+                    else "(--force keeps it, marked as failed)"
+                ),
                 gate=ctx.gate_record(gate),
             )
         twin = None
@@ -409,10 +518,18 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
             # TensorRT's parser and ONNX Runtime anywhere can read. Kept beside an engine that is not itself plain.
             plain = sources[path]
             if sha256_file(plain) == engine_sha:
-                extra["portable_qdq"] = {"file": target.name, "sha256": engine_sha, "note": "the engine is itself the plain Q/DQ graph"}
+                extra["portable_qdq"] = {
+                    "file": target.name,
+                    "sha256": engine_sha,
+                    "note": "the engine is itself the plain Q/DQ graph",
+                }
             else:
                 twin = target.with_name(f"{target.stem}.qdq.onnx")
-                extra["portable_qdq"] = {"file": twin.name, "sha256": sha256_file(plain), "note": "plain Q/DQ ONNX before the runtime's optimization: for OpenVINO, TensorRT, ONNX Runtime elsewhere"}
+                extra["portable_qdq"] = {
+                    "file": twin.name,
+                    "sha256": sha256_file(plain),
+                    "note": "plain Q/DQ ONNX before the runtime's optimization: for OpenVINO, TensorRT, ONNX Runtime elsewhere",
+                }
         seconds = time.perf_counter() - started
         manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts, "sha256": engine_sha}
         install_engine(path, target, manifest, [(sources[path], twin)] if twin is not None else [])
@@ -445,7 +562,7 @@ def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dic
         "gate": ctx.gate_record(gate),
         "forced": not gate.passed,
         "build_seconds": round(seconds, 2),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **extra,
     }
 
@@ -453,7 +570,9 @@ def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dic
 @dataclass
 class BuildReport:
     engines: list[dict] = field(default_factory=list)
-    failed: list[GateFailed] = field(default_factory=list)  # gate failures, each with its gate record; the other engines were still built
+    failed: list[GateFailed] = field(
+        default_factory=list
+    )  # gate failures, each with its gate record; the other engines were still built
 
     @property
     def failures(self) -> list[str]:
@@ -464,12 +583,7 @@ def validate(opts: BuildOptions) -> None:
     """Every option checked before any work: a bad flag is exit 2, never a failed gate (exit 3)."""
     from lggdeploy.engines.precision.int8 import METHODS
 
-    if not opts.max_drop >= 0:
-        raise LggError(f"--max-drop must be 0 or more Dice points, got {opts.max_drop}")
-    if not opts.max_patient_drop >= 0:
-        raise LggError(f"--max-patient-drop must be 0 or more Dice points, got {opts.max_patient_drop}")
-    if not 0 <= opts.min_agreement <= 1:
-        raise LggError(f"--min-agreement must lie between 0 and 1 (a Dice of masks), got {opts.min_agreement}")
+    opts.criteria.validate()
     if opts.calib_samples < 1:
         raise LggError(f"--calib-samples must be at least 1, got {opts.calib_samples}")
     if opts.calib_method not in METHODS:
@@ -478,7 +592,9 @@ def validate(opts: BuildOptions) -> None:
     if not 1 <= lo <= opt <= hi:
         raise LggError(f"batch profile must satisfy 1 <= --min-batch <= --opt-batch <= --max-batch, got {opts.batch}")
     if opts.qat not in ("auto", "always", "off"):
-        raise LggError(f"unknown --qat {opts.qat!r}: choose auto (when post-training INT8 fails its gate), always or off")
+        raise LggError(
+            f"unknown --qat {opts.qat!r}: choose auto (when post-training INT8 fails its gate), always or off"
+        )
     if opts.qat_epochs < 0:
         raise LggError(f"--qat-epochs must be 0 (no quantization-aware fine-tuning) or more, got {opts.qat_epochs}")
     if opts.qat == "always" and opts.qat_epochs == 0:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.common.errors import EngineError
-from lggdeploy.postprocess import PostProcess
 from lggdeploy.common.files import atomic_path, ensure_folder, sha256_file, write_json_atomic
+from lggdeploy.postprocess import PostProcess
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -38,7 +38,12 @@ class Parity:
     passed: bool
 
     def to_json(self) -> dict:
-        return {"max_abs_logit_diff": self.max_abs_diff, "mask_agreement": self.mask_agreement, "slices": self.slices, "passed": self.passed}
+        return {
+            "max_abs_logit_diff": self.max_abs_diff,
+            "mask_agreement": self.mask_agreement,
+            "slices": self.slices,
+            "passed": self.passed,
+        }
 
 
 def engine_tag(ckpt: dict, checkpoint_sha256: str) -> str:
@@ -46,7 +51,9 @@ def engine_tag(ckpt: dict, checkpoint_sha256: str) -> str:
     return f"{ckpt['model']['name'].replace(':', '-')}-{checkpoint_sha256[:8]}"
 
 
-def check_parity(reference: np.ndarray, candidate: np.ndarray, atol: float = 1e-3, rtol: float = 1e-3, min_agreement: float = 0.9999) -> Parity:
+def check_parity(
+    reference: np.ndarray, candidate: np.ndarray, atol: float = 1e-3, rtol: float = 1e-3, min_agreement: float = 0.9999
+) -> Parity:
     diff = float(np.max(np.abs(reference - candidate)))
     agreement = float(np.mean((reference > 0) == (candidate > 0)))
     passed = diff <= atol + rtol * float(np.max(np.abs(reference))) and agreement >= min_agreement
@@ -68,12 +75,21 @@ def export_onnx(model, path: str | os.PathLike, img_size: int, opset: int = OPSE
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates its steps on stdout
                 program = torch.onnx.export(
-                    model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, verbose=False,
+                    model,
+                    (example,),
+                    dynamo=True,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=({0: batch},),
+                    opset_version=opset,
+                    external_data=False,
+                    verbose=False,
                 )
             program.save(str(raw), external_data=False)
         except Exception as exc:
-            raise EngineError(f"ONNX export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
+            raise EngineError(
+                f"ONNX export failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})"
+            ) from None
         proto = onnx.load(str(raw))
         onnx.checker.check_model(proto, full_check=True)
         with atomic_path(path) as out:
@@ -105,9 +121,9 @@ def export_checkpoint(
     `model_override` replaces the checkpoint's model for the parity reference (tests use it to prove the gate).
     """
     from lggdeploy.backends import onnxruntime as ort_backend
-    from lggdeploy.models.torch_runner import TorchRunner
-    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
     from lggdeploy.data.transforms import preprocess
+    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
+    from lggdeploy.models.torch_runner import TorchRunner
 
     ensure_folder(out_dir)  # an unwritable output folder is refused before the export work
     ckpt = load_checkpoint(checkpoint)
@@ -166,5 +182,5 @@ def export_record(checkpoint, checkpoint_sha256: str, ckpt: dict, onnx_path: Pat
         "parity": parity.to_json(),
         "torch_version": str(torch.__version__),
         "onnx_version": onnx.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

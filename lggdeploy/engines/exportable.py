@@ -67,8 +67,12 @@ class PyramidLevel(nn.Module):
 
 def _is_psp_block(module: nn.Module) -> bool:
     pool = getattr(module, "pool", None)
-    return (type(module).__name__ == "PSPBlock" and isinstance(pool, nn.Sequential) and len(pool) == 2
-            and type(pool[0]) is nn.AdaptiveAvgPool2d)
+    return (
+        type(module).__name__ == "PSPBlock"
+        and isinstance(pool, nn.Sequential)
+        and len(pool) == 2
+        and type(pool[0]) is nn.AdaptiveAvgPool2d
+    )
 
 
 def _swap(module: nn.Module) -> nn.Module | None:

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lggdeploy.backends.base import RunOptions, Runner, backend_module
+from lggdeploy.backends.base import Runner, RunOptions, backend_module
 from lggdeploy.common.errors import BackendUnavailable, EngineError
 from lggdeploy.common.files import sha256_file, write_json_atomic
 
@@ -92,7 +92,11 @@ def select_formats(backend: str, precision: str, int8_profile: str | None = None
 
 def format_of(manifest: dict, path: str | os.PathLike = "engine") -> EngineFormat:
     for fmt in FORMATS:
-        if (fmt.backend, fmt.precision, fmt.int8_profile) == (manifest.get("backend"), manifest.get("precision"), manifest.get("int8_profile")):
+        if (fmt.backend, fmt.precision, fmt.int8_profile) == (
+            manifest.get("backend"),
+            manifest.get("precision"),
+            manifest.get("int8_profile"),
+        ):
             return fmt
     raise EngineError(
         f"{path}: its manifest names backend {manifest.get('backend')!r}, precision {manifest.get('precision')!r}, "
@@ -127,7 +131,9 @@ def read_manifest(engine: str | os.PathLike) -> dict:
         raise EngineError(f"engine {engine} does not exist: build it with `lggdeploy build`")
     path = manifest_path(engine)
     if not path.is_file():
-        raise EngineError(f"{engine} has no manifest ({path.name}): engines are only usable with the manifest `lggdeploy build` writes beside them")
+        raise EngineError(
+            f"{engine} has no manifest ({path.name}): engines are only usable with the manifest `lggdeploy build` writes beside them"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -141,14 +147,18 @@ def discover(root: str | os.PathLike) -> list[Path]:
     """Every engine under `root` that has a manifest, in a stable order."""
     root = Path(root)
     suffixes = {f.suffix for f in FORMATS}
-    return sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.name != "model.onnx" and manifest_path(p).is_file())
+    return sorted(
+        p for p in root.rglob("*") if p.suffix in suffixes and p.name != "model.onnx" and manifest_path(p).is_file()
+    )
 
 
 def verify_engine(path: str | os.PathLike, manifest: dict) -> None:
     """The file is the engine its manifest describes (same sha256): a renamed or replaced file is refused."""
     recorded = manifest.get("sha256")
     if not recorded:
-        raise EngineError(f"{manifest_path(path)} records no sha256 for {Path(path).name}: rebuild the engine with `lggdeploy build`")
+        raise EngineError(
+            f"{manifest_path(path)} records no sha256 for {Path(path).name}: rebuild the engine with `lggdeploy build`"
+        )
     actual = sha256_file(path)
     if actual != recorded:
         raise EngineError(
@@ -157,7 +167,9 @@ def verify_engine(path: str | os.PathLike, manifest: dict) -> None:
         )
 
 
-def open_engine(path: str | os.PathLike, manifest: dict | None = None, options: RunOptions = RunOptions(), verify: bool = True) -> Runner:
+def open_engine(
+    path: str | os.PathLike, manifest: dict | None = None, options: RunOptions = RunOptions(), verify: bool = True
+) -> Runner:
     """The Runner of an engine file: its manifest's format row picks the backend; refused with the reason when
     that backend is not usable here, or when the file is not the one the manifest describes (`verify`)."""
     manifest = manifest if manifest is not None else read_manifest(path)

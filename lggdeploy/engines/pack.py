@@ -27,9 +27,10 @@ import numpy as np
 
 from lggdeploy import __version__
 from lggdeploy.common.errors import LggError
-from lggdeploy.postprocess import PostProcess
 from lggdeploy.common.files import atomic_path, check_writable, sha256_file, temporary_folder
 from lggdeploy.engines.formats import manifest_path, read_manifest, verify_engine
+from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA
+from lggdeploy.postprocess import PostProcess
 
 BUNDLE_FORMAT = "lggdeploy-bundle"
 DEFAULT_SAMPLES = 16  # about 2 MB of verification data: small enough to ship, one or more slices per val patient
@@ -42,11 +43,21 @@ def _reference(ckpt: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from lggdeploy.models.torch_runner import TorchRunner
 
     runner = TorchRunner(model_from_checkpoint(ckpt))
-    logits = np.concatenate([runner.infer(preprocess(images[i : i + 8], ckpt["img_size"], normalization_of(ckpt))) for i in range(0, len(images), 8)])
+    logits = np.concatenate(
+        [
+            runner.infer(preprocess(images[i : i + 8], ckpt["img_size"], normalization_of(ckpt)))
+            for i in range(0, len(images), 8)
+        ]
+    )
     return logits, logits_to_masks(logits, threshold=ckpt["threshold"])
 
 
-def pack(engines: list[str | os.PathLike], out: str | os.PathLike, samples: int = DEFAULT_SAMPLES, data: str | os.PathLike | None = None) -> Path:
+def pack(
+    engines: list[str | os.PathLike],
+    out: str | os.PathLike,
+    samples: int = DEFAULT_SAMPLES,
+    data: str | os.PathLike | None = None,
+) -> Path:
     from lggdeploy.data.arrays import load_slices, pick_slices
     from lggdeploy.data.kaggle import load_dataset, resolve_data_root
     from lggdeploy.data.split import Split
@@ -63,11 +74,15 @@ def pack(engines: list[str | os.PathLike], out: str | os.PathLike, samples: int 
         verify_engine(engine, manifest)
     models = {m["checkpoint_sha256"] for m in manifests}
     if len(models) > 1:
-        raise LggError(f"the engines come from {len(models)} different checkpoints: a bundle holds one model; pack each model's engines separately")
+        raise LggError(
+            f"the engines come from {len(models)} different checkpoints: a bundle holds one model; pack each model's engines separately"
+        )
     first = manifests[0]
     checkpoint = Path(first["checkpoint"])
     if not checkpoint.is_file() or sha256_file(checkpoint) != first["checkpoint_sha256"]:
-        raise LggError(f"the checkpoint the engines were built from ({checkpoint}, sha256 {first['checkpoint_sha256'][:12]}…) is not here: pack needs it for the FP32 reference outputs")
+        raise LggError(
+            f"the checkpoint the engines were built from ({checkpoint}, sha256 {first['checkpoint_sha256'][:12]}…) is not here: pack needs it for the FP32 reference outputs"
+        )
     ckpt = load_checkpoint(checkpoint)
     folder = engines[0].parent
     onnx_path = folder / "model.onnx"
@@ -75,7 +90,9 @@ def pack(engines: list[str | os.PathLike], out: str | os.PathLike, samples: int 
         raise LggError(f"{folder} lacks model.onnx and its record: rebuild the engines with `lggdeploy build`")
 
     split = Split.from_json(first["split"], origin=f"{engines[0]} manifest")
-    dataset = load_dataset(resolve_data_root(data, first.get("data_root") or ckpt.get("data_root"), "the verification set (val patients)"))
+    dataset = load_dataset(
+        resolve_data_root(data, first.get("data_root") or ckpt.get("data_root"), "the verification set (val patients)")
+    )
     chosen = pick_slices(load_slices(dataset, split.val), samples)
     logits, masks = _reference(ckpt, chosen.images)
 
@@ -87,32 +104,59 @@ def pack(engines: list[str | os.PathLike], out: str | os.PathLike, samples: int 
         for engine, manifest in zip(engines, manifests):
             shutil.copyfile(engine, root / "engines" / engine.name)
             shutil.copyfile(manifest_path(engine), root / "engines" / manifest_path(engine).name)
-            entries.append({"file": f"engines/{engine.name}", "manifest": f"engines/{manifest_path(engine).name}", "backend": manifest["backend"],
-                            "precision": manifest["precision"], "int8_profile": manifest.get("int8_profile"), "gate": {k: manifest["gate"].get(k) for k in ("passed", "criteria", "min_agreement", "drop_points")}})
+            entries.append(
+                {
+                    "file": f"engines/{engine.name}",
+                    "manifest": f"engines/{manifest_path(engine).name}",
+                    "backend": manifest["backend"],
+                    "precision": manifest["precision"],
+                    "int8_profile": manifest.get("int8_profile"),
+                    "gate": {
+                        k: manifest["gate"].get(k) for k in ("passed", "criteria", "min_agreement", "drop_points")
+                    },
+                }
+            )
             twin = manifest.get("portable_qdq") or {}
-            if twin.get("file") and twin["file"] != engine.name:  # the plain Q/DQ twin of a runtime-optimized INT8 engine
+            if (
+                twin.get("file") and twin["file"] != engine.name
+            ):  # the plain Q/DQ twin of a runtime-optimized INT8 engine
                 source = engine.parent / twin["file"]
                 if not source.is_file() or sha256_file(source) != twin.get("sha256"):
-                    raise LggError(f"{source}: the portable Q/DQ twin that {manifest_path(engine).name} names is missing or altered; rebuild the engine")
+                    raise LggError(
+                        f"{source}: the portable Q/DQ twin that {manifest_path(engine).name} names is missing or altered; rebuild the engine"
+                    )
                 shutil.copyfile(source, root / "onnx" / twin["file"])
                 entries[-1]["portable_qdq"] = f"onnx/{twin['file']}"
             cache = (manifest.get("calibration") or {}).get("cache")
             if cache and (folder / cache).is_file():
                 shutil.copyfile(folder / cache, root / "calibration" / Path(cache).name)
-            if manifest["precision"] == "int8" and manifest.get("int8_profile") == "tensorrt" and manifest["backend"] == "onnxruntime":
-                shutil.copyfile(engine, root / "onnx" / "model-int8-qdq.onnx")  # plain Q/DQ: what TensorRT's parser takes
+            if (
+                manifest["precision"] == "int8"
+                and manifest.get("int8_profile") == "tensorrt"
+                and manifest["backend"] == "onnxruntime"
+            ):
+                shutil.copyfile(
+                    engine, root / "onnx" / "model-int8-qdq.onnx"
+                )  # plain Q/DQ: what TensorRT's parser takes
         shutil.copyfile(onnx_path, root / "onnx" / "model.onnx")
         shutil.copyfile(folder / "model.onnx.json", root / "onnx" / "model.onnx.json")
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, images=chosen.images, truth=np.packbits(chosen.masks, axis=-1), fp32_logits=logits.astype(np.float16),
-                            fp32_masks=np.packbits(masks, axis=-1), patients=chosen.patients.astype(str), numbers=chosen.numbers)
+        np.savez_compressed(
+            buffer,
+            images=chosen.images,
+            truth=np.packbits(chosen.masks, axis=-1),
+            fp32_logits=logits.astype(np.float16),
+            fp32_masks=np.packbits(masks, axis=-1),
+            patients=chosen.patients.astype(str),
+            numbers=chosen.numbers,
+        )
         (root / "verification.npz").write_bytes(buffer.getvalue())
         criteria = first["gate"].get("criteria") or {}
         description = {
             "format": BUNDLE_FORMAT,
             "version": 1,
             "lggdeploy_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "model": first["model"],
             "checkpoint_sha256": first["checkpoint_sha256"],
             "onnx_sha256": first["onnx_sha256"],
@@ -129,7 +173,7 @@ def pack(engines: list[str | os.PathLike], out: str | os.PathLike, samples: int 
                 "tumor_slices": int(chosen.tumor_slices().sum()),
                 "patients": chosen.patient_ids,
                 "checkpoint_sha256": first["checkpoint_sha256"],
-                "min_agreement": criteria.get("min_agreement", 0.90),
+                "min_agreement": criteria.get("min_agreement", DEFAULT_CRITERIA.min_agreement),
                 "criterion": "every verification patient: Dice of the engine's masks against the FP32 model's masks >= min_agreement",
             },
         }
@@ -172,10 +216,14 @@ def device_readme(description: dict, manifest: dict) -> str:
         "",
         "```bash",
     ]
-    fp16 = next((e["file"] for e in description["engines"] if e["precision"] == "fp16" and e["backend"] == "onnxruntime"), None)
+    fp16 = next(
+        (e["file"] for e in description["engines"] if e["precision"] == "fp16" and e["backend"] == "onnxruntime"), None
+    )
     for precision, present in (("fp32", True), ("fp16", fp16), ("int8", qdq)):
         if present:
-            lines.append(f"lggdeploy build scanner-bundle.tar.gz --backend tensorrt --precision {precision} --min-batch {batch[0]} --opt-batch {batch[1]} --max-batch {batch[2]} -o engines")
+            lines.append(
+                f"lggdeploy build scanner-bundle.tar.gz --backend tensorrt --precision {precision} --min-batch {batch[0]} --opt-batch {batch[1]} --max-batch {batch[2]} -o engines"
+            )
     lines += [
         "lggdeploy verify scanner-bundle.tar.gz --engine engines/<model>-<sha8>/tensorrt-fp32.plan   # again, any time later",
         "```",
@@ -186,9 +234,13 @@ def device_readme(description: dict, manifest: dict) -> str:
         f"trtexec --onnx=onnx/model.onnx --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-fp32.plan",
     ]
     if fp16:
-        lines.append(f"trtexec --onnx={fp16} --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-fp16.plan")
+        lines.append(
+            f"trtexec --onnx={fp16} --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-fp16.plan"
+        )
     if qdq:
-        lines.append(f"trtexec --onnx={qdq} --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-int8-tensorrt.plan")
+        lines.append(
+            f"trtexec --onnx={qdq} --stronglyTyped {shapes} --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --timingCacheFile=tensorrt.timing-cache --saveEngine=tensorrt-int8-tensorrt.plan"
+        )
     lines += [
         "```",
         "",

@@ -5,16 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 
-
+from lggdeploy.common.errors import LggError
 from lggdeploy.data.arrays import SliceArrays, pick_slices
 from lggdeploy.data.transforms import Normalization, preprocess
-from lggdeploy.common.errors import LggError
 
 
 def pick_calibration_slices(val: SliceArrays, count: int) -> SliceArrays:
     """`count` slices spread over every val patient, half with tumor and half without where possible."""
     if len(val) == 0:
-        raise LggError("the split has no validation slices: INT8 calibration and the accuracy gate need some (make a split with val patients)")
+        raise LggError(
+            "the split has no validation slices: INT8 calibration and the accuracy gate need some (make a split with val patients)"
+        )
     if count < 1:
         raise LggError(f"--calib-samples must be at least 1, got {count}")
     return pick_slices(val, count)

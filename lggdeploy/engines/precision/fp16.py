@@ -22,7 +22,9 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> tuple[Path, dic
     model = onnx.load(str(fp32_path))
     with warnings.catch_warnings(record=True) as caught:  # scoped to this call: the converter warns once per array
         warnings.simplefilter("always", UserWarning)
-        half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + FP32_OPS)
+        half = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + FP32_OPS
+        )
     clamped, raised, other = [], 0, []
     for warning in caught:
         match = TRUNCATED.search(str(warning.message))

@@ -5,9 +5,11 @@ slices with the same threshold. Per patient the gate records the engine's and th
 ground truth), their difference in points (1 point = 0.01 Dice), the label-free agreement (Dice of the engine's
 mask against the reference's mask, pooled over the patient's volume) and the logit SQNR (dB). It passes only when
 
-- the mean per-patient drop <= max_drop points (default 0.5),
-- the worst patient's drop <= max_patient_drop points (default 2), and
-- every patient's agreement >= min_agreement (default 0.90; README: how it was chosen).
+- the mean per-patient drop <= max_drop points,
+- the worst patient's drop <= max_patient_drop points, and
+- every patient's agreement >= min_agreement
+
+(criteria.GateCriteria holds the defaults and why).
 
 Agreement stays meaningful when the reference is weak: a model that predicts no tumor gives every engine
 "drop 0.00"; only agreement can tell an engine that starts predicting tumor. When the reference predicts no tumor
@@ -24,9 +26,9 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -34,17 +36,8 @@ from lggdeploy.common.errors import SearchStopped
 from lggdeploy.common.progress import console, progress_bar
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
+from lggdeploy.engines.precision.criteria import GateCriteria  # noqa: F401 (re-exported: gate.GateCriteria)
 from lggdeploy.metrics import confusion_counts, dice_from_counts
-
-
-@dataclass(frozen=True)
-class GateCriteria:
-    max_drop: float = 0.5  # mean per-patient Dice drop, points
-    max_patient_drop: float = 2.0  # worst patient's drop, points
-    min_agreement: float = 0.90  # every patient's Dice of engine mask vs reference mask
-
-    def to_json(self) -> dict:
-        return {"max_mean_drop_points": self.max_drop, "max_patient_drop_points": self.max_patient_drop, "min_agreement": self.min_agreement}
 
 
 @dataclass
@@ -55,7 +48,15 @@ class Outputs:
     masks: np.ndarray
 
 
-def run_on_slices(runner, slices: SliceArrays, img_size: int, normalization: Normalization, threshold: float, label: str, batch_size: int = 16) -> Outputs:
+def run_on_slices(
+    runner,
+    slices: SliceArrays,
+    img_size: int,
+    normalization: Normalization,
+    threshold: float,
+    label: str,
+    batch_size: int = 16,
+) -> Outputs:
     from lggdeploy.scoring import NonFiniteOutput
 
     logits, masks = [], []
@@ -116,9 +117,13 @@ class GateResult:
         if self.drop_points > c.max_drop + 1e-9:
             out.append(f"mean drop {self.drop_points:.2f} points > {c.max_drop}")
         if self.worst["drop_points"] > c.max_patient_drop + 1e-9:
-            out.append(f"patient {self.worst['patient']} dropped {self.worst['drop_points']:.2f} points > {c.max_patient_drop}")
+            out.append(
+                f"patient {self.worst['patient']} dropped {self.worst['drop_points']:.2f} points > {c.max_patient_drop}"
+            )
         if self.least_agreement["agreement"] < c.min_agreement - 1e-12:
-            out.append(f"patient {self.least_agreement['patient']}: masks agree with the FP32 model's at Dice {self.least_agreement['agreement']:.4f} < {c.min_agreement}")
+            out.append(
+                f"patient {self.least_agreement['patient']}: masks agree with the FP32 model's at Dice {self.least_agreement['agreement']:.4f} < {c.min_agreement}"
+            )
         return out
 
     @property
@@ -150,7 +155,10 @@ class GateResult:
             "min_agreement": self.least_agreement["agreement"],
             "min_agreement_patient": self.least_agreement["patient"],
             "min_logit_sqnr_db": min(r["logit_sqnr_db"] for r in self.per_patient),
-            "patients_missed": {"fp32": sum(r["fp32_detected"] is False for r in self.per_patient), "engine": sum(r["engine_detected"] is False for r in self.per_patient)},
+            "patients_missed": {
+                "fp32": sum(r["fp32_detected"] is False for r in self.per_patient),
+                "engine": sum(r["engine_detected"] is False for r in self.per_patient),
+            },
             "reference_predicts_no_tumor": self.reference_predicts_no_tumor,
             "note": REFERENCE_EMPTY_NOTE if self.reference_predicts_no_tumor else None,
             "passed": self.passed,
@@ -242,7 +250,11 @@ def gate_with_fallback(
     _stop_if(out_of_time, label, result.attempts)
     ranked, how = rank()
     ranking = [name for name, _ in ranked][: max(1, int(len(ranked) * max_fallback_fraction))]
-    ranking_record = {**how, "quantized_nodes": len(ranked), "top": [{"node": n, "score": s} for n, s in ranked[:32] if s is not None]}
+    ranking_record = {
+        **how,
+        "quantized_nodes": len(ranked),
+        "top": [{"node": n, "score": s} for n, s in ranked[:32] if s is not None],
+    }
     attempts = list(result.attempts)
     k = 1
     while k <= len(ranking):
@@ -272,7 +284,11 @@ def _stop_if(out_of_time: Callable[[], bool], label: str, attempts: list[dict]) 
 def quantized_nodes(qdq_model) -> list[str]:
     """Compute nodes of a Q/DQ graph that take a dequantized input (what `nodes_to_exclude` can put back in float)."""
     dequantized = {out for node in qdq_model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    return [n.name for n in qdq_model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized.intersection(n.input)]
+    return [
+        n.name
+        for n in qdq_model.graph.node
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized.intersection(n.input)
+    ]
 
 
 def float_inputs_for(qdq_model, float_model, node_name: str):
@@ -296,7 +312,9 @@ def float_inputs_for(qdq_model, float_model, node_name: str):
             node.input[position] = source.input[0]  # the activation before quantization
         elif position < len(float_node.input) and float_node.input[position] in float_inits:
             weight = float_node.input[position]
-            if weight in producers:  # the quantizer named its DequantizeLinear output after the float tensor (int32 biases)
+            if (
+                weight in producers
+            ):  # the quantizer named its DequantizeLinear output after the float tensor (int32 biases)
                 weight = f"{weight}.float"
             if weight not in present:
                 copy = onnx.TensorProto()
@@ -332,7 +350,11 @@ def rank_by_output_effect(
     reference = _run_model(float_model, batch, opts)
     base = sqnr_db(reference, _run_model(qdq_model, batch, opts))
     names = quantized_nodes(qdq_model)
-    how = {"method": "output effect: output SQNR gained when the node alone runs in float", "slices": len(batch), "output_sqnr_db_all_quantized": base}
+    how = {
+        "method": "output effect: output SQNR gained when the node alone runs in float",
+        "slices": len(batch),
+        "output_sqnr_db_all_quantized": base,
+    }
     rest: list[str] = []
     if len(names) > max_scored:
         local = local_error_added(float_model, qdq_model, batch, names, opts)
@@ -408,7 +430,9 @@ def local_error_added(float_model, qdq_model, batch: np.ndarray, names: list[str
         augmented = onnx.ModelProto()
         augmented.CopyFrom(model)
         present = {o.name for o in augmented.graph.output}
-        augmented.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors if t not in present)
+        augmented.graph.output.extend(
+            onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors if t not in present
+        )
         return augmented
 
     float_session, qdq_session = _session(with_outputs(float_model), opts), _session(with_outputs(qdq_model), opts)
@@ -427,7 +451,8 @@ def local_error_added(float_model, qdq_model, batch: np.ndarray, names: list[str
         return noise[t] / max(signal[t], 1e-30)
 
     return {
-        name: 10 * math.log10((max(nsr(t) for t in outs) + NSR_FLOOR) / (max([nsr(t) for t in ins] or [0.0]) + NSR_FLOOR))
+        name: 10
+        * math.log10((max(nsr(t) for t in outs) + NSR_FLOOR) / (max([nsr(t) for t in ins] or [0.0]) + NSR_FLOOR))
         for name, (ins, outs) in wanted.items()
     }
 

@@ -53,7 +53,17 @@ class Int8Recipe:
 
 def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = None) -> Int8Recipe:
     if profile == "tensorrt":
-        return Int8Recipe("tensorrt", "int8", "int8", True, False, True, ("Conv", "ConvTranspose", "MatMul", "Gemm"), quantize_bias=False, quantize_outputs=False)
+        return Int8Recipe(
+            "tensorrt",
+            "int8",
+            "int8",
+            True,
+            False,
+            True,
+            ("Conv", "ConvTranspose", "MatMul", "Gemm"),
+            quantize_bias=False,
+            quantize_outputs=False,
+        )
     if profile == "openvino":
         return replace(recipe_for("cpu", isa, arch), profile="openvino", quantize_outputs=False, reduce_range=False)
     if profile == "cpu":
@@ -72,7 +82,11 @@ def recipe_for(profile: str, isa: list[str] | None = None, arch: str | None = No
 def _method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
-    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    table = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     if name not in table:
         raise LggError(f"unknown --calib-method {name!r}: choose minmax, entropy or percentile")
     return table[name]

@@ -61,7 +61,9 @@ class QatRecipe:
             raise LggError(f"QAT batch size must be at least 2 (batch norm), got {self.batch_size}")
 
     def key(self, checkpoint_sha256: str, calibration_ids: list[str]) -> str:
-        blob = json.dumps({"checkpoint": checkpoint_sha256, "recipe": asdict(self), "calibration": calibration_ids}, sort_keys=True)
+        blob = json.dumps(
+            {"checkpoint": checkpoint_sha256, "recipe": asdict(self), "calibration": calibration_ids}, sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -119,7 +121,9 @@ def _freeze_batch_norm(model) -> None:
             module.eval()
 
 
-def finetune(model, images: np.ndarray, masks: np.ndarray, normalization, recipe: QatRecipe, on_step=None, teacher=None) -> list[dict]:
+def finetune(
+    model, images: np.ndarray, masks: np.ndarray, normalization, recipe: QatRecipe, on_step=None, teacher=None
+) -> list[dict]:
     """QAT epochs on resized uint8 train slices, distilled from `teacher` (the FP32 model) when given;
     returns one {epoch, loss, seconds} row per epoch."""
     import torch
@@ -138,7 +142,9 @@ def finetune(model, images: np.ndarray, masks: np.ndarray, normalization, recipe
     else:  # Adam moves every weight by about lr per step whatever the gradient: noise once the loss is small
         optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     total = recipe.epochs * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
     augment = Augmentation()
     torch.manual_seed(recipe.seed)  # dropout draws from the global generator
     history = []
@@ -162,7 +168,10 @@ def finetune(model, images: np.ndarray, masks: np.ndarray, normalization, recipe
                 if teacher is not None and recipe.distill_weight > 0:
                     with torch.no_grad():
                         soft = torch.sigmoid(teacher(x))
-                    loss = recipe.distill_weight * F.binary_cross_entropy_with_logits(logits, soft) + (1 - recipe.distill_weight) * loss
+                    loss = (
+                        recipe.distill_weight * F.binary_cross_entropy_with_logits(logits, soft)
+                        + (1 - recipe.distill_weight) * loss
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -170,7 +179,13 @@ def finetune(model, images: np.ndarray, masks: np.ndarray, normalization, recipe
                 losses.append(float(loss.detach()))
                 if on_step is not None:
                     on_step(epoch, step + 1, steps, losses[-1])
-            history.append({"epoch": epoch, "loss": round(float(np.mean(losses)), 5), "seconds": round(time.perf_counter() - started, 1)})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "loss": round(float(np.mean(losses)), 5),
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+            )
     return history
 
 
@@ -182,7 +197,13 @@ def conv_amax(quantized) -> dict[str, float]:
     for name, module in quantized.named_modules():
         quantizer = getattr(module, "input_quantizer", None)
         weight = getattr(module, "weight", None)
-        if quantizer is None or weight is None or weight.dim() != 4 or not quantizer.is_enabled or quantizer.amax is None:
+        if (
+            quantizer is None
+            or weight is None
+            or weight.dim() != 4
+            or not quantizer.is_enabled
+            or quantizer.amax is None
+        ):
             continue
         ranges[name] = float(torch.as_tensor(quantizer.amax).max())
     return ranges
@@ -200,7 +221,9 @@ def _unit_rows(weight: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def conv_input_ranges(onnx_path: Path, model, amax: dict[str, float], min_similarity: float = 0.999) -> dict[str, float]:
+def conv_input_ranges(
+    onnx_path: Path, model, amax: dict[str, float], min_similarity: float = 0.999
+) -> dict[str, float]:
     """{ONNX tensor feeding a Conv: the amax QAT trained with}. Each ONNX Conv is matched to the fine-tuned
     convolution whose weight rows point the same way (batch-norm folding only rescales output channels)."""
     import onnx
@@ -232,7 +255,9 @@ def conv_input_ranges(onnx_path: Path, model, amax: dict[str, float], min_simila
     # Conv2dStaticSamePadding: 11 of unet-effb7's 283), so convolutions without a QAT range keep the range ONNX Runtime
     # calibrates for them. Only an export that matches none of the fine-tuned layers is a different model.
     if amax and not ranges:
-        raise LggError(f"QAT: none of the {len(unmatched)} ONNX convolutions matches a fine-tuned layer (e.g. {unmatched[0]}); the export and the QAT model differ")
+        raise LggError(
+            f"QAT: none of the {len(unmatched)} ONNX convolutions matches a fine-tuned layer (e.g. {unmatched[0]}); the export and the QAT model differ"
+        )
     return ranges
 
 
