@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import signal
 import sys
 import threading
@@ -43,6 +44,30 @@ SPLIT_COLUMNS = [
 ]
 
 
+class _ToConsole(logging.Handler):
+    """The library logs; the CLI shows its INFO and above on stderr, through the console the progress bars draw on
+    (so a line never tears a bar), warnings and errors marked."""
+
+    MARKS = {logging.WARNING: ("warning: ", "yellow"), logging.ERROR: ("error: ", "red")}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.text import Text
+
+        from lggdeploy.common.progress import console
+
+        mark, style = self.MARKS.get(min(record.levelno, logging.ERROR), ("", ""))
+        line = Text(mark, style=style) + Text(record.getMessage()) if mark else Text(record.getMessage())
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def show_library_log() -> None:
+    """Once per process: lggdeploy's log records (INFO and above) reach the terminal."""
+    library = logging.getLogger("lggdeploy")
+    if not any(isinstance(h, _ToConsole) for h in library.handlers):
+        library.addHandler(_ToConsole())
+        library.setLevel(logging.INFO)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every `finally` runs: temporary files and build folders go."""
 
@@ -57,6 +82,7 @@ def friendly(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        show_library_log()
         previous = (
             signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
         )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,9 +39,11 @@ from pathlib import Path
 from lggdeploy.common.errors import CannotWin, GateFailed, LggError, SearchStopped
 from lggdeploy.common.files import ensure_folder, sha256_file, write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line
-from lggdeploy.common.progress import console
 from lggdeploy.engines.export import EXPORT_GRAPH
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
+
+logger = logging.getLogger(__name__)
+
 
 LADDER = (
     ("onnxruntime", "fp32"),
@@ -212,7 +215,7 @@ def _pruned(checkpoint: Path, ratio: float, opts: OptimizeOptions) -> Path:
     if (folder / "best.pt").is_file() and (
         folder / "done.json"
     ).is_file():  # its fine-tuning was checked by check_pruned_models
-        console.print(f"optimize: reusing {folder / 'best.pt'}")
+        logger.info(f"optimize: reusing {folder / 'best.pt'}")
         return folder / "best.pt"
     if folder.exists():
         shutil.rmtree(folder)  # a run killed while pruning: start that ratio again
@@ -429,7 +432,7 @@ def _rejudged(previous: dict, settings: dict, precision: str) -> dict | None:
         judged_with=settings,
         gate={**previous["gate"], "criteria": result.criteria.to_json(), "passed": not failures, "failures": failures},
     )
-    console.print(
+    logger.info(
         f"optimize: {engine_label(previous)} of {previous['model']}, judged with {_flags(previous['judged_with'])}, "
         f"judged again from its stored per-patient rows with {_flags(settings)}: {'passed' if not failures else 'failed'}"
     )
@@ -503,7 +506,7 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
             ):
                 earlier, previous = previous, _rejudged(previous, candidate.judged_with, precision)
                 if previous is None:
-                    console.print(
+                    logger.info(
                         f"optimize: {name} {engine_label(earlier)} was judged with {_flags(earlier['judged_with'])}; "
                         f"judging it again with {_flags(candidate.judged_with)}"
                     )
@@ -667,7 +670,7 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
             loaded = [_loaded(c, opts.out, saved.get("paths") == PATHS_RELATIVE) for c in saved["candidates"]]
             state = {candidate_key(c): c for c in loaded}
         else:  # engines of an older export form: rebuilt (pruned checkpoints are still reused)
-            console.print(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
+            logger.info(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
     started = time.perf_counter()
     check_pruned_models(opts)
     candidates = walk_ladder(checkpoint, checkpoint_sha256, opts, state)

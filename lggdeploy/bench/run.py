@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,11 +26,13 @@ from lggdeploy.backends.base import RunOptions
 from lggdeploy.bench.stats import latency_summary, paired_summary
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import sha256_file
-from lggdeploy.common.progress import console, progress_bar
+from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
 from lggdeploy.engines.formats import discover, format_of, manifest_path, open_engine, read_manifest
 from lggdeploy.postprocess import PostProcess
 from lggdeploy.runtime.segmenter import stored_postprocess
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -291,7 +294,7 @@ def run_bench(opts: BenchOptions) -> dict:
     for entry in entries:
         _open(entry, opts)
         if entry.status != "ok":
-            console.print(f"[yellow]{entry.label}: {entry.status}[/] ({entry.reason})")
+            logger.warning(f"{entry.label}: {entry.status} ({entry.reason})")
             continue
         slices = _slices_for(entry, opts, slice_cache)
         norm, size = (
@@ -420,8 +423,8 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: i
         rows.append(row)
     worst = max((abs(n["ratio"] - 1) for n in noise), default=None)
     if worst is not None and worst > opts.noise_warning:
-        console.print(
-            f"[bold yellow]warning:[/] the A/A row (the reference timed twice) differs from itself by {worst:.0%}: this machine was noisy "
+        logger.warning(
+            f"the A/A row (the reference timed twice) differs from itself by {worst:.0%}: this machine was noisy "
             f"during the run; speed-ups within ±{worst:.0%} of each other are not differences"
         )
     return {

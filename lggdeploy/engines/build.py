@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from pathlib import Path
 from lggdeploy.backends.base import BuildTarget, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, CannotWin, GateFailed, LggError, SearchStopped
 from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
-from lggdeploy.common.progress import console
 from lggdeploy.engines.formats import EngineFormat, install_engine, open_engine, select_formats
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
 from lggdeploy.engines.precision.gate import Outputs, Reference, run_on_slices
 from lggdeploy.postprocess import PostProcess
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -257,7 +259,7 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
         ckpt = load_checkpoint(stored)
         model = model_from_checkpoint(ckpt)
         record = {**ckpt["qat"], "reused": True}
-        console.print(f"QAT: reusing {stored} ({record['epochs']} epoch(s), lr {record['lr']})")
+        logger.info(f"QAT: reusing {stored} ({record['epochs']} epoch(s), lr {record['lr']})")
     else:
         recipe.validate()
         started = time.perf_counter()
@@ -272,7 +274,7 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
         batches = [torch.from_numpy(x[i : i + 8]) for i in range(0, len(x), 8)]
         quantized = qat.quantize_for_training(model_from_checkpoint(ctx.ckpt), batches)
         images, masks = resize_images(train.images, ctx.img_size), resize_masks(train.masks, ctx.img_size)
-        console.print(
+        logger.info(
             f"QAT: {qat.LIBRARY} {qat.modelopt_version()}, {recipe.epochs} epoch(s) on {len(ctx.split.train)} train patients ({len(train)} slices), lr {recipe.lr}"
         )
         with progress_bar(True) as bar:
@@ -423,9 +425,9 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
                     **changed,
                 }
                 if changed["weights_clamped_to_fp16_range"]:
-                    console.print(
-                        f"[yellow]{label}: {changed['weights_clamped_to_fp16_range']} weight array(s) hold values beyond the FP16 range "
-                        f"(largest {changed['largest_clamped_value']:.3g}); they were clamped — the gate below says whether it matters[/]"
+                    logger.warning(
+                        f"{label}: {changed['weights_clamped_to_fp16_range']} weight array(s) hold values beyond the FP16 range "
+                        f"(largest {changed['largest_clamped_value']:.3g}); they were clamped — the gate below says whether it matters"
                     )
 
             def graph(kept: list[str]) -> Path:  # nothing to keep in float: one graph per precision
@@ -474,7 +476,7 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
                     raise cannot_win(gate)
                 if not gate.passed:
                     extra["post_training_gate"] = gate.summary()
-                    console.print(
+                    logger.info(
                         f"{label}: post-training INT8 failed its gate; quantization-aware fine-tuning ({opts.qat_epochs} epoch(s), --qat off to skip)"
                     )
             if gate is None or not gate.passed:
@@ -533,7 +535,7 @@ def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
         seconds = time.perf_counter() - started
         manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts, "sha256": engine_sha}
         install_engine(path, target, manifest, [(sources[path], twin)] if twin is not None else [])
-    console.print(f"[green]built[/] {target} ({seconds:.1f} s, gate {'passed' if gate.passed else 'FAILED (forced)'})")
+    logger.info(f"built {target} ({seconds:.1f} s, gate {'passed' if gate.passed else 'FAILED (forced)'})")
     return {**manifest, "engine": str(target)}
 
 
@@ -623,7 +625,7 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
         if not supported:
             if opts.precision != "all":
                 raise BackendUnavailable(f"{fmt.name}: {why}")
-            console.print(f"[yellow]skipped {fmt.name}:[/] {why}")
+            logger.warning(f"skipped {fmt.name}: {why}")
             formats.remove(fmt)
     report = BuildReport()
     for checkpoint in checkpoints:
@@ -634,6 +636,6 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
             except SearchStopped:
                 raise  # the budget is spent: nothing more is built
             except GateFailed as exc:
-                console.print(f"[red]{'cannot win' if isinstance(exc, CannotWin) else 'gate failed'}:[/] {exc}")
+                logger.error(f"{'cannot win' if isinstance(exc, CannotWin) else 'gate failed'}: {exc}")
                 report.failed.append(exc)
     return report

@@ -11,6 +11,7 @@ checkpoint works and appends to the recipe.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from torch import nn
 
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import check_can_create
-from lggdeploy.common.progress import console
 from lggdeploy.models.networks import layer_shapes
+
+logger = logging.getLogger(__name__)
 
 
 def _torch_pruning():
@@ -162,7 +164,7 @@ def prune_checkpoint(
         tuned = model_from_checkpoint(load_checkpoint(result.best_path))
         model.load_state_dict(tuned.state_dict())
         stages.append({"step": step + 1, "history": result.history, "best": result.best})
-        console.print(
+        logger.info(
             f"pruning step {step + 1}/{steps}: fine-tuned, val per-patient Dice {result.best['val_mean_patient_dice']:.4f}"
         )
 
@@ -174,7 +176,7 @@ def prune_checkpoint(
         else None
     )
     recipe["finetune"] = [{"step": st["step"], "best": st["best"]} for st in stages]
-    console.print(
+    logger.info(
         f"params {recipe['params_before'] / 1e6:.2f}M -> {recipe['params_after'] / 1e6:.2f}M, "
         f"MACs {recipe['macs_before'] / 1e9:.2f}G -> {recipe['macs_after'] / 1e9:.2f}G at {ckpt['img_size']} px; "
         f"{recipe['layers_changed']} layers changed"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,7 +33,7 @@ from lggdeploy.common.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from lggdeploy.common.progress import console, progress_bar
+from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import load_split, make_split, save_split
@@ -55,6 +56,8 @@ from lggdeploy.models.recipe import epoch_order, lr_factor, make_ema, segmentati
 from lggdeploy.models.torch_runner import resolve_device
 from lggdeploy.postprocess import PostProcess, smallest_tumor
 from lggdeploy.postprocess import tune as tune_postprocess
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -333,407 +336,497 @@ def epochs_within_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    run_started = time.perf_counter()
-    cfg.validate()
-    world, rank, local_rank = _distributed()
-    device = resolve_device(cfg.device, local_rank)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    main = rank == 0
-    out = Path(cfg.out)
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    """One training run (see Trainer for its phases)."""
+    return Trainer(cfg).run()
 
-    # --- state to start from -------------------------------------------------------------------
-    resume_ckpt = None
-    resumes: list[dict] = []
-    if cfg.resume:
-        if not last_path.is_file():
-            raise LggError(f"--resume: no {last_path} to resume from; drop --resume to start a new run in {out}")
-        resume_ckpt = load_checkpoint(last_path)
-        if resume_ckpt["model"]["name"] != cfg.model:
-            raise LggError(f"--resume: {last_path} trained {resume_ckpt['model']['name']}, not {cfg.model}")
-        cfg, changed = resume_config(cfg, resume_ckpt.get("train_config", {}), last_path)
-        resumes = list(resume_ckpt.get("resumes", [])) + [
-            {"after_epoch": int(resume_ckpt["epoch"]), "changed": changed}
-        ]
+
+class Trainer:
+    """A training run as named phases (nnU-Net's shape): `run` reads as the order of a run; the state lives here.
+
+    on_train_start: where to start from (a new run, --resume, or fine-tuning weights), the network, the data, the
+    optimizer and schedule. Per epoch: on_epoch_start (the epoch's slice order), train_step per batch, on_epoch_end
+    (validation, the wall-clock budget's decision after epoch 1, best.pt / last.pt / history). on_train_end: the result.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.run_started = time.perf_counter()
         cfg.validate()
-    elif main and last_path.exists():
-        raise LggError(
-            f"{out} already holds a training run (last.pt): pass --resume to continue it, or choose another --out"
-        )
-    if main and out.is_dir():
-        remove_stale_temporaries(out)  # the .tmp files of a run that was killed (SIGKILL) while writing
+        self.cfg = cfg
+        self.world, self.rank, local_rank = _distributed()
+        self.device = resolve_device(cfg.device, local_rank)
+        self.main = self.rank == 0
+        self.out = Path(cfg.out)
+        self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
 
-    init_ckpt = load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and resume_ckpt is None else None
-    if init_ckpt is not None and init_ckpt["img_size"] != cfg.img_size:
-        raise LggError(
-            f"--img-size {cfg.img_size} differs from the {init_ckpt['img_size']} px the initial checkpoint was trained at"
-        )
-    if init_ckpt is not None and "threshold" not in cfg.given() and cfg.threshold == TrainConfig.threshold:
-        cfg = replace(
-            cfg, threshold=float(init_ckpt["threshold"])
-        )  # fine-tuning keeps the decision threshold it starts from
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    # The model (and its encoder weights) before anything is written: a bad name or weights file leaves no folder behind.
-    spec = resolve_model(cfg.model)
-    normalization = Normalization(mode=cfg.normalization)
-    start_from = resume_ckpt if resume_ckpt is not None else init_ckpt
-    if start_from is not None:
-        model = model_from_checkpoint(start_from).train()
-        carried = (
-            "encoder_weights",
-            "encoder_weights_sha256",
-            "dropped_modules",
-            "layer_shapes",
-            "pruning",
-            "pruned_from",
-        )
-        weights_info = {k: start_from[k] for k in carried if k in start_from}
-        normalization = Normalization.from_json(start_from["normalization"], origin=str(cfg.init_checkpoint or cfg.out))
-        if "normalization" in cfg.given() and normalization.mode != cfg.normalization:
-            raise LggError(
-                f"--normalization {cfg.normalization} differs from the {normalization.mode!r} normalization the checkpoint was trained with"
+    def run(self) -> TrainResult:
+        self.on_train_start()
+        with progress_bar(self.cfg.show_progress and self.main) as self.bar:
+            self.epoch_task = self.bar.add_task(
+                "epochs", total=None if self.budgeted else self.cfg.epochs, completed=self.epoch, info=""
             )
-        cfg = replace(cfg, normalization=normalization.mode)  # the record says what the run feeds the model
-    else:
-        built = build_model(spec, cfg.encoder_weights)
-        model = built.model
-        weights_info = {
-            "encoder_weights": built.encoder_weights,
-            "encoder_weights_sha256": built.encoder_weights_sha256,
-            "dropped_modules": built.dropped_modules,
-        }
+            while self.epoch < self.n_epochs:
+                self.epoch += 1
+                self.on_epoch_start()
+                for step in range(self.steps_per_epoch):
+                    self.train_step(step)
+                self.on_epoch_end()
+        return self.on_train_end()
 
-    if main:
-        check_can_create(out)  # an unwritable --out is refused before the data are read
-    dataset = load_dataset(cfg.data)
-    if resume_ckpt is not None:
-        split = split_of(resume_ckpt)
-    elif init_ckpt is not None and not cfg.split_file:
-        split = split_of(init_ckpt)
-    elif cfg.split_file:
-        split = load_split(cfg.split_file)
-    else:
-        split = make_split(dataset, seed=cfg.seed)
-    split.check_against(dataset, origin=str(cfg.split_file or "split"))
-    if not split.val:
-        raise LggError("the split has no validation patients: training keeps the best checkpoint by validation Dice")
-    with progress_bar(cfg.show_progress and main) as bar:
-        patients = split.train + split.val
-        task = bar.add_task("reading slices", total=sum(len(dataset.patients[p].slices) for p in patients), info="")
-        train_slices = load_slices(dataset, split.train, on_slice=lambda: bar.advance(task))
-        val_slices = load_slices(dataset, split.val, on_slice=lambda: bar.advance(task))
-    if main:
-        ensure_folder(out)
-        save_split(split, out / "split.json")
-    train_images = resize_images(train_slices.images, cfg.img_size)
-    train_masks = resize_masks(train_slices.masks, cfg.img_size)
-    train_tumor = train_slices.masks.reshape(len(train_slices), -1).any(axis=1)
-    train_smallest_tumor = smallest_tumor(
-        train_slices.masks, train_slices.patients
-    )  # bounds the post-processing's size
-    val_targets = (
-        torch.from_numpy(resize_masks(val_slices.masks, cfg.img_size)).unsqueeze(1).float()
-    )  # for the val loss, once
+    # --- on_train_start --------------------------------------------------------------------------------------------
 
-    set_batch_norm_momentum(model, cfg.bn_momentum)
-    model.to(device)
-    teacher = None
-    if cfg.teacher is not None:
+    def on_train_start(self) -> None:
+        self.init_distributed()
+        self.load_start_state()
+        self.build_network()
+        self.load_data()
+        self.configure_optimization()
+        self.restore_state()
+        self.started = time.perf_counter()
+        if self.main:
+            logger.info(self.describe())
+
+    def init_distributed(self) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+
+    def load_start_state(self) -> None:
+        """The checkpoints the run starts from: last.pt on --resume (its settings win), or --init-checkpoint's."""
+        cfg, out, last_path = self.cfg, self.out, self.last_path
+        self.resume_ckpt = None
+        self.resumes: list[dict] = []
+        if cfg.resume:
+            if not last_path.is_file():
+                raise LggError(f"--resume: no {last_path} to resume from; drop --resume to start a new run in {out}")
+            self.resume_ckpt = load_checkpoint(last_path)
+            if self.resume_ckpt["model"]["name"] != cfg.model:
+                raise LggError(f"--resume: {last_path} trained {self.resume_ckpt['model']['name']}, not {cfg.model}")
+            cfg, changed = resume_config(cfg, self.resume_ckpt.get("train_config", {}), last_path)
+            after = {"after_epoch": int(self.resume_ckpt["epoch"]), "changed": changed}
+            self.resumes = [*self.resume_ckpt.get("resumes", []), after]
+            cfg.validate()
+        elif self.main and last_path.exists():
+            raise LggError(
+                f"{out} already holds a training run (last.pt): pass --resume to continue it, or choose another --out"
+            )
+        if self.main and out.is_dir():
+            remove_stale_temporaries(out)  # the .tmp files of a run that was killed (SIGKILL) while writing
+        self.init_ckpt = init = (
+            load_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint and self.resume_ckpt is None else None
+        )
+        if init is not None and init["img_size"] != cfg.img_size:
+            raise LggError(
+                f"--img-size {cfg.img_size} differs from the {init['img_size']} px the initial checkpoint was trained at"
+            )
+        if init is not None and "threshold" not in cfg.given() and cfg.threshold == TrainConfig.threshold:
+            cfg = replace(cfg, threshold=float(init["threshold"]))  # fine-tuning keeps the threshold it starts from
+        self.cfg = cfg
+
+    def build_network(self) -> None:
+        """The model (and its encoder weights) before anything is written: a bad name or weights file leaves no
+        folder behind."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        self.spec = resolve_model(cfg.model)
+        self.normalization = Normalization(mode=cfg.normalization)
+        start_from = self.resume_ckpt if self.resume_ckpt is not None else self.init_ckpt
+        if start_from is None:
+            built = build_model(self.spec, cfg.encoder_weights)
+            self.model = built.model
+            self.weights_info = {
+                "encoder_weights": built.encoder_weights,
+                "encoder_weights_sha256": built.encoder_weights_sha256,
+                "dropped_modules": built.dropped_modules,
+            }
+            return
+        self.model = model_from_checkpoint(start_from).train()
+        self.weights_info = {k: start_from[k] for k in CARRIED_WEIGHTS_INFO if k in start_from}
+        self.normalization = Normalization.from_json(
+            start_from["normalization"], origin=str(cfg.init_checkpoint or cfg.out)
+        )
+        if "normalization" in cfg.given() and self.normalization.mode != cfg.normalization:
+            raise LggError(
+                f"--normalization {cfg.normalization} differs from the {self.normalization.mode!r} normalization "
+                "the checkpoint was trained with"
+            )
+        self.cfg = replace(cfg, normalization=self.normalization.mode)  # the record says what the run feeds the model
+
+    def load_data(self) -> None:
+        cfg = self.cfg
+        if self.main:
+            check_can_create(self.out)  # an unwritable --out is refused before the data are read
+        dataset = load_dataset(cfg.data)
+        self.split = split = self.choose_split(dataset)
+        split.check_against(dataset, origin=str(cfg.split_file or "split"))
+        if not split.val:
+            raise LggError(
+                "the split has no validation patients: training keeps the best checkpoint by validation Dice"
+            )
+        with progress_bar(cfg.show_progress and self.main) as bar:
+            total = sum(len(dataset.patients[p].slices) for p in split.train + split.val)
+            task = bar.add_task("reading slices", total=total, info="")
+            self.train_slices = load_slices(dataset, split.train, on_slice=lambda: bar.advance(task))
+            self.val_slices = load_slices(dataset, split.val, on_slice=lambda: bar.advance(task))
+        if self.main:
+            ensure_folder(self.out)
+            save_split(split, self.out / "split.json")
+        masks = self.train_slices.masks
+        self.train_images = resize_images(self.train_slices.images, cfg.img_size)
+        self.train_masks = resize_masks(masks, cfg.img_size)
+        self.train_tumor = masks.reshape(len(self.train_slices), -1).any(axis=1)
+        self.train_smallest_tumor = smallest_tumor(masks, self.train_slices.patients)  # bounds the post-processing
+        val_masks = resize_masks(self.val_slices.masks, cfg.img_size)
+        self.val_targets = torch.from_numpy(val_masks).unsqueeze(1).float()  # for the val loss, once
+
+    def choose_split(self, dataset):
+        """The run's own split on --resume, the initial checkpoint's when fine-tuning, else --split-file or a new one."""
+        cfg = self.cfg
+        if self.resume_ckpt is not None:
+            return split_of(self.resume_ckpt)
+        if self.init_ckpt is not None and not cfg.split_file:
+            return split_of(self.init_ckpt)
+        if cfg.split_file:
+            return load_split(cfg.split_file)
+        return make_split(dataset, seed=cfg.seed)
+
+    def configure_optimization(self) -> None:
+        cfg, model, device = self.cfg, self.model, self.device
+        set_batch_norm_momentum(model, cfg.bn_momentum)
+        model.to(device)
+        self.teacher = self.load_teacher()
+        self.compute_dtype = autocast_dtype(cfg.precision, device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
+        self.net: nn.Module = model
+        if self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # Each rank takes its own share of the same seeded permutation (what DistributedSampler does).
+        n_train = len(self.train_images)
+        self.per_rank = per_rank = n_train // self.world
+        self.steps_per_epoch = per_rank // cfg.batch_size + (1 if per_rank % cfg.batch_size >= 2 else 0)
+        if self.steps_per_epoch < 1:
+            raise LggError(
+                f"{n_train} training slices are too few for --batch-size {cfg.batch_size} on {self.world} process(es)"
+            )
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.plan_schedule()
+        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.schedule_steps, warmup_steps)
+        )
+        self.ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.compute_dtype == torch.float16)
+        self.augment = Augmentation(missing_modality=cfg.missing_modality)
+
+    def load_teacher(self) -> nn.Module | None:
+        """Distillation's teacher (fine-tuning a pruned model), frozen, or None."""
+        cfg = self.cfg
+        if cfg.teacher is None:
+            return None
         teacher_ckpt = load_checkpoint(cfg.teacher)
         if teacher_ckpt["img_size"] != cfg.img_size:
             raise LggError(
-                f"the teacher {cfg.teacher} works at {teacher_ckpt['img_size']} px, the run at {cfg.img_size} px: distil at the teacher's size"
+                f"the teacher {cfg.teacher} works at {teacher_ckpt['img_size']} px, the run at {cfg.img_size} px: "
+                "distil at the teacher's size"
             )
-        teacher = model_from_checkpoint(teacher_ckpt).to(device).eval()
+        teacher = model_from_checkpoint(teacher_ckpt).to(self.device).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
-    compute_dtype = autocast_dtype(cfg.precision, device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return teacher
 
-    # Each rank takes its own share of the same seeded permutation (what DistributedSampler does).
-    n_train = len(train_images)
-    per_rank = n_train // world
-    steps_per_epoch = per_rank // cfg.batch_size + (1 if per_rank % cfg.batch_size >= 2 else 0)
-    if steps_per_epoch < 1:
-        raise LggError(
-            f"{n_train} training slices are too few for --batch-size {cfg.batch_size} on {world} process(es)"
-        )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # The cosine schedule spans the epochs the run was started with; epochs added on --resume run at its final lr.
-    schedule_epochs = (
-        int(resume_ckpt.get("schedule_epochs", resume_ckpt["train_config"]["epochs"]))
-        if resume_ckpt is not None
-        else cfg.epochs
-    )
-    budgeted = cfg.budget_minutes is not None and resume_ckpt is None
-    explicit_epochs = "epochs" in cfg.given()
-    if budgeted and not explicit_epochs:
-        cfg = replace(cfg, epochs=1000)  # the budget decides; 1000 is only the cap
-        schedule_epochs = TrainConfig.epochs  # provisional cosine length for epoch 1, fixed once epoch 1 is timed
-    schedule = {"total_steps": schedule_epochs * steps_per_epoch}
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, schedule["total_steps"], warmup_steps)
-    )
-    ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
-    scaler = torch.amp.GradScaler("cuda", enabled=compute_dtype == torch.float16)
-    history: list[dict] = []
-    best: dict = {"epoch": 0, "val_mean_patient_dice": -1.0}
-    start_epoch = 1
-    if resume_ckpt is not None:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        scaler.load_state_dict(resume_ckpt["scaler"])
-        if ema is not None:
-            ema.load_state_dict(resume_ckpt["ema_state_dict"])
-        history = list(resume_ckpt["history"])
-        best = dict(resume_ckpt["best"])
-        start_epoch = int(resume_ckpt["epoch"]) + 1
-        states = resume_ckpt.get("rng_states") or [{"torch": resume_ckpt["torch_rng"], "numpy": None}]
+    def plan_schedule(self) -> None:
+        """The run's length and its cosine's: the configured epochs; on --resume the length the run was started
+        with (epochs added run at the final lr); with a budget, provisional until epoch 1 is timed."""
+        cfg, resume = self.cfg, self.resume_ckpt
+        if resume is not None:
+            self.schedule_epochs = int(resume.get("schedule_epochs", resume["train_config"]["epochs"]))
+        else:
+            self.schedule_epochs = cfg.epochs
+        self.budgeted = cfg.budget_minutes is not None and resume is None
+        self.explicit_epochs = "epochs" in cfg.given()
+        if self.budgeted and not self.explicit_epochs:
+            self.cfg = replace(cfg, epochs=1000)  # the budget decides; 1000 is only the cap
+            self.schedule_epochs = TrainConfig.epochs  # provisional cosine length for epoch 1
+        self.schedule_steps = self.schedule_epochs * self.steps_per_epoch
+        self.n_epochs = self.cfg.epochs
+        self.config_record = {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items() if k != "explicit"
+        }
+        saved_budget = resume.get("budget") if resume is not None else None
+        self.budget_record: dict | None = dict(saved_budget) if saved_budget else None
+
+    def fix_epochs(self, total: int) -> None:
+        """The budget's decision, on every rank: the run's length and its cosine's."""
+        self.n_epochs = self.schedule_epochs = total
+        self.schedule_steps = total * self.steps_per_epoch
+        self.config_record["epochs"] = total
+
+    def restore_state(self) -> None:
+        """--resume: optimizer, schedule, scaler, EMA, history and every random generator as last.pt left them."""
+        self.history: list[dict] = []
+        self.best: dict = {"epoch": 0, "val_mean_patient_dice": -1.0}
+        self.epoch = 0
+        resume = self.resume_ckpt
+        if resume is None:
+            return
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.scheduler.load_state_dict(resume["scheduler"])
+        self.scaler.load_state_dict(resume["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(resume["ema_state_dict"])
+        self.history = list(resume["history"])
+        self.best = dict(resume["best"])
+        self.epoch = int(resume["epoch"])
+        states = resume.get("rng_states") or [{"torch": resume["torch_rng"], "numpy": None}]
         if states[0].get("numpy") is None:  # a checkpoint of an older lggdeploy: the CPU generator only
             torch.set_rng_state(states[0]["torch"])
         else:
-            set_rng_state(states[rank] if rank < len(states) else states[0])
-        if start_epoch > cfg.epochs:
+            set_rng_state(states[self.rank] if self.rank < len(states) else states[0])
+        if self.epoch + 1 > self.cfg.epochs:
             raise LggError(
-                f"--resume: {last_path} already finished epoch {start_epoch - 1} of {cfg.epochs}; raise --epochs to train longer"
+                f"--resume: {self.last_path} already finished epoch {self.epoch} of {self.cfg.epochs}; "
+                "raise --epochs to train longer"
             )
 
-    augment = Augmentation(missing_modality=cfg.missing_modality)
-    config_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "explicit"}
-    n_epochs = cfg.epochs
-    budget_record: dict | None = (
-        dict(resume_ckpt["budget"]) if resume_ckpt is not None and resume_ckpt.get("budget") else None
-    )
-
-    def fix_epochs(total: int) -> None:
-        """The budget's decision, on every rank: the run's length and its cosine's."""
-        nonlocal n_epochs, schedule_epochs
-        n_epochs = schedule_epochs = total
-        schedule["total_steps"] = total * steps_per_epoch
-        config_record["epochs"] = total
-
-    started = time.perf_counter()
-    if main:
-        console.print(
-            f"[bold]{spec.name}[/]: {count_parameters(model) / 1e6:.2f}M parameters, encoder weights {weights_info['encoder_weights']}, "
-            f"{len(split.train)} train / {len(split.val)} val patients ({n_train} / {len(val_slices)} slices), "
-            f"{cfg.img_size}px, device {device}{f', {world} processes' if world > 1 else ''}, "
-            f"compute {str(compute_dtype).removeprefix('torch.') if compute_dtype else 'float32'}{', channels-last' if cfg.channels_last else ''}"
+    def describe(self) -> str:
+        cfg, split, dtype = self.cfg, self.split, self.compute_dtype
+        compute = str(dtype).removeprefix("torch.") if dtype else "float32"
+        return (
+            f"{self.spec.name}: {count_parameters(self.model) / 1e6:.2f}M parameters, "
+            f"encoder weights {self.weights_info['encoder_weights']}, "
+            f"{len(split.train)} train / {len(split.val)} val patients "
+            f"({len(self.train_images)} / {len(self.val_slices)} slices), {cfg.img_size}px, device {self.device}"
+            f"{f', {self.world} processes' if self.world > 1 else ''}, compute {compute}"
+            f"{', channels-last' if cfg.channels_last else ''}"
         )
 
-    with progress_bar(cfg.show_progress and main) as bar:
-        epoch_task = bar.add_task("epochs", total=None if budgeted else cfg.epochs, completed=start_epoch - 1, info="")
-        epoch = start_epoch - 1
-        while epoch < n_epochs:
-            epoch += 1
-            epoch_started = time.perf_counter()
-            order = epoch_order(train_tumor, cfg.seed * 100_003 + epoch, cfg.tumor_fraction or None)[
-                rank * per_rank : (rank + 1) * per_rank
-            ]
-            seen_tumor = seen = 0
-            aug_generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
-            net.train()
-            losses: list[float] = []
-            counts = np.zeros(4, np.int64)
-            step_task = bar.add_task(
-                f"epoch {epoch}/{'?' if budgeted and epoch == 1 else n_epochs}", total=steps_per_epoch, info=""
+    # --- one epoch -------------------------------------------------------------------------------------------------
+
+    def on_epoch_start(self) -> None:
+        cfg, epoch, rank = self.cfg, self.epoch, self.rank
+        self.epoch_started = time.perf_counter()
+        order = epoch_order(self.train_tumor, cfg.seed * 100_003 + epoch, cfg.tumor_fraction or None)
+        self.order = order[rank * self.per_rank : (rank + 1) * self.per_rank]
+        self.aug_generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 31 + rank)
+        self.net.train()
+        self.losses: list[float] = []
+        self.counts = np.zeros(4, np.int64)
+        self.seen_tumor = self.seen = 0
+        total = "?" if self.budgeted and epoch == 1 else self.n_epochs
+        self.step_task = self.bar.add_task(f"epoch {epoch}/{total}", total=self.steps_per_epoch, info="")
+
+    def train_step(self, step: int) -> None:
+        cfg, device = self.cfg, self.device
+        idx = self.order[step * cfg.batch_size : (step + 1) * cfg.batch_size].numpy()
+        x, y = self.batch(idx)
+        autocast = {"dtype": self.compute_dtype or torch.float32, "enabled": self.compute_dtype is not None}
+        with torch.autocast(device.type, **autocast):
+            logits = self.net(x)
+        loss = segmentation_loss(logits.float(), y, cfg.loss)
+        if self.teacher is not None:
+            with torch.no_grad(), torch.autocast(device.type, **autocast):
+                soft = torch.sigmoid(self.teacher(x).float())
+            distilled = F.binary_cross_entropy_with_logits(logits.float(), soft)
+            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distilled
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.losses.append(loss.item())
+        self.seen_tumor += int(self.train_tumor[idx].sum())
+        self.seen += len(idx)
+        predicted = (logits.detach() > 0).cpu().numpy()[:, 0]
+        self.counts += confusion_counts(predicted, y.cpu().numpy()[:, 0] > 0.5).sum(axis=0)
+        self.bar.update(self.step_task, advance=1, info=f"loss {np.mean(self.losses):.4f}")
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training slices `idx`, augmented and normalized, on the device."""
+        cfg = self.cfg
+        x01 = torch.from_numpy(self.train_images[idx]).permute(0, 3, 1, 2).float().div_(255)
+        y = torch.from_numpy(self.train_masks[idx]).unsqueeze(1).float()
+        if cfg.augment:
+            x01, y = self.augment(x01, y, self.aug_generator)
+        x = self.normalization.apply_torch(x01).to(self.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def on_epoch_end(self) -> None:
+        self.bar.remove_task(self.step_task)
+        rng_states = _gather_rng_states(self.world)  # before validation: a resumed epoch draws what this one would
+        if self.main:
+            row, val_logits = self.validate()
+            if self.budgeted and self.epoch == 1:
+                self.apply_budget(row["seconds"])
+            self.history.append(row)
+            self.save_checkpoints(row, val_logits, rng_states)
+            best = self.best
+            self.bar.update(
+                self.epoch_task,
+                advance=1,
+                info=f"val per-patient Dice {row['val_mean_patient_dice']:.4f} "
+                f"(best {best['val_mean_patient_dice']:.4f} @ {best['epoch']})",
             )
-            for step in range(steps_per_epoch):
-                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].numpy()
-                x01 = torch.from_numpy(train_images[idx]).permute(0, 3, 1, 2).float().div_(255)
-                y = torch.from_numpy(train_masks[idx]).unsqueeze(1).float()
-                if cfg.augment:
-                    x01, y = augment(x01, y, aug_generator)
-                x = normalization.apply_torch(x01).to(device, non_blocking=True)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = y.to(device, non_blocking=True)
-                with torch.autocast(
-                    device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None
-                ):
-                    logits = net(x)
-                loss = segmentation_loss(logits.float(), y, cfg.loss)
-                if teacher is not None:
-                    with (
-                        torch.no_grad(),
-                        torch.autocast(
-                            device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None
-                        ),
-                    ):
-                        soft = torch.sigmoid(teacher(x).float())
-                    loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.binary_cross_entropy_with_logits(
-                        logits.float(), soft
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                losses.append(loss.item())
-                seen_tumor += int(train_tumor[idx].sum())
-                seen += len(idx)
-                counts += confusion_counts((logits.detach() > 0).cpu().numpy()[:, 0], y.cpu().numpy()[:, 0] > 0.5).sum(
-                    axis=0
-                )
-                bar.update(step_task, advance=1, info=f"loss {np.mean(losses):.4f}")
-            bar.remove_task(step_task)
+        if self.world > 1:
+            if self.budgeted and self.epoch == 1:
+                decided = [self.n_epochs]
+                torch.distributed.broadcast_object_list(decided, src=0)
+                self.fix_epochs(int(decided[0]))
+            torch.distributed.barrier()
 
-            row = None
-            rng_states = _gather_rng_states(
-                world
-            )  # before validation, so a resumed epoch draws what this one would have
-            if main:
-                val_losses: list[float] = []
-                val_logits: list[np.ndarray] = []
+    def validate(self) -> tuple[dict, list[np.ndarray]]:
+        """The epoch's history row (train figures, val loss and per-patient metrics) and the val logits when the
+        threshold or the post-processing is tuned on them."""
+        cfg, val_slices = self.cfg, self.val_slices
+        val_losses: list[float] = []
+        val_logits: list[np.ndarray] = []
 
-                def add_val_loss(logits: np.ndarray, batch: slice) -> None:
-                    val_losses.append(
-                        segmentation_loss(torch.from_numpy(logits), val_targets[batch], cfg.loss).item() * len(logits)
-                    )
-                    if cfg.tune_threshold or cfg.postprocess == "auto":
-                        val_logits.append(np.array(logits, np.float32, copy=True))
+        def add_val_loss(logits: np.ndarray, batch: slice) -> None:
+            loss = segmentation_loss(torch.from_numpy(logits), self.val_targets[batch], cfg.loss)
+            val_losses.append(loss.item() * len(logits))
+            if cfg.tune_threshold or cfg.postprocess == "auto":
+                val_logits.append(np.array(logits, np.float32, copy=True))
 
-                # The model the run keeps: the EMA of the weights when on (validated, selected and saved as best.pt).
-                kept = ema.module if ema is not None else model
-                val = score_model(
-                    kept,
-                    val_slices,
-                    cfg.img_size,
-                    normalization,
-                    cfg.eval_batch_size,
-                    device,
-                    show_progress=False,
-                    threshold=cfg.threshold,
-                    on_logits=add_val_loss,
-                )
-                val_loss = float(np.sum(val_losses) / len(val_slices))
-                agg = val["aggregates"]
-                tp, fp, fn, tn = counts
-                row = {
-                    "epoch": epoch,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "train_loss": float(np.mean(losses)),
-                    "train_tumor_slice_fraction": round(seen_tumor / seen, 4),
-                    "train_dice": float(dice_from_counts(tp, fp, fn)),
-                    "train_iou": float(iou_from_counts(tp, fp, fn)),
-                    "train_accuracy": float((tp + tn) / counts.sum()),
-                    "val_loss": val_loss,
-                    "val_mean_patient_dice": agg["mean_patient_dice"],
-                    "val_median_patient_dice": agg["median_patient_dice"],
-                    "val_mean_patient_iou": agg["mean_patient_iou"],
-                    "val_global_dice": agg["global_dice"],
-                    "val_pixel_accuracy": agg["pixel_accuracy"],
-                    "val_patients_missed": agg["patients_missed"],
-                }
-                if ema is not None:  # the raw weights too, to see what the EMA buys
-                    raw = score_model(
-                        model,
-                        val_slices,
-                        cfg.img_size,
-                        normalization,
-                        cfg.eval_batch_size,
-                        device,
-                        show_progress=False,
-                        threshold=cfg.threshold,
-                    )
-                    row["val_mean_patient_dice_raw_weights"] = raw["aggregates"]["mean_patient_dice"]
-                row["seconds"] = round(time.perf_counter() - epoch_started, 2)
-                if budgeted and epoch == 1:
-                    elapsed = time.perf_counter() - run_started
-                    total = epochs_within_budget(
-                        cfg.budget_minutes * 60, elapsed, row["seconds"], cfg.epochs if explicit_epochs else None
-                    )
-                    fix_epochs(total)
-                    budget_record = {
-                        "minutes": cfg.budget_minutes,
-                        "epoch_1_seconds": row["seconds"],
-                        "elapsed_after_epoch_1_seconds": round(elapsed, 1),
-                        "epochs": total,
-                    }
-                    bar.update(epoch_task, total=total)
-                    console.print(
-                        f"budget {cfg.budget_minutes:g} min: epoch 1 took {row['seconds']:.0f} s, so the run trains {total} epochs"
-                    )
-                history.append(row)
-                fields_ = dict(
-                    model=spec.to_json(),
-                    img_size=cfg.img_size,
-                    normalization=normalization.to_json(),
-                    threshold=cfg.threshold,
-                    split=split.to_json(),
-                    split_file=str(out / "split.json"),
-                    data_root=str(cfg.data),
-                    train_config=config_record,
-                    augmentation=augment.to_json(),
-                    history=history,
-                    epoch=epoch,
-                    schedule_epochs=schedule_epochs,
-                    resumes=resumes,
-                    budget=budget_record,
-                    compute_precision=str(compute_dtype).removeprefix("torch.") if compute_dtype else "float32",
-                )
-                improved = agg["mean_patient_dice"] > best["val_mean_patient_dice"]
-                if improved:
-                    best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
-                    kept_fields = dict(fields_, weights="ema" if ema is not None else "raw")
-                    if cfg.tune_threshold:
-                        tuning = threshold_tuning.tune(
-                            np.concatenate(val_logits), val_slices.masks, val_slices.patients, cfg.threshold
-                        )
-                        kept_fields.update(threshold=tuning["threshold"], threshold_tuning=tuning)
-                        best.update(
-                            threshold=tuning["threshold"],
-                            val_mean_patient_dice_tuned_threshold=tuning["val_mean_patient_dice"],
-                        )
-                    kept_fields.update(
-                        _postprocess_fields(
-                            cfg.postprocess, val_logits, val_slices, kept_fields["threshold"], train_smallest_tumor
-                        )
-                    )
-                    best["postprocess"] = kept_fields["postprocess"]
-                    if "postprocess_tuning" in kept_fields and kept_fields["postprocess_tuning"]["kept"]:
-                        best["val_mean_patient_dice_postprocessed"] = kept_fields["postprocess_tuning"][
-                            "val_mean_patient_dice_with"
-                        ]
-                    save_checkpoint(best_path, {**make_payload(kept, weights_info, **kept_fields), "best": best})
-                save_checkpoint(
-                    last_path,
-                    {
-                        **make_payload(model, weights_info, **fields_, weights="raw"),
-                        "best": best,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng_states": rng_states,
-                        **({"ema_state_dict": ema.state_dict()} if ema is not None else {}),
-                    },
-                )
-                write_json_atomic(out / "history.json", history)
-                write_text_atomic(out / "history.csv", _history_csv(history))
-                plot_history(history, out / "curves.png", title=f"{spec.name} on {Path(cfg.data).name}")
-                bar.update(
-                    epoch_task,
-                    advance=1,
-                    info=f"val per-patient Dice {agg['mean_patient_dice']:.4f} (best {best['val_mean_patient_dice']:.4f} @ {best['epoch']})",
-                )
-            if world > 1:
-                if budgeted and epoch == 1:
-                    decided = [n_epochs]
-                    torch.distributed.broadcast_object_list(decided, src=0)
-                    fix_epochs(int(decided[0]))
-                torch.distributed.barrier()
+        val = self.score(self.kept_model, on_logits=add_val_loss)
+        agg = val["aggregates"]
+        tp, fp, fn, tn = self.counts
+        row = {
+            "epoch": self.epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": float(np.mean(self.losses)),
+            "train_tumor_slice_fraction": round(self.seen_tumor / self.seen, 4),
+            "train_dice": float(dice_from_counts(tp, fp, fn)),
+            "train_iou": float(iou_from_counts(tp, fp, fn)),
+            "train_accuracy": float((tp + tn) / self.counts.sum()),
+            "val_loss": float(np.sum(val_losses) / len(val_slices)),
+            "val_mean_patient_dice": agg["mean_patient_dice"],
+            "val_median_patient_dice": agg["median_patient_dice"],
+            "val_mean_patient_iou": agg["mean_patient_iou"],
+            "val_global_dice": agg["global_dice"],
+            "val_pixel_accuracy": agg["pixel_accuracy"],
+            "val_patients_missed": agg["patients_missed"],
+        }
+        if self.ema is not None:  # the raw weights too, to see what the EMA buys
+            raw = self.score(self.model)
+            row["val_mean_patient_dice_raw_weights"] = raw["aggregates"]["mean_patient_dice"]
+        row["seconds"] = round(time.perf_counter() - self.epoch_started, 2)
+        return row, val_logits
 
-    return TrainResult(best_path, last_path, history, best, time.perf_counter() - started)
+    @property
+    def kept_model(self) -> nn.Module:
+        """The model the run keeps: the EMA of the weights when on (validated, selected and saved as best.pt)."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def score(self, model: nn.Module, on_logits=None) -> dict:
+        cfg = self.cfg
+        return score_model(
+            model, self.val_slices, cfg.img_size, self.normalization, cfg.eval_batch_size, self.device,
+            show_progress=False, threshold=cfg.threshold, on_logits=on_logits,
+        )  # fmt: skip
+
+    def apply_budget(self, epoch_1_seconds: float) -> None:
+        """After epoch 1 of a budgeted run: the number of epochs that ends it within --budget-minutes."""
+        cfg = self.cfg
+        elapsed = time.perf_counter() - self.run_started
+        cap = cfg.epochs if self.explicit_epochs else None
+        total = epochs_within_budget(cfg.budget_minutes * 60, elapsed, epoch_1_seconds, cap)
+        self.fix_epochs(total)
+        self.budget_record = {
+            "minutes": cfg.budget_minutes,
+            "epoch_1_seconds": epoch_1_seconds,
+            "elapsed_after_epoch_1_seconds": round(elapsed, 1),
+            "epochs": total,
+        }
+        self.bar.update(self.epoch_task, total=total)
+        logger.info(
+            f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_1_seconds:.0f} s, so the run trains {total} epochs"
+        )
+
+    def save_checkpoints(self, row: dict, val_logits: list[np.ndarray], rng_states: list[dict]) -> None:
+        """best.pt when validation improved (with the tuned threshold and post-processing), last.pt, the history
+        and the curves, each written atomically."""
+        fields_ = self.checkpoint_fields()
+        if row["val_mean_patient_dice"] > self.best["val_mean_patient_dice"]:
+            self.save_best(row, val_logits, fields_)
+        state = {
+            "best": self.best,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_states": rng_states,
+            **({"ema_state_dict": self.ema.state_dict()} if self.ema is not None else {}),
+        }
+        save_checkpoint(
+            self.last_path, {**make_payload(self.model, self.weights_info, **fields_, weights="raw"), **state}
+        )
+        write_json_atomic(self.out / "history.json", self.history)
+        write_text_atomic(self.out / "history.csv", _history_csv(self.history))
+        plot_history(self.history, self.out / "curves.png", title=f"{self.spec.name} on {Path(self.cfg.data).name}")
+
+    def checkpoint_fields(self) -> dict:
+        cfg, dtype = self.cfg, self.compute_dtype
+        return dict(
+            model=self.spec.to_json(),
+            img_size=cfg.img_size,
+            normalization=self.normalization.to_json(),
+            threshold=cfg.threshold,
+            split=self.split.to_json(),
+            split_file=str(self.out / "split.json"),
+            data_root=str(cfg.data),
+            train_config=self.config_record,
+            augmentation=self.augment.to_json(),
+            history=self.history,
+            epoch=self.epoch,
+            schedule_epochs=self.schedule_epochs,
+            resumes=self.resumes,
+            budget=self.budget_record,
+            compute_precision=str(dtype).removeprefix("torch.") if dtype else "float32",
+        )
+
+    def save_best(self, row: dict, val_logits: list[np.ndarray], fields_: dict) -> None:
+        cfg, val_slices = self.cfg, self.val_slices
+        best = {"epoch": self.epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
+        kept_fields = dict(fields_, weights="ema" if self.ema is not None else "raw")
+        if cfg.tune_threshold:
+            logits = np.concatenate(val_logits)
+            tuning = threshold_tuning.tune(logits, val_slices.masks, val_slices.patients, cfg.threshold)
+            kept_fields.update(threshold=tuning["threshold"], threshold_tuning=tuning)
+            best.update(
+                threshold=tuning["threshold"], val_mean_patient_dice_tuned_threshold=tuning["val_mean_patient_dice"]
+            )
+        kept_fields.update(
+            _postprocess_fields(
+                cfg.postprocess, val_logits, val_slices, kept_fields["threshold"], self.train_smallest_tumor
+            )
+        )
+        best["postprocess"] = kept_fields["postprocess"]
+        tuning = kept_fields.get("postprocess_tuning")
+        if tuning and tuning["kept"]:
+            best["val_mean_patient_dice_postprocessed"] = tuning["val_mean_patient_dice_with"]
+        self.best = best
+        save_checkpoint(
+            self.best_path, {**make_payload(self.kept_model, self.weights_info, **kept_fields), "best": best}
+        )
+
+    def on_train_end(self) -> TrainResult:
+        seconds = time.perf_counter() - self.started
+        return TrainResult(self.best_path, self.last_path, self.history, self.best, seconds)
+
+
+# What a run started from a checkpoint carries over from it (encoder weights' origin, pruned layer shapes, ...).
+CARRIED_WEIGHTS_INFO = (
+    "encoder_weights",
+    "encoder_weights_sha256",
+    "dropped_modules",
+    "layer_shapes",
+    "pruning",
+    "pruned_from",
+)

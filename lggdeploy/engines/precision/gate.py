@@ -24,6 +24,7 @@ gate passes — at most `max_fallback_fraction` of the quantized nodes, past whi
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from collections.abc import Callable
@@ -33,11 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.common.errors import SearchStopped
-from lggdeploy.common.progress import console, progress_bar
+from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
 from lggdeploy.engines.precision.criteria import GateCriteria  # noqa: F401 (re-exported: gate.GateCriteria)
 from lggdeploy.metrics import confusion_counts, dice_from_counts
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -238,11 +241,11 @@ def gate_with_fallback(
     excluded fails: a reason it returns ends the search before it starts (`result.not_searched`; `optimize`'s speed
     probe) — whether `rank` is given or a caller searches on its own (QAT)."""
     if reference.predicts_no_tumor:
-        console.print(f"[bold yellow]warning:[/] {label}: {REFERENCE_EMPTY_NOTE}")
+        logger.warning(f"{label}: {REFERENCE_EMPTY_NOTE}")
     path = build([])
     result = reference.judge(run(path))
     result.attempts.append(result.summary())
-    console.print(describe(result, label))
+    logger.info(describe(result, label))
     if not result.passed and worth_searching is not None:
         result.not_searched = worth_searching(path) or ""
     if result.passed or rank is None or result.not_searched:
@@ -264,7 +267,7 @@ def gate_with_fallback(
         result = reference.judge(run(path))
         result.nodes_kept_in_float = list(kept)
         attempts.append(result.summary())
-        console.print(describe(result, label))
+        logger.info(describe(result, label))
         if result.passed or k == len(ranking):
             break
         k = min(2 * k, len(ranking))
