@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from lggdeploy.common.files import temporary_folder
-from lggdeploy.engines.build import BuildOptions, _Context, _int8_graph
+from lggdeploy.engines.build import BuildOptions, Int8Graph, _Context
 from lggdeploy.engines.formats import select_formats
 
 for profile in ("tensorrt", "cpu"):
@@ -22,7 +22,7 @@ for profile in ("tensorrt", "cpu"):
         ctx = _Context(Path("benchmarks/runs/34p/pspnet-scratch/best.pt"), opts)
         fmt = select_formats("onnxruntime", "int8", profile)[0]
         with temporary_folder(ctx.folder) as tmp:
-            graph, _, _ = _int8_graph(ctx, fmt, Path(tmp))
+            graph = Int8Graph(ctx, fmt, Path(tmp), ctx.ptq).graph
             path = Path(tmp) / f"e{fmt.suffix}"
             facts = fmt.module.build(graph([]), fmt, path, ctx.build_target(fmt))
             r = ctx.reference.judge(ctx.run_engine(path, fmt, facts))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lggdeploy.common.files import temporary_folder, write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import machine_info
-from lggdeploy.engines.build import BuildOptions, _Context, _int8_graph
+from lggdeploy.engines.build import BuildOptions, Int8Graph, _Context
 from lggdeploy.engines.formats import select_formats
 from lggdeploy.engines.precision import calibration
 from lggdeploy.engines.precision.gate import rank_by_output_effect, rank_quantized_nodes
@@ -47,7 +47,8 @@ def main() -> None:
     }
     with temporary_folder(ctx.folder) as tmp:
         work = Path(tmp)
-        graph, _, facts = _int8_graph(ctx, fmt, work)
+        source = Int8Graph(ctx, fmt, work, ctx.ptq)
+        graph, facts = source.graph, source.facts["calibration"]
         graph([])  # qdq-0.onnx, the graph both rankings read
         prepared = work / "prepared.onnx"
         started = time.perf_counter()

@@ -23,7 +23,7 @@ from lggdeploy.common.errors import BackendUnavailable, CannotWin, GateFailed, L
 from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.engines.formats import EngineFormat, install_engine, open_engine, select_formats
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
-from lggdeploy.engines.precision.gate import Outputs, Reference, run_on_slices
+from lggdeploy.engines.precision.gate import Outputs, Reference, gate_with_fallback, run_on_slices
 from lggdeploy.postprocess import PostProcess
 
 logger = logging.getLogger(__name__)
@@ -343,200 +343,252 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
     )
 
 
-def _int8_graph(ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSource):
-    """(graph(kept_nodes) -> Q/DQ ONNX, rank() -> ranking, calibration facts) for one INT8 profile."""
-    from lggdeploy.engines.precision import calibration, int8
+class FloatGraph:
+    """The FP32 export as it is (FP32, and BF16 — an execution precision of the FP32 graph), or converted to a typed
+    FP16 graph. Nothing can be kept in float: one graph, no ranking."""
 
-    recipe = int8.recipe_for(fmt.int8_profile)
-    prepared = int8.preprocess_for_quantization(source.onnx, work / f"{source.tag}prepared.onnx")
-    chosen = ctx.calibration_slices()
-    ids = calibration.slice_ids(chosen)
-    key = calibration.cache_key(source.sha256, ids, ctx.opts.calib_method, recipe.symmetric_activations)
-    cache = ctx.folder / "calibration" / f"{source.tag}{key}.json"
-    reader = calibration.make_reader(chosen, ctx.img_size, ctx.normalization)
-    cache_was_there = cache.is_file()
-    qat_ranges = None
-    if source.ranges is not None:
-        from lggdeploy.engines.precision import qat
+    tag, label = "", ""
+    rank = None
 
-        ranges = qat.conv_input_ranges(prepared, source.model, source.ranges)
-        if not cache_was_there:  # ONNX Runtime calibrates every tensor, then the convolution inputs take QAT's ranges
-            raw = work / f"{source.tag}calibrated.json"
-            int8.quantize(prepared, work / f"{source.tag}calibration.onnx", recipe, reader, ctx.opts.calib_method, raw)
-            qat.override_cache(raw, cache, ranges, recipe.symmetric_activations)
-        qat_ranges = len(ranges)
+    def __init__(self, ctx: _Context, fmt: EngineFormat, work: Path):
+        from lggdeploy.engines.precision.fp16 import FP32_OPS, convert_fp16
 
-    def graph(kept: list[str]) -> Path:
+        self.typed, self.facts = ctx.onnx, {}
+        if fmt.precision != "fp16":
+            return
+        self.typed, changed = convert_fp16(ctx.onnx, work / "fp16.onnx")
+        converter = "onnxconverter-common float16, keep_io_types"
+        self.facts["fp16"] = {"converter": converter, "kept_in_fp32_ops": FP32_OPS, **changed}
+        if changed["weights_clamped_to_fp16_range"]:
+            logger.warning(
+                f"{ctx.ckpt['model']['name']} {fmt.name}: {changed['weights_clamped_to_fp16_range']} weight array(s) "
+                f"hold values beyond the FP16 range (largest {changed['largest_clamped_value']:.3g}); they were clamped "
+                "— the gate below says whether it matters"
+            )
+
+    def graph(self, kept: list[str]) -> Path:
+        return self.typed
+
+
+class Int8Graph:
+    """A Q/DQ INT8 graph of one profile, quantized from a float source (the export: post-training; or the QAT
+    model's): `graph(kept)` with the named nodes left in float, `rank()` the nodes by their effect on the output,
+    `facts` the calibration record for the manifest."""
+
+    def __init__(
+        self, ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSource, qat_record: dict | None = None
+    ):
+        from lggdeploy.engines.precision import calibration, int8
+
+        self.ctx, self.work, self.source = ctx, work, source
+        self.tag = source.tag
+        self.label = " (QAT)" if qat_record is not None else ""
+        self.recipe = recipe = int8.recipe_for(fmt.int8_profile)
+        self.prepared = int8.preprocess_for_quantization(source.onnx, work / f"{source.tag}prepared.onnx")
+        chosen = ctx.calibration_slices()
+        ids = calibration.slice_ids(chosen)
+        key = calibration.cache_key(source.sha256, ids, ctx.opts.calib_method, recipe.symmetric_activations)
+        self.cache = ctx.folder / "calibration" / f"{source.tag}{key}.json"
+        self.reader = calibration.make_reader(chosen, ctx.img_size, ctx.normalization)
+        cache_was_there = self.cache.is_file()
+        calibration_facts = {
+            "recipe": recipe.to_json(),
+            "split": "val",
+            "method": ctx.opts.calib_method,
+            "samples": len(chosen),
+            "tumor_samples": int(chosen.tumor_slices().sum()),
+            "patients": sorted(set(chosen.patients.tolist())),
+            "slice_list_sha256": calibration.slice_list_hash(ids),
+            "cache": str(self.cache.relative_to(ctx.folder)),
+            "cache_reused": cache_was_there,
+        }
+        if source.ranges is not None:
+            calibration_facts["qat_ranges"] = self.take_qat_ranges(cache_was_there)
+        self.facts = {"calibration": calibration_facts, **({"qat": qat_record} if qat_record is not None else {})}
+
+    def take_qat_ranges(self, cache_was_there: bool) -> str:
+        """ONNX Runtime calibrates every tensor, then the convolution inputs take the ranges QAT trained with."""
+        from lggdeploy.engines.precision import int8, qat
+
+        source, tag = self.source, self.tag
+        ranges = qat.conv_input_ranges(self.prepared, source.model, source.ranges)
+        if not cache_was_there:
+            raw = self.work / f"{tag}calibrated.json"
+            calibrated = self.work / f"{tag}calibration.onnx"
+            int8.quantize(self.prepared, calibrated, self.recipe, self.reader, self.ctx.opts.calib_method, raw)
+            qat.override_cache(raw, self.cache, ranges, self.recipe.symmetric_activations)
+        return f"{len(ranges)} convolution input(s) take the range QAT trained with; the other tensors are calibrated on these slices"
+
+    def graph(self, kept: list[str]) -> Path:
+        from lggdeploy.engines.precision import int8
+
+        target = self.work / f"{self.tag}qdq-{len(kept)}.onnx"
         return int8.quantize(
-            prepared, work / f"{source.tag}qdq-{len(kept)}.onnx", recipe, reader, ctx.opts.calib_method, cache, kept
+            self.prepared, target, self.recipe, self.reader, self.ctx.opts.calib_method, self.cache, kept
         )
 
-    def rank() -> tuple[list[tuple[str, float]], dict]:
+    def rank(self) -> tuple[list[tuple[str, float]], dict]:
         from lggdeploy.engines.precision.gate import rank_by_output_effect
 
         # Always the plain Q/DQ graph of the first build, not a backend's optimized engine (ONNX Runtime fuses
         # Q/DQ pairs into QLinear ops), so every quantized node can be put back in float on its own.
-        batch, patients = ctx.ranking_batch()
-        ranked, how = rank_by_output_effect(prepared, work / f"{source.tag}qdq-0.onnx", batch, ctx.opts.threads)
+        batch, patients = self.ctx.ranking_batch()
+        first = self.work / f"{self.tag}qdq-0.onnx"
+        ranked, how = rank_by_output_effect(self.prepared, first, batch, self.ctx.opts.threads)
         return ranked, {**how, "patients": patients}
 
-    facts = {
-        "recipe": recipe.to_json(),
-        "split": "val",
-        "method": ctx.opts.calib_method,
-        "samples": len(chosen),
-        "tumor_samples": int(chosen.tumor_slices().sum()),
-        "patients": sorted(set(chosen.patients.tolist())),
-        "slice_list_sha256": calibration.slice_list_hash(ids),
-        "cache": str(cache.relative_to(ctx.folder)),
-        "cache_reused": cache_was_there,
-    }
-    if qat_ranges is not None:
-        facts["qat_ranges"] = (
-            f"{qat_ranges} convolution input(s) take the range QAT trained with; the other tensors are calibrated on these slices"
-        )
-    return graph, rank, facts
+
+def graph_sources(ctx: _Context, fmt: EngineFormat, work: Path) -> list[Callable[[], FloatGraph | Int8Graph]]:
+    """The graphs one engine may be built from, in the order they are tried, each made only when its turn comes.
+    Float precisions: one. INT8: post-training, then (--qat auto) quantization-aware; --qat off / always: one of them."""
+    if fmt.precision != "int8":
+        return [lambda: FloatGraph(ctx, fmt, work)]
+    post_training = functools.partial(Int8Graph, ctx, fmt, work, ctx.ptq)
+
+    def quantization_aware() -> Int8Graph:
+        qat_model = ctx.qat_model()
+        return Int8Graph(ctx, fmt, work, qat_model.source, qat_model.record)
+
+    mode = "off" if ctx.opts.qat_epochs == 0 else ctx.opts.qat
+    return {"off": [post_training], "auto": [post_training, quantization_aware], "always": [quantization_aware]}[mode]
 
 
 def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
     """Build, gate and (if it passes, or --force) write one engine with its manifest."""
-    from lggdeploy.engines.precision.fp16 import FP32_OPS, convert_fp16
-    from lggdeploy.engines.precision.gate import gate_with_fallback
-
-    opts = ctx.opts
     ok, reason = fmt.available()
     if not ok:
         raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
-    target = ctx.folder / fmt.filename()
-    label = f"{ctx.ckpt['model']['name']} {fmt.name}"
-    started = time.perf_counter()
-    extra: dict = {}
-    backend_facts: dict = {}
     with temporary_folder(ctx.folder) as tmp:
-        work = Path(tmp)
-        rank = None
-        if fmt.precision in ("fp32", "fp16", "bf16"):  # bf16: an execution precision of the FP32 graph
-            typed = ctx.onnx
-            if fmt.precision == "fp16":
-                typed, changed = convert_fp16(ctx.onnx, work / "fp16.onnx")
-                extra["fp16"] = {
-                    "converter": "onnxconverter-common float16, keep_io_types",
-                    "kept_in_fp32_ops": FP32_OPS,
-                    **changed,
-                }
-                if changed["weights_clamped_to_fp16_range"]:
-                    logger.warning(
-                        f"{label}: {changed['weights_clamped_to_fp16_range']} weight array(s) hold values beyond the FP16 range "
-                        f"(largest {changed['largest_clamped_value']:.3g}); they were clamped — the gate below says whether it matters"
-                    )
+        return _EngineBuild(ctx, fmt, Path(tmp)).run()
 
-            def graph(kept: list[str]) -> Path:  # nothing to keep in float: one graph per precision
-                return typed
 
-        elif opts.qat != "always" or opts.qat_epochs == 0:
-            graph, rank, extra["calibration"] = _int8_graph(ctx, fmt, work, ctx.ptq)
+class _EngineBuild:
+    """One engine: its graph sources tried in turn — each one but the last as it comes (fully quantized), the last
+    searched with nodes put back in float while the gate fails — then the passing engine installed with its manifest."""
 
-        sources: dict[Path, Path] = {}  # candidate engine -> the graph it was built from
+    def __init__(self, ctx: _Context, fmt: EngineFormat, work: Path):
+        self.ctx, self.fmt, self.work = ctx, fmt, work
+        self.label = f"{ctx.ckpt['model']['name']} {fmt.name}"
+        self.target = ctx.folder / fmt.filename()
+        self.graphs: dict[Path, Path] = {}  # candidate engine -> the graph it was built from
+        self.backend_facts: dict = {}
+        self.extra: dict = {}
+        self.started = time.perf_counter()
 
-        def build(kept: list[str]) -> Path:
-            candidate = work / f"engine-{tag}{len(kept)}{fmt.suffix}"
-            sources[candidate] = graph(kept)
-            backend_facts.update(fmt.module.build(sources[candidate], fmt, candidate, ctx.build_target(fmt)))
-            return candidate
-
-        def run(p: Path):
-            return ctx.run_engine(p, fmt, backend_facts)
-
-        def out_of_time() -> bool:
-            return opts.deadline is not None and time.monotonic() > opts.deadline
-
-        def worth_searching(p: Path) -> str | None:
-            return opts.worth_searching(functools.partial(ctx.open_candidate, p, fmt, backend_facts), ctx.val_batch)
-
-        def cannot_win(gate) -> CannotWin:
-            return CannotWin(
-                f"{label}: not searched — {gate.not_searched}; it failed the accuracy gate fully quantized "
-                f"({'; '.join(gate.failures())}); no engine written",
-                gate=ctx.gate_record(gate),
-            )
-
-        probe = (
-            worth_searching if fmt.precision == "int8" and opts.worth_searching is not None and not opts.force else None
+    def run(self) -> dict:
+        path, gate = self.search()
+        if not gate.passed and not self.ctx.opts.force:
+            raise self.gate_failed(gate)
+        manifest = self.install(path, gate)
+        logger.info(
+            f"built {self.target} ({manifest['build_seconds']:.1f} s, "
+            f"gate {'passed' if gate.passed else 'FAILED (forced)'})"
         )
-        tag = ""
-        gate = None
-        qat_mode = "off" if opts.qat_epochs == 0 else opts.qat
-        if fmt.precision == "int8" and qat_mode != "off":
-            if qat_mode == "auto":  # post-training INT8 first, as is; QAT only when that fails
-                path, gate = gate_with_fallback(
-                    ctx.reference, build, run, None, f"{label} (post-training)", worth_searching=probe
-                )
-                probe = None  # asked once, of the first fully quantized engine
-                if gate.not_searched:
-                    raise cannot_win(gate)
-                if not gate.passed:
-                    extra["post_training_gate"] = gate.summary()
-                    logger.info(
-                        f"{label}: post-training INT8 failed its gate; quantization-aware fine-tuning ({opts.qat_epochs} epoch(s), --qat off to skip)"
-                    )
-            if gate is None or not gate.passed:
-                if out_of_time():
-                    raise SearchStopped(
-                        f"{label}: --budget-minutes ran out before quantization-aware fine-tuning (post-training INT8 failed its gate); "
-                        "no engine written: rerun with a larger --budget-minutes to continue"
-                    )
-                qat_model = ctx.qat_model()
-                tag = "qat-"
-                graph, rank, extra["calibration"] = _int8_graph(ctx, fmt, work, qat_model.source)
-                extra["qat"] = qat_model.record
-                gate = None
-        if gate is None:
+        return {**manifest, "engine": str(self.target)}
+
+    def search(self):
+        opts = self.ctx.opts
+        sources = graph_sources(self.ctx, self.fmt, self.work)
+        asks_probe = self.fmt.precision == "int8" and opts.worth_searching is not None and not opts.force
+        probe = self.worth_searching if asks_probe else None  # asked once, of the first fully quantized engine
+        for turn, make_source in enumerate(sources):
+            last = turn == len(sources) - 1
+            if turn:
+                self.stop_if_out_of_time()
+            source = make_source()
+            label = self.label + (source.label or ("" if last else " (post-training)"))
             path, gate = gate_with_fallback(
-                ctx.reference,
-                build,
-                run,
-                rank,
-                label + (" (QAT)" if tag else ""),
-                out_of_time=out_of_time,
+                self.ctx.reference,
+                functools.partial(self.build, source),
+                self.run_engine,
+                source.rank if last else None,
+                label,
+                out_of_time=self.out_of_time,
                 worth_searching=probe,
             )
+            probe = None
             if gate.not_searched:
-                raise cannot_win(gate)
-        if not gate.passed and not opts.force:
-            raise GateFailed(
-                f"{label}: failed the accuracy gate on {len(gate.per_patient)} val patients ({'; '.join(gate.failures())}) "
-                f"even with {len(gate.nodes_kept_in_float)} node(s) kept in float; no engine written "
-                + (
-                    "(try more --qat-epochs, --calib-method, or --force to keep it marked as failed)"
-                    if fmt.precision == "int8"
-                    else "(--force keeps it, marked as failed)"
-                ),
-                gate=ctx.gate_record(gate),
+                raise self.cannot_win(gate)
+            self.extra.update(source.facts)
+            if gate.passed or last:
+                return path, gate
+            self.extra["post_training_gate"] = gate.summary()
+            logger.info(
+                f"{self.label}: post-training INT8 failed its gate; quantization-aware fine-tuning "
+                f"({opts.qat_epochs} epoch(s), --qat off to skip)"
             )
+        raise AssertionError("graph_sources returned no source")
+
+    def build(self, source, kept: list[str]) -> Path:
+        candidate = self.work / f"engine-{source.tag}{len(kept)}{self.fmt.suffix}"
+        self.graphs[candidate] = source.graph(kept)
+        target = self.ctx.build_target(self.fmt)
+        self.backend_facts.update(self.fmt.module.build(self.graphs[candidate], self.fmt, candidate, target))
+        return candidate
+
+    def run_engine(self, path: Path):
+        return self.ctx.run_engine(path, self.fmt, self.backend_facts)
+
+    def out_of_time(self) -> bool:
+        deadline = self.ctx.opts.deadline
+        return deadline is not None and time.monotonic() > deadline
+
+    def stop_if_out_of_time(self) -> None:
+        if self.out_of_time():
+            raise SearchStopped(
+                f"{self.label}: --budget-minutes ran out before quantization-aware fine-tuning (post-training INT8 "
+                "failed its gate); no engine written: rerun with a larger --budget-minutes to continue"
+            )
+
+    def worth_searching(self, path: Path) -> str | None:
+        ctx = self.ctx
+        opened = functools.partial(ctx.open_candidate, path, self.fmt, self.backend_facts)
+        return ctx.opts.worth_searching(opened, ctx.val_batch)
+
+    def cannot_win(self, gate) -> CannotWin:
+        return CannotWin(
+            f"{self.label}: not searched — {gate.not_searched}; it failed the accuracy gate fully quantized "
+            f"({'; '.join(gate.failures())}); no engine written",
+            gate=self.ctx.gate_record(gate),
+        )
+
+    def gate_failed(self, gate) -> GateFailed:
+        what_next = (
+            "(try more --qat-epochs, --calib-method, or --force to keep it marked as failed)"
+            if self.fmt.precision == "int8"
+            else "(--force keeps it, marked as failed)"
+        )
+        return GateFailed(
+            f"{self.label}: failed the accuracy gate on {len(gate.per_patient)} val patients "
+            f"({'; '.join(gate.failures())}) even with {len(gate.nodes_kept_in_float)} node(s) kept in float; "
+            f"no engine written {what_next}",
+            gate=self.ctx.gate_record(gate),
+        )
+
+    def install(self, path: Path, gate) -> dict:
+        """The engine and its manifest into place atomically; an INT8 engine that is not itself the plain Q/DQ graph
+        gets that graph beside it (the portable twin OpenVINO, TensorRT's parser and ONNX Runtime anywhere read)."""
         twin = None
         engine_sha = sha256_file(path)
-        if fmt.precision == "int8":
-            # The portable twin: the plain Q/DQ graph before any runtime's own optimization, which OpenVINO,
-            # TensorRT's parser and ONNX Runtime anywhere can read. Kept beside an engine that is not itself plain.
-            plain = sources[path]
+        if self.fmt.precision == "int8":
+            plain = self.graphs[path]
             if sha256_file(plain) == engine_sha:
-                extra["portable_qdq"] = {
-                    "file": target.name,
-                    "sha256": engine_sha,
-                    "note": "the engine is itself the plain Q/DQ graph",
-                }
+                note = "the engine is itself the plain Q/DQ graph"
+                self.extra["portable_qdq"] = {"file": self.target.name, "sha256": engine_sha, "note": note}
             else:
-                twin = target.with_name(f"{target.stem}.qdq.onnx")
-                extra["portable_qdq"] = {
-                    "file": twin.name,
-                    "sha256": sha256_file(plain),
-                    "note": "plain Q/DQ ONNX before the runtime's optimization: for OpenVINO, TensorRT, ONNX Runtime elsewhere",
-                }
-        seconds = time.perf_counter() - started
-        manifest = {**_manifest(ctx, fmt, gate, seconds, extra), **backend_facts, "sha256": engine_sha}
-        install_engine(path, target, manifest, [(sources[path], twin)] if twin is not None else [])
-    logger.info(f"built {target} ({seconds:.1f} s, gate {'passed' if gate.passed else 'FAILED (forced)'})")
-    return {**manifest, "engine": str(target)}
+                twin = self.target.with_name(f"{self.target.stem}.qdq.onnx")
+                note = (
+                    "plain Q/DQ ONNX before the runtime's optimization: for OpenVINO, TensorRT, ONNX Runtime elsewhere"
+                )
+                self.extra["portable_qdq"] = {"file": twin.name, "sha256": sha256_file(plain), "note": note}
+        seconds = time.perf_counter() - self.started
+        manifest = {
+            **_manifest(self.ctx, self.fmt, gate, seconds, self.extra),
+            **self.backend_facts,
+            "sha256": engine_sha,
+        }
+        install_engine(path, self.target, manifest, [(self.graphs[path], twin)] if twin is not None else [])
+        return manifest
 
 
 def _manifest(ctx: _Context, fmt: EngineFormat, gate, seconds: float, extra: dict) -> dict:
