@@ -43,7 +43,7 @@ $(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
 
 # The docs site: a broken link or a page missing from the nav fails the build.
 docs: $(VENV)/.docs-installed
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) demo runs
