@@ -723,6 +723,11 @@ def bench_cmd(
     warmup: int = typer.Option(3),
     threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
     fmt: str = typer.Option("table", "--format", help="table, md, csv or json on screen"),
+    wide: bool = typer.Option(
+        False,
+        "--wide",
+        help="every column on screen (latency spread, end-to-end, IoU, per-slice Dice, ...); the files always hold them all",
+    ),
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="write bench.json/md/csv and the plots here"),
 ):
     """Latency beside per-patient Dice/IoU/accuracy for every engine, with the PyTorch FP32 reference."""
@@ -752,7 +757,7 @@ def bench_cmd(
         )
     )
     if fmt == "table":
-        out.print(rich_table(results))
+        out.print(rich_table(results, wide=wide))
     elif fmt == "md":
         print_machine_text(markdown(results))
     elif fmt == "csv":

@@ -1,4 +1,4 @@
-"""Bench figures: speed vs accuracy (Pareto front, models by marker, precisions by colour) and speed-up bars."""
+"""Bench figures: speed vs accuracy (one panel per model, its Pareto front, precisions by colour) and speed-up bars."""
 
 from __future__ import annotations
 
@@ -27,43 +27,20 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     if not scored:
         return paths
     models = sorted({r["model"] for r in scored})
-    markers = dict(zip(models, "osD^v<>"))
-    colours = {"fp32": "tab:blue", "fp16": "tab:orange", "int8": "tab:green"}
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    points = [(r["latency"][large]["p50_ms_per_image"], r["mean_patient_dice"]) for r in scored]
-    order = sorted(range(len(points)), key=lambda i: points[i])
-    for rank, i in enumerate(order):  # stagger labels so neighbouring points stay readable
-        r, (x, y) = scored[i], points[i]
-        edge = "black" if r["backend"] == "torch" else "none"
-        ax.scatter(
-            x,
-            y,
-            marker=markers[r["model"]],
-            s=90,
-            c=colours.get(r["precision"], "grey"),
-            edgecolors=edge,
-            linewidths=1.5,
-            zorder=3,
-        )
-        ax.annotate(short_name(r), (x, y), textcoords="offset points", xytext=(6, -12 + 10 * (rank % 3)), fontsize=7)
-    front = pareto_front(points)
-    ax.plot(
-        [points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey", zorder=2, label="Pareto front"
-    )
-    for model in models:
-        ax.scatter([], [], marker=markers[model], c="white", edgecolors="black", label=model)
-    for precision, colour in colours.items():
-        ax.scatter([], [], marker="s", c=colour, label=precision)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel(f"latency per image, ms (median, batch {large}, log scale) — lower is faster")
-    ax.set_ylabel(f"mean per-patient Dice ({results['options']['split']} split) — higher is better")
-    ax.set_title("speed vs accuracy (black edge: PyTorch FP32 reference)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    colours = {"fp32": "tab:blue", "fp16": "tab:orange", "bf16": "tab:purple", "int8": "tab:green"}
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models) + 1, 5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        _speed_accuracy_panel(ax, [r for r in scored if r["model"] == model], large, colours)
+        ax.set_title(model)
+    axes[0][0].set_ylabel(f"mean per-patient Dice ({results['options']['split']} split) — higher is better")
+    handles = [plt.Line2D([], [], ls="--", color="grey", label="Pareto front")]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in colours.items()]
+    handles += [
+        plt.Line2D([], [], ls="", marker="o", mfc="white", mec="black", mew=1.5, label="PyTorch FP32 reference")
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"speed vs accuracy, one panel per model (latency: median per image at batch {large})")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     paths.append(_save(fig, out_dir / "speed_accuracy.png"))
     plt.close(fig)
 
@@ -85,6 +62,48 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         paths.append(_save(fig, out_dir / "speedup.png"))
         plt.close(fig)
     return paths
+
+
+def _speed_accuracy_panel(ax, rows: list[dict], large: str, colours: dict) -> None:
+    """One model's engines: latency against Dice, its Pareto front, labels placed so that none overlaps another."""
+    import matplotlib.ticker
+
+    points = [(r["latency"][large]["p50_ms_per_image"], r["mean_patient_dice"]) for r in rows]
+    for r, (x, y) in zip(rows, points):
+        reference = r["backend"] == "torch"
+        ax.scatter(
+            x, y, s=80, zorder=3, c="white" if reference else colours.get(r["precision"], "grey"),
+            edgecolors="black" if reference else "none", linewidths=1.5,
+        )  # fmt: skip
+    front = sorted(points[i] for i in pareto_front(points))
+    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", zorder=2)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.margins(x=0.25, y=0.15)
+    ax.set_xlabel("ms per image (log scale) — lower is faster")
+    ax.grid(alpha=0.3, which="both")
+    _place_labels(ax, points, [short_name(r) for r in rows])
+
+
+def _place_labels(ax, points: list[tuple[float, float]], labels: list[str], step_px: float = 11.0) -> None:
+    """Each label right of its point, moved up (with a leader line) until it clears every label placed before it."""
+    ax.figure.canvas.draw()  # fixes the limits, so data -> pixel transforms hold
+    pixels = ax.transData.transform(points)
+    to_points = 72.0 / ax.figure.dpi
+    placed: list[tuple[float, float]] = []
+    for i in sorted(range(len(points)), key=lambda i: (pixels[i][1], pixels[i][0])):
+        x, y = pixels[i]
+        target = y
+        while any(abs(target - py) < step_px and abs(x - px) < 110 for px, py in placed):
+            target += step_px
+        placed.append((x, target))
+        moved = target != y
+        ax.annotate(
+            labels[i], points[i], textcoords="offset points", xytext=(7, (target - y) * to_points - 3), fontsize=7,
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"} if moved else None,
+        )  # fmt: skip
 
 
 def _save(fig, path: Path) -> Path:

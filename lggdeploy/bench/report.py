@@ -143,25 +143,40 @@ def csv_text(results: dict) -> str:
     return csv_table(flat_rows(results))
 
 
-def rich_table(results: dict):
+def _compact_rows(rows: list[dict], small: str, large: str) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The columns a newcomer reads first (as Ultralytics' benchmark prints them): what, how fast, how accurate."""
+    for r in rows:
+        delta, n = r.get("delta_dice_points"), r.get("patients")
+        r["delta_with_n"] = None if delta is None else f"{delta:+.2f} (n={n})"
+    columns = [
+        ("model", "model"),
+        ("engine", "engine"),
+        (f"p50_ms_b{small}", f"ms b{small}"),
+        (f"p50_ms_per_image_b{large}", f"ms/img b{large}"),
+        (f"speedup_b{large}", f"speed-up b{large}"),
+        ("mean_patient_dice", "Dice/patient"),
+        ("delta_with_n", "ΔDice pts (n)"),
+    ]
+    if any(r["status"] != "ok" for r in rows):
+        columns.append(("status", "status"))
+    return rows, columns
+
+
+def rich_table(results: dict, wide: bool = False):
+    """The screen table: compact by default (model, engine, ms at the smallest batch, ms per image at the largest,
+    speed-up, Dice per patient, ΔDice with its n); `wide`: every column of bench.md."""
     rows = flat_rows(results)
-    hidden = {
-        "median_patient_dice",
-        "slice_dice_study_style",
-        "global_dice",
-        "pixel_accuracy",
-        "file_mb",
-        "mean_patient_iou",
-        "postprocess",
-    }
-    if all(r["status"] == "ok" for r in rows):
-        hidden.add("status")
-    keep = [k for k in rows[0] if not k.startswith(("p99", "iqr", "images_per_s", "e2e")) and k not in hidden]
+    batches = results["options"]["batch_sizes"]
+    small, large = str(min(batches)), str(max(batches))
+    if wide:
+        columns = [(k, header(k)) for k in rows[0]]
+    else:
+        rows, columns = _compact_rows(rows, small, large)
     short = {"onnxruntime": "ort", " profile)": ")", " [reference]": " (ref)"}
     for r in rows:
         for long, brief in short.items():
             r["engine"] = r["engine"].replace(long, brief)
-    return _rich_table(rows, [(k, header(k)) for k in keep], title="lggdeploy bench: speed and per-patient accuracy")
+    return _rich_table(rows, columns, title="lggdeploy bench: speed and per-patient accuracy")
 
 
 def write_all(results: dict, out_dir: str | os.PathLike) -> list[Path]:

@@ -47,7 +47,7 @@ def rich_table(rows: list[dict], columns: list[tuple[str, str]], title: str = ""
 
     table = Table(title=title or None)
     for key, header in columns:
-        table.add_column(header, justify="left" if key in LEFT else "right")
+        table.add_column(header, justify="left" if key in LEFT else "right", no_wrap=key == "model")
     for row in rows:
         table.add_row(*(fmt(row.get(key), key) for key, _ in columns))
     return table
