@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -15,6 +15,38 @@ from lggdeploy.postprocess import LARGEST, PostProcess
 
 class NonFiniteOutput(ValueError):
     """The engine produced NaN or Inf logits: it must be flagged, not scored."""
+
+
+def infer_batches(
+    runner, images: np.ndarray, img_size: int, normalization: Normalization, batch_size: int = 16
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """The one batch-inference loop (eval, the gate, bench, pack and the runtime): uint8 slices (N, 256, 256, 3) in
+    batches, preprocessed as the model was trained, through any Runner; yields (which slices, logits), each batch
+    checked finite (NonFiniteOutput names the slices otherwise)."""
+    for start in range(0, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        logits = runner.infer(preprocess(images[start:stop], img_size, normalization))
+        if not np.isfinite(logits).all():
+            raise NonFiniteOutput(f"non-finite logits (NaN/Inf) in slices {start}..{stop - 1}")
+        yield slice(start, stop), logits
+
+
+def segment(
+    runner,
+    images: np.ndarray,
+    img_size: int,
+    normalization: Normalization,
+    threshold: float,
+    postprocess: PostProcess,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Masks at native size for a stack of uint8 slices, post-processed as one volume: what a deployment computes
+    end to end (bench times exactly this)."""
+    masks = [
+        logits_to_masks(out, threshold=threshold)
+        for _, out in infer_batches(runner, images, img_size, normalization, batch_size)
+    ]
+    return postprocess.apply(np.concatenate(masks))
 
 
 def score_runner(
@@ -45,18 +77,14 @@ def score_runner(
     kept: list[np.ndarray] = []
     with progress_bar(show_progress) as bar:
         task = bar.add_task(description, total=len(slices), info="")
-        for start in range(0, len(slices), batch_size):
-            stop = min(start + batch_size, len(slices))
-            logits = runner.infer(preprocess(slices.images[start:stop], img_size, normalization))
-            if not np.isfinite(logits).all():
-                raise NonFiniteOutput(f"non-finite logits (NaN/Inf) in slices {start}..{stop - 1}")
+        for batch, logits in infer_batches(runner, slices.images, img_size, normalization, batch_size):
             masks = logits_to_masks(logits, threshold=threshold)
-            scores.add(masks, slices.masks[start:stop], slices.patients[start:stop])
+            scores.add(masks, slices.masks[batch], slices.patients[batch])
             if largest_component or postprocess:
                 kept.append(masks)
             if on_logits:
-                on_logits(logits, slice(start, stop))
-            bar.advance(task, stop - start)
+                on_logits(logits, batch)
+            bar.advance(task, len(logits))
     summary = scores.summary()
     predicted = np.concatenate(kept) if kept else None
     if postprocess:

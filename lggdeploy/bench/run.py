@@ -27,10 +27,11 @@ from lggdeploy.bench.stats import latency_summary, paired_summary
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import sha256_file
 from lggdeploy.common.progress import progress_bar
-from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
+from lggdeploy.data.transforms import Normalization, preprocess
 from lggdeploy.engines.formats import discover, format_of, manifest_path, open_engine, read_manifest
 from lggdeploy.postprocess import PostProcess
 from lggdeploy.runtime.segmenter import stored_postprocess
+from lggdeploy.scoring import NonFiniteOutput, score_runner, segment
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,6 @@ def interleaved_times(
 
 def run_bench(opts: BenchOptions) -> dict:
     from lggdeploy.common.machine import machine_info
-    from lggdeploy.scoring import NonFiniteOutput, score_runner
 
     validate(opts)
     threads = RunOptions(threads=opts.threads).cpu_threads()
@@ -347,9 +347,7 @@ def run_bench(opts: BenchOptions) -> dict:
             runs = []
             for _ in range(5):
                 t0 = time.perf_counter()
-                postprocess.apply(
-                    logits_to_masks(e.runner.infer(preprocess(batch, size, norm)), threshold=e.manifest["threshold"])
-                )
+                segment(e.runner, batch, size, norm, e.manifest["threshold"], postprocess, batch_size=b)
                 runs.append(time.perf_counter() - t0)
             e.end_to_end_ms_per_image[b] = float(np.median(runs) * 1000 / b)
     for e in entries:

@@ -38,17 +38,14 @@ DEFAULT_SAMPLES = 16  # about 2 MB of verification data: small enough to ship, o
 
 def _reference(ckpt: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The FP32 PyTorch model's logits (model resolution) and masks (native 256) on `images`."""
-    from lggdeploy.data.transforms import logits_to_masks, preprocess
+    from lggdeploy.data.transforms import logits_to_masks
     from lggdeploy.models.checkpoint import model_from_checkpoint, normalization_of
     from lggdeploy.models.torch_runner import TorchRunner
+    from lggdeploy.scoring import infer_batches
 
     runner = TorchRunner(model_from_checkpoint(ckpt))
-    logits = np.concatenate(
-        [
-            runner.infer(preprocess(images[i : i + 8], ckpt["img_size"], normalization_of(ckpt)))
-            for i in range(0, len(images), 8)
-        ]
-    )
+    batches = infer_batches(runner, images, ckpt["img_size"], normalization_of(ckpt), batch_size=8)
+    logits = np.concatenate([out for _, out in batches])
     return logits, logits_to_masks(logits, threshold=ckpt["threshold"])
 
 

@@ -31,9 +31,10 @@ import numpy as np
 
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.common.errors import EngineError, LggError
-from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, preprocess, sigmoid
+from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, sigmoid
 from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.postprocess import LARGEST, PostProcess
+from lggdeploy.scoring import NonFiniteOutput, infer_batches
 
 INPUT_SHAPE = (256, 256, 3)
 
@@ -112,14 +113,13 @@ class Segmenter:
             raise LggError(f"expected uint8 slices, got {slices.dtype}")
         masks = np.empty((len(slices), *INPUT_SHAPE[:2]), bool)
         probabilities = np.empty((len(slices), *INPUT_SHAPE[:2]), np.float32)
-        for start in range(0, len(slices), batch_size):
-            stop = min(start + batch_size, len(slices))
-            logits = self.runner.infer(preprocess(slices[start:stop], self.img_size, self.normalization))
-            if not np.isfinite(logits).all():
-                raise EngineError(f"{self.path}: the engine produced NaN/Inf; do not trust this engine")
-            native = native_logits(logits, INPUT_SHAPE[0])
-            probabilities[start:stop] = sigmoid(native)
-            masks[start:stop] = logits_to_masks(native, INPUT_SHAPE[0], self.threshold)
+        try:
+            for batch, logits in infer_batches(self.runner, slices, self.img_size, self.normalization, batch_size):
+                native = native_logits(logits, INPUT_SHAPE[0])
+                probabilities[batch] = sigmoid(native)
+                masks[batch] = logits_to_masks(native, INPUT_SHAPE[0], self.threshold)
+        except NonFiniteOutput:
+            raise EngineError(f"{self.path}: the engine produced NaN/Inf; do not trust this engine") from None
         rule = PostProcess(LARGEST) if largest_component else (self.postprocess if postprocess is None else postprocess)
         if rule.active:
             kept = rule.apply(masks)

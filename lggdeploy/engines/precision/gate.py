@@ -36,7 +36,7 @@ import numpy as np
 from lggdeploy.common.errors import SearchStopped
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
-from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
+from lggdeploy.data.transforms import Normalization, logits_to_masks
 from lggdeploy.engines.precision.criteria import GateCriteria  # noqa: F401 (re-exported: gate.GateCriteria)
 from lggdeploy.metrics import confusion_counts, dice_from_counts
 
@@ -60,15 +60,12 @@ def run_on_slices(
     label: str,
     batch_size: int = 16,
 ) -> Outputs:
-    from lggdeploy.scoring import NonFiniteOutput
+    from lggdeploy.scoring import infer_batches
 
     logits, masks = [], []
     with progress_bar() as bar:
         task = bar.add_task(f"gate {label}", total=len(slices), info="")
-        for start in range(0, len(slices), batch_size):
-            out = runner.infer(preprocess(slices.images[start : start + batch_size], img_size, normalization))
-            if not np.isfinite(out).all():
-                raise NonFiniteOutput(f"non-finite logits (NaN/Inf) in gate slices {start}..{start + len(out) - 1}")
+        for _, out in infer_batches(runner, slices.images, img_size, normalization, batch_size):
             logits.append(out[:, 0].astype(np.float32))
             masks.append(logits_to_masks(out, threshold=threshold))
             bar.advance(task, len(out))
