@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from lggdeploy.backends.base import describe_backends
 from lggdeploy.common.errors import GateFailed, LggError
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA as CRITERIA
 from lggdeploy.engines.precision.criteria import HELP as GATE_HELP
@@ -488,7 +489,7 @@ def build_cmd(
         ..., help="one or more checkpoints, or one bundle from `lggdeploy pack` (build on this device)"
     ),
     precision: str = typer.Option("fp32", help="fp32, fp16, int8 or all"),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime or openvino (CPU), tensorrt (NVIDIA GPU)"),
+    backend: str = typer.Option("onnxruntime", help=f"the backend: {describe_backends()}"),
     int8_profile: str | None = typer.Option(
         None,
         help="cpu, tensorrt or openvino (default: cpu for onnxruntime, tensorrt for tensorrt, openvino for openvino)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lggdeploy.backends.base import BACKENDS, availability
 from lggdeploy.common.machine import machine_info
-from lggdeploy.engines.formats import FORMATS
+from lggdeploy.engines.formats import all_formats
 
 
 def report() -> dict:
@@ -14,7 +14,7 @@ def report() -> dict:
     backends = []
     for name in BACKENDS:
         ok, detail = availability(name)
-        formats = ", ".join(f.name.removeprefix(name + "-") for f in FORMATS if f.backend == name)
+        formats = ", ".join(f.name.removeprefix(name + "-") for f in all_formats() if f.backend == name)
         backends.append({"backend": name, "usable": "yes" if ok else "no", "formats": formats, "detail": detail})
     ok, detail = torch_available()
     backends.append(

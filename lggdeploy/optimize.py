@@ -45,13 +45,22 @@ from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
 logger = logging.getLogger(__name__)
 
 
-LADDER = (
-    ("onnxruntime", "fp32"),
-    ("openvino", "fp32"),
-    ("openvino", "bf16"),
-    ("onnxruntime", "int8"),
-    ("openvino", "int8"),
-)
+LADDER_PRECISIONS = ("fp32", "bf16", "int8")  # FP16 is no CPU precision: emulated, slower than FP32
+
+
+def cpu_ladder() -> tuple[tuple[str, str], ...]:
+    """Every CPU backend's FP32, BF16 and INT8 rungs, precision by precision (backends/base.py's rows)."""
+    from lggdeploy.backends.base import BACKENDS, cpu_backends
+
+    return tuple(
+        (backend, precision)
+        for precision in LADDER_PRECISIONS
+        for backend in cpu_backends()
+        if precision in BACKENDS[backend].precisions
+    )
+
+
+LADDER = cpu_ladder()
 
 
 @dataclass
@@ -198,13 +207,9 @@ def engine_label(candidate: dict) -> str:
 
 
 def _available(backend: str, precision: str) -> tuple[bool, str]:
-    from lggdeploy.backends.base import availability, backend_module
+    from lggdeploy.engines.formats import select_formats
 
-    ok, reason = availability(backend)
-    if not ok:
-        return ok, reason
-    check = getattr(backend_module(backend), "cpu_supports", None)
-    return check(precision) if check else (True, "")
+    return select_formats(backend, precision)[0].usable()
 
 
 def _pruned(checkpoint: Path, ratio: float, opts: OptimizeOptions) -> Path:

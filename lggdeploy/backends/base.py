@@ -1,12 +1,17 @@
 """The Runner protocol every deployment backend implements (Polygraphy's runners, MMDeploy's wrappers).
 
-A backend module (one file in this package, named in BACKENDS) provides:
+A backend is one module in this package plus one row of BACKENDS (what it is called, its engine file suffix,
+where it runs, the precisions and INT8 profiles it builds). The formats table (engines/formats.py), `build`,
+`bench`, `optimize`'s ladder (CPU backends), `doctor` and the CLI's help all read that row. The module provides
+(CONTRACT, checked by check_backend_module and tests/test_architecture.py):
 
-    is_available() -> (bool, reason)
-    build(onnx_path, fmt, target, options: BuildTarget) -> dict     engine file + facts for the manifest
+    is_available() -> (bool, reason)                                  reason: the version, or why not
+    supports(precision) -> (bool, reason)                             on this machine (e.g. BF16 needs AVX512-BF16)
+    build(onnx_path, fmt, target, options: BuildTarget) -> dict       engine file + facts for the manifest
     load(path, manifest, options: RunOptions) -> Runner
 
-and a Runner has infer(batch: float32 NCHW, already preprocessed) -> float32 logits (N, 1, H, W), and close().
+and a Runner has infer(batch: float32 NCHW, already preprocessed) -> float32 logits (N, 1, H, W) and close(), and is
+a context manager (RunnerBase gives it `with`). docs/adding-a-backend.md walks through adding one.
 The gate, bench and the runtime open engines only through `lggdeploy.engines.formats.open_engine`, which
 asks this protocol, so they cannot drift apart. No torch here.
 """
@@ -17,17 +22,43 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lggdeploy.common.errors import BackendUnavailable, LggError
 
-BACKENDS = {
-    "onnxruntime": "lggdeploy.backends.onnxruntime",
-    "tensorrt": "lggdeploy.backends.tensorrt",
-    "openvino": "lggdeploy.backends.openvino",
-}
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend's row: everything the rest of lggdeploy needs to know about it besides its module's functions."""
+
+    name: str
+    module: str  # the module that builds and loads its engines
+    suffix: str  # engine file suffix
+    device: str  # "cpu" or "gpu": optimize's CPU ladder takes the CPU backends
+    precisions: tuple[str, ...]  # in the order `build --precision all` builds them
+    int8_profiles: tuple[
+        str, ...
+    ] = ()  # Q/DQ placements it builds (engines/precision/int8.py); the first is its default
+    install: str = ""  # the pip line that makes it available
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("onnxruntime", "lggdeploy.backends.onnxruntime", ".onnx", "cpu", ("fp32", "fp16", "int8"), ("cpu", "tensorrt"), "pip install lggdeploy"),
+        BackendSpec("tensorrt", "lggdeploy.backends.tensorrt", ".plan", "gpu", ("fp32", "fp16", "int8"), ("tensorrt",), "pip install 'lggdeploy[tensorrt]'"),
+        BackendSpec("openvino", "lggdeploy.backends.openvino", ".onnx", "cpu", ("fp32", "bf16", "int8"), ("openvino", "cpu"), "pip install 'lggdeploy[openvino]'"),
+    )
+}  # fmt: skip
+CONTRACT = ("is_available", "supports", "build", "load")
+
+
+def register_backend(spec: BackendSpec) -> None:
+    """Add (or replace) a backend row at run time: a plug-in backend outside this package, or a test's fake."""
+    BACKENDS[spec.name] = spec
 
 
 @runtime_checkable
@@ -35,6 +66,19 @@ class Runner(Protocol):
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
     def close(self) -> None: ...
+
+
+class RunnerBase:
+    """What every Runner shares: `with load(...) as runner:` closes it on the way out."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -68,7 +112,22 @@ class BuildTarget:
 def backend_module(name: str):
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    return importlib.import_module(BACKENDS[name])
+    return importlib.import_module(BACKENDS[name].module)
+
+
+def check_backend_module(name: str) -> list[str]:
+    """What backend `name`'s module lacks of CONTRACT (empty when complete)."""
+    module = backend_module(name)
+    return [f for f in CONTRACT if not callable(getattr(module, f, None))]
+
+
+def cpu_backends() -> list[str]:
+    return [name for name, spec in BACKENDS.items() if spec.device == "cpu"]
+
+
+def describe_backends() -> str:
+    """For the CLI's help: 'onnxruntime (cpu), tensorrt (gpu), ...'."""
+    return ", ".join(f"{name} ({spec.device})" for name, spec in BACKENDS.items())
 
 
 def availability(name: str) -> tuple[bool, str]:

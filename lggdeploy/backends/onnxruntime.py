@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.backends.base import BuildTarget, RunOptions
+from lggdeploy.backends.base import BuildTarget, RunnerBase, RunOptions
 from lggdeploy.common.errors import EngineError
 
 CPU = "CPUExecutionProvider"
@@ -25,6 +25,11 @@ def is_available() -> tuple[bool, str]:
     except ImportError:
         return False, "onnxruntime is not installed (pip install onnxruntime)"
     return True, f"onnxruntime {ort.__version__}, providers {', '.join(ort.get_available_providers())}"
+
+
+def supports(precision: str) -> tuple[bool, str]:
+    """Every precision of its row runs on any CPU (FP16 and INT8 may run slower than FP32 where the ISA lacks them)."""
+    return True, ""
 
 
 def session_options(threads: int, spin: bool = True):
@@ -57,7 +62,7 @@ def build(onnx_path: str | Path, fmt, target: str | Path, options: BuildTarget) 
     }
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(RunnerBase):
     def __init__(self, path, providers: list[str], threads: int, spin: bool = True):
         import onnxruntime as ort
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.backends.base import BuildTarget, RunOptions
+from lggdeploy.backends.base import BuildTarget, RunnerBase, RunOptions
 from lggdeploy.common.errors import EngineError
 
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the Q/DQ nodes decide; see precision_hint
@@ -42,7 +42,7 @@ def is_available() -> tuple[bool, str]:
     return True, f"openvino {ov.__version__.split('-')[0]}"
 
 
-def cpu_supports(precision: str) -> tuple[bool, str]:
+def supports(precision: str) -> tuple[bool, str]:
     """BF16 needs AVX512-BF16 or AMX (OpenVINO would silently run f32 elsewhere): say so instead."""
     if precision != "bf16":
         return True, ""
@@ -60,7 +60,7 @@ def build(onnx_path: str | Path, fmt, target: str | Path, options: BuildTarget) 
     """Copy the precision-typed ONNX graph as the engine and prove OpenVINO reads it (refused here, not on the device)."""
     import openvino as ov
 
-    ok, reason = cpu_supports(fmt.precision)
+    ok, reason = supports(fmt.precision)
     if not ok:
         raise EngineError(f"openvino {fmt.precision}: {reason}")
     shutil.copyfile(onnx_path, target)
@@ -77,7 +77,7 @@ def build(onnx_path: str | Path, fmt, target: str | Path, options: BuildTarget) 
     }
 
 
-class OpenVinoRunner:
+class OpenVinoRunner(RunnerBase):
     def __init__(self, path, hint: str, threads: int):
         import openvino as ov
 

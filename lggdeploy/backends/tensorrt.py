@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lggdeploy.backends.base import BuildTarget, RunOptions
+from lggdeploy.backends.base import BuildTarget, RunnerBase, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, EngineError
 
 BOTH, V10, V11 = ("10", "11"), ("10",), ("11",)
@@ -130,6 +130,11 @@ def is_available() -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__}, {gpu_identity()['gpu']}"
 
 
+def supports(precision: str) -> tuple[bool, str]:
+    """TensorRT 10 and 11 build FP32, FP16 and INT8 on every GPU they support; is_available says whether one is here."""
+    return True, ""
+
+
 def build(
     onnx_path: str | os.PathLike, fmt, plan_path: str | os.PathLike, options: BuildTarget, optimization_level: int = 3
 ) -> dict:
@@ -220,7 +225,7 @@ def check_compatible(manifest: dict, path) -> None:
         )
 
 
-class TensorRTRunner:
+class TensorRTRunner(RunnerBase):
     """One engine, one execution context, device buffers grown on demand and reused. Not thread-safe: one per thread.
 
     Batches larger than the engine's optimization profile allows are split into chunks it accepts; a batch

@@ -673,11 +673,11 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
         if not ok:
             raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
     for fmt in list(formats):
-        supported, why = getattr(fmt.module, "cpu_supports", lambda _p: (True, ""))(fmt.precision)
-        if not supported:
+        usable, why = fmt.usable()
+        if not usable:
             if opts.precision != "all":
-                raise BackendUnavailable(f"{fmt.name}: {why}")
-            logger.warning(f"skipped {fmt.name}: {why}")
+                raise BackendUnavailable(why)
+            logger.warning(f"skipped {why}")
             formats.remove(fmt)
     report = BuildReport()
     for checkpoint in checkpoints:

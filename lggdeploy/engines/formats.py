@@ -6,7 +6,7 @@ engines/<preset>-<checkpoint sha8>/
     onnxruntime-int8-cpu.onnx, tensorrt-fp16.plan, ...
     calibration/<key>.json                  INT8 calibration caches (ranges), reused by rebuilds
 
-Each row of FORMATS names the backend module (lggdeploy/backends/<backend>.py) that builds and loads it;
+Each row of FORMATS (derived from backends/base.py's BACKENDS) names the backend module (lggdeploy/backends/<backend>.py) that builds and loads it;
 `open_engine` is the one place an engine is opened (threads and device decided by RunOptions), for the
 accuracy gate, bench and the runtime alike. Torch-free.
 """
@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lggdeploy.backends.base import Runner, RunOptions, backend_module
+from lggdeploy.backends.base import BACKENDS, Runner, RunOptions, backend_module
 from lggdeploy.common.errors import BackendUnavailable, EngineError
 from lggdeploy.common.files import sha256_file, write_json_atomic
 
@@ -47,6 +47,15 @@ class EngineFormat:
     def available(self) -> tuple[bool, str]:
         return self.module.is_available()
 
+    def usable(self) -> tuple[bool, str]:
+        """Available here, and this machine runs its precision (the backend's `supports`): the one check build,
+        optimize and the device build ask."""
+        ok, reason = self.available()
+        if not ok:
+            return False, f"backend {self.backend} is not usable here: {reason}"
+        supported, why = self.module.supports(self.precision)
+        return (True, reason) if supported else (False, f"{self.name}: {why}")
+
     @property
     def plain_qdq(self) -> bool:
         """The tensorrt INT8 profile stays pure Q/DQ (what TensorRT's parser and other runtimes read), whatever runs it:
@@ -54,44 +63,49 @@ class EngineFormat:
         return self.precision == "int8" and self.int8_profile == "tensorrt"
 
 
-# Adding a backend or precision is adding a row here and a module in backends/, not editing five ifs.
-FORMATS: tuple[EngineFormat, ...] = (
-    EngineFormat("onnxruntime", "fp32", None, ".onnx"),
-    EngineFormat("onnxruntime", "fp16", None, ".onnx"),
-    EngineFormat("onnxruntime", "int8", "cpu", ".onnx"),
-    EngineFormat("onnxruntime", "int8", "tensorrt", ".onnx"),
-    EngineFormat("tensorrt", "fp32", None, ".plan"),
-    EngineFormat("tensorrt", "fp16", None, ".plan"),
-    EngineFormat("tensorrt", "int8", "tensorrt", ".plan"),
-    EngineFormat("openvino", "fp32", None, ".onnx"),
-    EngineFormat("openvino", "bf16", None, ".onnx"),  # an execution precision: AVX512-BF16 or AMX CPUs only
-    EngineFormat("openvino", "int8", "openvino", ".onnx"),  # Q/DQ on convolution inputs, where OpenVINO fuses them
-    EngineFormat("openvino", "int8", "cpu", ".onnx"),  # ONNX Runtime's placement: still built on request
-)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-DEFAULT_INT8_PROFILE = {"onnxruntime": "cpu", "tensorrt": "tensorrt", "openvino": "openvino"}
+
+
+def all_formats() -> tuple[EngineFormat, ...]:
+    """Every engine format: each backend's precisions, INT8 once per profile it builds (backends/base.py's rows)."""
+    return tuple(
+        EngineFormat(spec.name, precision, profile if precision == "int8" else None, spec.suffix)
+        for spec in BACKENDS.values()
+        for precision in spec.precisions
+        for profile in (spec.int8_profiles if precision == "int8" else (None,))
+    )
+
+
+def default_int8_profile(backend: str) -> str | None:
+    spec = BACKENDS.get(backend)
+    return spec.int8_profiles[0] if spec and spec.int8_profiles else None
+
+
+# Derived from the backend rows: adding a backend is a module in backends/ and its row, not an edit here.
+FORMATS: tuple[EngineFormat, ...] = all_formats()
 
 
 def select_formats(backend: str, precision: str, int8_profile: str | None = None) -> list[EngineFormat]:
     """The rows a `build --backend B --precision P [--int8-profile X]` asks for."""
     if precision not in PRECISIONS + ("all",):
         raise EngineError(f"unknown --precision {precision!r}: choose {', '.join(PRECISIONS)} or all")
-    backends = sorted({f.backend for f in FORMATS})
+    formats = all_formats()
+    backends = sorted({f.backend for f in formats})
     if backend not in backends:
         raise EngineError(f"unknown --backend {backend!r}: choose {', '.join(backends)}")
-    rows = [f for f in FORMATS if f.backend == backend and (precision == "all" or f.precision == precision)]
-    profile = int8_profile or DEFAULT_INT8_PROFILE.get(backend)
+    rows = [f for f in formats if f.backend == backend and (precision == "all" or f.precision == precision)]
+    profile = int8_profile or default_int8_profile(backend)
     rows = [f for f in rows if f.precision != "int8" or f.int8_profile == profile]
     if not rows:
-        if precision != "int8":
-            have = sorted({f.precision for f in FORMATS if f.backend == backend}, key=PRECISIONS.index)
+        if precision != "int8" or not any(f.backend == backend and f.precision == "int8" for f in formats):
+            have = sorted({f.precision for f in formats if f.backend == backend}, key=PRECISIONS.index)
             raise EngineError(f"backend {backend} has no {precision} engines: choose {', '.join(have)}")
         raise EngineError(f"--int8-profile {int8_profile} does not exist for backend {backend}")
     return rows
 
 
 def format_of(manifest: dict, path: str | os.PathLike = "engine") -> EngineFormat:
-    for fmt in FORMATS:
+    for fmt in all_formats():
         if (fmt.backend, fmt.precision, fmt.int8_profile) == (
             manifest.get("backend"),
             manifest.get("precision"),
@@ -146,7 +160,7 @@ def read_manifest(engine: str | os.PathLike) -> dict:
 def discover(root: str | os.PathLike) -> list[Path]:
     """Every engine under `root` that has a manifest, in a stable order."""
     root = Path(root)
-    suffixes = {f.suffix for f in FORMATS}
+    suffixes = {f.suffix for f in all_formats()}
     return sorted(
         p for p in root.rglob("*") if p.suffix in suffixes and p.name != "model.onnx" and manifest_path(p).is_file()
     )

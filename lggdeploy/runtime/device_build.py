@@ -23,8 +23,8 @@ from lggdeploy.backends.base import BuildTarget
 from lggdeploy.common.errors import GateFailed, LggError
 from lggdeploy.common.files import sha256_file, temporary_folder
 from lggdeploy.engines.formats import (
-    DEFAULT_INT8_PROFILE,
     EngineFormat,
+    default_int8_profile,
     install_engine,
     read_manifest,
     select_formats,
@@ -105,7 +105,7 @@ def build_from_bundle(
         raise LggError(
             "--precision all is not offered for a bundle: name the precision this device should run (fp32, fp16 or int8)"
         )
-    formats = select_formats(backend, precision, int8_profile or DEFAULT_INT8_PROFILE.get(backend))
+    formats = select_formats(backend, precision, int8_profile or default_int8_profile(backend))
     for fmt in formats:
         ok, reason = fmt.available()
         if not ok:
