@@ -754,13 +754,12 @@ def _write_outputs(
         old.unlink()
     engine = Path(chosen.engine)
     manifest = read_manifest(engine)
-    manifest.pop("format"), manifest.pop("version")
     target = folder / engine.name
     shutil.copyfile(engine, target)
     twin = (manifest.get("portable_qdq") or {}).get("file")
     if twin and twin != engine.name and (engine.parent / twin).is_file():
         shutil.copyfile(engine.parent / twin, folder / twin)
-    manifest["optimize"] = {
+    optimize_record = {
         "found_by": "lggdeploy optimize: fastest candidate that passed the gate against the unpruned FP32 model",
         "batch": opts.batch,
         "latency_ms_per_image": chosen.latency_ms_per_image,
@@ -770,7 +769,7 @@ def _write_outputs(
         "judged_with": chosen.judged_with,  # the criteria of the choice (the build's gate record above may be another run's)
         "report": "../optimize.json",  # relative to this folder
     }
-    write_manifest(target, manifest)
+    write_manifest(target, manifest.with_details(optimize=optimize_record))
 
 
 def _fmt(value, digits=2) -> str:

@@ -13,16 +13,15 @@ accuracy gate, bench and the runtime alike. Torch-free.
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from lggdeploy.backends.base import BACKENDS, Runner, RunOptions, backend_module
 from lggdeploy.common.errors import BackendUnavailable, EngineError
-from lggdeploy.common.files import sha256_file, write_json_atomic
-
-MANIFEST_FORMAT = "lggdeploy-engine"
+from lggdeploy.common.files import sha256_file
+from lggdeploy.engines.manifest import MANIFEST_FORMAT, EngineManifest, read_manifest_file, write_manifest_file  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -123,8 +122,8 @@ def manifest_path(engine: str | os.PathLike) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
-def write_manifest(engine: str | os.PathLike, manifest: dict) -> Path:
-    return write_json_atomic(manifest_path(engine), {"format": MANIFEST_FORMAT, "version": 1, **manifest})
+def write_manifest(engine: str | os.PathLike, manifest: Mapping) -> Path:
+    return write_manifest_file(manifest_path(engine), manifest)
 
 
 def install_engine(candidate: Path, target: Path, manifest: dict, companions: list[tuple[Path, Path]] = ()) -> Path:
@@ -139,7 +138,7 @@ def install_engine(candidate: Path, target: Path, manifest: dict, companions: li
     return write_manifest(target, manifest)
 
 
-def read_manifest(engine: str | os.PathLike) -> dict:
+def read_manifest(engine: str | os.PathLike) -> EngineManifest:
     engine = Path(engine)
     if not engine.is_file():
         raise EngineError(f"engine {engine} does not exist: build it with `lggdeploy build`")
@@ -148,13 +147,7 @@ def read_manifest(engine: str | os.PathLike) -> dict:
         raise EngineError(
             f"{engine} has no manifest ({path.name}): engines are only usable with the manifest `lggdeploy build` writes beside them"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngineError(f"{path}: manifest is not valid JSON ({exc}); rebuild the engine") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise EngineError(f"{path}: not an lggdeploy engine manifest; rebuild the engine")
-    return manifest
+    return read_manifest_file(path)
 
 
 def discover(root: str | os.PathLike) -> list[Path]:

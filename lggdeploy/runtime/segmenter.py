@@ -80,10 +80,7 @@ class Segmenter:
     ) -> Segmenter:
         """Read the manifest, open the engine through its backend, check compatibility before the first inference."""
         path = Path(path)
-        manifest = read_manifest(path)
-        for key in ("backend", "normalization", "img_size", "threshold"):
-            if key not in manifest:
-                raise EngineError(f"{path}: manifest lacks {key!r}; rebuild the engine with `lggdeploy build`")
+        manifest = read_manifest(path)  # a typed record: a missing or out-of-range field is refused there
         postprocess = (
             stored_postprocess(path, manifest) if postprocess is None else postprocess
         )  # before the engine is opened
