@@ -334,38 +334,14 @@ def train_cmd(
     from lggdeploy.models.train import TrainConfig, train
     from lggdeploy.postprocess import PostProcess
 
-    given = {
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "img_size": img_size,
-        "seed": seed,
-        "split_file": split_file,
-        "encoder_weights": encoder_weights,
-        "augment": augment,
-        "precision": precision,
-        "loss": loss,
-        "tumor_fraction": tumor_fraction,
-        "warmup_epochs": warmup_epochs,
-        "ema_decay": ema,
-        "tune_threshold": tune_threshold,
-        "threshold": threshold,
-        "budget_minutes": budget_minutes,
-        "postprocess": postprocess,
-        "missing_modality": missing_modality,
-        "normalization": normalization,
-        "bn_momentum": bn_momentum,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    cfg = TrainConfig(
-        model=model,
-        data=data,
-        out=out_dir or Path("runs") / model.replace(":", "-"),
-        device=device,
-        resume=resume,
-        explicit=frozenset({"model", *given}),
-        **given,
-    )
+    cfg = TrainConfig.from_flags(
+        model, data, out_dir, device, resume,
+        epochs=epochs, batch_size=batch_size, lr=lr, img_size=img_size, seed=seed, split_file=split_file,
+        encoder_weights=encoder_weights, augment=augment, precision=precision, loss=loss,
+        tumor_fraction=tumor_fraction, warmup_epochs=warmup_epochs, ema_decay=ema, tune_threshold=tune_threshold,
+        threshold=threshold, budget_minutes=budget_minutes, postprocess=postprocess,
+        missing_modality=missing_modality, normalization=normalization, bn_momentum=bn_momentum,
+    )  # fmt: skip
     result = train(cfg)
     best = result.best
     out.print(
@@ -523,17 +499,14 @@ def build_cmd(
     """Build engines behind the accuracy gate; --precision all builds the whole matrix. From a bundle: build on this
     device from the bundle's graphs, verified on its verification set (the device's gate)."""
     from lggdeploy.common.tables import rich_table
+    from lggdeploy.runtime.device_build import bundle_among
 
-    bundles = [p for p in checkpoints if p.name.endswith((".tar.gz", ".tgz"))]
-    if bundles:
+    bundle = bundle_among(checkpoints)
+    if bundle is not None:
         from lggdeploy.runtime.device_build import build_from_bundle
 
-        if len(checkpoints) > 1:
-            raise LggError(
-                "give one bundle on its own (`lggdeploy build scanner-bundle.tar.gz --backend tensorrt`), not with checkpoints or other bundles"
-            )
         built = build_from_bundle(
-            bundles[0],
+            bundle,
             backend=backend,
             precision=precision,
             int8_profile=int8_profile,

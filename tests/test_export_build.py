@@ -100,6 +100,7 @@ def test_tensorrt_profile_int8_has_only_zero_zero_points(segmenting_run, phantom
     assert types == {onnx.TensorProto.INT8}
 
 
+@pytest.mark.slow
 def test_calibration_cache_is_reused(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     first = build(segmenting_run, phantom_dir, tmp_path, precision="int8")[0]
     assert first["calibration"]["cache_reused"] is False
@@ -156,7 +157,8 @@ def test_gate_failure_exits_nonzero_and_writes_nothing_unless_forced(
 
 
 # cpu: int32 bias Q/DQ, whose outputs take the float biases' names; tensorrt (the same search on a simpler graph) in test-slow, for the suite's time
-@pytest.mark.parametrize("profile", [pytest.param("tensorrt", marks=pytest.mark.slow), "cpu"])
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["tensorrt", "cpu"])
 def test_a_failing_int8_engine_falls_back_and_records_why(segmenting_run, phantom_dir, tmp_path, monkeypatch, profile):
     """The first INT8 graph fails (forced here: it loses a patient); the gate ranks the quantized nodes by their
     effect on the output over every val patient and rebuilds with the worst kept in float, which passes."""
@@ -396,6 +398,7 @@ def test_no_kill_leaves_an_engine_beside_another_engines_manifest(segmenting_run
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_int8_leaves_logging_and_warnings_as_they_were(segmenting_run, phantom_dir, tmp_path):
     import logging
     import warnings

@@ -87,6 +87,7 @@ def test_openvino_engines_pass_the_gate_and_match_onnxruntime(segmenting_run, ph
     assert len(ov_fp32.requests) == 2
 
 
+@pytest.mark.slow
 def test_bf16_only_where_the_cpu_has_it(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     from lggdeploy.common import machine
 
@@ -115,6 +116,7 @@ def test_bf16_only_where_the_cpu_has_it(segmenting_run, phantom_dir, tmp_path, m
     assert open_engine(int8["engine"]).config["INFERENCE_PRECISION_HINT"] == "f32"
 
 
+@pytest.mark.slow
 def test_every_int8_engine_has_a_portable_qdq_twin(segmenting_run, phantom_dir, tmp_path):
     engine = build(segmenting_run, phantom_dir, tmp_path, precision="int8")[
         0

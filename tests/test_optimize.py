@@ -101,6 +101,7 @@ def test_the_test_drop_is_per_patient_against_the_reference():
     assert optimize_module.drop_on_test({}, {"a": 0.7}) == {}
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_everything(optimized, segmenting_run, monkeypatch):
     summary, opts = optimized
 
@@ -311,6 +312,7 @@ def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_r
         optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out))
 
 
+@pytest.mark.slow
 def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are_not_pruned(
     segmenting_run, phantom_dir, tmp_path, monkeypatch
 ):
@@ -414,6 +416,7 @@ def test_bad_options_are_one_line(segmenting_run, tmp_path):
         assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_candidate_stopped_by_the_budget_is_searched_again_by_a_rerun(
     segmenting_run, phantom_dir, tmp_path, monkeypatch
 ):
@@ -483,6 +486,7 @@ def _int8_fails_post_training(real):
     return build
 
 
+@pytest.mark.slow
 def test_an_int8_rung_that_cannot_win_is_not_searched_and_a_rerun_keeps_the_verdict(
     segmenting_run, phantom_dir, tmp_path, monkeypatch
 ):
@@ -577,6 +581,7 @@ def test_an_int8_rung_that_cannot_win_is_not_searched_and_a_rerun_keeps_the_verd
     assert built == [("int8", None)]
 
 
+@pytest.mark.slow
 def test_an_int8_rung_that_might_win_is_searched(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(optimize_module, "_build", _int8_fails_post_training(optimize_module._build))
     monkeypatch.setattr(optimize_module, "probe_verdict", lambda probe_ms, passed_ms, batch: None)

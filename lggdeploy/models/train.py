@@ -112,6 +112,17 @@ class TrainConfig:
     # (efficientnet-pytorch's 0.01 left unet-effb7's eval statistics far behind its weights: recipe.set_batch_norm_momentum).
     bn_momentum: float = 0.1
 
+    @classmethod
+    def from_flags(
+        cls, model: str, data: Path, out: Path | None = None, device: str = "auto", resume: bool = False, **flags
+    ) -> TrainConfig:
+        """A command line's options: a flag left at None was not given — its default applies, and --resume does not
+        hold it against the run's own settings. `out` defaults to runs/<model>."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        out = out or Path("runs") / model.replace(":", "-")
+        explicit = frozenset({"model", *given})
+        return cls(model=model, data=data, out=out, device=device, resume=resume, explicit=explicit, **given)
+
     def given(self) -> set[str]:
         """The options the user gave: `explicit` when the caller says (the CLI does), else every field off its default."""
         if self.explicit is not None:

@@ -86,6 +86,23 @@ def source_graph(root: Path, description: dict, fmt: EngineFormat, origin: Path)
     )
 
 
+BUNDLE_SUFFIXES = (".tar.gz", ".tgz")
+
+
+def bundle_among(paths: list[Path]) -> Path | None:
+    """The bundle `build` was given (it builds on this device from it), or None for checkpoints; a bundle must come
+    alone."""
+    bundles = [p for p in paths if Path(p).name.endswith(BUNDLE_SUFFIXES)]
+    if not bundles:
+        return None
+    if len(paths) > 1:
+        raise LggError(
+            "give one bundle on its own (`lggdeploy build scanner-bundle.tar.gz --backend tensorrt`), "
+            "not with checkpoints or other bundles"
+        )
+    return Path(bundles[0])
+
+
 def build_from_bundle(
     bundle: str | os.PathLike,
     backend: str = "tensorrt",
