@@ -498,7 +498,6 @@ def build_cmd(
 ):
     """Build engines behind the accuracy gate; --precision all builds the whole matrix. From a bundle: build on this
     device from the bundle's graphs, verified on its verification set (the device's gate)."""
-    from lggdeploy.common.tables import rich_table
     from lggdeploy.runtime.device_build import bundle_among
 
     bundle = bundle_among(checkpoints)
@@ -516,31 +515,7 @@ def build_cmd(
             threads=threads,
             force=force,
         )
-        rows = [
-            {
-                "engine": "/".join(b.engine.parts[-2:]),
-                "source": b.source,
-                "slices": len(b.report.per_slice_agreement),
-                "overall": b.report.overall_agreement,
-                "least": min(b.report.per_slice_agreement),
-                "verified": "passed" if b.report.passed else "FAILED (forced)",
-            }
-            for b in built
-        ]
-        out.print(
-            rich_table(
-                rows,
-                [
-                    ("engine", "engine"),
-                    ("source", "built from"),
-                    ("slices", "verification slices"),
-                    ("overall", "mask agreement"),
-                    ("least", "least slice agreement"),
-                    ("verified", "verification"),
-                ],
-                title="built on this device from the bundle",
-            )
-        )
+        out.print(_device_build_table(built))
         return
     from lggdeploy.engines.build import BuildOptions, build_engines
 
@@ -565,6 +540,18 @@ def build_cmd(
         reference=reference,
     )
     report = build_engines(checkpoints, opts)
+    if report.engines:
+        out.print(_build_table(report.engines))
+    if report.failures:
+        raise GateFailed(
+            f"{len(report.failures)} engine(s) failed the accuracy gate and were not written (see above); "
+            f"{len(report.engines)} built"
+        )
+
+
+def _build_table(engines: list[dict]):
+    from lggdeploy.common.tables import rich_table
+
     rows = [
         {
             "engine": "/".join(Path(r["engine"]).parts[-2:]),
@@ -580,7 +567,7 @@ def build_cmd(
             + (" [FP32 predicts no tumor]" if r["gate"]["reference_predicts_no_tumor"] else ""),
             "seconds": r["build_seconds"],
         }
-        for r in report.engines
+        for r in engines
     ]
     cols = [
         ("engine", "engine"),
@@ -595,18 +582,33 @@ def build_cmd(
         ("gate", "gate"),
         ("seconds", "build s"),
     ]
-    if rows:
-        out.print(
-            rich_table(
-                rows,
-                cols,
-                title="engines (gate: paired per-patient Dice and mask agreement with the FP32 model, val split)",
-            )
-        )
-    if report.failures:
-        raise GateFailed(
-            f"{len(report.failures)} engine(s) failed the accuracy gate and were not written (see above); {len(rows)} built"
-        )
+    title = "engines (gate: paired per-patient Dice and mask agreement with the FP32 model, val split)"
+    return rich_table(rows, cols, title=title)
+
+
+def _device_build_table(built):
+    from lggdeploy.common.tables import rich_table
+
+    rows = [
+        {
+            "engine": "/".join(b.engine.parts[-2:]),
+            "source": b.source,
+            "slices": len(b.report.per_slice_agreement),
+            "overall": b.report.overall_agreement,
+            "least": min(b.report.per_slice_agreement),
+            "verified": "passed" if b.report.passed else "FAILED (forced)",
+        }
+        for b in built
+    ]
+    cols = [
+        ("engine", "engine"),
+        ("source", "built from"),
+        ("slices", "verification slices"),
+        ("overall", "mask agreement"),
+        ("least", "least slice agreement"),
+        ("verified", "verification"),
+    ]
+    return rich_table(rows, cols, title="built on this device from the bundle")
 
 
 @app.command("optimize")

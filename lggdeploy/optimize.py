@@ -449,27 +449,114 @@ def _rejudged(previous: dict, settings: dict, precision: str) -> dict | None:
 
 def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions, state: dict) -> list[Candidate]:
     """Build (or reuse) every candidate; `state` is the saved ladder of a previous run, updated as we go."""
-    started = time.monotonic()
-    deadline = None if opts.budget_minutes is None else started + opts.budget_minutes * 60
-    models = [("unpruned", checkpoint)]
-    candidates: list[Candidate] = []
+    return _Ladder(checkpoint, checkpoint_sha256, opts, state).walk()
 
-    def save() -> None:
-        write_json_atomic(
-            opts.out / "ladder.json",
-            {
-                "checkpoint": str(checkpoint),
-                "checkpoint_sha256": checkpoint_sha256,
-                "export_graph": EXPORT_GRAPH,
-                "paths": PATHS_RELATIVE,
-                "candidates": [_stored(asdict(c), opts.out) for c in candidates],
-            },
-        )
 
-    def over_budget() -> bool:
-        return deadline is not None and time.monotonic() > deadline
+class _Ladder:
+    """One walk of the ladder: for the unpruned model and each pruning ratio, every (backend, precision) rung in turn,
+    each judged, reused from a previous run, or skipped with its reason; ladder.json saved after every rung."""
 
-    def reusable(previous: dict | None) -> bool:
+    def __init__(self, checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions, state: dict):
+        self.checkpoint, self.checkpoint_sha256, self.opts, self.state = checkpoint, checkpoint_sha256, opts, state
+        self.deadline = None if opts.budget_minutes is None else time.monotonic() + opts.budget_minutes * 60
+        self.candidates: list[Candidate] = []
+        self.failed_ratio = None  # the smallest pruning ratio whose FP32 engine failed the gate
+
+    def walk(self) -> list[Candidate]:
+        for ratio in (None, *sorted(self.opts.prune_ratios)):
+            name = "unpruned" if ratio is None else f"pruned {int(round(ratio * 100))}%"
+            if ratio is not None and not self.worth_pruning(name):
+                continue
+            path = self.checkpoint if ratio is None else _pruned(self.checkpoint, ratio, self.opts)
+            self.climb(name, path, ratio)
+        return self.candidates
+
+    def worth_pruning(self, name: str) -> bool:
+        """Not when a smaller ratio already failed at FP32 (a larger one on the same fine-tuning budget loses more),
+        nor past the budget: its rungs are listed with the reason."""
+        if self.failed_ratio is not None:
+            reason = f"pruning {int(round(self.failed_ratio * 100))}% already fails the gate at FP32"
+            self.candidates.extend(Candidate(name, "", b, p, "skipped", reason) for b, p in self.opts.ladder)
+        elif self.over_budget():
+            self.candidates.extend(Candidate(name, "", b, p, "not tried (budget)") for b, p in self.opts.ladder)
+        else:
+            return True
+        self.save()
+        return False
+
+    def climb(self, name: str, path: Path, ratio: float | None) -> None:
+        fp32_failed = False
+        for backend, precision in self.opts.ladder:
+            candidate = Candidate(name, str(Path(path).resolve()), backend, precision)
+            self.candidates.append(candidate)
+            self.judge(candidate, path, fp32_failed)
+            if precision == "fp32" and candidate.status == "failed gate":
+                fp32_failed = True  # every backend's FP32 engine runs the same model: one failing FP32 settles it
+                if ratio is not None:
+                    self.failed_ratio = ratio
+            self.save()
+
+    def judge(self, candidate: Candidate, path: Path, fp32_failed: bool) -> None:
+        opts, precision = self.opts, candidate.precision
+        candidate.judged_with = judged_with(opts, precision)
+        previous = self.previous_verdict(candidate)
+        ok, reason = _available(candidate.backend, precision)
+        if not ok:
+            candidate.status, candidate.reason = "unavailable", reason
+        elif fp32_failed:
+            candidate.status = "skipped"
+            candidate.reason = "its FP32 engine already fails the gate against the unpruned model"
+        elif self.reusable(previous):
+            for key, value in previous.items():
+                setattr(candidate, key, value)
+            candidate.judged_with = previous.get("judged_with") or {}  # {}: a ladder from before the record
+            if not candidate.reason.endswith("(reused)"):
+                candidate.reason = (candidate.reason + " (reused)").strip()
+        elif self.over_budget():
+            candidate.status, candidate.reason = "not tried (budget)", f"--budget-minutes {opts.budget_minutes} spent"
+        else:
+            self.build(candidate, path)
+
+    def previous_verdict(self, candidate: Candidate) -> dict | None:
+        """The previous run's verdict on this rung; one reached under other criteria is judged again from its stored
+        rows where that is possible (else None: built again)."""
+        previous = self.state.get(candidate.key)
+        if not (previous and previous["status"] in SETTLED and previous.get("judged_with")):
+            return previous
+        if previous["judged_with"] == candidate.judged_with:
+            return previous
+        rejudged = _rejudged(previous, candidate.judged_with, candidate.precision)
+        if rejudged is None:
+            logger.info(
+                f"optimize: {candidate.model} {engine_label(previous)} was judged with "
+                f"{_flags(previous['judged_with'])}; judging it again with {_flags(candidate.judged_with)}"
+            )
+        return rejudged
+
+    def build(self, candidate: Candidate, path: Path) -> None:
+        opts = self.opts
+        probe = None
+        if candidate.precision == "int8" and not opts.search_all:
+            probe = speed_probe([c for c in self.candidates if c.status == "passed"], opts, candidate)
+        try:
+            built = _build(
+                path,
+                self.checkpoint,
+                candidate.backend,
+                candidate.precision,
+                opts,
+                self.deadline,
+                worth_searching=probe,
+            )
+            _record(candidate, built)
+        except SearchStopped as exc:  # not "failed gate": a later run with more time searches again
+            candidate.status, candidate.reason = "stopped (budget)", str(exc)
+        except CannotWin as exc:
+            candidate.status, candidate.reason, candidate.gate = "cannot win", str(exc), gate_summary(exc.gate)
+        except GateFailed as exc:
+            candidate.status, candidate.reason, candidate.gate = "failed gate", str(exc), gate_summary(exc.gate)
+
+    def reusable(self, previous: dict | None) -> bool:
         """A settled verdict a rerun takes as it is: a pass whose engine is still there, a failed gate, and a
         cannot-win while the engine that beat it passes in this run (never under --search-all)."""
         if not previous or previous["status"] not in SETTLED:
@@ -477,90 +564,24 @@ def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions,
         if previous["status"] == "passed":
             return Path(previous["engine"] or "").is_file()
         if previous["status"] == "cannot win":
-            return not opts.search_all and previous.get("beaten_by") in {
-                c.key for c in candidates if c.status == "passed"
-            }
+            passed = {c.key for c in self.candidates if c.status == "passed"}
+            return not self.opts.search_all and previous.get("beaten_by") in passed
         return True
 
-    failed_ratio = None  # the smallest pruning ratio whose FP32 engine failed the gate
-    for ratio in (None, *sorted(opts.prune_ratios)):
-        if ratio is not None:
-            name = f"pruned {int(round(ratio * 100))}%"
-            if failed_ratio is not None:  # not even pruned: a larger ratio on the same fine-tuning budget loses more
-                reason = f"pruning {int(round(failed_ratio * 100))}% already fails the gate at FP32"
-                candidates.extend(Candidate(name, "", b, p, "skipped", reason) for b, p in opts.ladder)
-                save()
-                continue
-            if over_budget():
-                candidates.extend(Candidate(name, "", b, p, "not tried (budget)") for b, p in opts.ladder)
-                save()
-                continue
-            models.append((name, _pruned(checkpoint, ratio, opts)))
-        name, path = models[-1]
-        fp32_failed = False
-        for backend, precision in opts.ladder:
-            candidate = Candidate(name, str(Path(path).resolve()), backend, precision)
-            candidates.append(candidate)
-            previous = state.get(candidate.key)
-            candidate.judged_with = judged_with(opts, precision)
-            if (
-                previous
-                and previous["status"] in SETTLED
-                and previous.get("judged_with")
-                and previous["judged_with"] != candidate.judged_with
-            ):
-                earlier, previous = previous, _rejudged(previous, candidate.judged_with, precision)
-                if previous is None:
-                    logger.info(
-                        f"optimize: {name} {engine_label(earlier)} was judged with {_flags(earlier['judged_with'])}; "
-                        f"judging it again with {_flags(candidate.judged_with)}"
-                    )
-            ok, reason = _available(backend, precision)
-            if not ok:
-                candidate.status, candidate.reason = "unavailable", reason
-            elif fp32_failed:  # every backend's FP32 engine runs the same model: one failing FP32 settles it
-                candidate.status, candidate.reason = (
-                    "skipped",
-                    "its FP32 engine already fails the gate against the unpruned model",
-                )
-            elif reusable(previous):
-                for key, value in previous.items():
-                    setattr(candidate, key, value)
-                candidate.judged_with = (
-                    previous.get("judged_with") or {}
-                )  # {}: a ladder from before the record, reused as it is
-                candidate.reason = (
-                    candidate.reason
-                    if candidate.reason.endswith("(reused)")
-                    else (candidate.reason + " (reused)").strip()
-                )
-            elif over_budget():
-                candidate.status, candidate.reason = (
-                    "not tried (budget)",
-                    f"--budget-minutes {opts.budget_minutes} spent",
-                )
-            else:
-                probe = (
-                    speed_probe([c for c in candidates if c.status == "passed"], opts, candidate)
-                    if precision == "int8" and not opts.search_all
-                    else None
-                )
-                try:
-                    _record(
-                        candidate, _build(path, checkpoint, backend, precision, opts, deadline, worth_searching=probe)
-                    )
-                except SearchStopped as exc:  # not "failed gate": a later run with more time searches again
-                    candidate.status, candidate.reason = "stopped (budget)", str(exc)
-                except CannotWin as exc:
-                    candidate.status, candidate.reason, candidate.gate = "cannot win", str(exc), gate_summary(exc.gate)
-                except GateFailed as exc:
-                    candidate.status, candidate.reason, candidate.gate = "failed gate", str(exc), gate_summary(exc.gate)
-            if precision == "fp32" and candidate.status == "failed gate":
-                fp32_failed = True
-                if ratio is not None:
-                    failed_ratio = ratio
-            save()
-    return candidates
+    def over_budget(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def save(self) -> None:
+        write_json_atomic(
+            self.opts.out / "ladder.json",
+            {
+                "checkpoint": str(self.checkpoint),
+                "checkpoint_sha256": self.checkpoint_sha256,
+                "export_graph": EXPORT_GRAPH,
+                "paths": PATHS_RELATIVE,
+                "candidates": [_stored(asdict(c), self.opts.out) for c in self.candidates],
+            },
+        )
 
 
 def pareto_front(candidates: list[Candidate], batch: int) -> list[Candidate]:
@@ -648,54 +669,27 @@ def _ms_per_image(row: dict) -> dict[str, float]:
 
 
 def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
+    """The fastest engine that keeps accuracy: walk the ladder (resuming --out's), time what passed side by side,
+    choose, write optimize.json / optimize.md / the plot / chosen/."""
     from lggdeploy.models.checkpoint import load_checkpoint
 
     opts.validate()
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     ensure_folder(opts.out)
-    ladder_file = opts.out / "ladder.json"
     checkpoint_sha256 = sha256_file(checkpoint)
-    state = {}
-    if ladder_file.is_file():
-        saved = json.loads(ladder_file.read_text())
-        same = (
-            saved["checkpoint_sha256"] == checkpoint_sha256
-            if saved.get("checkpoint_sha256")
-            else saved.get("checkpoint") == str(checkpoint)
-        )
-        if not same:
-            other = (
-                "another version of it (its sha256 differs)"
-                if saved.get("checkpoint") == str(checkpoint)
-                else saved.get("checkpoint")
-            )
-            raise LggError(f"{opts.out} holds the optimization of {other}, not {checkpoint}: choose another --out")
-        if saved.get("export_graph", 1) == EXPORT_GRAPH:
-            loaded = [_loaded(c, opts.out, saved.get("paths") == PATHS_RELATIVE) for c in saved["candidates"]]
-            state = {candidate_key(c): c for c in loaded}
-        else:  # engines of an older export form: rebuilt (pruned checkpoints are still reused)
-            logger.info(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
+    state = _previous_ladder(checkpoint, checkpoint_sha256, opts)
     started = time.perf_counter()
     check_pruned_models(opts)
     candidates = walk_ladder(checkpoint, checkpoint_sha256, opts, state)
-    passed = [c for c in candidates if c.status == "passed"]
-    if not passed:
-        raise GateFailed(f"no candidate kept accuracy within {opts.max_drop} points; see {ladder_file}")
+    if not any(c.status == "passed" for c in candidates):
+        raise GateFailed(f"no candidate kept accuracy within {opts.max_drop} points; see {opts.out / 'ladder.json'}")
     results, torch_row = _time(candidates, checkpoint, opts)
-    b = str(opts.batch)
     torch_ms = _ms_per_image(torch_row)
-    ort = next(
-        (
-            c
-            for c in candidates
-            if c.model == "unpruned" and c.backend == "onnxruntime" and c.precision == "fp32" and c.latency_ms_per_image
-        ),
-        None,
-    )
     for c in candidates:
         c.speedup_vs_pytorch = {k: torch_ms[k] / v for k, v in c.latency_ms_per_image.items() if k in torch_ms}
     front = pareto_front(candidates, opts.batch)
+    b = str(opts.batch)
     chosen = min(
         (c for c in candidates if c.status == "passed" and b in c.latency_ms_per_image),
         key=lambda c: c.latency_ms_per_image[b],
@@ -708,32 +702,60 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         "model": ckpt["model"]["name"],
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "criteria": {
-            "max_mean_drop_points": opts.max_drop,
-            "max_patient_drop_points": opts.max_patient_drop,
-            "min_agreement": opts.min_agreement,
+            **GateCriteria(opts.max_drop, opts.max_patient_drop, opts.min_agreement).to_json(),
             "against": "the unpruned PyTorch FP32 model, val split",
         },
         "candidates": [asdict(c) for c in candidates],
         "front": [c.key for c in front],
         "chosen": asdict(chosen),
-        "chosen_vs_onnxruntime_fp32": {
-            k: ort.latency_ms_per_image[k] / v
-            for k, v in chosen.latency_ms_per_image.items()
-            if k in ort.latency_ms_per_image
-        }
-        if ort
-        else None,
+        "chosen_vs_onnxruntime_fp32": _vs_onnxruntime_fp32(candidates, chosen),
         "pytorch_fp32_ms_per_image": torch_ms,
-        "pytorch_fp32_test": {
-            "mean_patient_dice": torch_row.get("mean_patient_dice"),
-            "patients": torch_row.get("patients"),
-        },
+        "pytorch_fp32_test": {k: torch_row.get(k) for k in ("mean_patient_dice", "patients")},
         "noise_floor": results["noise_floor"],
         "machine": results["machine"],
         "seconds": round(time.perf_counter() - started, 1),
     }
     _write_outputs(summary, candidates, front, chosen, opts)
     return summary
+
+
+def _previous_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions) -> dict:
+    """The verdicts of a previous run in --out, by candidate key ({} for a new run, or engines of an older export
+    form, which are rebuilt; pruned checkpoints are still reused). Another checkpoint's run there is refused."""
+    ladder_file = opts.out / "ladder.json"
+    if not ladder_file.is_file():
+        return {}
+    saved = json.loads(ladder_file.read_text())
+    if saved.get("checkpoint_sha256"):
+        same = saved["checkpoint_sha256"] == checkpoint_sha256
+    else:
+        same = saved.get("checkpoint") == str(checkpoint)
+    if not same:
+        other = saved.get("checkpoint")
+        if other == str(checkpoint):
+            other = "another version of it (its sha256 differs)"
+        raise LggError(f"{opts.out} holds the optimization of {other}, not {checkpoint}: choose another --out")
+    if saved.get("export_graph", 1) != EXPORT_GRAPH:
+        logger.info(f"{ladder_file}: its engines come from an older ONNX export form; building them again")
+        return {}
+    loaded = [_loaded(c, opts.out, saved.get("paths") == PATHS_RELATIVE) for c in saved["candidates"]]
+    return {candidate_key(c): c for c in loaded}
+
+
+def _vs_onnxruntime_fp32(candidates: list[Candidate], chosen: Candidate) -> dict | None:
+    """The chosen engine's speed-up over the unpruned ONNX Runtime FP32 engine, per batch size (None if untimed)."""
+    ort = next(
+        (
+            c
+            for c in candidates
+            if c.model == "unpruned" and c.backend == "onnxruntime" and c.precision == "fp32" and c.latency_ms_per_image
+        ),
+        None,
+    )
+    if ort is None:
+        return None
+    timed = ort.latency_ms_per_image
+    return {k: timed[k] / v for k, v in chosen.latency_ms_per_image.items() if k in timed}
 
 
 def _write_outputs(

@@ -98,7 +98,6 @@ def manifest_for(engine, source_engine, **changes):
     from lggdeploy.engines.formats import read_manifest, write_manifest
 
     manifest = read_manifest(source_engine)
-    manifest.pop("format"), manifest.pop("version")
     return write_manifest(engine, dict(manifest, **changes, sha256=sha256_file(engine)))
 
 

@@ -175,7 +175,6 @@ def test_an_engine_that_is_not_its_manifests_is_refused(int8_engine, tmp_path):
     from lggdeploy.engines.formats import manifest_path, write_manifest
 
     manifest = read_manifest(int8_engine)
-    manifest.pop("format"), manifest.pop("version")
     write_manifest(
         fp32, dict(manifest, precision="fp32", int8_profile=None, sha256="0" * 64)
     )  # an fp32 manifest; the int8 file

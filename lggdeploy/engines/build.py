@@ -240,17 +240,16 @@ class _QatModel:
 
 
 def _quantization_aware(ctx: _Context) -> _QatModel:
+    """The QAT model of this checkpoint and recipe: reused from qat/ when a build made it, else fine-tuned and stored;
+    then its float ONNX (exported from the stored model — after fine-tuning, for a model fine-tuned before today's
+    export form, or after a kill between the checkpoint and its ONNX; never a retraining)."""
     from lggdeploy.common.files import atomic_path
-    from lggdeploy.common.progress import progress_bar
-    from lggdeploy.data.arrays import load_slices
-    from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
     from lggdeploy.engines.export import EXPORT_GRAPH, export_onnx
     from lggdeploy.engines.precision import qat
-    from lggdeploy.engines.precision.calibration import slice_ids, slice_list_hash
+    from lggdeploy.engines.precision.calibration import slice_ids
     from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
 
-    opts = ctx.opts
-    recipe = qat.QatRecipe(epochs=opts.qat_epochs, lr=opts.qat_lr)
+    recipe = qat.QatRecipe(epochs=ctx.opts.qat_epochs, lr=ctx.opts.qat_lr)
     chosen = ctx.calibration_slices()
     key = recipe.key(ctx.sha, slice_ids(chosen))
     folder = ctx.folder / "qat"
@@ -261,86 +260,81 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
         record = {**ckpt["qat"], "reused": True}
         logger.info(f"QAT: reusing {stored} ({record['epochs']} epoch(s), lr {record['lr']})")
     else:
-        recipe.validate()
-        started = time.perf_counter()
-        train = load_slices(ctx.dataset, ctx.split.train)
-        if len(train) < recipe.batch_size:
-            raise LggError(
-                f"{ctx.checkpoint}: its train split holds {len(train)} slices, too few for quantization-aware fine-tuning"
-            )
-        x = preprocess(chosen.images, ctx.img_size, ctx.normalization)
-        import torch
-
-        batches = [torch.from_numpy(x[i : i + 8]) for i in range(0, len(x), 8)]
-        quantized = qat.quantize_for_training(model_from_checkpoint(ctx.ckpt), batches)
-        images, masks = resize_images(train.images, ctx.img_size), resize_masks(train.masks, ctx.img_size)
-        logger.info(
-            f"QAT: {qat.LIBRARY} {qat.modelopt_version()}, {recipe.epochs} epoch(s) on {len(ctx.split.train)} train patients ({len(train)} slices), lr {recipe.lr}"
-        )
-        with progress_bar(True) as bar:
-            task = bar.add_task("QAT", total=None, info="")
-
-            def on_step(epoch, step, steps, loss):
-                bar.update(
-                    task,
-                    total=steps * recipe.epochs,
-                    completed=(epoch - 1) * steps + step,
-                    info=f"epoch {epoch} loss {loss:.4f}",
-                )
-
-            history = qat.finetune(
-                quantized,
-                images,
-                masks,
-                ctx.normalization,
-                recipe,
-                on_step,
-                teacher=model_from_checkpoint(ctx.reference_ckpt),
-            )
-        amax = qat.conv_amax(quantized)
-        model = qat.strip_quantizers(quantized, model_from_checkpoint(ctx.ckpt))
-        record = {
-            "library": qat.LIBRARY,
-            "library_version": qat.modelopt_version(),
-            "config": "INT8_DEFAULT_CFG (int8, per-channel weights on axis 0, per-tensor activations, max calibration)",
-            **{
-                k: getattr(recipe, k)
-                for k in (
-                    "epochs",
-                    "lr",
-                    "optimizer",
-                    "batch_size",
-                    "weight_decay",
-                    "seed",
-                    "augment",
-                    "distill_weight",
-                )
-            },
-            "loss": f"distillation from the FP32 model (BCE on its probabilities), weight {recipe.distill_weight}; the rest Dice + BCE on labels",
-            "teacher": str(ctx.reference_path),
-            "batch_norm": "statistics frozen",
-            "schedule": "cosine to zero",
-            "train_patients": list(ctx.split.train),
-            "train_slices": len(train),
-            "calibration_slice_list_sha256": slice_list_hash(slice_ids(chosen)),
-            "history": history,
-            "seconds": round(time.perf_counter() - started, 1),
-            "conv_input_amax": amax,
-            "key": key,
-        }
+        model, record = _finetune_qat(ctx, recipe, chosen, key)
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(stored, make_payload(model, base=ctx.ckpt, qat=record, qat_of=ctx.sha))
-    # Exported from the stored model: after fine-tuning, for a model fine-tuned before today's export form, or after a
-    # kill between the checkpoint and its ONNX — never a retraining.
     if not onnx_path.is_file():
         with atomic_path(onnx_path) as tmp:
             export_onnx(model, tmp, ctx.img_size)
     source = _FloatSource(onnx_path, sha256_file(onnx_path), "qat-", record["conv_input_amax"], model)
-    return _QatModel(
-        source,
-        {k: v for k, v in record.items() if k != "conv_input_amax"}
-        | {"checkpoint": str(stored), "checkpoint_sha256": sha256_file(stored)},
+    facts = {k: v for k, v in record.items() if k != "conv_input_amax"}
+    return _QatModel(source, facts | {"checkpoint": str(stored), "checkpoint_sha256": sha256_file(stored)})
+
+
+def _finetune_qat(ctx: _Context, recipe, chosen, key: str):
+    """Fake-quantize the checkpoint (ranges from the calibration slices), fine-tune it on the train split distilled
+    from the reference model, strip the quantizers: (float model, record with the convolution inputs' ranges)."""
+    import torch
+
+    from lggdeploy.common.progress import progress_bar
+    from lggdeploy.data.arrays import load_slices
+    from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
+    from lggdeploy.engines.precision import qat
+    from lggdeploy.models.checkpoint import model_from_checkpoint
+
+    recipe.validate()
+    started = time.perf_counter()
+    train = load_slices(ctx.dataset, ctx.split.train)
+    if len(train) < recipe.batch_size:
+        raise LggError(
+            f"{ctx.checkpoint}: its train split holds {len(train)} slices, too few for quantization-aware fine-tuning"
+        )
+    x = preprocess(chosen.images, ctx.img_size, ctx.normalization)
+    batches = [torch.from_numpy(x[i : i + 8]) for i in range(0, len(x), 8)]
+    quantized = qat.quantize_for_training(model_from_checkpoint(ctx.ckpt), batches)
+    images, masks = resize_images(train.images, ctx.img_size), resize_masks(train.masks, ctx.img_size)
+    logger.info(
+        f"QAT: {qat.LIBRARY} {qat.modelopt_version()}, {recipe.epochs} epoch(s) on {len(ctx.split.train)} train "
+        f"patients ({len(train)} slices), lr {recipe.lr}"
     )
+    teacher = model_from_checkpoint(ctx.reference_ckpt)
+    with progress_bar(True) as bar:
+        task = bar.add_task("QAT", total=None, info="")
+
+        def on_step(epoch, step, steps, loss):
+            done = (epoch - 1) * steps + step
+            bar.update(task, total=steps * recipe.epochs, completed=done, info=f"epoch {epoch} loss {loss:.4f}")
+
+        history = qat.finetune(quantized, images, masks, ctx.normalization, recipe, on_step, teacher=teacher)
+    amax = qat.conv_amax(quantized)
+    model = qat.strip_quantizers(quantized, model_from_checkpoint(ctx.ckpt))
+    run = {"train_slices": len(train), "history": history, "seconds": round(time.perf_counter() - started, 1)}
+    return model, _qat_record(ctx, recipe, chosen, key, run, amax)
+
+
+def _qat_record(ctx: _Context, recipe, chosen, key: str, run: dict, amax: dict) -> dict:
+    from lggdeploy.engines.precision import qat
+    from lggdeploy.engines.precision.calibration import slice_ids, slice_list_hash
+
+    settings = ("epochs", "lr", "optimizer", "batch_size", "weight_decay", "seed", "augment", "distill_weight")
+    return {
+        "library": qat.LIBRARY,
+        "library_version": qat.modelopt_version(),
+        "config": "INT8_DEFAULT_CFG (int8, per-channel weights on axis 0, per-tensor activations, max calibration)",
+        **{k: getattr(recipe, k) for k in settings},
+        "loss": f"distillation from the FP32 model (BCE on its probabilities), weight {recipe.distill_weight}; "
+        "the rest Dice + BCE on labels",
+        "teacher": str(ctx.reference_path),
+        "batch_norm": "statistics frozen",
+        "schedule": "cosine to zero",
+        "train_patients": list(ctx.split.train),
+        "train_slices": run["train_slices"],
+        "calibration_slice_list_sha256": slice_list_hash(slice_ids(chosen)),
+        "history": run["history"],
+        "seconds": run["seconds"],
+        "conv_input_amax": amax,
+        "key": key,
+    }
 
 
 class FloatGraph:

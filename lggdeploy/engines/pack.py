@@ -55,87 +55,23 @@ def pack(
     samples: int = DEFAULT_SAMPLES,
     data: str | os.PathLike | None = None,
 ) -> Path:
-    from lggdeploy.data.arrays import load_slices, pick_slices
-    from lggdeploy.data.kaggle import load_dataset, resolve_data_root
-    from lggdeploy.data.split import Split
-    from lggdeploy.models.checkpoint import load_checkpoint
-
+    """One bundle of one model's engines (see the module's docstring), written atomically to `out`."""
     if not engines:
         raise LggError("give at least one engine to pack")
     if samples < 1:
         raise LggError(f"--samples must be at least 1, got {samples}")
     out = check_writable(out)
     engines = [Path(e) for e in engines]
-    manifests = [read_manifest(e) for e in engines]
-    for engine, manifest in zip(engines, manifests):
-        verify_engine(engine, manifest)
-    models = {m["checkpoint_sha256"] for m in manifests}
-    if len(models) > 1:
-        raise LggError(
-            f"the engines come from {len(models)} different checkpoints: a bundle holds one model; pack each model's engines separately"
-        )
-    first = manifests[0]
-    checkpoint = Path(first["checkpoint"])
-    if not checkpoint.is_file() or sha256_file(checkpoint) != first["checkpoint_sha256"]:
-        raise LggError(
-            f"the checkpoint the engines were built from ({checkpoint}, sha256 {first['checkpoint_sha256'][:12]}…) is not here: pack needs it for the FP32 reference outputs"
-        )
-    ckpt = load_checkpoint(checkpoint)
-    folder = engines[0].parent
-    onnx_path = folder / "model.onnx"
-    if not onnx_path.is_file() or not (folder / "model.onnx.json").is_file():
-        raise LggError(f"{folder} lacks model.onnx and its record: rebuild the engines with `lggdeploy build`")
-
-    split = Split.from_json(first["split"], origin=f"{engines[0]} manifest")
-    dataset = load_dataset(
-        resolve_data_root(data, first.get("data_root") or ckpt.get("data_root"), "the verification set (val patients)")
-    )
-    chosen = pick_slices(load_slices(dataset, split.val), samples)
-    logits, masks = _reference(ckpt, chosen.images)
-
+    manifests = _checked_manifests(engines)
+    first, folder = manifests[0], engines[0].parent
+    ckpt = _source_checkpoint(first, folder)
+    chosen, logits, masks = _verification_set(ckpt, first, engines[0], samples, data)
     with temporary_folder(out.parent, prefix="pack") as tmp:
         root = Path(tmp) / "bundle"
         for sub in ("engines", "onnx", "calibration"):
             (root / sub).mkdir(parents=True)
-        entries = []
-        for engine, manifest in zip(engines, manifests):
-            shutil.copyfile(engine, root / "engines" / engine.name)
-            shutil.copyfile(manifest_path(engine), root / "engines" / manifest_path(engine).name)
-            entries.append(
-                {
-                    "file": f"engines/{engine.name}",
-                    "manifest": f"engines/{manifest_path(engine).name}",
-                    "backend": manifest["backend"],
-                    "precision": manifest["precision"],
-                    "int8_profile": manifest.get("int8_profile"),
-                    "gate": {
-                        k: manifest["gate"].get(k) for k in ("passed", "criteria", "min_agreement", "drop_points")
-                    },
-                }
-            )
-            twin = manifest.get("portable_qdq") or {}
-            if (
-                twin.get("file") and twin["file"] != engine.name
-            ):  # the plain Q/DQ twin of a runtime-optimized INT8 engine
-                source = engine.parent / twin["file"]
-                if not source.is_file() or sha256_file(source) != twin.get("sha256"):
-                    raise LggError(
-                        f"{source}: the portable Q/DQ twin that {manifest_path(engine).name} names is missing or altered; rebuild the engine"
-                    )
-                shutil.copyfile(source, root / "onnx" / twin["file"])
-                entries[-1]["portable_qdq"] = f"onnx/{twin['file']}"
-            cache = (manifest.get("calibration") or {}).get("cache")
-            if cache and (folder / cache).is_file():
-                shutil.copyfile(folder / cache, root / "calibration" / Path(cache).name)
-            if (
-                manifest["precision"] == "int8"
-                and manifest.get("int8_profile") == "tensorrt"
-                and manifest["backend"] == "onnxruntime"
-            ):
-                shutil.copyfile(
-                    engine, root / "onnx" / "model-int8-qdq.onnx"
-                )  # plain Q/DQ: what TensorRT's parser takes
-        shutil.copyfile(onnx_path, root / "onnx" / "model.onnx")
+        entries = [_add_engine(root, engine, manifest) for engine, manifest in zip(engines, manifests)]
+        shutil.copyfile(folder / "model.onnx", root / "onnx" / "model.onnx")
         shutil.copyfile(folder / "model.onnx.json", root / "onnx" / "model.onnx.json")
         buffer = io.BytesIO()
         np.savez_compressed(
@@ -148,32 +84,7 @@ def pack(
             numbers=chosen.numbers,
         )
         (root / "verification.npz").write_bytes(buffer.getvalue())
-        criteria = first["gate"].get("criteria") or {}
-        description = {
-            "format": BUNDLE_FORMAT,
-            "version": 1,
-            "lggdeploy_version": __version__,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "model": first["model"],
-            "checkpoint_sha256": first["checkpoint_sha256"],
-            "onnx_sha256": first["onnx_sha256"],
-            "img_size": first["img_size"],
-            "normalization": first["normalization"],
-            "threshold": first["threshold"],
-            "postprocess": PostProcess.from_json(first.get("postprocess")).to_json(),
-            "engines": entries,
-            "onnx": sorted(f"onnx/{p.name}" for p in (root / "onnx").iterdir()),
-            "calibration": sorted(f"calibration/{p.name}" for p in (root / "calibration").iterdir()),
-            "verification": {
-                "file": "verification.npz",
-                "slices": len(chosen),
-                "tumor_slices": int(chosen.tumor_slices().sum()),
-                "patients": chosen.patient_ids,
-                "checkpoint_sha256": first["checkpoint_sha256"],
-                "min_agreement": criteria.get("min_agreement", DEFAULT_CRITERIA.min_agreement),
-                "criterion": "every verification patient: Dice of the engine's masks against the FP32 model's masks >= min_agreement",
-            },
-        }
+        description = _description(root, first, entries, chosen)
         (root / "bundle.json").write_text(json.dumps(description, indent=2) + "\n")
         (root / "README.md").write_text(device_readme(description, first))
         sums = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in sorted(root.rglob("*")) if p.is_file()]
@@ -182,6 +93,118 @@ def pack(
             for path in sorted(root.rglob("*")):
                 tar.add(path, arcname=path.relative_to(root).as_posix(), recursive=False)
     return out
+
+
+def _checked_manifests(engines: list[Path]) -> list:
+    """Each engine's manifest, the file checked against it; all of one checkpoint (a bundle holds one model)."""
+    manifests = [read_manifest(e) for e in engines]
+    for engine, manifest in zip(engines, manifests):
+        verify_engine(engine, manifest)
+    models = {m["checkpoint_sha256"] for m in manifests}
+    if len(models) > 1:
+        raise LggError(
+            f"the engines come from {len(models)} different checkpoints: a bundle holds one model; "
+            "pack each model's engines separately"
+        )
+    return manifests
+
+
+def _source_checkpoint(first, folder: Path) -> dict:
+    """The checkpoint the engines were built from (for the FP32 reference outputs), and its export beside them."""
+    from lggdeploy.models.checkpoint import load_checkpoint
+
+    checkpoint = Path(first["checkpoint"])
+    if not checkpoint.is_file() or sha256_file(checkpoint) != first["checkpoint_sha256"]:
+        raise LggError(
+            f"the checkpoint the engines were built from ({checkpoint}, sha256 {first['checkpoint_sha256'][:12]}…) "
+            "is not here: pack needs it for the FP32 reference outputs"
+        )
+    if not (folder / "model.onnx").is_file() or not (folder / "model.onnx.json").is_file():
+        raise LggError(f"{folder} lacks model.onnx and its record: rebuild the engines with `lggdeploy build`")
+    return load_checkpoint(checkpoint)
+
+
+def _verification_set(ckpt: dict, first, engine: Path, samples: int, data):
+    """`samples` val slices spread over the val patients, with the FP32 model's logits and masks on them."""
+    from lggdeploy.data.arrays import load_slices, pick_slices
+    from lggdeploy.data.kaggle import load_dataset, resolve_data_root
+    from lggdeploy.data.split import Split
+
+    split = Split.from_json(first["split"], origin=f"{engine} manifest")
+    root = resolve_data_root(
+        data, first.get("data_root") or ckpt.get("data_root"), "the verification set (val patients)"
+    )
+    chosen = pick_slices(load_slices(load_dataset(root), split.val), samples)
+    logits, masks = _reference(ckpt, chosen.images)
+    return chosen, logits, masks
+
+
+def _add_engine(root: Path, engine: Path, manifest) -> dict:
+    """Copy an engine, its manifest, its portable Q/DQ twin and calibration cache into the bundle; its entry."""
+    folder = engine.parent
+    shutil.copyfile(engine, root / "engines" / engine.name)
+    shutil.copyfile(manifest_path(engine), root / "engines" / manifest_path(engine).name)
+    gate_keys = ("passed", "criteria", "min_agreement", "drop_points")
+    entry = {
+        "file": f"engines/{engine.name}",
+        "manifest": f"engines/{manifest_path(engine).name}",
+        "backend": manifest["backend"],
+        "precision": manifest["precision"],
+        "int8_profile": manifest.get("int8_profile"),
+        "gate": {k: manifest["gate"].get(k) for k in gate_keys},
+    }
+    twin = manifest.get("portable_qdq") or {}
+    if twin.get("file") and twin["file"] != engine.name:  # the plain Q/DQ twin of a runtime-optimized INT8 engine
+        source = folder / twin["file"]
+        if not source.is_file() or sha256_file(source) != twin.get("sha256"):
+            raise LggError(
+                f"{source}: the portable Q/DQ twin that {manifest_path(engine).name} names is missing or altered; "
+                "rebuild the engine"
+            )
+        shutil.copyfile(source, root / "onnx" / twin["file"])
+        entry["portable_qdq"] = f"onnx/{twin['file']}"
+    cache = (manifest.get("calibration") or {}).get("cache")
+    if cache and (folder / cache).is_file():
+        shutil.copyfile(folder / cache, root / "calibration" / Path(cache).name)
+    plain_qdq = (manifest["backend"], manifest["precision"], manifest.get("int8_profile")) == (
+        "onnxruntime",
+        "int8",
+        "tensorrt",
+    )
+    if plain_qdq:  # the engine is itself the plain Q/DQ graph: what TensorRT's parser takes
+        shutil.copyfile(engine, root / "onnx" / "model-int8-qdq.onnx")
+    return entry
+
+
+def _description(root: Path, first, entries: list[dict], chosen) -> dict:
+    """bundle.json: what is inside and how the device judges an engine."""
+    criteria = first["gate"].get("criteria") or {}
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": 1,
+        "lggdeploy_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": first["model"],
+        "checkpoint_sha256": first["checkpoint_sha256"],
+        "onnx_sha256": first["onnx_sha256"],
+        "img_size": first["img_size"],
+        "normalization": first["normalization"],
+        "threshold": first["threshold"],
+        "postprocess": PostProcess.from_json(first.get("postprocess")).to_json(),
+        "engines": entries,
+        "onnx": sorted(f"onnx/{p.name}" for p in (root / "onnx").iterdir()),
+        "calibration": sorted(f"calibration/{p.name}" for p in (root / "calibration").iterdir()),
+        "verification": {
+            "file": "verification.npz",
+            "slices": len(chosen),
+            "tumor_slices": int(chosen.tumor_slices().sum()),
+            "patients": chosen.patient_ids,
+            "checkpoint_sha256": first["checkpoint_sha256"],
+            "min_agreement": criteria.get("min_agreement", DEFAULT_CRITERIA.min_agreement),
+            "criterion": "every verification patient: Dice of the engine's masks against the FP32 model's masks "
+            ">= min_agreement",
+        },
+    }
 
 
 def device_readme(description: dict, manifest: dict) -> str:

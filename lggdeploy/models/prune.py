@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -97,6 +98,35 @@ def check_distill_weight(weight: float) -> None:
         )
 
 
+def check_prune_options(
+    ratio: float,
+    steps: int,
+    finetune_epochs: int,
+    lr: float,
+    batch_size: int,
+    device: str,
+    distill: bool,
+    weight: float,
+) -> None:
+    """Every option of `prune` checked before any work (a NaN ratio once reached a path name and a traceback)."""
+    if not (math.isfinite(ratio) and 0 < ratio < 1):
+        raise LggError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+    if steps < 1:
+        raise LggError(f"--steps must be at least 1, got {steps}")
+    if finetune_epochs < 0:
+        raise LggError(f"--finetune-epochs must be 0 (no fine-tuning) or more, got {finetune_epochs}")
+    if finetune_epochs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise LggError(f"--lr must be a positive number, got {lr}")
+        if batch_size < 2:
+            raise LggError(f"--batch-size must be at least 2 (batch norm needs 2 samples), got {batch_size}")
+        from lggdeploy.models.torch_runner import resolve_device
+
+        resolve_device(device)
+    if distill:
+        check_distill_weight(weight)
+
+
 def prune_checkpoint(
     checkpoint: str | os.PathLike,
     ratio: float,
@@ -111,81 +141,92 @@ def prune_checkpoint(
     distill_weight: float = 0.5,
 ) -> Path:
     """Prune (and fine-tune) a checkpoint; returns the path of the new checkpoint (best.pt of its run folder)."""
-    from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
-    from lggdeploy.models.train import TrainConfig, train
+    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint
 
+    check_prune_options(ratio, steps, finetune_epochs, lr, batch_size, device, distill, distill_weight)
     ckpt = load_checkpoint(checkpoint)
-    out = (
-        Path(out)
-        if out
-        else Path(checkpoint).parent.parent / f"{Path(checkpoint).parent.name}-pruned{int(round(ratio * 100))}"
-    )
+    parent = Path(checkpoint).parent
+    out = Path(out) if out else parent.parent / f"{parent.name}-pruned{int(round(ratio * 100))}"
     if finetune_epochs:
         from lggdeploy.data.kaggle import resolve_data_root
 
         data = resolve_data_root(data, ckpt.get("data_root"), "fine-tuning after pruning")
-    if distill:
-        check_distill_weight(distill_weight)
     if (out / "last.pt").exists() or (out / "best.pt").exists():
         raise LggError(f"{out} already holds a checkpoint; choose another -o")
     check_can_create(out)  # before the pruning and fine-tuning work
     model = model_from_checkpoint(ckpt)
     epochs_per_step = max(1, finetune_epochs // steps) if finetune_epochs else 0
-    stages: list[dict] = []
-
-    def save_stage(model: nn.Module, recipe_entry: dict | None, path: Path, **overrides) -> Path:
-        pruning = list(ckpt.get("pruning", [])) + ([recipe_entry] if recipe_entry else [])
-        return save_checkpoint(
-            path, make_payload(model, ckpt, pruned=True, pruning=pruning, pruned_from=str(checkpoint), **overrides)
-        )
-
-    def finetune(step: int) -> None:
-        if not epochs_per_step:
-            return
-        n = len(stages) + 1
-        start = save_stage(model, None, out / f"stage{n}_start.pt")
-        result = train(
-            TrainConfig(
-                model=ckpt["model"]["name"],
-                data=data,
-                out=out / f"stage{n}",
-                epochs=epochs_per_step,
-                batch_size=batch_size,
-                lr=lr,
-                img_size=ckpt["img_size"],
-                device=device,
-                init_checkpoint=start,
-                teacher=Path(checkpoint) if distill else None,
-                distill_weight=distill_weight,
-                # the original's own missing-sequence share (0 for checkpoints from before it existed)
-                missing_modality=float(ckpt.get("train_config", {}).get("missing_modality", 0.0)),
-            )
-        )
-        tuned = model_from_checkpoint(load_checkpoint(result.best_path))
-        model.load_state_dict(tuned.state_dict())
-        stages.append({"step": step + 1, "history": result.history, "best": result.best})
-        logger.info(
-            f"pruning step {step + 1}/{steps}: fine-tuned, val per-patient Dice {result.best['val_mean_patient_dice']:.4f}"
-        )
-
-    recipe = prune_model(model, ckpt["img_size"], ratio, steps, finetune)
-    recipe["finetune_epochs"] = epochs_per_step * steps if finetune_epochs else 0
+    settings = {"data": data, "lr": lr, "batch_size": batch_size, "device": device}
+    tuner = _StageTuner(Path(checkpoint), ckpt, model, out, epochs_per_step, steps, settings, distill, distill_weight)
+    recipe = prune_model(model, ckpt["img_size"], ratio, steps, tuner)
+    recipe["finetune_epochs"] = epochs_per_step * steps
     recipe["distillation"] = (
         {"teacher": str(checkpoint), "weight": distill_weight, "targets": "the unpruned model's sigmoid outputs"}
         if distill and finetune_epochs
         else None
     )
-    recipe["finetune"] = [{"step": st["step"], "best": st["best"]} for st in stages]
+    recipe["finetune"] = [{"step": st["step"], "best": st["best"]} for st in tuner.stages]
     logger.info(
         f"params {recipe['params_before'] / 1e6:.2f}M -> {recipe['params_after'] / 1e6:.2f}M, "
         f"MACs {recipe['macs_before'] / 1e9:.2f}G -> {recipe['macs_after'] / 1e9:.2f}G at {ckpt['img_size']} px; "
         f"{recipe['layers_changed']} layers changed"
     )
-    if stages:
-        overrides = {"best": stages[-1]["best"], "history": [row for st in stages for row in st["history"]]}
+    if tuner.stages:
+        stages = tuner.stages
+        scores = {"best": stages[-1]["best"], "history": [row for st in stages for row in st["history"]]}
     else:  # the unpruned model's validation scores say nothing about the pruned one
-        overrides = {
-            "best": {"epoch": None, "val_mean_patient_dice": None, "note": "pruned without fine-tuning: not validated"},
-            "history": [],
-        }
-    return save_stage(model, recipe, out / "best.pt", **overrides)
+        note = {"epoch": None, "val_mean_patient_dice": None, "note": "pruned without fine-tuning: not validated"}
+        scores = {"best": note, "history": []}
+    return tuner.save(recipe, out / "best.pt", **scores)
+
+
+class _StageTuner:
+    """Called by prune_model between pruning steps: fine-tunes the pruned model for its share of the epochs
+    (distilled from the unpruned checkpoint), loads the best weights back into it, and records the stage."""
+
+    def __init__(self, checkpoint: Path, ckpt: dict, model: nn.Module, out: Path, epochs: int, steps: int,
+                 settings: dict, distill: bool, distill_weight: float):  # fmt: skip
+        self.checkpoint, self.ckpt, self.model, self.out = checkpoint, ckpt, model, out
+        self.epochs, self.steps, self.settings = epochs, steps, settings
+        self.teacher = checkpoint if distill else None
+        self.distill_weight = distill_weight
+        self.stages: list[dict] = []
+
+    def save(self, recipe_entry: dict | None, path: Path, **overrides) -> Path:
+        from lggdeploy.models.checkpoint import make_payload, save_checkpoint
+
+        ckpt = self.ckpt
+        pruning = list(ckpt.get("pruning", [])) + ([recipe_entry] if recipe_entry else [])
+        payload = make_payload(
+            self.model, ckpt, pruned=True, pruning=pruning, pruned_from=str(self.checkpoint), **overrides
+        )
+        return save_checkpoint(path, payload)
+
+    def __call__(self, step: int) -> None:
+        from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint
+        from lggdeploy.models.train import TrainConfig, train
+
+        if not self.epochs:
+            return
+        n = len(self.stages) + 1
+        start = self.save(None, self.out / f"stage{n}_start.pt")
+        ckpt = self.ckpt
+        result = train(
+            TrainConfig(
+                model=ckpt["model"]["name"],
+                out=self.out / f"stage{n}",
+                epochs=self.epochs,
+                img_size=ckpt["img_size"],
+                init_checkpoint=start,
+                teacher=self.teacher,
+                distill_weight=self.distill_weight,
+                # the original's own missing-sequence share (0 for checkpoints from before it existed)
+                missing_modality=float(ckpt.get("train_config", {}).get("missing_modality", 0.0)),
+                **self.settings,
+            )
+        )
+        tuned = model_from_checkpoint(load_checkpoint(result.best_path))
+        self.model.load_state_dict(tuned.state_dict())
+        self.stages.append({"step": step + 1, "history": result.history, "best": result.best})
+        dice = result.best["val_mean_patient_dice"]
+        logger.info(f"pruning step {step + 1}/{self.steps}: fine-tuned, val per-patient Dice {dice:.4f}")
