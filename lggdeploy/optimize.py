@@ -807,84 +807,79 @@ def _test_cell(test: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
+    """optimize.md: one row per rung (the reference first), why a rung did not pass below it, then the choice."""
     b_list = [str(b) for b in summary["options"]["batch_sizes"]]
     head = ["model", "engine", "status", "val Dice/patient", "val drop (pts)", "nodes in float", "QAT"]
-    head += (
-        [f"ms/img b{b}" for b in b_list]
-        + [f"× PyTorch b{b}" for b in b_list]
-        + ["test Dice/patient (n)", "test drop (pts): mean, worst patient"]
-    )
+    head += [f"ms/img b{b}" for b in b_list] + [f"× PyTorch b{b}" for b in b_list]
+    head += ["test Dice/patient (n)", "test drop (pts): mean, worst patient"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    front = set(summary["front"])
-    chosen_key = candidate_key(summary["chosen"])
     torch_ms = summary["pytorch_fp32_ms_per_image"]
-    torch_test = summary.get("pytorch_fp32_test") or {}
-    lines.append(
-        "| unpruned | PyTorch eager FP32 [reference] | timed | — | — | — | — | "
-        + " | ".join(_fmt(torch_ms.get(b)) for b in b_list)
-        + " | "
-        + " | ".join("1.00" for _ in b_list)
-        + f" | {_test_cell(torch_test)} | — |"
-    )
-    notes = []  # why a rung did not pass, in full below the table (a table cell would cut it)
+    reference = ["unpruned", "PyTorch eager FP32 [reference]", "timed", "—", "—", "—", "—"]
+    reference += [_fmt(torch_ms.get(b)) for b in b_list] + ["1.00" for _ in b_list]
+    reference += [_test_cell(summary.get("pytorch_fp32_test") or {}), "—"]
+    lines.append("| " + " | ".join(reference) + " |")
+    notes: list[str] = []  # why a rung did not pass, in full below the table (a table cell would cut it)
     for c in summary["candidates"]:
-        key = candidate_key(c)
-        mark = " **[chosen]**" if key == chosen_key else (" [front]" if key in front else "")
-        test = c["test"] or {}
-        status = c["status"]
-        if c["status"] != "passed" and c["reason"]:
-            failures = (
-                (c.get("gate") or {}).get("failures") if c["status"] == "failed gate" else None
-            )  # the gate's own lines, not its message's head
-            why = (
-                "; ".join(failures) + (" (reused)" if c["reason"].endswith("(reused)") else "")
-                if failures
-                else c["reason"]
-            )
-            notes.append(f"[{len(notes) + 1}] {c['model']}, {engine_label(c)}: {why}")
-            status += f" [{len(notes)}]"
-        cells = [
-            c["model"],
-            f"{engine_label(c)}{mark}",
-            status,
-            _fmt(c["val_dice"], 4),
-            _fmt(c["val_drop_points"]),
-            "—" if c["nodes_kept_in_float"] is None else str(c["nodes_kept_in_float"]),
-            "yes" if c["qat"] else "",
-        ]
-        cells += [_fmt(c["latency_ms_per_image"].get(b)) for b in b_list] + [
-            _fmt(c["speedup_vs_pytorch"].get(b)) for b in b_list
-        ]
-        cells.append(_test_cell(test))
-        cells.append(
-            f"{test['drop_points']:.2f}, {test['worst_patient_drop_points']:.2f} ({test['worst_patient']})"
-            if "drop_points" in test
-            else "—"
-        )
-        lines.append("| " + " | ".join(cells) + " |")
-    noise = summary["noise_floor"]
-    chosen = summary["chosen"]
-    cpu = summary["machine"].get("cpu", {})
+        lines.append("| " + " | ".join(_candidate_cells(c, summary, b_list, notes)) + " |")
     if notes:
         lines += [""] + [f"{note}  " for note in notes]
-    lines += [
-        "",
-        f"Chosen: {chosen['model']} {engine_label(chosen)} — fastest candidate at batch {summary['options']['batch']} that passed the gate "
-        f"(mean val per-patient Dice drop ≤ {summary['criteria']['max_mean_drop_points']} points, worst patient ≤ {summary['criteria']['max_patient_drop_points']}, "
-        f"mask agreement ≥ {summary['criteria']['min_agreement']}, {summary['criteria']['against']}).",
+    return "\n".join(lines + [""] + _choice_notes(summary)) + "\n"
+
+
+def _candidate_cells(c: dict, summary: dict, b_list: list[str], notes: list[str]) -> list[str]:
+    key = candidate_key(c)
+    mark = (
+        " **[chosen]**" if key == candidate_key(summary["chosen"]) else (" [front]" if key in summary["front"] else "")
+    )
+    test = c["test"] or {}
+    status = c["status"]
+    if c["status"] != "passed" and c["reason"]:
+        # the gate's own lines, not its message's head
+        failures = (c.get("gate") or {}).get("failures") if c["status"] == "failed gate" else None
+        why = c["reason"]
+        if failures:
+            why = "; ".join(failures) + (" (reused)" if c["reason"].endswith("(reused)") else "")
+        notes.append(f"[{len(notes) + 1}] {c['model']}, {engine_label(c)}: {why}")
+        status += f" [{len(notes)}]"
+    cells = [
+        c["model"],
+        f"{engine_label(c)}{mark}",
+        status,
+        _fmt(c["val_dice"], 4),
+        _fmt(c["val_drop_points"]),
+        "—" if c["nodes_kept_in_float"] is None else str(c["nodes_kept_in_float"]),
+        "yes" if c["qat"] else "",
+    ]
+    cells += [_fmt(c["latency_ms_per_image"].get(b)) for b in b_list]
+    cells += [_fmt(c["speedup_vs_pytorch"].get(b)) for b in b_list]
+    cells.append(_test_cell(test))
+    if "drop_points" in test:
+        cells.append(f"{test['drop_points']:.2f}, {test['worst_patient_drop_points']:.2f} ({test['worst_patient']})")
+    else:
+        cells.append("—")
+    return cells
+
+
+def _choice_notes(summary: dict) -> list[str]:
+    noise, chosen, criteria = summary["noise_floor"], summary["chosen"], summary["criteria"]
+    cpu = summary["machine"].get("cpu", {})
+    versus = summary["chosen_vs_onnxruntime_fp32"]
+    worst = noise["worst_deviation"]
+    return [
+        f"Chosen: {chosen['model']} {engine_label(chosen)} — fastest candidate at batch {summary['options']['batch']} "
+        f"that passed the gate (mean val per-patient Dice drop ≤ {criteria['max_mean_drop_points']} points, worst "
+        f"patient ≤ {criteria['max_patient_drop_points']}, mask agreement ≥ {criteria['min_agreement']}, "
+        f"{criteria['against']}).",
         "Speed-ups vs ONNX Runtime FP32 (unpruned): "
-        + (
-            ", ".join(f"b{b} {v:.2f}×" for b, v in summary["chosen_vs_onnxruntime_fp32"].items())
-            if summary["chosen_vs_onnxruntime_fp32"]
-            else "—"
-        ),
-        f"A/A noise floor (the PyTorch reference timed twice): worst deviation {_fmt(noise['worst_deviation'] * 100 if noise['worst_deviation'] is not None else None, 1)} %"
+        + (", ".join(f"b{b} {v:.2f}×" for b, v in versus.items()) if versus else "—"),
+        "A/A noise floor (the PyTorch reference timed twice): worst deviation "
+        f"{_fmt(worst * 100 if worst is not None else None, 1)} %"
         + (" — WARNING: noisy run" if noise["warning"] else ""),
         f"Latency: medians over {summary['options']['iters']} interleaved rounds; machine: {cpu_line(cpu)}; "
         f"{summary['created']}. Test Dice: the test split (n patients in brackets; the choice uses val only); "
-        "test drop: against the unpruned PyTorch FP32 model on the same test patients, mean and worst patient, no interval (`lggdeploy bench` gives the paired one where n allows).",
+        "test drop: against the unpruned PyTorch FP32 model on the same test patients, mean and worst patient, no "
+        "interval (`lggdeploy bench` gives the paired one where n allows).",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _plot(candidates: list[Candidate], front: list[Candidate], chosen: Candidate, opts: OptimizeOptions) -> None:

@@ -92,6 +92,11 @@ class Entry:
         )
 
     @property
+    def preprocessing(self) -> tuple[Normalization, int]:
+        """The manifest's normalization and input size."""
+        return Normalization.from_json(self.manifest["normalization"], origin=str(self.path)), self.manifest["img_size"]
+
+    @property
     def postprocess(self) -> PostProcess:
         """The post-processing the engine's manifest stores (the runtime's reading of it, with its error line)."""
         return stored_postprocess(self.path, self.manifest)
@@ -110,6 +115,8 @@ def _rss_mb() -> float:
 
 
 def _entries(opts: BenchOptions) -> list[Entry]:
+    """Every engine under --engines-dir, each checkpoint's PyTorch FP32 reference before its engines, with the A/A
+    twin (the reference timed again as its own entry) and, on a CUDA machine, PyTorch FP32/FP16 on the GPU."""
     engines = discover(opts.engines_dir)
     if not engines:
         raise LggError(
@@ -119,62 +126,41 @@ def _entries(opts: BenchOptions) -> list[Entry]:
     references: dict[str, Entry] = {}
     for path in engines:
         manifest = read_manifest(path)
-        group = manifest["checkpoint_sha256"]
-        model = manifest["model"]["name"]
-        checkpoint = Path(manifest["checkpoint"])
+        group, checkpoint = manifest["checkpoint_sha256"], Path(manifest["checkpoint"])
         if group not in references:
-            actual = sha256_file(checkpoint) if checkpoint.is_file() else group  # hashed once per checkpoint
-            if actual != group:
-                raise LggError(
-                    f"{checkpoint} is not the checkpoint {path.name} was built from: its sha256 is {actual[:12]}…, "
-                    f"{manifest_path(path)} records {group[:12]}…; restore that checkpoint or rebuild the engines from this one"
-                )
-            references[group] = Entry(
-                model,
-                "torch",
-                "fp32",
-                None,
-                checkpoint,
-                checkpoint,
-                group,
-                manifest,
-                pruned=bool(manifest.get("pruned")),
-            )
+            references[group] = reference = _reference_entry(path, manifest)
             if _cuda_available():  # PyTorch on the GPU, FP32 and FP16 autocast, beside the CPU reference
-                for precision in ("fp32", "fp16"):
-                    entries.append(
-                        Entry(model, "torch", precision, None, checkpoint, checkpoint, group, manifest, device="cuda")
-                    )
-        entries.append(
-            Entry(
-                model,
-                manifest["backend"],
-                manifest["precision"],
-                manifest.get("int8_profile"),
-                path,
-                checkpoint,
-                group,
-                manifest,
-                pruned=bool(manifest.get("pruned")),
-            )
-        )
+                entries += [_torch_entry(reference, precision=p, device="cuda", pruned=False) for p in ("fp32", "fp16")]
+        entry = Entry(manifest["model"]["name"], manifest["backend"], manifest["precision"], manifest.get("int8_profile"),
+                      path, checkpoint, group, manifest, pruned=bool(manifest.get("pruned")))  # fmt: skip
+        entries.append(entry)
     ordered = []  # each checkpoint's reference first, its A/A twin, then its engines
     for group, reference in references.items():
-        twin = Entry(
-            reference.model,
-            "torch",
-            "fp32",
-            None,
-            reference.path,
-            reference.checkpoint,
-            group,
-            reference.manifest,
-            pruned=reference.pruned,
-            twin_of=reference,
-        )
-        ordered.extend([reference, twin])
-        ordered.extend(e for e in entries if e.group == group)
+        ordered += [reference, _torch_entry(reference, twin_of=reference)]
+        ordered += [e for e in entries if e.group == group]
     return ordered
+
+
+def _torch_entry(reference: Entry, **changes) -> Entry:
+    """Another PyTorch row of `reference`'s checkpoint (the A/A twin, a GPU row): the same model and manifest, with
+    results of its own (not dataclasses.replace, which would share the latency dicts)."""
+    same = {k: getattr(reference, k) for k in ("model", "backend", "precision", "int8_profile", "path", "checkpoint")}
+    return Entry(
+        **{**same, "group": reference.group, "manifest": reference.manifest, "pruned": reference.pruned, **changes}
+    )
+
+
+def _reference_entry(path: Path, manifest) -> Entry:
+    """The checkpoint an engine was built from, as the PyTorch FP32 reference (hashed once per checkpoint)."""
+    group, checkpoint = manifest["checkpoint_sha256"], Path(manifest["checkpoint"])
+    actual = sha256_file(checkpoint) if checkpoint.is_file() else group
+    if actual != group:
+        raise LggError(
+            f"{checkpoint} is not the checkpoint {path.name} was built from: its sha256 is {actual[:12]}…, "
+            f"{manifest_path(path)} records {group[:12]}…; restore that checkpoint or rebuild the engines from this one"
+        )
+    model, pruned = manifest["model"]["name"], bool(manifest.get("pruned"))
+    return Entry(model, "torch", "fp32", None, checkpoint, checkpoint, group, manifest, pruned=pruned)
 
 
 def _cuda_available() -> bool:
@@ -282,12 +268,26 @@ def interleaved_times(
 
 
 def run_bench(opts: BenchOptions) -> dict:
+    """Score every entry on the split, time them interleaved at each batch size, then end to end; the results."""
     from lggdeploy.common.machine import machine_info
 
     validate(opts)
     threads = RunOptions(threads=opts.threads).cpu_threads()
     _torch_threads(threads)
     entries = _entries(opts)
+    inputs, raw = _score(entries, opts)
+    active = [e for e in entries if e.status == "ok"]
+    _time_interleaved(active, inputs, opts)
+    _time_end_to_end(active, raw, opts)
+    for e in entries:
+        if e.runner is not None and e.twin_of is None:
+            e.runner.close()
+    return _results(entries, opts, machine_info(), threads)
+
+
+def _score(entries: list[Entry], opts: BenchOptions) -> tuple[dict, dict]:
+    """Open and score each entry (per-patient accuracy); the preprocessed timing batches per checkpoint and batch
+    size, and the raw uint8 slices per checkpoint for the end-to-end timing."""
     slice_cache: dict = {}
     inputs: dict[tuple[str, int], np.ndarray] = {}
     raw: dict[str, np.ndarray] = {}
@@ -297,32 +297,26 @@ def run_bench(opts: BenchOptions) -> dict:
             logger.warning(f"{entry.label}: {entry.status} ({entry.reason})")
             continue
         slices = _slices_for(entry, opts, slice_cache)
-        norm, size = (
-            Normalization.from_json(entry.manifest["normalization"], origin=str(entry.path)),
-            entry.manifest["img_size"],
-        )
         if entry.twin_of is not None:
             entry.accuracy = entry.twin_of.accuracy
             continue
+        norm, size = entry.preprocessing
         try:
             entry.accuracy = score_runner(
-                entry.runner,
-                slices,
-                size,
-                norm,
-                threshold=entry.manifest["threshold"],
-                description=f"scoring {entry.label}",
-                postprocess=entry.postprocess,
-            )
+                entry.runner, slices, size, norm, threshold=entry.manifest["threshold"],
+                description=f"scoring {entry.label}", postprocess=entry.postprocess,
+            )  # fmt: skip
         except NonFiniteOutput as exc:
             entry.status, entry.reason = "non-finite", str(exc)
             continue
         raw[entry.group] = slices.images
         for b in opts.batch_sizes:
-            idx = np.arange(b) % len(slices)
-            inputs[(entry.group, b)] = preprocess(slices.images[idx], size, norm)
+            inputs[(entry.group, b)] = preprocess(slices.images[np.arange(b) % len(slices)], size, norm)
+    return inputs, raw
 
-    active = [e for e in entries if e.status == "ok"]
+
+def _time_interleaved(active: list[Entry], inputs: dict, opts: BenchOptions) -> None:
+    """Per batch size: warm-up, then rounds in which every engine runs once, in a freshly shuffled order."""
     order_rng = np.random.default_rng(opts.seed)
     with progress_bar() as bar:
         for b in opts.batch_sizes:
@@ -334,14 +328,16 @@ def run_bench(opts: BenchOptions) -> dict:
             times = interleaved_times(calls, opts.iters, order_rng, lambda: bar.advance(task), opts.seconds)
             for e, seconds in zip(active, times):
                 e.latency[b] = latency_summary(seconds, b)
-    # End to end at every batch size: uint8 slices in, resize + normalize, infer, masks at native size out, and the
-    # engine's post-processing on the batch as one volume (a patient's series is post-processed once per call).
+
+
+def _time_end_to_end(active: list[Entry], raw: dict, opts: BenchOptions) -> None:
+    """At every batch size: uint8 slices in, resize + normalize, infer, masks at native size out, and the engine's
+    post-processing on the batch as one volume (a patient's series is post-processed once per call); median of 5."""
     for e in active:
         if e.twin_of is not None:
             e.end_to_end_ms_per_image = e.twin_of.end_to_end_ms_per_image
             continue
-        norm, size = Normalization.from_json(e.manifest["normalization"], origin=str(e.path)), e.manifest["img_size"]
-        postprocess = e.postprocess
+        (norm, size), postprocess = e.preprocessing, e.postprocess
         for b in opts.batch_sizes:
             batch = raw[e.group][np.arange(b) % len(raw[e.group])]
             runs = []
@@ -350,10 +346,6 @@ def run_bench(opts: BenchOptions) -> dict:
                 segment(e.runner, batch, size, norm, e.manifest["threshold"], postprocess, batch_size=b)
                 runs.append(time.perf_counter() - t0)
             e.end_to_end_ms_per_image[b] = float(np.median(runs) * 1000 / b)
-    for e in entries:
-        if e.runner is not None and e.twin_of is None:
-            e.runner.close()
-    return _results(entries, opts, machine_info(), threads)
 
 
 def _torch_threads(threads: int) -> None:
@@ -365,59 +357,23 @@ def _torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+ACCURACY_FIGURES = (
+    "mean_patient_dice",
+    "median_patient_dice",
+    "global_dice",
+    "mean_patient_iou",
+    "pixel_accuracy",
+    "slice_mean_dice_study_style",
+)
+
+
 def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: int) -> dict:
     refs = {e.group: e for e in entries if e.is_reference}
     rows, noise = [], []
     for e in entries:
-        row = {
-            "model": e.model,
-            "aa": e.twin_of is not None,
-            "backend": e.backend if e.device == "cpu" else f"{e.backend} ({e.device})",
-            "precision": e.precision,
-            "int8_profile": e.int8_profile,
-            "pruned": e.pruned,
-            "engine": str(e.path),
-            "status": e.status,
-            "reason": e.reason,
-            "file_mb": round(e.path.stat().st_size / 2**20, 2) if e.path.is_file() else None,
-            "memory_mb": round(e.memory_mb, 1) if e.memory_mb is not None else None,
-            "latency": {str(b): s for b, s in e.latency.items()},
-            "end_to_end_ms_per_image": {str(b): v for b, v in e.end_to_end_ms_per_image.items()},
-            "gate": e.manifest.get("gate") if e.backend != "torch" else None,
-        }
-        if e.accuracy:
-            row.update(
-                {
-                    k: e.accuracy["aggregates"][k]
-                    for k in (
-                        "mean_patient_dice",
-                        "median_patient_dice",
-                        "global_dice",
-                        "mean_patient_iou",
-                        "pixel_accuracy",
-                        "slice_mean_dice_study_style",
-                    )
-                }
-            )
-            row["per_patient"] = e.accuracy["per_patient"]
-            row["patients"] = e.accuracy["aggregates"]["patients"]
-            row["patients_missed"] = e.accuracy["aggregates"]["patients_missed"]
-            row["postprocess"] = e.postprocess.describe()
-            ref = refs.get(e.group)
-            if ref is not None and ref.accuracy and not e.is_reference:
-                ref_dice = {r["patient"]: r["dice"] for r in ref.accuracy["per_patient"]}
-                diffs = {
-                    r["patient"]: 100 * (r["dice"] - ref_dice[r["patient"]])
-                    for r in e.accuracy["per_patient"]
-                    if r["patient"] in ref_dice
-                }
-                row["delta_dice_points"] = paired_summary(diffs, reps=opts.bootstrap_reps)
-            if ref is not None and ref.latency and e.latency:
-                row["speedup"] = {
-                    str(b): ref.latency[b]["p50_ms"] / e.latency[b]["p50_ms"] for b in e.latency if b in ref.latency
-                }
-                if e.twin_of is not None:
-                    noise.extend({"model": e.model, "batch": b, "ratio": ratio} for b, ratio in row["speedup"].items())
+        row = _row(e, refs.get(e.group), opts)
+        if e.twin_of is not None:
+            noise.extend({"model": e.model, "batch": b, "ratio": r} for b, r in row.get("speedup", {}).items())
         rows.append(row)
     worst = max((abs(n["ratio"] - 1) for n in noise), default=None)
     if worst is not None and worst > opts.noise_warning:
@@ -444,3 +400,45 @@ def _results(entries: list[Entry], opts: BenchOptions, machine: dict, threads: i
         "machine": machine,
         "rows": rows,
     }
+
+
+def _row(e: Entry, ref: Entry | None, opts: BenchOptions) -> dict:
+    """One entry's row: what it is, its latency, and — when scored — its accuracy, ΔDice against the reference's
+    patients (paired) and its speed-up over the reference's median latency."""
+    row = {
+        "model": e.model,
+        "aa": e.twin_of is not None,
+        "backend": e.backend if e.device == "cpu" else f"{e.backend} ({e.device})",
+        "precision": e.precision,
+        "int8_profile": e.int8_profile,
+        "pruned": e.pruned,
+        "engine": str(e.path),
+        "status": e.status,
+        "reason": e.reason,
+        "file_mb": round(e.path.stat().st_size / 2**20, 2) if e.path.is_file() else None,
+        "memory_mb": round(e.memory_mb, 1) if e.memory_mb is not None else None,
+        "latency": {str(b): s for b, s in e.latency.items()},
+        "end_to_end_ms_per_image": {str(b): v for b, v in e.end_to_end_ms_per_image.items()},
+        "gate": e.manifest.get("gate") if e.backend != "torch" else None,
+    }
+    if not e.accuracy:
+        return row
+    aggregates = e.accuracy["aggregates"]
+    row.update({k: aggregates[k] for k in ACCURACY_FIGURES})
+    row["per_patient"] = e.accuracy["per_patient"]
+    row["patients"] = aggregates["patients"]
+    row["patients_missed"] = aggregates["patients_missed"]
+    row["postprocess"] = e.postprocess.describe()
+    if ref is not None and ref.accuracy and not e.is_reference:
+        ref_dice = {r["patient"]: r["dice"] for r in ref.accuracy["per_patient"]}
+        diffs = {
+            r["patient"]: 100 * (r["dice"] - ref_dice[r["patient"]])
+            for r in e.accuracy["per_patient"]
+            if r["patient"] in ref_dice
+        }
+        row["delta_dice_points"] = paired_summary(diffs, reps=opts.bootstrap_reps)
+    if ref is not None and ref.latency and e.latency:
+        row["speedup"] = {
+            str(b): ref.latency[b]["p50_ms"] / e.latency[b]["p50_ms"] for b in e.latency if b in ref.latency
+        }
+    return row

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lggdeploy.backends.base import BuildTarget
@@ -115,8 +115,6 @@ def build_from_bundle(
     force: bool = False,
 ) -> list[DeviceBuild]:
     """Build every format `backend`/`precision` asks for from the bundle's graphs, verify each on the bundle's set."""
-    from lggdeploy.runtime.segmenter import Segmenter
-
     bundle = Path(bundle)
     if precision == "all":
         raise LggError(
@@ -127,63 +125,66 @@ def build_from_bundle(
         ok, reason = fmt.available()
         if not ok:
             raise LggError(f"backend {fmt.backend} is not usable on this device: {reason}")
-    results = []
     with opened_bundle(bundle) as (root, description):
         folder = Path(out_dir) / f"{description['model']['name']}-{description['checkpoint_sha256'][:8]}"
         folder.mkdir(parents=True, exist_ok=True)
-        for fmt in formats:
-            source, base = source_graph(root, description, fmt, bundle)
-            target = folder / fmt.filename()
-            started = time.perf_counter()
-            with temporary_folder(folder) as tmp:
-                candidate = Path(tmp) / fmt.filename()
-                facts = fmt.module.build(
-                    source,
-                    fmt,
-                    candidate,
-                    BuildTarget(
-                        img_size=description["img_size"],
-                        batch=tuple(batch),
-                        workspace_gib=workspace_gib,
-                        timing_cache=folder / "tensorrt.timing-cache",
-                        optimize=not fmt.plain_qdq,
-                    ),
-                )
-                manifest = {k: v for k, v in base.items() if k not in BUILD_FACTS and k not in ("format", "version")}
-                manifest.update(
-                    engine=fmt.filename(),
-                    backend=fmt.backend,
-                    backend_version=fmt.available()[1],
-                    precision=fmt.precision,
-                    int8_profile=fmt.int8_profile,
-                    **facts,
-                    sha256=sha256_file(candidate),
-                    created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                )
-                write_manifest(candidate, manifest)
-                with Segmenter.load(candidate, threads=threads) as segmenter:
-                    report = check_engine(segmenter, root, description, bundle)
-                if not report.passed and not force:
-                    raise GateFailed(
-                        f"{fmt.name} built on this device from {source.relative_to(root)} disagrees with the validated model on "
-                        f"the bundle's verification set ({'; '.join(report.failures)}); no engine written (--force keeps it, marked)"
-                    )
-                manifest.update(
-                    build_seconds=round(time.perf_counter() - started, 2),
-                    forced=not report.passed,
-                    built_on_device={
-                        "bundle": bundle.name,
-                        "source": source.relative_to(root).as_posix(),
-                        "source_sha256": sha256_file(source),
-                        "verification": {
-                            "passed": report.passed,
-                            "min_agreement": report.min_agreement,
-                            "overall_agreement": report.overall_agreement,
-                            "least_slice_agreement": min(report.per_slice_agreement),
-                            "slices": len(report.per_slice_agreement),
-                        },
-                    },
-                )
-                install_engine(candidate, target, manifest)
-            results.append(DeviceBuild(target, source.relative_to(root).as_posix(), report, manifest))
-    return results
+        target = BuildTarget(
+            img_size=description["img_size"],
+            batch=tuple(batch),
+            workspace_gib=workspace_gib,
+            timing_cache=folder / "tensorrt.timing-cache",
+        )
+        return [
+            _build_one(bundle, root, description, fmt, folder, target, threads, force)
+            for fmt in formats
+        ]  # fmt: skip
+
+
+def _build_one(bundle: Path, root: Path, description: dict, fmt, folder: Path, target: BuildTarget, threads, force):
+    """One engine from the bundle's graph, verified on the bundle's set before it is installed with its manifest."""
+    from lggdeploy.runtime.segmenter import Segmenter
+
+    source, base = source_graph(root, description, fmt, bundle)
+    started = time.perf_counter()
+    with temporary_folder(folder) as tmp:
+        candidate = Path(tmp) / fmt.filename()
+        facts = fmt.module.build(source, fmt, candidate, replace(target, optimize=not fmt.plain_qdq))
+        manifest = {k: v for k, v in base.items() if k not in BUILD_FACTS and k not in ("format", "version")}
+        manifest.update(
+            engine=fmt.filename(),
+            backend=fmt.backend,
+            backend_version=fmt.available()[1],
+            precision=fmt.precision,
+            int8_profile=fmt.int8_profile,
+            **facts,
+            sha256=sha256_file(candidate),
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        )
+        write_manifest(candidate, manifest)
+        with Segmenter.load(candidate, threads=threads) as segmenter:
+            report = check_engine(segmenter, root, description, bundle)
+        if not report.passed and not force:
+            raise GateFailed(
+                f"{fmt.name} built on this device from {source.relative_to(root)} disagrees with the validated model "
+                f"on the bundle's verification set ({'; '.join(report.failures)}); no engine written (--force keeps "
+                "it, marked)"
+            )
+        verification = {
+            "passed": report.passed,
+            "min_agreement": report.min_agreement,
+            "overall_agreement": report.overall_agreement,
+            "least_slice_agreement": min(report.per_slice_agreement),
+            "slices": len(report.per_slice_agreement),
+        }
+        manifest.update(
+            build_seconds=round(time.perf_counter() - started, 2),
+            forced=not report.passed,
+            built_on_device={
+                "bundle": bundle.name,
+                "source": source.relative_to(root).as_posix(),
+                "source_sha256": sha256_file(source),
+                "verification": verification,
+            },
+        )
+        install_engine(candidate, folder / fmt.filename(), manifest)
+    return DeviceBuild(folder / fmt.filename(), source.relative_to(root).as_posix(), report, manifest)

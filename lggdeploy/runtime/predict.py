@@ -67,6 +67,50 @@ def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None) 
     return rgb
 
 
+def _read_patient(paths: list[Path], report: PredictReport, advance) -> tuple[list, list, list]:
+    """A patient's readable slices (a slice that cannot be read is listed and skipped) and their ground truth where
+    a readable mask lies beside them."""
+    kept, images, truths = [], [], []
+    for path in paths:
+        advance()
+        try:
+            image = read_image(path)
+        except DataError as exc:  # no image, no prediction: listed, and the slice's outputs are not written
+            report.problems.append(str(exc))
+            continue
+        truth = None
+        mask_path = path.with_name(path.stem + "_mask.tif")
+        if mask_path.is_file():
+            try:
+                truth = read_mask(mask_path)
+            except DataError as exc:  # the slice is still predicted; it only has no ground truth
+                report.problems.append(f"{exc} (slice {path.name} predicted without ground truth)")
+        kept.append(path)
+        images.append(image)
+        truths.append(truth)
+    return kept, images, truths
+
+
+def _write_patient(folder: Path, kept, images, masks, truths, report: PredictReport) -> tuple[int, int, int]:
+    """Each slice's mask (TIFF) and overlay (PNG), written atomically; the patient's TP, FP, FN against its truth."""
+    import tifffile
+    from PIL import Image
+
+    folder = ensure_folder(folder)
+    tp = fp = fn = 0
+    for path, image, mask, truth in zip(kept, images, masks, truths, strict=True):
+        with atomic_path(folder / f"{path.stem}_pred_mask.tif") as tmp:
+            tifffile.imwrite(tmp, mask.astype(np.uint8) * 255)
+        with atomic_path(folder / f"{path.stem}_overlay.png") as tmp:
+            Image.fromarray(overlay(image, mask, truth)).save(tmp, format="PNG")
+        report.written += 1
+        if truth is not None:
+            tp += int((mask & truth).sum())
+            fp += int((mask & ~truth).sum())
+            fn += int((~mask & truth).sum())
+    return tp, fp, fn
+
+
 def predict_paths(
     segmenter,
     source: str | os.PathLike,
@@ -74,51 +118,20 @@ def predict_paths(
     largest_component: bool = False,
     spacing_mm: float | None = None,
 ) -> PredictReport:
-    import tifffile
-    from PIL import Image
-
+    """Every patient under `source`: masks and overlays per slice, one row per patient (patients.csv)."""
     out_dir = ensure_folder(out_dir)  # before any work: an unwritable --out is one clear line
     report = PredictReport()
     patients = collect_inputs(source)
     with progress_bar() as bar:
         task = bar.add_task("predicting", total=sum(len(v) for v in patients.values()), info="")
         for pid, paths in patients.items():
-            images, truths, kept = [], [], []
-            for path in paths:
-                try:
-                    image = read_image(path)
-                except DataError as exc:  # no image, no prediction: listed, and the slice's outputs are not written
-                    report.problems.append(str(exc))
-                    bar.advance(task)
-                    continue
-                truth = None
-                mask_path = path.with_name(path.stem + "_mask.tif")
-                if mask_path.is_file():
-                    try:
-                        truth = read_mask(mask_path)
-                    except DataError as exc:  # the slice is still predicted; it only has no ground truth
-                        report.problems.append(f"{exc} (slice {path.name} predicted without ground truth)")
-                images.append(image)
-                truths.append(truth)
-                kept.append(path)
-                bar.advance(task)
+            kept, images, truths = _read_patient(paths, report, lambda: bar.advance(task))
             if not images:
                 continue
             prediction = segmenter.predict(np.stack(images), largest_component=largest_component)
-            folder = ensure_folder(out_dir / pid)
-            tp = fp = fn = 0
-            has_truth = all(t is not None for t in truths)
-            for path, image, mask, truth in zip(kept, images, prediction.masks, truths, strict=True):
-                with atomic_path(folder / f"{path.stem}_pred_mask.tif") as tmp:
-                    tifffile.imwrite(tmp, mask.astype(np.uint8) * 255)
-                with atomic_path(folder / f"{path.stem}_overlay.png") as tmp:
-                    Image.fromarray(overlay(image, mask, truth)).save(tmp, format="PNG")
-                report.written += 1
-                if truth is not None:
-                    tp += int((mask & truth).sum())
-                    fp += int((mask & ~truth).sum())
-                    fn += int((~mask & truth).sum())
+            counts = _write_patient(out_dir / pid, kept, images, prediction.masks, truths, report)
             pixels = prediction.masks.reshape(len(kept), -1).sum(axis=1)
+            has_truth = all(t is not None for t in truths)
             row = {
                 "patient": pid,
                 "slices": len(kept),
@@ -126,7 +139,7 @@ def predict_paths(
                 "tumor_pixels": int(pixels.sum()),
                 "tumor_pixels_per_slice": " ".join(str(int(p)) for p in pixels),
                 "tumor_area_mm2": round(float(pixels.sum()) * spacing_mm**2, 2) if spacing_mm else None,
-                "dice": round(float(dice_from_counts(tp, fp, fn)), 4) if has_truth else None,
+                "dice": round(float(dice_from_counts(*counts)), 4) if has_truth else None,
             }
             report.rows.append(row)
     if report.rows:
