@@ -12,11 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
+from lggdeploy.bench.report import write_all
+from lggdeploy.bench.run import BenchOptions, run_bench
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.tables import markdown_table
 from lggdeploy.data.kaggle import check_dataset, raise_for_problems
 from lggdeploy.data.phantom import synthesize
 from lggdeploy.data.split import make_split, save_split
+from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.models.evaluate import evaluate_checkpoint
 from lggdeploy.models.presets import PRESETS
 from lggdeploy.models.train import TrainConfig, train
@@ -104,9 +107,6 @@ def run_demo(
 
 
 def _engines_and_bench(out: Path, data: Path, checkpoints: list[Path], iters: int) -> dict:
-    from lggdeploy.bench.report import write_all
-    from lggdeploy.bench.run import BenchOptions, run_bench
-    from lggdeploy.engines.build import BuildOptions, build_engines
 
     engines = out / "engines"
     if engines.exists():  # the demo's own engines from an earlier run

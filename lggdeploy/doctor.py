@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from lggdeploy.backends.base import BACKENDS, availability
-from lggdeploy.common.machine import machine_info
+from lggdeploy.common.machine import cpu_has_bf16, machine_info
 from lggdeploy.engines.formats import all_formats
+from lggdeploy.engines.precision.int8 import recipe_for
 
 
 def report() -> dict:
     from lggdeploy.bench.run import torch_available
-    from lggdeploy.engines.precision.int8 import recipe_for
 
     backends = []
     for name in BACKENDS:
@@ -25,7 +25,6 @@ def report() -> dict:
             "detail": detail,
         }
     )
-    from lggdeploy.common.machine import cpu_has_bf16
     from lggdeploy.engines.precision.qat import modelopt_version
 
     version = modelopt_version()

@@ -36,10 +36,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lggdeploy.backends.base import BACKENDS, RunOptions, cpu_backends
+from lggdeploy.bench.labels import engine_name
 from lggdeploy.common.errors import CannotWin, GateFailed, LggError, SearchStopped
-from lggdeploy.common.files import ensure_folder, sha256_file, write_json_atomic, write_text_atomic
+from lggdeploy.common.files import atomic_path, ensure_folder, sha256_file, write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line
 from lggdeploy.engines.export import EXPORT_GRAPH
+from lggdeploy.engines.formats import open_engine, select_formats
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
 
 logger = logging.getLogger(__name__)
@@ -50,7 +53,6 @@ LADDER_PRECISIONS = ("fp32", "bf16", "int8")  # FP16 is no CPU precision: emulat
 
 def cpu_ladder() -> tuple[tuple[str, str], ...]:
     """Every CPU backend's FP32, BF16 and INT8 rungs, precision by precision (backends/base.py's rows)."""
-    from lggdeploy.backends.base import BACKENDS, cpu_backends
 
     return tuple(
         (backend, precision)
@@ -173,7 +175,6 @@ def _loaded(candidate: dict, out: Path, relative_to_out: bool) -> dict:
 
 
 def format_name(backend: str, precision: str) -> str:
-    from lggdeploy.engines.formats import select_formats
 
     return select_formats(backend, precision)[0].name
 
@@ -194,7 +195,6 @@ def candidate_key(candidate: dict) -> str:
 
 def engine_label(candidate: dict) -> str:
     """'openvino int8 (openvino profile)': bench's label of the rung's engine format."""
-    from lggdeploy.bench.labels import engine_name
 
     parts = (candidate.get("engine_format") or "").split("-")
     return engine_name(
@@ -207,7 +207,6 @@ def engine_label(candidate: dict) -> str:
 
 
 def _available(backend: str, precision: str) -> tuple[bool, str]:
-    from lggdeploy.engines.formats import select_formats
 
     return select_formats(backend, precision)[0].usable()
 
@@ -352,9 +351,7 @@ def speed_probe(passed: list[Candidate], opts: OptimizeOptions, probed: Candidat
     def worth_searching(open_candidate, val_batch) -> str | None:
         import numpy as np
 
-        from lggdeploy.backends.base import RunOptions
         from lggdeploy.bench.run import interleaved_times
-        from lggdeploy.engines.formats import open_engine
 
         x = val_batch(opts.batch)
         runners = []
@@ -890,7 +887,6 @@ def _plot(candidates: list[Candidate], front: list[Candidate], chosen: Candidate
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    from lggdeploy.common.files import atomic_path
 
     b = str(opts.batch)
     timed = [c for c in candidates if c.status == "passed" and b in c.latency_ms_per_image]

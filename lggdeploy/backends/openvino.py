@@ -21,6 +21,7 @@ import numpy as np
 
 from lggdeploy.backends.base import BuildTarget, RunnerBase, RunOptions
 from lggdeploy.common.errors import EngineError
+from lggdeploy.common.machine import cpu_has_bf16
 
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the Q/DQ nodes decide; see precision_hint
 
@@ -46,7 +47,6 @@ def supports(precision: str) -> tuple[bool, str]:
     """BF16 needs AVX512-BF16 or AMX (OpenVINO would silently run f32 elsewhere): say so instead."""
     if precision != "bf16":
         return True, ""
-    from lggdeploy.common.machine import cpu_has_bf16
 
     if cpu_has_bf16():
         return True, ""

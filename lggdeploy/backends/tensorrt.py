@@ -23,6 +23,7 @@ import numpy as np
 
 from lggdeploy.backends.base import BuildTarget, RunnerBase, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, EngineError
+from lggdeploy.common.files import atomic_path
 
 BOTH, V10, V11 = ("10", "11"), ("10",), ("11",)
 TRT_NAMES: dict[str, tuple[str, ...]] = {
@@ -139,7 +140,6 @@ def build(
     onnx_path: str | os.PathLike, fmt, plan_path: str | os.PathLike, options: BuildTarget, optimization_level: int = 3
 ) -> dict:
     """Parse a typed ONNX graph and write a serialized engine atomically. Returns build facts for the manifest."""
-    from lggdeploy.common.files import atomic_path
 
     batch, img_size, workspace_gib, timing_cache = (
         options.batch,

@@ -26,9 +26,14 @@ from lggdeploy.backends.base import RunOptions
 from lggdeploy.bench.stats import latency_summary, paired_summary
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import sha256_file
+from lggdeploy.common.machine import machine_info
 from lggdeploy.common.progress import progress_bar
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset, resolve_data_root
+from lggdeploy.data.split import Split, load_split
 from lggdeploy.data.transforms import Normalization, preprocess
 from lggdeploy.engines.formats import discover, format_of, manifest_path, open_engine, read_manifest
+from lggdeploy.models.torch_runner import load
 from lggdeploy.postprocess import PostProcess
 from lggdeploy.runtime.segmenter import stored_postprocess
 from lggdeploy.scoring import NonFiniteOutput, score_runner, segment
@@ -200,9 +205,6 @@ def _open(entry: Entry, opts: BenchOptions) -> None:
 
 
 def _slices_for(entry: Entry, opts: BenchOptions, cache: dict):
-    from lggdeploy.data.arrays import load_slices
-    from lggdeploy.data.kaggle import load_dataset, resolve_data_root
-    from lggdeploy.data.split import Split, load_split
 
     split = (
         load_split(opts.split_file)
@@ -229,7 +231,6 @@ def torch_available() -> tuple[bool, str]:
 
 
 def load_torch_runner(checkpoint: Path, device: str, autocast_fp16: bool = False):
-    from lggdeploy.models.torch_runner import load
 
     return load(checkpoint, device=device, autocast_fp16=autocast_fp16)
 
@@ -269,7 +270,6 @@ def interleaved_times(
 
 def run_bench(opts: BenchOptions) -> dict:
     """Score every entry on the split, time them interleaved at each batch size, then end to end; the results."""
-    from lggdeploy.common.machine import machine_info
 
     validate(opts)
     threads = RunOptions(threads=opts.threads).cpu_threads()

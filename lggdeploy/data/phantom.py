@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from lggdeploy.common.errors import DataError
+from lggdeploy.common.files import atomic_path, check_can_create, ensure_folder
 from lggdeploy.data.kaggle import IMAGE_SHAPE
 
 SIZE = IMAGE_SHAPE[0]
@@ -82,7 +83,6 @@ def phantom_volume(rng: np.random.Generator, n_slices: int) -> tuple[np.ndarray,
 
 def check_target(out: str | os.PathLike, patients: int, slices: tuple[int, int]) -> Path:
     """The options of `synthesize`, checked before any work."""
-    from lggdeploy.common.files import check_can_create
 
     if patients < 1:
         raise DataError(f"--patients must be at least 1, got {patients}")
@@ -106,8 +106,6 @@ def synthesize(
 ) -> list[str]:
     """Write `patients` phantom patients under `out` in the kaggle_3m layout. Returns their ids."""
     import tifffile
-
-    from lggdeploy.common.files import atomic_path, ensure_folder
 
     out = check_target(out, patients, slices)
     lo, hi = slices

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from lggdeploy.common.errors import LggError
+
 NATIVE_SIZE = 256
 
 
@@ -88,7 +90,6 @@ class Normalization:
     def from_json(cls, obj: dict, origin: str = "record") -> Normalization:
         """Records written before modes existed are "fixed". An unknown mode is refused: guessing would feed the engine
         wrongly scaled inputs without an error."""
-        from lggdeploy.common.errors import LggError
 
         mode = obj.get("mode", "fixed")
         if mode not in NORMALIZATION_MODES:

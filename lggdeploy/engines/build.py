@@ -20,10 +20,25 @@ from pathlib import Path
 
 from lggdeploy.backends.base import BuildTarget, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, CannotWin, GateFailed, LggError, SearchStopped
-from lggdeploy.common.files import ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
+from lggdeploy.common.files import atomic_path, ensure_folder, remove_stale_temporaries, sha256_file, temporary_folder
+from lggdeploy.common.progress import progress_bar
+from lggdeploy.data.arrays import SliceArrays, load_slices, pick_slices
+from lggdeploy.data.kaggle import load_dataset, resolve_data_root
+from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
+from lggdeploy.engines.export import EXPORT_GRAPH, engine_tag, export_checkpoint, export_onnx
 from lggdeploy.engines.formats import EngineFormat, install_engine, open_engine, select_formats
+from lggdeploy.engines.precision import calibration, int8, qat
+from lggdeploy.engines.precision.calibration import pick_calibration_slices, slice_ids, slice_list_hash
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
-from lggdeploy.engines.precision.gate import Outputs, Reference, gate_with_fallback, run_on_slices
+from lggdeploy.engines.precision.fp16 import FP32_OPS, convert_fp16
+from lggdeploy.engines.precision.gate import (
+    Outputs,
+    Reference,
+    gate_with_fallback,
+    rank_by_output_effect,
+    run_on_slices,
+)
+from lggdeploy.engines.precision.int8 import METHODS
 from lggdeploy.postprocess import PostProcess
 
 logger = logging.getLogger(__name__)
@@ -69,9 +84,6 @@ class _Context:
     """What every engine of one checkpoint shares: the export, val slices, FP32 reference Dice."""
 
     def __init__(self, checkpoint: Path, opts: BuildOptions):
-        from lggdeploy.data.arrays import load_slices
-        from lggdeploy.data.kaggle import load_dataset, resolve_data_root
-        from lggdeploy.engines.export import engine_tag, export_checkpoint
         from lggdeploy.models.checkpoint import load_checkpoint, normalization_of, split_of
 
         self.checkpoint = checkpoint
@@ -111,7 +123,6 @@ class _Context:
         self.ptq = _FloatSource(self.onnx, self.export_record["onnx_sha256"], "")
 
     def calibration_slices(self):
-        from lggdeploy.engines.precision.calibration import pick_calibration_slices
 
         return pick_calibration_slices(self.val, self.opts.calib_samples)
 
@@ -174,8 +185,6 @@ class _Context:
 
     def val_batch(self, count: int):
         """`count` val slices spread over the patients, preprocessed as the engines take them (the speed probe's input)."""
-        from lggdeploy.data.arrays import pick_slices
-        from lggdeploy.data.transforms import preprocess
 
         return preprocess(
             pick_slices(self.val, min(count, len(self.val.images))).images, self.img_size, self.normalization
@@ -191,8 +200,6 @@ class _Context:
 
     def ranking_batch(self):
         """One tumor slice per val patient (at least 4 slices), preprocessed: what the sensitivity ranking runs on."""
-        from lggdeploy.data.arrays import SliceArrays, pick_slices
-        from lggdeploy.data.transforms import preprocess
 
         tumor = self.val.tumor_slices()
         pool = (
@@ -228,7 +235,6 @@ class _FloatSource:
 
 def _current_export(record: dict, checkpoint_sha256: str) -> bool:
     """An export on disk is reused only when it is of this checkpoint and of today's graph form."""
-    from lggdeploy.engines.export import EXPORT_GRAPH
 
     return record.get("checkpoint_sha256") == checkpoint_sha256 and record.get("export_graph", 1) == EXPORT_GRAPH
 
@@ -243,10 +249,6 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
     """The QAT model of this checkpoint and recipe: reused from qat/ when a build made it, else fine-tuned and stored;
     then its float ONNX (exported from the stored model — after fine-tuning, for a model fine-tuned before today's
     export form, or after a kill between the checkpoint and its ONNX; never a retraining)."""
-    from lggdeploy.common.files import atomic_path
-    from lggdeploy.engines.export import EXPORT_GRAPH, export_onnx
-    from lggdeploy.engines.precision import qat
-    from lggdeploy.engines.precision.calibration import slice_ids
     from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
 
     recipe = qat.QatRecipe(epochs=ctx.opts.qat_epochs, lr=ctx.opts.qat_lr)
@@ -276,10 +278,6 @@ def _finetune_qat(ctx: _Context, recipe, chosen, key: str):
     from the reference model, strip the quantizers: (float model, record with the convolution inputs' ranges)."""
     import torch
 
-    from lggdeploy.common.progress import progress_bar
-    from lggdeploy.data.arrays import load_slices
-    from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
-    from lggdeploy.engines.precision import qat
     from lggdeploy.models.checkpoint import model_from_checkpoint
 
     recipe.validate()
@@ -313,8 +311,6 @@ def _finetune_qat(ctx: _Context, recipe, chosen, key: str):
 
 
 def _qat_record(ctx: _Context, recipe, chosen, key: str, run: dict, amax: dict) -> dict:
-    from lggdeploy.engines.precision import qat
-    from lggdeploy.engines.precision.calibration import slice_ids, slice_list_hash
 
     settings = ("epochs", "lr", "optimizer", "batch_size", "weight_decay", "seed", "augment", "distill_weight")
     return {
@@ -345,7 +341,6 @@ class FloatGraph:
     rank = None
 
     def __init__(self, ctx: _Context, fmt: EngineFormat, work: Path):
-        from lggdeploy.engines.precision.fp16 import FP32_OPS, convert_fp16
 
         self.typed, self.facts = ctx.onnx, {}
         if fmt.precision != "fp16":
@@ -372,7 +367,6 @@ class Int8Graph:
     def __init__(
         self, ctx: _Context, fmt: EngineFormat, work: Path, source: _FloatSource, qat_record: dict | None = None
     ):
-        from lggdeploy.engines.precision import calibration, int8
 
         self.ctx, self.work, self.source = ctx, work, source
         self.tag = source.tag
@@ -402,7 +396,6 @@ class Int8Graph:
 
     def take_qat_ranges(self, cache_was_there: bool) -> str:
         """ONNX Runtime calibrates every tensor, then the convolution inputs take the ranges QAT trained with."""
-        from lggdeploy.engines.precision import int8, qat
 
         source, tag = self.source, self.tag
         ranges = qat.conv_input_ranges(self.prepared, source.model, source.ranges)
@@ -414,7 +407,6 @@ class Int8Graph:
         return f"{len(ranges)} convolution input(s) take the range QAT trained with; the other tensors are calibrated on these slices"
 
     def graph(self, kept: list[str]) -> Path:
-        from lggdeploy.engines.precision import int8
 
         target = self.work / f"{self.tag}qdq-{len(kept)}.onnx"
         return int8.quantize(
@@ -422,7 +414,6 @@ class Int8Graph:
         )
 
     def rank(self) -> tuple[list[tuple[str, float]], dict]:
-        from lggdeploy.engines.precision.gate import rank_by_output_effect
 
         # Always the plain Q/DQ graph of the first build, not a backend's optimized engine (ONNX Runtime fuses
         # Q/DQ pairs into QLinear ops), so every quantized node can be put back in float on its own.
@@ -449,9 +440,7 @@ def graph_sources(ctx: _Context, fmt: EngineFormat, work: Path) -> list[Callable
 
 def build_one(ctx: _Context, fmt: EngineFormat) -> dict:
     """Build, gate and (if it passes, or --force) write one engine with its manifest."""
-    ok, reason = fmt.available()
-    if not ok:
-        raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
+    fmt.require_available()
     with temporary_folder(ctx.folder) as tmp:
         return _EngineBuild(ctx, fmt, Path(tmp)).run()
 
@@ -629,7 +618,6 @@ class BuildReport:
 
 def validate(opts: BuildOptions) -> None:
     """Every option checked before any work: a bad flag is exit 2, never a failed gate (exit 3)."""
-    from lggdeploy.engines.precision.int8 import METHODS
 
     opts.criteria.validate()
     if opts.calib_samples < 1:
@@ -663,9 +651,7 @@ def build_engines(checkpoints: list[Path], opts: BuildOptions) -> BuildReport:
     validate(opts)
     formats = select_formats(opts.backend, opts.precision, opts.int8_profile)
     for fmt in formats:
-        ok, reason = fmt.available()
-        if not ok:
-            raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
+        fmt.require_available()
     for fmt in list(formats):
         usable, why = fmt.usable()
         if not usable:

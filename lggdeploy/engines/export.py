@@ -18,8 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.common.errors import EngineError
 from lggdeploy.common.files import atomic_path, ensure_folder, sha256_file, write_json_atomic
+from lggdeploy.data.arrays import load_slices, pick_slices
+from lggdeploy.data.kaggle import load_dataset, resolve_data_root
+from lggdeploy.models.torch_runner import TorchRunner
 from lggdeploy.postprocess import PostProcess
 
 INPUT_NAME = "input"
@@ -99,8 +103,6 @@ def export_onnx(model, path: str | os.PathLike, img_size: int, opset: int = OPSE
 
 def parity_slices(ckpt: dict, data: str | os.PathLike | None, count: int = 16) -> np.ndarray:
     """Real slices for the parity check: spread over every val patient of the checkpoint's split, tumor and tumor-free."""
-    from lggdeploy.data.arrays import load_slices, pick_slices
-    from lggdeploy.data.kaggle import load_dataset, resolve_data_root
     from lggdeploy.models.checkpoint import split_of
 
     dataset = load_dataset(resolve_data_root(data, ckpt.get("data_root"), "the export's parity check"))
@@ -120,10 +122,8 @@ def export_checkpoint(
 
     `model_override` replaces the checkpoint's model for the parity reference (tests use it to prove the gate).
     """
-    from lggdeploy.backends import onnxruntime as ort_backend
     from lggdeploy.data.transforms import preprocess
     from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
-    from lggdeploy.models.torch_runner import TorchRunner
 
     ensure_folder(out_dir)  # an unwritable output folder is refused before the export work
     ckpt = load_checkpoint(checkpoint)

@@ -46,6 +46,13 @@ class EngineFormat:
     def available(self) -> tuple[bool, str]:
         return self.module.is_available()
 
+    def require_available(self) -> str:
+        """The backend's version; BackendUnavailable (one line: why, and what to install) when it is not here."""
+        ok, reason = self.available()
+        if not ok:
+            raise BackendUnavailable(f"backend {self.backend} is not usable here: {reason}")
+        return reason
+
     def usable(self) -> tuple[bool, str]:
         """Available here, and this machine runs its precision (the backend's `supports`): the one check build,
         optimize and the device build ask."""
@@ -183,7 +190,5 @@ def open_engine(
     if verify:
         verify_engine(path, manifest)
     fmt = format_of(manifest, path)
-    ok, reason = fmt.available()
-    if not ok:
-        raise BackendUnavailable(f"backend {fmt.backend} is not usable here: {reason}")
+    fmt.require_available()
     return fmt.module.load(path, manifest, options)

@@ -28,8 +28,12 @@ import numpy as np
 from lggdeploy import __version__
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import atomic_path, check_writable, sha256_file, temporary_folder
+from lggdeploy.data.arrays import load_slices, pick_slices
+from lggdeploy.data.kaggle import load_dataset, resolve_data_root
+from lggdeploy.data.split import Split
 from lggdeploy.engines.formats import manifest_path, read_manifest, verify_engine
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA
+from lggdeploy.models.torch_runner import TorchRunner
 from lggdeploy.postprocess import PostProcess
 
 BUNDLE_FORMAT = "lggdeploy-bundle"
@@ -40,7 +44,6 @@ def _reference(ckpt: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The FP32 PyTorch model's logits (model resolution) and masks (native 256) on `images`."""
     from lggdeploy.data.transforms import logits_to_masks
     from lggdeploy.models.checkpoint import model_from_checkpoint, normalization_of
-    from lggdeploy.models.torch_runner import TorchRunner
     from lggdeploy.scoring import infer_batches
 
     runner = TorchRunner(model_from_checkpoint(ckpt))
@@ -126,9 +129,6 @@ def _source_checkpoint(first, folder: Path) -> dict:
 
 def _verification_set(ckpt: dict, first, engine: Path, samples: int, data):
     """`samples` val slices spread over the val patients, with the FP32 model's logits and masks on them."""
-    from lggdeploy.data.arrays import load_slices, pick_slices
-    from lggdeploy.data.kaggle import load_dataset, resolve_data_root
-    from lggdeploy.data.split import Split
 
     split = Split.from_json(first["split"], origin=f"{engine} manifest")
     root = resolve_data_root(

@@ -15,7 +15,9 @@ from lggdeploy.common.errors import LggError
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays, load_slices
 from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.data.split import load_split
 from lggdeploy.data.transforms import Normalization
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.torch_runner import TorchRunner, resolve_device
 from lggdeploy.postprocess import PostProcess
 from lggdeploy.scoring import score_runner
@@ -64,8 +66,6 @@ def evaluate_checkpoint(
     device: str = "cpu",
 ) -> dict:
     """The nnU-Net-style summary: one row per patient plus aggregates, with provenance."""
-    from lggdeploy.data.split import load_split
-    from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 
     if batch_size < 1:
         raise LggError(f"--batch-size must be at least 1, got {batch_size}")

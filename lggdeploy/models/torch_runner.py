@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from lggdeploy.common.errors import LggError
+
 
 def resolve_device(name: str, local_rank: int = 0):
     """auto / cpu / cuda / cuda:N -> torch.device, or one clear line when it cannot be had here."""
     import torch
-
-    from lggdeploy.common.errors import LggError
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,6 +33,7 @@ from lggdeploy.common.files import (
     write_json_atomic,
     write_text_atomic,
 )
+from lggdeploy.common.machine import cpu_has_amx_bf16, cpu_has_bf16
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
@@ -52,7 +53,7 @@ from lggdeploy.models.curves import plot_history
 from lggdeploy.models.evaluate import score_model
 from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.presets import resolve_model
-from lggdeploy.models.recipe import epoch_order, lr_factor, make_ema, segmentation_loss, set_batch_norm_momentum
+from lggdeploy.models.recipe import LOSSES, epoch_order, lr_factor, make_ema, segmentation_loss, set_batch_norm_momentum
 from lggdeploy.models.torch_runner import resolve_device
 from lggdeploy.postprocess import PostProcess, smallest_tumor
 from lggdeploy.postprocess import tune as tune_postprocess
@@ -140,7 +141,6 @@ class TrainConfig:
             raise LggError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.distill_weight <= 1:
             raise LggError(f"--distill-weight must lie between 0 and 1, got {self.distill_weight}")
-        from lggdeploy.models.recipe import LOSSES
 
         if self.loss not in LOSSES:
             raise LggError(f"unknown --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
@@ -285,7 +285,6 @@ def autocast_dtype(precision: str, device: torch.device):
     auto: fp16 AMP on CUDA; on a CPU bf16 autocast only with AMX, FP32 otherwise — on an AVX512-BF16 CPU without AMX,
     bf16 + channels-last was measured slower than FP32 + channels-last (benchmarks/results/recipe/train_speed*.md).
     An explicit bf16 is accepted wherever the CPU has native bf16 (AVX512-BF16 or AMX)."""
-    from lggdeploy.common.machine import cpu_has_amx_bf16, cpu_has_bf16
 
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_amx_bf16() else "fp32")

@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.common.errors import EngineError
+from lggdeploy.data.arrays import SliceArrays
+from lggdeploy.engines.formats import format_of, read_manifest
+from lggdeploy.engines.precision.gate import GateCriteria, Outputs, Reference, run_on_slices, sqnr_db
 
 BUNDLE_FORMAT = "lggdeploy-bundle"
 
@@ -98,7 +101,6 @@ def check_checksums(root: Path, origin: Path) -> dict:
 
 
 def choose_engine(root: Path, description: dict, origin: Path) -> Path:
-    from lggdeploy.engines.formats import format_of, read_manifest
 
     for entry in description["engines"]:
         path = root / entry["file"]
@@ -122,8 +124,6 @@ def check_engine(
     segmenter, root: Path, description: dict, origin: Path, min_agreement: float | None = None
 ) -> VerifyReport:
     """Run an open Segmenter on the verification set and judge it by agreement with the FP32 model's masks."""
-    from lggdeploy.data.arrays import SliceArrays
-    from lggdeploy.engines.precision.gate import GateCriteria, Outputs, Reference, run_on_slices, sqnr_db
 
     chosen = Path(segmenter.path)
     if segmenter.manifest.get("checkpoint_sha256") != description["verification"]["checkpoint_sha256"]:

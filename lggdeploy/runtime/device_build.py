@@ -31,6 +31,7 @@ from lggdeploy.engines.formats import (
     write_manifest,
 )
 from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, opened_bundle
+from lggdeploy.runtime.segmenter import Segmenter
 
 # What the build machine's manifest says about its own build, not about the model: replaced on the device.
 BUILD_FACTS = (
@@ -122,9 +123,7 @@ def build_from_bundle(
         )
     formats = select_formats(backend, precision, int8_profile or default_int8_profile(backend))
     for fmt in formats:
-        ok, reason = fmt.available()
-        if not ok:
-            raise LggError(f"backend {fmt.backend} is not usable on this device: {reason}")
+        fmt.require_available()
     with opened_bundle(bundle) as (root, description):
         folder = Path(out_dir) / f"{description['model']['name']}-{description['checkpoint_sha256'][:8]}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +141,6 @@ def build_from_bundle(
 
 def _build_one(bundle: Path, root: Path, description: dict, fmt, folder: Path, target: BuildTarget, threads, force):
     """One engine from the bundle's graph, verified on the bundle's set before it is installed with its manifest."""
-    from lggdeploy.runtime.segmenter import Segmenter
 
     source, base = source_graph(root, description, fmt, bundle)
     started = time.perf_counter()

@@ -34,6 +34,7 @@ from lggdeploy.common.errors import EngineError, LggError
 from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, sigmoid
 from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.postprocess import LARGEST, PostProcess
+from lggdeploy.runtime.bundle import check_engine, opened_bundle
 from lggdeploy.scoring import NonFiniteOutput, infer_batches
 
 INPUT_SHAPE = (256, 256, 3)
@@ -127,7 +128,6 @@ class Segmenter:
     def verify(self, bundle: str | os.PathLike, min_agreement: float | None = None):
         """Check this engine against a bundle's verification set (`lggdeploy pack`): a scanner's start-up check.
         Raises EngineError when the masks disagree with the FP32 model's; returns the report otherwise."""
-        from lggdeploy.runtime.bundle import check_engine, opened_bundle
 
         with opened_bundle(bundle) as (root, description):
             report = check_engine(self, root, description, Path(bundle), min_agreement)

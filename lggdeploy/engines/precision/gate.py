@@ -33,12 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
+from lggdeploy.backends.base import RunOptions
+from lggdeploy.backends.onnxruntime import session_options
 from lggdeploy.common.errors import SearchStopped
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks
 from lggdeploy.engines.precision.criteria import GateCriteria  # noqa: F401 (re-exported: gate.GateCriteria)
 from lggdeploy.metrics import confusion_counts, dice_from_counts
+from lggdeploy.scoring import infer_batches
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,6 @@ def run_on_slices(
     label: str,
     batch_size: int = 16,
 ) -> Outputs:
-    from lggdeploy.scoring import infer_batches
 
     logits, masks = [], []
     with progress_bar() as bar:
@@ -377,9 +379,6 @@ def rank_by_output_effect(
 
 def _plain_session_options(threads: int | None):
     import onnxruntime as ort
-
-    from lggdeploy.backends.base import RunOptions
-    from lggdeploy.backends.onnxruntime import session_options
 
     opts = session_options(RunOptions(threads=threads).cpu_threads())
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the Q/DQ numerics as written

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lggdeploy.common.errors import LggError
+from lggdeploy.common.files import atomic_path
 
 METHODS = ("minmax", "entropy", "percentile")
 PROFILES = ("tensorrt", "cpu", "openvino")
@@ -125,8 +126,6 @@ def quantize(
     """Write a Q/DQ INT8 model. Ranges come from `cache_path` when it exists (no recalibration).
     `tensor_overrides`: ONNX Runtime's TensorQuantOverrides (per tensor: reduce_range, axis, ...)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    from lggdeploy.common.files import atomic_path
 
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     extra = {

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.common.errors import LggError
+from lggdeploy.engines.precision.int8 import quiet_root_logger
 
 LIBRARY = "nvidia-modelopt"
 
@@ -91,7 +92,6 @@ def _mtq():
 def _quiet_modelopt():
     """modelopt prints a line per call, logs on the root logger and warns about absent CUDA and transformers: keep the
     user's screen clean for this call only (the root logger through int8's helper, as for ONNX Runtime's quantizer)."""
-    from lggdeploy.engines.precision.int8 import quiet_root_logger
 
     with quiet_root_logger(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
