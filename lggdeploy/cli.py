@@ -484,6 +484,9 @@ def build_cmd(
     opt_batch: int = typer.Option(8),
     max_batch: int = typer.Option(32),
     workspace_gib: float = typer.Option(4.0, help="TensorRT workspace limit"),
+    trusted_key: Path | None = typer.Option(
+        None, "--trusted-key", help="from a bundle: the public key it must be signed with (refused unread otherwise)"
+    ),
     threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads for the gate (default: all cores)"),
     qat: str = typer.Option(
         "auto", help="INT8 quantization-aware fine-tuning: auto (when post-training INT8 fails its gate), always or off"
@@ -501,6 +504,8 @@ def build_cmd(
     from lggdeploy.runtime.device_build import bundle_among
 
     bundle = bundle_among(checkpoints)
+    if bundle is None and trusted_key is not None:
+        raise LggError("--trusted-key checks a bundle's signature: give it with a bundle, not with checkpoints")
     if bundle is not None:
         from lggdeploy.runtime.device_build import build_from_bundle
 
@@ -514,6 +519,7 @@ def build_cmd(
             workspace_gib=workspace_gib,
             threads=threads,
             force=force,
+            trusted_key=trusted_key,
         )
         out.print(_device_build_table(built))
         return
@@ -797,13 +803,49 @@ def pack_cmd(
     data: Path | None = typer.Option(
         None, "--data", help="kaggle_3m folder with the val patients (default: the engines')"
     ),
+    sign: Path | None = typer.Option(
+        None, "--sign", help="private key from `lggdeploy keygen`: sign the bundle, so a device can check who made it"
+    ),
 ):
     """One self-contained bundle for an edge scanner: engines, ONNX, calibration, a verification set, checksums, README."""
+    import json
+    import tarfile
+
     from lggdeploy.engines.pack import pack
 
-    path = pack(engines, output, samples, data)
+    path = pack(engines, output, samples, data, sign)
+    with tarfile.open(path, "r:gz") as tar:
+        description = json.load(tar.extractfile("bundle.json"))
+    held = description["verification"]["slices"]
+    signed = (
+        f"signed (key {_key_id_of(sign)})" if sign else "unsigned (pass --sign KEY so devices can check its origin)"
+    )
     out.print(
-        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): {len(engines)} engine(s), {samples} verification slices; on the device: lggdeploy verify {path.name}"
+        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB): {len(description['engines'])} engine(s), {held} "
+        f"verification slices, {signed}; on the device: lggdeploy verify {path.name}"
+        + (f" --trusted-key {Path(sign).with_suffix('.pub').name}" if sign else "")
+    )
+
+
+def _key_id_of(private_key_path: Path) -> str:
+    from lggdeploy.common import signing
+
+    return signing.key_id(signing.load_private_key(private_key_path).public_key())
+
+
+@app.command("keygen")
+@friendly
+def keygen_cmd(
+    out_dir: Path = typer.Option(Path("."), "-o", "--out", help="folder for NAME.key (private, 0600) and NAME.pub"),
+    name: str = typer.Option("lggdeploy-signing", help="file name of the pair"),
+):
+    """An Ed25519 key pair for signing bundles: keep the .key where bundles are packed, give devices the .pub."""
+    from lggdeploy.common import signing
+
+    private, public = signing.keygen(out_dir, name)
+    out.print(
+        f"wrote {private} (private: keep it off the devices, never in a bundle) and {public} (give it to the devices: "
+        f"`lggdeploy verify BUNDLE --trusted-key {public.name}`); key id {signing.key_id(signing.load_public_key(public))}"
     )
 
 
@@ -812,40 +854,49 @@ def pack_cmd(
 def verify_cmd(
     bundle: Path = typer.Argument(..., help="a bundle from `lggdeploy pack`"),
     engine: Path | None = typer.Option(
-        None, "--engine", help="an engine built on this device (its manifest beside it); default: the bundle's"
+        None,
+        "--engine",
+        help="an engine built on this device (its manifest beside it); default: every engine of the bundle usable here",
     ),
     min_agreement: float | None = typer.Option(
-        None, help="override the bundle's agreement threshold (Dice of masks vs the FP32 model's)"
+        None,
+        help="a stricter agreement threshold than the bundle's (Dice of masks vs the FP32 model's); never a looser one",
+    ),
+    trusted_key: Path | None = typer.Option(
+        None, "--trusted-key", help="public key (.pub) the bundle must be signed with; refused unread otherwise"
     ),
     threads: int | None = typer.Option(None),
 ):
-    """Checksums, then the engine on this device against the FP32 model's masks; exit 3 when it disagrees. No torch."""
+    """Signature (with --trusted-key), checksums, then each engine on this device against the FP32 model's masks;
+    exit 3 when one disagrees. No torch."""
     from lggdeploy.common.tables import rich_table
     from lggdeploy.runtime.verify import check_bundle_args, verify_bundle
 
     check_bundle_args(bundle, min_agreement)
-    report = verify_bundle(bundle, engine, threads, min_agreement)
-    out.print(
-        rich_table(
-            report.per_patient,
-            [
-                ("patient", "patient"),
-                ("agreement", "mask agreement with FP32"),
-                ("logit_sqnr_db", "logit SQNR dB"),
-                ("fp32_dice", "FP32 Dice"),
-                ("engine_dice", "engine Dice"),
-            ],
-            title=f"verify {report.engine}",
+    reports = verify_bundle(bundle, engine, threads, min_agreement, trusted_key)
+    columns = [
+        ("patient", "patient"),
+        ("agreement", "mask agreement with FP32"),
+        ("logit_sqnr_db", "logit SQNR dB"),
+        ("fp32_dice", "FP32 Dice"),
+        ("engine_dice", "engine Dice"),
+    ]
+    for report in reports:
+        out.print(rich_table(report.per_patient, columns, title=f"verify {Path(report.engine).name}"))
+        out.print(
+            f"overall agreement {report.overall_agreement:.4f}, logit SQNR {report.logit_sqnr_db:.1f} dB, "
+            f"{len(report.per_slice_agreement)} slices, least slice agreement {min(report.per_slice_agreement):.4f}; "
+            f"threshold {report.min_agreement}"
         )
-    )
-    out.print(
-        f"overall agreement {report.overall_agreement:.4f}, logit SQNR {report.logit_sqnr_db:.1f} dB, {len(report.per_slice_agreement)} slices, "
-        f"least slice agreement {min(report.per_slice_agreement):.4f}; threshold {report.min_agreement}"
-    )
-    if not report.passed:
-        err.print("[red]FAILED:[/] " + "; ".join(report.failures))
+    out.print(f"authenticity: {reports[0].authenticity}")
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        for report in failed:
+            err.print(f"[red]FAILED:[/] {Path(report.engine).name}: " + "; ".join(report.failures))
         raise typer.Exit(3)
-    out.print("[green]verified[/]: this engine on this device produces the masks the validated model produced")
+    out.print(
+        f"[green]verified[/]: {len(reports)} engine(s) on this device produce the masks the validated model produced"
+    )
 
 
 @app.command("doctor")

@@ -2,6 +2,7 @@
 
     bundle.json         what is inside: model, checkpoint sha256, engines, ONNX graphs, calibration, verification set
     SHA256SUMS          sha256 of every other file (`sha256sum -c` works on it)
+    signature.json      with `--sign KEY`: the Ed25519 signature of SHA256SUMS and the signer's key id
     README.md           for the device: verify, build a TensorRT plan there (lggdeploy or trtexec)
     engines/            the engines and their manifests
     onnx/               model.onnx (FP32, + its export record) and the plain Q/DQ INT8 graph when one was packed:
@@ -57,14 +58,19 @@ def pack(
     out: str | os.PathLike,
     samples: int = DEFAULT_SAMPLES,
     data: str | os.PathLike | None = None,
+    sign: str | os.PathLike | None = None,
 ) -> Path:
-    """One bundle of one model's engines (see the module's docstring), written atomically to `out`."""
+    """One bundle of one model's engines (see the module's docstring), written atomically to `out`; with `sign` (a
+    private key from `lggdeploy keygen`) its SHA256SUMS is signed (signature.json), so a device can tell who made it."""
+    from lggdeploy.common import signing
+
     if not engines:
         raise LggError("give at least one engine to pack")
     if samples < 1:
         raise LggError(f"--samples must be at least 1, got {samples}")
     out = check_writable(out)
-    engines = [Path(e) for e in engines]
+    private_key = signing.load_private_key(sign) if sign is not None else None  # a bad key: refused before the work
+    engines = [Path(e) for e in dict.fromkeys(Path(e) for e in engines)]  # an engine given twice is packed once
     manifests = _checked_manifests(engines)
     first, folder = manifests[0], engines[0].parent
     ckpt = _source_checkpoint(first, folder)
@@ -92,6 +98,9 @@ def pack(
         (root / "README.md").write_text(device_readme(description, first))
         sums = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in sorted(root.rglob("*")) if p.is_file()]
         (root / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+        if private_key is not None:
+            record = signing.sign((root / "SHA256SUMS").read_bytes(), private_key)
+            (root / signing.SIGNATURE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         with atomic_path(out) as target, tarfile.open(target, "w:gz") as tar:
             for path in sorted(root.rglob("*")):
                 tar.add(path, arcname=path.relative_to(root).as_posix(), recursive=False)

@@ -30,7 +30,7 @@ from lggdeploy.engines.formats import (
     select_formats,
     write_manifest,
 )
-from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, opened_bundle
+from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, inside, opened_bundle, safe_name
 from lggdeploy.runtime.segmenter import Segmenter
 
 # What the build machine's manifest says about its own build, not about the model: replaced on the device.
@@ -66,19 +66,23 @@ class DeviceBuild:
 def source_graph(root: Path, description: dict, fmt: EngineFormat, origin: Path) -> tuple[Path, dict]:
     """The graph in the bundle that `fmt` is built from, and the manifest of the packed engine it belongs to."""
     entries = description["engines"]
+
+    def at(relative: str) -> Path:  # every path bundle.json names stays inside the bundle
+        return inside(root, relative, origin, "path")
+
     if fmt.precision in ("fp32", "bf16"):
-        return root / "onnx" / "model.onnx", read_manifest(root / entries[0]["file"])
+        return at("onnx/model.onnx"), read_manifest(at(entries[0]["file"]))
     for entry in entries:
         if entry["precision"] != fmt.precision or (
             fmt.precision == "int8" and entry.get("int8_profile") != fmt.int8_profile
         ):
             continue
         if entry.get("portable_qdq"):
-            return root / entry["portable_qdq"], read_manifest(root / entry["file"])
+            return at(entry["portable_qdq"]), read_manifest(at(entry["file"]))
         if (
             entry["backend"] == "onnxruntime"
         ):  # an ONNX Runtime engine is itself a typed ONNX graph (FP16, or plain Q/DQ)
-            return root / entry["file"], read_manifest(root / entry["file"])
+            return at(entry["file"]), read_manifest(at(entry["file"]))
     have = ", ".join(f"{e['precision']}{'-' + e['int8_profile'] if e.get('int8_profile') else ''}" for e in entries)
     want = f"--precision {fmt.precision}" + (f" --int8-profile {fmt.int8_profile}" if fmt.int8_profile else "")
     raise BundleError(
@@ -114,6 +118,7 @@ def build_from_bundle(
     workspace_gib: float = 4.0,
     threads: int | None = None,
     force: bool = False,
+    trusted_key: str | os.PathLike | None = None,
 ) -> list[DeviceBuild]:
     """Build every format `backend`/`precision` asks for from the bundle's graphs, verify each on the bundle's set."""
     bundle = Path(bundle)
@@ -124,8 +129,13 @@ def build_from_bundle(
     formats = select_formats(backend, precision, int8_profile or default_int8_profile(backend))
     for fmt in formats:
         fmt.require_available()
-    with opened_bundle(bundle) as (root, description):
-        folder = Path(out_dir) / f"{description['model']['name']}-{description['checkpoint_sha256'][:8]}"
+    with opened_bundle(bundle, trusted_key) as opened:
+        root, description = opened.root, opened.description
+        # a name from the bundle becomes a folder name: made safe, so nothing is written outside --out
+        folder = (
+            Path(out_dir)
+            / f"{safe_name(description['model']['name'])}-{safe_name(description['checkpoint_sha256'][:8])}"
+        )
         folder.mkdir(parents=True, exist_ok=True)
         target = BuildTarget(
             img_size=description["img_size"],

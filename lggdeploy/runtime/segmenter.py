@@ -125,12 +125,18 @@ class Segmenter:
             masks = kept
         return Prediction(masks, probabilities)
 
-    def verify(self, bundle: str | os.PathLike, min_agreement: float | None = None):
+    def verify(
+        self,
+        bundle: str | os.PathLike,
+        min_agreement: float | None = None,
+        trusted_key: str | os.PathLike | None = None,
+    ):
         """Check this engine against a bundle's verification set (`lggdeploy pack`): a scanner's start-up check.
-        Raises EngineError when the masks disagree with the FP32 model's; returns the report otherwise."""
-
-        with opened_bundle(bundle) as (root, description):
-            report = check_engine(self, root, description, Path(bundle), min_agreement)
+        Raises EngineError when the masks disagree with the FP32 model's (or the bundle is not signed by
+        `trusted_key`, when given); returns the report otherwise."""
+        with opened_bundle(bundle, trusted_key) as opened:
+            report = check_engine(self, opened.root, opened.description, Path(bundle), min_agreement)
+            report.authenticity = opened.authenticity
         if not report.passed:
             raise EngineError(f"{self.path} failed verification against {bundle}: {'; '.join(report.failures)}")
         return report

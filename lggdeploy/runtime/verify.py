@@ -1,7 +1,7 @@
 """`lggdeploy verify BUNDLE`: does the engine on this device still produce the masks the validated model produced?
 
 Torch-free (part of the runtime install): checks every checksum of the bundle, loads the engine through the
-runtime on this device (the bundle's first engine usable here, or `--engine`), and judges it by the build-time
+runtime on this device (every engine of the bundle usable here, or `--engine`), and judges it by the build-time
 gate's agreement criterion (runtime/bundle.py).
 """
 
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from lggdeploy.common.errors import LggError
-from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, choose_engine, opened_bundle
+from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, opened_bundle, usable_engines
 from lggdeploy.runtime.segmenter import Segmenter
 
 __all__ = ["BundleError", "VerifyReport", "check_bundle_args", "verify_bundle"]
@@ -22,12 +22,20 @@ def verify_bundle(
     engine: str | os.PathLike | None = None,
     threads: int | None = None,
     min_agreement: float | None = None,
-) -> VerifyReport:
+    trusted_key: str | os.PathLike | None = None,
+) -> list[VerifyReport]:
+    """One report per engine checked: `engine` (built on this device), or every engine of the bundle whose backend
+    is usable here. With `trusted_key` the bundle must be signed by it; each report says what was proven."""
     bundle = Path(bundle)
-    with opened_bundle(bundle) as (root, description):
-        path = Path(engine) if engine else choose_engine(root, description, bundle)
-        with Segmenter.load(path, threads=threads) as segmenter:
-            return check_engine(segmenter, root, description, bundle, min_agreement)
+    with opened_bundle(bundle, trusted_key) as opened:
+        paths = [Path(engine)] if engine else usable_engines(opened.root, opened.description, bundle)
+        reports = []
+        for path in paths:
+            with Segmenter.load(path, threads=threads) as segmenter:
+                report = check_engine(segmenter, opened.root, opened.description, bundle, min_agreement)
+            report.authenticity = opened.authenticity
+            reports.append(report)
+        return reports
 
 
 def check_bundle_args(bundle: str | os.PathLike, min_agreement: float | None) -> None:
