@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
@@ -12,13 +13,41 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
+from typer.core import TyperGroup
 
 from lggdeploy.backends.base import describe_backends
 from lggdeploy.common.errors import GateFailed, LggError
+from lggdeploy.common.options import check_options
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA as CRITERIA
 from lggdeploy.engines.precision.criteria import HELP as GATE_HELP
 
+
+class OneLineErrors(TyperGroup):
+    """A command line the parser refuses (a wrong type, an unknown option, a missing argument) is one line on stderr
+    and exit 2, like every other user mistake; `--help` and a bare `lggdeploy` still print the help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from typer._click import exceptions
+
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            rv = 0
+        except exceptions.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) else "lggdeploy"
+            sys.stderr.write(f"error: {exc.format_message()} (`{where} --help` lists the options)\n")
+            if not standalone_mode:
+                raise
+            sys.exit(exc.exit_code)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -84,10 +113,14 @@ def friendly(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         show_library_log()
+        for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is shown escaped, never a traceback
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="backslashreplace")
         previous = (
             signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
         )
         try:
+            kwargs = check_options(func.__name__, kwargs)  # every numeric option's range, before any work
             return func(*args, **kwargs)
         except LggError as exc:
             err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -204,12 +237,9 @@ def data_split(
     from lggdeploy.data.kaggle import load_dataset
     from lggdeploy.data.split import make_folds, make_split, save_folds, save_split
 
-    try:
-        parts = tuple(float(r) for r in ratios.split(","))
-    except ValueError:
-        raise LggError(f"--ratios {ratios!r}: give three comma-separated fractions, e.g. 0.7,0.15,0.15") from None
+    parts = ratios  # parsed and range-checked by check_options
     if len(parts) != 3:
-        raise LggError(f"--ratios {ratios!r}: give exactly three fractions (train,val,test)")
+        raise LggError(f"--ratios {','.join(map(str, parts))}: give exactly three fractions (train,val,test)")
     if folds is not None:
         target = output or Path("folds")
         splits = make_folds(load_dataset(folder), folds=folds, seed=seed, val_ratio=parts[1])
@@ -665,7 +695,7 @@ def optimize_cmd(
         max_patient_drop=max_patient_drop,
         min_agreement=min_agreement,
         budget_minutes=budget_minutes,
-        prune_ratios=_floats(prune_ratios, "--prune-ratios"),
+        prune_ratios=prune_ratios,  # parsed and range-checked by check_options
         prune_epochs=prune_epochs,
         prune_lr=prune_lr,
         distill=distill,
@@ -674,7 +704,7 @@ def optimize_cmd(
         qat_epochs=qat_epochs,
         calib_samples=calib_samples,
         batch=batch,
-        batch_sizes=tuple(int(v) for v in _floats(batch_sizes, "--batch-sizes")),
+        batch_sizes=batch_sizes,
         iters=iters,
         threads=threads,
         search_all=search_all,
@@ -683,13 +713,6 @@ def optimize_cmd(
     print_machine_text((out_dir / "optimize.md").read_text())  # markdown as written: "[chosen]" is not console markup
     chosen = summary["chosen"]
     out.print(f"chosen: {chosen['engine']} -> {out_dir / 'chosen'}")
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise LggError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 @app.command("bench")
@@ -719,10 +742,7 @@ def bench_cmd(
 
     if fmt not in OUTPUT_FORMATS:
         raise LggError(f"--format {fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise LggError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 1,8") from None
+    sizes = batch_sizes  # parsed and range-checked by check_options
     if out_dir:
         ensure_folder(out_dir)  # before the scoring and timing, not after
     results = run_bench(
@@ -790,7 +810,7 @@ def predict_cmd(
         out.print("no slice could be predicted: nothing was written")
     if report.problems:
         for problem in report.problems:
-            err.print(f"[red]skipped:[/] {problem}", highlight=False, soft_wrap=True)
+            err.print(f"[red]skipped:[/] {rich_escape(problem)}", highlight=False, soft_wrap=True)
         raise LggError(f"{len(report.problems)} file(s) could not be read (listed above); the others were written")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lggdeploy.bench.report import write_all
 from lggdeploy.bench.run import BenchOptions, run_bench
+from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.tables import markdown_table
 from lggdeploy.data.kaggle import check_dataset, raise_for_problems
@@ -42,6 +43,22 @@ COLUMNS = [
 ]
 
 
+DEMO_ENTRIES = {"phantom", "split.json", "runs", "engines", "bench", "results.md", "results.json"}
+
+
+def check_demo_folder(out: Path) -> None:
+    """--out must be new, empty, or an earlier demo's folder: never a data set or other work to write into."""
+    if out.exists() and not out.is_dir():
+        raise LggError(f"--out {out} is a file; choose a new or empty folder for the demo")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES and not p.name.startswith("."))
+        if foreign:
+            raise LggError(
+                f"--out {out} already holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which the demo "
+                "did not write (a data set?); choose a new or empty folder"
+            )
+
+
 def run_demo(
     out: str | os.PathLike = "demo",
     patients: int = 10,
@@ -52,6 +69,7 @@ def run_demo(
     bench_iters: int = 10,
 ) -> dict:
     out = Path(out)
+    check_demo_folder(out)
     data = out / "phantom"
     if not data.exists():
         synthesize(data, patients=patients, seed=seed)

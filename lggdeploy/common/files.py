@@ -22,7 +22,7 @@ from lggdeploy.common.errors import LggError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-STALE = re.compile(r"^\.(?:.+\.(?P<pid>\d+)\.[^.]+\.tmp|build-(?P<bpid>\d+)-.+)$")
+STALE = re.compile(r"^\.(?:.+\.(?P<pid>\d+)\.[^.]+\.tmp|(?:build|pack)-(?P<bpid>\d+)-.+)$")
 
 
 def _unwritable(path: Path, exc: OSError) -> LggError:
@@ -129,8 +129,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8; a name from a file system that is not UTF-8 (a lone surrogate) is written escaped, not refused."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
     return Path(path)
 
 

@@ -162,11 +162,16 @@ def _read_tiff(path: Path) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             if not tif.pages:
                 raise ValueError("no image in the file")
+            if len(tif.pages) > 1:  # a stack: which page is the slice is a guess lggdeploy does not make
+                pages = len(tif.pages)
+                raise DataError(f"{path}: holds {pages} pages; a kaggle_3m slice is one page: split it or replace it")
             page = tif.pages[0]
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
             if end > path.stat().st_size:
                 raise ValueError(f"image data runs to byte {end} but the file has {path.stat().st_size}")
             return page.asarray()
+    except DataError:
+        raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: unreadable TIFF, truncated or corrupt ({reason}); replace the file") from None

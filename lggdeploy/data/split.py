@@ -60,6 +60,13 @@ class Split:
     def from_json(cls, obj: dict, origin: str = "split") -> Split:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise DataError(f"{origin}: not an lggdeploy split file (make one with `lggdeploy data split DIR`)")
+        for name in SPLITS:  # lists of patient ids (a string would be read letter by letter)
+            ids = obj.get(name)
+            if not isinstance(ids, list) or not all(isinstance(pid, str) and pid for pid in ids):
+                raise DataError(
+                    f"{origin}: {name!r} must be a list of patient ids (strings), got {str(ids)[:60]!r}; "
+                    "regenerate it with `lggdeploy data split`"
+                )
         try:
             split = cls(
                 train=list(obj["train"]),

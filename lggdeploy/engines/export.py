@@ -158,6 +158,14 @@ def export_checkpoint(
     return target, record
 
 
+def graph_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file imports."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def export_record(checkpoint, checkpoint_sha256: str, ckpt: dict, onnx_path: Path, opset: int, parity: Parity) -> dict:
     import onnx
     import torch
@@ -169,7 +177,8 @@ def export_record(checkpoint, checkpoint_sha256: str, ckpt: dict, onnx_path: Pat
         "model": ckpt["model"],
         "onnx": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),
-        "opset": opset,
+        "opset": graph_opset(onnx_path),  # what the file holds (the exporter may convert what was asked)
+        "opset_requested": opset,
         "export_graph": EXPORT_GRAPH,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, ckpt["img_size"], ckpt["img_size"]], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, ckpt["img_size"], ckpt["img_size"]], "dtype": "float32"},

@@ -28,7 +28,7 @@ import numpy as np
 
 from lggdeploy import __version__
 from lggdeploy.common.errors import LggError
-from lggdeploy.common.files import atomic_path, check_writable, sha256_file, temporary_folder
+from lggdeploy.common.files import atomic_path, check_writable, remove_stale_temporaries, sha256_file, temporary_folder
 from lggdeploy.data.arrays import load_slices, pick_slices
 from lggdeploy.data.kaggle import load_dataset, resolve_data_root
 from lggdeploy.data.split import Split
@@ -69,6 +69,7 @@ def pack(
     if samples < 1:
         raise LggError(f"--samples must be at least 1, got {samples}")
     out = check_writable(out)
+    remove_stale_temporaries(out.parent)  # what a killed pack (SIGKILL) left: its scratch folder and half a bundle
     private_key = signing.load_private_key(sign) if sign is not None else None  # a bad key: refused before the work
     engines = [Path(e) for e in dict.fromkeys(Path(e) for e in engines)]  # an engine given twice is packed once
     manifests = _checked_manifests(engines)

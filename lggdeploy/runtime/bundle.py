@@ -58,6 +58,8 @@ MAX_BUNDLE_BYTES = 1 << 31  # 2 GiB
 
 
 def _extract(bundle: Path, into: Path) -> Path:
+    if bundle.is_dir():
+        raise BundleError(f"{bundle} is a folder, not a bundle: give the .tar.gz that `lggdeploy pack` wrote")
     if not bundle.is_file():
         raise BundleError(f"bundle {bundle} does not exist: make one with `lggdeploy pack ENGINE... -o {bundle.name}`")
     try:

@@ -15,12 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.common.errors import DataError
-from lggdeploy.common.files import atomic_path, ensure_folder, write_text_atomic
+from lggdeploy.common.files import (
+    atomic_path,
+    check_can_create,
+    ensure_folder,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.kaggle import read_image, read_mask
 from lggdeploy.metrics import dice_from_counts
 
 IMAGE = re.compile(r"^(?P<patient>.+)_(?P<number>\d+)\.tif$")
+MASK = re.compile(r"^(?P<patient>.+)_(?P<number>\d+)_mask\.tif$")
 
 
 @dataclass
@@ -48,6 +55,15 @@ def collect_inputs(source: str | os.PathLike) -> dict[str, list[Path]]:
     return {
         pid: sorted(paths, key=lambda p: int(IMAGE.match(p.name)["number"])) for pid, paths in sorted(patients.items())
     }
+
+
+def unrecognized(source: str | os.PathLike) -> list[Path]:
+    """.tif files beside the slices that are neither a slice (<PATIENT>_<N>.tif) nor a mask: said, not skipped silently."""
+    source = Path(source)
+    if source.is_file():
+        return []
+    files = list(source.glob("*.tif")) or list(source.glob("*/*.tif"))
+    return sorted(p for p in files if not IMAGE.match(p.name) and not MASK.match(p.name))
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
@@ -119,9 +135,13 @@ def predict_paths(
     spacing_mm: float | None = None,
 ) -> PredictReport:
     """Every patient under `source`: masks and overlays per slice, one row per patient (patients.csv)."""
-    out_dir = ensure_folder(out_dir)  # before any work: an unwritable --out is one clear line
+    check_can_create(out_dir)  # before any work: an unwritable --out is one clear line, and nothing is created yet
     report = PredictReport()
     patients = collect_inputs(source)
+    report.problems += [f"{p}: not named <PATIENT>_<N>.tif; not predicted (rename it)" for p in unrecognized(source)]
+    out_dir = ensure_folder(out_dir)  # the input is known good: now the folder
+    for folder in [out_dir, *(out_dir / pid for pid in patients)]:
+        remove_stale_temporaries(folder)  # what a killed run (SIGKILL) left half-written
     with progress_bar() as bar:
         task = bar.add_task("predicting", total=sum(len(v) for v in patients.values()), info="")
         for pid, paths in patients.items():
