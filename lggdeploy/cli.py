@@ -17,10 +17,17 @@ from rich.markup import escape as rich_escape
 from typer.core import TyperGroup
 
 from lggdeploy.backends.base import describe_backends
+from lggdeploy.bench.options import DEFAULTS as BENCH
+from lggdeploy.bench.options import HELP as BENCH_HELP
 from lggdeploy.common.errors import GateFailed, LggError
 from lggdeploy.common.options import check_options
+from lggdeploy.engines.options import DEFAULTS as BUILD
+from lggdeploy.engines.options import HELP as BUILD_HELP
 from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA as CRITERIA
 from lggdeploy.engines.precision.criteria import HELP as GATE_HELP
+from lggdeploy.models.config import option_help
+from lggdeploy.optimize_options import DEFAULTS as OPTIMIZE
+from lggdeploy.optimize_options import HELP as OPTIMIZE_HELP
 
 
 class OneLineErrors(TyperGroup):
@@ -282,87 +289,47 @@ def presets():
     out.print(rich_table(rows, cols))
 
 
+def _flag(table: dict, name: str, kind, *decls: str):
+    """An option whose help lives beside its default (engines/options.py, bench/options.py, optimize_options.py)."""
+    return Annotated[kind, typer.Option(*decls, help=table[name])]
+
+
+def _train_option(name: str, kind, *decls: str):
+    """A train option whose help (and default shown) is TrainConfig's: one home for each (models/config.py)."""
+    return Annotated[kind, typer.Option(*decls, help=option_help(name))]
+
+
 @app.command("train")
 @friendly
 def train_cmd(
-    model: str = typer.Option(
-        ..., "--model", "-m", help="preset (pspnet-scratch, pspnet-resnext50, unet-effb7) or ARCH:ENCODER"
-    ),
-    data: Path = typer.Option(..., "--data", help="kaggle_3m folder"),
-    out_dir: Path | None = typer.Option(None, "--out", "-o", help="run folder (default runs/<model>)"),
-    epochs: int | None = typer.Option(
-        None, help="epochs (default 10; on --resume: the run's own, or more to extend it)"
-    ),
-    batch_size: int | None = typer.Option(None, help="batch size (default 8)"),
-    lr: float | None = typer.Option(None, help="peak learning rate (default 3e-4)"),
-    img_size: int | None = typer.Option(
-        None, help="model input size (default 256; slices are 256x256; metrics are always at 256)"
-    ),
-    seed: int | None = typer.Option(
-        None, help="seed of the split, initialization, shuffling and augmentation (default 0)"
-    ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
-    split_file: Path | None = typer.Option(
-        None, help="split JSON (default: a new seeded split saved in the run folder)"
-    ),
-    encoder_weights: str | None = typer.Option(
-        None, help="imagenet, random, or PATH to a local encoder state dict (default: the preset's)"
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="continue the run in --out from last.pt, with its own settings"
-    ),
-    augment: bool | None = typer.Option(None, "--augment/--no-augment", help="training augmentation (default on)"),
-    precision: str | None = typer.Option(
-        None,
-        help="auto (default: fp16 AMP on CUDA, bf16 on CPUs with AMX, else fp32), fp32, bf16 (CPUs with AVX512-BF16 or AMX), fp16 (CUDA)",
-    ),
-    loss: str | None = typer.Option(
-        None,
-        help="overlap term beside BCE: image-dice (default; per tumor slice), dice (pooled over the batch), tversky",
-    ),
-    tumor_fraction: float | None = typer.Option(
-        None, help="share of each epoch drawn from tumor slices (default 0.5; 0: slices as the data come)"
-    ),
-    warmup_epochs: float | None = typer.Option(
-        None, help="linear learning-rate warm-up before the cosine, in epochs (default 0.5)"
-    ),
-    ema: float | None = typer.Option(None, help="EMA decay of the weights per step, e.g. 0.99 (default 0: off)"),
-    tune_threshold: bool | None = typer.Option(
-        None,
-        "--tune-threshold/--no-tune-threshold",
-        help="tune the decision threshold on the val patients and store it in best.pt (default off: on 21 test patients it did not pay)",
-    ),
-    threshold: float | None = typer.Option(
-        None, help="decision threshold for validation (and stored unless tuned; default 0.5)"
-    ),
-    budget_minutes: float | None = typer.Option(
-        None, help="wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the cap)"
-    ),
-    missing_modality: float | None = typer.Option(
-        None,
-        help="share of training slices given the data set's fill for a missing sequence "
-        "(pre- and/or post-contrast replaced by FLAIR; default 0.2; 0: off)",
-    ),
-    normalization: str | None = typer.Option(
-        None,
-        help="model input: slice (default: each channel of each slice scaled to one tissue median first, so brightness "
-        "differences between scans are removed) or fixed (ImageNet statistics on x / 255: absolute intensity)",
-    ),
-    bn_momentum: float | None = typer.Option(
-        None,
-        help="running-statistics momentum of every batch-norm layer while training (default 0.1, "
-        "PyTorch's; 0 keeps each encoder's own, e.g. efficientnet's 0.01)",
-    ),
-    postprocess: str | None = typer.Option(
-        None,
-        help="post-processing stored in best.pt: auto (default: 3-D components smaller than half the smallest train tumor "
-        "removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
-        "or N,F (also those under F x the largest component)",
-    ),
-):
+    model: Annotated[str, typer.Option("--model", "-m", help="preset (pspnet-scratch, pspnet-resnext50, unet-effb7) or ARCH:ENCODER")],
+    data: Annotated[Path, typer.Option("--data", help="kaggle_3m folder")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="run folder (default runs/<model>)")] = None,
+    epochs: _train_option("epochs", int | None) = None,
+    batch_size: _train_option("batch_size", int | None) = None,
+    lr: _train_option("lr", float | None) = None,
+    img_size: _train_option("img_size", int | None) = None,
+    seed: _train_option("seed", int | None) = None,
+    device: _train_option("device", str) = "auto",
+    split_file: _train_option("split_file", Path | None) = None,
+    encoder_weights: _train_option("encoder_weights", str | None) = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from last.pt, with its own settings")] = False,
+    augment: _train_option("augment", bool | None, "--augment/--no-augment") = None,
+    precision: _train_option("precision", str | None) = None,
+    loss: _train_option("loss", str | None) = None,
+    tumor_fraction: _train_option("tumor_fraction", float | None) = None,
+    warmup_epochs: _train_option("warmup_epochs", float | None) = None,
+    ema: _train_option("ema_decay", float | None, "--ema") = None,
+    tune_threshold: _train_option("tune_threshold", bool | None, "--tune-threshold/--no-tune-threshold") = None,
+    threshold: _train_option("threshold", float | None) = None,
+    budget_minutes: _train_option("budget_minutes", float | None) = None,
+    missing_modality: _train_option("missing_modality", float | None) = None,
+    normalization: _train_option("normalization", str | None) = None,
+    bn_momentum: _train_option("bn_momentum", float | None) = None,
+    postprocess: _train_option("postprocess", str | None) = None,
+):  # fmt: skip
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
     from lggdeploy.models.train import TrainConfig, train
-    from lggdeploy.postprocess import PostProcess
 
     cfg = TrainConfig.from_flags(
         model, data, out_dir, device, resume,
@@ -372,22 +339,21 @@ def train_cmd(
         threshold=threshold, budget_minutes=budget_minutes, postprocess=postprocess,
         missing_modality=missing_modality, normalization=normalization, bn_momentum=bn_momentum,
     )  # fmt: skip
-    result = train(cfg)
+    out.print(_train_summary(train(cfg)))
+
+
+def _train_summary(result) -> str:
+    from lggdeploy.postprocess import PostProcess
+
     best = result.best
-    out.print(
+    tuned = f" (threshold tuned to {best['threshold']}: {best['val_mean_patient_dice_tuned_threshold']:.4f})"
+    rule = PostProcess.from_json(best.get("postprocess")).describe()
+    processed = f" (post-processing {rule}: {best.get('val_mean_patient_dice_postprocessed', 0):.4f})"
+    return (
         f"best epoch {best['epoch']}: validation mean per-patient Dice {best['val_mean_patient_dice']:.4f}"
-        + (
-            f" (threshold tuned to {best['threshold']}: {best['val_mean_patient_dice_tuned_threshold']:.4f})"
-            if "threshold" in best
-            else ""
-        )
-        + (
-            f" (post-processing {PostProcess.from_json(best['postprocess']).describe()}: {best['val_mean_patient_dice_postprocessed']:.4f})"
-            if "val_mean_patient_dice_postprocessed" in best
-            else ""
-        )
-        + " "
-        f"({result.seconds:.0f} s); checkpoint {result.best_path}, curves {result.best_path.parent / 'curves.png'}"
+        + (tuned if "threshold" in best else "")
+        + (processed if "val_mean_patient_dice_postprocessed" in best else "")
+        + f" ({result.seconds:.0f} s); checkpoint {result.best_path}, curves {result.best_path.parent / 'curves.png'}"
     )
 
 
@@ -491,44 +457,29 @@ def export_cmd(
 @app.command("build")
 @friendly
 def build_cmd(
-    checkpoints: list[Path] = typer.Argument(
-        ..., help="one or more checkpoints, or one bundle from `lggdeploy pack` (build on this device)"
-    ),
-    precision: str = typer.Option("fp32", help="fp32, fp16, int8 or all"),
-    backend: str = typer.Option("onnxruntime", help=f"the backend: {describe_backends()}"),
-    int8_profile: str | None = typer.Option(
-        None,
-        help="cpu, tensorrt or openvino (default: cpu for onnxruntime, tensorrt for tensorrt, openvino for openvino)",
-    ),
-    out_dir: Path = typer.Option(Path("engines"), "--out", "-o"),
-    data: Path | None = typer.Option(
-        None, "--data", help="kaggle_3m folder with the checkpoint's val patients (default: the checkpoint's)"
-    ),
-    calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),
-    calib_method: str = typer.Option("minmax", help="minmax, entropy or percentile"),
+    checkpoints: Annotated[list[Path], typer.Argument(help="one or more checkpoints, or one bundle from `lggdeploy pack` (build on this device)")],
+    precision: _flag(BUILD_HELP, "precision", str) = BUILD.precision,
+    backend: Annotated[str, typer.Option(help=f"the backend: {describe_backends()}")] = BUILD.backend,
+    int8_profile: _flag(BUILD_HELP, "int8_profile", str | None) = BUILD.int8_profile,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="engines folder")] = BUILD.out_dir,
+    data: _flag(BUILD_HELP, "data", Path | None, "--data") = BUILD.data,
+    calib_samples: _flag(BUILD_HELP, "calib_samples", int) = BUILD.calib_samples,
+    calib_method: _flag(BUILD_HELP, "calib_method", str) = BUILD.calib_method,
     max_drop: MaxDrop = CRITERIA.max_drop,
     max_patient_drop: MaxPatientDrop = CRITERIA.max_patient_drop,
     min_agreement: MinAgreement = CRITERIA.min_agreement,
-    force: bool = typer.Option(False, "--force", help="write an engine that failed its gate (its manifest says so)"),
-    min_batch: int = typer.Option(1),
-    opt_batch: int = typer.Option(8),
-    max_batch: int = typer.Option(32),
-    workspace_gib: float = typer.Option(4.0, help="TensorRT workspace limit"),
-    trusted_key: Path | None = typer.Option(
-        None, "--trusted-key", help="from a bundle: the public key it must be signed with (refused unread otherwise)"
-    ),
-    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads for the gate (default: all cores)"),
-    qat: str = typer.Option(
-        "auto", help="INT8 quantization-aware fine-tuning: auto (when post-training INT8 fails its gate), always or off"
-    ),
-    qat_epochs: int = typer.Option(1, help="QAT epochs on the checkpoint's train split (0: no QAT)"),
-    qat_lr: float = typer.Option(1e-3, help="QAT learning rate (SGD, momentum 0.9, cosine to zero)"),
-    reference: Path | None = typer.Option(
-        None,
-        "--reference",
-        help="judge against this checkpoint's FP32 model instead of the built one's (e.g. the unpruned model a pruned one replaces; same input size, normalization and split)",
-    ),
-):
+    force: _flag(BUILD_HELP, "force", bool, "--force") = BUILD.force,
+    min_batch: Annotated[int, typer.Option(help="smallest batch of the engine's profile")] = BUILD.batch[0],
+    opt_batch: Annotated[int, typer.Option(help="batch the engine is tuned for")] = BUILD.batch[1],
+    max_batch: Annotated[int, typer.Option(help="largest batch of the engine's profile")] = BUILD.batch[2],
+    workspace_gib: _flag(BUILD_HELP, "workspace_gib", float) = BUILD.workspace_gib,
+    trusted_key: Annotated[Path | None, typer.Option("--trusted-key", help="from a bundle: the public key it must be signed with (refused unread otherwise)")] = None,
+    threads: _flag(BUILD_HELP, "threads", int | None) = BUILD.threads,
+    qat: _flag(BUILD_HELP, "qat", str) = BUILD.qat,
+    qat_epochs: _flag(BUILD_HELP, "qat_epochs", int) = BUILD.qat_epochs,
+    qat_lr: _flag(BUILD_HELP, "qat_lr", float) = BUILD.qat_lr,
+    reference: _flag(BUILD_HELP, "reference", Path | None, "--reference") = BUILD.reference,
+):  # fmt: skip
     """Build engines behind the accuracy gate; --precision all builds the whole matrix. From a bundle: build on this
     device from the bundle's graphs, verified on its verification set (the device's gate)."""
     from lggdeploy.runtime.device_build import bundle_among
@@ -650,41 +601,27 @@ def _device_build_table(built):
 @app.command("optimize")
 @friendly
 def optimize_cmd(
-    checkpoint: Path = typer.Argument(..., help="the trained (unpruned) checkpoint"),
-    out_dir: Path = typer.Option(
-        Path("optimized"),
-        "--out",
-        "-o",
-        help="ladder, engines, report and the chosen engine (a second run resumes here)",
-    ),
-    data: Path | None = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoint's)"),
+    checkpoint: Annotated[Path, typer.Argument(help="the trained (unpruned) checkpoint")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="ladder, engines, report and the chosen engine (a second run resumes here)")] = OPTIMIZE.out,
+    data: _flag(OPTIMIZE_HELP, "data", Path | None, "--data") = OPTIMIZE.data,
     max_drop: MaxDrop = CRITERIA.max_drop,
     max_patient_drop: MaxPatientDrop = CRITERIA.max_patient_drop,
     min_agreement: MinAgreement = CRITERIA.min_agreement,
-    budget_minutes: float | None = typer.Option(
-        None,
-        help="after this many minutes no new candidate is started and a failing INT8 search stops before its next rebuild (what passed is still timed; a rerun continues)",
-    ),
-    prune_ratios: str = typer.Option("0.3", help="comma-separated structured pruning ratios to try ('' for none)"),
-    prune_epochs: int = typer.Option(2, help="fine-tuning epochs after pruning (distilled from the unpruned model)"),
-    prune_lr: float = typer.Option(1e-4, help="fine-tuning learning rate after pruning (warm-up, then cosine)"),
-    distill: bool = typer.Option(
-        True, "--distill/--no-distill", help="fine-tune pruned models against the unpruned model's outputs"
-    ),
-    distill_weight: float = typer.Option(0.5, help="the unpruned model's share of the fine-tuning loss, in (0, 1]"),
-    qat: str = typer.Option("auto", help="INT8 quantization-aware fine-tuning: auto, always or off"),
-    qat_epochs: int = typer.Option(1, help="QAT epochs when post-training INT8 fails (0: no QAT)"),
-    calib_samples: int = typer.Option(32, help="validation slices for INT8 calibration"),
-    batch: int = typer.Option(8, help="the batch size the fastest engine is chosen for"),
-    batch_sizes: str = typer.Option("1,8", help="batch sizes timed"),
-    iters: int = typer.Option(20, help="timed rounds per batch size (candidates interleaved)"),
-    threads: int | None = typer.Option(None, help="CPU threads for every runtime (default: all cores)"),
-    search_all: bool = typer.Option(
-        False,
-        "--search-all",
-        help="search every INT8 rung that fails post-training, even one the speed probe finds already slower than an engine that passed (a complete front, a longer run)",
-    ),
-):
+    budget_minutes: _flag(OPTIMIZE_HELP, "budget_minutes", float | None) = OPTIMIZE.budget_minutes,
+    prune_ratios: _flag(OPTIMIZE_HELP, "prune_ratios", str) = ",".join(map(str, OPTIMIZE.prune_ratios)),
+    prune_epochs: _flag(OPTIMIZE_HELP, "prune_epochs", int) = OPTIMIZE.prune_epochs,
+    prune_lr: _flag(OPTIMIZE_HELP, "prune_lr", float) = OPTIMIZE.prune_lr,
+    distill: _flag(OPTIMIZE_HELP, "distill", bool, "--distill/--no-distill") = OPTIMIZE.distill,
+    distill_weight: _flag(OPTIMIZE_HELP, "distill_weight", float) = OPTIMIZE.distill_weight,
+    qat: _flag(OPTIMIZE_HELP, "qat", str) = OPTIMIZE.qat,
+    qat_epochs: _flag(OPTIMIZE_HELP, "qat_epochs", int) = OPTIMIZE.qat_epochs,
+    calib_samples: _flag(OPTIMIZE_HELP, "calib_samples", int) = OPTIMIZE.calib_samples,
+    batch: _flag(OPTIMIZE_HELP, "batch", int) = OPTIMIZE.batch,
+    batch_sizes: _flag(OPTIMIZE_HELP, "batch_sizes", str) = ",".join(map(str, OPTIMIZE.batch_sizes)),
+    iters: _flag(OPTIMIZE_HELP, "iters", int) = OPTIMIZE.iters,
+    threads: _flag(OPTIMIZE_HELP, "threads", int | None) = OPTIMIZE.threads,
+    search_all: _flag(OPTIMIZE_HELP, "search_all", bool, "--search-all") = OPTIMIZE.search_all,
+):  # fmt: skip
     """The fastest engine that keeps accuracy: precision x pruning x CPU backend, gated, timed side by side."""
     from lggdeploy.optimize import OptimizeOptions, optimize
 
@@ -718,23 +655,19 @@ def optimize_cmd(
 @app.command("bench")
 @friendly
 def bench_cmd(
-    engines_dir: Path = typer.Argument(Path("engines"), help="folder with engines and their manifests"),
-    data: Path | None = typer.Option(None, "--data", help="kaggle_3m folder (default: the checkpoints' data folder)"),
-    split: str = typer.Option("test", help="test, val, train or all"),
-    split_file: Path | None = typer.Option(None, help="split JSON (default: the split in each engine's manifest)"),
-    batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes to time"),
-    iters: int = typer.Option(20, help="timed rounds per batch size (engines interleaved in each round)"),
-    seconds: float | None = typer.Option(None, help="stop the rounds of a batch size after this many seconds"),
-    warmup: int = typer.Option(3),
-    threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
-    fmt: str = typer.Option("table", "--format", help="table, md, csv or json on screen"),
-    wide: bool = typer.Option(
-        False,
-        "--wide",
-        help="every column on screen (latency spread, end-to-end, IoU, per-slice Dice, ...); the files always hold them all",
-    ),
-    out_dir: Path | None = typer.Option(None, "--out", "-o", help="write bench.json/md/csv and the plots here"),
-):
+    engines_dir: Annotated[Path, typer.Argument(help="folder with engines and their manifests")] = BENCH.engines_dir,
+    data: _flag(BENCH_HELP, "data", Path | None, "--data") = BENCH.data,
+    split: _flag(BENCH_HELP, "split", str) = BENCH.split,
+    split_file: _flag(BENCH_HELP, "split_file", Path | None) = BENCH.split_file,
+    batch_sizes: _flag(BENCH_HELP, "batch_sizes", str) = ",".join(map(str, BENCH.batch_sizes)),
+    iters: _flag(BENCH_HELP, "iters", int) = BENCH.iters,
+    seconds: _flag(BENCH_HELP, "seconds", float | None) = BENCH.seconds,
+    warmup: _flag(BENCH_HELP, "warmup", int) = BENCH.warmup,
+    threads: _flag(BENCH_HELP, "threads", int | None) = BENCH.threads,
+    fmt: Annotated[str, typer.Option("--format", help="table, md, csv or json on screen")] = "table",
+    wide: Annotated[bool, typer.Option("--wide", help="every column on screen (latency spread, end-to-end, IoU, per-slice Dice, ...); the files always hold them all")] = False,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="write bench.json/md/csv and the plots here")] = None,
+):  # fmt: skip
     """Latency beside per-patient Dice/IoU/accuracy for every engine, with the PyTorch FP32 reference."""
     from lggdeploy.bench.report import OUTPUT_FORMATS, csv_text, markdown, rich_table, write_all
     from lggdeploy.bench.run import BenchOptions, run_bench

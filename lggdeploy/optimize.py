@@ -36,80 +36,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lggdeploy.backends.base import BACKENDS, RunOptions, cpu_backends
+from lggdeploy.backends.base import RunOptions
 from lggdeploy.bench.labels import engine_name
 from lggdeploy.common.errors import CannotWin, GateFailed, LggError, SearchStopped
 from lggdeploy.common.files import atomic_path, ensure_folder, sha256_file, write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line
 from lggdeploy.engines.export import EXPORT_GRAPH
 from lggdeploy.engines.formats import open_engine, select_formats
-from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
+from lggdeploy.engines.precision.criteria import GateCriteria
+from lggdeploy.optimize_options import LADDER, OptimizeOptions, cpu_ladder  # noqa: F401 (documented import paths)
 
 logger = logging.getLogger(__name__)
-
-
-LADDER_PRECISIONS = ("fp32", "bf16", "int8")  # FP16 is no CPU precision: emulated, slower than FP32
-
-
-def cpu_ladder() -> tuple[tuple[str, str], ...]:
-    """Every CPU backend's FP32, BF16 and INT8 rungs, precision by precision (backends/base.py's rows)."""
-
-    return tuple(
-        (backend, precision)
-        for precision in LADDER_PRECISIONS
-        for backend in cpu_backends()
-        if precision in BACKENDS[backend].precisions
-    )
-
-
-LADDER = cpu_ladder()
-
-
-@dataclass
-class OptimizeOptions:
-    out: Path = Path("optimized")
-    data: Path | None = None
-    max_drop: float = DEFAULT_CRITERIA.max_drop
-    max_patient_drop: float = DEFAULT_CRITERIA.max_patient_drop
-    min_agreement: float = DEFAULT_CRITERIA.min_agreement
-    budget_minutes: float | None = None
-    prune_ratios: tuple[float, ...] = (0.3,)
-    prune_epochs: int = 2
-    prune_lr: float = 1e-4
-    distill: bool = True
-    distill_weight: float = 0.5  # the teacher's share of the fine-tuning loss
-    qat: str = "auto"
-    qat_epochs: int = 1
-    calib_samples: int = 32
-    batch: int = 8  # the batch size the choice is made for
-    batch_sizes: tuple[int, ...] = (1, 8)
-    iters: int = 20
-    threads: int | None = None
-    ladder: tuple[tuple[str, str], ...] = LADDER
-    search_all: bool = (
-        False  # search every failing INT8 rung, even one the speed probe finds cannot win (a complete front)
-    )
-
-    def validate(self) -> None:
-        GateCriteria(self.max_drop, self.max_patient_drop, self.min_agreement).validate()
-        if self.budget_minutes is not None and self.budget_minutes <= 0:
-            raise LggError(f"--budget-minutes must be positive, got {self.budget_minutes}")
-        if any(not 0 < r < 1 for r in self.prune_ratios):
-            raise LggError(
-                f"--prune-ratios must lie strictly between 0 and 1, got {', '.join(map(str, self.prune_ratios))}"
-            )
-        if self.prune_ratios and self.prune_epochs < 1:
-            raise LggError(
-                "pruning without fine-tuning loses most of the accuracy: give --prune-epochs 1 or more, or --prune-ratios ''"
-            )
-        if self.prune_ratios and not self.prune_lr > 0:
-            raise LggError(f"--prune-lr must be positive, got {self.prune_lr}")
-        if self.prune_ratios and self.distill:
-            from lggdeploy.models.prune import check_distill_weight
-
-            check_distill_weight(self.distill_weight)
-        if self.batch not in self.batch_sizes:
-            raise LggError(f"--batch {self.batch} must be one of the timed batch sizes {self.batch_sizes}")
 
 
 @dataclass

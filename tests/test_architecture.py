@@ -27,6 +27,7 @@ LAYERS = [
         "lggdeploy.train",
         "lggdeploy.evaluate",
         "lggdeploy.optimize",
+        "lggdeploy.optimize_options",
     },
 ]
 

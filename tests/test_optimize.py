@@ -389,11 +389,11 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
 def test_bad_options_are_one_line(segmenting_run, tmp_path):
     runner = CliRunner()
     for args, message in (
-        (["--prune-ratios", "1.5"], "strictly between 0 and 1"),
+        (["--prune-ratios", "1.5"], "1.5 must lie in (0, 1)"),
         (["--batch", "4"], "must be one of the timed batch sizes"),
-        (["--prune-ratios", "a,b"], "comma-separated numbers"),
-        (["--prune-lr", "0"], "--prune-lr must be positive"),
-        (["--distill-weight", "1.5"], "--distill-weight must lie in (0, 1]"),
+        (["--prune-ratios", "a,b"], "give comma-separated floats"),
+        (["--prune-lr", "0"], "--prune-lr 0.0: must lie in (0, 10]"),
+        (["--distill-weight", "1.5"], "--distill-weight 1.5: must lie in (0, 1]"),
     ):
         result = runner.invoke(app, ["optimize", str(segmenting_run.best_path), "-o", str(tmp_path / "o"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -66,7 +66,7 @@ def test_pruned_checkpoint_round_trip_export_and_accumulating_recipe(segmenting_
 def test_prune_bad_input_is_clear(segmenting_run, tmp_path, monkeypatch):
     runner = CliRunner()
     result = runner.invoke(app, ["prune", str(segmenting_run.best_path), "--ratio", "1.5", "-o", str(tmp_path / "a")])
-    assert result.exit_code == 2 and "--ratio must be between 0 and 1" in result.output
+    assert result.exit_code == 2 and "--ratio 1.5: must lie in (0, 1)" in result.output
     result = runner.invoke(
         app,
         [
@@ -89,7 +89,7 @@ def test_prune_bad_input_is_clear(segmenting_run, tmp_path, monkeypatch):
     )
     assert (
         result.exit_code == 2
-        and "--distill-weight must lie in (0, 1]" in result.output
+        and "--distill-weight 0.0: must lie in (0, 1]" in result.output
         and not (tmp_path / "w").exists()
     )
     monkeypatch.setitem(sys.modules, "torch_pruning", None)  # as if the extra were not installed

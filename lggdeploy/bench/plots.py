@@ -46,22 +46,30 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 
     engines = [r for r in scored if r.get("speedup")]
     if engines:
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(engines) + 2), 4.5))
-        width = 0.8 / len(batches)
-        for k, b in enumerate(batches):
-            values = [r["speedup"].get(str(b), 0) for r in engines]
-            bars = ax.bar([i + k * width for i in range(len(engines))], values, width, label=f"batch {b}")
-            ax.bar_label(bars, fmt="%.2f×", fontsize=7)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(engines))])
-        ax.set_xticklabels([f"{r['model']}\n{short_name(r)}" for r in engines], fontsize=7, rotation=20, ha="right")
-        ax.set_ylabel("speed-up vs PyTorch FP32 (median latency ratio)")
-        ax.set_title("speed-up over the reference (1.0 = same speed)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / "speedup.png"))
-        plt.close(fig)
+        paths.append(_speedup_bars(engines, batches, out_dir / "speedup.png"))
     return paths
+
+
+def _speedup_bars(engines: list[dict], batches: list[int], path: Path) -> Path:
+    """speedup.png: each engine's speed-up over PyTorch FP32, one bar per batch size."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(engines) + 2), 4.5))
+    width = 0.8 / len(batches)
+    for k, b in enumerate(batches):
+        values = [r["speedup"].get(str(b), 0) for r in engines]
+        bars = ax.bar([i + k * width for i in range(len(engines))], values, width, label=f"batch {b}")
+        ax.bar_label(bars, fmt="%.2f×", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(engines))])
+    ax.set_xticklabels([f"{r['model']}\n{short_name(r)}" for r in engines], fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel("speed-up vs PyTorch FP32 (median latency ratio)")
+    ax.set_title("speed-up over the reference (1.0 = same speed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    saved = _save(fig, path)
+    plt.close(fig)
+    return saved
 
 
 def _speed_accuracy_panel(ax, rows: list[dict], large: str, colours: dict) -> None:

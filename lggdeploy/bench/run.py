@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.backends.base import RunOptions
+from lggdeploy.bench.options import BenchOptions  # noqa: F401 (the documented import path)
 from lggdeploy.bench.stats import latency_summary, paired_summary
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import sha256_file
@@ -39,22 +40,6 @@ from lggdeploy.runtime.segmenter import stored_postprocess
 from lggdeploy.scoring import NonFiniteOutput, score_runner, segment
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BenchOptions:
-    engines_dir: Path = Path("engines")
-    data: Path | None = None
-    split: str = "test"
-    split_file: Path | None = None
-    batch_sizes: tuple[int, ...] = (1, 8)
-    iters: int = 20
-    seconds: float | None = None  # stop the timed rounds of a batch size after this long (at least 3 rounds)
-    warmup: int = 3
-    threads: int | None = None
-    bootstrap_reps: int = 2000
-    seed: int = 0  # the shuffled order of the engines in each timing round
-    noise_warning: float = 0.10  # warn when the A/A ratio is further than this from 1
 
 
 @dataclass

@@ -186,6 +186,21 @@ def make_split(
     )
 
 
+def _check_fold_count(dataset: Dataset, folds: int, n: int, n_val: int) -> None:
+    """Every fold keeps at least one train patient beside its test set and its `n_val` val patients."""
+    usable = [k for k in range(2, n + 1) if n - -(-n // k) - n_val >= 1]
+    if folds in usable:
+        return
+    raise DataError(
+        f"{folds} folds of {dataset.root}'s {n} patients: "
+        + (
+            f"choose {usable[0]} to {usable[-1]} folds (each fold tests about {n}/K patients and validates on {n_val})"
+            if usable
+            else f"too few patients to cross-validate (each fold needs test, {n_val} val and at least one train patient)"
+        )
+    )
+
+
 def make_folds(
     dataset: Dataset, folds: int = 5, seed: int = 0, val_ratio: float = DEFAULT_RATIOS[1], max_tries: int = 1000
 ) -> list[Split]:
@@ -200,16 +215,7 @@ def make_folds(
             f"val share {val_ratio} (the middle of --ratios): give a fraction between 0 and 1, the share of patients each fold validates on"
         )
     n_val = max(1, round(n * val_ratio))
-    usable = [k for k in range(2, n + 1) if n - -(-n // k) - n_val >= 1]  # each fold keeps at least one train patient
-    if folds not in usable:
-        raise DataError(
-            f"{folds} folds of {dataset.root}'s {n} patients: "
-            + (
-                f"choose {usable[0]} to {usable[-1]} folds (each fold tests about {n}/K patients and validates on {n_val})"
-                if usable
-                else f"too few patients to cross-validate (each fold needs test, {n_val} val and at least one train patient)"
-            )
-        )
+    _check_fold_count(dataset, folds, n, n_val)
     tumor = count_tumor_slices(dataset, ids)
     with_tumor = {pid for pid, count in tumor.items() if count}
     rng = np.random.default_rng(seed)

@@ -27,9 +27,9 @@ from lggdeploy.data.kaggle import load_dataset, resolve_data_root
 from lggdeploy.data.transforms import preprocess, resize_images, resize_masks
 from lggdeploy.engines.export import EXPORT_GRAPH, engine_tag, export_checkpoint, export_onnx
 from lggdeploy.engines.formats import EngineFormat, install_engine, open_engine, select_formats
+from lggdeploy.engines.options import BuildOptions  # noqa: F401 (the documented import path)
 from lggdeploy.engines.precision import calibration, int8, qat
 from lggdeploy.engines.precision.calibration import pick_calibration_slices, slice_ids, slice_list_hash
-from lggdeploy.engines.precision.criteria import DEFAULT_CRITERIA, GateCriteria
 from lggdeploy.engines.precision.fp16 import FP32_OPS, convert_fp16
 from lggdeploy.engines.precision.gate import (
     Outputs,
@@ -42,42 +42,6 @@ from lggdeploy.engines.precision.int8 import METHODS
 from lggdeploy.postprocess import PostProcess
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BuildOptions:
-    out_dir: Path = Path("engines")
-    data: Path | None = None
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    int8_profile: str | None = None
-    calib_samples: int = 32
-    calib_method: str = "minmax"
-    max_drop: float = DEFAULT_CRITERIA.max_drop
-    max_patient_drop: float = DEFAULT_CRITERIA.max_patient_drop
-    min_agreement: float = DEFAULT_CRITERIA.min_agreement
-    force: bool = False
-    batch: tuple[int, int, int] = (1, 8, 32)
-    workspace_gib: float = 4.0
-    threads: int | None = None
-    # INT8 quantization-aware fine-tuning: "auto" when post-training INT8 fails its gate, "always", or "off"
-    qat: str = "auto"
-    qat_epochs: int = 1
-    qat_lr: float = 1e-3
-    # The FP32 model the gate compares with (default: the checkpoint itself). `optimize` gates the engines of a
-    # pruned checkpoint against the unpruned model, so that pruning and quantization share one budget.
-    reference: Path | None = None
-    # A time.monotonic() instant (optimize's --budget-minutes): past it, an engine still failing its gate stops searching
-    # (no more fallback rebuilds, no QAT) and SearchStopped is raised instead of GateFailed.
-    deadline: float | None = None
-    # optimize's speed probe, asked once when an INT8 engine fails its gate fully quantized (before any fallback or QAT):
-    # worth_searching(open_engine, val_batch) -> a reason no search from it can win, or None. open_engine() opens that
-    # engine as bench would; val_batch(n) gives n preprocessed val slices. A reason raises CannotWin (no engine written).
-    worth_searching: Callable | None = None
-
-    @property
-    def criteria(self) -> GateCriteria:
-        return GateCriteria(self.max_drop, self.max_patient_drop, self.min_agreement)
 
 
 class _Context:

@@ -83,17 +83,7 @@ def pack(
         entries = [_add_engine(root, engine, manifest) for engine, manifest in zip(engines, manifests)]
         shutil.copyfile(folder / "model.onnx", root / "onnx" / "model.onnx")
         shutil.copyfile(folder / "model.onnx.json", root / "onnx" / "model.onnx.json")
-        buffer = io.BytesIO()
-        np.savez_compressed(
-            buffer,
-            images=chosen.images,
-            truth=np.packbits(chosen.masks, axis=-1),
-            fp32_logits=logits.astype(np.float16),
-            fp32_masks=np.packbits(masks, axis=-1),
-            patients=chosen.patients.astype(str),
-            numbers=chosen.numbers,
-        )
-        (root / "verification.npz").write_bytes(buffer.getvalue())
+        _write_verification(root / "verification.npz", chosen, logits, masks)
         description = _description(root, first, entries, chosen)
         (root / "bundle.json").write_text(json.dumps(description, indent=2) + "\n")
         (root / "README.md").write_text(device_readme(description, first))
@@ -106,6 +96,21 @@ def pack(
             for path in sorted(root.rglob("*")):
                 tar.add(path, arcname=path.relative_to(root).as_posix(), recursive=False)
     return out
+
+
+def _write_verification(path: Path, chosen, logits: np.ndarray, masks: np.ndarray) -> None:
+    """verification.npz: the slices, their truth, the FP32 model's logits (float16) and masks; masks bit-packed."""
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        images=chosen.images,
+        truth=np.packbits(chosen.masks, axis=-1),
+        fp32_logits=logits.astype(np.float16),
+        fp32_masks=np.packbits(masks, axis=-1),
+        patients=chosen.patients.astype(str),
+        numbers=chosen.numbers,
+    )
+    path.write_bytes(buffer.getvalue())
 
 
 def _checked_manifests(engines: list[Path]) -> list:

@@ -94,7 +94,13 @@ def evaluate_checkpoint(
         largest_component=True,
         postprocess=postprocess,
     )
-    summary["meta"] = {
+    summary["meta"] = _meta(checkpoint, ckpt, data, split, split_file, postprocess)
+    return summary
+
+
+def _meta(checkpoint, ckpt: dict, data, split: str, split_file, postprocess: PostProcess) -> dict:
+    """Where an evaluation's figures come from: checkpoint, data, split, threshold and post-processing."""
+    return {
         "checkpoint": str(checkpoint),
         "model": ckpt["model"]["name"],
         "data": str(data),
@@ -111,7 +117,6 @@ def evaluate_checkpoint(
         "img_size": ckpt["img_size"],
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    return summary
 
 
 def postprocess_origin(ckpt: dict) -> str:

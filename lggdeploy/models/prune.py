@@ -171,13 +171,7 @@ def prune_checkpoint(
         f"MACs {recipe['macs_before'] / 1e9:.2f}G -> {recipe['macs_after'] / 1e9:.2f}G at {ckpt['img_size']} px; "
         f"{recipe['layers_changed']} layers changed"
     )
-    if tuner.stages:
-        stages = tuner.stages
-        scores = {"best": stages[-1]["best"], "history": [row for st in stages for row in st["history"]]}
-    else:  # the unpruned model's validation scores say nothing about the pruned one
-        note = {"epoch": None, "val_mean_patient_dice": None, "note": "pruned without fine-tuning: not validated"}
-        scores = {"best": note, "history": []}
-    return tuner.save(recipe, out / "best.pt", **scores)
+    return tuner.save(recipe, out / "best.pt", **tuner.final_scores())
 
 
 class _StageTuner:
@@ -201,6 +195,13 @@ class _StageTuner:
             self.model, ckpt, pruned=True, pruning=pruning, pruned_from=str(self.checkpoint), **overrides
         )
         return save_checkpoint(path, payload)
+
+    def final_scores(self) -> dict:
+        """best.pt's validation record: the last stage's, or none (the unpruned model's says nothing of the pruned)."""
+        if not self.stages:
+            note = {"epoch": None, "val_mean_patient_dice": None, "note": "pruned without fine-tuning: not validated"}
+            return {"best": note, "history": []}
+        return {"best": self.stages[-1]["best"], "history": [row for st in self.stages for row in st["history"]]}
 
     def __call__(self, step: int) -> None:
         from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint

@@ -17,7 +17,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,6 @@ from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import load_split, make_split, save_split
 from lggdeploy.data.transforms import (
-    NORMALIZATION_MODES,
     Augmentation,
     Normalization,
     logits_to_masks,
@@ -49,128 +48,19 @@ from lggdeploy.data.transforms import (
 from lggdeploy.metrics import confusion_counts, dice_from_counts, iou_from_counts
 from lggdeploy.models import threshold as threshold_tuning
 from lggdeploy.models.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint, split_of
+from lggdeploy.models.config import TrainConfig
 from lggdeploy.models.curves import plot_history
 from lggdeploy.models.evaluate import score_model
 from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.presets import resolve_model
-from lggdeploy.models.recipe import LOSSES, epoch_order, lr_factor, make_ema, segmentation_loss, set_batch_norm_momentum
+from lggdeploy.models.recipe import epoch_order, lr_factor, make_ema, segmentation_loss, set_batch_norm_momentum
 from lggdeploy.models.torch_runner import resolve_device
 from lggdeploy.postprocess import PostProcess, smallest_tumor
 from lggdeploy.postprocess import tune as tune_postprocess
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class TrainConfig:
-    model: str
-    data: Path
-    out: Path
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    img_size: int = 256
-    seed: int = 0
-    device: str = "auto"
-    split_file: Path | None = None
-    encoder_weights: str | None = None
-    resume: bool = False
-    augment: bool = True
-    eval_batch_size: int = 16
-    threshold: float = 0.5
-    show_progress: bool = True
-    init_checkpoint: Path | None = None  # start from these weights (and shapes: pruned models), e.g. for fine-tuning
-    # The options the user gave (the CLI passes its flags); None: every field that differs from its default.
-    # On --resume these are checked against the run's saved configuration.
-    explicit: frozenset[str] | None = None
-    precision: str = "auto"  # auto: fp16 AMP on CUDA, bf16 autocast on CPUs with AMX, else fp32
-    channels_last: bool = True
-    # Knowledge distillation (fine-tuning a pruned model): the teacher's sigmoid outputs are soft targets beside
-    # the labels; loss = (1 - w) * (Dice + BCE on labels) + w * BCE(student logits, teacher probabilities).
-    teacher: Path | None = None
-    distill_weight: float = 0.5
-    # The recipe (benchmarks/results/recipe/ measured these; defaults are what it showed).
-    loss: str = (
-        "image-dice"  # overlap term beside BCE: dice (pooled over the batch), image-dice (per tumor image), tversky
-    )
-    tumor_fraction: float | None = 0.5  # share of each epoch drawn from tumor slices (None or 0: as the data come)
-    warmup_epochs: float = 0.5  # linear learning-rate warm-up before the cosine
-    ema_decay: float = 0.0  # EMA of the weights (0: off); with it, validation, selection and best.pt use the EMA
-    tune_threshold: bool = (
-        False  # sweep the threshold on the val patients and store the best in best.pt (off: pooled over 21 test
-    )
-    # patients it did not pay, benchmarks/results/threshold/)
-    missing_modality: float = 0.2  # share of training slices with pre/post-contrast replaced by FLAIR (data set's fill)
-    normalization: str = "slice"  # model input: slice (each slice's tissue median to one level, then ImageNet statistics) or fixed (x / 255 as read)
-    # Post-processing stored in best.pt (postprocess.py): auto (small 3-D components removed if the val patients
-    # say it does not hurt), none, largest (largest 3-D component only), N voxels, or N,F (also under F x the largest).
-    postprocess: str = "auto"
-    # Wall-clock budget: after epoch 1 the run fixes its number of epochs (and the cosine's length) so that it ends
-    # within this many minutes, counted from the start of train(); --epochs, when given, stays the upper bound.
-    budget_minutes: float | None = None
-    # Every batch-norm layer's running-statistics momentum while training (PyTorch's 0.1); 0 keeps each layer's own
-    # (efficientnet-pytorch's 0.01 left unet-effb7's eval statistics far behind its weights: recipe.set_batch_norm_momentum).
-    bn_momentum: float = 0.1
-
-    @classmethod
-    def from_flags(
-        cls, model: str, data: Path, out: Path | None = None, device: str = "auto", resume: bool = False, **flags
-    ) -> TrainConfig:
-        """A command line's options: a flag left at None was not given — its default applies, and --resume does not
-        hold it against the run's own settings. `out` defaults to runs/<model>."""
-        given = {k: v for k, v in flags.items() if v is not None}
-        out = out or Path("runs") / model.replace(":", "-")
-        explicit = frozenset({"model", *given})
-        return cls(model=model, data=data, out=out, device=device, resume=resume, explicit=explicit, **given)
-
-    def given(self) -> set[str]:
-        """The options the user gave: `explicit` when the caller says (the CLI does), else every field off its default."""
-        if self.explicit is not None:
-            return set(self.explicit)
-        return {f.name for f in fields(self) if getattr(self, f.name) != f.default}
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise LggError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 2:
-            raise LggError(f"--batch-size must be at least 2 (batch norm needs 2 samples), got {self.batch_size}")
-        if self.img_size < 64 or self.img_size % 32:
-            raise LggError(f"--img-size must be a multiple of 32 and at least 64, got {self.img_size}")
-        if self.lr <= 0:
-            raise LggError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.distill_weight <= 1:
-            raise LggError(f"--distill-weight must lie between 0 and 1, got {self.distill_weight}")
-
-        if self.loss not in LOSSES:
-            raise LggError(f"unknown --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
-        if self.tumor_fraction is not None and not 0 <= self.tumor_fraction < 1:
-            raise LggError(
-                f"--tumor-fraction must be 0 (slices as the data come) or a fraction below 1, got {self.tumor_fraction}"
-            )
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
-            raise LggError(
-                f"--warmup-epochs must be at least 0 and below --epochs ({self.epochs}), got {self.warmup_epochs}"
-            )
-        if not (self.ema_decay == 0 or 0.5 <= self.ema_decay < 1):
-            raise LggError(f"--ema must be 0 (off) or between 0.5 and 1 (e.g. 0.99), got {self.ema_decay}")
-        if self.budget_minutes is not None and self.budget_minutes <= 0:
-            raise LggError(f"--budget-minutes must be positive, got {self.budget_minutes}")
-        if not 0 <= self.missing_modality <= 1:
-            raise LggError(f"--missing-modality must be a share between 0 and 1, got {self.missing_modality}")
-        if self.normalization not in NORMALIZATION_MODES:
-            raise LggError(f"unknown --normalization {self.normalization!r}: choose {' or '.join(NORMALIZATION_MODES)}")
-        if not 0 < self.threshold < 1:
-            raise LggError(f"--threshold must lie strictly between 0 and 1, got {self.threshold}")
-        if not 0 <= self.bn_momentum <= 1:
-            raise LggError(f"--bn-momentum must lie between 0 (each layer keeps its own) and 1, got {self.bn_momentum}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
-        if self.postprocess != "auto":
-            try:
-                PostProcess.parse(self.postprocess)
-            except ValueError as exc:
-                raise LggError(f"--postprocess: {exc} (or auto, the default)") from None
+__all__ = ["TrainConfig", "TrainResult", "train", "Trainer"]
 
 
 @dataclass

@@ -255,6 +255,16 @@ def opened_bundle(bundle: str | Path, trusted_key: str | Path | None = None):
         yield OpenedBundle(root, check_checksums(root, bundle), signed_by)
 
 
+def verification_reference(root: Path, description: dict, origin: Path) -> tuple[SliceArrays, Reference]:
+    """The verification slices and the FP32 model's outputs on them, as the gate's reference."""
+    data = load_verification(root, description, origin)
+    truth = np.unpackbits(data["truth"], axis=-1)[..., :256].astype(bool)
+    slices = SliceArrays(data["images"], truth, data["patients"], data["numbers"])
+    masks = np.unpackbits(data["fp32_masks"], axis=-1)[..., :256].astype(bool)
+    outputs = Outputs(data["fp32_logits"][:, 0].astype(np.float32), masks)
+    return slices, Reference(outputs, slices, GateCriteria(min_agreement=0.0))
+
+
 def device_threshold(description: dict, origin: Path, min_agreement: float | None) -> float:
     """The bundle's own agreement threshold (signed with it); a device may ask for a stricter one, never a looser."""
     packed = float(description["verification"]["min_agreement"])
@@ -279,14 +289,8 @@ def check_engine(
             f"{chosen} was built from checkpoint {str(segmenter.manifest.get('checkpoint_sha256'))[:12]}…, the verification set of {origin} "
             f"from {description['verification']['checkpoint_sha256'][:12]}…: they are different models"
         )
-    data = load_verification(root, description, origin)
-    slices = SliceArrays(
-        data["images"], np.unpackbits(data["truth"], axis=-1)[..., :256].astype(bool), data["patients"], data["numbers"]
-    )
-    reference_masks = np.unpackbits(data["fp32_masks"], axis=-1)[..., :256].astype(bool)
-    reference = Reference(
-        Outputs(data["fp32_logits"][:, 0].astype(np.float32), reference_masks), slices, GateCriteria(min_agreement=0.0)
-    )
+    slices, reference = verification_reference(root, description, origin)
+    reference_masks = reference.outputs.masks
     threshold = device_threshold(description, origin, min_agreement)
     outputs = run_on_slices(
         segmenter.runner,
