@@ -346,13 +346,14 @@ def _train_summary(result) -> str:
     from lggdeploy.postprocess import PostProcess
 
     best = result.best
-    tuned = f" (threshold tuned to {best['threshold']}: {best['val_mean_patient_dice_tuned_threshold']:.4f})"
-    rule = PostProcess.from_json(best.get("postprocess")).describe()
-    processed = f" (post-processing {rule}: {best.get('val_mean_patient_dice_postprocessed', 0):.4f})"
+    line = f"best epoch {best['epoch']}: validation mean per-patient Dice {best['val_mean_patient_dice']:.4f}"
+    if "threshold" in best:
+        line += f" (threshold tuned to {best['threshold']}: {best['val_mean_patient_dice_tuned_threshold']:.4f})"
+    if "val_mean_patient_dice_postprocessed" in best:
+        rule = PostProcess.from_json(best["postprocess"]).describe()
+        line += f" (post-processing {rule}: {best['val_mean_patient_dice_postprocessed']:.4f})"
     return (
-        f"best epoch {best['epoch']}: validation mean per-patient Dice {best['val_mean_patient_dice']:.4f}"
-        + (tuned if "threshold" in best else "")
-        + (processed if "val_mean_patient_dice_postprocessed" in best else "")
+        line
         + f" ({result.seconds:.0f} s); checkpoint {result.best_path}, curves {result.best_path.parent / 'curves.png'}"
     )
 

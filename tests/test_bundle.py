@@ -106,6 +106,7 @@ def test_tampered_bundles_are_refused(bundle, tmp_path):
     assert result.exit_code == 2 and "not a readable bundle" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_verification_set_from_another_model_is_refused(bundle, segmenting_run, phantom_dir, tmp_path):
     import hashlib
 
@@ -365,6 +366,7 @@ def test_a_member_declaring_more_than_a_bundle_may_hold_is_refused_before_extrac
         verify_bundle(bundle)
 
 
+@pytest.mark.slow
 def test_verify_checks_every_engine_a_bundle_holds(phantom_engines, segmenting_run, phantom_dir, tmp_path):
     int8 = build_engines(
         [segmenting_run.best_path],

@@ -91,6 +91,7 @@ def test_fp32_fp16_int8_matrix_with_manifests(segmenting_run, phantom_dir, expor
     assert len(discover(out)) == 3
 
 
+@pytest.mark.slow
 def test_tensorrt_profile_int8_has_only_zero_zero_points(segmenting_run, phantom_dir, tmp_path):
     results = build(segmenting_run, phantom_dir, tmp_path, precision="int8", int8_profile="tensorrt", force=True)
     engine = results[0]["engine"]
