@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from lggdeploy.backends.base import BuildTarget, RunnerBase, RunOptions
+from lggdeploy.common import machine  # machine.cpu_has_bf16 read at call time (tests replace it)
 from lggdeploy.common.errors import EngineError
-from lggdeploy.common.machine import cpu_has_bf16
 
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the Q/DQ nodes decide; see precision_hint
 
@@ -29,9 +29,7 @@ PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the Q/D
 def precision_hint(precision: str) -> str:
     """The execution precision a new engine is built for: an INT8 graph's float remainder in BF16 where the CPU has it."""
     if precision == "int8":
-        from lggdeploy.common.machine import cpu_has_bf16
-
-        return "bf16" if cpu_has_bf16() else "f32"
+        return "bf16" if machine.cpu_has_bf16() else "f32"
     return PRECISION_HINT[precision]
 
 
@@ -48,7 +46,7 @@ def supports(precision: str) -> tuple[bool, str]:
     if precision != "bf16":
         return True, ""
 
-    if cpu_has_bf16():
+    if machine.cpu_has_bf16():
         return True, ""
     return (
         False,
