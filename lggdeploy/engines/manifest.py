@@ -10,6 +10,7 @@ one line that names the file. Torch-free.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -127,14 +128,18 @@ class EngineManifest(Mapping):
 
     # --- Mapping: the JSON form, read as a dict ------------------------------------------------------------------
 
+    @functools.cached_property
+    def _json(self) -> dict:  # the record is frozen: its JSON form is built once
+        return self.to_json()
+
     def __getitem__(self, key: str):
-        return self.to_json()[key]
+        return self._json[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.to_json())
+        return iter(self._json)
 
     def __len__(self) -> int:
-        return len(self.to_json())
+        return len(self._json)
 
 
 def read_manifest_file(path: Path) -> EngineManifest:
