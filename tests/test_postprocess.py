@@ -133,6 +133,7 @@ def test_scoring_reports_the_post_processed_figures_beside_the_raw_ones():
     assert [r["dice_without_postprocess"] for r in post["per_patient"]] == [r["dice"] for r in raw["per_patient"]]
 
 
+@pytest.mark.slow
 def test_training_stores_the_val_choice_and_eval_engines_and_runtime_use_it(segmenting_run, phantom_dir, tmp_path):
     """A default run writes the rule and its val evidence into best.pt; eval reproduces the val figure; a rule in the
     checkpoint travels to the engine's manifest and the runtime, and changes the masks there."""

@@ -53,6 +53,7 @@ def qat_engine(segmenting_run, phantom_dir, criteria, tmp_path_factory):
     return out, report.engines[0]
 
 
+@pytest.mark.slow
 def test_ptq_fails_the_gate_and_qat_passes_with_nothing_in_float(qat_engine, criteria, segmenting_run):
     out, engine = qat_engine
     manifest = read_manifest(engine["engine"])
@@ -74,6 +75,7 @@ def test_ptq_fails_the_gate_and_qat_passes_with_nothing_in_float(qat_engine, cri
     assert "take the range QAT trained with" in manifest["calibration"]["qat_ranges"]
 
 
+@pytest.mark.slow
 def test_the_qat_graph_keeps_the_tensorrt_profile_rules(qat_engine):
     path = qat_engine[1]["engine"]
     assert set(zero_points(path)) == {0}
@@ -99,6 +101,7 @@ def test_the_qat_graph_keeps_the_tensorrt_profile_rules(qat_engine):
     assert weights == sum(n.op_type == "Conv" for n in model.graph.node)
 
 
+@pytest.mark.slow
 def test_a_second_build_reuses_the_qat_model(qat_engine, criteria, segmenting_run, phantom_dir, monkeypatch):
     out, first = qat_engine
 

@@ -150,7 +150,7 @@ def interrupt_in_epoch(monkeypatch, out, epoch):
 RECIPE = dict(loss="image-dice", tumor_fraction=0.5, warmup_epochs=0.5, ema_decay=0.9, tune_threshold=True)
 
 
-@pytest.mark.parametrize("recipe", [{}, RECIPE], ids=["defaults", "recipe"])
+@pytest.mark.parametrize("recipe", [{}, pytest.param(RECIPE, marks=pytest.mark.slow)], ids=["defaults", "recipe"])
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(phantom_dir, tmp_path, monkeypatch, recipe):
     straight = train(small(phantom_dir, tmp_path / "straight", epochs=2, **recipe))
     out = tmp_path / "interrupted"
