@@ -48,17 +48,20 @@ class EngineFormat:
 
     def require_available(self) -> str:
         """The backend's version; BackendUnavailable (one line: why, and what to install) when it is not here."""
-        ok, reason = self.available()
+        ok, reason = self.usable(precision_too=False)
         if not ok:
-            raise BackendUnavailable(f"backend {self.backend} is not usable here: {reason}")
+            raise BackendUnavailable(reason)
         return reason
 
-    def usable(self) -> tuple[bool, str]:
-        """Available here, and this machine runs its precision (the backend's `supports`): the one check build,
-        optimize and the device build ask."""
+    def usable(self, precision_too: bool = True) -> tuple[bool, str]:
+        """(True, the backend's version) when it is available here and (`precision_too`) this machine runs the row's
+        precision (the backend's `supports`); else (False, the one line saying why): build, optimize, the device
+        build and open_engine all ask here."""
         ok, reason = self.available()
         if not ok:
             return False, f"backend {self.backend} is not usable here: {reason}"
+        if not precision_too:
+            return True, reason
         supported, why = self.module.supports(self.precision)
         return (True, reason) if supported else (False, f"{self.name}: {why}")
 

@@ -224,10 +224,6 @@ def usable_engines(root: Path, description: dict, origin: Path) -> list[Path]:
     return usable
 
 
-def choose_engine(root: Path, description: dict, origin: Path) -> Path:
-    return usable_engines(root, description, origin)[0]
-
-
 @dataclass
 class OpenedBundle:
     root: Path  # the extracted folder (lives for the `with`)
