@@ -42,11 +42,7 @@ def collect_inputs(source: str | os.PathLike) -> dict[str, list[Path]]:
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source} does not exist: give a slice .tif, a patient folder or a kaggle_3m folder")
-    if source.is_file():
-        files = [source]
-    else:
-        files = [p for p in source.glob("*.tif")] or [p for p in source.glob("*/*.tif")]
-    images = [p for p in files if IMAGE.match(p.name) and not p.name.endswith("_mask.tif")]
+    images = [p for p in _tif_files(source) if IMAGE.match(p.name) and not p.name.endswith("_mask.tif")]
     if not images:
         raise DataError(f"no slice images (<PATIENT>_<N>.tif) found in {source}")
     patients: dict[str, list[Path]] = {}
@@ -62,8 +58,14 @@ def unrecognized(source: str | os.PathLike) -> list[Path]:
     source = Path(source)
     if source.is_file():
         return []
-    files = list(source.glob("*.tif")) or list(source.glob("*/*.tif"))
-    return sorted(p for p in files if not IMAGE.match(p.name) and not MASK.match(p.name))
+    return sorted(p for p in _tif_files(source) if not IMAGE.match(p.name) and not MASK.match(p.name))
+
+
+def _tif_files(source: Path) -> list[Path]:
+    """The .tif files predict looks at: the file itself, a patient folder's, or (else) a kaggle_3m folder's patients'."""
+    if source.is_file():
+        return [source]
+    return list(source.glob("*.tif")) or list(source.glob("*/*.tif"))
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
