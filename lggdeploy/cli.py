@@ -554,9 +554,12 @@ def _build_table(engines: list[dict]):
             "gate": ("passed" if r["gate"]["passed"] else "FAILED (forced)")
             + (" [FP32 predicts no tumor]" if r["gate"]["reference_predicts_no_tumor"] else ""),
             "seconds": r["build_seconds"],
+            "rule": r["gate"].get("rule", "fidelity"),
+            "total": r["gate"].get("total_drop_points", r["gate"]["drop_points"]),
         }
         for r in engines
     ]
+    retrained = [("rule", "rule"), ("total", "drop vs unpruned")] if any(r["rule"] != "fidelity" for r in rows) else []
     cols = [
         ("engine", "engine"),
         ("n", "val patients"),
@@ -567,10 +570,13 @@ def _build_table(engines: list[dict]):
         ("agreement", "least mask agreement"),
         ("kept", "nodes kept in float"),
         ("qat", "QAT"),
+        *retrained,
         ("gate", "gate"),
         ("seconds", "build s"),
     ]
     title = "engines (gate: paired per-patient Dice and mask agreement with the FP32 model, val split)"
+    if retrained:
+        title += "; a retrained model's FP32 on labels against the unpruned model (docs: engines)"
     return rich_table(rows, cols, title=title)
 
 

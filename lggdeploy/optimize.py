@@ -7,9 +7,12 @@ distillation from the unpruned model):
     openvino int8 (openvino profile: Q/DQ on convolution inputs) — INT8 with quantization-aware fine-tuning when
     post-training fails. Each rung is the backend's default engine format for that precision (formats.py).
 
-Every candidate is built by `build` behind the accuracy gate, always against the *unpruned* FP32 model, so that
-pruning and quantization spend one budget (--max-drop). A pruning ratio whose FP32 engine already fails the
-gate is not quantized. Everything that passed is then timed side by side in one `bench` run (engines
+Every candidate is built by `build` behind the accuracy gate. The unpruned model's engines are judged for fidelity
+to it (agreement and per-patient drops). A pruned, fine-tuned model is a new model, judged as one (gate.py): its
+FP32 engine on labels against the unpruned FP32 model (mean and worst per-patient drop, no val patient missed;
+agreement recorded, not judged), its BF16 / INT8 engines twice — for fidelity against the *pruned* FP32 model, and on
+labels against the unpruned one (mean drop), so that pruning and quantization spend one budget (--max-drop). The rule
+of each verdict is in ladder.json and optimize.md. A pruning ratio whose FP32 engine already fails is not quantized. Everything that passed is then timed side by side in one `bench` run (engines
 interleaved, the PyTorch reference and its A/A row included), and the Pareto front of latency against val
 per-patient Dice is written with the chosen engine — the fastest that passed at `--batch` — and a manifest
 saying how it was found. An INT8 rung that fails its gate fully quantized is searched (nodes kept in float, QAT) only
@@ -23,6 +26,9 @@ Resumable: engines, pruned checkpoints and gate verdicts live under --out; a sec
 first built (a failed candidate is not rebuilt either) and only re-times. A verdict is reused only under the gate
 criteria (and, for INT8, the calibration and QAT settings) it was reached with: a rerun asking for others judges
 that rung again — an FP32/BF16 rung from its stored per-patient rows (`_rejudged`), an INT8 rung by building it again.
+Verdicts reached before pruned models had their own rule (judged for fidelity to the unpruned model) are judged again
+the same way: a pruned FP32 rung from its stored rows, a pruned BF16 / INT8 rung by building it again (its fidelity to
+the pruned model was never measured).
 """
 
 from __future__ import annotations
@@ -43,7 +49,15 @@ from lggdeploy.common.files import atomic_path, ensure_folder, sha256_file, writ
 from lggdeploy.common.machine import cpu_line
 from lggdeploy.engines.export import EXPORT_GRAPH
 from lggdeploy.engines.formats import open_engine, select_formats
-from lggdeploy.engines.precision.criteria import GateCriteria
+from lggdeploy.engines.precision.criteria import (
+    FIDELITY,
+    LABELS,
+    LABELS_TOTAL,
+    RETRAINED_QUANTIZED,
+    RULES,
+    GateCriteria,
+    rule_for,
+)
 from lggdeploy.optimize_options import LADDER, OptimizeOptions, cpu_ladder  # noqa: F401 (documented import paths)
 
 logger = logging.getLogger(__name__)
@@ -193,10 +207,12 @@ def _finetune_flags(finetune: dict) -> str:
     return f"--prune-epochs {finetune['epochs']} --prune-lr {finetune['lr']:g} {distill}"
 
 
-def judged_with(opts: OptimizeOptions, precision: str) -> dict:
-    """What a rung's verdict depends on besides the model and the engine format: the gate's criteria, and for INT8 the
-    calibration and quantization-aware settings (a stricter gate, more calibration slices or QAT may change it)."""
+def judged_with(opts: OptimizeOptions, precision: str, pruned: bool = False) -> dict:
+    """What a rung's verdict depends on besides the model and the engine format: the rule (a pruned model is judged as
+    the new model it is), the gate's criteria, and for INT8 the calibration and quantization-aware settings (a stricter
+    gate, more calibration slices or QAT may change it)."""
     settings = {
+        "rule": rule_for(precision, retrained=pruned),
         "max_drop": opts.max_drop,
         "max_patient_drop": opts.max_patient_drop,
         "min_agreement": opts.min_agreement,
@@ -207,7 +223,13 @@ def judged_with(opts: OptimizeOptions, precision: str) -> dict:
 
 
 def _flags(settings: dict) -> str:
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+    rule = f"the {settings['rule']} rule, " if "rule" in settings else ""
+    return rule + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if k != "rule")
+
+
+def _with_rule(settings: dict) -> dict:
+    """A stored judged_with; one saved before rules were recorded was reached by the fidelity rule (every rung then)."""
+    return {"rule": FIDELITY, **settings}
 
 
 def check_pruned_models(opts: OptimizeOptions) -> None:
@@ -317,7 +339,10 @@ def speed_probe(passed: list[Candidate], opts: OptimizeOptions, probed: Candidat
 def _record(candidate: Candidate, engine: dict) -> None:
     gate = engine["gate"]
     candidate.status, candidate.engine = "passed", str(Path(engine["engine"]).resolve())
-    candidate.val_dice, candidate.val_drop_points = gate["engine_dice"], gate["drop_points"]
+    candidate.val_dice, candidate.val_drop_points = (
+        gate["engine_dice"],
+        gate.get("total_drop_points", gate["drop_points"]),
+    )
     candidate.nodes_kept_in_float = len(gate["nodes_kept_in_float"])
     candidate.qat = bool(engine.get("qat"))
     candidate.build_seconds = engine.get("build_seconds")
@@ -325,7 +350,10 @@ def _record(candidate: Candidate, engine: dict) -> None:
 
 
 GATE_FIELDS = (
+    "rule",
     "reference",
+    "labels_reference",
+    "total_drop_points",
     "criteria",
     "fp32_dice",
     "engine_dice",
@@ -337,16 +365,18 @@ GATE_FIELDS = (
     "passed",
     "failures",
 )
-PATIENT_FIELDS = ("patient", "fp32_dice", "engine_dice", "drop_points", "agreement")
+PATIENT_FIELDS = ("patient", "fp32_dice", "engine_dice", "drop_points", "agreement", "fp32_detected", "engine_detected")
 
 
 def gate_summary(gate: dict | None) -> dict:
-    """What ladder.json keeps of a gate record: the verdict, its figures and the per-patient rows (not the fallback ranking)."""
+    """What ladder.json keeps of a gate record: the verdict, its figures and the per-patient rows (not the fallback
+    ranking); a retrained model's quantized rung keeps its second verdict (against the unpruned model) the same way."""
     if not gate:
         return {}
     return {
         **{k: gate.get(k) for k in GATE_FIELDS},
         "per_patient": [{k: row.get(k) for k in PATIENT_FIELDS} for row in gate.get("per_patient", [])],
+        "labels": gate_summary(gate.get("labels")) or None,
     }
 
 
@@ -355,21 +385,23 @@ def _rejudged(previous: dict, settings: dict, precision: str) -> dict | None:
     that needs a rebuild. Only a rung built without a search can be: FP32, FP16 and BF16 engines are the same engine
     under any criteria, while an INT8 rung's fallback and QAT depend on them (and its calibration on the engine). A rung
     that now passes is reused only if it passed before (a failed rung wrote no engine); one that now fails is settled."""
-    rows = (previous.get("gate") or {}).get("per_patient")
-    if precision == "int8" or not rows or any(row.get("agreement") is None for row in rows):
+    result = _stored_result(previous, settings, precision)
+    if result is None:
         return None
-    from lggdeploy.engines.precision.gate import GateResult
-
-    result = GateResult(
-        GateCriteria(settings["max_drop"], settings["max_patient_drop"], settings["min_agreement"]), rows, False
-    )
     failures = result.failures()
     if not failures and not (previous["status"] == "passed" and Path(previous["engine"] or "").is_file()):
         return None
     rejudged = dict(
         previous,
         judged_with=settings,
-        gate={**previous["gate"], "criteria": result.criteria.to_json(), "passed": not failures, "failures": failures},
+        gate={
+            **previous["gate"],
+            "rule": result.rule_name,
+            "total_drop_points": result.total_drop_points,
+            "criteria": result.criteria.to_json(),
+            "passed": not failures,
+            "failures": failures,
+        },
     )
     logger.info(
         f"optimize: {engine_label(previous)} of {previous['model']}, judged with {_flags(previous['judged_with'])}, "
@@ -379,6 +411,31 @@ def _rejudged(previous: dict, settings: dict, precision: str) -> dict | None:
     if failures:
         rejudged.update(status="failed gate", engine=None)
     return rejudged
+
+
+def _stored_result(previous: dict, settings: dict, precision: str):
+    """The GateResult that a stored verdict's rows give under `settings` (rule and criteria), or None when its rows
+    cannot: an INT8 rung, rows without agreement, or rows measured against another model than the rule asks (a pruned
+    model's BF16 rung judged for fidelity to the unpruned model before the rules: its fidelity to the pruned one was
+    never measured)."""
+    from lggdeploy.engines.precision.gate import GateResult
+
+    gate = previous.get("gate") or {}
+    rows = gate.get("per_patient")
+    if precision == "int8" or not rows or any(row.get("agreement") is None for row in rows):
+        return None
+    rule, before = settings["rule"], _with_rule(previous["judged_with"])["rule"]
+    criteria = GateCriteria(settings["max_drop"], settings["max_patient_drop"], settings["min_agreement"])
+    if rule == RETRAINED_QUANTIZED:
+        labels_rows = (gate.get("labels") or {}).get("per_patient")
+        if before != rule or not labels_rows:
+            return None
+        result = GateResult(criteria, rows, False)
+        result.labels = GateResult(criteria, labels_rows, False, LABELS_TOTAL)
+        return result
+    if rule == LABELS and before not in (LABELS, FIDELITY):
+        return None
+    return GateResult(criteria, rows, False, rule)  # a pruned FP32 rung's rows were always against the unpruned model
 
 
 def walk_ladder(checkpoint: Path, checkpoint_sha256: str, opts: OptimizeOptions, state: dict) -> list[Candidate]:
@@ -423,16 +480,16 @@ class _Ladder:
         for backend, precision in self.opts.ladder:
             candidate = Candidate(name, str(Path(path).resolve()), backend, precision)
             self.candidates.append(candidate)
-            self.judge(candidate, path, fp32_failed)
+            self.judge(candidate, path, fp32_failed, pruned=ratio is not None)
             if precision == "fp32" and candidate.status == "failed gate":
                 fp32_failed = True  # every backend's FP32 engine runs the same model: one failing FP32 settles it
                 if ratio is not None:
                     self.failed_ratio = ratio
             self.save()
 
-    def judge(self, candidate: Candidate, path: Path, fp32_failed: bool) -> None:
+    def judge(self, candidate: Candidate, path: Path, fp32_failed: bool, pruned: bool = False) -> None:
         opts, precision = self.opts, candidate.precision
-        candidate.judged_with = judged_with(opts, precision)
+        candidate.judged_with = judged_with(opts, precision, pruned)
         previous = self.previous_verdict(candidate)
         ok, reason = _available(candidate.backend, precision)
         if not ok:
@@ -443,7 +500,8 @@ class _Ladder:
         elif self.reusable(previous):
             for key, value in previous.items():
                 setattr(candidate, key, value)
-            candidate.judged_with = previous.get("judged_with") or {}  # {}: a ladder from before the record
+            stored = previous.get("judged_with")  # None: a ladder from before the record
+            candidate.judged_with = _with_rule(stored) if stored else {}
             if not candidate.reason.endswith("(reused)"):
                 candidate.reason = (candidate.reason + " (reused)").strip()
         elif self.over_budget():
@@ -457,7 +515,7 @@ class _Ladder:
         previous = self.state.get(candidate.key)
         if not (previous and previous["status"] in SETTLED and previous.get("judged_with")):
             return previous
-        if previous["judged_with"] == candidate.judged_with:
+        if _with_rule(previous["judged_with"]) == candidate.judged_with:
             return previous
         rejudged = _rejudged(previous, candidate.judged_with, candidate.precision)
         if rejudged is None:
@@ -638,6 +696,7 @@ def optimize(checkpoint: Path, opts: OptimizeOptions) -> dict:
         "criteria": {
             **GateCriteria(opts.max_drop, opts.max_patient_drop, opts.min_agreement).to_json(),
             "against": "the unpruned PyTorch FP32 model, val split",
+            "rules": {rule: RULES[rule] for rule in sorted({c.judged_with.get("rule", FIDELITY) for c in candidates})},
         },
         "candidates": [asdict(c) for c in candidates],
         "front": [c.key for c in front],
@@ -716,7 +775,7 @@ def _write_outputs(
     if twin and twin != engine.name and (engine.parent / twin).is_file():
         shutil.copyfile(engine.parent / twin, folder / twin)
     optimize_record = {
-        "found_by": "lggdeploy optimize: fastest candidate that passed the gate against the unpruned FP32 model",
+        "found_by": "lggdeploy optimize: fastest candidate that passed its gate (rule in judged_with)",
         "batch": opts.batch,
         "latency_ms_per_image": chosen.latency_ms_per_image,
         "speedup_vs_pytorch": summary["chosen"]["speedup_vs_pytorch"],
@@ -743,12 +802,12 @@ def _test_cell(test: dict) -> str:
 def markdown(summary: dict) -> str:
     """optimize.md: one row per rung (the reference first), why a rung did not pass below it, then the choice."""
     b_list = [str(b) for b in summary["options"]["batch_sizes"]]
-    head = ["model", "engine", "status", "val Dice/patient", "val drop (pts)", "nodes in float", "QAT"]
+    head = ["model", "engine", "rule", "status", "val Dice/patient", "val drop (pts)", "nodes in float", "QAT"]
     head += [f"ms/img b{b}" for b in b_list] + [f"× PyTorch b{b}" for b in b_list]
     head += ["test Dice/patient (n)", "test drop (pts): mean, worst patient"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     torch_ms = summary["pytorch_fp32_ms_per_image"]
-    reference = ["unpruned", "PyTorch eager FP32 [reference]", "timed", "—", "—", "—", "—"]
+    reference = ["unpruned", "PyTorch eager FP32 [reference]", "—", "timed", "—", "—", "—", "—"]
     reference += [_fmt(torch_ms.get(b)) for b in b_list] + ["1.00" for _ in b_list]
     reference += [_test_cell(summary.get("pytorch_fp32_test") or {}), "—"]
     lines.append("| " + " | ".join(reference) + " |")
@@ -778,6 +837,7 @@ def _candidate_cells(c: dict, summary: dict, b_list: list[str], notes: list[str]
     cells = [
         c["model"],
         f"{engine_label(c)}{mark}",
+        _with_rule(c.get("judged_with") or {})["rule"],
         status,
         _fmt(c["val_dice"], 4),
         _fmt(c["val_drop_points"]),
@@ -801,9 +861,10 @@ def _choice_notes(summary: dict) -> list[str]:
     worst = noise["worst_deviation"]
     return [
         f"Chosen: {chosen['model']} {engine_label(chosen)} — fastest candidate at batch {summary['options']['batch']} "
-        f"that passed the gate (mean val per-patient Dice drop ≤ {criteria['max_mean_drop_points']} points, worst "
+        f"that passed its gate (mean val per-patient Dice drop ≤ {criteria['max_mean_drop_points']} points, worst "
         f"patient ≤ {criteria['max_patient_drop_points']}, mask agreement ≥ {criteria['min_agreement']}, "
-        f"{criteria['against']}).",
+        f"{criteria['against']}; val drop in the table: against the unpruned model).",
+        *(f"Rule {rule}: {text}." for rule, text in (criteria.get("rules") or {}).items()),
         "Speed-ups vs ONNX Runtime FP32 (unpruned): "
         + (", ".join(f"b{b} {v:.2f}×" for b, v in versus.items()) if versus else "—"),
         "A/A noise floor (the PyTorch reference timed twice): worst deviation "

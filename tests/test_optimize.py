@@ -12,6 +12,7 @@ from lggdeploy import optimize as optimize_module
 from lggdeploy.cli import app
 from lggdeploy.common.errors import GateFailed, LggError, SearchStopped
 from lggdeploy.engines.formats import read_manifest
+from lggdeploy.engines.precision.criteria import FIDELITY, LABELS, rule_for
 from lggdeploy.models.checkpoint import load_checkpoint
 from lggdeploy.optimize import OptimizeOptions, optimize
 
@@ -53,9 +54,11 @@ def test_the_ladder_is_gated_timed_and_the_fastest_passing_engine_chosen(optimiz
     assert optimize_module.candidate_key(chosen) in front and chosen["engine"].endswith(
         chosen["engine_format"] + ".onnx"
     )
-    for c in passed:  # every pruned candidate was gated against the unpruned FP32 model
+    for c in passed:  # every candidate spent one budget against the unpruned FP32 model, by the rule of its model
         gate = read_manifest(c["engine"])["gate"]
-        assert gate["reference"] == str(segmenting_run.best_path) and abs(gate["drop_points"]) <= opts.max_drop
+        assert gate["rule"] == rule_for(c["precision"], retrained=c["model"] != "unpruned") == c["judged_with"]["rule"]
+        unpruned = gate.get("labels_reference") or gate["reference"]
+        assert unpruned == str(segmenting_run.best_path) and gate["total_drop_points"] <= opts.max_drop
     pruned = read_manifest(candidates[2]["engine"]) if candidates[2]["engine"] else None
     if pruned:
         assert pruned["pruned"] and pruned["pruning"][-1]["distillation"]["teacher"] == str(segmenting_run.best_path)
@@ -65,6 +68,7 @@ def test_the_ladder_is_gated_timed_and_the_fastest_passing_engine_chosen(optimiz
     record = read_manifest(opts.out / "chosen" / engine_name)["optimize"]
     assert record["batch"] == 2 and record["latency_ms_per_image"] == chosen["latency_ms_per_image"]
     assert record["judged_with"] == {
+        "rule": rule_for(chosen["precision"], retrained=chosen["model"] != "unpruned"),
         "max_drop": 0.5,
         "max_patient_drop": 2.0,
         "min_agreement": 0.9,
@@ -219,7 +223,8 @@ def test_a_verdict_is_reused_only_under_the_criteria_it_was_reached_with(
     INT8 calibration or QAT settings only the INT8 rungs."""
     summary, opts = optimized
     saved = json.loads((opts.out / "ladder.json").read_text())["candidates"]
-    assert saved[0]["judged_with"] == {"max_drop": 0.5, "max_patient_drop": 2.0, "min_agreement": 0.9}
+    assert saved[0]["judged_with"] == {"rule": FIDELITY, "max_drop": 0.5, "max_patient_drop": 2.0, "min_agreement": 0.9}
+    assert saved[2]["judged_with"] == {**saved[0]["judged_with"], "rule": LABELS}  # the pruned model's FP32 rung
     assert saved[1]["judged_with"] == {**saved[0]["judged_with"], "calib_samples": 8, "qat": "off", "qat_epochs": 1}
     assert (
         saved[0]["status"] == "passed" and saved[0]["gate"]["min_agreement"] >= 0.95
@@ -292,6 +297,38 @@ def test_a_stricter_gate_fails_a_stored_fp32_verdict_from_its_rows_without_a_bui
     assert built[0] == ("fp32", 0.9)
 
 
+def test_verdicts_reached_before_the_pruned_rules_are_judged_again(optimized, segmenting_run, tmp_path, monkeypatch):
+    """A ladder saved when every rung was judged for fidelity to the unpruned model (no rule recorded, no detection
+    flags): the unpruned rungs are reused as they are, the pruned FP32 rung is judged again from its stored rows by the
+    labels rule (no build), and a pruned BF16 / INT8 rung would be built again (its fidelity to the pruned model was
+    never measured)."""
+    summary, opts = optimized
+    out = tmp_path / "old-rules"
+    shutil.copytree(opts.out, out)
+    ladder = json.loads((out / "ladder.json").read_text())
+    for c in ladder["candidates"]:
+        c["judged_with"].pop("rule")
+        for row in (c.get("gate") or {}).get("per_patient", []):
+            row.pop("fp32_detected"), row.pop("engine_detected")
+    (out / "ladder.json").write_text(json.dumps(ladder))
+    pruned_fp32 = ladder["candidates"][2]
+    assert pruned_fp32["status"] == "failed gate"  # one fine-tuning epoch: it lost the val patient
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("nothing should be built")
+
+    monkeypatch.setattr(optimize_module, "_build", no_build)
+    optimize(segmenting_run.best_path, dataclasses.replace(opts, out=out))
+    again = json.loads((out / "ladder.json").read_text())["candidates"]
+    assert [c["status"] for c in again] == [c["status"] for c in ladder["candidates"]]
+    assert again[0]["judged_with"]["rule"] == FIDELITY and again[0]["reason"].endswith("(reused)")
+    assert again[2]["judged_with"]["rule"] == LABELS and again[2]["gate"]["rule"] == LABELS
+    assert "judged again from stored rows with the labels rule" in again[2]["reason"]
+    assert any("missed, which the unpruned FP32 model found" in f for f in again[2]["gate"]["failures"])
+    old_bf16 = {**pruned_fp32, "precision": "bf16", "judged_with": ladder["candidates"][0]["judged_with"]}
+    assert optimize_module._stored_result(old_bf16, optimize_module.judged_with(opts, "bf16", True), "bf16") is None
+
+
 def test_engines_of_an_older_export_form_are_built_again(optimized, segmenting_run, tmp_path, monkeypatch):
     summary, opts = optimized
     out = tmp_path / "optimized"
@@ -330,10 +367,8 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
 
     def pruned_fp32_fails(checkpoint, reference, backend, precision, opts, deadline=None, **kwargs):
         built.append((checkpoint != reference, precision))
-        if (
-            checkpoint != reference
-        ):  # masks identical to the unpruned model's on every val patient: the real build fails it
-            opts = dataclasses.replace(opts, min_agreement=1.0)
+        if checkpoint != reference:  # no drop at all on any val patient: the real build fails it (labels rule)
+            opts = dataclasses.replace(opts, max_drop=0.0, max_patient_drop=0.0)
         return real(checkpoint, reference, backend, precision, opts, deadline, **kwargs)
 
     monkeypatch.setattr(optimize_module, "_build", pruned_fp32_fails)
@@ -359,12 +394,13 @@ def test_a_pruning_ratio_whose_fp32_fails_is_not_quantized_and_larger_ratios_are
     val = load_checkpoint(segmenting_run.best_path)["split"]["val"]
     assert (
         gate["passed"] is False
-        and gate["criteria"]["min_agreement"] == 1.0
+        and gate["criteria"]["max_patient_drop_points"] == 0.0
         and gate["reference"] == str(segmenting_run.best_path)
+        and gate["rule"] == "labels"
     )
     assert gate["per_patient"] and all(row.keys() == set(optimize_module.PATIENT_FIELDS) for row in gate["per_patient"])
     assert sorted(row["patient"] for row in gate["per_patient"]) == sorted(val)
-    assert any("masks agree with the FP32 model's" in f for f in gate["failures"]) and gate["min_agreement"] < 1
+    assert any(" dropped " in f for f in gate["failures"]) and gate["worst_patient_drop_points"] > 0
     report = (tmp_path / "optimize.md").read_text()  # the table says why in full, below it
     assert f"pruned 30%, onnxruntime fp32: {'; '.join(gate['failures'])}  \n" in report and "| failed gate [" in report
     assert (

@@ -34,6 +34,7 @@ from lggdeploy.engines.precision.fp16 import FP32_OPS, convert_fp16
 from lggdeploy.engines.precision.gate import (
     Outputs,
     Reference,
+    RetrainedReference,
     gate_with_fallback,
     rank_by_output_effect,
     run_on_slices,
@@ -83,6 +84,7 @@ class _Context:
         self.export_record = json.loads(record.read_text())
         self.criteria = opts.criteria
         self._reference: Reference | None = None
+        self._own_reference: Reference | None = None
         self._qat: _QatModel | None = None
         self.ptq = _FloatSource(self.onnx, self.export_record["onnx_sha256"], "")
 
@@ -104,26 +106,48 @@ class _Context:
     def reference(self) -> Reference:
         """The PyTorch FP32 model (this checkpoint's, or --reference's) on the val slices, once per checkpoint."""
         if self._reference is None:
-            from lggdeploy.models.checkpoint import model_from_checkpoint
-            from lggdeploy.models.torch_runner import TorchRunner
-
-            self._reference = Reference(
-                self.run(TorchRunner(model_from_checkpoint(self.reference_ckpt)), "pytorch fp32 reference"),
-                self.val,
-                self.criteria,
-            )
+            self._reference = self.torch_reference(self.reference_ckpt, "pytorch fp32 reference")
         return self._reference
 
+    def own_reference(self) -> Reference:
+        """This checkpoint's own PyTorch FP32 model on the val slices (a retrained model's quantized engines keep it)."""
+        if not self.retrained:
+            return self.reference
+        if self._own_reference is None:
+            self._own_reference = self.torch_reference(self.ckpt, "pytorch fp32 (the retrained model itself)")
+        return self._own_reference
+
+    def torch_reference(self, ckpt: dict, label: str) -> Reference:
+        from lggdeploy.models.checkpoint import model_from_checkpoint
+        from lggdeploy.models.torch_runner import TorchRunner
+
+        return Reference(self.run(TorchRunner(model_from_checkpoint(ckpt)), label), self.val, self.criteria)
+
+    @functools.cached_property
+    def retrained(self) -> bool:
+        """--reference names another model (the unpruned one a pruned, fine-tuned checkpoint replaces): this checkpoint
+        is a new function, judged by the labels rule (gate.RetrainedReference)."""
+        return self.opts.reference is not None and sha256_file(self.opts.reference) != self.sha
+
+    def judge_for(self, fmt: EngineFormat) -> Reference | RetrainedReference:
+        """Who judges an engine of this format: its own FP32 model, or for a retrained checkpoint the rule of its precision."""
+        if not self.retrained:
+            return self.reference
+        return RetrainedReference(self.reference, self.own_reference, fmt.precision)
+
     @property
-    def reference_path(self) -> Path:  # the checkpoint whose FP32 model the gate (and QAT's teacher) uses
+    def reference_path(self) -> Path:  # the checkpoint whose FP32 model the gate compares with (--reference)
         return self.opts.reference or self.checkpoint
 
     def gate_record(self, gate) -> dict:
-        """The gate's record as the manifest keeps it (and GateFailed carries it when no engine is written)."""
-        return {**gate.to_json(), "reference": str(self.reference_path)}
+        """The gate's record as the manifest keeps it (and GateFailed carries it when no engine is written): `reference`
+        is the model its top-level figures compare with; `labels_reference` the unpruned model of its second verdict."""
+        if gate.labels is None:
+            return {**gate.to_json(), "reference": str(self.reference_path)}
+        return {**gate.to_json(), "reference": str(self.checkpoint), "labels_reference": str(self.reference_path)}
 
     @functools.cached_property
-    def reference_ckpt(self) -> dict:  # read once: the gate's reference and QAT's teacher both use it
+    def reference_ckpt(self) -> dict:  # read once, checked before any export
         if self.opts.reference is None:
             return self.ckpt
         from lggdeploy.models.checkpoint import load_checkpoint
@@ -203,6 +227,14 @@ def _current_export(record: dict, checkpoint_sha256: str) -> bool:
     return record.get("checkpoint_sha256") == checkpoint_sha256 and record.get("export_graph", 1) == EXPORT_GRAPH
 
 
+def _taught_by_itself(record: dict, ctx: _Context) -> bool:
+    """A stored QAT model is reused only if it was distilled from this checkpoint itself (models fine-tuned before the
+    teacher was recorded by its sha256, with the unpruned model as teacher of a pruned one, are fine-tuned again)."""
+    if "teacher_sha256" in record:
+        return record["teacher_sha256"] == ctx.sha
+    return Path(record.get("teacher", "")).resolve() == Path(ctx.checkpoint).resolve()
+
+
 @dataclass
 class _QatModel:
     source: _FloatSource
@@ -220,7 +252,7 @@ def _quantization_aware(ctx: _Context) -> _QatModel:
     key = recipe.key(ctx.sha, slice_ids(chosen))
     folder = ctx.folder / "qat"
     stored, onnx_path = folder / f"{key}.pt", folder / f"{key}-graph{EXPORT_GRAPH}.onnx"
-    if stored.is_file():
+    if stored.is_file() and _taught_by_itself(load_checkpoint(stored)["qat"], ctx):
         ckpt = load_checkpoint(stored)
         model = model_from_checkpoint(ckpt)
         record = {**ckpt["qat"], "reused": True}
@@ -259,7 +291,7 @@ def _finetune_qat(ctx: _Context, recipe, chosen, key: str):
         f"QAT: {qat.LIBRARY} {qat.modelopt_version()}, {recipe.epochs} epoch(s) on {len(ctx.split.train)} train "
         f"patients ({len(train)} slices), lr {recipe.lr}"
     )
-    teacher = model_from_checkpoint(ctx.reference_ckpt)
+    teacher = model_from_checkpoint(ctx.ckpt)  # fidelity: the engine must keep this model's function
     with progress_bar(True) as bar:
         task = bar.add_task("QAT", total=None, info="")
 
@@ -284,7 +316,8 @@ def _qat_record(ctx: _Context, recipe, chosen, key: str, run: dict, amax: dict) 
         **{k: getattr(recipe, k) for k in settings},
         "loss": f"distillation from the FP32 model (BCE on its probabilities), weight {recipe.distill_weight}; "
         "the rest Dice + BCE on labels",
-        "teacher": str(ctx.reference_path),
+        "teacher": str(ctx.checkpoint),
+        "teacher_sha256": ctx.sha,
         "batch_norm": "statistics frozen",
         "schedule": "cosine to zero",
         "train_patients": list(ctx.split.train),
@@ -445,7 +478,7 @@ class _EngineBuild:
             source = make_source()
             label = self.label + (source.label or ("" if last else " (post-training)"))
             path, gate = gate_with_fallback(
-                self.ctx.reference,
+                self.ctx.judge_for(self.fmt),
                 functools.partial(self.build, source),
                 self.run_engine,
                 source.rank if last else None,

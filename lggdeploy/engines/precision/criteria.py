@@ -1,7 +1,7 @@
-"""The accuracy gate's criteria and their defaults: the one place they are written.
+"""The accuracy gate's criteria and their defaults, and the rules that apply them: the one place they are written.
 
 Light on purpose (no numpy): the CLI reads the defaults for its flags, `build`, `optimize` and `pack` for their
-options and records. The gate itself (gate.py) applies them.
+options and records. The gate itself (gate.py) applies them; its docstring says why a retrained model has its own rule.
 """
 
 from __future__ import annotations
@@ -45,3 +45,35 @@ HELP = {
     "max_patient_drop": "largest allowed drop of any one val patient's Dice, in points",
     "min_agreement": "smallest allowed Dice of the engine's masks against the FP32 model's masks, per val patient",
 }
+
+
+FIDELITY = "fidelity"  # the same function: agreement and per-patient drops against the FP32 model it came from
+LABELS = "labels"  # a retrained model's FP32 against the unpruned FP32: drops and missed patients, agreement recorded
+LABELS_TOTAL = "labels-total"  # a retrained model's quantized engine against the unpruned FP32: mean drop, missed
+RETRAINED_QUANTIZED = f"{FIDELITY}+{LABELS_TOTAL}"  # both of the above, each against its own reference
+
+RULES = {
+    FIDELITY: "fidelity to the FP32 model it came from: mean and worst per-patient Dice drop, mask agreement on every "
+    "val patient",
+    LABELS: "a retrained (pruned, fine-tuned) model against the unpruned FP32 model, on labels: mean and worst "
+    "per-patient Dice drop, no val patient missed that the unpruned model found; mask agreement recorded, not judged",
+    LABELS_TOTAL: "against the unpruned FP32 model on labels, one budget with pruning: mean per-patient Dice drop, no "
+    "val patient missed that the unpruned model found",
+    RETRAINED_QUANTIZED: "fidelity to the retrained model's own FP32 model, and on labels against the unpruned FP32 "
+    "model (mean drop, one budget with pruning; no val patient missed)",
+}
+
+
+def rule_for(precision: str, retrained: bool) -> str:
+    """The rule that judges an engine of this precision of a retrained (or the original) model."""
+    if not retrained:
+        return FIDELITY
+    return LABELS if precision == "fp32" else RETRAINED_QUANTIZED
+
+
+def missed(row: dict) -> bool:
+    """A val patient whose tumor the reference found (any overlap) and the engine did not. Rows stored before the
+    detection flags were kept tell it from their Dice: the reference overlapped (Dice > 0), the engine did not (0)."""
+    if "fp32_detected" in row:
+        return row["fp32_detected"] is True and row["engine_detected"] is False
+    return row["fp32_dice"] > 0 and row["engine_dice"] == 0

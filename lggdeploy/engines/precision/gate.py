@@ -9,7 +9,21 @@ mask against the reference's mask, pooled over the patient's volume) and the log
 - the worst patient's drop <= max_patient_drop points, and
 - every patient's agreement >= min_agreement
 
-(criteria.GateCriteria holds the defaults and why).
+(criteria.GateCriteria holds the defaults and why). That is the *fidelity* rule: the right test for a transform
+meant to keep one function (export, FP16, BF16, INT8).
+
+A retrained model — pruned and fine-tuned, or distilled: `build MODEL --reference UNPRUNED` with another checkpoint —
+is a new function, and agreement with the unpruned model's masks is the wrong test for it (the same fine-tuning
+without pruning fails agreement while gaining on every val patient). Its engines are judged by `RetrainedReference`:
+
+- its FP32 engine by the *labels* rule against the unpruned FP32 model: mean drop <= max_drop, worst patient's drop
+  <= max_patient_drop, and no val patient missed that the unpruned model found; agreement is recorded, not judged
+  (the export itself was checked against its own PyTorch model by export's parity check);
+- its FP16 / BF16 / INT8 engines twice: for fidelity against its *own* FP32 model (the rule above), and on labels
+  against the unpruned FP32 model (*labels-total*: mean drop <= max_drop and no val patient missed), so pruning and
+  quantization still share one budget.
+
+The rule that judged an engine is named in its gate record (`rule`) and in optimize.md.
 
 Agreement stays meaningful when the reference is weak: a model that predicts no tumor gives every engine
 "drop 0.00"; only agreement can tell an engine that starts predicting tumor. When the reference predicts no tumor
@@ -39,7 +53,16 @@ from lggdeploy.common.errors import SearchStopped
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks
-from lggdeploy.engines.precision.criteria import GateCriteria  # noqa: F401 (re-exported: gate.GateCriteria)
+from lggdeploy.engines.precision.criteria import (  # noqa: F401 (re-exported: gate.GateCriteria, gate.RULES)
+    FIDELITY,
+    LABELS,
+    LABELS_TOTAL,
+    RETRAINED_QUANTIZED,
+    RULES,
+    GateCriteria,
+    missed,
+    rule_for,
+)
 from lggdeploy.metrics import confusion_counts, dice_from_counts
 from lggdeploy.scoring import infer_batches
 
@@ -89,6 +112,8 @@ class GateResult:
     criteria: GateCriteria
     per_patient: list[dict]
     reference_predicts_no_tumor: bool
+    rule: str = FIDELITY  # FIDELITY, LABELS or LABELS_TOTAL: which of the criteria this result judges
+    labels: GateResult | None = None  # a retrained model's quantized engine: its second verdict, against the unpruned
     nodes_kept_in_float: list[str] = field(default_factory=list)
     attempts: list[dict] = field(default_factory=list)
     ranking: dict | None = None
@@ -114,19 +139,40 @@ class GateResult:
     def least_agreement(self) -> dict:
         return min(self.per_patient, key=lambda r: r["agreement"])
 
-    def failures(self) -> list[str]:
+    @property
+    def missed(self) -> list[str]:
+        """Val patients the reference found and the engine missed."""
+        return [r["patient"] for r in self.per_patient if missed(r)]
+
+    def own_failures(self) -> list[str]:
         c, out = self.criteria, []
         if self.drop_points > c.max_drop + 1e-9:
             out.append(f"mean drop {self.drop_points:.2f} points > {c.max_drop}")
-        if self.worst["drop_points"] > c.max_patient_drop + 1e-9:
+        if self.rule != LABELS_TOTAL and self.worst["drop_points"] > c.max_patient_drop + 1e-9:
             out.append(
                 f"patient {self.worst['patient']} dropped {self.worst['drop_points']:.2f} points > {c.max_patient_drop}"
             )
-        if self.least_agreement["agreement"] < c.min_agreement - 1e-12:
+        if self.rule == FIDELITY and self.least_agreement["agreement"] < c.min_agreement - 1e-12:
             out.append(
                 f"patient {self.least_agreement['patient']}: masks agree with the FP32 model's at Dice {self.least_agreement['agreement']:.4f} < {c.min_agreement}"
             )
+        if self.rule != FIDELITY and self.missed:
+            out.append(f"val patient(s) {', '.join(self.missed)} missed, which the unpruned FP32 model found")
         return out
+
+    def failures(self) -> list[str]:
+        """What fails, under this result's rule — and, for a retrained model's quantized engine, against the unpruned."""
+        labels = [f"against the unpruned model: {f}" for f in self.labels.failures()] if self.labels else []
+        return self.own_failures() + labels
+
+    @property
+    def rule_name(self) -> str:
+        return f"{self.rule}+{self.labels.rule}" if self.labels else self.rule
+
+    @property
+    def total_drop_points(self) -> float:
+        """Mean per-patient val Dice drop against the model the user started from (the unpruned FP32)."""
+        return self.labels.drop_points if self.labels else self.drop_points
 
     @property
     def passed(self) -> bool:
@@ -140,6 +186,8 @@ class GateResult:
             "worst_patient": self.worst["patient"],
             "worst_drop_points": self.worst["drop_points"],
             "min_agreement": self.least_agreement["agreement"],
+            "rule": self.rule_name,
+            "total_drop_points": self.total_drop_points,
             "passed": self.passed,
         }
 
@@ -148,6 +196,8 @@ class GateResult:
             "split": "val",
             "patients": len(self.per_patient),
             "metric": "per-patient Dice (engine and PyTorch FP32 on the same val slices, same threshold)",
+            "rule": self.rule_name,
+            "rule_text": RULES[self.rule_name],
             "criteria": self.criteria.to_json(),
             "fp32_dice": self.fp32_dice,
             "engine_dice": self.engine_dice,
@@ -162,7 +212,9 @@ class GateResult:
                 "engine": sum(r["engine_detected"] is False for r in self.per_patient),
             },
             "reference_predicts_no_tumor": self.reference_predicts_no_tumor,
-            "note": REFERENCE_EMPTY_NOTE if self.reference_predicts_no_tumor else None,
+            "note": self.note,
+            "total_drop_points": self.total_drop_points,
+            "labels": self.labels.to_json() if self.labels else None,
             "passed": self.passed,
             "failures": self.failures(),
             "per_patient": self.per_patient,
@@ -171,15 +223,27 @@ class GateResult:
             "attempts": self.attempts,
         }
 
+    @property
+    def note(self) -> str | None:
+        if not self.reference_predicts_no_tumor:
+            return None
+        return REFERENCE_EMPTY_NOTE if self.rule == FIDELITY else UNPRUNED_EMPTY_NOTE
+
 
 REFERENCE_EMPTY_NOTE = (
     "the FP32 reference predicts no tumor on any val slice: the Dice part of the gate is uninformative "
     "(every engine that also predicts nothing drops 0.00); only the agreement with the reference's masks decides"
 )
+UNPRUNED_EMPTY_NOTE = (
+    "the unpruned FP32 model predicts no tumor on any val slice: judged on labels, no model can drop below it "
+    "(train a model that finds tumor before pruning it)"
+)
 
 
 class Reference:
     """The FP32 model's outputs on the gate's val slices, computed once per checkpoint."""
+
+    rule = FIDELITY  # what judge() applies unless told otherwise (RetrainedReference chooses per precision)
 
     def __init__(self, outputs: Outputs, slices: SliceArrays, criteria: GateCriteria):
         self.outputs, self.slices, self.criteria = outputs, slices, criteria
@@ -187,7 +251,7 @@ class Reference:
         self.truth_counts = confusion_counts(outputs.masks, slices.masks)
         self.predicts_no_tumor = not outputs.masks.any()
 
-    def judge(self, engine: Outputs) -> GateResult:
+    def judge(self, engine: Outputs, rule: str = FIDELITY) -> GateResult:
         engine_counts = confusion_counts(engine.masks, self.slices.masks)
         agreement_counts = confusion_counts(engine.masks, self.outputs.masks)
         rows = []
@@ -210,22 +274,55 @@ class Reference:
                     "engine_detected": bool(eng_tp > 0) if has_tumor else None,
                 }
             )
-        return GateResult(self.criteria, rows, self.predicts_no_tumor)
+        return GateResult(self.criteria, rows, self.predicts_no_tumor, rule)
+
+
+class RetrainedReference:
+    """The gate of a retrained model's engines (module docstring): its FP32 engine on labels against the unpruned
+    model; any other precision for fidelity against its own FP32 model and on labels against the unpruned one."""
+
+    def __init__(self, unpruned: Reference, own: Callable[[], Reference], precision: str):
+        self.unpruned, self.precision = unpruned, precision
+        self._own = own  # the retrained model's own FP32 outputs, run only for the engines that need them
+
+    @property
+    def rule(self) -> str:
+        return rule_for(self.precision, retrained=True)
+
+    @property
+    def predicts_no_tumor(self) -> bool:
+        return (self.unpruned if self.precision == "fp32" else self._own()).predicts_no_tumor
+
+    def judge(self, engine: Outputs) -> GateResult:
+        if self.precision == "fp32":
+            return self.unpruned.judge(engine, LABELS)
+        result = self._own().judge(engine, FIDELITY)
+        result.labels = self.unpruned.judge(engine, LABELS_TOTAL)
+        return result
 
 
 def describe(result: GateResult, label: str) -> str:
     verdict = "passed" if result.passed else "FAILED: " + "; ".join(result.failures())
+    against = {FIDELITY: "", LABELS: " [labels rule: against the unpruned FP32 model]"}.get(
+        result.rule, f" [{result.rule_name}]"
+    )
+    labels = (
+        f"; against the unpruned FP32 model {result.labels.fp32_dice:.4f}, mean drop {result.labels.drop_points:.2f}"
+        if result.labels
+        else ""
+    )
     return (
-        f"{label}: {len(result.per_patient)} val patients, FP32 {result.fp32_dice:.4f} -> engine {result.engine_dice:.4f}, "
+        f"{label}{against}: {len(result.per_patient)} val patients, FP32 {result.fp32_dice:.4f} -> engine {result.engine_dice:.4f}, "
         f"mean drop {result.drop_points:.2f} points, worst {result.worst['patient']} {result.worst['drop_points']:.2f}, "
         f"least agreement {result.least_agreement['agreement']:.4f}"
+        + labels
         + (f", {len(result.nodes_kept_in_float)} node(s) kept in float" if result.nodes_kept_in_float else "")
         + f" — {verdict}"
     )
 
 
 def gate_with_fallback(
-    reference: Reference,
+    reference: Reference | RetrainedReference,
     build: Callable[[list[str]], Path],
     run: Callable[[Path], Outputs],
     rank: Callable[[], tuple[list[tuple[str, float | None]], dict]] | None,
@@ -240,7 +337,7 @@ def gate_with_fallback(
     excluded fails: a reason it returns ends the search before it starts (`result.not_searched`; `optimize`'s speed
     probe) — whether `rank` is given or a caller searches on its own (QAT)."""
     if reference.predicts_no_tumor:
-        logger.warning(f"{label}: {REFERENCE_EMPTY_NOTE}")
+        logger.warning(f"{label}: {UNPRUNED_EMPTY_NOTE if reference.rule == LABELS else REFERENCE_EMPTY_NOTE}")
     path = build([])
     result = reference.judge(run(path))
     result.attempts.append(result.summary())
