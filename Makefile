@@ -15,7 +15,7 @@ $(VENV)/.torch-installed:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch-installed pyproject.toml
-	$(PIP) install --quiet -e '.[train,prune,qat,openvino,test]'
+	$(PIP) install --quiet -e '.[train,prune,qat,openvino,dicom,test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -717,7 +717,11 @@ def bench_cmd(
 @friendly
 def predict_cmd(
     engine: Path = typer.Argument(..., help="an engine built by `lggdeploy build` (its .json manifest beside it)"),
-    source: Path = typer.Argument(..., help="one slice .tif, a patient folder, or a kaggle_3m root"),
+    source: Path = typer.Argument(
+        ...,
+        help="one slice .tif, a patient folder or a kaggle_3m root; or a DICOM folder (any names, nested), a NIfTI "
+        "file or a folder of NIfTI files (extra lggdeploy[dicom])",
+    ),
     out_dir: Path = typer.Option(Path("predictions"), "--out", "-o"),
     threshold: float | None = typer.Option(None, help="probability threshold (default: the engine's manifest)"),
     postprocess: str | None = typer.Option(
@@ -725,18 +729,40 @@ def predict_cmd(
         help="post-processing of each patient's volume: the engine's stored one (default), none, largest "
         "(largest 3-D component only), N (3-D components under N voxels removed) or N,F (also those under F x the largest)",
     ),
-    spacing: float | None = typer.Option(None, help="in-plane pixel spacing in mm, for tumor areas in mm²"),
+    spacing: float | None = typer.Option(None, help="TIFF input: in-plane pixel spacing in mm, for tumor areas in mm²"),
+    flair: str | None = typer.Option(
+        None, help="DICOM/NIfTI: the FLAIR series (SeriesInstanceUID, series number or path)"
+    ),
+    pre: str | None = typer.Option(None, help="DICOM/NIfTI: the pre-contrast T1 series (UID, number or path)"),
+    post: str | None = typer.Option(None, help="DICOM/NIfTI: the post-contrast T1 series (UID, number or path)"),
+    resample: bool = typer.Option(False, help="DICOM/NIfTI: resample T1 series onto FLAIR's grid when they differ"),
+    intensity: str = typer.Option(
+        "auto", help="DICOM/NIfTI: scanner units to 8 bits from the series' window / cal range (auto), window or minmax"
+    ),
     threads: int | None = typer.Option(None),
 ):
-    """Masks (TIFF 0/255), overlay PNGs and per-patient tumor volumes (and Dice where masks exist). No torch needed."""
+    """Masks and per-patient tumor volumes: TIFF masks and overlays for TIFF input; DICOM SEG, NIfTI mask, overlays
+    and case.json for DICOM or NIfTI input. No torch needed."""
     from lggdeploy.postprocess import PostProcess
     from lggdeploy.runtime import Segmenter
-    from lggdeploy.runtime.predict import predict_paths
+    from lggdeploy.scanner.series import is_scanner_input
 
     try:
         rule = PostProcess.parse(postprocess) if postprocess is not None else None
     except ValueError as exc:
         raise LggError(f"--postprocess: {exc}") from None
+    if is_scanner_input(source):
+        if spacing is not None:
+            raise LggError("--spacing is for TIFF input: DICOM and NIfTI carry their own geometry")
+        return _predict_scanner(
+            engine, source, out_dir, threshold, rule, threads, flair, pre, post, resample, intensity
+        )
+    scanner_flags = {"--flair": flair, "--pre": pre, "--post": post, "--resample": resample or None}
+    given = [flag for flag, value in scanner_flags.items() if value] + (["--intensity"] if intensity != "auto" else [])
+    if given:
+        raise LggError(f"{', '.join(given)}: for DICOM or NIfTI input; {source} holds TIFF slices")
+    from lggdeploy.runtime.predict import predict_paths
+
     with Segmenter.load(engine, threshold=threshold, threads=threads, postprocess=rule) as segmenter:
         report = predict_paths(segmenter, source, out_dir, spacing_mm=spacing)
     for row in report.rows:
@@ -754,12 +780,42 @@ def predict_cmd(
         raise LggError(f"{len(report.problems)} file(s) could not be read (listed above); the others were written")
 
 
+def _predict_scanner(engine, source, out_dir, threshold, rule, threads, flair, pre, post, resample, intensity):
+    """DICOM / NIfTI input: the plan (series, roles, why) printed first, then each case's outputs."""
+    from lggdeploy.common.tables import rich_table
+    from lggdeploy.runtime import Segmenter
+    from lggdeploy.scanner.case import RoleChoice, plan_rows
+    from lggdeploy.scanner.predict import predict_cases, prepare
+
+    cases = prepare(source, out_dir, RoleChoice(flair=flair, pre=pre, post=post), intensity)
+    columns = [("case", "case"), ("series", "series"), ("uid", "UID"), ("slices", "slices"), ("grid", "grid")]
+    out.print(rich_table(plan_rows(cases), columns + [("role", "role"), ("why", "why")], title="series found"))
+    for case in cases:
+        for note in case.notes:
+            out.print(f"{case.name}: {rich_escape(note)}", highlight=False)
+    with Segmenter.load(engine, threshold=threshold, threads=threads, postprocess=rule) as segmenter:
+        records = predict_cases(segmenter, cases, out_dir, resample, intensity)
+    for r in records:
+        written = ", ".join(v for v in r["outputs"].values() if v)
+        out.print(
+            f"{r['case']}: tumor in {r['tumor']['slices']} of {r['grid']['shape'][0]} slices, "
+            f"{r['tumor']['volume_ml']:.2f} ml — {written}"
+        )
+    out.print(f"wrote {out_dir / 'cases.csv'}")
+
+
 @app.command("pack")
 @friendly
 def pack_cmd(
     engines: list[Path] = typer.Argument(..., help="engines of one model (their manifests beside them)"),
     output: Path = typer.Option(Path("scanner-bundle.tar.gz"), "-o", "--out", help="bundle to write"),
     samples: int = typer.Option(16, help="verification slices from the val patients (tumor and tumor-free)"),
+    samples_from: Path | None = typer.Option(
+        None,
+        "--samples-from",
+        help="take the verification slices from these scanner patients instead: a DICOM folder or NIfTI files "
+        "(extra lggdeploy[dicom]; read as predict reads them)",
+    ),
     data: Path | None = typer.Option(
         None, "--data", help="kaggle_3m folder with the val patients (default: the engines')"
     ),
@@ -773,7 +829,9 @@ def pack_cmd(
 
     from lggdeploy.engines.pack import pack
 
-    path = pack(engines, output, samples, data, sign)
+    if samples_from is not None and data is not None:
+        raise LggError("--samples-from and --data both choose where the verification slices come from: give one")
+    path = pack(engines, output, samples, data, sign, samples_from)
     with tarfile.open(path, "r:gz") as tar:
         description = json.load(tar.extractfile("bundle.json"))
     held = description["verification"]["slices"]

@@ -14,6 +14,7 @@ LAYERS = [
     {"lggdeploy", "lggdeploy.common"},
     {"lggdeploy.metrics"},
     {"lggdeploy.data"},
+    {"lggdeploy.scanner"},
     {"lggdeploy.scoring", "lggdeploy.postprocess"},
     {"lggdeploy.backends"},
     {"lggdeploy.models"},
@@ -115,6 +116,7 @@ def test_a_circle_is_found_when_there_is_one(monkeypatch):
 def test_runtime_and_cli_import_no_torch():
     code = (
         "import sys, lggdeploy.runtime, lggdeploy.runtime.predict, lggdeploy.cli, lggdeploy.engines.formats, lggdeploy.backends; "
+        "import lggdeploy.scanner.predict, lggdeploy.scanner.outputs, highdicom, nibabel; "
         "print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt', 'onnx') if m in sys.modules))"
     )
     assert (

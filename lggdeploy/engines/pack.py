@@ -29,7 +29,7 @@ import numpy as np
 from lggdeploy import __version__
 from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import atomic_path, check_writable, remove_stale_temporaries, sha256_file, temporary_folder
-from lggdeploy.data.arrays import load_slices, pick_slices
+from lggdeploy.data.arrays import SliceArrays, load_slices, pick_slices
 from lggdeploy.data.kaggle import load_dataset, resolve_data_root
 from lggdeploy.data.split import Split
 from lggdeploy.engines.formats import manifest_path, read_manifest, verify_engine
@@ -59,6 +59,7 @@ def pack(
     samples: int = DEFAULT_SAMPLES,
     data: str | os.PathLike | None = None,
     sign: str | os.PathLike | None = None,
+    samples_from: str | os.PathLike | None = None,
 ) -> Path:
     """One bundle of one model's engines (see the module's docstring), written atomically to `out`; with `sign` (a
     private key from `lggdeploy keygen`) its SHA256SUMS is signed (signature.json), so a device can tell who made it."""
@@ -75,7 +76,11 @@ def pack(
     manifests = _checked_manifests(engines)
     first, folder = manifests[0], engines[0].parent
     ckpt = _source_checkpoint(first, folder)
-    chosen, logits, masks = _verification_set(ckpt, first, engines[0], samples, data)
+    if samples_from is not None:
+        chosen, logits, masks, source = _scanner_verification_set(ckpt, samples, Path(samples_from))
+    else:
+        chosen, logits, masks = _verification_set(ckpt, first, engines[0], samples, data)
+        source = None
     with temporary_folder(out.parent, prefix="pack") as tmp:
         root = Path(tmp) / "bundle"
         for sub in ("engines", "onnx", "calibration"):
@@ -84,7 +89,7 @@ def pack(
         shutil.copyfile(folder / "model.onnx", root / "onnx" / "model.onnx")
         shutil.copyfile(folder / "model.onnx.json", root / "onnx" / "model.onnx.json")
         _write_verification(root / "verification.npz", chosen, logits, masks)
-        description = _description(root, first, entries, chosen)
+        description = _description(root, first, entries, chosen, source)
         (root / "bundle.json").write_text(json.dumps(description, indent=2) + "\n")
         (root / "README.md").write_text(device_readme(description, first))
         sums = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in sorted(root.rglob("*")) if p.is_file()]
@@ -154,6 +159,35 @@ def _verification_set(ckpt: dict, first, engine: Path, samples: int, data):
     return chosen, logits, masks
 
 
+def _scanner_verification_set(ckpt: dict, samples: int, source: Path):
+    """`samples` slices of scanner patients (DICOM series or NIfTI volumes, read and mapped to 8 bits as predict does),
+    spread over the cases and over the slices where the FP32 model finds tumor and where it does not; such series carry
+    no labels, so the set's truth is empty and bundle.json says so. Returns the slices, the FP32 model's logits and
+    masks on them, and the record of where they came from."""
+    from lggdeploy.scanner.case import model_input, plan
+
+    cases = plan(source)
+    images, patients, numbers, mapping = [], [], [], {}
+    for case in cases:
+        x, ranges, _ = model_input(case, resample=False, intensity="auto")
+        images.append(x)
+        patients += [case.name] * len(x)
+        numbers += list(range(1, len(x) + 1))
+        mapping[case.name] = {role: r.to_json() for role, r in ranges.items()}
+    images = np.concatenate(images)
+    _, found = _reference(ckpt, images)
+    pool = SliceArrays(images, found, np.array(patients), np.array(numbers))
+    picked = pick_slices(pool, samples)  # by the FP32 model's masks: tumor and tumor-free slices, every case
+    chosen = SliceArrays(picked.images, np.zeros_like(picked.masks), picked.patients, picked.numbers)
+    logits, masks = _reference(ckpt, chosen.images)
+    record = {
+        "source": f"scanner series ({'NIfTI' if cases[0].flair.origin == 'nifti' else 'DICOM'}): {len(cases)} case(s)",
+        "truth": "none: scanner series carry no labels; slices picked by the FP32 model's masks",
+        "intensity": mapping,
+    }
+    return chosen, logits, masks, record
+
+
 def _add_engine(root: Path, engine: Path, manifest) -> dict:
     """Copy an engine, its manifest, its portable Q/DQ twin and calibration cache into the bundle; its entry."""
     folder = engine.parent
@@ -191,7 +225,7 @@ def _add_engine(root: Path, engine: Path, manifest) -> dict:
     return entry
 
 
-def _description(root: Path, first, entries: list[dict], chosen) -> dict:
+def _description(root: Path, first, entries: list[dict], chosen, source: dict | None = None) -> dict:
     """bundle.json: what is inside and how the device judges an engine."""
     criteria = first["gate"].get("criteria") or {}
     return {
@@ -218,6 +252,7 @@ def _description(root: Path, first, entries: list[dict], chosen) -> dict:
             "min_agreement": criteria.get("min_agreement", DEFAULT_CRITERIA.min_agreement),
             "criterion": "every verification patient: Dice of the engine's masks against the FP32 model's masks "
             ">= min_agreement",
+            **(source or {"source": "val patients (kaggle_3m TIFFs)", "truth": "the val patients' masks"}),
         },
     }
 

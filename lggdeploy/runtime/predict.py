@@ -24,6 +24,7 @@ from lggdeploy.common.files import (
 )
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.kaggle import read_image, read_mask
+from lggdeploy.data.overlay import overlay
 from lggdeploy.metrics import dice_from_counts
 
 IMAGE = re.compile(r"^(?P<patient>.+)_(?P<number>\d+)\.tif$")
@@ -66,23 +67,6 @@ def _tif_files(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
     return list(source.glob("*.tif")) or list(source.glob("*/*.tif"))
-
-
-def contour(mask: np.ndarray) -> np.ndarray:
-    """The one-pixel boundary of a 2-D mask."""
-    padded = np.pad(mask, 1)
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
-    return mask & ~interior
-
-
-def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
-    """FLAIR in grey with the predicted contour in red and the ground-truth contour in green."""
-    flair = image[..., 1]
-    rgb = np.repeat(flair[..., None], 3, axis=2).astype(np.uint8)
-    if truth is not None:
-        rgb[contour(truth)] = (0, 220, 0)
-    rgb[contour(predicted)] = (255, 40, 40)
-    return rgb
 
 
 def _read_patient(paths: list[Path], report: PredictReport, advance) -> tuple[list, list, list]:
