@@ -1,9 +1,11 @@
 """The main job on the embedded default: phantom set -> split -> train the three presets -> evaluate ->
 export -> FP32/FP16/INT8 ONNX Runtime engines behind the accuracy gate -> bench -> table and plots.
 
-Runs with no data and no network. Transfer presets train from random init here, on purpose and labelled
-as such, because ImageNet weights cannot be downloaded offline (pass real weights with `lggdeploy train
---encoder-weights` to use them).
+Runs with no data and no network, so no ImageNet weights. So that the rows tell the presets apart and the demo walks
+the transfer path: pspnet-resnext50 starts from the encoder pspnet-scratch just trained (same architecture, loaded
+through `--encoder-weights FILE`, the local-weights path), a stand-in for ImageNet weights and labelled as such;
+unet-effb7 (another encoder) starts from random init, labelled too. With real weights: `lggdeploy train
+--encoder-weights imagenet|FILE`.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def run_demo(
     rows = []
     for name in presets or list(PRESETS):
         n_epochs = (epochs or DEMO_EPOCHS).get(name, 4)
+        weights, label = _demo_encoder(name, runs)
         result = train(
             TrainConfig(
                 model=name,
@@ -94,16 +97,15 @@ def run_demo(
                 img_size=DEMO_IMG_SIZE,
                 seed=seed,
                 split_file=split_file,
-                encoder_weights="random",
+                encoder_weights=weights,
             )
         )
         summary = evaluate_checkpoint(result.best_path, data, split="test")
         write_json_atomic(runs / name / "eval_test.json", summary)
-        weights = "random" if PRESETS[name].encoder_weights is None else "random (ImageNet offline)"
         rows.append(
             {
                 "model": name,
-                "encoder_weights": weights,
+                "encoder_weights": label,
                 "epochs": n_epochs,
                 "train_seconds": round(result.seconds, 1),
                 "val_mean_patient_dice": result.best["val_mean_patient_dice"],
@@ -122,6 +124,17 @@ def run_demo(
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", text)
     return results
+
+
+TRANSFER_FROM = {"pspnet-resnext50": "pspnet-scratch"}  # a transfer preset -> the demo model whose encoder it reuses
+
+
+def _demo_encoder(name: str, runs: Path) -> tuple[str, str]:
+    """(encoder_weights, the table's label) of a preset in the demo."""
+    source = TRANSFER_FROM.get(name)
+    if source is not None and (runs / source / "best.pt").is_file():
+        return str(runs / source / "best.pt"), f"{source}'s encoder (stand-in for ImageNet, offline)"
+    return "random", "random" if PRESETS[name].encoder_weights is None else "random (ImageNet offline)"
 
 
 def _engines_and_bench(out: Path, data: Path, checkpoints: list[Path], iters: int) -> dict:
