@@ -28,6 +28,7 @@ from lggdeploy.engines.precision.criteria import HELP as GATE_HELP
 from lggdeploy.models.config import option_help
 from lggdeploy.optimize_options import DEFAULTS as OPTIMIZE
 from lggdeploy.optimize_options import HELP as OPTIMIZE_HELP
+from lggdeploy.serve.server import HELP as SERVE_HELP
 
 
 class OneLineErrors(TyperGroup):
@@ -802,6 +803,40 @@ def _predict_scanner(engine, source, out_dir, threshold, rule, threads, flair, p
             f"{r['tumor']['volume_ml']:.2f} ml — {written}"
         )
     out.print(f"wrote {out_dir / 'cases.csv'}")
+
+
+@app.command("serve")
+@friendly
+def serve_cmd(
+    engine: Path = typer.Argument(..., help="an engine built by `lggdeploy build`, or an `lggdeploy optimize` folder"),
+    http_port: int = typer.Option(8000, help=SERVE_HELP["http_port"]),
+    grpc_port: int = typer.Option(8001, help=SERVE_HELP["grpc_port"]),
+    metrics_port: int = typer.Option(8002, help=SERVE_HELP["metrics_port"]),
+    max_batch: int = typer.Option(8, help=SERVE_HELP["max_batch"]),
+    max_queue_delay_us: int = typer.Option(2000, help=SERVE_HELP["max_queue_delay_us"]),
+    instances: int = typer.Option(1, help=SERVE_HELP["instances"]),
+    threads: int | None = typer.Option(None, help=SERVE_HELP["threads"]),
+):
+    """Serve an engine on Triton Inference Server (extra lggdeploy[serve]): <preset>-slice, -volume and -info models."""
+    from lggdeploy.serve.server import ServeOptions, serve
+
+    opts = ServeOptions(http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, instances, threads)
+    serve(engine, opts, on_ready=lambda: err.print(f"ready: http://localhost:{http_port}/v2/health/ready"))
+
+
+@app.command("triton-repo")
+@friendly
+def triton_repo_cmd(
+    engines: list[Path] = typer.Argument(..., help="engines built by `lggdeploy build` (their manifests beside them)"),
+    out_dir: Path = typer.Option(Path("model_repository"), "-o", "--out", help="a new folder for the repository"),
+    max_batch: int = typer.Option(8, help=SERVE_HELP["max_batch"]),
+):
+    """A model repository for a stock Triton server: the engine on Triton's own backend, pre/post Python models and an
+    ensemble (`<preset>-slice`), and a `<preset>-volume` model."""
+    from lggdeploy.serve.repository import write_repository
+
+    names = write_repository(engines, out_dir, max_batch)
+    out.print(f"wrote {out_dir}: {', '.join(names)} (see {out_dir / 'README.md'})")
 
 
 @app.command("pack")

@@ -19,7 +19,7 @@ LAYERS = [
     {"lggdeploy.backends"},
     {"lggdeploy.models"},
     {"lggdeploy.engines"},
-    {"lggdeploy.runtime"},
+    {"lggdeploy.runtime", "lggdeploy.serve"},
     {"lggdeploy.bench"},
     {
         "lggdeploy.cli",
@@ -117,6 +117,7 @@ def test_runtime_and_cli_import_no_torch():
     code = (
         "import sys, lggdeploy.runtime, lggdeploy.runtime.predict, lggdeploy.cli, lggdeploy.engines.formats, lggdeploy.backends; "
         "import lggdeploy.scanner.predict, lggdeploy.scanner.outputs, highdicom, nibabel; "
+        "import lggdeploy.serve.server, lggdeploy.serve.handlers, lggdeploy.serve.repository; "
         "print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'tensorrt', 'onnx') if m in sys.modules))"
     )
     assert (

@@ -1,0 +1,143 @@
+"""What a served engine computes, request by request: the one implementation behind `lggdeploy serve` (PyTriton) and
+the Python models of `lggdeploy triton-repo` (stock Triton). Numpy only; the engine is any Runner `open_engine` opens.
+
+- `pre(slices, facts)`: uint8 slices (B, 256, 256, 3) -> the network's input, normalized as the manifest says;
+- `post(logits, facts)`: the network's logits -> uint8 masks (B, 256, 256) at the manifest's threshold, and the
+  probabilities;
+- `SliceHandler`: pre -> engine -> post, batch by batch (no post-processing: a slice knows no volume);
+- `VolumeHandler`: one patient's stack -> masks after the manifest's per-patient post-processing and the tumor volume
+  in millilitres from the spacing the client gives (row, column, slice spacing in mm).
+
+Every input is checked first (dtype, shape, an empty batch, a batch above the maximum, NaN/Inf or a non-positive
+spacing): a bad request is refused with one line (`BadRequest`), never reaches the engine, and leaves the server up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lggdeploy.data.transforms import Normalization, native_logits, preprocess, sigmoid
+from lggdeploy.postprocess import PostProcess
+
+SLICE_SHAPE = (256, 256, 3)
+
+
+class BadRequest(ValueError):
+    """A request the server refuses: the message says what is wrong and what was expected."""
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What a client may check it talks to, and what pre/post need: read from the engine's manifest."""
+
+    preset: str
+    sha256: str
+    img_size: int
+    threshold: float
+    normalization: dict
+    postprocess: dict
+    backend: str
+    precision: str
+
+    @classmethod
+    def from_manifest(cls, manifest) -> EngineFacts:
+        return cls(
+            preset=str(manifest["model"]["name"]),
+            sha256=str(manifest["sha256"]),
+            img_size=int(manifest["img_size"]),
+            threshold=float(manifest["threshold"]),
+            normalization=dict(manifest["normalization"]),
+            postprocess=PostProcess.from_json(manifest.get("postprocess")).to_json(),
+            backend=str(manifest["backend"]),
+            precision=str(manifest["precision"]),
+        )
+
+    def to_parameters(self) -> dict[str, str]:
+        """Triton model-config parameters (string values)."""
+        import json
+
+        return {
+            "engine_sha256": self.sha256,
+            "preset": self.preset,
+            "threshold": f"{self.threshold:g}",
+            "img_size": str(self.img_size),
+            "normalization": json.dumps(self.normalization, sort_keys=True),
+            "postprocess": json.dumps(self.postprocess, sort_keys=True),
+            "backend": f"{self.backend} {self.precision}",
+        }
+
+
+def check_slices(slices, max_batch: int | None = None, name: str = "slices") -> np.ndarray:
+    array = np.asarray(slices)
+    if array.dtype != np.uint8:
+        raise BadRequest(f"{name}: expected UINT8 slices, got {array.dtype}")
+    if array.ndim != 4 or array.shape[1:] != SLICE_SHAPE:
+        raise BadRequest(
+            f"{name}: expected shape [batch, 256, 256, 3] (pre-contrast, FLAIR, post-contrast), got {list(array.shape)}"
+        )
+    if len(array) == 0:
+        raise BadRequest(f"{name}: an empty batch")
+    if max_batch is not None and len(array) > max_batch:
+        raise BadRequest(f"{name}: a batch of {len(array)} is above the maximum {max_batch}")
+    return array
+
+
+def check_spacing(spacing) -> np.ndarray:
+    array = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if array.shape != (3,):
+        raise BadRequest(f"spacing_mm: expected 3 values (row, column, slice spacing in mm), got {array.size}")
+    if not np.all(np.isfinite(array)) or not np.all(array > 0):
+        raise BadRequest(f"spacing_mm: expected finite positive millimetres, got {array.tolist()}")
+    return array
+
+
+def pre(slices: np.ndarray, facts: EngineFacts) -> np.ndarray:
+    """The network's input for checked uint8 slices: exactly the preprocessing the model was trained with."""
+    return preprocess(slices, facts.img_size, Normalization.from_json(facts.normalization, origin="the manifest"))
+
+
+def post(logits: np.ndarray, facts: EngineFacts) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 masks 0/1, float32 probabilities), both (B, 256, 256), at the manifest's threshold."""
+    logits = np.asarray(logits, np.float32)
+    if not np.all(np.isfinite(logits)):
+        raise RuntimeError("the engine produced NaN/Inf logits: do not trust this engine")
+    native = native_logits(logits, SLICE_SHAPE[0])
+    probabilities = sigmoid(native).astype(np.float32)
+    threshold = np.float32(np.log(facts.threshold / (1 - facts.threshold)))
+    return (native > threshold).astype(np.uint8), probabilities
+
+
+class SliceHandler:
+    """Batched slices -> masks (and probabilities): pre -> engine -> post."""
+
+    def __init__(self, runner, facts: EngineFacts, max_batch: int):
+        self.runner, self.facts, self.max_batch = runner, facts, max_batch
+
+    def __call__(self, slices) -> dict[str, np.ndarray]:
+        checked = check_slices(slices, self.max_batch)
+        masks, probabilities = post(self.runner.infer(pre(checked, self.facts)), self.facts)
+        return {"masks": masks, "probabilities": probabilities}
+
+
+class VolumeHandler:
+    """One patient's stack -> post-processed masks and the tumor volume (ml) from the client's spacing."""
+
+    def __init__(self, runner, facts: EngineFacts, batch: int = 8, max_slices: int = 1024):
+        self.runner, self.facts, self.batch, self.max_slices = runner, facts, batch, max_slices
+        self.rule = PostProcess.from_json(facts.postprocess)
+
+    def __call__(self, volume, spacing_mm) -> dict[str, np.ndarray]:
+        checked = check_slices(volume, self.max_slices, name="volume")
+        spacing = check_spacing(spacing_mm)
+        masks = np.concatenate(
+            [
+                post(self.runner.infer(pre(checked[i : i + self.batch], self.facts)), self.facts)[0]
+                for i in range(0, len(checked), self.batch)
+            ]
+        ).astype(bool)
+        if self.rule.active:
+            masks = self.rule.apply(masks)
+        volume_ml = float(masks.sum()) * float(np.prod(spacing)) / 1000
+        return {"masks": masks.astype(np.uint8), "volume_ml": np.array([volume_ml], np.float32)}

@@ -1,0 +1,291 @@
+"""`lggdeploy triton-repo ENGINE... -o model_repository/`: a model repository for a stock Triton Inference Server.
+
+Per engine (its preset, or preset-precision when several engines of one preset are given), Triton's own backends
+run the network and Python-backend models run lggdeploy's pre- and post-processing — the same functions `serve`
+runs (handlers.py) — chained by an ensemble, so a client sends uint8 slices and gets masks:
+
+    <name>-engine   the engine: onnxruntime_onnx (model.onnx), openvino (model.xml + model.bin) or tensorrt_plan
+                    (model.plan); instance_group KIND_CPU, or KIND_GPU for TensorRT; dynamic batching
+    <name>-pre      python: slices [B, 256, 256, 3] UINT8 -> the network's input, normalized as the manifest says
+    <name>-post     python: logits -> masks [B, 256, 256] UINT8 and probabilities FP32 at the manifest's threshold
+    <name>-slice    ensemble: pre -> engine -> post (what clients call)
+    <name>-volume   python: one patient's volume and spacing -> post-processed masks and volume_ml (runs the engine
+                    itself through lggdeploy's runtime, since post-processing needs the whole volume)
+
+Every config.pbtxt carries the engine's facts as parameters (sha256, preset, threshold, normalization,
+post-processing). The Python models import lggdeploy: the Triton image needs `pip install lggdeploy` (the runtime,
+torch-free) in its Python backend environment; the repository's README.md says so.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lggdeploy.common.errors import LggError
+from lggdeploy.common.files import ensure_folder, temporary_folder, write_text_atomic
+from lggdeploy.serve.handlers import EngineFacts
+
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
+ENGINE_BACKENDS = {  # engine file suffix -> (Triton backend, file name in the version folder)
+    ".onnx": ("onnxruntime", "model.onnx"),
+    ".xml": ("openvino", "model.xml"),
+    ".plan": ("tensorrt", "model.plan"),
+}
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value)  # a protobuf text string: double quotes, backslash escapes
+
+
+def _tensors(kind: str, tensors: list[tuple[str, str, list[int]]]) -> str:
+    body = ",\n".join(
+        f"  {{\n    name: {_quote(n)}\n    data_type: {t}\n    dims: [ {', '.join(map(str, d))} ]\n  }}"
+        for n, t, d in tensors
+    )
+    return f"{kind} [\n{body}\n]"
+
+
+def _parameters(facts: EngineFacts, extra: dict[str, str] | None = None) -> str:
+    items = {**facts.to_parameters(), **(extra or {})}
+    return "\n".join(
+        f"parameters {{\n  key: {_quote(k)}\n  value: {{ string_value: {_quote(v)} }}\n}}" for k, v in items.items()
+    )
+
+
+def _config(name: str, head: list[str], inputs, outputs, facts: EngineFacts, extra: list[str] = (), params=None) -> str:
+    parts = [f"name: {_quote(name)}", *head, _tensors("input", inputs), _tensors("output", outputs), *extra]
+    parts.append(_parameters(facts, params))
+    return "\n".join(parts) + "\n"
+
+
+def engine_config(name: str, manifest, facts: EngineFacts, max_batch: int, gpu: bool) -> str:
+    backend, filename = ENGINE_BACKENDS[Path(manifest["engine"]).suffix]
+    size = facts.img_size
+    in_type = TRITON_TYPES.get(str(manifest["input"].get("dtype", "float32")), "TYPE_FP32")
+    out_type = TRITON_TYPES.get(str(manifest["output"].get("dtype", "float32")), "TYPE_FP32")
+    kind = "KIND_GPU" if gpu else "KIND_CPU"
+    return _config(
+        name,
+        [f"backend: {_quote(backend)}", f"default_model_filename: {_quote(filename)}", f"max_batch_size: {max_batch}"],
+        [(manifest["input"]["name"], in_type, [3, size, size])],
+        [(manifest["output"]["name"], out_type, [1, size, size])],
+        facts,
+        [
+            "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}",
+            f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]",
+        ],
+    )
+
+
+def python_config(name: str, inputs, outputs, facts: EngineFacts, max_batch: int, params=None) -> str:
+    return _config(
+        name,
+        ['backend: "python"', f"max_batch_size: {max_batch}"],
+        inputs,
+        outputs,
+        facts,
+        ["instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]"],
+        params,
+    )
+
+
+def ensemble_config(name: str, engine: str, manifest, facts: EngineFacts, max_batch: int) -> str:
+    in_name, out_name = manifest["input"]["name"], manifest["output"]["name"]
+    steps = [
+        (f"{name}-pre", {"slices": "slices"}, {"input": "preprocessed"}),
+        (engine, {in_name: "preprocessed"}, {out_name: "logits"}),
+        (f"{name}-post", {"logits": "logits"}, {"masks": "masks", "probabilities": "probabilities"}),
+    ]
+
+    def step(model: str, inputs: dict, outputs: dict) -> str:
+        maps = [
+            f"    input_map {{\n      key: {_quote(k)}\n      value: {_quote(v)}\n    }}" for k, v in inputs.items()
+        ]
+        maps += [
+            f"    output_map {{\n      key: {_quote(k)}\n      value: {_quote(v)}\n    }}" for k, v in outputs.items()
+        ]
+        return (
+            "  step [\n    {\n    model_name: "
+            + _quote(model)
+            + "\n    model_version: -1\n"
+            + "\n".join(maps)
+            + "\n    }\n  ]"
+        )
+
+    scheduling = "ensemble_scheduling {\n" + "\n".join(step(*s) for s in steps) + "\n}"
+    return _config(
+        f"{name}-slice",
+        ['platform: "ensemble"', f"max_batch_size: {max_batch}"],
+        [("slices", "TYPE_UINT8", [256, 256, 3])],
+        [("masks", "TYPE_UINT8", [256, 256]), ("probabilities", "TYPE_FP32", [256, 256])],
+        facts,
+        [scheduling],
+    )
+
+
+MODEL_PY = '''"""Triton Python model written by `lggdeploy triton-repo`: {what}. The code is lggdeploy's own
+(lggdeploy.serve.handlers), the same `lggdeploy serve` runs; install lggdeploy in the Python backend's environment."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from lggdeploy.serve.handlers import EngineFacts, {imports}
+
+
+def _facts(config):
+    p = {{k: v["string_value"] for k, v in config.get("parameters", {{}}).items()}}
+    backend, precision = p["backend"].split(" ", 1)
+    return EngineFacts(p["preset"], p["engine_sha256"], int(p["img_size"]), float(p["threshold"]),
+                       json.loads(p["normalization"]), json.loads(p["postprocess"]), backend, precision)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.config = json.loads(args["model_config"])
+        self.facts = _facts(self.config)
+{init}
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+{body}
+            except Exception as exc:  # a bad request: its reason, and the model stays up
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return responses
+'''
+
+PRE_BODY = """                slices = check_slices(pb_utils.get_input_tensor_by_name(request, "slices").as_numpy())
+                x = pre(slices, self.facts).astype(self.dtype)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("input", x)]))"""
+PRE_INIT = """        self.dtype = pb_utils.triton_string_to_numpy(
+            pb_utils.get_output_config_by_name(self.config, "input")["data_type"]
+        )"""
+POST_BODY = """                logits = pb_utils.get_input_tensor_by_name(request, "logits").as_numpy()
+                masks, probabilities = post(logits.astype(np.float32), self.facts)
+                responses.append(pb_utils.InferenceResponse(
+                    [pb_utils.Tensor("masks", masks), pb_utils.Tensor("probabilities", probabilities)]))"""
+VOLUME_INIT = """        from pathlib import Path
+
+        from lggdeploy.engines.formats import open_engine, read_manifest
+
+        engine = Path(__file__).parent / self.config["parameters"]["engine_file"]["string_value"]
+        self.handler = VolumeHandler(open_engine(engine, read_manifest(engine)), self.facts)"""
+VOLUME_BODY = """                volume = pb_utils.get_input_tensor_by_name(request, "volume").as_numpy()
+                spacing = pb_utils.get_input_tensor_by_name(request, "spacing_mm").as_numpy()
+                out = self.handler(volume, spacing)
+                responses.append(pb_utils.InferenceResponse(
+                    [pb_utils.Tensor("masks", out["masks"]), pb_utils.Tensor("volume_ml", out["volume_ml"])]))"""
+
+
+def model_py(what: str, imports: str, body: str, init: str = "") -> str:
+    return MODEL_PY.format(what=what, imports=imports, body=body, init=init or "        pass")
+
+
+def write_repository(engines: list[Path], out: Path, max_batch: int = 8) -> list[str]:
+    """The repository for `engines` under `out` (written in a temporary folder, then moved into place): the model names."""
+    from lggdeploy.engines.formats import read_manifest, verify_engine
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LggError(f"{out} exists and is not empty: give a new folder for the model repository")
+    loaded = []
+    for path in engines:
+        path = Path(path)
+        manifest = read_manifest(path)
+        verify_engine(path, manifest)
+        if Path(manifest["engine"]).suffix not in ENGINE_BACKENDS:
+            raise LggError(f"{path}: Triton has no backend for {Path(manifest['engine']).suffix} engines")
+        loaded.append((path, manifest, EngineFacts.from_manifest(manifest)))
+    presets = [f.preset for _, _, f in loaded]
+    names = []
+    ensure_folder(out.parent)
+    with temporary_folder(out.parent, prefix="triton-repo") as tmp:
+        root = Path(tmp) / "repository"
+        for path, manifest, facts in loaded:
+            name = facts.preset if presets.count(facts.preset) == 1 else f"{facts.preset}-{Path(path).stem}"
+            names += _write_models(root, name, path, manifest, facts, max_batch)
+        write_text_atomic(root / "README.md", _readme(names))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        root.rename(out)  # the whole repository appears at once
+    return names
+
+
+def _write_models(root: Path, name: str, path: Path, manifest, facts: EngineFacts, max_batch: int) -> list[str]:
+    size = facts.img_size
+    gpu = manifest["backend"] == "tensorrt"
+    engine = f"{name}-engine"
+    backend, filename = ENGINE_BACKENDS[Path(path).suffix]
+    (root / engine / "1").mkdir(parents=True)
+    shutil.copyfile(path, root / engine / "1" / filename)
+    if backend == "openvino":
+        shutil.copyfile(path.with_suffix(".bin"), root / engine / "1" / "model.bin")
+    (root / engine / "config.pbtxt").write_text(engine_config(engine, manifest, facts, max_batch, gpu))
+    in_type = TRITON_TYPES.get(str(manifest["input"].get("dtype", "float32")), "TYPE_FP32")
+    out_type = TRITON_TYPES.get(str(manifest["output"].get("dtype", "float32")), "TYPE_FP32")
+    models = {
+        f"{name}-pre": (
+            python_config(
+                f"{name}-pre",
+                [("slices", "TYPE_UINT8", [256, 256, 3])],
+                [("input", in_type, [3, size, size])],
+                facts,
+                max_batch,
+            ),
+            model_py("slices -> the network's input", "check_slices, pre", PRE_BODY, PRE_INIT),
+        ),
+        f"{name}-post": (
+            python_config(
+                f"{name}-post",
+                [("logits", out_type, [1, size, size])],
+                [("masks", "TYPE_UINT8", [256, 256]), ("probabilities", "TYPE_FP32", [256, 256])],
+                facts,
+                max_batch,
+            ),
+            model_py("logits -> masks and probabilities", "post", POST_BODY),
+        ),
+        f"{name}-volume": (
+            python_config(
+                f"{name}-volume",
+                [("volume", "TYPE_UINT8", [-1, 256, 256, 3]), ("spacing_mm", "TYPE_FP32", [3])],
+                [("masks", "TYPE_UINT8", [-1, 256, 256]), ("volume_ml", "TYPE_FP32", [1])],
+                facts,
+                0,
+                {"engine_file": Path(path).name},
+            ),
+            model_py(
+                "one patient's volume -> post-processed masks and volume_ml", "VolumeHandler", VOLUME_BODY, VOLUME_INIT
+            ),
+        ),
+    }
+    for model, (config, code) in models.items():
+        (root / model / "1").mkdir(parents=True)
+        (root / model / "config.pbtxt").write_text(config)
+        (root / model / "1" / "model.py").write_text(code)
+    volume_dir = root / f"{name}-volume" / "1"
+    shutil.copyfile(path, volume_dir / Path(path).name)
+    shutil.copyfile(Path(str(path) + ".json"), volume_dir / (Path(path).name + ".json"))
+    if backend == "openvino":
+        shutil.copyfile(path.with_suffix(".bin"), volume_dir / path.with_suffix(".bin").name)
+    (root / f"{name}-slice" / "1").mkdir(parents=True)  # an ensemble has an empty version folder
+    (root / f"{name}-slice" / "config.pbtxt").write_text(ensemble_config(name, engine, manifest, facts, max_batch))
+    return [engine, f"{name}-pre", f"{name}-post", f"{name}-slice", f"{name}-volume"]
+
+
+def _readme(names: list[str]) -> str:
+    return (
+        "# Triton model repository (lggdeploy triton-repo)\n\n"
+        "Models: " + ", ".join(f"`{n}`" for n in names) + ".\n\n"
+        "Clients call `<name>-slice` (slices [B, 256, 256, 3] UINT8 -> masks, probabilities) or `<name>-volume` (one "
+        "patient's volume and spacing_mm -> post-processed masks, volume_ml). The Python models import lggdeploy: "
+        "install it in the Triton image's Python environment (`pip install lggdeploy`, torch-free), e.g.\n\n"
+        "    docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 \\\n"
+        "      bash -c 'pip install lggdeploy && tritonserver --model-repository=/models'\n\n"
+        "Each config.pbtxt carries the engine's sha256, preset, threshold, normalization and post-processing as "
+        "parameters.\n"
+    )

@@ -1,0 +1,348 @@
+"""Serving on Triton: the request handlers against the Segmenter, the model repository for a stock Triton, the one-line
+refusals; and (slow, with the serving venv's Python: LGG_SERVE_PYTHON or .venv-serve) a real tritonserver started by
+`lggdeploy serve`, driven by tritonclient: answers, bad requests beside good traffic, SIGTERM, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lggdeploy.cli import app
+from lggdeploy.engines.build import BuildOptions, build_engines
+from lggdeploy.engines.formats import open_engine, read_manifest
+from lggdeploy.runtime import PostProcess, Segmenter
+from lggdeploy.serve.handlers import BadRequest, EngineFacts, SliceHandler, VolumeHandler
+from lggdeploy.serve.repository import write_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def engine(segmenting_run, phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve_engine")
+    built = build_engines([segmenting_run.best_path], BuildOptions(out_dir=out, data=phantom_dir, precision="fp32"))
+    return Path(built.engines[0]["engine"])
+
+
+@pytest.fixture(scope="module")
+def slices(real_data):
+    from scanner_fixtures import patient_slices
+
+    return patient_slices(real_data, "TCGA_CS_4943_20000902")
+
+
+def handlers(engine: Path, max_batch: int = 8):
+    manifest = read_manifest(engine)
+    facts = EngineFacts.from_manifest(manifest)
+    run = open_engine(engine, manifest)
+    return SliceHandler(run, facts, max_batch), VolumeHandler(run, facts), facts
+
+
+def test_the_handlers_compute_what_the_segmenter_computes(engine, slices):
+    slice_handler, volume_handler, facts = handlers(engine)
+    with Segmenter.load(engine, threshold=0.05, postprocess=PostProcess()) as low:
+        pass
+    with Segmenter.load(engine, postprocess=PostProcess()) as plain, Segmenter.load(engine) as stored:
+        out = slice_handler(slices[:8])
+        expected = plain.predict(slices[:8])
+        assert np.array_equal(out["masks"].astype(bool), expected.masks) and out["masks"].dtype == np.uint8
+        assert np.allclose(out["probabilities"], expected.probabilities, atol=1e-6)
+        volume = volume_handler(slices, np.array([0.9375, 0.9375, 5.5], np.float32))
+        reference = stored.predict(slices).masks  # the manifest's post-processing, on the whole volume
+        assert np.array_equal(volume["masks"].astype(bool), reference)
+        assert volume["volume_ml"][0] == pytest.approx(reference.sum() * 0.9375**2 * 5.5 / 1000, rel=1e-6)
+    assert low.threshold == 0.05 and facts.threshold == read_manifest(engine)["threshold"]
+
+
+def test_bad_requests_are_refused_with_their_reason(engine, slices):
+    slice_handler, volume_handler, _ = handlers(engine, max_batch=4)
+    cases = [
+        (slices[:2].astype(np.float32), "expected UINT8"),
+        (slices[:2, :128], "expected shape [batch, 256, 256, 3]"),
+        (slices[:0], "an empty batch"),
+        (slices[:5], "above the maximum 4"),
+    ]
+    for bad, reason in cases:
+        with pytest.raises(BadRequest, match=re.escape(reason)):
+            slice_handler(bad)
+    for spacing, reason in (([1, np.nan, 5], "finite positive"), ([1, 1, -5], "finite positive"), ([1, 1], "3 values")):
+        with pytest.raises(BadRequest, match=reason):
+            volume_handler(slices[:2], np.array(spacing, np.float32))
+
+
+def test_triton_repo_writes_one_model_per_stage_with_the_engines_facts(engine, tmp_path):
+    names = write_repository([engine], tmp_path / "repo")
+    preset = read_manifest(engine)["model"]["name"]
+    assert names == [f"{preset}-{m}" for m in ("engine", "pre", "post", "slice", "volume")]
+    repo = tmp_path / "repo"
+    assert (repo / f"{preset}-engine" / "1" / "model.onnx").read_bytes() == engine.read_bytes()
+    for name in names:
+        config = (repo / name / "config.pbtxt").read_text()
+        assert f'name: "{name}"' in config and read_manifest(engine)["sha256"] in config
+    assert 'platform: "ensemble"' in (repo / f"{preset}-slice" / "config.pbtxt").read_text()
+    assert "from lggdeploy.serve.handlers import" in (repo / f"{preset}-pre" / "1" / "model.py").read_text()
+    again = runner.invoke(app, ["triton-repo", str(engine), "-o", str(repo)])
+    assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output
+
+
+def tampered(engine: Path, folder: Path) -> Path:
+    folder.mkdir()
+    copy = folder / engine.name
+    copy.write_bytes(engine.read_bytes() + b"\0")
+    (folder / (engine.name + ".json")).write_text((engine.parent / (engine.name + ".json")).read_text())
+    return copy
+
+
+def test_serve_refuses_in_one_line_before_starting(engine, tmp_path):
+    result = runner.invoke(app, ["serve", str(tampered(engine, tmp_path / "t"))])
+    assert (
+        result.exit_code == 2 and "is not the engine its manifest" in result.output and "Traceback" not in result.output
+    )
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["serve", str(engine), "--http-port", str(port)])
+        assert result.exit_code == 2 and f"--http-port {port} is already in use" in result.output
+    same = runner.invoke(app, ["serve", str(engine), "--http-port", "9000", "--grpc-port", "9000"])
+    assert same.exit_code == 2 and "must differ" in same.output
+    result = runner.invoke(app, ["triton-repo", str(tampered(engine, tmp_path / "u")), "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "is not the engine its manifest" in result.output
+
+
+# --- a real server (the serving venv) -------------------------------------------------------------------------------
+
+
+def serve_python() -> Path:
+    path = Path(os.environ.get("LGG_SERVE_PYTHON") or ROOT / ".venv-serve" / "bin" / "python")
+    if not path.is_file():
+        pytest.skip("no serving venv: `make install-serve` (or LGG_SERVE_PYTHON) — `make test-slow` makes it")
+    return path
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Server:
+    """`lggdeploy serve` in the serving venv; ready when its three models are (PyTriton loads them after the server
+    itself answers /v2/health/ready)."""
+
+    def __init__(self, engine: Path, log: Path):
+        self.models = [f"{read_manifest(engine)['model']['name']}-{m}" for m in ("slice", "volume", "info")]
+        self.http, self.grpc, self.metrics = free_ports(3)
+        python = serve_python()
+        cmd = [str(python.parent / "lggdeploy"), "serve", str(engine)]
+        cmd += ["--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)]
+        self.log = open(log, "w")
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"serve did not become ready: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def ready(self) -> bool:
+        urls = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in self.models)]
+        try:
+            for url in urls:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{url}", timeout=2) as r:
+                    if r.status != 200:
+                        return False
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=90)
+        self.log.close()
+        return code
+
+
+def client(job: dict, tmp_path: Path, name: str, inputs: dict, background: bool = False):
+    np.savez(tmp_path / f"{name}-in.npz", **inputs)
+    job = {**job, "inputs": str(tmp_path / f"{name}-in.npz"), "out": str(tmp_path / name)}
+    (tmp_path / f"{name}.job.json").write_text(json.dumps(job))
+    command = [str(serve_python()), str(HERE / "serve_client.py"), str(tmp_path / f"{name}.job.json")]
+    if background:
+        return subprocess.Popen(command)
+    subprocess.run(command, check=True, timeout=300)
+    return result_of(tmp_path, name)
+
+
+def result_of(tmp_path: Path, name: str):
+    report = json.loads((tmp_path / f"{name}.json").read_text())
+    answers = dict(np.load(tmp_path / f"{name}.npz")) if (tmp_path / f"{name}.npz").is_file() else {}
+    return report, answers
+
+
+@pytest.mark.slow
+def test_serve_answers_as_the_segmenter_refuses_bad_requests_beside_good_traffic_and_stops_on_sigterm(
+    engine, slices, tmp_path
+):
+    preset = read_manifest(engine)["model"]["name"]
+    server = Server(engine, tmp_path / "serve.log")
+    try:
+        url = f"127.0.0.1:{server.http}"
+        report, out = client(
+            {"url": url, "model": f"{preset}-slice", "outputs": ["masks", "probabilities"], "mode": "once"},
+            tmp_path,
+            "slice",
+            {"slices": slices[:6]},
+        )
+        assert report["errors"] == []
+        with Segmenter.load(engine, postprocess=PostProcess()) as plain, Segmenter.load(engine) as stored:
+            assert np.array_equal(out["masks"].astype(bool), plain.predict(slices[:6]).masks)
+            spacing = np.array([0.9375, 0.9375, 5.5], np.float32)
+            report, vol = client(
+                {
+                    "url": f"127.0.0.1:{server.grpc}",
+                    "protocol": "grpc",
+                    "model": f"{preset}-volume",
+                    "outputs": ["masks", "volume_ml"],
+                    "mode": "once",
+                },
+                tmp_path,
+                "volume",
+                {"volume": slices, "spacing_mm": spacing},
+            )
+            expected = stored.predict(slices).masks
+            assert report["errors"] == [] and np.array_equal(vol["masks"].astype(bool), expected)
+            assert vol["volume_ml"][0] == pytest.approx(expected.sum() * float(np.prod(spacing)) / 1000, rel=1e-5)
+        report, info = client(
+            {"url": url, "model": f"{preset}-info", "outputs": ["engine"], "mode": "once"},
+            tmp_path,
+            "info",
+            {"request": np.zeros(1, np.uint8)},
+        )
+        assert json.loads(info["engine"][0])["engine_sha256"] == read_manifest(engine)["sha256"]
+        good = client(
+            {
+                "url": url,
+                "model": f"{preset}-slice",
+                "outputs": ["masks"],
+                "mode": "load",
+                "concurrency": 4,
+                "requests": 6,
+            },
+            tmp_path,
+            "good",
+            {"slices": slices[:1]},
+            background=True,
+        )
+        bad_inputs = {
+            "dtype": {"slices": slices[:2].astype(np.float32)},
+            "shape": {"slices": slices[:2, :128]},
+            "batch": {"slices": np.repeat(slices[:1], 9, axis=0)},
+        }
+        for name, inputs in bad_inputs.items():
+            report, _ = client(
+                {"url": url, "model": f"{preset}-slice", "outputs": ["masks"], "mode": "once"}, tmp_path, name, inputs
+            )
+            assert report["errors"], name
+        report, _ = client(
+            {"url": url, "model": f"{preset}-volume", "outputs": ["masks"], "mode": "once"},
+            tmp_path,
+            "nan",
+            {"volume": slices[:2], "spacing_mm": np.array([1, np.nan, 5], np.float32)},
+        )
+        assert report["errors"] and "finite positive" in report["errors"][0]
+        assert good.wait(timeout=300) == 0
+        report, _ = result_of(tmp_path, "good")
+        assert report["errors"] == [] and len(report["latencies_ms"]) == 24  # no good request failed
+        assert server.ready()
+        burst = client(  # a burst far above the queue while SIGTERM comes: nothing crashes, clients get errors
+            {
+                "url": url,
+                "model": f"{preset}-slice",
+                "outputs": ["masks"],
+                "mode": "load",
+                "concurrency": 16,
+                "requests": 20,
+            },
+            tmp_path,
+            "burst",
+            {"slices": slices[:8]},
+            background=True,
+        )
+        time.sleep(3)
+    finally:
+        code = server.stop()
+    assert code == 143
+    assert burst.wait(timeout=300) == 0
+    report, _ = result_of(tmp_path, "burst")
+    assert report["errors"] and len(report["latencies_ms"]) + len(report["errors"]) == 16 * 20
+    again = Server(engine, tmp_path / "again.log")  # a restart serves again
+    try:
+        report, _ = client(
+            {"url": f"127.0.0.1:{again.http}", "model": f"{preset}-slice", "outputs": ["masks"], "mode": "once"},
+            tmp_path,
+            "again",
+            {"slices": slices[:1]},
+        )
+        assert report["errors"] == []
+    finally:
+        assert again.stop() == 143
+
+
+@pytest.mark.slow
+def test_triton_repo_configs_parse_with_tritons_own_schema(engine, tmp_path):
+    write_repository([engine], tmp_path / "repo")
+    code = (
+        "import sys, pathlib; from google.protobuf import text_format; "
+        "from tritonclient.grpc import model_config_pb2 as pb; "
+        "[print(text_format.Parse(p.read_text(), pb.ModelConfig()).name) for p in sorted(pathlib.Path(sys.argv[1]).glob('*/config.pbtxt'))]"
+    )
+    out = subprocess.run(
+        [str(serve_python()), "-c", code, str(tmp_path / "repo")], capture_output=True, text=True, check=True
+    )
+    preset = read_manifest(engine)["model"]["name"]
+    assert out.stdout.split() == sorted(f"{preset}-{m}" for m in ("engine", "post", "pre", "slice", "volume"))
+
+
+def test_serve_needs_pytriton_in_its_own_environment(engine):
+    try:
+        import pytriton  # noqa: F401
+    except ImportError:
+        result = runner.invoke(
+            app,
+            [
+                "serve",
+                str(engine),
+                "--http-port",
+                str(free_ports(1)[0]),
+                "--grpc-port",
+                str(free_ports(1)[0]),
+                "--metrics-port",
+                str(free_ports(1)[0]),
+            ],
+        )
+        assert result.exit_code == 2 and "own environment" in result.output and "Traceback" not in result.output
+    else:
+        pytest.skip("PyTriton is installed in this environment")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__]))
