@@ -813,7 +813,7 @@ def serve_cmd(
     grpc_port: int = typer.Option(8001, help=SERVE_HELP["grpc_port"]),
     metrics_port: int = typer.Option(8002, help=SERVE_HELP["metrics_port"]),
     max_batch: int = typer.Option(8, help=SERVE_HELP["max_batch"]),
-    max_queue_delay_us: int = typer.Option(2000, help=SERVE_HELP["max_queue_delay_us"]),
+    max_queue_delay_us: int = typer.Option(500, help=SERVE_HELP["max_queue_delay_us"]),
     instances: int = typer.Option(1, help=SERVE_HELP["instances"]),
     threads: int | None = typer.Option(None, help=SERVE_HELP["threads"]),
 ):

@@ -73,7 +73,7 @@ def engine_config(name: str, manifest, facts: EngineFacts, max_batch: int, gpu: 
         [(manifest["output"]["name"], out_type, [1, size, size])],
         facts,
         [
-            "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}",
+            "dynamic_batching {\n  max_queue_delay_microseconds: 500\n}",
             f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]",
         ],
     )

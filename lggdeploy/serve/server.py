@@ -47,7 +47,7 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     max_batch: int = 8  # the slice model's max_batch_size
-    max_queue_delay_us: int = 2000  # dynamic batching: how long a request may wait for others
+    max_queue_delay_us: int = 500  # dynamic batching: how long a request may wait (benchmarks/results/serve-zen4/)
     instances: int = 1  # engine instances of the slice model (each its own session)
     threads: int | None = None  # CPU threads per engine instance (default: all cores / instances)
     max_volume_slices: int = 512
