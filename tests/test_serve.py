@@ -269,6 +269,11 @@ def test_serve_answers_as_the_segmenter_refuses_bad_requests_beside_good_traffic
             {"volume": slices[:2], "spacing_mm": np.array([1, np.nan, 5], np.float32)},
         )
         assert report["errors"] and "finite positive" in report["errors"][0]
+        with socket.create_connection(("127.0.0.1", server.http)) as gone:  # a client that disconnects mid-request
+            head = f"POST /v2/models/{preset}-slice/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+            gone.sendall(head.encode() + b'{"inputs": [')
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
+            assert b"nv_inference_request_success" in r.read()  # Triton's Prometheus metrics
         assert good.wait(timeout=300) == 0
         report, _ = result_of(tmp_path, "good")
         assert report["errors"] == [] and len(report["latencies_ms"]) == 24  # no good request failed
