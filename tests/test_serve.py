@@ -23,7 +23,7 @@ from lggdeploy.cli import app
 from lggdeploy.engines.build import BuildOptions, build_engines
 from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.runtime import PostProcess, Segmenter
-from lggdeploy.serve.handlers import BadRequest, EngineFacts, SliceHandler, VolumeHandler
+from lggdeploy.serve.handlers import BadRequest, EngineFacts, SliceHandler, VolumeHandler, pre
 from lggdeploy.serve.repository import write_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,6 +325,100 @@ def test_triton_repo_configs_parse_with_tritons_own_schema(engine, tmp_path):
     )
     preset = read_manifest(engine)["model"]["name"]
     assert out.stdout.split() == sorted(f"{preset}-{m}" for m in ("engine", "post", "pre", "slice", "volume"))
+
+
+@pytest.mark.slow
+def test_the_repositorys_python_models_run_under_the_bundled_tritonserver(engine, slices, tmp_path):
+    """PyTriton's tritonserver carries only the Python backend: the repository's pre, post and volume models run on it
+    (the ensemble needs Triton's ONNX Runtime backend) and answer what the handlers answer; a bad value is one line."""
+    import shutil
+
+    python = serve_python()
+    found = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import pytriton, sysconfig; print(pytriton.__path__[0]); print(sysconfig.get_config_var('LIBDIR'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    server_dir, libdir = Path(found[0]) / "tritonserver", found[1]
+    backend = tmp_path / "backends" / "python"
+    backend.mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy(server_dir / "backends" / "python" / name, backend)
+    shutil.copy(
+        server_dir
+        / "python_backend_stubs"
+        / f"{sys.version_info.major}.{sys.version_info.minor}"
+        / "triton_python_backend_stub",
+        backend,
+    )
+    write_repository([engine], tmp_path / "full")
+    preset = read_manifest(engine)["model"]["name"]
+    repo = tmp_path / "repo"
+    for model in ("pre", "post", "volume"):
+        shutil.copytree(tmp_path / "full" / f"{preset}-{model}", repo / f"{preset}-{model}")
+    http, grpc, metrics = free_ports(3)
+    env = dict(os.environ, PATH=f"{python.parent}:{os.environ['PATH']}")  # the stub finds the venv through PATH
+    libs = Path(found[0]).parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = ":".join([libdir, str(libs), os.environ.get("LD_LIBRARY_PATH", "")])
+    command = [
+        str(server_dir / "bin" / "tritonserver"),
+        f"--model-repository={repo}",
+        f"--backend-directory={backend.parent}",
+    ]
+    command += [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
+    log = open(tmp_path / "tritonserver.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "tritonserver.log"
+                ).read_text()[-3000:]
+                time.sleep(0.5)
+        slice_handler, volume_handler, facts = handlers(engine)
+        url = f"127.0.0.1:{http}"
+        x = slices[:4]
+        report, out = client(
+            {"url": url, "model": f"{preset}-pre", "outputs": ["input"], "mode": "once"}, tmp_path, "pre", {"slices": x}
+        )
+        assert report["errors"] == [] and np.allclose(out["input"], pre(x, facts))
+        logits = slice_handler.runner.infer(out["input"]).astype(np.float32)
+        report, out = client(
+            {"url": url, "model": f"{preset}-post", "outputs": ["masks"], "mode": "once"},
+            tmp_path,
+            "post",
+            {"logits": logits},
+        )
+        assert report["errors"] == [] and np.array_equal(out["masks"], slice_handler(x)["masks"])
+        spacing = np.array([0.9375, 0.9375, 5.5], np.float32)
+        report, out = client(
+            {"url": url, "model": f"{preset}-volume", "outputs": ["masks", "volume_ml"], "mode": "once"},
+            tmp_path,
+            "vol",
+            {"volume": slices, "spacing_mm": spacing},
+        )
+        expected = volume_handler(slices, spacing)
+        assert report["errors"] == [] and np.array_equal(out["masks"], expected["masks"])
+        report, _ = client(
+            {"url": url, "model": f"{preset}-volume", "outputs": ["masks"], "mode": "once"},
+            tmp_path,
+            "nan",
+            {"volume": x, "spacing_mm": np.array([1, np.nan, 5], np.float32)},
+        )
+        assert report["errors"] and "spacing_mm: expected finite positive millimetres" in report["errors"][0]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
 
 
 def test_serve_needs_pytriton_in_its_own_environment(engine):

@@ -42,7 +42,7 @@ MR_CLASSES = {
 MULTIFRAME_CLASSES = {"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"}
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a sequence is one object, its arrays are not compared
 class Sequence:
     """One MR sequence as read: its volume (modality values, LPS affine), what it is and where it came from."""
 

@@ -53,11 +53,10 @@ from lggdeploy.common.errors import SearchStopped
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
 from lggdeploy.data.transforms import Normalization, logits_to_masks
-from lggdeploy.engines.precision.criteria import (  # noqa: F401 (re-exported: gate.GateCriteria, gate.RULES)
+from lggdeploy.engines.precision.criteria import (  # noqa: F401 (re-exported: gate.GateCriteria)
     FIDELITY,
     LABELS,
     LABELS_TOTAL,
-    RETRAINED_QUANTIZED,
     RULES,
     GateCriteria,
     missed,
