@@ -35,7 +35,7 @@ from lggdeploy.serve.handlers import EngineFacts, SliceHandler
 
 def in_process(engine: Path, rounds: int = 30) -> dict:
     manifest = read_manifest(engine)
-    handler = SliceHandler(open_engine(engine, manifest), EngineFacts.from_manifest(manifest), 8)
+    handler = SliceHandler(open_engine(engine, manifest), EngineFacts.from_manifest(manifest), 8, probabilities=False)
     rng = np.random.default_rng(0)
     x1 = rng.integers(0, 255, (1, 256, 256, 3), dtype=np.uint8)
     x8 = rng.integers(0, 255, (8, 256, 256, 3), dtype=np.uint8)

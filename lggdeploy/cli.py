@@ -816,11 +816,21 @@ def serve_cmd(
     max_queue_delay_us: int = typer.Option(500, help=SERVE_HELP["max_queue_delay_us"]),
     instances: int = typer.Option(1, help=SERVE_HELP["instances"]),
     threads: int | None = typer.Option(None, help=SERVE_HELP["threads"]),
+    probabilities: bool = typer.Option(False, "--probabilities", help=SERVE_HELP["probabilities"]),
 ):
     """Serve an engine on Triton Inference Server (extra lggdeploy[serve]): <preset>-slice, -volume and -info models."""
     from lggdeploy.serve.server import ServeOptions, serve
 
-    opts = ServeOptions(http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, instances, threads)
+    opts = ServeOptions(
+        http_port,
+        grpc_port,
+        metrics_port,
+        max_batch,
+        max_queue_delay_us,
+        instances,
+        threads,
+        probabilities=probabilities,
+    )
     serve(engine, opts, on_ready=lambda: err.print(f"ready: http://localhost:{http_port}/v2/health/ready"))
 
 

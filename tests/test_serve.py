@@ -148,12 +148,20 @@ class Server:
     """`lggdeploy serve` in the serving venv; ready when its three models are (PyTriton loads them after the server
     itself answers /v2/health/ready)."""
 
-    def __init__(self, engine: Path, log: Path):
+    def __init__(self, engine: Path, log: Path, *flags: str):
         self.models = [f"{read_manifest(engine)['model']['name']}-{m}" for m in ("slice", "volume", "info")]
         self.http, self.grpc, self.metrics = free_ports(3)
         python = serve_python()
         cmd = [str(python.parent / "lggdeploy"), "serve", str(engine)]
-        cmd += ["--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics)]
+        cmd += [
+            "--http-port",
+            str(self.http),
+            "--grpc-port",
+            str(self.grpc),
+            "--metrics-port",
+            str(self.metrics),
+            *flags,
+        ]
         self.log = open(log, "w")
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -203,7 +211,7 @@ def test_serve_answers_as_the_segmenter_refuses_bad_requests_beside_good_traffic
     engine, slices, tmp_path
 ):
     preset = read_manifest(engine)["model"]["name"]
-    server = Server(engine, tmp_path / "serve.log")
+    server = Server(engine, tmp_path / "serve.log", "--probabilities")
     try:
         url = f"127.0.0.1:{server.http}"
         report, out = client(
@@ -214,7 +222,9 @@ def test_serve_answers_as_the_segmenter_refuses_bad_requests_beside_good_traffic
         )
         assert report["errors"] == []
         with Segmenter.load(engine, postprocess=PostProcess()) as plain, Segmenter.load(engine) as stored:
-            assert np.array_equal(out["masks"].astype(bool), plain.predict(slices[:6]).masks)
+            expected = plain.predict(slices[:6])
+            assert np.array_equal(out["masks"].astype(bool), expected.masks)
+            assert np.allclose(out["probabilities"], expected.probabilities, atol=1e-6)
             spacing = np.array([0.9375, 0.9375, 5.5], np.float32)
             report, vol = client(
                 {

@@ -98,27 +98,27 @@ def pre(slices: np.ndarray, facts: EngineFacts) -> np.ndarray:
     return preprocess(slices, facts.img_size, Normalization.from_json(facts.normalization, origin="the manifest"))
 
 
-def post(logits: np.ndarray, facts: EngineFacts) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 masks 0/1, float32 probabilities), both (B, 256, 256), at the manifest's threshold."""
+def post(logits: np.ndarray, facts: EngineFacts, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 masks 0/1, float32 probabilities or None), both (B, 256, 256), at the manifest's threshold."""
     logits = np.asarray(logits, np.float32)
     if not np.all(np.isfinite(logits)):
         raise RuntimeError("the engine produced NaN/Inf logits: do not trust this engine")
     native = native_logits(logits, SLICE_SHAPE[0])
-    probabilities = sigmoid(native).astype(np.float32)
     threshold = np.float32(np.log(facts.threshold / (1 - facts.threshold)))
-    return (native > threshold).astype(np.uint8), probabilities
+    masks = (native > threshold).astype(np.uint8)
+    return masks, sigmoid(native).astype(np.float32) if probabilities else None
 
 
 class SliceHandler:
-    """Batched slices -> masks (and probabilities): pre -> engine -> post."""
+    """Batched slices -> masks (and, when asked, probabilities): pre -> engine -> post."""
 
-    def __init__(self, runner, facts: EngineFacts, max_batch: int):
-        self.runner, self.facts, self.max_batch = runner, facts, max_batch
+    def __init__(self, runner, facts: EngineFacts, max_batch: int, probabilities: bool = True):
+        self.runner, self.facts, self.max_batch, self.probabilities = runner, facts, max_batch, probabilities
 
     def __call__(self, slices) -> dict[str, np.ndarray]:
         checked = check_slices(slices, self.max_batch)
-        masks, probabilities = post(self.runner.infer(pre(checked, self.facts)), self.facts)
-        return {"masks": masks, "probabilities": probabilities}
+        masks, probabilities = post(self.runner.infer(pre(checked, self.facts)), self.facts, self.probabilities)
+        return {"masks": masks, "probabilities": probabilities} if self.probabilities else {"masks": masks}
 
 
 class VolumeHandler:
@@ -133,7 +133,7 @@ class VolumeHandler:
         spacing = check_spacing(spacing_mm)
         masks = np.concatenate(
             [
-                post(self.runner.infer(pre(checked[i : i + self.batch], self.facts)), self.facts)[0]
+                post(self.runner.infer(pre(checked[i : i + self.batch], self.facts)), self.facts, False)[0]
                 for i in range(0, len(checked), self.batch)
             ]
         ).astype(bool)

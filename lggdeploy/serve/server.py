@@ -2,8 +2,8 @@
 
 Three models, dynamic batching on the slice model:
 
-- `<preset>-slice`: slices [B, 256, 256, 3] UINT8 -> masks [B, 256, 256] UINT8 (0/1) and probabilities FP32,
-  preprocessing and threshold exactly as the manifest says (handlers.py, the one implementation);
+- `<preset>-slice`: slices [B, 256, 256, 3] UINT8 -> masks [B, 256, 256] UINT8 (0/1), and probabilities FP32 with
+  `--probabilities`, preprocessing and threshold exactly as the manifest says (handlers.py, the one implementation);
 - `<preset>-volume`: one patient's volume [N, 256, 256, 3] UINT8 and spacing_mm [3] FP32 -> masks after the manifest's
   post-processing and volume_ml [1];
 - `<preset>-info`: no input -> the engine's facts (sha256, preset, threshold, normalization, post-processing) as JSON,
@@ -52,6 +52,7 @@ class ServeOptions:
     threads: int | None = None  # CPU threads per engine instance (default: all cores / instances)
     max_volume_slices: int = 512
     exit_timeout_s: int = 30  # SIGTERM: how long in-flight requests may take to finish
+    probabilities: bool = False  # the slice model also returns probabilities (256 KB per slice more to send)
 
     def validate(self) -> ServeOptions:
         ports = [self.http_port, self.grpc_port, self.metrics_port]
@@ -68,6 +69,7 @@ HELP = {
     "max_queue_delay_us": "how long a request may wait for others to form a batch, in microseconds",
     "instances": "engine instances serving the slice model in parallel",
     "threads": "CPU threads per engine instance (default: the cores shared among the instances)",
+    "probabilities": "the slice model also returns FP32 probabilities (default: masks only)",
 }
 
 
@@ -157,7 +159,7 @@ def serve(engine: Path, opts: ServeOptions, on_ready=None) -> None:
     cores = os.cpu_count() or 1
     threads = opts.threads or max(1, cores // opts.instances)
     runners = [open_engine(engine, manifest, RunOptions(threads=threads)) for _ in range(opts.instances)]
-    slice_handlers = [SliceHandler(r, facts, opts.max_batch) for r in runners]
+    slice_handlers = [SliceHandler(r, facts, opts.max_batch, opts.probabilities) for r in runners]
     volume_handler = VolumeHandler(runners[0], facts, max_slices=opts.max_volume_slices)
     info = json.dumps({"engine": engine.name, **facts.to_parameters()}, sort_keys=True).encode()
 
@@ -189,7 +191,7 @@ def serve(engine: Path, opts: ServeOptions, on_ready=None) -> None:
             inputs=[Tensor(name="slices", dtype=np.uint8, shape=(256, 256, 3))],
             outputs=[
                 Tensor(name="masks", dtype=np.uint8, shape=(256, 256)),
-                Tensor(name="probabilities", dtype=np.float32, shape=(256, 256)),
+                *([Tensor(name="probabilities", dtype=np.float32, shape=(256, 256))] if opts.probabilities else []),
             ],
             config=ModelConfig(
                 max_batch_size=opts.max_batch,
