@@ -55,6 +55,7 @@ SHARE = Range(0.0, 1.0, meaning="a share")
 SEED = Range(0, 2**32 - 1, meaning="a seed")
 BATCH = Range(1, 256, meaning="images per batch; memory grows with it")
 POINTS = Range(0.0, 100.0, meaning="Dice points")
+PORT = Range(1, 65_535, meaning="a TCP port")
 
 # Option name -> range, for every command that has it (the CLI's parameter names).
 RANGES: dict[str, Range] = {
@@ -85,9 +86,9 @@ RANGES: dict[str, Range] = {
     "prune_lr": POSITIVE_RATE,
     "distill_weight": Range(0.0, 1.0, low_open=True, meaning="the teacher's share of the loss"),
     "samples": Range(1, 1_024, meaning="verification slices; the bundle grows with it"),
-    "http_port": Range(1, 65_535, meaning="a TCP port"),
-    "grpc_port": Range(1, 65_535, meaning="a TCP port"),
-    "metrics_port": Range(1, 65_535, meaning="a TCP port"),
+    "http_port": PORT,
+    "grpc_port": PORT,
+    "metrics_port": PORT,
     "max_queue_delay_us": Range(0, 10_000_000, meaning="microseconds, at most 10 s"),
     "instances": Range(1, 64, meaning="engine instances"),
     "threshold": Range(0.0, 1.0, low_open=True, high_open=True, meaning="a probability"),

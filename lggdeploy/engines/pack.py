@@ -175,11 +175,13 @@ def _scanner_verification_set(ckpt: dict, samples: int, source: Path):
         numbers += list(range(1, len(x) + 1))
         mapping[case.name] = {role: r.to_json() for role, r in ranges.items()}
     images = np.concatenate(images)
-    _, found = _reference(ckpt, images)
+    all_logits, found = _reference(ckpt, images)
     pool = SliceArrays(images, found, np.array(patients), np.array(numbers))
     picked = pick_slices(pool, samples)  # by the FP32 model's masks: tumor and tumor-free slices, every case
+    where = {key: i for i, key in enumerate(zip(pool.patients.tolist(), pool.numbers.tolist()))}
+    rows = [where[key] for key in zip(picked.patients.tolist(), picked.numbers.tolist())]
     chosen = SliceArrays(picked.images, np.zeros_like(picked.masks), picked.patients, picked.numbers)
-    logits, masks = _reference(ckpt, chosen.images)
+    logits, masks = all_logits[rows], found[rows]
     record = {
         "source": f"scanner series ({'NIfTI' if cases[0].flair.origin == 'nifti' else 'DICOM'}): {len(cases)} case(s)",
         "truth": "none: scanner series carry no labels; slices picked by the FP32 model's masks",

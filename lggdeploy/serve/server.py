@@ -143,23 +143,44 @@ def prepare(engine: Path, opts: ServeOptions):
 def serve(engine: Path, opts: ServeOptions, on_ready=None) -> None:
     """Serve until stopped (SIGTERM / Ctrl-C raise in the main thread; the context stops tritonserver)."""
     engine, manifest, facts = prepare(engine, opts)  # every check first, PyTriton's import among them
-    from pytriton.decorators import batch
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
-
-    from lggdeploy.backends.base import RunOptions
-    from lggdeploy.engines.formats import open_engine
-    from lggdeploy.serve.handlers import SliceHandler, VolumeHandler
 
     changed = libpython_environment()
     if changed:
         logger.info(
             f"serve: LD_LIBRARY_PATH starts with this Python's lib/ for the Python backend stub ({changed['LD_LIBRARY_PATH'].split(':')[0]})"
         )
-    cores = os.cpu_count() or 1
-    threads = opts.threads or max(1, cores // opts.instances)
+    functions, threads = _infer_functions(engine, manifest, facts, opts)
+    config = TritonConfig(
+        http_port=opts.http_port,
+        grpc_port=opts.grpc_port,
+        metrics_port=opts.metrics_port,
+        exit_timeout_secs=opts.exit_timeout_s,
+        log_verbose=0,
+    )
+    with Triton(config=config) as triton:
+        _bind_models(triton, facts.preset, functions, opts)
+        triton.run()
+        logger.info(
+            f"serving {engine} as {facts.preset}-slice, -volume and -info on HTTP :{opts.http_port}, gRPC "
+            f":{opts.grpc_port}, metrics :{opts.metrics_port} ({opts.instances} instance(s) × {threads} thread(s))"
+        )
+        if on_ready is not None:
+            on_ready()
+        triton.serve()
+
+
+def _infer_functions(engine: Path, manifest, facts, opts: ServeOptions) -> tuple[dict, int]:
+    """PyTriton's infer functions of the three models (one slice function per engine instance), and the threads of
+    each instance."""
+    from pytriton.decorators import batch
+
+    from lggdeploy.backends.base import RunOptions
+    from lggdeploy.engines.formats import open_engine
+    from lggdeploy.serve.handlers import SliceHandler, VolumeHandler
+
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.instances)
     runners = [open_engine(engine, manifest, RunOptions(threads=threads)) for _ in range(opts.instances)]
-    slice_handlers = [SliceHandler(r, facts, opts.max_batch, opts.probabilities) for r in runners]
     volume_handler = VolumeHandler(runners[0], facts, max_slices=opts.max_volume_slices)
     info = json.dumps({"engine": engine.name, **facts.to_parameters()}, sort_keys=True).encode()
 
@@ -170,61 +191,47 @@ def serve(engine: Path, opts: ServeOptions, on_ready=None) -> None:
 
         return infer
 
-    def volume_infer(requests):
-        return [volume_handler(r["volume"], r["spacing_mm"]) for r in requests]
+    return {
+        "slice": [slice_fn(SliceHandler(r, facts, opts.max_batch, opts.probabilities)) for r in runners],
+        "volume": lambda requests: [volume_handler(r["volume"], r["spacing_mm"]) for r in requests],
+        "info": lambda requests: [{"engine": np.array([info], dtype=object)} for _ in requests],
+    }, threads
 
-    def info_infer(requests):
-        return [{"engine": np.array([info], dtype=object)} for _ in requests]
 
-    config = TritonConfig(
-        http_port=opts.http_port,
-        grpc_port=opts.grpc_port,
-        metrics_port=opts.metrics_port,
-        exit_timeout_secs=opts.exit_timeout_s,
-        log_verbose=0,
+def _bind_models(triton, name: str, functions: dict, opts: ServeOptions) -> None:
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
+    masks = Tensor(name="masks", dtype=np.uint8, shape=(256, 256))
+    probabilities = [Tensor(name="probabilities", dtype=np.float32, shape=(256, 256))] if opts.probabilities else []
+    triton.bind(
+        model_name=f"{name}-slice",
+        infer_func=functions["slice"],
+        inputs=[Tensor(name="slices", dtype=np.uint8, shape=(256, 256, 3))],
+        outputs=[masks, *probabilities],
+        config=ModelConfig(
+            max_batch_size=opts.max_batch,
+            batcher=DynamicBatcher(max_queue_delay_microseconds=opts.max_queue_delay_us),
+        ),
+        strict=True,
     )
-    name = facts.preset
-    with Triton(config=config) as triton:
-        triton.bind(
-            model_name=f"{name}-slice",
-            infer_func=[slice_fn(h) for h in slice_handlers],
-            inputs=[Tensor(name="slices", dtype=np.uint8, shape=(256, 256, 3))],
-            outputs=[
-                Tensor(name="masks", dtype=np.uint8, shape=(256, 256)),
-                *([Tensor(name="probabilities", dtype=np.float32, shape=(256, 256))] if opts.probabilities else []),
-            ],
-            config=ModelConfig(
-                max_batch_size=opts.max_batch,
-                batcher=DynamicBatcher(max_queue_delay_microseconds=opts.max_queue_delay_us),
-            ),
-            strict=True,
-        )
-        triton.bind(
-            model_name=f"{name}-volume",
-            infer_func=volume_infer,
-            inputs=[
-                Tensor(name="volume", dtype=np.uint8, shape=(-1, 256, 256, 3)),
-                Tensor(name="spacing_mm", dtype=np.float32, shape=(3,)),
-            ],
-            outputs=[
-                Tensor(name="masks", dtype=np.uint8, shape=(-1, 256, 256)),
-                Tensor(name="volume_ml", dtype=np.float32, shape=(1,)),
-            ],
-            config=ModelConfig(batching=False),
-            strict=True,
-        )
-        triton.bind(
-            model_name=f"{name}-info",
-            infer_func=info_infer,
-            inputs=[Tensor(name="request", dtype=np.uint8, shape=(1,))],
-            outputs=[Tensor(name="engine", dtype=bytes, shape=(1,))],
-            config=ModelConfig(batching=False),
-        )
-        triton.run()
-        logger.info(
-            f"serving {engine} as {name}-slice, {name}-volume and {name}-info on HTTP :{opts.http_port}, gRPC "
-            f":{opts.grpc_port}, metrics :{opts.metrics_port} ({opts.instances} instance(s) × {threads} thread(s))"
-        )
-        if on_ready is not None:
-            on_ready()
-        triton.serve()
+    triton.bind(
+        model_name=f"{name}-volume",
+        infer_func=functions["volume"],
+        inputs=[
+            Tensor(name="volume", dtype=np.uint8, shape=(-1, 256, 256, 3)),
+            Tensor(name="spacing_mm", dtype=np.float32, shape=(3,)),
+        ],
+        outputs=[
+            Tensor(name="masks", dtype=np.uint8, shape=(-1, 256, 256)),
+            Tensor(name="volume_ml", dtype=np.float32, shape=(1,)),
+        ],
+        config=ModelConfig(batching=False),
+        strict=True,
+    )
+    triton.bind(
+        model_name=f"{name}-info",
+        infer_func=functions["info"],
+        inputs=[Tensor(name="request", dtype=np.uint8, shape=(1,))],
+        outputs=[Tensor(name="engine", dtype=bytes, shape=(1,))],
+        config=ModelConfig(batching=False),
+    )
