@@ -272,7 +272,7 @@ class ModelGrid:
     def from_model(self, masks: np.ndarray) -> np.ndarray:
         """(N, 256, 256) bool in the data set's layout -> (N, rows, cols) bool on FLAIR's own grid and layout."""
         square = self._resize(masks.astype(np.uint8), self.side, bilinear=False)
-        top, left = (self.side - self.rows) // 2, (self.side - self.cols) // 2
+        top, left = self.offsets
         canonical = square[:, top : top + self.rows, left : left + self.cols].astype(bool)
         volume = self.volume.to_patient_orientation(self.canonical).with_array(canonical)
         return np.asarray(volume.to_patient_orientation(self.original).array, bool)
@@ -281,10 +281,15 @@ class ModelGrid:
         """An array on FLAIR's grid in the data set's layout at its native size (the overlays)."""
         return np.asarray(self.volume.with_array(array).to_patient_orientation(self.canonical).array)
 
+    @property
+    def offsets(self) -> tuple[int, int]:
+        """Where FLAIR's matrix sits in the padded square (centred)."""
+        return (self.side - self.rows) // 2, (self.side - self.cols) // 2
+
     def _pad(self, array: np.ndarray) -> np.ndarray:
         if self.rows == self.cols:
             return array
-        top, left = (self.side - self.rows) // 2, (self.side - self.cols) // 2
+        top, left = self.offsets
         padding = [(0, 0), (top, self.side - self.rows - top), (left, self.side - self.cols - left)]
         return np.pad(array, padding + [(0, 0)] * (array.ndim - 3))
 

@@ -42,7 +42,7 @@ def algorithm(manifest: dict) -> dict[str, str]:
     }
 
 
-def write_seg(result: CaseResult, manifest: dict, folder: Path) -> Path | None:
+def write_seg(result: CaseResult, identity: dict[str, str], folder: Path) -> Path | None:
     """The DICOM SEG of a DICOM case (None for NIfTI input: there are no instances to reference)."""
     flair = result.case.flair
     if flair.origin != "dicom":
@@ -51,7 +51,6 @@ def write_seg(result: CaseResult, manifest: dict, folder: Path) -> Path | None:
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    identity = algorithm(manifest)
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="tumor",
@@ -128,12 +127,12 @@ def write_overlays(result: CaseResult, folder: Path) -> int:
     return len(result.model_input)
 
 
-def case_record(result: CaseResult, manifest: dict, outputs: dict[str, str | None], resample: bool) -> dict:
+def case_record(result: CaseResult, identity: dict[str, str], outputs: dict[str, str | None], resample: bool) -> dict:
     """case.json: which series played which role and why, how intensities were mapped, the geometry, the volume."""
     case, flair = result.case, result.case.flair.volume
     return {
         "case": case.name,
-        "algorithm": algorithm(manifest),
+        "algorithm": identity,
         "sequences": {
             role: {
                 "name": ROLE_NAMES[role],
@@ -169,7 +168,8 @@ def case_record(result: CaseResult, manifest: dict, outputs: dict[str, str | Non
 
 def write_case(result: CaseResult, manifest: dict, out: Path, resample: bool, overlays: bool = True) -> dict:
     folder = ensure_folder(out / result.case.name)
-    seg = write_seg(result, manifest, folder)
+    identity = algorithm(manifest)  # the manifest hashed once per case
+    seg = write_seg(result, identity, folder)
     nifti = write_nifti_mask(result, folder)
     count = write_overlays(result, folder / "overlays") if overlays else 0
     outputs = {
@@ -177,7 +177,7 @@ def write_case(result: CaseResult, manifest: dict, out: Path, resample: bool, ov
         "nifti_mask": nifti.name,
         "overlays": f"overlays/ ({count} PNG)" if count else None,
     }
-    record = case_record(result, manifest, outputs, resample)
+    record = case_record(result, identity, outputs, resample)
     write_json_atomic(folder / CASE_FILE, record)
     return record
 

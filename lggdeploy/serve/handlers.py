@@ -5,8 +5,8 @@ the Python models of `lggdeploy triton-repo` (stock Triton). Numpy only; the eng
 - `post(logits, facts)`: the network's logits -> uint8 masks (B, 256, 256) at the manifest's threshold, and the
   probabilities;
 - `SliceHandler`: pre -> engine -> post, batch by batch (no post-processing: a slice knows no volume);
-- `VolumeHandler`: one patient's stack -> masks after the manifest's per-patient post-processing and the tumor volume
-  in millilitres from the spacing the client gives (row, column, slice spacing in mm).
+- `VolumeHandler`: one patient's stack -> masks after the manifest's per-patient post-processing (`scoring.segment`,
+  the deployed pipeline bench times) and the tumor volume in millilitres from the spacing the client gives (row, column, slice spacing in mm).
 
 Every input is checked first (dtype, shape, an empty batch, a batch above the maximum, NaN/Inf or a non-positive
 spacing): a bad request is refused with one line (`BadRequest`), never reaches the engine, and leaves the server up.
@@ -14,12 +14,14 @@ spacing): a bad request is refused with one line (`BadRequest`), never reaches t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from lggdeploy.data.transforms import Normalization, native_logits, preprocess, sigmoid
 from lggdeploy.postprocess import PostProcess
+from lggdeploy.scoring import segment
 
 SLICE_SHAPE = (256, 256, 3)
 
@@ -40,6 +42,11 @@ class EngineFacts:
     postprocess: dict
     backend: str
     precision: str
+
+    @functools.cached_property
+    def preprocessing(self) -> Normalization:
+        """The manifest's normalization, parsed once (not on every request)."""
+        return Normalization.from_json(self.normalization, origin="the manifest")
 
     @classmethod
     def from_manifest(cls, manifest) -> EngineFacts:
@@ -95,7 +102,7 @@ def check_spacing(spacing) -> np.ndarray:
 
 def pre(slices: np.ndarray, facts: EngineFacts) -> np.ndarray:
     """The network's input for checked uint8 slices: exactly the preprocessing the model was trained with."""
-    return preprocess(slices, facts.img_size, Normalization.from_json(facts.normalization, origin="the manifest"))
+    return preprocess(slices, facts.img_size, facts.preprocessing)
 
 
 def post(logits: np.ndarray, facts: EngineFacts, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -131,13 +138,9 @@ class VolumeHandler:
     def __call__(self, volume, spacing_mm) -> dict[str, np.ndarray]:
         checked = check_slices(volume, self.max_slices, name="volume")
         spacing = check_spacing(spacing_mm)
-        masks = np.concatenate(
-            [
-                post(self.runner.infer(pre(checked[i : i + self.batch], self.facts)), self.facts, False)[0]
-                for i in range(0, len(checked), self.batch)
-            ]
-        ).astype(bool)
-        if self.rule.active:
-            masks = self.rule.apply(masks)
+        facts = self.facts
+        masks = segment(
+            self.runner, checked, facts.img_size, facts.preprocessing, facts.threshold, self.rule, self.batch
+        )
         volume_ml = float(masks.sum()) * float(np.prod(spacing)) / 1000
         return {"masks": masks.astype(np.uint8), "volume_ml": np.array([volume_ml], np.float32)}
