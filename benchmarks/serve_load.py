@@ -6,7 +6,9 @@ In-process (the serving handlers with the engine opened as `serve` opens it: pre
 batch-1 latency (p50) and batch-8 throughput, medians over interleaved rounds. Then `lggdeploy serve ENGINE` is
 started and tritonclient (HTTP, one slice per request) drives `<preset>-slice` at concurrency 1, 2, 4, 8, 16 —
 each a bounded number of requests, client threads in this process: slices/s and p50/p99 latency. The in-process
-rounds are repeated after the load so that drift shows. Writes results.json and README.md (command, machine, date).
+rounds are repeated after the load so that drift shows. Triton's own counters (metrics port) are scraped around each level:
+mean milliseconds per request in its request / queue / compute phases (compute_infer: PyTriton's hop to this process
+and the handler), so the client's latency can be split into client + transport, queue and the model's execution. Writes results.json and README.md (command, machine, date).
 Client and server share this machine's cores: what the client spends is not the server's.
 """
 
@@ -82,6 +84,31 @@ def wait_ready(port: int, models: list[str], process) -> None:
     raise SystemExit("serve did not become ready")
 
 
+PHASES = ("request", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def server_counters(metrics_port: int, model: str) -> dict:
+    """Triton's cumulative counters for `model` (Prometheus text): successes, executions, microseconds per phase."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    names = {"nv_inference_request_success": "success", "nv_inference_exec_count": "executions"}
+    names |= {f"nv_inference_{p}_duration_us": p for p in PHASES}
+    counters = dict.fromkeys(names.values(), 0.0)
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in names and f'model="{model}"' in rest:
+            counters[names[name]] += float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def per_request(before: dict, after: dict) -> dict:
+    """Server-side mean milliseconds per request in each phase between two scrapes (and slices per execution)."""
+    n = after["success"] - before["success"]
+    out = {f"{p}_ms": (after[p] - before[p]) / 1000 / n for p in PHASES} if n else {}
+    executions = after["executions"] - before["executions"]
+    return out | {"requests_per_execution": n / executions if executions else None}
+
+
 def load(url: str, model: str, concurrency: int, requests: int, protocol: str = "http") -> dict:
     if protocol == "grpc":
         import tritonclient.grpc as httpclient
@@ -128,6 +155,49 @@ def load(url: str, model: str, concurrency: int, requests: int, protocol: str = 
     }
 
 
+def paired_c1(engine: Path, url: str, model: str, protocol: str, pairs: int = 200, pause_s: float = 0.02) -> dict:
+    """Concurrency 1 measured against in-process batch 1 pair by pair: each round one served request and one call of
+    the same handler in this process, in a random order, a pause between them (idle threads stop spinning); the
+    median of the paired differences is immune to the drift that makes separate before/after figures differ by more
+    than the 2 ms being judged."""
+    if protocol == "grpc":
+        import tritonclient.grpc as client_lib
+    else:
+        import tritonclient.http as client_lib
+
+    manifest = read_manifest(engine)
+    handler = SliceHandler(open_engine(engine, manifest), EngineFacts.from_manifest(manifest), 8, probabilities=False)
+    x = np.random.default_rng(1).integers(0, 255, (1, 256, 256, 3), dtype=np.uint8)
+    client = client_lib.InferenceServerClient(url)
+    tensor = client_lib.InferInput("slices", list(x.shape), "UINT8")
+    tensor.set_data_from_numpy(x)
+
+    def served() -> None:
+        client.infer(model, [tensor]).as_numpy("masks")
+
+    def local() -> None:
+        handler(x)
+
+    for _ in range(3):
+        served(), local()
+    rng = np.random.default_rng(0)
+    times = {"served": [], "local": []}
+    for _ in range(pairs):
+        for name in rng.permutation(["served", "local"]):
+            time.sleep(pause_s)
+            t = time.perf_counter()
+            served() if name == "served" else local()
+            times[name].append((time.perf_counter() - t) * 1000)
+    diffs = np.array(times["served"]) - np.array(times["local"])
+    return {
+        "pairs": pairs,
+        "served_p50_ms": float(np.median(times["served"])),
+        "in_process_b1_p50_ms": float(np.median(times["local"])),
+        "paired_difference_p50_ms": float(np.median(diffs)),
+        "paired_difference_p25_p75_ms": [float(np.percentile(diffs, 25)), float(np.percentile(diffs, 75))],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("engine", type=Path)
@@ -136,6 +206,7 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8,16")
     parser.add_argument("--max-queue-delay-us", type=int, default=500)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--paired", action="store_true", help="also concurrency 1 paired with in-process batch 1")
     args = parser.parse_args()
     engine = args.engine.resolve()
     manifest = read_manifest(engine)
@@ -157,9 +228,13 @@ def main() -> None:
     try:
         wait_ready(http, [model], server)
         port = grpc if args.protocol == "grpc" else http
-        levels = [
-            load(f"127.0.0.1:{port}", model, c, args.requests, args.protocol) for c in map(int, args.levels.split(","))
-        ]
+        paired = paired_c1(engine, f"127.0.0.1:{port}", model, args.protocol) if args.paired else None
+        levels = []
+        for c in map(int, args.levels.split(",")):
+            counters = server_counters(metrics, model)
+            level = load(f"127.0.0.1:{port}", model, c, args.requests, args.protocol)
+            # the warm-up requests fall inside the scrape window too: means over all of them
+            levels.append(level | {"server_mean_per_request": per_request(counters, server_counters(metrics, model))})
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=120)
@@ -190,12 +265,13 @@ def main() -> None:
         "in_process_before": before,
         "in_process_after": after,
         "serve": levels,
+        "paired_concurrency_1": paired,
         "serve_exit_code": code,
         "options": vars(args) | {"engine": str(args.engine), "out": str(args.out)},
         "cores": os.cpu_count(),
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(json.dumps({"in_process": [before, after], "serve": levels}, indent=1))
+    print(json.dumps({"in_process": [before, after], "serve": levels, "paired_concurrency_1": paired}, indent=1))
 
 
 if __name__ == "__main__":
