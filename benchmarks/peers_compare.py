@@ -313,7 +313,6 @@ def main() -> None:
     for p in peers:
         print(json.dumps({k: v for k, v in p.items() if k != "trials"})[:2000], flush=True)
 
-    # every row: label, runner
     import torch
 
     from lggdeploy.models.torch_runner import load as load_torch
@@ -324,7 +323,7 @@ def main() -> None:
     rows = [
         {"name": "PyTorch eager FP32", "runner": load_torch(checkpoint)},
         {"name": "ONNX Runtime FP32", "runner": open_engine(fp32_onnx)},
-        {"name": f"lggdeploy optimize: {chosen_engine.name}", "runner": open_engine(chosen_engine), "chosen": True},
+        {"name": f"lggdeploy optimize: {chosen_engine.name}", "runner": open_engine(chosen_engine)},
         {"name": "same, A/A", "runner": open_engine(chosen_engine), "twin": True},
     ]  # fmt: skip
     for p in peers:
@@ -332,7 +331,6 @@ def main() -> None:
             rows.append(
                 {"name": o["name"], "runner": open_output(o, threads), "peer": p["peer"], "seconds": o["seconds"]}
             )
-    rows = [r for r in rows if r["runner"] is not None]
     for r in rows:
         if r.get("twin"):
             continue
