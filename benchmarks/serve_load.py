@@ -6,9 +6,11 @@ In-process (the serving handlers with the engine opened as `serve` opens it: pre
 batch-1 latency (p50) and batch-8 throughput, medians over interleaved rounds. Then `lggdeploy serve ENGINE` is
 started and tritonclient (HTTP, one slice per request) drives `<preset>-slice` at concurrency 1, 2, 4, 8, 16 —
 each a bounded number of requests, client threads in this process: slices/s and p50/p99 latency. The in-process
-rounds are repeated after the load so that drift shows. Triton's own counters (metrics port) are scraped around each level:
-mean milliseconds per request in its request / queue / compute phases (compute_infer: PyTriton's hop to this process
-and the handler), so the client's latency can be split into client + transport, queue and the model's execution. Writes results.json and README.md (command, machine, date).
+rounds are repeated after the load so that drift shows. Triton's own counters (metrics port) are scraped around
+each level: mean milliseconds per request in its request / queue / compute phases (compute_infer: PyTriton's hop to
+this process and the handler), so the client's latency splits into client + transport, queue and the model's
+execution. `--paired`: concurrency 1 timed pair by pair against the in-process handler. Writes results.json
+(command, machine, date).
 Client and server share this machine's cores: what the client spends is not the server's.
 """
 
@@ -35,9 +37,22 @@ from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.serve.handlers import EngineFacts, SliceHandler
 
 
-def in_process(engine: Path, rounds: int = 30) -> dict:
+def slice_handler(engine: Path) -> SliceHandler:
+    """The slice handler `serve` runs (masks only, its default), on the engine opened as `serve` opens it."""
     manifest = read_manifest(engine)
-    handler = SliceHandler(open_engine(engine, manifest), EngineFacts.from_manifest(manifest), 8, probabilities=False)
+    return SliceHandler(open_engine(engine, manifest), EngineFacts.from_manifest(manifest), 8, probabilities=False)
+
+
+def client_library(protocol: str):
+    if protocol == "grpc":
+        import tritonclient.grpc as library
+    else:
+        import tritonclient.http as library
+    return library
+
+
+def in_process(engine: Path, rounds: int = 30) -> dict:
+    handler = slice_handler(engine)
     rng = np.random.default_rng(0)
     x1 = rng.integers(0, 255, (1, 256, 256, 3), dtype=np.uint8)
     x8 = rng.integers(0, 255, (8, 256, 256, 3), dtype=np.uint8)
@@ -110,11 +125,7 @@ def per_request(before: dict, after: dict) -> dict:
 
 
 def load(url: str, model: str, concurrency: int, requests: int, protocol: str = "http") -> dict:
-    if protocol == "grpc":
-        import tritonclient.grpc as httpclient
-    else:
-        import tritonclient.http as httpclient
-
+    httpclient = client_library(protocol)
     x = np.random.default_rng(1).integers(0, 255, (1, 256, 256, 3), dtype=np.uint8)
     latencies, errors, lock = [], [], threading.Lock()
     per_thread = max(1, requests // concurrency)
@@ -160,13 +171,8 @@ def paired_c1(engine: Path, url: str, model: str, protocol: str, pairs: int = 20
     the same handler in this process, in a random order, a pause between them (idle threads stop spinning); the
     median of the paired differences is immune to the drift that makes separate before/after figures differ by more
     than the 2 ms being judged."""
-    if protocol == "grpc":
-        import tritonclient.grpc as client_lib
-    else:
-        import tritonclient.http as client_lib
-
-    manifest = read_manifest(engine)
-    handler = SliceHandler(open_engine(engine, manifest), EngineFacts.from_manifest(manifest), 8, probabilities=False)
+    client_lib = client_library(protocol)
+    handler = slice_handler(engine)
     x = np.random.default_rng(1).integers(0, 255, (1, 256, 256, 3), dtype=np.uint8)
     client = client_lib.InferenceServerClient(url)
     tensor = client_lib.InferInput("slices", list(x.shape), "UINT8")
