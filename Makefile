@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # torch/torchvision from this machine's disk (a CUDA build that also runs on the CPU); pip, not uv.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-# Serving (PyTriton pins numpy < 2, which the training and DICOM extras cannot share): its own torch-free venv.
+# Serving (Triton's Python backend in PyTriton's wheel needs numpy < 2, which the training and DICOM extras cannot share): its own torch-free venv.
 SERVE_VENV ?= .venv-serve
 
 .PHONY: demo test test-slow lint format docs install install-serve clean

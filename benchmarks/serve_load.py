@@ -7,8 +7,8 @@ batch-1 latency (p50) and batch-8 throughput, medians over interleaved rounds. T
 started and tritonclient (HTTP, one slice per request) drives `<preset>-slice` at concurrency 1, 2, 4, 8, 16 —
 each a bounded number of requests, client threads in this process: slices/s and p50/p99 latency. The in-process
 rounds are repeated after the load so that drift shows. Triton's own counters (metrics port) are scraped around
-each level: mean milliseconds per request in its request / queue / compute phases (compute_infer: PyTriton's hop to
-this process and the handler), so the client's latency splits into client + transport, queue and the model's
+each level: mean milliseconds per request in its request / queue / compute phases (compute_infer: the Python
+backend model running the handler and engine), so the client's latency splits into client + transport, queue and the model's
 execution. `--paired`: concurrency 1 timed pair by pair against the in-process handler. Writes results.json
 (command, machine, date).
 Client and server share this machine's cores: what the client spends is not the server's.

@@ -84,6 +84,20 @@ def test_bad_requests_are_refused_with_their_reason(engine, slices):
             volume_handler(slices[:2], np.array(spacing, np.float32))
 
 
+def test_one_dynamic_batch_answers_each_request_and_refuses_only_the_bad_one(engine, slices):
+    """What the served slice model does with a dynamic batch (`SliceHandler.each`): the good requests through the
+    engine together, answered as each would be alone; a bad one refused with its reason, failing no other."""
+    slice_handler, _, _ = handlers(engine, max_batch=4)
+    requests = [slices[:1], slices[2:4].astype(np.float32), slices[4:7], slices[:0], slices[7:8]]
+    answers = slice_handler.each(requests)
+    assert [type(a).__name__ for a in answers] == ["dict", "BadRequest", "dict", "BadRequest", "dict"]
+    assert "expected UINT8" in str(answers[1]) and "an empty batch" in str(answers[3])
+    for request, answer in zip(requests, answers):
+        if isinstance(answer, dict):
+            assert np.array_equal(answer["masks"], slice_handler(request)["masks"])
+    assert slice_handler.each([slices[:3], slices[3:6]])[1]["masks"].shape == (3, 256, 256)  # 6 > 4: two engine calls
+
+
 def test_triton_repo_writes_one_model_per_stage_with_the_engines_facts(engine, tmp_path):
     names = write_repository([engine], tmp_path / "repo")
     preset = read_manifest(engine)["model"]["name"]
@@ -145,8 +159,7 @@ def free_ports(n: int) -> list[int]:
 
 
 class Server:
-    """`lggdeploy serve` in the serving venv; ready when its three models are (PyTriton loads them after the server
-    itself answers /v2/health/ready)."""
+    """`lggdeploy serve` in the serving venv; ready when Triton and its three models are."""
 
     def __init__(self, engine: Path, log: Path, *flags: str):
         self.models = [f"{read_manifest(engine)['model']['name']}-{m}" for m in ("slice", "volume", "info")]
@@ -278,7 +291,8 @@ def test_serve_answers_as_the_segmenter_refuses_bad_requests_beside_good_traffic
             "nan",
             {"volume": slices[:2], "spacing_mm": np.array([1, np.nan, 5], np.float32)},
         )
-        assert report["errors"] and "finite positive" in report["errors"][0]
+        assert report["errors"] and "spacing_mm: expected finite positive" in report["errors"][0]
+        assert "Traceback" not in report["errors"][0] and "400" in report["errors"][0]  # one line, a client error
         with socket.create_connection(("127.0.0.1", server.http)) as gone:  # a client that disconnects mid-request
             head = f"POST /v2/models/{preset}-slice/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
             gone.sendall(head.encode() + b'{"inputs": [')
@@ -337,58 +351,71 @@ def test_triton_repo_configs_parse_with_tritons_own_schema(engine, tmp_path):
     assert out.stdout.split() == sorted(f"{preset}-{m}" for m in ("engine", "post", "pre", "slice", "volume"))
 
 
+ENGINE_STAND_IN = '''"""Stands in for Triton's ONNX Runtime backend, which PyTriton's tritonserver lacks: the same engine file, the same
+tensors, so that the ensemble and its pre/post models run as a stock Triton runs them."""
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from lggdeploy.engines.formats import open_engine, read_manifest
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        engine = Path(config["parameters"]["engine_file"]["string_value"])
+        self.runner = open_engine(engine, read_manifest(engine))
+        self.input, self.output = config["input"][0]["name"], config["output"][0]["name"]
+        self.dtype = pb_utils.triton_string_to_numpy(config["output"][0]["data_type"])
+
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor(
+                self.output, self.runner.infer(pb_utils.get_input_tensor_by_name(r, self.input).as_numpy()).astype(self.dtype)
+            )])
+            for r in requests
+        ]
+'''
+
+LAUNCH = (
+    "import signal, sys; from pathlib import Path; "
+    "from lggdeploy.serve.server import ServeOptions, find_tritonserver, run_tritonserver; "
+    "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); "
+    "ports = dict(zip(('http_port', 'grpc_port', 'metrics_port'), map(int, sys.argv[2:5]))); "
+    "run_tritonserver(find_tritonserver(), Path(sys.argv[1]), sys.argv[5:], ServeOptions(**ports), lambda: None)"
+)
+
+
 @pytest.mark.slow
-def test_the_repositorys_python_models_run_under_the_bundled_tritonserver(engine, slices, tmp_path):
+def test_the_repositorys_models_and_ensemble_run_under_the_bundled_tritonserver(engine, slices, tmp_path):
     """PyTriton's tritonserver carries only the Python backend: the repository's pre, post and volume models run on it
-    (the ensemble needs Triton's ONNX Runtime backend) and answer what the handlers answer; a bad value is one line."""
+    as written, and the ensemble `<preset>-slice` (pre -> engine -> post) with a Python model in the engine's place
+    (same file, same tensors); they answer what the handlers answer, and a bad value is one line."""
     import shutil
 
-    python = serve_python()
-    found = subprocess.run(
-        [
-            str(python),
-            "-c",
-            "import pytriton, sysconfig; print(pytriton.__path__[0]); print(sysconfig.get_config_var('LIBDIR'))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    server_dir, libdir = Path(found[0]) / "tritonserver", found[1]
-    backend = tmp_path / "backends" / "python"
-    backend.mkdir(parents=True)
-    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy(server_dir / "backends" / "python" / name, backend)
-    shutil.copy(
-        server_dir
-        / "python_backend_stubs"
-        / f"{sys.version_info.major}.{sys.version_info.minor}"
-        / "triton_python_backend_stub",
-        backend,
-    )
-    write_repository([engine], tmp_path / "full")
+    names = write_repository([engine], tmp_path / "repo")
     preset = read_manifest(engine)["model"]["name"]
-    repo = tmp_path / "repo"
-    for model in ("pre", "post", "volume"):
-        shutil.copytree(tmp_path / "full" / f"{preset}-{model}", repo / f"{preset}-{model}")
+    stand_in = tmp_path / "repo" / f"{preset}-engine"
+    config = (stand_in / "config.pbtxt").read_text()
+    config = re.sub(r'backend: "\w+"\ndefault_model_filename: "[^"]+"\n', 'backend: "python"\n', config)
+    config += f'parameters {{\n  key: "engine_file"\n  value: {{ string_value: {json.dumps(str(engine))} }}\n}}\n'
+    (stand_in / "config.pbtxt").write_text(config)
+    shutil.rmtree(stand_in / "1")
+    (stand_in / "1").mkdir()
+    (stand_in / "1" / "model.py").write_text(ENGINE_STAND_IN)
     http, grpc, metrics = free_ports(3)
-    env = dict(os.environ, PATH=f"{python.parent}:{os.environ['PATH']}")  # the stub finds the venv through PATH
-    libs = Path(found[0]).parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = ":".join([libdir, str(libs), os.environ.get("LD_LIBRARY_PATH", "")])
-    command = [
-        str(server_dir / "bin" / "tritonserver"),
-        f"--model-repository={repo}",
-        f"--backend-directory={backend.parent}",
-    ]
-    command += [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
+    command = [str(serve_python()), "-c", LAUNCH, str(tmp_path / "repo"), str(http), str(grpc), str(metrics), *names]
     log = open(tmp_path / "tritonserver.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2):
-                    break
+                for model in names:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/{model}/ready", timeout=2):
+                        pass
+                break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, (
                     tmp_path / "tritonserver.log"
@@ -409,6 +436,15 @@ def test_the_repositorys_python_models_run_under_the_bundled_tritonserver(engine
             {"logits": logits},
         )
         assert report["errors"] == [] and np.array_equal(out["masks"], slice_handler(x)["masks"])
+        report, out = client(
+            {"url": url, "model": f"{preset}-slice", "outputs": ["masks", "probabilities"], "mode": "once"},
+            tmp_path,
+            "ensemble",
+            {"slices": x},
+        )
+        expected = slice_handler(x)
+        assert report["errors"] == [] and np.array_equal(out["masks"], expected["masks"])
+        assert np.allclose(out["probabilities"], expected["probabilities"], atol=1e-6)
         spacing = np.array([0.9375, 0.9375, 5.5], np.float32)
         report, out = client(
             {"url": url, "model": f"{preset}-volume", "outputs": ["masks", "volume_ml"], "mode": "once"},
@@ -424,14 +460,15 @@ def test_the_repositorys_python_models_run_under_the_bundled_tritonserver(engine
             "nan",
             {"volume": x, "spacing_mm": np.array([1, np.nan, 5], np.float32)},
         )
-        assert report["errors"] and "spacing_mm: expected finite positive millimetres" in report["errors"][0]
+        error = report["errors"][0]
+        assert "[400] spacing_mm: expected finite positive millimetres" in error and "Traceback" not in error
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        assert server.wait(timeout=90) == 143
         log.close()
 
 
-def test_serve_needs_pytriton_in_its_own_environment(engine):
+def test_serve_needs_the_serve_extra_in_its_own_environment(engine):
     try:
         import pytriton  # noqa: F401
     except ImportError:

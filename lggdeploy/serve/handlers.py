@@ -1,10 +1,12 @@
-"""What a served engine computes, request by request: the one implementation behind `lggdeploy serve` (PyTriton) and
-the Python models of `lggdeploy triton-repo` (stock Triton). Numpy only; the engine is any Runner `open_engine` opens.
+"""What a served engine computes, request by request: the one implementation behind the Python models of `lggdeploy
+serve` and `lggdeploy triton-repo`, run in Triton's Python backend. Numpy only; the engine is any Runner
+`open_engine` opens.
 
 - `pre(slices, facts)`: uint8 slices (B, 256, 256, 3) -> the network's input, normalized as the manifest says;
 - `post(logits, facts)`: the network's logits -> uint8 masks (B, 256, 256) at the manifest's threshold, and the
   probabilities;
-- `SliceHandler`: pre -> engine -> post, batch by batch (no post-processing: a slice knows no volume);
+- `SliceHandler`: pre -> engine -> post, batch by batch (no post-processing: a slice knows no volume); `each` takes one
+  dynamic batch of requests and refuses a bad one without failing the others;
 - `VolumeHandler`: one patient's stack -> masks after the manifest's per-patient post-processing (`scoring.segment`,
   the deployed pipeline bench times) and the tumor volume in millilitres from the spacing the client gives (row, column, slice spacing in mm).
 
@@ -123,7 +125,33 @@ class SliceHandler:
         self.runner, self.facts, self.max_batch, self.probabilities = runner, facts, max_batch, probabilities
 
     def __call__(self, slices) -> dict[str, np.ndarray]:
-        checked = check_slices(slices, self.max_batch)
+        return self._answer(check_slices(slices, self.max_batch))
+
+    def each(self, requests: list) -> list[dict[str, np.ndarray] | BadRequest]:
+        """One dynamic batch of requests: each checked on its own — a bad one gets its refusal and never fails the
+        others — the good ones through the engine together (at most `max_batch` slices a call), the answers split
+        back per request."""
+        answers: list = []
+        good: list[np.ndarray] = []
+        for slices in requests:
+            try:
+                good.append(check_slices(slices, self.max_batch))
+                answers.append(len(good[-1]))
+            except BadRequest as exc:
+                answers.append(exc)
+        if not good:
+            return answers
+        stacked = np.concatenate(good)
+        parts = [self._answer(stacked[i : i + self.max_batch]) for i in range(0, len(stacked), self.max_batch)]
+        merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+        start = 0
+        for i, answer in enumerate(answers):
+            if not isinstance(answer, BadRequest):
+                answers[i] = {key: value[start : start + answer] for key, value in merged.items()}
+                start += answer
+        return answers
+
+    def _answer(self, checked: np.ndarray) -> dict[str, np.ndarray]:
         masks, probabilities = post(self.runner.infer(pre(checked, self.facts)), self.facts, self.probabilities)
         return {"masks": masks, "probabilities": probabilities} if self.probabilities else {"masks": masks}
 

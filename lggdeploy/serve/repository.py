@@ -125,22 +125,51 @@ def ensemble_config(name: str, engine: str, manifest, facts: EngineFacts, max_ba
     )
 
 
-MODEL_PY = '''"""Triton Python model written by `lggdeploy triton-repo`: {what}. The code is lggdeploy's own
-(lggdeploy.serve.handlers), the same `lggdeploy serve` runs; install lggdeploy in the Python backend's environment."""
+MODEL_PY = '''"""Triton Python model written by `lggdeploy {writer}`: {what}. The code is lggdeploy's own
+(lggdeploy.serve.handlers), the one implementation `serve` and `triton-repo` share; install lggdeploy (torch-free)
+in the Python backend's environment."""
 
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from lggdeploy.serve.handlers import EngineFacts, {imports}
+from lggdeploy.serve.handlers import BadRequest, EngineFacts, {imports}
+
+
+def _parameters(config):
+    return {{k: v["string_value"] for k, v in config.get("parameters", {{}}).items()}}
 
 
 def _facts(config):
-    p = {{k: v["string_value"] for k, v in config.get("parameters", {{}}).items()}}
+    p = _parameters(config)
     backend, precision = p["backend"].split(" ", 1)
     return EngineFacts(p["preset"], p["engine_sha256"], int(p["img_size"]), float(p["threshold"]),
                        json.loads(p["normalization"]), json.loads(p["postprocess"]), backend, precision)
+
+
+def _engine(config):
+    """The engine the config names (beside this file, or an absolute path), opened with the config's threads."""
+    from pathlib import Path
+
+    from lggdeploy.backends.base import RunOptions
+    from lggdeploy.engines.formats import open_engine, read_manifest
+
+    p = _parameters(config)
+    engine = Path(__file__).parent / p["engine_file"]
+    return open_engine(engine, read_manifest(engine), RunOptions(threads=int(p.get("threads") or 0) or None))
+
+
+def _error(exc):
+    """A bad request: its reason, one line (INVALID_ARG: HTTP 400); anything else: what failed (INTERNAL: HTTP 500),
+    the traceback in Triton's log."""
+    if isinstance(exc, BadRequest):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    import traceback
+
+    pb_utils.Logger.log_error("".join(traceback.format_exception(exc)))
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"the server failed on this request: {{reason}}"))
 
 
 class TritonPythonModel:
@@ -150,14 +179,16 @@ class TritonPythonModel:
 {init}
 
     def execute(self, requests):
-        responses = []
+{execute}
+'''
+
+EACH_REQUEST = """        responses = []
         for request in requests:
             try:
 {body}
-            except Exception as exc:  # a bad request: its reason, and the model stays up
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
-        return responses
-'''
+            except Exception as exc:  # refused with its reason; the model stays up
+                responses.append(_error(exc))
+        return responses"""
 
 PRE_BODY = """                slices = check_slices(pb_utils.get_input_tensor_by_name(request, "slices").as_numpy())
                 x = pre(slices, self.facts).astype(self.dtype)
@@ -169,21 +200,40 @@ POST_BODY = """                logits = pb_utils.get_input_tensor_by_name(reques
                 masks, probabilities = post(logits.astype(np.float32), self.facts)
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor("masks", masks), pb_utils.Tensor("probabilities", probabilities)]))"""
-VOLUME_INIT = """        from pathlib import Path
-
-        from lggdeploy.engines.formats import open_engine, read_manifest
-
-        engine = Path(__file__).parent / self.config["parameters"]["engine_file"]["string_value"]
-        self.handler = VolumeHandler(open_engine(engine, read_manifest(engine)), self.facts)"""
+VOLUME_INIT = """        slices = int(_parameters(self.config).get("max_slices") or 1024)
+        self.handler = VolumeHandler(_engine(self.config), self.facts, max_slices=slices)"""
 VOLUME_BODY = """                volume = pb_utils.get_input_tensor_by_name(request, "volume").as_numpy()
                 spacing = pb_utils.get_input_tensor_by_name(request, "spacing_mm").as_numpy()
                 out = self.handler(volume, spacing)
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor("masks", out["masks"]), pb_utils.Tensor("volume_ml", out["volume_ml"])]))"""
+SLICE_INIT = """        wants = [o["name"] for o in self.config["output"]]
+        batch = int(self.config["max_batch_size"])
+        self.handler = SliceHandler(_engine(self.config), self.facts, batch, probabilities="probabilities" in wants)"""
+SLICE_EXECUTE = """        arrays = [pb_utils.get_input_tensor_by_name(r, "slices").as_numpy() for r in requests]
+        try:
+            answers = self.handler.each(arrays)  # one engine call for the good requests of this dynamic batch
+        except Exception as exc:  # the engine failed: every request of the batch is told so
+            return [_error(exc) for _ in requests]
+        return [
+            _error(a) if isinstance(a, Exception)
+            else pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in a.items()])
+            for a in answers
+        ]"""
+INFO_INIT = """        p = _parameters(self.config)
+        self.info = np.array([json.dumps({"engine": p["engine_name"], **self.facts.to_parameters()}, sort_keys=True)],
+                             dtype=np.object_)"""
+INFO_BODY = """                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("engine", self.info)]))"""
 
 
-def model_py(what: str, imports: str, body: str, init: str = "") -> str:
-    return MODEL_PY.format(what=what, imports=imports, body=body, init=init or "        pass")
+def model_py(what: str, imports: str, body="", init="", execute="", writer="triton-repo") -> str:
+    return MODEL_PY.format(
+        writer=writer,
+        what=what,
+        imports=imports,
+        init=init or "        pass",
+        execute=execute or EACH_REQUEST.format(body=body),
+    )
 
 
 def write_repository(engines: list[Path], out: Path, max_batch: int = 8) -> list[str]:
@@ -289,3 +339,59 @@ def _readme(names: list[str]) -> str:
         "Each config.pbtxt carries the engine's sha256, preset, threshold, normalization and post-processing as "
         "parameters.\n"
     )
+
+
+def write_serve_repository(engine: Path, facts: EngineFacts, root: Path, opts) -> list[str]:
+    """What `lggdeploy serve` loads (`opts`: its ServeOptions): three Python models that run the engine inside Triton's
+    Python backend — no hop to another process — each opening `engine` where it lies (its sha256 checked before).
+
+    <preset>-slice   slices [B, 256, 256, 3] UINT8 -> masks (and probabilities); dynamic batching, `opts.instances`
+                     instances of `threads` threads each
+    <preset>-volume  one patient's volume and spacing_mm -> post-processed masks and volume_ml
+    <preset>-info    the engine's facts as JSON (they are in every config's parameters too)"""
+    name, engine = facts.preset, Path(engine).resolve()
+    params = {"engine_file": str(engine), "engine_name": engine.name, "threads": str(opts.threads or 0)}
+    masks = ("masks", "TYPE_UINT8", [256, 256])
+    outputs = [masks, ("probabilities", "TYPE_FP32", [256, 256])] if opts.probabilities else [masks]
+    slice_config = _config(
+        f"{name}-slice",
+        ['backend: "python"', f"max_batch_size: {opts.max_batch}"],
+        [("slices", "TYPE_UINT8", [256, 256, 3])],
+        outputs,
+        facts,
+        [
+            f"dynamic_batching {{\n  max_queue_delay_microseconds: {opts.max_queue_delay_us}\n}}",
+            f"instance_group [\n  {{\n    count: {opts.instances}\n    kind: KIND_CPU\n  }}\n]",
+        ],
+        params,
+    )
+    models = {
+        f"{name}-slice": (
+            slice_config,
+            model_py("batched slices -> masks", "SliceHandler", init=SLICE_INIT, execute=SLICE_EXECUTE, writer="serve"),
+        ),
+        f"{name}-volume": (
+            python_config(
+                f"{name}-volume",
+                [("volume", "TYPE_UINT8", [-1, 256, 256, 3]), ("spacing_mm", "TYPE_FP32", [3])],
+                [("masks", "TYPE_UINT8", [-1, 256, 256]), ("volume_ml", "TYPE_FP32", [1])],
+                facts,
+                0,
+                {**params, "max_slices": str(opts.max_volume_slices)},
+            ),
+            model_py(
+                "one patient's volume -> masks and volume_ml", "VolumeHandler", VOLUME_BODY, VOLUME_INIT, writer="serve"
+            ),
+        ),
+        f"{name}-info": (
+            python_config(
+                f"{name}-info", [("request", "TYPE_UINT8", [1])], [("engine", "TYPE_STRING", [1])], facts, 0, params
+            ),
+            model_py("the engine's facts as JSON", "SliceHandler", INFO_BODY, INFO_INIT, writer="serve"),
+        ),
+    }
+    for model, (config, code) in models.items():
+        (root / model / "1").mkdir(parents=True)
+        (root / model / "config.pbtxt").write_text(config)
+        (root / model / "1" / "model.py").write_text(code)
+    return list(models)

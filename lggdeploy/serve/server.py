@@ -1,42 +1,58 @@
-"""`lggdeploy serve`: an engine behind a real Triton Inference Server (NVIDIA PyTriton's tritonserver), torch-free.
+"""`lggdeploy serve`: an engine behind a real Triton Inference Server, torch-free.
 
-Three models, dynamic batching on the slice model:
+The tritonserver binary and its Python backend come with the `serve` extra (NVIDIA PyTriton's wheel carries them);
+`serve` writes a model repository in a temporary folder (repository.write_serve_repository) and runs tritonserver
+on it. Three Python-backend models run the engine inside Triton's Python backend processes — no further hop to this
+process (PyTriton's proxy cost 4.7 ms a request at concurrency 1 against 1.9 ms without it, paired on this machine;
+benchmarks/results/serve-zen4/):
 
 - `<preset>-slice`: slices [B, 256, 256, 3] UINT8 -> masks [B, 256, 256] UINT8 (0/1), and probabilities FP32 with
   `--probabilities`, preprocessing and threshold exactly as the manifest says (handlers.py, the one implementation);
+  dynamic batching, `--instances` copies of the engine;
 - `<preset>-volume`: one patient's volume [N, 256, 256, 3] UINT8 and spacing_mm [3] FP32 -> masks after the manifest's
   post-processing and volume_ml [1];
-- `<preset>-info`: no input -> the engine's facts (sha256, preset, threshold, normalization, post-processing) as JSON,
-  so a client can check what it talks to (PyTriton writes the model configs itself and has no config parameters;
-  `triton-repo` puts the same facts in its config.pbtxt parameters).
+- `<preset>-info`: the engine's facts (sha256, preset, threshold, normalization, post-processing) as JSON; every
+  model's config parameters carry them too (`/v2/models/<name>/config`).
 
-Before anything starts: the engine's sha256 against its manifest, the ports free, PyTriton importable — each a
-line and exit 2. Health is Triton's (`/v2/health/ready`), metrics Triton's Prometheus endpoint. SIGTERM stops the
-server: tritonserver lets in-flight requests finish (its exit timeout), then the command exits 143.
+A bad request is refused with its reason in one line (HTTP 400 / gRPC INVALID_ARGUMENT) and never fails the other
+requests of its dynamic batch. Before anything starts: the engine's sha256 against its manifest, the ports free,
+tritonserver and its Python backend stub for this Python present — each a line and exit 2. Health is Triton's
+(`/v2/health/ready`), metrics Triton's Prometheus endpoint, its log goes to the `lggdeploy.serve.tritonserver`
+logger. SIGTERM stops the server: tritonserver lets in-flight requests finish (its exit timeout), then the command
+exits 143.
 
-PyTriton's Python backend stub is a binary linked against libpython; a pyenv-built interpreter's stub can pick the
-system's older libpython and fail in multiprocessing (`'_thread.RLock' object has no attribute '_recursion_count'`).
-`libpython_environment` puts this interpreter's own lib/ first on LD_LIBRARY_PATH before the server starts.
+The Python backend stub is a binary linked against libpython; a pyenv-built interpreter's stub can pick the system's
+older libpython and fail in multiprocessing (`'_thread.RLock' object has no attribute '_recursion_count'`):
+`server_environment` puts this interpreter's own lib/ first on tritonserver's LD_LIBRARY_PATH.
 """
 
 from __future__ import annotations
 
-import json
+import collections
+import importlib.util
 import logging
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import sysconfig
-from dataclasses import dataclass
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from lggdeploy.common.errors import LggError
+from lggdeploy.serve.repository import write_serve_repository
 
 logger = logging.getLogger(__name__)
+server_logger = logging.getLogger("lggdeploy.serve.tritonserver")
 
 SERVE_HINT = (
-    "pip install 'lggdeploy[serve]' — in its own environment: PyTriton needs numpy < 2, which the training and DICOM "
+    "pip install 'lggdeploy[serve]' — in its own environment: Triton's Python backend needs numpy < 2, which the training and DICOM "
     "extras do not allow"
 )
 
@@ -53,6 +69,7 @@ class ServeOptions:
     max_volume_slices: int = 512
     exit_timeout_s: int = 30  # SIGTERM: how long in-flight requests may take to finish
     probabilities: bool = False  # the slice model also returns probabilities (256 KB per slice more to send)
+    start_timeout_s: int = 300  # until tritonserver and every model answer ready
 
     def validate(self) -> ServeOptions:
         ports = [self.http_port, self.grpc_port, self.metrics_port]
@@ -92,11 +109,42 @@ def resolve_engine(path: Path) -> Path:
     return path
 
 
-def require_pytriton() -> None:
-    try:
-        import pytriton  # noqa: F401
-    except ImportError:
-        raise LggError(f"serving needs NVIDIA PyTriton: {SERVE_HINT}") from None
+@dataclass(frozen=True)
+class TritonInstall:
+    """The tritonserver binary and Python backend that the `serve` extra (NVIDIA PyTriton's wheel) carries."""
+
+    binary: Path
+    backend: Path  # libtriton_python.so, triton_python_backend_utils.py
+    stub: Path  # the Python backend stub built for this Python version
+    libs: Path  # the wheel's bundled shared libraries
+
+    def backend_directory(self, folder: Path) -> Path:
+        """A backend directory with this Python's stub beside the Python backend (where the backend looks for it)."""
+        python = folder / "python"
+        python.mkdir(parents=True)
+        for file in (self.backend / "libtriton_python.so", self.backend / "triton_python_backend_utils.py", self.stub):
+            shutil.copy2(file, python / file.name)
+        return folder
+
+
+def find_tritonserver() -> TritonInstall:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise LggError(f"serving needs Triton Inference Server: {SERVE_HINT}")
+    package = Path(list(spec.submodule_search_locations)[0])
+    server = package / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    found = TritonInstall(
+        server / "bin" / "tritonserver",
+        server / "backends" / "python",
+        server / "python_backend_stubs" / version / "triton_python_backend_stub",
+        package.parent / "nvidia_pytriton.libs",
+    )
+    if not found.binary.is_file() or not (found.backend / "libtriton_python.so").is_file():
+        raise LggError(f"{server} has no tritonserver with its Python backend: reinstall, {SERVE_HINT}")
+    if not found.stub.is_file():
+        raise LggError(f"{server} has no Python backend stub for Python {version}: serve from Python 3.8-3.13")
+    return found
 
 
 def check_ports_free(opts: ServeOptions) -> None:
@@ -115,19 +163,23 @@ def check_ports_free(opts: ServeOptions) -> None:
                 ) from None
 
 
-def libpython_environment() -> dict[str, str]:
-    """This interpreter's lib/ first on LD_LIBRARY_PATH (the Python backend stub links libpython); returns what changed."""
+def server_environment(install: TritonInstall) -> dict[str, str]:
+    """tritonserver's environment: this interpreter's lib/ first on LD_LIBRARY_PATH (the stub links libpython, and a
+    pyenv-built Python's stub would otherwise load the system's older one), the wheel's libraries after it, and this
+    environment's bin/ first on PATH (the stub imports lggdeploy and numpy from the Python it finds there)."""
     libdir = sysconfig.get_config_var("LIBDIR") or ""
-    current = os.environ.get("LD_LIBRARY_PATH", "")
     shared = sysconfig.get_config_var("LDLIBRARY") or ""
-    if not libdir or not (Path(libdir) / shared).is_file() or current.split(":")[0] == libdir:
-        return {}
-    os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
-    return {"LD_LIBRARY_PATH": os.environ["LD_LIBRARY_PATH"]}
+    first = [libdir] if libdir and (Path(libdir) / shared).is_file() else []
+    current = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+    return dict(
+        os.environ,
+        LD_LIBRARY_PATH=":".join([*first, str(install.libs), *current]),
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    )
 
 
 def prepare(engine: Path, opts: ServeOptions):
-    """Every check before the server starts: (engine path, manifest, facts)."""
+    """Every check before the server starts: (engine path, manifest, facts, the tritonserver install)."""
     from lggdeploy.engines.formats import read_manifest, verify_engine
     from lggdeploy.serve.handlers import EngineFacts
 
@@ -136,102 +188,111 @@ def prepare(engine: Path, opts: ServeOptions):
     manifest = read_manifest(engine)
     verify_engine(engine, manifest)  # a replaced file: refused, nothing served
     check_ports_free(opts)
-    require_pytriton()
-    return engine, manifest, EngineFacts.from_manifest(manifest)
+    return engine, manifest, EngineFacts.from_manifest(manifest), find_tritonserver()
 
 
 def serve(engine: Path, opts: ServeOptions, on_ready=None) -> None:
-    """Serve until stopped (SIGTERM / Ctrl-C raise in the main thread; the context stops tritonserver)."""
-    engine, manifest, facts = prepare(engine, opts)  # every check first, PyTriton's import among them
-    from pytriton.triton import Triton, TritonConfig
-
-    changed = libpython_environment()
-    if changed:
-        logger.info(
-            f"serve: LD_LIBRARY_PATH starts with this Python's lib/ for the Python backend stub ({changed['LD_LIBRARY_PATH'].split(':')[0]})"
-        )
-    functions, threads = _infer_functions(engine, manifest, facts, opts)
-    config = TritonConfig(
-        http_port=opts.http_port,
-        grpc_port=opts.grpc_port,
-        metrics_port=opts.metrics_port,
-        exit_timeout_secs=opts.exit_timeout_s,
-        log_verbose=0,
-    )
-    with Triton(config=config) as triton:
-        _bind_models(triton, facts.preset, functions, opts)
-        triton.run()
-        logger.info(
-            f"serving {engine} as {facts.preset}-slice, -volume and -info on HTTP :{opts.http_port}, gRPC "
-            f":{opts.grpc_port}, metrics :{opts.metrics_port} ({opts.instances} instance(s) × {threads} thread(s))"
-        )
-        if on_ready is not None:
-            on_ready()
-        triton.serve()
-
-
-def _infer_functions(engine: Path, manifest, facts, opts: ServeOptions) -> tuple[dict, int]:
-    """PyTriton's infer functions of the three models (one slice function per engine instance), and the threads of
-    each instance."""
-    from pytriton.decorators import batch
-
-    from lggdeploy.backends.base import RunOptions
-    from lggdeploy.engines.formats import open_engine
-    from lggdeploy.serve.handlers import SliceHandler, VolumeHandler
-
+    """Serve until stopped: SIGTERM / Ctrl-C raise in the main thread, and tritonserver is stopped as they propagate
+    (in-flight requests finish within `exit_timeout_s`)."""
+    engine, _, facts, install = prepare(engine, opts)
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.instances)
-    runners = [open_engine(engine, manifest, RunOptions(threads=threads)) for _ in range(opts.instances)]
-    volume_handler = VolumeHandler(runners[0], facts, max_slices=opts.max_volume_slices)
-    info = json.dumps({"engine": engine.name, **facts.to_parameters()}, sort_keys=True).encode()
+    with tempfile.TemporaryDirectory(prefix="lggdeploy-serve-") as tmp:
+        models = write_serve_repository(engine, facts, Path(tmp) / "models", replace(opts, threads=threads))
 
-    def slice_fn(handler):
-        @batch
-        def infer(slices):
-            return handler(slices)
+        def ready() -> None:
+            logger.info(
+                f"serving {engine} as {', '.join(models)} on HTTP :{opts.http_port}, gRPC :{opts.grpc_port}, "
+                f"metrics :{opts.metrics_port} ({opts.instances} instance(s) × {threads} thread(s))"
+            )
+            if on_ready is not None:
+                on_ready()
 
-        return infer
-
-    return {
-        "slice": [slice_fn(SliceHandler(r, facts, opts.max_batch, opts.probabilities)) for r in runners],
-        "volume": lambda requests: [volume_handler(r["volume"], r["spacing_mm"]) for r in requests],
-        "info": lambda requests: [{"engine": np.array([info], dtype=object)} for _ in requests],
-    }, threads
+        run_tritonserver(install, Path(tmp) / "models", models, opts, ready)
 
 
-def _bind_models(triton, name: str, functions: dict, opts: ServeOptions) -> None:
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+def run_tritonserver(install: TritonInstall, repository: Path, models: list[str], opts: ServeOptions, on_ready) -> None:
+    """tritonserver on `repository` until it is stopped (an exception here, SIGTERM in the CLI, stops it first):
+    `on_ready` once Triton and every one of `models` answer ready. Also what the tests run `triton-repo`'s
+    repositories with."""
+    with tempfile.TemporaryDirectory(prefix="lggdeploy-backends-") as backends:
+        process = _start(install, repository, install.backend_directory(Path(backends)), opts)
+        try:
+            log = _ServerLog(process)
+            _wait_ready(process, log, opts, models)
+            on_ready()
+            code = process.wait()
+            raise LggError(f"tritonserver stopped on its own (exit {code}): {log.last_error()}")
+        finally:
+            _stop(process, opts.exit_timeout_s)
 
-    masks = Tensor(name="masks", dtype=np.uint8, shape=(256, 256))
-    probabilities = [Tensor(name="probabilities", dtype=np.float32, shape=(256, 256))] if opts.probabilities else []
-    triton.bind(
-        model_name=f"{name}-slice",
-        infer_func=functions["slice"],
-        inputs=[Tensor(name="slices", dtype=np.uint8, shape=(256, 256, 3))],
-        outputs=[masks, *probabilities],
-        config=ModelConfig(
-            max_batch_size=opts.max_batch,
-            batcher=DynamicBatcher(max_queue_delay_microseconds=opts.max_queue_delay_us),
-        ),
-        strict=True,
+
+def _start(install: TritonInstall, repository: Path, backends: Path, opts: ServeOptions) -> subprocess.Popen:
+    command = [
+        str(install.binary),
+        f"--model-repository={repository}",
+        f"--backend-directory={backends}",
+        f"--http-port={opts.http_port}",
+        f"--grpc-port={opts.grpc_port}",
+        f"--metrics-port={opts.metrics_port}",
+        f"--exit-timeout-secs={opts.exit_timeout_s}",
+        "--log-verbose=0",
+        # its own shared-memory names, so that two servers on one machine never share a region
+        f"--backend-config=python,shm-region-prefix-name=lggdeploy{os.getpid()}_",
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=server_environment(install), text=True
     )
-    triton.bind(
-        model_name=f"{name}-volume",
-        infer_func=functions["volume"],
-        inputs=[
-            Tensor(name="volume", dtype=np.uint8, shape=(-1, 256, 256, 3)),
-            Tensor(name="spacing_mm", dtype=np.float32, shape=(3,)),
-        ],
-        outputs=[
-            Tensor(name="masks", dtype=np.uint8, shape=(-1, 256, 256)),
-            Tensor(name="volume_ml", dtype=np.float32, shape=(1,)),
-        ],
-        config=ModelConfig(batching=False),
-        strict=True,
-    )
-    triton.bind(
-        model_name=f"{name}-info",
-        infer_func=functions["info"],
-        inputs=[Tensor(name="request", dtype=np.uint8, shape=(1,))],
-        outputs=[Tensor(name="engine", dtype=bytes, shape=(1,))],
-        config=ModelConfig(batching=False),
-    )
+
+
+class _ServerLog:
+    """tritonserver's output, line by line to this module's logger (a thread), the last lines kept for an error."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: collections.deque[str] = collections.deque(maxlen=40)
+        self.thread = threading.Thread(target=self._follow, args=(process.stdout,), daemon=True)
+        self.thread.start()
+
+    def _follow(self, stream) -> None:
+        for line in stream:
+            line = line.rstrip()
+            self.lines.append(line)
+            server_logger.info(line)
+
+    def last_error(self) -> str:
+        errors = [line for line in self.lines if line[:1] == "E" or "error" in line.lower()]
+        return (errors or list(self.lines) or ["no output"])[-1][:300]
+
+
+def _wait_ready(process: subprocess.Popen, log: _ServerLog, opts: ServeOptions, models: list[str]) -> None:
+    """Until Triton and every model answer ready; a server that exits or never gets there: one line."""
+    urls = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
+    deadline = time.monotonic() + opts.start_timeout_s
+    while True:
+        try:
+            for url in urls:
+                with urllib.request.urlopen(f"http://127.0.0.1:{opts.http_port}{url}", timeout=2):
+                    pass
+            return
+        except OSError:
+            if process.poll() is not None:
+                log.thread.join(timeout=5)
+                raise LggError(
+                    f"tritonserver exited before it was ready (exit {process.returncode}): {log.last_error()}"
+                ) from None
+            if time.monotonic() > deadline:
+                raise LggError(
+                    f"tritonserver was not ready after {opts.start_timeout_s} s: {log.last_error()}"
+                ) from None
+            time.sleep(0.25)
+
+
+def _stop(process: subprocess.Popen, exit_timeout_s: int) -> None:
+    """SIGTERM: tritonserver stops taking requests and lets in-flight ones finish; killed if it outlives its timeout."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=exit_timeout_s + 15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
