@@ -468,6 +468,28 @@ def test_the_repositorys_models_and_ensemble_run_under_the_bundled_tritonserver(
         log.close()
 
 
+@pytest.mark.slow
+def test_serve_refuses_an_engine_its_environment_cannot_run(segmenting_run, phantom_dir, tmp_path):
+    """The serving venv has no OpenVINO: an OpenVINO engine is refused in one line before tritonserver starts."""
+    python = serve_python()
+    if subprocess.run([str(python), "-c", "import openvino"], capture_output=True).returncode == 0:
+        pytest.skip("the serving venv has OpenVINO")
+    built = build_engines(
+        [segmenting_run.best_path],
+        BuildOptions(out_dir=tmp_path, data=phantom_dir, backend="openvino", precision="fp32"),
+    )
+    http, grpc, metrics = free_ports(3)
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    result = subprocess.run(
+        [str(python.parent / "lggdeploy"), "serve", built.engines[0]["engine"], *ports],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "openvino" in result.stderr and "this environment" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_serve_needs_the_serve_extra_in_its_own_environment(engine):
     try:
         import pytriton  # noqa: F401

@@ -180,13 +180,16 @@ def server_environment(install: TritonInstall) -> dict[str, str]:
 
 def prepare(engine: Path, opts: ServeOptions):
     """Every check before the server starts: (engine path, manifest, facts, the tritonserver install)."""
-    from lggdeploy.engines.formats import read_manifest, verify_engine
+    from lggdeploy.engines.formats import format_of, read_manifest, verify_engine
     from lggdeploy.serve.handlers import EngineFacts
 
     opts.validate()
     engine = resolve_engine(engine)
     manifest = read_manifest(engine)
     verify_engine(engine, manifest)  # a replaced file: refused, nothing served
+    usable, reason = format_of(manifest, engine).usable()  # the models open it in this environment's Python
+    if not usable:
+        raise LggError(f"{engine.name}: {reason} — `serve` runs the engine in this environment")
     check_ports_free(opts)
     return engine, manifest, EngineFacts.from_manifest(manifest), find_tritonserver()
 
