@@ -470,3 +470,27 @@ def test_an_export_of_an_older_graph_form_is_redone_and_a_current_one_reused(seg
     record_path.write_text(json.dumps(record))
     build(segmenting_run, phantom_dir, tmp_path, precision="fp32")
     assert json.loads(record_path.read_text())["export_graph"] == EXPORT_GRAPH and onnx_path.stat().st_mtime_ns != stamp
+
+
+def test_the_fp32_reference_runs_once_per_model_and_inputs(segmenting_run, phantom_dir, tmp_path, monkeypatch):
+    """`optimize` builds each rung with its own build_engines call: the PyTorch reference on the val slices is computed
+    once per model and inputs in a process, and again when they change."""
+    from lggdeploy.engines import build as build_module
+    from lggdeploy.models.torch_runner import TorchRunner
+
+    build_module._REFERENCE_OUTPUTS.clear()
+    slices_seen = []
+    infer = TorchRunner.infer
+    monkeypatch.setattr(TorchRunner, "infer", lambda self, batch: slices_seen.append(len(batch)) or infer(self, batch))
+    ckpt = segmenting_run.best_path
+    first = build_engines([ckpt], BuildOptions(out_dir=tmp_path / "a", data=phantom_dir, precision="fp32"))
+    after_first = len(slices_seen)
+    second = build_engines([ckpt], BuildOptions(out_dir=tmp_path / "a", data=phantom_dir, precision="fp32"))
+    assert after_first > 0 and len(slices_seen) == after_first  # same model, same val slices: no second run
+    gates = [read_manifest(r.engines[0]["engine"])["gate"] for r in (first, second)]
+    assert gates[0]["fp32_dice"] == gates[1]["fp32_dice"]
+    moved = load_checkpoint(ckpt)  # the same weights at another threshold: other reference masks, another run
+    save_checkpoint(tmp_path / "moved.pt", dict(moved, threshold=0.7))
+    build_engines([tmp_path / "moved.pt"], BuildOptions(out_dir=tmp_path / "b", data=phantom_dir, precision="fp32"))
+    keys = list(build_module._REFERENCE_OUTPUTS)
+    assert len(keys) == 2 and [k[-1] for k in keys] == [moved["threshold"], 0.7]

@@ -9,14 +9,18 @@ gate is not written unless `force`, and then its manifest says so.
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import functools
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from lggdeploy.backends.base import BuildTarget, RunOptions
 from lggdeploy.common.errors import BackendUnavailable, CannotWin, GateFailed, LggError, SearchStopped
@@ -43,6 +47,12 @@ from lggdeploy.engines.precision.int8 import METHODS
 from lggdeploy.postprocess import PostProcess
 
 logger = logging.getLogger(__name__)
+
+# The PyTorch FP32 reference's outputs on the val slices, by (model sha256, val slices, size, normalization,
+# threshold): `optimize` builds each rung with its own build_engines call, and an EfficientNet-B7's reference takes a
+# minute on two cores — computed once per process, the two most recent kept (the unpruned and a pruned model).
+_REFERENCE_OUTPUTS: collections.OrderedDict = collections.OrderedDict()
+REFERENCE_OUTPUTS_KEPT = 2
 
 
 class _Context:
@@ -106,7 +116,8 @@ class _Context:
     def reference(self) -> Reference:
         """The PyTorch FP32 model (this checkpoint's, or --reference's) on the val slices, once per checkpoint."""
         if self._reference is None:
-            self._reference = self.torch_reference(self.reference_ckpt, "pytorch fp32 reference")
+            sha = self.sha if self.opts.reference is None else sha256_file(self.opts.reference)
+            self._reference = self.torch_reference(self.reference_ckpt, sha, "pytorch fp32 reference")
         return self._reference
 
     def own_reference(self) -> Reference:
@@ -114,14 +125,29 @@ class _Context:
         if not self.retrained:
             return self.reference
         if self._own_reference is None:
-            self._own_reference = self.torch_reference(self.ckpt, "pytorch fp32 (the retrained model itself)")
+            self._own_reference = self.torch_reference(self.ckpt, self.sha, "pytorch fp32 (the retrained model itself)")
         return self._own_reference
 
-    def torch_reference(self, ckpt: dict, label: str) -> Reference:
+    def torch_reference(self, ckpt: dict, sha: str, label: str) -> Reference:
         from lggdeploy.models.checkpoint import model_from_checkpoint
         from lggdeploy.models.torch_runner import TorchRunner
 
-        return Reference(self.run(TorchRunner(model_from_checkpoint(ckpt)), label), self.val, self.criteria)
+        key = (sha, self.val_sha256, self.img_size, repr(self.normalization), self.threshold)
+        outputs = _REFERENCE_OUTPUTS.get(key)
+        if outputs is None:
+            outputs = self.run(TorchRunner(model_from_checkpoint(ckpt)), label)
+            _REFERENCE_OUTPUTS[key] = outputs
+            while len(_REFERENCE_OUTPUTS) > REFERENCE_OUTPUTS_KEPT:
+                _REFERENCE_OUTPUTS.popitem(last=False)
+        return Reference(outputs, self.val, self.criteria)
+
+    @functools.cached_property
+    def val_sha256(self) -> str:
+        """The val slices' pixels, hashed: a reference run is reused only on the very same inputs."""
+        digest = hashlib.sha256()
+        for array in (self.val.images, self.val.patients.astype(str)):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
     @functools.cached_property
     def retrained(self) -> bool:
