@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from int8_weight_range import judged  # the same figures as the weight-range benchmark
 
 from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.base import RunOptions
@@ -149,22 +150,6 @@ def correct_bias(qdq: Path, prepared: Path, means: dict, limit: float = BIAS_SHI
             init.CopyFrom(numpy_helper.from_array(replaced[init.name], init.name))
     onnx.save(model, str(qdq))
     return counts
-
-
-def judged(result) -> dict:
-    return {
-        "patients": len(result.per_patient),
-        "fp32_dice": result.fp32_dice,
-        "engine_dice": result.engine_dice,
-        "drop_points": result.drop_points,
-        "worst_patient_drop_points": result.worst["drop_points"],
-        "min_agreement": result.least_agreement["agreement"],
-        "mean_agreement": float(np.mean([r["agreement"] for r in result.per_patient])),
-        "min_logit_sqnr_db": min(r["logit_sqnr_db"] for r in result.per_patient),
-        "mean_logit_sqnr_db": float(np.mean([r["logit_sqnr_db"] for r in result.per_patient])),
-        "passes_gate": result.passed,
-        "per_patient": result.per_patient,
-    }
 
 
 def one_checkpoint(path: Path, dataset, args, work: Path) -> dict:

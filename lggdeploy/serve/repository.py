@@ -299,24 +299,9 @@ def _write_models(root: Path, name: str, path: Path, manifest, facts: EngineFact
             ),
             model_py("logits -> masks and probabilities", "post", POST_BODY),
         ),
-        f"{name}-volume": (
-            python_config(
-                f"{name}-volume",
-                [("volume", "TYPE_UINT8", [-1, 256, 256, 3]), ("spacing_mm", "TYPE_FP32", [3])],
-                [("masks", "TYPE_UINT8", [-1, 256, 256]), ("volume_ml", "TYPE_FP32", [1])],
-                facts,
-                0,
-                {"engine_file": Path(path).name},
-            ),
-            model_py(
-                "one patient's volume -> post-processed masks and volume_ml", "VolumeHandler", VOLUME_BODY, VOLUME_INIT
-            ),
-        ),
+        f"{name}-volume": _volume_model(name, facts, {"engine_file": Path(path).name}, "triton-repo"),
     }
-    for model, (config, code) in models.items():
-        (root / model / "1").mkdir(parents=True)
-        (root / model / "config.pbtxt").write_text(config)
-        (root / model / "1" / "model.py").write_text(code)
+    _write_python_models(root, models)
     volume_dir = root / f"{name}-volume" / "1"
     shutil.copyfile(path, volume_dir / Path(path).name)
     shutil.copyfile(Path(str(path) + ".json"), volume_dir / (Path(path).name + ".json"))
@@ -325,6 +310,30 @@ def _write_models(root: Path, name: str, path: Path, manifest, facts: EngineFact
     (root / f"{name}-slice" / "1").mkdir(parents=True)  # an ensemble has an empty version folder
     (root / f"{name}-slice" / "config.pbtxt").write_text(ensemble_config(name, engine, manifest, facts, max_batch))
     return [engine, f"{name}-pre", f"{name}-post", f"{name}-slice", f"{name}-volume"]
+
+
+def _volume_model(name: str, facts: EngineFacts, params: dict[str, str], writer: str) -> tuple[str, str]:
+    """`<name>-volume` (config, code): one patient's volume and spacing -> post-processed masks and volume_ml; it runs
+    the engine `params["engine_file"]` names."""
+    config = python_config(
+        f"{name}-volume",
+        [("volume", "TYPE_UINT8", [-1, 256, 256, 3]), ("spacing_mm", "TYPE_FP32", [3])],
+        [("masks", "TYPE_UINT8", [-1, 256, 256]), ("volume_ml", "TYPE_FP32", [1])],
+        facts,
+        0,
+        params,
+    )
+    what = "one patient's volume -> post-processed masks and volume_ml"
+    return config, model_py(what, "VolumeHandler", VOLUME_BODY, VOLUME_INIT, writer=writer)
+
+
+def _write_python_models(root: Path, models: dict[str, tuple[str, str]]) -> list[str]:
+    """Each model's config.pbtxt and 1/model.py under `root`; the model names."""
+    for model, (config, code) in models.items():
+        (root / model / "1").mkdir(parents=True)
+        (root / model / "config.pbtxt").write_text(config)
+        (root / model / "1" / "model.py").write_text(code)
+    return list(models)
 
 
 def _readme(names: list[str]) -> str:
@@ -370,19 +379,7 @@ def write_serve_repository(engine: Path, facts: EngineFacts, root: Path, opts) -
             slice_config,
             model_py("batched slices -> masks", "SliceHandler", init=SLICE_INIT, execute=SLICE_EXECUTE, writer="serve"),
         ),
-        f"{name}-volume": (
-            python_config(
-                f"{name}-volume",
-                [("volume", "TYPE_UINT8", [-1, 256, 256, 3]), ("spacing_mm", "TYPE_FP32", [3])],
-                [("masks", "TYPE_UINT8", [-1, 256, 256]), ("volume_ml", "TYPE_FP32", [1])],
-                facts,
-                0,
-                {**params, "max_slices": str(opts.max_volume_slices)},
-            ),
-            model_py(
-                "one patient's volume -> masks and volume_ml", "VolumeHandler", VOLUME_BODY, VOLUME_INIT, writer="serve"
-            ),
-        ),
+        f"{name}-volume": _volume_model(name, facts, {**params, "max_slices": str(opts.max_volume_slices)}, "serve"),
         f"{name}-info": (
             python_config(
                 f"{name}-info", [("request", "TYPE_UINT8", [1])], [("engine", "TYPE_STRING", [1])], facts, 0, params
@@ -390,8 +387,4 @@ def write_serve_repository(engine: Path, facts: EngineFacts, root: Path, opts) -
             model_py("the engine's facts as JSON", "SliceHandler", INFO_BODY, INFO_INIT, writer="serve"),
         ),
     }
-    for model, (config, code) in models.items():
-        (root / model / "1").mkdir(parents=True)
-        (root / model / "config.pbtxt").write_text(config)
-        (root / model / "1" / "model.py").write_text(code)
-    return list(models)
+    return _write_python_models(root, models)
