@@ -22,20 +22,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from int8_weight_range import judged  # the same figures as the weight-range benchmark
+from int8_weight_range import Int8Experiment  # the same setup and figures as the weight-range benchmark
 
 from lggdeploy.backends import onnxruntime as ort_backend
 from lggdeploy.backends.base import RunOptions
 from lggdeploy.backends.openvino import OpenVinoRunner, precision_hint
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line, machine_info
-from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.engines.export import export_onnx
-from lggdeploy.engines.precision import calibration, int8
-from lggdeploy.engines.precision.gate import GateCriteria, Reference, run_on_slices
-from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
-from lggdeploy.models.torch_runner import TorchRunner
+from lggdeploy.engines.precision import int8
 
 BIAS_SHIFT_LIMIT = 2.0  # NNCF's FAST_BIAS_CORRECTION_THRESHOLD: a shift above twice the bias is not trusted
 
@@ -153,21 +148,8 @@ def correct_bias(qdq: Path, prepared: Path, means: dict, limit: float = BIAS_SHI
 
 
 def one_checkpoint(path: Path, dataset, args, work: Path) -> dict:
-    ckpt = load_checkpoint(path)
-    split, norm, size, threshold = split_of(ckpt), normalization_of(ckpt), ckpt["img_size"], ckpt["threshold"]
-    slices = {name: load_slices(dataset, getattr(split, name)) for name in ("val", "test")}
-    model = model_from_checkpoint(ckpt)
-    fp32 = work / "model.onnx"
-    export_onnx(model, fp32, size)
-    prepared = int8.preprocess_for_quantization(fp32, work / "prepared.onnx")
-    chosen = calibration.pick_calibration_slices(slices["val"], args.calib_samples)
-    reader = calibration.make_reader(chosen, size, norm)
-    cache = work / "calibration.json"
-    torch_runner = TorchRunner(model)
-    refs = {
-        name: Reference(run_on_slices(torch_runner, s, size, norm, threshold, f"fp32 {name}"), s, GateCriteria())
-        for name, s in slices.items()
-    }
+    exp = Int8Experiment.make(path, dataset, work, args.calib_samples)
+    prepared, reader, cache = exp.prepared, exp.reader, exp.cache
     means = conv_input_means(prepared, reader)
     rows = []
     for corrected in (False, True):
@@ -179,16 +161,14 @@ def one_checkpoint(path: Path, dataset, args, work: Path) -> dict:
             if args.profile == "openvino"
             else ort_backend.load(graph, options=RunOptions(threads=args.threads, spin=False))
         )
-        row = {"bias_correction": corrected, "counts": counts}
-        for name, s in slices.items():
-            row[name] = judged(refs[name].judge(run_on_slices(runner, s, size, norm, threshold, f"{corrected} {name}")))
+        row = {"bias_correction": corrected, "counts": counts, **exp.judge(runner, str(corrected))}
         runner.close()
         rows.append(row)
     return {
         "checkpoint": str(path),
-        "model": ckpt["model"]["name"],
-        "patients": {"val": len(split.val), "test": len(split.test)},
-        "calibration": {"split": "val", "samples": len(chosen), "method": "minmax"},
+        "model": exp.ckpt["model"]["name"],
+        "patients": {"val": len(exp.split.val), "test": len(exp.split.test)},
+        "calibration": {"split": "val", "samples": len(exp.chosen), "method": "minmax"},
         "rows": rows,
     }
 

@@ -22,7 +22,7 @@ import argparse
 import datetime as dt
 import functools
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,8 @@ from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.data.transforms import preprocess
+from lggdeploy.data.split import Split
+from lggdeploy.data.transforms import Normalization, preprocess
 from lggdeploy.engines.export import export_onnx
 from lggdeploy.engines.precision import calibration, int8
 from lggdeploy.engines.precision.gate import GateCriteria, Reference, run_on_slices
@@ -67,6 +68,56 @@ def judged(result) -> dict:
     }
 
 
+@dataclass
+class Int8Experiment:
+    """One checkpoint made ready for INT8 experiments (this benchmark's and bias_correction.py's): its val and test
+    slices, its FP32 export prepared for quantization, a calibration reader on `calib_samples` val slices with one
+    cache file, and the PyTorch FP32 model's outputs on both splits, which `judge` compares with as the gate does."""
+
+    ckpt: dict
+    split: Split
+    norm: Normalization
+    size: int
+    threshold: float
+    slices: dict
+    model: object
+    prepared: Path
+    chosen: object
+    reader: object
+    cache: Path
+    refs: dict
+
+    @classmethod
+    def make(cls, checkpoint: Path, dataset, work: Path, calib_samples: int) -> Int8Experiment:
+        ckpt = load_checkpoint(checkpoint)
+        split, norm, size, threshold = split_of(ckpt), normalization_of(ckpt), ckpt["img_size"], ckpt["threshold"]
+        slices = {name: load_slices(dataset, getattr(split, name)) for name in ("val", "test")}
+        model = model_from_checkpoint(ckpt)  # exported and run as the reference (export_onnx leaves it untouched)
+        export_onnx(model, work / "model.onnx", size)
+        prepared = int8.preprocess_for_quantization(work / "model.onnx", work / "prepared.onnx")
+        chosen = calibration.pick_calibration_slices(slices["val"], calib_samples)
+        torch_runner = TorchRunner(model)
+        refs = {
+            name: Reference(
+                run_on_slices(torch_runner, s, size, norm, threshold, f"pytorch fp32 {name}"), s, GateCriteria()
+            )
+            for name, s in slices.items()
+        }
+        reader = calibration.make_reader(chosen, size, norm)
+        return cls(
+            ckpt, split, norm, size, threshold, slices, model, prepared, chosen, reader, work / "calibration.json", refs
+        )
+
+    def judge(self, runner, label: str) -> dict:
+        """`runner` on the val and test slices, judged against the FP32 model: {split: the figures of `judged`}."""
+        return {
+            name: judged(
+                self.refs[name].judge(run_on_slices(runner, s, self.size, self.norm, self.threshold, f"{label} {name}"))
+            )
+            for name, s in self.slices.items()
+        }
+
+
 def first_conv_weight(path: Path) -> str:
     graph = onnx.load(str(path), load_external_data=False).graph
     return next(n.input[1] for n in graph.node if n.op_type == "Conv")
@@ -87,26 +138,11 @@ def run(work: Path) -> None:
     parser.add_argument("--profile", choices=("openvino", "cpu"), default="openvino")
     parser.add_argument("--calib-samples", type=int, default=32)  # build's default
     args = parser.parse_args()
-    ckpt = load_checkpoint(args.checkpoint)
-    split, norm, size, threshold = split_of(ckpt), normalization_of(ckpt), ckpt["img_size"], ckpt["threshold"]
-    dataset = load_dataset(args.data)
-    slices = {name: load_slices(dataset, getattr(split, name)) for name in ("val", "test")}
+    exp = Int8Experiment.make(args.checkpoint, load_dataset(args.data), work, args.calib_samples)
+    split, slices, prepared, chosen = exp.split, exp.slices, exp.prepared, exp.chosen
+    size, norm, reader, cache = exp.size, exp.norm, exp.reader, exp.cache
     base = int8.recipe_for(args.profile)
-    model = model_from_checkpoint(ckpt)  # exported and run as the reference (export_onnx leaves it untouched)
-    fp32 = work / "model.onnx"
-    export_onnx(model, fp32, size)
-    prepared = int8.preprocess_for_quantization(fp32, work / "prepared.onnx")
-    chosen = calibration.pick_calibration_slices(slices["val"], args.calib_samples)
-    reader = calibration.make_reader(chosen, size, norm)
-    cache = work / "calibration.json"
     first = first_conv_weight(prepared)
-    torch_runner = TorchRunner(model)
-    refs = {
-        name: Reference(
-            run_on_slices(torch_runner, s, size, norm, threshold, f"pytorch fp32 {name}"), s, GateCriteria()
-        )
-        for name, s in slices.items()
-    }
     runners, rows = {}, []
     for label, where in VARIANTS:
         recipe = replace(base, reduce_range=where == "all")
@@ -120,9 +156,7 @@ def run(work: Path) -> None:
             else ort_backend.load(path, options=RunOptions(threads=args.threads, spin=False))
         )
         runners[where] = runner
-        row = {"variant": label, "reduce_range": where}
-        for name, s in slices.items():
-            row[name] = judged(refs[name].judge(run_on_slices(runner, s, size, norm, threshold, f"{where} {name}")))
+        row = {"variant": label, "reduce_range": where, **exp.judge(runner, where)}
         rows.append(row)
     x = preprocess(slices["val"].images[:8], size, norm)
     for r in runners.values():

@@ -3,8 +3,8 @@
 The tritonserver binary and its Python backend come with the `serve` extra (NVIDIA PyTriton's wheel carries them);
 `serve` writes a model repository in a temporary folder (repository.write_serve_repository) and runs tritonserver
 on it. Three Python-backend models run the engine inside Triton's Python backend processes — no further hop to this
-process (PyTriton's proxy cost 4.7 ms a request at concurrency 1 against 1.9 ms without it, paired on this machine;
-benchmarks/results/serve-zen4/):
+process (at concurrency 1, paired with in-process batch 1: +5.5 ms through PyTriton's proxy, +2.1 ms without it, in one
+run; benchmarks/results/serve-zen4/):
 
 - `<preset>-slice`: slices [B, 256, 256, 3] UINT8 -> masks [B, 256, 256] UINT8 (0/1), and probabilities FP32 with
   `--probabilities`, preprocessing and threshold exactly as the manifest says (handlers.py, the one implementation);
@@ -15,8 +15,9 @@ benchmarks/results/serve-zen4/):
   model's config parameters carry them too (`/v2/models/<name>/config`).
 
 A bad request is refused with its reason in one line (HTTP 400 / gRPC INVALID_ARGUMENT) and never fails the other
-requests of its dynamic batch. Before anything starts: the engine's sha256 against its manifest, the ports free,
-tritonserver and its Python backend stub for this Python present — each a line and exit 2. Health is Triton's
+requests of its dynamic batch. Before anything starts: the engine's sha256 against its manifest, its backend
+usable in this environment, the ports free, tritonserver and its Python backend stub for this Python present — each
+a line and exit 2. Health is Triton's
 (`/v2/health/ready`), metrics Triton's Prometheus endpoint, its log goes to the `lggdeploy.serve.tritonserver`
 logger. SIGTERM stops the server: tritonserver lets in-flight requests finish (its exit timeout), then the command
 exits 143.
@@ -143,7 +144,11 @@ def find_tritonserver() -> TritonInstall:
     if not found.binary.is_file() or not (found.backend / "libtriton_python.so").is_file():
         raise LggError(f"{server} has no tritonserver with its Python backend: reinstall, {SERVE_HINT}")
     if not found.stub.is_file():
-        raise LggError(f"{server} has no Python backend stub for Python {version}: serve from Python 3.8-3.13")
+        have = sorted(p.name for p in (server / "python_backend_stubs").glob("*") if p.is_dir())
+        raise LggError(
+            f"{server} has no Python backend stub for Python {version} (it has {', '.join(have) or 'none'}): "
+            "serve from one of those"
+        )
     return found
 
 
