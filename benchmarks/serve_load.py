@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--levels", default="1,2,4,8,16")
-    parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    parser.add_argument("--max-queue-delay-us", type=int, help="serve's option (default: serve's default)")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--paired", action="store_true", help="also concurrency 1 paired with in-process batch 1")
     args = parser.parse_args()
@@ -220,14 +220,9 @@ def main() -> None:
     before = in_process(engine)
     http, grpc, metrics = free_ports(3)
     command = [str(Path(sys.executable).parent / "lggdeploy"), "serve", str(engine), "--http-port", str(http)]
-    command += [
-        "--grpc-port",
-        str(grpc),
-        "--metrics-port",
-        str(metrics),
-        "--max-queue-delay-us",
-        str(args.max_queue_delay_us),
-    ]
+    command += ["--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    if args.max_queue_delay_us is not None:
+        command += ["--max-queue-delay-us", str(args.max_queue_delay_us)]
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "serve.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

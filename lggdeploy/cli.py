@@ -28,6 +28,7 @@ from lggdeploy.engines.precision.criteria import HELP as GATE_HELP
 from lggdeploy.models.config import option_help
 from lggdeploy.optimize_options import DEFAULTS as OPTIMIZE
 from lggdeploy.optimize_options import HELP as OPTIMIZE_HELP
+from lggdeploy.serve.server import DEFAULTS as SERVE
 from lggdeploy.serve.server import HELP as SERVE_HELP
 
 
@@ -809,12 +810,12 @@ def _predict_scanner(engine, source, out_dir, threshold, rule, threads, flair, p
 @friendly
 def serve_cmd(
     engine: Path = typer.Argument(..., help="an engine built by `lggdeploy build`, or an `lggdeploy optimize` folder"),
-    http_port: int = typer.Option(8000, help=SERVE_HELP["http_port"]),
-    grpc_port: int = typer.Option(8001, help=SERVE_HELP["grpc_port"]),
-    metrics_port: int = typer.Option(8002, help=SERVE_HELP["metrics_port"]),
-    max_batch: int = typer.Option(8, help=SERVE_HELP["max_batch"]),
-    max_queue_delay_us: int = typer.Option(500, help=SERVE_HELP["max_queue_delay_us"]),
-    instances: int = typer.Option(1, help=SERVE_HELP["instances"]),
+    http_port: int = typer.Option(SERVE.http_port, help=SERVE_HELP["http_port"]),
+    grpc_port: int = typer.Option(SERVE.grpc_port, help=SERVE_HELP["grpc_port"]),
+    metrics_port: int = typer.Option(SERVE.metrics_port, help=SERVE_HELP["metrics_port"]),
+    max_batch: int = typer.Option(SERVE.max_batch, help=SERVE_HELP["max_batch"]),
+    max_queue_delay_us: int = typer.Option(SERVE.max_queue_delay_us, help=SERVE_HELP["max_queue_delay_us"]),
+    instances: int = typer.Option(SERVE.instances, help=SERVE_HELP["instances"]),
     threads: int | None = typer.Option(None, help=SERVE_HELP["threads"]),
     probabilities: bool = typer.Option(False, "--probabilities", help=SERVE_HELP["probabilities"]),
 ):
@@ -839,13 +840,14 @@ def serve_cmd(
 def triton_repo_cmd(
     engines: list[Path] = typer.Argument(..., help="engines built by `lggdeploy build` (their manifests beside them)"),
     out_dir: Path = typer.Option(Path("model_repository"), "-o", "--out", help="a new folder for the repository"),
-    max_batch: int = typer.Option(8, help=SERVE_HELP["max_batch"]),
+    max_batch: int = typer.Option(SERVE.max_batch, help=SERVE_HELP["max_batch"]),
+    max_queue_delay_us: int = typer.Option(SERVE.max_queue_delay_us, help=SERVE_HELP["max_queue_delay_us"]),
 ):
     """A model repository for a stock Triton server: the engine on Triton's own backend, pre/post Python models and an
     ensemble (`<preset>-slice`), and a `<preset>-volume` model."""
     from lggdeploy.serve.repository import write_repository
 
-    names = write_repository(engines, out_dir, max_batch)
+    names = write_repository(engines, out_dir, max_batch, max_queue_delay_us)
     out.print(f"wrote {out_dir}: {', '.join(names)} (see {out_dir / 'README.md'})")
 
 

@@ -27,6 +27,10 @@ from lggdeploy.common.errors import LggError
 from lggdeploy.common.files import ensure_folder, temporary_folder, write_text_atomic
 from lggdeploy.serve.handlers import EngineFacts
 
+# Dynamic batching's wait for more requests. 0: a request runs as soon as an instance is free, and requests that
+# queued meanwhile form the batch. Measured on 2 cores (benchmarks/results/serve-zen4/): 0 took 0.5-1.3 ms off the
+# concurrency-1 latency against 500 us and batched as well at concurrency 8 and 16.
+QUEUE_DELAY_US = 0
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
 ENGINE_BACKENDS = {  # engine file suffix -> (Triton backend, file name in the version folder)
     ".onnx": ("onnxruntime", "model.onnx"),
@@ -60,7 +64,9 @@ def _config(name: str, head: list[str], inputs, outputs, facts: EngineFacts, ext
     return "\n".join(parts) + "\n"
 
 
-def engine_config(name: str, manifest, facts: EngineFacts, max_batch: int, gpu: bool) -> str:
+def engine_config(
+    name: str, manifest, facts: EngineFacts, max_batch: int, gpu: bool, queue_delay_us: int = QUEUE_DELAY_US
+) -> str:
     backend, filename = ENGINE_BACKENDS[Path(manifest["engine"]).suffix]
     size = facts.img_size
     in_type = TRITON_TYPES.get(str(manifest["input"].get("dtype", "float32")), "TYPE_FP32")
@@ -73,7 +79,7 @@ def engine_config(name: str, manifest, facts: EngineFacts, max_batch: int, gpu: 
         [(manifest["output"]["name"], out_type, [1, size, size])],
         facts,
         [
-            "dynamic_batching {\n  max_queue_delay_microseconds: 500\n}",
+            f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}",
             f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]",
         ],
     )
@@ -236,7 +242,9 @@ def model_py(what: str, imports: str, body="", init="", execute="", writer="trit
     )
 
 
-def write_repository(engines: list[Path], out: Path, max_batch: int = 8) -> list[str]:
+def write_repository(
+    engines: list[Path], out: Path, max_batch: int = 8, max_queue_delay_us: int = QUEUE_DELAY_US
+) -> list[str]:
     """The repository for `engines` under `out` (written in a temporary folder, then moved into place): the model names."""
     from lggdeploy.engines.formats import read_manifest, verify_engine
 
@@ -258,7 +266,7 @@ def write_repository(engines: list[Path], out: Path, max_batch: int = 8) -> list
         root = Path(tmp) / "repository"
         for path, manifest, facts in loaded:
             name = facts.preset if presets.count(facts.preset) == 1 else f"{facts.preset}-{Path(path).stem}"
-            names += _write_models(root, name, path, manifest, facts, max_batch)
+            names += _write_models(root, name, path, manifest, facts, max_batch, max_queue_delay_us)
         write_text_atomic(root / "README.md", _readme(names))
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -266,7 +274,9 @@ def write_repository(engines: list[Path], out: Path, max_batch: int = 8) -> list
     return names
 
 
-def _write_models(root: Path, name: str, path: Path, manifest, facts: EngineFacts, max_batch: int) -> list[str]:
+def _write_models(
+    root: Path, name: str, path: Path, manifest, facts: EngineFacts, max_batch: int, queue_delay_us: int
+) -> list[str]:
     size = facts.img_size
     gpu = manifest["backend"] == "tensorrt"
     engine = f"{name}-engine"
@@ -275,7 +285,7 @@ def _write_models(root: Path, name: str, path: Path, manifest, facts: EngineFact
     shutil.copyfile(path, root / engine / "1" / filename)
     if backend == "openvino":
         shutil.copyfile(path.with_suffix(".bin"), root / engine / "1" / "model.bin")
-    (root / engine / "config.pbtxt").write_text(engine_config(engine, manifest, facts, max_batch, gpu))
+    (root / engine / "config.pbtxt").write_text(engine_config(engine, manifest, facts, max_batch, gpu, queue_delay_us))
     in_type = TRITON_TYPES.get(str(manifest["input"].get("dtype", "float32")), "TYPE_FP32")
     out_type = TRITON_TYPES.get(str(manifest["output"].get("dtype", "float32")), "TYPE_FP32")
     models = {

@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lggdeploy.common.errors import LggError
-from lggdeploy.serve.repository import write_serve_repository
+from lggdeploy.serve.repository import QUEUE_DELAY_US, write_serve_repository
 
 logger = logging.getLogger(__name__)
 server_logger = logging.getLogger("lggdeploy.serve.tritonserver")
@@ -64,7 +64,7 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     max_batch: int = 8  # the slice model's max_batch_size
-    max_queue_delay_us: int = 500  # dynamic batching: how long a request may wait (benchmarks/results/serve-zen4/)
+    max_queue_delay_us: int = QUEUE_DELAY_US  # dynamic batching: how long a request may wait for others
     instances: int = 1  # engine instances of the slice model (each its own session)
     threads: int | None = None  # CPU threads per engine instance (default: all cores / instances)
     max_volume_slices: int = 512
@@ -79,6 +79,7 @@ class ServeOptions:
         return self
 
 
+DEFAULTS = ServeOptions()
 HELP = {
     "http_port": "HTTP/REST port (KServe v2 protocol)",
     "grpc_port": "gRPC port",
