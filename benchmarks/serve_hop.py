@@ -7,7 +7,7 @@ NVIDIA PyTriton (Triton's Python backend hands each request to another process),
 
 `lggdeploy serve` ran on PyTriton until this comparison; PyTriton's proxy forwards every request from the Python
 backend to the process that bound the model (ZeroMQ and shared memory). Here both servers run at once on the same
-engine file with the same handler (`SliceHandler`, masks only), queue delay 500 µs, gRPC client; each round calls
+engine file with the same handler (`SliceHandler`, masks only), the same queue delay (`serve`'s default), gRPC client; each round calls
 the direct server, the PyTriton server and the handler in this process once each in a random order, with a pause
 between calls, and the medians of the paired differences against the in-process call are reported (immune to the
 drift that moves separate figures by more than the milliseconds judged) with a 95 % bootstrap interval of each median.
@@ -31,6 +31,7 @@ from serve_load import client_library, free_ports, load, slice_handler, wait_rea
 
 from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.engines.formats import read_manifest
+from lggdeploy.serve.repository import QUEUE_DELAY_US
 from lggdeploy.serve.server import find_tritonserver, server_environment
 
 PYTRITON_SERVER = """
@@ -52,7 +53,7 @@ with Triton(config=config) as triton:
     triton.bind(model_name="pytriton-slice", infer_func=infer,
                 inputs=[Tensor(name="slices", dtype=np.uint8, shape=(256, 256, 3))],
                 outputs=[Tensor(name="masks", dtype=np.uint8, shape=(256, 256))],
-                config=ModelConfig(max_batch_size=8, batcher=DynamicBatcher(max_queue_delay_microseconds=500)),
+                config=ModelConfig(max_batch_size=8, batcher=DynamicBatcher(max_queue_delay_microseconds={delay})),
                 strict=True)
     triton.serve()
 """
@@ -113,7 +114,12 @@ def main() -> None:
         if args.pytriton:
             http, grpc, metrics = ports_left.pop(), ports_left.pop(), ports_left.pop()
             script = PYTRITON_SERVER.format(
-                here=str(Path(__file__).parent), engine=str(engine), http=http, grpc=grpc, metrics=metrics
+                here=str(Path(__file__).parent),
+                engine=str(engine),
+                http=http,
+                grpc=grpc,
+                metrics=metrics,
+                delay=QUEUE_DELAY_US,
             )
             log = open(args.out / "pytriton.log", "w")
             process = subprocess.Popen(  # this Python's lib/ first on LD_LIBRARY_PATH, as `serve` sets it for its stub
@@ -148,25 +154,25 @@ def main() -> None:
                     f"127.0.0.1:{p}", m, args.concurrency, args.requests, "grpc"
                 )
         rng = np.random.default_rng(0)
-        times: dict[str, list[float]] = {name: [] for name in calls}
+        figures: dict[str, list[float]] = {name: [] for name in calls}  # ms, or slices/s under load
         for _ in range(args.pairs):
             for name in rng.permutation(list(calls)):
                 time.sleep(0.02 if args.concurrency == 1 else 0.2)  # idle threads stop spinning
                 if args.concurrency == 1:
-                    times[name].append(timed(calls[name], args.block))
+                    figures[name].append(timed(calls[name], args.block))
                 elif name == "local":
-                    times[name].append(8000 / timed(calls[name], max(1, args.requests // 8)))  # slices/s
+                    figures[name].append(8000 / timed(calls[name], max(1, args.requests // 8)))  # slices/s
                 else:
                     level = calls[name]()
                     assert level["errors"] == 0, level
-                    times[name].append(level["slices_per_s"])
+                    figures[name].append(level["slices_per_s"])
     finally:
         for _, process, _ in servers:
             process.send_signal(signal.SIGTERM)
         codes = {name: process.wait(timeout=120) for name, process, _ in servers}
         for _, _, log in servers:
             log.close()
-    local = np.array(times["local"])
+    local = np.array(figures["local"])
     if args.concurrency > 1:
         rows = {
             name: {
@@ -175,7 +181,7 @@ def main() -> None:
                 "paired_ratio_to_in_process_b8_p50": float(np.median(np.array(values) / local)),
                 "paired_ratio_to_in_process_b8_p50_95ci": median_interval(np.array(values) / local),
             }
-            for name, values in times.items()
+            for name, values in figures.items()
             if name != "local"
         }
     else:
@@ -189,7 +195,7 @@ def main() -> None:
                 ],
                 "paired_minus_in_process_p50_95ci_ms": median_interval(np.array(values) - local),
             }
-            for name, values in times.items()
+            for name, values in figures.items()
             if name != "local"
         }
     info = machine_info()
