@@ -112,7 +112,9 @@ def test_triton_repo_writes_one_model_per_stage_with_the_engines_facts(engine, t
     again = runner.invoke(app, ["triton-repo", str(engine), "-o", str(repo)])
     assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output
     assert "max_queue_delay_microseconds: 0\n" in (repo / f"{preset}-engine" / "config.pbtxt").read_text()
-    delayed = runner.invoke(app, ["triton-repo", str(engine), "-o", str(tmp_path / "r2"), "--max-queue-delay-us", "250"])
+    delayed = runner.invoke(
+        app, ["triton-repo", str(engine), "-o", str(tmp_path / "r2"), "--max-queue-delay-us", "250"]
+    )
     assert delayed.exit_code == 0, delayed.output
     assert "max_queue_delay_microseconds: 250\n" in (tmp_path / "r2" / f"{preset}-engine" / "config.pbtxt").read_text()
 
