@@ -1,11 +1,14 @@
 """CPU training step time: FP32 vs bfloat16 autocast, NCHW vs channels-last, eager vs torch.compile.
 
 usage: .venv/bin/python benchmarks/train_speed.py --data DATA --out OUT [--model pspnet-scratch] [--steps 12] [--rounds 3] [--no-compile]
+       [--only-crops --crop-sizes 192,160,128]
 
 The same seeded batches of real slices (256 px, batch 8, augmentation off) through forward + Dice/BCE loss +
 backward + AdamW step. Configurations run in interleaved rounds (each round times every configuration on the same
 batches, in a shuffled order); a configuration's figure is the median step time over all its timed steps, after 3
 warm-up steps per round (torch.compile's compilation happens in the first round's warm-up and is reported apart).
+--crop-sizes adds FP32 channels-last configurations that train on crops of the same batches (`--crop-size`'s
+`random_crops`, seeded); --only-crops keeps the whole-slice FP32 channels-last one beside them and drops the rest.
 Writes OUT/train_speed.json and OUT/train_speed.md.
 """
 
@@ -25,7 +28,7 @@ from lggdeploy.common.machine import cpu_has_bf16, cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import make_split
-from lggdeploy.data.transforms import Normalization, preprocess, resize_masks
+from lggdeploy.data.transforms import Normalization, preprocess, random_crops, resize_masks
 from lggdeploy.models.networks import build_model
 from lggdeploy.models.presets import resolve_model
 from lggdeploy.models.recipe import segmentation_loss
@@ -48,7 +51,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile configuration")
+    parser.add_argument("--crop-sizes", default="", help="comma-separated crop sizes to time beside whole slices")
+    parser.add_argument("--only-crops", action="store_true", help="time only FP32 channels-last, whole and cropped")
     args = parser.parse_args()
+    crops = [int(v) for v in args.crop_sizes.split(",") if v.strip()]
     torch.manual_seed(0)
     dataset = load_dataset(args.data)
     split = make_split(dataset, seed=0)
@@ -61,11 +67,15 @@ def main() -> None:
     ]
     batches = [b for b in batches if len(b[0]) == args.batch]
     configs = [c for c in CONFIGS if (c[1] != "bf16" or cpu_has_bf16()) and not (c[3] and args.no_compile)]
+    if args.only_crops:
+        configs = [c for c in configs if c[1] == "fp32" and c[2]]
+    configs += [(f"fp32, channels-last, {size} px crops", "fp32", True, False) for size in crops]
+    crop_of = {f"fp32, channels-last, {size} px crops": size for size in crops}
 
-    state = build_model(resolve_model(args.model), None).model.state_dict()
+    state = build_model(resolve_model(args.model), "random").model.state_dict()
     setups, compile_seconds, times = {}, {}, {c[0]: [] for c in configs}
     for name, precision, channels_last, compiled in configs:
-        model = build_model(resolve_model(args.model), None).model
+        model = build_model(resolve_model(args.model), "random").model
         model.load_state_dict(state)
         model.train()
         if channels_last:
@@ -75,6 +85,8 @@ def main() -> None:
 
     def step(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         model, net, optimizer, precision, channels_last = setups[name]
+        if name in crop_of:
+            x, y = random_crops(x, y, crop_of[name], torch.Generator().manual_seed(len(times[name])))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -99,12 +111,14 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
         print(f"round {round_ + 1}/{args.rounds} done")
 
-    base = float(np.median(times[configs[0][0]]))
+    base = float(
+        np.median(times[configs[0][0]])
+    )  # the first configuration: fp32 NCHW, or whole slices with --only-crops
     rows = [
         {
             "config": n,
             "median_step_s": float(np.median(times[n])),
-            "speedup_vs_fp32_nchw": base / float(np.median(times[n])),
+            "speedup_vs_first_config": base / float(np.median(times[n])),
             "steps_timed": len(times[n]),
             "warmup_and_compile_s": compile_seconds.get(n),
         }
@@ -126,12 +140,12 @@ def main() -> None:
         f"Training step, {args.model}, batch {args.batch}, 256 px, {cpu_line(machine['cpu'])}, "
         f"torch {torch.__version__}, {dt.date.today().isoformat()}; median of {args.rounds} interleaved rounds x {args.steps} steps.",
         "",
-        "| configuration | median s / step | speed-up vs fp32 NCHW | first-round warm-up incl. compilation (s) |",
+        f"| configuration | median s / step | speed-up vs {configs[0][0]} | first-round warm-up incl. compilation (s) |",
         "|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['median_step_s']:.3f} | {r['speedup_vs_fp32_nchw']:.2f}x | {r['warmup_and_compile_s'] or ''} |"
+            f"| {r['config']} | {r['median_step_s']:.3f} | {r['speedup_vs_first_config']:.2f}x | {r['warmup_and_compile_s'] or ''} |"
         )
     write_text_atomic(args.out / "train_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -328,6 +328,7 @@ def train_cmd(
     missing_modality: _train_option("missing_modality", float | None) = None,
     normalization: _train_option("normalization", str | None) = None,
     bn_momentum: _train_option("bn_momentum", float | None) = None,
+    crop_size: _train_option("crop_size", int | None) = None,
     postprocess: _train_option("postprocess", str | None) = None,
 ):  # fmt: skip
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
@@ -340,6 +341,7 @@ def train_cmd(
         tumor_fraction=tumor_fraction, warmup_epochs=warmup_epochs, ema_decay=ema, tune_threshold=tune_threshold,
         threshold=threshold, budget_minutes=budget_minutes, postprocess=postprocess,
         missing_modality=missing_modality, normalization=normalization, bn_momentum=bn_momentum,
+        crop_size=crop_size,
     )  # fmt: skip
     out.print(_train_summary(train(cfg)))
 

@@ -241,6 +241,11 @@ def test_bad_recipe_options_are_one_clear_line(phantom_dir, tmp_path):
         (dict(missing_modality=1.5), "--missing-modality must be a share"),
         (dict(normalization="volume"), "unknown --normalization 'volume'"),
         (dict(bn_momentum=1.5), "--bn-momentum must lie between 0"),
+        (dict(crop_size=48), "--crop-size must be 0"),
+        (
+            dict(crop_size=96),
+            r"--crop-size must be 0 \(whole slices\) or a multiple of 32 from 64 to --img-size \(64\)",
+        ),
     ):
         with pytest.raises(LggError, match=message):
             train(
@@ -317,6 +322,46 @@ def test_batch_norm_momentum_reaches_every_layer_and_the_run(phantom_dir, tmp_pa
         and "--bn-momentum 0.1 (the run has 0.3)" in refused.output
         and "Traceback" not in refused.output
     )
+
+
+def test_crops_keep_image_and_mask_together_and_hold_the_tumor():
+    from lggdeploy.data.transforms import random_crops
+
+    n, size = 64, 64
+    rows, cols = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    x01 = torch.stack([rows, cols, rows * 0]).expand(n, 3, 256, 256) / 255  # each pixel knows where it was
+    masks = torch.zeros(n, 1, 256, 256)
+    masks[: n // 2, 0, 250:253, 2:6] = 1  # a 12-pixel lesion in a corner: half the slices hold it
+    crops, crop_masks = random_crops(x01, masks, size, torch.Generator().manual_seed(0))
+    assert crops.shape == (n, 3, size, size) and crop_masks.shape == (n, 1, size, size)
+    tops, lefts = (crops[:, 0, 0, 0] * 255).round().long(), (crops[:, 1, 0, 0] * 255).round().long()
+    for i in range(n):  # the mask's window is the image's
+        assert torch.equal(crop_masks[i], masks[i, :, tops[i] : tops[i] + size, lefts[i] : lefts[i] + size])
+    assert (crop_masks[: n // 2].sum(dim=(1, 2, 3)) > 0).all()  # every tumor slice's crop holds tumor
+    empty_tops = tops[n // 2 :]
+    assert empty_tops.min() < 48 and empty_tops.max() > 144  # tumor-free slices are cropped anywhere
+    again, _ = random_crops(x01, masks, size, torch.Generator().manual_seed(0))
+    assert torch.equal(again, crops)  # seeded: a resumed epoch crops as the first run did
+    assert random_crops(x01, masks, 256)[0] is x01
+
+
+def test_a_run_trains_on_crops_and_records_them(phantom_dir, tmp_path, monkeypatch):
+    from lggdeploy.models import train as train_module
+
+    shapes, crop = [], train_module.random_crops
+
+    def spy(x01, masks, size, generator=None):
+        out = crop(x01, masks, size, generator)
+        shapes.append((tuple(x01.shape[-2:]), tuple(out[0].shape[-2:])))
+        return out
+
+    monkeypatch.setattr(train_module, "random_crops", spy)
+    kw = dict(model="pspnet-scratch", data=phantom_dir, epochs=1, batch_size=8, img_size=96, show_progress=False)
+    result = train(TrainConfig(out=tmp_path / "m", crop_size=64, **kw))
+    assert shapes and set(shapes) == {((96, 96), (64, 64))}
+    ckpt = load_checkpoint(result.best_path)
+    assert ckpt["train_config"]["crop_size"] == 64 and ckpt["img_size"] == 96
+    assert 0 <= result.history[-1]["val_mean_patient_dice"] <= 1
 
 
 def test_budget_fixes_the_number_of_epochs_and_the_schedule(phantom_dir, tmp_path):

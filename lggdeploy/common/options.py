@@ -104,6 +104,7 @@ RANGES: dict[str, Range] = {
     "ema": Range(0.0, 1.0, high_open=True, meaning="0 (off) or a decay such as 0.99"),
     "missing_modality": SHARE,
     "bn_momentum": SHARE,
+    "crop_size": Range(0, 1_024, meaning="pixels: 0 (whole slices) or a multiple of 32"),
 }
 # (command function, option) -> range, where a command reads an option differently.
 COMMAND_RANGES: dict[tuple[str, str], Range] = {

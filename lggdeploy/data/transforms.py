@@ -266,6 +266,33 @@ class Augmentation:
         return x01, masks
 
 
+def random_crops(x01, masks, size: int, generator=None):
+    """Training on patches (nnU-Net's habit): (N, 3, H, W) images and (N, 1, H, W) masks -> size x size crops, the
+    same window for both. A slice with tumor is cropped around one of its tumor pixels drawn at random, at a uniform
+    position inside the window (so every crop of a tumor slice holds tumor and its surroundings vary); a slice without
+    any, anywhere. How many crops hold tumor is thereby the epoch's tumor share (`--tumor-fraction`). The network is
+    convolutional, so it still predicts whole slices; only its training steps are cheaper."""
+    import torch
+
+    n, _, height, width = x01.shape
+    if size >= height and size >= width:
+        return x01, masks
+    draws = torch.rand(n, 3, generator=generator)  # three draws per slice, tumor or not: a fixed random stream
+    out_x = x01.new_empty(n, x01.shape[1], size, size)
+    out_m = masks.new_empty(n, masks.shape[1], size, size)
+    for i in range(n):
+        tumor = masks[i, 0].nonzero()
+        if len(tumor):
+            row, col = tumor[min(int(draws[i, 0] * len(tumor)), len(tumor) - 1)].tolist()
+            top = min(max(row - int(draws[i, 1] * size), 0), height - size)
+            left = min(max(col - int(draws[i, 2] * size), 0), width - size)
+        else:
+            top, left = int(draws[i, 1] * (height - size + 1)), int(draws[i, 2] * (width - size + 1))
+        out_x[i] = x01[i, :, top : top + size, left : left + size]
+        out_m[i] = masks[i, :, top : top + size, left : left + size]
+    return out_x, out_m
+
+
 def simulate_missing_sequences(x01, share: float, generator=None):
     """The data set's fill for a missing sequence, on a share of the slices: channel 0 (pre-contrast), channel 2
     (post-contrast) or both replaced by a copy of channel 1 (FLAIR), each pattern a third of the time. (N, 3, H, W)."""

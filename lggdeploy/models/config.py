@@ -63,6 +63,9 @@ class TrainConfig:
     # Every batch-norm layer's running-statistics momentum while training (PyTorch's 0.1); 0 keeps each layer's own
     # (efficientnet-pytorch's 0.01 left unet-effb7's eval statistics far behind its weights: recipe.set_batch_norm_momentum).
     bn_momentum: float = 0.1
+    # Train on random crops of this many pixels (0: whole slices); a tumor slice's crop holds one of its tumor pixels
+    # (transforms.random_crops). Validation, selection and every engine still see whole slices.
+    crop_size: int = 0
 
     @classmethod
     def from_flags(
@@ -119,6 +122,11 @@ class TrainConfig:
             raise LggError(f"--threshold must lie strictly between 0 and 1, got {self.threshold}")
         if not 0 <= self.bn_momentum <= 1:
             raise LggError(f"--bn-momentum must lie between 0 (each layer keeps its own) and 1, got {self.bn_momentum}")
+        if self.crop_size and not (64 <= self.crop_size <= self.img_size and self.crop_size % 32 == 0):
+            raise LggError(
+                f"--crop-size must be 0 (whole slices) or a multiple of 32 from 64 to --img-size ({self.img_size}), "
+                f"got {self.crop_size}"
+            )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
         if self.postprocess != "auto":
@@ -156,6 +164,8 @@ HELP = {
     "differences between scans are removed) or fixed (ImageNet statistics on x / 255: absolute intensity)",
     "bn_momentum": "running-statistics momentum of every batch-norm layer while training (PyTorch's 0.1; 0 keeps each "
     "encoder's own, e.g. efficientnet's 0.01)",
+    "crop_size": "train on random crops of this many pixels, each tumor slice's holding tumor (0: whole slices); "
+    "validation and inference see whole slices",
     "postprocess": "post-processing stored in best.pt: auto (3-D components smaller than half the smallest train "
     "tumor removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
     "or N,F (also those under F x the largest component)",

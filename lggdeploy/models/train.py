@@ -42,6 +42,7 @@ from lggdeploy.data.transforms import (
     Augmentation,
     Normalization,
     logits_to_masks,
+    random_crops,
     resize_images,
     resize_masks,
 )
@@ -115,6 +116,7 @@ FIXED_ON_RESUME = (
     "missing_modality",
     "normalization",
     "bn_momentum",
+    "crop_size",
 )
 
 
@@ -133,6 +135,7 @@ LEGACY_RECIPE = {
     "missing_modality": 0.0,
     "normalization": "fixed",
     "bn_momentum": 0.0,
+    "crop_size": 0,
 }
 
 
@@ -500,7 +503,8 @@ class Trainer:
             f"{self.spec.name}: {count_parameters(self.model) / 1e6:.2f}M parameters, "
             f"encoder weights {self.weights_info['encoder_weights']}, "
             f"{len(split.train)} train / {len(split.val)} val patients "
-            f"({len(self.train_images)} / {len(self.val_slices)} slices), {cfg.img_size}px, device {self.device}"
+            f"({len(self.train_images)} / {len(self.val_slices)} slices), {cfg.img_size}px"
+            f"{f' (training on {cfg.crop_size}px crops)' if 0 < cfg.crop_size < cfg.img_size else ''}, device {self.device}"
             f"{f', {self.world} processes' if self.world > 1 else ''}, compute {compute}"
             f"{', channels-last' if cfg.channels_last else ''}"
         )
@@ -554,6 +558,8 @@ class Trainer:
         y = torch.from_numpy(self.train_masks[idx]).unsqueeze(1).float()
         if cfg.augment:
             x01, y = self.augment(x01, y, self.aug_generator)
+        if cfg.crop_size and cfg.crop_size < cfg.img_size:
+            x01, y = random_crops(x01, y, cfg.crop_size, self.aug_generator)
         x = self.normalization.apply_torch(x01).to(self.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,89 @@
+"""Two `lggdeploy eval` results on the same patients, paired: per-patient Dice of each, the difference, and its 95 %
+bootstrap interval over patients (none under five patients). For ablations: run A (the recipe) against run B (one
+change), each scored by `lggdeploy eval ... --out FILE`.
+
+    python benchmarks/compare_evals.py --pair val A-val.json B-val.json --pair test A-test.json B-test.json \
+        [--metric dice|dice_without_postprocess|dice_largest_component] [--out compare.json]
+
+Prints a Markdown table (one row per pair); the JSON holds every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lggdeploy.bench.stats import paired_summary
+from lggdeploy.common.files import write_json_atomic
+
+METRICS = ("dice", "dice_without_postprocess", "dice_largest_component")
+
+
+def per_patient(path: Path, metric: str) -> dict[str, float]:
+    rows = json.loads(path.read_text())["per_patient"]
+    return {row["patient"]: float(row[metric]) for row in rows if row.get(metric) is not None}
+
+
+def compare(a: Path, b: Path, metric: str = "dice") -> dict:
+    first, second = per_patient(a, metric), per_patient(b, metric)
+    if set(first) != set(second):
+        raise SystemExit(f"{a} and {b} score different patients: pair runs evaluated on the same split")
+    diffs = {p: second[p] - first[p] for p in sorted(first)}
+    return {
+        "metric": metric,
+        "a": {"file": str(a), "mean": sum(first.values()) / len(first), "missed": sum(v == 0 for v in first.values())},
+        "b": {
+            "file": str(b),
+            "mean": sum(second.values()) / len(second),
+            "missed": sum(v == 0 for v in second.values()),
+        },
+        "difference_b_minus_a": paired_summary(diffs),
+        "per_patient": {p: {"a": first[p], "b": second[p]} for p in sorted(first)},
+    }
+
+
+def row(label: str, result: dict) -> str:
+    d = result["difference_b_minus_a"]
+    ci = f"{d['ci95'][0] * 100:+.2f} to {d['ci95'][1] * 100:+.2f}" if d["ci95"] else "no interval (n < 5)"
+    better = sum(v["b"] > v["a"] for v in result["per_patient"].values())
+    return (
+        f"| {label} | {d['n']} | {result['a']['mean']:.4f} → {result['b']['mean']:.4f} | {d['mean'] * 100:+.2f} ({ci}) | "
+        f"{d['min'] * 100:+.2f} to {d['max'] * 100:+.2f} | {better} of {d['n']} | {result['a']['missed']} / "
+        f"{result['b']['missed']} |"
+    )
+
+
+def _mean(results: dict, side: str) -> float:
+    values = [v[side] for r in results.values() for v in r["per_patient"].values()]
+    return sum(values) / len(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", nargs=3, action="append", metavar=("LABEL", "A", "B"), required=True)
+    parser.add_argument("--metric", choices=METRICS, default="dice")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = {label: compare(Path(a), Path(b), args.metric) for label, a, b in args.pair}
+    print(
+        f"| split | n | mean per-patient {args.metric}, A → B | B − A, points (95 % CI) | range | B better | missed A / B |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for label, result in results.items():
+        print(row(label, result))
+    if len(results) > 1:  # the pairs pooled: each patient once per pair
+        pooled = {
+            "a": {"mean": _mean(results, "a"), "missed": sum(r["a"]["missed"] for r in results.values())},
+            "b": {"mean": _mean(results, "b"), "missed": sum(r["b"]["missed"] for r in results.values())},
+            "per_patient": {f"{k}/{p}": v for k, r in results.items() for p, v in r["per_patient"].items()},
+        }
+        pooled["difference_b_minus_a"] = paired_summary({p: v["b"] - v["a"] for p, v in pooled["per_patient"].items()})
+        results["pooled"] = pooled
+        print(row("pooled", pooled))
+    if args.out:
+        write_json_atomic(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
