@@ -350,9 +350,10 @@ def test_a_run_trains_on_crops_and_records_them(phantom_dir, tmp_path, monkeypat
 
     shapes, crop = [], train_module.random_crops
 
-    def spy(x01, masks, size, generator=None):
-        out = crop(x01, masks, size, generator)
-        shapes.append((tuple(x01.shape[-2:]), tuple(out[0].shape[-2:])))
+    def spy(images, masks, size, generator=None):
+        assert images.min() < 0  # the normalized input of the whole slice is cropped, not the raw slice in [0, 1]
+        out = crop(images, masks, size, generator)
+        shapes.append((tuple(images.shape[-2:]), tuple(out[0].shape[-2:])))
         return out
 
     monkeypatch.setattr(train_module, "random_crops", spy)

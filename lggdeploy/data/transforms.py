@@ -266,19 +266,20 @@ class Augmentation:
         return x01, masks
 
 
-def random_crops(x01, masks, size: int, generator=None):
-    """Training on patches (nnU-Net's habit): (N, 3, H, W) images and (N, 1, H, W) masks -> size x size crops, the
-    same window for both. A slice with tumor is cropped around one of its tumor pixels drawn at random, at a uniform
+def random_crops(images, masks, size: int, generator=None):
+    """Training on patches (nnU-Net's habit): (N, C, H, W) images and (N, 1, H, W) masks -> size x size crops, the
+    same window for both. Crop the model's input, not the raw slice: the per-slice normalization must measure the
+    whole slice, as it does at inference. A slice with tumor is cropped around one of its tumor pixels drawn at random, at a uniform
     position inside the window (so every crop of a tumor slice holds tumor and its surroundings vary); a slice without
     any, anywhere. How many crops hold tumor is thereby the epoch's tumor share (`--tumor-fraction`). The network is
     convolutional, so it still predicts whole slices; only its training steps are cheaper."""
     import torch
 
-    n, _, height, width = x01.shape
+    n, _, height, width = images.shape
     if size >= height and size >= width:
-        return x01, masks
+        return images, masks
     draws = torch.rand(n, 3, generator=generator)  # three draws per slice, tumor or not: a fixed random stream
-    out_x = x01.new_empty(n, x01.shape[1], size, size)
+    out_x = images.new_empty(n, images.shape[1], size, size)
     out_m = masks.new_empty(n, masks.shape[1], size, size)
     for i in range(n):
         tumor = masks[i, 0].nonzero()
@@ -288,7 +289,7 @@ def random_crops(x01, masks, size: int, generator=None):
             left = min(max(col - int(draws[i, 2] * size), 0), width - size)
         else:
             top, left = int(draws[i, 1] * (height - size + 1)), int(draws[i, 2] * (width - size + 1))
-        out_x[i] = x01[i, :, top : top + size, left : left + size]
+        out_x[i] = images[i, :, top : top + size, left : left + size]
         out_m[i] = masks[i, :, top : top + size, left : left + size]
     return out_x, out_m
 

@@ -558,9 +558,10 @@ class Trainer:
         y = torch.from_numpy(self.train_masks[idx]).unsqueeze(1).float()
         if cfg.augment:
             x01, y = self.augment(x01, y, self.aug_generator)
+        x = self.normalization.apply_torch(x01)  # of the whole slice, as at inference, before any crop
         if cfg.crop_size and cfg.crop_size < cfg.img_size:
-            x01, y = random_crops(x01, y, cfg.crop_size, self.aug_generator)
-        x = self.normalization.apply_torch(x01).to(self.device, non_blocking=True)
+            x, y = random_crops(x, y, cfg.crop_size, self.aug_generator)
+        x = x.to(self.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
