@@ -111,9 +111,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
         print(f"round {round_ + 1}/{args.rounds} done")
 
-    base = float(
-        np.median(times[configs[0][0]])
-    )  # the first configuration: fp32 NCHW, or whole slices with --only-crops
+    # Speed-ups are against the first configuration: fp32 NCHW, or whole slices with --only-crops.
+    base = float(np.median(times[configs[0][0]]))
     rows = [
         {
             "config": n,
