@@ -559,7 +559,7 @@ class Trainer:
         if cfg.augment:
             x01, y = self.augment(x01, y, self.aug_generator)
         x = self.normalization.apply_torch(x01)  # of the whole slice, as at inference, before any crop
-        if cfg.crop_size and cfg.crop_size < cfg.img_size:
+        if cfg.crop_size:  # random_crops leaves a slice no larger than the crop as it is
             x, y = random_crops(x, y, cfg.crop_size, self.aug_generator)
         x = x.to(self.device, non_blocking=True)
         if cfg.channels_last:
