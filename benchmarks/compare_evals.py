@@ -32,15 +32,16 @@ def compare(a: Path, b: Path, metric: str = "dice") -> dict:
     diffs = {p: second[p] - first[p] for p in sorted(first)}
     return {
         "metric": metric,
-        "a": {"file": str(a), "mean": sum(first.values()) / len(first), "missed": sum(v == 0 for v in first.values())},
-        "b": {
-            "file": str(b),
-            "mean": sum(second.values()) / len(second),
-            "missed": sum(v == 0 for v in second.values()),
-        },
+        "a": {"file": str(a), **side(list(first.values()))},
+        "b": {"file": str(b), **side(list(second.values()))},
         "difference_b_minus_a": paired_summary(diffs),
         "per_patient": {p: {"a": first[p], "b": second[p]} for p in sorted(first)},
     }
+
+
+def side(values: list[float]) -> dict:
+    """One run's mean per-patient figure and its missed patients (Dice 0)."""
+    return {"mean": sum(values) / len(values), "missed": sum(v == 0 for v in values)}
 
 
 def row(label: str, result: dict) -> str:
@@ -52,11 +53,6 @@ def row(label: str, result: dict) -> str:
         f"{d['min'] * 100:+.2f} to {d['max'] * 100:+.2f} | {better} of {d['n']} | {result['a']['missed']} / "
         f"{result['b']['missed']} |"
     )
-
-
-def _mean(results: dict, side: str) -> float:
-    values = [v[side] for r in results.values() for v in r["per_patient"].values()]
-    return sum(values) / len(values)
 
 
 def main() -> None:
@@ -73,10 +69,11 @@ def main() -> None:
     for label, result in results.items():
         print(row(label, result))
     if len(results) > 1:  # the pairs pooled: each patient once per pair
+        pairs = {f"{k}/{p}": v for k, r in results.items() for p, v in r["per_patient"].items()}
         pooled = {
-            "a": {"mean": _mean(results, "a"), "missed": sum(r["a"]["missed"] for r in results.values())},
-            "b": {"mean": _mean(results, "b"), "missed": sum(r["b"]["missed"] for r in results.values())},
-            "per_patient": {f"{k}/{p}": v for k, r in results.items() for p, v in r["per_patient"].items()},
+            "a": side([v["a"] for v in pairs.values()]),
+            "b": side([v["b"] for v in pairs.values()]),
+            "per_patient": pairs,
         }
         pooled["difference_b_minus_a"] = paired_summary({p: v["b"] - v["a"] for p, v in pooled["per_patient"].items()})
         results["pooled"] = pooled

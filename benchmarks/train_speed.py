@@ -69,8 +69,8 @@ def main() -> None:
     configs = [c for c in CONFIGS if (c[1] != "bf16" or cpu_has_bf16()) and not (c[3] and args.no_compile)]
     if args.only_crops:
         configs = [c for c in configs if c[1] == "fp32" and c[2]]
-    configs += [(f"fp32, channels-last, {size} px crops", "fp32", True, False) for size in crops]
     crop_of = {f"fp32, channels-last, {size} px crops": size for size in crops}
+    configs += [(name, "fp32", True, False) for name in crop_of]
 
     state = build_model(resolve_model(args.model), "random").model.state_dict()
     setups, compile_seconds, times = {}, {}, {c[0]: [] for c in configs}

@@ -269,10 +269,11 @@ class Augmentation:
 def random_crops(images, masks, size: int, generator=None):
     """Training on patches (nnU-Net's habit): (N, C, H, W) images and (N, 1, H, W) masks -> size x size crops, the
     same window for both. Crop the model's input, not the raw slice: the per-slice normalization must measure the
-    whole slice, as it does at inference. A slice with tumor is cropped around one of its tumor pixels drawn at random, at a uniform
-    position inside the window (so every crop of a tumor slice holds tumor and its surroundings vary); a slice without
-    any, anywhere. How many crops hold tumor is thereby the epoch's tumor share (`--tumor-fraction`). The network is
-    convolutional, so it still predicts whole slices; only its training steps are cheaper."""
+    whole slice, as it does at inference. A slice with tumor is cropped around one of its tumor pixels drawn at
+    random, at a uniform position inside the window (so every crop of a tumor slice holds tumor and its surroundings
+    vary); a slice without any, anywhere. How many crops hold tumor is thereby the epoch's tumor share
+    (`--tumor-fraction`). The network is convolutional, so it still predicts whole slices; only its training steps
+    are cheaper."""
     import torch
 
     n, _, height, width = images.shape
