@@ -472,6 +472,7 @@ def test_an_export_of_an_older_graph_form_is_redone_and_a_current_one_reused(seg
     assert json.loads(record_path.read_text())["export_graph"] == EXPORT_GRAPH and onnx_path.stat().st_mtime_ns != stamp
 
 
+@pytest.mark.slow  # 12 s; a cache's bookkeeping, not the gate itself
 def test_the_fp32_reference_runs_once_per_model_and_inputs(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     """`optimize` builds each rung with its own build_engines call: the PyTorch reference on the val slices is computed
     once per model and inputs in a process, and again when they change."""

@@ -100,6 +100,7 @@ def test_each_numeric_option_refuses_its_edge_values_in_one_line(tmp_path, words
     _refused(tmp_path, words, fn, name, kind, flag, "abc")  # a wrong type
 
 
+@pytest.mark.slow  # 150 drawn values; every option's edges stay in the default set
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     option=st.sampled_from(NUMERIC),

@@ -365,32 +365,52 @@ def test_a_run_trains_on_crops_and_records_them(phantom_dir, tmp_path, monkeypat
     assert 0 <= result.history[-1]["val_mean_patient_dice"] <= 1
 
 
-def test_budget_fixes_the_number_of_epochs_and_the_schedule(phantom_dir, tmp_path):
-    from lggdeploy.models.train import epochs_within_budget
+def test_budget_sets_the_epochs_after_epoch_1_and_revises_them_from_the_median_epoch(
+    phantom_dir, tmp_path, monkeypatch
+):
+    """On a fake clock epoch 2 runs 100 s slow (the machine got busy): epoch 1 alone says the cap of 6 epochs fits in
+    the budget, the median after epoch 2 says 3, and the cosine is re-spanned over 3 (3 is past the middle: no more
+    decisions)."""
+    import time as real_time
+
+    from lggdeploy.models import train as train_module
+    from lggdeploy.models.train import Trainer, epochs_within_budget
 
     assert epochs_within_budget(1800, 200, 150, None) == 11  # 1600 s left * 0.97 / 150 s = 10 more epochs
     assert epochs_within_budget(1800, 200, 150, 6) == 6 and epochs_within_budget(100, 200, 150, None) == 1
+    assert epochs_within_budget(1800, 1000, 100, None, done=4) == 11  # 800 s * 0.97 // 100 s = 7 more after 4
+    assert epochs_within_budget(1800, 1900, 100, None, done=4) == 4  # over budget: what is done stays done
+
+    offset = [0.0]
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: real_time.perf_counter() + offset[0])})
+    monkeypatch.setattr(train_module, "time", clock)
+    step = Trainer.train_step
+
+    def slow_second_epoch(self, i):
+        if self.epoch == 2 and i == 0:
+            offset[0] += 100.0
+        step(self, i)
+
+    monkeypatch.setattr(Trainer, "train_step", slow_second_epoch)
     result = train(
         TrainConfig(
             model="pspnet-scratch",
             data=phantom_dir,
             out=tmp_path / "b",
-            epochs=4,
+            epochs=6,
             batch_size=8,
             img_size=64,
             show_progress=False,
-            budget_minutes=0.5,
+            budget_minutes=185 / 60,  # after epoch 2: (185 - ~106 s) * 0.97 // a ~51 s median = 1 more epoch
             explicit=frozenset({"epochs", "budget_minutes"}),
         )
     )
     last = load_checkpoint(result.last_path)
-    decided = last["budget"]["epochs"]
-    assert (
-        1 <= decided <= 4
-        and len(result.history) == decided == last["train_config"]["epochs"] == last["schedule_epochs"]
-    )
-    if decided > 1:  # the cosine spans exactly the decided epochs: the last epoch ends at the schedule's floor
-        assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)
+    budget = last["budget"]
+    assert [(d["after_epoch"], d["epochs"]) for d in budget["decisions"]] == [(1, 6), (2, 3)]
+    assert budget["decisions"][1]["median_epoch_seconds"] > 45 and budget["epoch_1_seconds"] < 30
+    assert len(result.history) == budget["epochs"] == last["train_config"]["epochs"] == last["schedule_epochs"] == 3
+    assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)  # the cosine spans the revised length
 
 
 def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_dir, tmp_path):

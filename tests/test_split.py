@@ -78,6 +78,7 @@ def test_a_split_without_tumor_in_every_part_is_not_kept_silently(real_dataset, 
     assert all(set(ids[:3]) & set(split.patients(name)) for name in ("train", "val", "test"))
 
 
+@pytest.mark.slow  # reads the real patients for five folds
 def test_folds_test_every_patient_once_and_are_usable_splits(real_data, real_dataset, tmp_path):
     from typer.testing import CliRunner
 

@@ -57,8 +57,9 @@ class TrainConfig:
     # Post-processing stored in best.pt (postprocess.py): auto (small 3-D components removed if the val patients
     # say it does not hurt), none, largest (largest 3-D component only), N voxels, or N,F (also under F x the largest).
     postprocess: str = "auto"
-    # Wall-clock budget: after epoch 1 the run fixes its number of epochs (and the cosine's length) so that it ends
-    # within this many minutes, counted from the start of train(); --epochs, when given, stays the upper bound.
+    # Wall-clock budget: after epoch 1 the run sets its number of epochs (and the cosine's length) so that it ends
+    # within this many minutes, counted from the start of train(), and revises it from the median epoch after each
+    # epoch before the cosine's middle; --epochs, when given, stays the upper bound.
     budget_minutes: float | None = None
     # Every batch-norm layer's running-statistics momentum while training (PyTorch's 0.1); 0 keeps each layer's own
     # (efficientnet-pytorch's 0.01 left unet-effb7's eval statistics far behind its weights: recipe.set_batch_norm_momentum).
@@ -156,8 +157,8 @@ HELP = {
     "tune_threshold": "tune the decision threshold on the val patients and store it in best.pt (off by default: on "
     "21 test patients it did not pay)",
     "threshold": "decision threshold for validation (and stored unless tuned)",
-    "budget_minutes": "wall-clock budget: after epoch 1 the run fixes its epochs to end within it (--epochs stays the "
-    "cap)",
+    "budget_minutes": "wall-clock budget: the run sets its epochs after epoch 1 to end within it and revises them "
+    "from the median epoch until the cosine's middle (--epochs stays the cap)",
     "missing_modality": "share of training slices given the data set's fill for a missing sequence (pre- and/or "
     "post-contrast replaced by FLAIR; 0: off)",
     "normalization": "model input: slice (each channel of each slice scaled to one tissue median first, so brightness "

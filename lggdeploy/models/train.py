@@ -230,12 +230,16 @@ def _gather_rng_states(world: int) -> list[dict]:
     return states
 
 
-def epochs_within_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int | None) -> int:
-    """Epochs a budgeted run trains in all: epoch 1 took `epoch_s` and ended `elapsed_s` after the run started; the
-    rest must fit in what is left of `budget_s` (3 % kept as margin for noise). At least 1, at most `cap`."""
+BUDGET_REVISED_UNTIL = 0.5  # a budgeted run re-decides its length after each epoch before this share of its epochs
+
+
+def epochs_within_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int | None, done: int = 1) -> int:
+    """Epochs a budgeted run trains in all: `done` epochs ended `elapsed_s` after the run started and one more takes
+    `epoch_s`; the rest must fit in what is left of `budget_s` (3 % kept as margin for noise). At least `done` (and
+    1), at most `cap`."""
     extra = int(max(0.0, budget_s - elapsed_s) * 0.97 // max(epoch_s, 1e-9))
-    total = 1 + extra
-    return max(1, min(total, cap) if cap else total)
+    total = done + extra
+    return max(done, 1, min(total, cap) if cap else total)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -569,11 +573,12 @@ class Trainer:
     def on_epoch_end(self) -> None:
         self.bar.remove_task(self.step_task)
         rng_states = _gather_rng_states(self.world)  # before validation: a resumed epoch draws what this one would
+        deciding = self.budget_decides_now()  # the same answer on every rank (n_epochs is shared)
         if self.main:
             row, val_logits = self.validate()
-            if self.budgeted and self.epoch == 1:
-                self.apply_budget(row["seconds"])
             self.history.append(row)
+            if deciding:
+                self.apply_budget()
             self.save_checkpoints(row, val_logits, rng_states)
             best = self.best
             self.bar.update(
@@ -583,11 +588,16 @@ class Trainer:
                 f"(best {best['val_mean_patient_dice']:.4f} @ {best['epoch']})",
             )
         if self.world > 1:
-            if self.budgeted and self.epoch == 1:
+            if deciding:
                 decided = [self.n_epochs]
                 torch.distributed.broadcast_object_list(decided, src=0)
                 self.fix_epochs(int(decided[0]))
             torch.distributed.barrier()
+
+    def budget_decides_now(self) -> bool:
+        """A budgeted run decides its length after epoch 1 and revises it after every epoch before the cosine's
+        middle (BUDGET_REVISED_UNTIL of its epochs): epoch 1 alone is a noisy clock on a shared machine."""
+        return self.budgeted and (self.epoch == 1 or self.epoch < BUDGET_REVISED_UNTIL * self.n_epochs)
 
     def validate(self) -> tuple[dict, list[np.ndarray]]:
         """The epoch's history row (train figures, val loss and per-patient metrics) and the val logits when the
@@ -639,23 +649,42 @@ class Trainer:
             show_progress=False, threshold=cfg.threshold, on_logits=on_logits,
         )  # fmt: skip
 
-    def apply_budget(self, epoch_1_seconds: float) -> None:
-        """After epoch 1 of a budgeted run: the number of epochs that ends it within --budget-minutes."""
-        cfg = self.cfg
+    def apply_budget(self) -> None:
+        """After epoch 1 of a budgeted run, and again after each epoch before the cosine's middle: the number of
+        epochs that ends the run within --budget-minutes, from the median epoch so far (training and validation)."""
+        cfg, epoch = self.cfg, self.epoch
         elapsed = time.perf_counter() - self.run_started
+        epoch_s = float(np.median([row["seconds"] for row in self.history]))
         cap = cfg.epochs if self.explicit_epochs else None
-        total = epochs_within_budget(cfg.budget_minutes * 60, elapsed, epoch_1_seconds, cap)
+        before = None if epoch == 1 else self.n_epochs
+        total = epochs_within_budget(cfg.budget_minutes * 60, elapsed, epoch_s, cap, done=epoch)
         self.fix_epochs(total)
-        self.budget_record = {
-            "minutes": cfg.budget_minutes,
-            "epoch_1_seconds": epoch_1_seconds,
-            "elapsed_after_epoch_1_seconds": round(elapsed, 1),
+        decision = {
+            "after_epoch": epoch,
+            "median_epoch_seconds": round(epoch_s, 2),
+            "elapsed_seconds": round(elapsed, 1),
             "epochs": total,
         }
+        if epoch == 1:
+            self.budget_record = {
+                "minutes": cfg.budget_minutes,
+                "epoch_1_seconds": self.history[0]["seconds"],
+                "elapsed_after_epoch_1_seconds": round(elapsed, 1),
+                "revised_until_share": BUDGET_REVISED_UNTIL,
+                "decisions": [],
+            }
+        self.budget_record["decisions"].append(decision)
+        self.budget_record["epochs"] = total
         self.bar.update(self.epoch_task, total=total)
-        logger.info(
-            f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_1_seconds:.0f} s, so the run trains {total} epochs"
-        )
+        if before is None:
+            logger.info(
+                f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_s:.0f} s, so the run trains {total} epochs"
+            )
+        elif total != before:
+            logger.info(
+                f"budget {cfg.budget_minutes:g} min: a median epoch takes {epoch_s:.0f} s, so the run trains {total} "
+                f"epochs instead of {before}"
+            )
 
     def save_checkpoints(self, row: dict, val_logits: list[np.ndarray], rng_states: list[dict]) -> None:
         """best.pt when validation improved (with the tuned threshold and post-processing), last.pt, the history

@@ -1,0 +1,139 @@
+"""Which 3-D component is the tumor? Component rules side by side on finished runs, never on excluded patients.
+
+usage: .venv/bin/python benchmarks/component_rules.py --data DATA --out OUT [--exclude SPLIT_JSON] LABEL=RUN_DIR [...]
+
+A low-grade glioma is one lesion, so keeping only the component that is the tumor removes every false positive apart
+from it — when the rule picks the right component. The size rule training stores never removes the largest; keeping
+the largest only deletes the tumor the model found when a false positive outgrows it (benchmarks/results/postprocess/).
+This report asks whether ranking components by the model's own confidence picks the tumor more often than size does:
+
+- none; stored (the run's best.pt rule); largest (by voxels);
+- mass: the component with the largest sum of foreground probabilities only;
+- mass-F: every component whose probability mass is under F x the largest mass removed (F = 0.5, 0.2, 0.1), on top
+  of the stored rule;
+- size-F: the same by voxels (the two-part rule `--postprocess N,F`).
+
+Every run is scored on its val and test patients minus those of `--exclude`'s test split (the hold-out patients no
+choice may look at). Per rule: mean per-patient Dice, patients missed, and "lost": patients found without
+post-processing (Dice >= 0.05) that the rule turns into a miss — the failure that keeps a rule out of the defaults.
+Writes OUT/component_rules.json and OUT/component_rules.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from report_recipe import logits_of, write_markdown
+
+from lggdeploy.common.files import write_json_atomic
+from lggdeploy.common.machine import machine_info
+from lggdeploy.data.arrays import load_slices
+from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.metrics import confusion_counts, summarize
+from lggdeploy.models.checkpoint import load_checkpoint, split_of
+from lggdeploy.postprocess import LARGEST, PostProcess, connected_components
+
+FRACTIONS = (0.5, 0.2, 0.1)
+
+
+def keep_by(volume: np.ndarray, prob: np.ndarray, base: PostProcess, weight: str, fraction: float | None) -> np.ndarray:
+    """The stored rule, then: fraction None keeps the single top component by `weight` (voxels or probability
+    mass); else every component under `fraction` x the top one's weight is removed."""
+    volume = base.apply(volume) if base.active and base.min_component_voxels != LARGEST else np.asarray(volume, bool)
+    if not volume.any():
+        return volume
+    labels, ids, sizes = connected_components(volume)
+    weights = sizes.astype(np.float64) if weight == "voxels" else np.bincount(labels.ravel(), prob.ravel())[ids]
+    keep = ids[[int(np.argmax(weights))]] if fraction is None else ids[weights >= fraction * weights.max()]
+    return np.isin(labels, keep)
+
+
+def rules(base: PostProcess) -> dict:
+    out = {
+        "none": lambda v, p: np.asarray(v, bool),
+        "stored": lambda v, p: base.apply(v),
+        "largest": lambda v, p: keep_by(v, p, PostProcess(), "voxels", None),
+        "mass": lambda v, p: keep_by(v, p, PostProcess(), "mass", None),
+    }
+    for f in FRACTIONS:
+        out[f"mass-{f:g}"] = lambda v, p, f=f: keep_by(v, p, base, "mass", f)
+        out[f"size-{f:g}"] = lambda v, p, f=f: keep_by(v, p, base, "voxels", f)
+    return out
+
+
+def score_run(ckpt: dict, slices) -> dict:
+    logits = logits_of(ckpt, slices)  # (slices, H, W) at the model's resolution (256: native)
+    threshold = float(ckpt["threshold"])
+    predicted = logits > np.float32(np.log(threshold / (1 - threshold)))
+    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    base = PostProcess.from_json(ckpt.get("postprocess"))
+    out: dict = {}
+    for name, rule in rules(base).items():
+        masks = np.array(predicted, copy=True)
+        for pid in dict.fromkeys(slices.patients.tolist()):
+            sel = slices.patients == pid
+            masks[sel] = rule(predicted[sel], prob[sel])
+        summary = summarize(confusion_counts(masks, slices.masks), slices.patients)
+        out[name] = {r["patient"]: r["dice"] for r in summary["per_patient"]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--exclude", type=Path, help="a split file whose test patients are never scored")
+    args = parser.parse_args()
+    dataset = load_dataset(args.data)
+    excluded = set(json.loads(args.exclude.read_text())["test"]) if args.exclude else set()
+    runs: dict = {}
+    for item in args.runs:
+        label, run = item.split("=", 1)
+        ckpt = load_checkpoint(Path(run) / "best.pt")
+        split = split_of(ckpt)
+        patients = [p for p in (*split.val, *split.test) if p not in excluded]
+        if not patients:
+            continue
+        slices = load_slices(dataset, patients)
+        runs[label] = {"run": run, "model": ckpt["model"]["name"], "patients": patients, "dice": score_run(ckpt, slices)}
+    names = list(next(iter(runs.values()))["dice"])
+    lines = [
+        "# Component rules on finished runs (patients of --exclude's test split left out)",
+        "",
+        "Mean per-patient Dice; [missed / lost] — lost: found without post-processing, missed with the rule.",
+        "",
+        "| run | n | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    totals = {n: {"dice": [], "missed": 0, "lost": 0} for n in names}
+    for label, r in runs.items():
+        cells = []
+        found = {p for p, d in r["dice"]["none"].items() if d >= 0.05}
+        for n in names:
+            per = r["dice"][n]
+            missed = sum(d < 0.05 for d in per.values())
+            lost = sum(per[p] < 0.05 for p in found)
+            totals[n]["dice"] += list(per.values())
+            totals[n]["missed"] += missed
+            totals[n]["lost"] += lost
+            cells.append(f"{np.mean(list(per.values())):.3f} [{missed}/{lost}]")
+        lines.append(f"| {label} | {len(r['patients'])} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| **all (patient-runs)** | "
+        + str(len(totals["none"]["dice"]))
+        + " | "
+        + " | ".join(f"**{np.mean(t['dice']):.3f}** [{t['missed']}/{t['lost']}]" for t in totals.values())
+        + " |"
+    )
+    machine = machine_info()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "component_rules.json", {"runs": runs, "machine": machine})
+    write_markdown(args.out / "component_rules.md", lines, machine)
+
+
+if __name__ == "__main__":
+    main()
