@@ -99,7 +99,12 @@ def main() -> None:
         if not patients:
             continue
         slices = load_slices(dataset, patients)
-        runs[label] = {"run": run, "model": ckpt["model"]["name"], "patients": patients, "dice": score_run(ckpt, slices)}
+        runs[label] = {
+            "run": run,
+            "model": ckpt["model"]["name"],
+            "patients": patients,
+            "dice": score_run(ckpt, slices),
+        }
     names = list(next(iter(runs.values()))["dice"])
     lines = [
         "# Component rules on finished runs (patients of --exclude's test split left out)",
