@@ -39,28 +39,29 @@ from lggdeploy.postprocess import LARGEST, PostProcess, connected_components
 FRACTIONS = (0.5, 0.2, 0.1)
 
 
-def keep_by(volume: np.ndarray, prob: np.ndarray, base: PostProcess, weight: str, fraction: float | None) -> np.ndarray:
-    """The stored rule, then: fraction None keeps the single top component by `weight` (voxels or probability
-    mass); else every component under `fraction` x the top one's weight is removed."""
+def keep_by_mass(volume: np.ndarray, prob: np.ndarray, base: PostProcess, fraction: float | None) -> np.ndarray:
+    """The stored rule, then: fraction None keeps the single component with the largest probability mass; else every
+    component under `fraction` x the top mass is removed. (By voxels these are the library's own rules.)"""
     volume = base.apply(volume) if base.active and base.min_component_voxels != LARGEST else np.asarray(volume, bool)
     if not volume.any():
         return volume
-    labels, ids, sizes = connected_components(volume)
-    weights = sizes.astype(np.float64) if weight == "voxels" else np.bincount(labels.ravel(), prob.ravel())[ids]
-    keep = ids[[int(np.argmax(weights))]] if fraction is None else ids[weights >= fraction * weights.max()]
+    labels, ids, _ = connected_components(volume)
+    mass = np.bincount(labels.ravel(), prob.ravel())[ids]
+    keep = ids[[int(np.argmax(mass))]] if fraction is None else ids[mass >= fraction * mass.max()]
     return np.isin(labels, keep)
 
 
 def rules(base: PostProcess) -> dict:
+    size = max(base.min_component_voxels, 0)  # the stored rule's absolute size (0 when it stores none or largest)
     out = {
         "none": lambda v, p: np.asarray(v, bool),
         "stored": lambda v, p: base.apply(v),
-        "largest": lambda v, p: keep_by(v, p, PostProcess(), "voxels", None),
-        "mass": lambda v, p: keep_by(v, p, PostProcess(), "mass", None),
+        "largest": lambda v, p: PostProcess(LARGEST).apply(v),
+        "mass": lambda v, p: keep_by_mass(v, p, PostProcess(), None),
     }
     for f in FRACTIONS:
-        out[f"mass-{f:g}"] = lambda v, p, f=f: keep_by(v, p, base, "mass", f)
-        out[f"size-{f:g}"] = lambda v, p, f=f: keep_by(v, p, base, "voxels", f)
+        out[f"mass-{f:g}"] = lambda v, p, f=f: keep_by_mass(v, p, base, f)
+        out[f"size-{f:g}"] = lambda v, p, f=f: PostProcess(size, f).apply(v)  # the two-part rule, `--postprocess N,F`
     return out
 
 
