@@ -235,11 +235,11 @@ BUDGET_REVISED_UNTIL = 0.5  # a budgeted run re-decides its length after each ep
 
 def epochs_within_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int | None, done: int = 1) -> int:
     """Epochs a budgeted run trains in all: `done` epochs ended `elapsed_s` after the run started and one more takes
-    `epoch_s`; the rest must fit in what is left of `budget_s` (3 % kept as margin for noise). At least `done` (and
-    1), at most `cap`."""
+    `epoch_s`; the rest must fit in what is left of `budget_s` (3 % kept as margin for noise). At least `done`, at
+    most `cap`."""
     extra = int(max(0.0, budget_s - elapsed_s) * 0.97 // max(epoch_s, 1e-9))
     total = done + extra
-    return max(done, 1, min(total, cap) if cap else total)
+    return max(done, min(total, cap) if cap else total)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -656,7 +656,7 @@ class Trainer:
         elapsed = time.perf_counter() - self.run_started
         epoch_s = float(np.median([row["seconds"] for row in self.history]))
         cap = cfg.epochs if self.explicit_epochs else None
-        before = None if epoch == 1 else self.n_epochs
+        before = self.n_epochs
         total = epochs_within_budget(cfg.budget_minutes * 60, elapsed, epoch_s, cap, done=epoch)
         self.fix_epochs(total)
         decision = {
@@ -676,7 +676,7 @@ class Trainer:
         self.budget_record["decisions"].append(decision)
         self.budget_record["epochs"] = total
         self.bar.update(self.epoch_task, total=total)
-        if before is None:
+        if epoch == 1:
             logger.info(
                 f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_s:.0f} s, so the run trains {total} epochs"
             )
