@@ -365,52 +365,85 @@ def test_a_run_trains_on_crops_and_records_them(phantom_dir, tmp_path, monkeypat
     assert 0 <= result.history[-1]["val_mean_patient_dice"] <= 1
 
 
-def test_budget_sets_the_epochs_after_epoch_1_and_revises_them_from_the_median_epoch(
+def test_budget_arithmetic_whole_epochs_then_a_shorter_last_one():
+    from lggdeploy.models.train import steps_within_budget
+
+    # 10 steps of 10 s and a 50 s validation: an epoch is 150 s
+    assert steps_within_budget(1800, 200, 10, 50, 10, None) == 110  # 1600 * 0.97 = 1552 s: 10 more whole epochs, 52 s left
+    assert steps_within_budget(1800, 200, 10, 50, 10, 6) == 60  # the cap
+    assert steps_within_budget(100, 200, 10, 50, 10, None) == 10  # over budget: what is done stays done
+    # 800 s * 0.97 = 776 s after 4 epochs: 5 whole (750 s), 26 s left cannot hold a validation: no partial epoch
+    assert steps_within_budget(1800, 1000, 10, 50, 10, None, done=4) == 90
+    # 900 s * 0.97 = 873 s: 5 whole (750 s), then 123 s = 50 s of validation + 7 steps
+    assert steps_within_budget(1900, 1000, 10, 50, 10, None, done=4) == 97
+    # 850 s * 0.97 = 824.5 s: 74.5 s left holds 2 steps, under a quarter of an epoch: not worth a validation
+    assert steps_within_budget(1850, 1000, 10, 50, 10, None, done=4) == 90
+    assert steps_within_budget(1900, 1000, 10, 50, 10, 8, done=4) == 80  # the cap leaves no partial epoch
+
+
+def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_epoch(
     phantom_dir, tmp_path, monkeypatch
 ):
-    """On a fake clock epoch 2 runs 100 s slow (the machine got busy): epoch 1 alone says the cap of 6 epochs fits in
-    the budget, the median after epoch 2 says 3, and the cosine is re-spanned over 3 (3 is past the middle: no more
-    decisions)."""
+    """On a fake clock every training step takes 10 s and epoch 2 runs 2,000 s slow (the machine got busy; the fake
+    times dwarf the real ones): epoch 1 alone says the cap of 6 epochs fits in the budget, the median after epoch 2
+    says 2 more whole epochs and a shorter last one, and the cosine is re-spanned over exactly those steps (past the
+    middle: no more decisions). Stopped before that last epoch and resumed, the run still ends on it."""
     import time as real_time
 
     from lggdeploy.models import train as train_module
-    from lggdeploy.models.train import Trainer, epochs_within_budget
+    from lggdeploy.models.train import PARTIAL_EPOCH_MIN_SHARE, Trainer, steps_within_budget
 
-    assert epochs_within_budget(1800, 200, 150, None) == 11  # 1600 s left * 0.97 / 150 s = 10 more epochs
-    assert epochs_within_budget(1800, 200, 150, 6) == 6 and epochs_within_budget(100, 200, 150, None) == 1
-    assert epochs_within_budget(1800, 1000, 100, None, done=4) == 11  # 800 s * 0.97 // 100 s = 7 more after 4
-    assert epochs_within_budget(1800, 1900, 100, None, done=4) == 4  # over budget: what is done stays done
-
+    step_s, slow_s = 10.0, 2000.0
     offset = [0.0]
     clock = type("Clock", (), {"perf_counter": staticmethod(lambda: real_time.perf_counter() + offset[0])})
     monkeypatch.setattr(train_module, "time", clock)
     step = Trainer.train_step
 
-    def slow_second_epoch(self, i):
-        if self.epoch == 2 and i == 0:
-            offset[0] += 100.0
+    class Killed(Exception):
+        pass
+
+    def timed_step(self, i):
+        if self.epoch == 5 and i == 0 and not self.resume_ckpt:
+            raise Killed  # the run is stopped before its last epoch, then resumed
+        offset[0] += step_s + (slow_s if self.epoch == 2 and i == 0 else 0.0)
         step(self, i)
 
-    monkeypatch.setattr(Trainer, "train_step", slow_second_epoch)
-    result = train(
-        TrainConfig(
-            model="pspnet-scratch",
-            data=phantom_dir,
-            out=tmp_path / "b",
-            epochs=6,
-            batch_size=8,
-            img_size=64,
-            show_progress=False,
-            budget_minutes=185 / 60,  # after epoch 2: (185 - ~106 s) * 0.97 // a ~51 s median = 1 more epoch
-            explicit=frozenset({"epochs", "budget_minutes"}),
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    config = dict(model="pspnet-scratch", data=phantom_dir, batch_size=8, img_size=64, show_progress=False)
+    probe = Trainer(TrainConfig(out=tmp_path / "probe", **config))
+    probe.on_train_start()
+    s = probe.steps_per_epoch
+    median_epoch = s * step_s + slow_s / 2
+    budget_s = (2 * s * step_s + slow_s) + 2.6 * median_epoch / 0.97  # after epoch 2: 2.6 median epochs are left
+    with pytest.raises(Killed):
+        train(
+            TrainConfig(
+                out=tmp_path / "b",
+                epochs=6,
+                budget_minutes=budget_s / 60,
+                explicit=frozenset({"epochs", "budget_minutes"}),
+                **config,
+            )
         )
-    )
+    again = dict(budget_minutes=budget_s / 60, explicit=frozenset({"budget_minutes"}))  # the command with --resume
+    result = train(TrainConfig(out=tmp_path / "b", resume=True, **again, **config))
     last = load_checkpoint(result.last_path)
     budget = last["budget"]
-    assert [(d["after_epoch"], d["epochs"]) for d in budget["decisions"]] == [(1, 6), (2, 3)]
-    assert budget["decisions"][1]["median_epoch_seconds"] > 45 and budget["epoch_1_seconds"] < 30
-    assert len(result.history) == budget["epochs"] == last["train_config"]["epochs"] == last["schedule_epochs"] == 3
-    assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)  # the cosine spans the revised length
+    first, second = budget["decisions"]
+    assert (first["after_epoch"], first["epochs"], first["steps"]) == (1, 6, 6 * s)
+    assert second["after_epoch"] == 2 and second["median_epoch_seconds"] > slow_s / 2 > budget["epoch_1_seconds"]
+    assert second["epochs"] == 5 and PARTIAL_EPOCH_MIN_SHARE * s <= second["last_epoch_steps"] < s
+    assert second["steps"] == 4 * s + second["last_epoch_steps"]
+    rows = result.history[:2]
+    measured_step_s = float(np.median([(r["seconds"] - r["val_seconds"]) / r["steps"] for r in rows]))
+    val_s = float(np.median([r["val_seconds"] for r in rows]))
+    assert measured_step_s == pytest.approx(median_epoch / s, rel=0.05) and val_s < 30  # timed apart
+    decided = steps_within_budget(budget_s, second["elapsed_seconds"], measured_step_s, val_s, s, 6, done=2)
+    assert decided == second["steps"]
+    assert [row["steps"] for row in result.history] == [s, s, s, s, second["last_epoch_steps"]]
+    assert len(result.history) == budget["epochs"] == last["train_config"]["epochs"] == last["schedule_epochs"] == 5
+    assert last["schedule_steps"] == budget["steps"] == second["steps"]
+    assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)  # the cosine ends with the partial epoch
 
 
 def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_dir, tmp_path):
@@ -425,10 +458,14 @@ def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_
         k: v for k, v in last["train_config"].items() if k not in LEGACY_RECIPE
     }  # as an older lggdeploy wrote it
     last["normalization"] = {k: last["normalization"][k] for k in ("scale", "mean", "std")}
+    last["history"] = [{k: v for k, v in row.items() if k not in ("steps", "val_seconds")} for row in last["history"]]
+    del last["schedule_steps"]
     save_checkpoint(out / "last.pt", last)
     train(TrainConfig(epochs=2, resume=True, explicit=frozenset({"epochs"}), **kw))
     config = load_checkpoint(out / "last.pt")["train_config"]
     assert {k: config[k] for k in LEGACY_RECIPE} == LEGACY_RECIPE
+    header, first, second = (out / "history.csv").read_text().splitlines()
+    assert "steps" in header.split(",") and first.count(",") == second.count(",")  # old rows keep empty cells
 
 
 @pytest.mark.parametrize(

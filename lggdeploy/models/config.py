@@ -157,8 +157,9 @@ HELP = {
     "tune_threshold": "tune the decision threshold on the val patients and store it in best.pt (off by default: on "
     "21 test patients it did not pay)",
     "threshold": "decision threshold for validation (and stored unless tuned)",
-    "budget_minutes": "wall-clock budget: the run sets its epochs after epoch 1 to end within it and revises them "
-    "from the median epoch until the cosine's middle (--epochs stays the cap)",
+    "budget_minutes": "wall-clock budget: the run sets its length after epoch 1 to end within it (whole epochs, then "
+    "a shorter last one with the steps that fit) and revises it from the median epoch until the cosine's middle "
+    "(--epochs stays the cap)",
     "missing_modality": "share of training slices given the data set's fill for a missing sequence (pre- and/or "
     "post-contrast replaced by FLAIR; 0: off)",
     "normalization": "model input: slice (each channel of each slice scaled to one tissue median first, so brightness "

@@ -84,8 +84,9 @@ def _distributed() -> tuple[int, int, int]:
 
 
 def _history_csv(history: list[dict]) -> str:
+    """The history as CSV; every column any row has (a run resumed from an older lggdeploy gains columns)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in history for key in row)))
     writer.writeheader()
     writer.writerows(history)
     return buffer.getvalue()
@@ -231,15 +232,32 @@ def _gather_rng_states(world: int) -> list[dict]:
 
 
 BUDGET_REVISED_UNTIL = 0.5  # a budgeted run re-decides its length after each epoch before this share of its epochs
+PARTIAL_EPOCH_MIN_SHARE = 0.25  # a budgeted run's last epoch, when shorter, holds at least this share of an epoch
 
 
-def epochs_within_budget(budget_s: float, elapsed_s: float, epoch_s: float, cap: int | None, done: int = 1) -> int:
-    """Epochs a budgeted run trains in all: `done` epochs ended `elapsed_s` after the run started and one more takes
-    `epoch_s`; the rest must fit in what is left of `budget_s` (3 % kept as margin for noise). At least `done`, at
-    most `cap`."""
-    extra = int(max(0.0, budget_s - elapsed_s) * 0.97 // max(epoch_s, 1e-9))
-    total = done + extra
-    return max(done, min(total, cap) if cap else total)
+def steps_within_budget(
+    budget_s: float,
+    elapsed_s: float,
+    step_s: float,
+    val_s: float,
+    steps_per_epoch: int,
+    cap: int | None,
+    done: int = 1,
+) -> int:
+    """Training steps a budgeted run takes in all. `done` whole epochs ended `elapsed_s` after the run started; an epoch
+    is `steps_per_epoch` steps of `step_s` and a validation of `val_s`. What is left of `budget_s` (3 % kept as margin
+    for noise) holds as many whole epochs as fit, then a shorter last epoch of the steps that fit before its own
+    validation, when they are at least PARTIAL_EPOCH_MIN_SHARE of an epoch (fewer would buy little for a
+    validation). At least `done` epochs, at most `cap` epochs."""
+    left = max(0.0, budget_s - elapsed_s) * 0.97
+    whole = int(left // max(steps_per_epoch * step_s + val_s, 1e-9))
+    if cap and done + whole >= cap:
+        return max(done, cap) * steps_per_epoch
+    after_whole = left - whole * (steps_per_epoch * step_s + val_s)
+    partial = min(int(max(0.0, after_whole - val_s) // max(step_s, 1e-9)), steps_per_epoch - 1)
+    if partial < PARTIAL_EPOCH_MIN_SHARE * steps_per_epoch:
+        partial = 0
+    return (done + whole) * steps_per_epoch + partial
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -274,7 +292,7 @@ class Trainer:
             while self.epoch < self.n_epochs:
                 self.epoch += 1
                 self.on_epoch_start()
-                for step in range(self.steps_per_epoch):
+                for step in range(self.steps_in_epoch(self.epoch)):
                     self.train_step(step)
                 self.on_epoch_end()
         return self.on_train_end()
@@ -460,6 +478,8 @@ class Trainer:
             self.cfg = replace(cfg, epochs=1000)  # the budget decides; 1000 is only the cap
             self.schedule_epochs = TrainConfig.epochs  # provisional cosine length for epoch 1
         self.schedule_steps = self.schedule_epochs * self.steps_per_epoch
+        if resume is not None and "schedule_steps" in resume:  # a budgeted run's last epoch may be partial
+            self.schedule_steps = int(resume["schedule_steps"])
         self.n_epochs = self.cfg.epochs
         self.config_record = {
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items() if k != "explicit"
@@ -467,11 +487,18 @@ class Trainer:
         saved_budget = resume.get("budget") if resume is not None else None
         self.budget_record: dict | None = dict(saved_budget) if saved_budget else None
 
-    def fix_epochs(self, total: int) -> None:
-        """The budget's decision, on every rank: the run's length and its cosine's."""
-        self.n_epochs = self.schedule_epochs = total
-        self.schedule_steps = total * self.steps_per_epoch
-        self.config_record["epochs"] = total
+    def fix_steps(self, total: int) -> None:
+        """The budget's decision, on every rank: the run's length in steps and its cosine's; the last epoch holds
+        what is left over whole epochs."""
+        self.schedule_steps = total
+        self.n_epochs = self.schedule_epochs = -(-total // self.steps_per_epoch)
+        self.config_record["epochs"] = self.n_epochs
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """An epoch's training steps: a whole epoch, but for a budgeted run's last, which may be shorter."""
+        if epoch == self.schedule_epochs:
+            return self.schedule_steps - (self.schedule_epochs - 1) * self.steps_per_epoch
+        return self.steps_per_epoch
 
     def restore_state(self) -> None:
         """--resume: optimizer, schedule, scaler, EMA, history and every random generator as last.pt left them."""
@@ -526,7 +553,7 @@ class Trainer:
         self.counts = np.zeros(4, np.int64)
         self.seen_tumor = self.seen = 0
         total = "?" if self.budgeted and epoch == 1 else self.n_epochs
-        self.step_task = self.bar.add_task(f"epoch {epoch}/{total}", total=self.steps_per_epoch, info="")
+        self.step_task = self.bar.add_task(f"epoch {epoch}/{total}", total=self.steps_in_epoch(epoch), info="")
 
     def train_step(self, step: int) -> None:
         cfg, device = self.cfg, self.device
@@ -589,9 +616,9 @@ class Trainer:
             )
         if self.world > 1:
             if deciding:
-                decided = [self.n_epochs]
+                decided = [self.schedule_steps]
                 torch.distributed.broadcast_object_list(decided, src=0)
-                self.fix_epochs(int(decided[0]))
+                self.fix_steps(int(decided[0]))
             torch.distributed.barrier()
 
     def budget_decides_now(self) -> bool:
@@ -603,6 +630,7 @@ class Trainer:
         """The epoch's history row (train figures, val loss and per-patient metrics) and the val logits when the
         threshold or the post-processing is tuned on them."""
         cfg, val_slices = self.cfg, self.val_slices
+        validation_started = time.perf_counter()
         val_losses: list[float] = []
         val_logits: list[np.ndarray] = []
 
@@ -617,6 +645,7 @@ class Trainer:
         tp, fp, fn, tn = self.counts
         row = {
             "epoch": self.epoch,
+            "steps": len(self.losses),
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": float(np.mean(self.losses)),
             "train_tumor_slice_fraction": round(self.seen_tumor / self.seen, 4),
@@ -634,7 +663,9 @@ class Trainer:
         if self.ema is not None:  # the raw weights too, to see what the EMA buys
             raw = self.score(self.model)
             row["val_mean_patient_dice_raw_weights"] = raw["aggregates"]["mean_patient_dice"]
-        row["seconds"] = round(time.perf_counter() - self.epoch_started, 2)
+        now = time.perf_counter()
+        row["seconds"] = round(now - self.epoch_started, 2)
+        row["val_seconds"] = round(now - validation_started, 2)
         return row, val_logits
 
     @property
@@ -650,20 +681,27 @@ class Trainer:
         )  # fmt: skip
 
     def apply_budget(self) -> None:
-        """After epoch 1 of a budgeted run, and again after each epoch before the cosine's middle: the number of
-        epochs that ends the run within --budget-minutes, from the median epoch so far (training and validation)."""
-        cfg, epoch = self.cfg, self.epoch
+        """After epoch 1 of a budgeted run, and again after each epoch before the cosine's middle: the training steps
+        that end the run within --budget-minutes, from the median epoch so far (its training steps and its
+        validation timed apart, so that a shorter last epoch is priced right)."""
+        cfg, epoch, per_epoch = self.cfg, self.epoch, self.steps_per_epoch
         elapsed = time.perf_counter() - self.run_started
         epoch_s = float(np.median([row["seconds"] for row in self.history]))
+        val_s = float(np.median([row["val_seconds"] for row in self.history]))
+        step_s = float(np.median([(row["seconds"] - row["val_seconds"]) / row["steps"] for row in self.history]))
         cap = cfg.epochs if self.explicit_epochs else None
-        before = self.n_epochs
-        total = epochs_within_budget(cfg.budget_minutes * 60, elapsed, epoch_s, cap, done=epoch)
-        self.fix_epochs(total)
+        before = self.n_epochs, self.schedule_steps
+        total = steps_within_budget(cfg.budget_minutes * 60, elapsed, step_s, val_s, per_epoch, cap, done=epoch)
+        self.fix_steps(total)
+        last_steps = self.steps_in_epoch(self.n_epochs)
         decision = {
             "after_epoch": epoch,
             "median_epoch_seconds": round(epoch_s, 2),
+            "median_validation_seconds": round(val_s, 2),
             "elapsed_seconds": round(elapsed, 1),
-            "epochs": total,
+            "epochs": self.n_epochs,
+            "steps": total,
+            "last_epoch_steps": last_steps,
         }
         if epoch == 1:
             self.budget_record = {
@@ -671,19 +709,21 @@ class Trainer:
                 "epoch_1_seconds": self.history[0]["seconds"],
                 "elapsed_after_epoch_1_seconds": round(elapsed, 1),
                 "revised_until_share": BUDGET_REVISED_UNTIL,
+                "steps_per_epoch": per_epoch,
                 "decisions": [],
             }
         self.budget_record["decisions"].append(decision)
-        self.budget_record["epochs"] = total
-        self.bar.update(self.epoch_task, total=total)
+        self.budget_record.update(epochs=self.n_epochs, steps=total, last_epoch_steps=last_steps)
+        self.bar.update(self.epoch_task, total=self.n_epochs)
+        length = f"{self.n_epochs} epochs" + (
+            f" (the last {last_steps} of {per_epoch} steps)" if last_steps < per_epoch else ""
+        )
         if epoch == 1:
+            logger.info(f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_s:.0f} s, so the run trains {length}")
+        elif total != before[1]:
             logger.info(
-                f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_s:.0f} s, so the run trains {total} epochs"
-            )
-        elif total != before:
-            logger.info(
-                f"budget {cfg.budget_minutes:g} min: a median epoch takes {epoch_s:.0f} s, so the run trains {total} "
-                f"epochs instead of {before}"
+                f"budget {cfg.budget_minutes:g} min: a median epoch takes {epoch_s:.0f} s, so the run trains {length} "
+                f"instead of {before[0]} epochs ({before[1]} steps)"
             )
 
     def save_checkpoints(self, row: dict, val_logits: list[np.ndarray], rng_states: list[dict]) -> None:
@@ -722,6 +762,7 @@ class Trainer:
             history=self.history,
             epoch=self.epoch,
             schedule_epochs=self.schedule_epochs,
+            schedule_steps=self.schedule_steps,
             resumes=self.resumes,
             budget=self.budget_record,
             compute_precision=str(dtype).removeprefix("torch.") if dtype else "float32",
