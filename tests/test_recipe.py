@@ -369,7 +369,8 @@ def test_budget_arithmetic_whole_epochs_then_a_shorter_last_one():
     from lggdeploy.models.train import steps_within_budget
 
     # 10 steps of 10 s and a 50 s validation: an epoch is 150 s
-    assert steps_within_budget(1800, 200, 10, 50, 10, None) == 110  # 1600 * 0.97 = 1552 s: 10 more whole epochs, 52 s left
+    # 1600 s * 0.97 = 1552 s: 10 more whole epochs, 52 s left
+    assert steps_within_budget(1800, 200, 10, 50, 10, None) == 110
     assert steps_within_budget(1800, 200, 10, 50, 10, 6) == 60  # the cap
     assert steps_within_budget(100, 200, 10, 50, 10, None) == 10  # over budget: what is done stays done
     # 800 s * 0.97 = 776 s after 4 epochs: 5 whole (750 s), 26 s left cannot hold a validation: no partial epoch
