@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from lggdeploy.demo import run_demo
 
 
+@pytest.mark.slow  # the default set runs the demo in test_the_demo_rows_tell_the_presets_apart
 def test_demo_pipeline_end_to_end_small(tmp_path):
     results = run_demo(
         tmp_path / "demo", patients=4, presets=["pspnet-scratch"], epochs={"pspnet-scratch": 1}, engines=False
