@@ -250,11 +250,11 @@ def steps_within_budget(
     validation, when they are at least PARTIAL_EPOCH_MIN_SHARE of an epoch (fewer would buy little for a
     validation). At least `done` epochs, at most `cap` epochs."""
     left = max(0.0, budget_s - elapsed_s) * 0.97
-    whole = int(left // max(steps_per_epoch * step_s + val_s, 1e-9))
+    epoch_s = max(steps_per_epoch * step_s + val_s, 1e-9)
+    whole = int(left // epoch_s)
     if cap and done + whole >= cap:
         return max(done, cap) * steps_per_epoch
-    after_whole = left - whole * (steps_per_epoch * step_s + val_s)
-    partial = min(int(max(0.0, after_whole - val_s) // max(step_s, 1e-9)), steps_per_epoch - 1)
+    partial = min(int(max(0.0, left - whole * epoch_s - val_s) // max(step_s, 1e-9)), steps_per_epoch - 1)
     if partial < PARTIAL_EPOCH_MIN_SHARE * steps_per_epoch:
         partial = 0
     return (done + whole) * steps_per_epoch + partial
