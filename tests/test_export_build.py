@@ -244,6 +244,7 @@ def no_tumor_checkpoint(run, path):
     return ckpt
 
 
+@pytest.mark.slow  # 7 s; test_retrained_gate covers --reference in the default set
 def test_build_judges_against_another_model_with_reference(segmenting_run, phantom_dir, tmp_path):
     """--reference: the gate's FP32 model is another checkpoint (as optimize judges a pruned model against the unpruned
     one). A model that predicts no tumor passes against itself (the slow test below) and fails against the real one."""
@@ -373,6 +374,7 @@ def dead_pid() -> int:
     return process.pid
 
 
+@pytest.mark.slow  # 7.4 s; the atomic-write tests stay in the default set
 def test_no_kill_leaves_an_engine_beside_another_engines_manifest(segmenting_run, phantom_dir, tmp_path, monkeypatch):
     import lggdeploy.engines.formats as formats_module  # install_engine: the rename, then the manifest
 

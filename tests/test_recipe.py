@@ -173,6 +173,7 @@ def test_fine_tuning_keeps_the_threshold_it_starts_from(trained_run, phantom_dir
     assert model_from_checkpoint(load_checkpoint(result.best_path)) is not None
 
 
+@pytest.mark.slow  # 9.6 s; the normalization units stay in the default set
 def test_slice_normalization_is_stored_and_used_end_to_end(trained_run, phantom_dir, tmp_path):
     """--normalization slice: best.pt records it, the engine's manifest carries it, the runtime's probabilities are
     the model's on slice-normalized inputs (not on fixed ones); fine-tuning a checkpoint cannot switch it."""
@@ -382,6 +383,7 @@ def test_budget_arithmetic_whole_epochs_then_a_shorter_last_one():
     assert steps_within_budget(1900, 1000, 10, 50, 10, 8, done=4) == 80  # the cap leaves no partial epoch
 
 
+@pytest.mark.slow  # the budget arithmetic stays in the default set
 def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_epoch(
     phantom_dir, tmp_path, monkeypatch
 ):
