@@ -149,6 +149,7 @@ def test_an_engine_that_disagrees_on_this_device_fails_with_exit_3(bundle, phant
         segmenter.verify(bundle)
 
 
+@pytest.mark.slow  # 7 s; the phantom pack + verify stays in the default set
 def test_pack_then_verify_on_a_real_shared_patient(segmenting_run, real_data, tmp_path):
     """The verification set comes from a real patient: a checkpoint whose val split is one real patient."""
     ckpt = load_checkpoint(segmenting_run.best_path)
