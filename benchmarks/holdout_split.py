@@ -37,7 +37,11 @@ def holdout(old: Split, dataset: Dataset, folds: int = 1, fold: int = 0) -> Spli
     test = sorted(order[fold::folds])
     others = sorted(set(new) - set(test))
     split = Split(
-        train=sorted(old.train + old.test + others), val=list(old.val), test=test, seed=old.seed, source=str(dataset.root)
+        train=sorted(old.train + old.test + others),
+        val=list(old.val),
+        test=test,
+        seed=old.seed,
+        source=str(dataset.root),
     )
     return split.with_counts(dataset)
 

@@ -105,7 +105,8 @@ def main() -> None:
         f"| patients missed (no overlap) | {len(missed)} of {n}{': ' + ', '.join(missed) if missed else ''} |",
         f"| patients below Dice 0.5 | {int((dice < 0.5).sum())} of {n} |",
         "",
-        "With --budget-minutes a fold fixes its epochs from its epoch 1, so a slow epoch 1 (a busy host) means fewer epochs.",
+        "With --budget-minutes a fold sets its length after epoch 1 and revises it until the cosine's middle, so a busy "
+        "host early in a fold means fewer steps.",
         "",
         "| fold | test patients | mean per-patient Dice | missed | epochs | epoch 1 (s) | all epochs (min) | best epoch (val Dice) |",
         "|---|---|---|---|---|---|---|---|",

@@ -387,7 +387,7 @@ def test_budget_arithmetic_whole_epochs_then_a_shorter_last_one():
 
 @pytest.mark.slow  # the budget arithmetic stays in the default set
 def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_epoch(
-    phantom_dir, tmp_path, monkeypatch
+    phantom_dir, tmp_path, monkeypatch, caplog
 ):
     """On a fake clock every training step takes 10 s and epoch 2 runs 2,000 s slow (the machine got busy; the fake
     times dwarf the real ones): epoch 1 alone says the cap of 6 epochs fits in the budget, the median after epoch 2
@@ -420,6 +420,7 @@ def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_e
     s = probe.steps_per_epoch
     median_epoch = s * step_s + slow_s / 2
     budget_s = (2 * s * step_s + slow_s) + 2.6 * median_epoch / 0.97  # after epoch 2: 2.6 median epochs are left
+    caplog.set_level("INFO", logger="lggdeploy.models.train")
     with pytest.raises(Killed):
         train(
             TrainConfig(
@@ -439,6 +440,9 @@ def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_e
     assert second["after_epoch"] == 2 and second["median_epoch_seconds"] > slow_s / 2 > budget["epoch_1_seconds"]
     assert second["epochs"] == 5 and PARTIAL_EPOCH_MIN_SHARE * s <= second["last_epoch_steps"] < s
     assert second["steps"] == 4 * s + second["last_epoch_steps"]
+    said = [r.getMessage() for r in caplog.records if "so the run trains" in r.getMessage()]
+    assert said[0].endswith("so the run trains 6 epochs")  # both lengths said the same way
+    assert said[1].endswith(f"5 epochs (the last {second['last_epoch_steps']} of {s} steps) instead of 6 epochs")
     rows = result.history[:2]
     measured_step_s = float(np.median([(r["seconds"] - r["val_seconds"]) / r["steps"] for r in rows]))
     val_s = float(np.median([r["val_seconds"] for r in rows]))

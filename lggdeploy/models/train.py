@@ -690,7 +690,7 @@ class Trainer:
         val_s = float(np.median([row["val_seconds"] for row in self.history]))
         step_s = float(np.median([(row["seconds"] - row["val_seconds"]) / row["steps"] for row in self.history]))
         cap = cfg.epochs if self.explicit_epochs else None
-        before = self.n_epochs, self.schedule_steps
+        before_steps, before = self.schedule_steps, self.length_text()
         total = steps_within_budget(cfg.budget_minutes * 60, elapsed, step_s, val_s, per_epoch, cap, done=epoch)
         self.fix_steps(total)
         last_steps = self.steps_in_epoch(self.n_epochs)
@@ -715,16 +715,23 @@ class Trainer:
         self.budget_record["decisions"].append(decision)
         self.budget_record.update(epochs=self.n_epochs, steps=total, last_epoch_steps=last_steps)
         self.bar.update(self.epoch_task, total=self.n_epochs)
-        length = f"{self.n_epochs} epochs" + (
-            f" (the last {last_steps} of {per_epoch} steps)" if last_steps < per_epoch else ""
-        )
         if epoch == 1:
-            logger.info(f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_s:.0f} s, so the run trains {length}")
-        elif total != before[1]:
             logger.info(
-                f"budget {cfg.budget_minutes:g} min: a median epoch takes {epoch_s:.0f} s, so the run trains {length} "
-                f"instead of {before[0]} epochs ({before[1]} steps)"
+                f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_s:.0f} s, so the run trains {self.length_text()}"
             )
+        elif total != before_steps:
+            logger.info(
+                f"budget {cfg.budget_minutes:g} min: a median epoch takes {epoch_s:.0f} s, so the run trains "
+                f"{self.length_text()} instead of {before}"
+            )
+
+    def length_text(self) -> str:
+        """The run's length as a log line says it: "9 epochs", or "9 epochs (the last 81 of 167 steps)"."""
+        last_steps = self.steps_in_epoch(self.n_epochs)
+        shorter = (
+            f" (the last {last_steps} of {self.steps_per_epoch} steps)" if last_steps < self.steps_per_epoch else ""
+        )
+        return f"{self.n_epochs} epochs{shorter}"
 
     def save_checkpoints(self, row: dict, val_logits: list[np.ndarray], rng_states: list[dict]) -> None:
         """best.pt when validation improved (with the tuned threshold and post-processing), last.pt, the history
