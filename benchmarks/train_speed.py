@@ -1,7 +1,7 @@
 """CPU training step time: FP32 vs bfloat16 autocast, NCHW vs channels-last, eager vs torch.compile.
 
 usage: .venv/bin/python benchmarks/train_speed.py --data DATA --out OUT [--model pspnet-scratch] [--steps 12] [--rounds 3] [--no-compile]
-       [--only-crops --crop-sizes 192,160,128]
+       [--only-crops --crop-sizes 192,160,128] [--only-aux]
 
 The same seeded batches of real slices (256 px, batch 8, augmentation off) through forward + Dice/BCE loss +
 backward + AdamW step. Configurations run in interleaved rounds (each round times every configuration on the same
@@ -9,6 +9,7 @@ batches, in a shuffled order); a configuration's figure is the median step time 
 warm-up steps per round (torch.compile's compilation happens in the first round's warm-up and is reported apart).
 --crop-sizes adds FP32 channels-last configurations that train on crops of the same batches (`--crop-size`'s
 `random_crops`, seeded); --only-crops keeps the whole-slice FP32 channels-last one beside them and drops the rest.
+--only-aux times FP32 channels-last with and without `--aux-weight`'s training-only head (recipe.AuxiliaryHead).
 Writes OUT/train_speed.json and OUT/train_speed.md.
 """
 
@@ -31,7 +32,7 @@ from lggdeploy.data.split import make_split
 from lggdeploy.data.transforms import Normalization, preprocess, random_crops, resize_masks
 from lggdeploy.models.networks import build_model
 from lggdeploy.models.presets import resolve_model
-from lggdeploy.models.recipe import segmentation_loss
+from lggdeploy.models.recipe import AuxiliaryHead, segmentation_loss
 
 CONFIGS = [
     ("fp32, NCHW (before)", "fp32", False, False),
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile configuration")
     parser.add_argument("--crop-sizes", default="", help="comma-separated crop sizes to time beside whole slices")
     parser.add_argument("--only-crops", action="store_true", help="time only FP32 channels-last, whole and cropped")
+    parser.add_argument("--only-aux", action="store_true", help="time FP32 channels-last with and without the aux head")
     args = parser.parse_args()
     crops = [int(v) for v in args.crop_sizes.split(",") if v.strip()]
     torch.manual_seed(0)
@@ -67,13 +69,16 @@ def main() -> None:
     ]
     batches = [b for b in batches if len(b[0]) == args.batch]
     configs = [c for c in CONFIGS if (c[1] != "bf16" or cpu_has_bf16()) and not (c[3] and args.no_compile)]
-    if args.only_crops:
+    if args.only_crops or args.only_aux:
         configs = [c for c in configs if c[1] == "fp32" and c[2]]
+    aux_config = "fp32, channels-last, auxiliary head (--aux-weight)"
+    if args.only_aux:
+        configs.append((aux_config, "fp32", True, False))
     crop_of = {f"fp32, channels-last, {size} px crops": size for size in crops}
     configs += [(name, "fp32", True, False) for name in crop_of]
 
     state = build_model(resolve_model(args.model), "random").model.state_dict()
-    setups, compile_seconds, times = {}, {}, {c[0]: [] for c in configs}
+    setups, compile_seconds, times, heads = {}, {}, {c[0]: [] for c in configs}, {}
     for name, precision, channels_last, compiled in configs:
         model = build_model(resolve_model(args.model), "random").model
         model.load_state_dict(state)
@@ -81,7 +86,11 @@ def main() -> None:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         net = torch.compile(model) if compiled else model
-        setups[name] = (model, net, torch.optim.AdamW(model.parameters(), lr=1e-4), precision, channels_last)
+        parameters = list(model.parameters())
+        if name == aux_config:
+            heads[name] = AuxiliaryHead.attach(model, 256).to(memory_format=torch.channels_last)
+            parameters += list(heads[name].parameters())
+        setups[name] = (model, net, torch.optim.AdamW(parameters, lr=1e-4), precision, channels_last)
 
     def step(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         model, net, optimizer, precision, channels_last = setups[name]
@@ -92,6 +101,8 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = net(x)
         loss = segmentation_loss(logits.float(), y)
+        if name in heads:
+            loss = loss + 0.4 * segmentation_loss(heads[name](tuple(y.shape[-2:])), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -329,6 +329,7 @@ def train_cmd(
     normalization: _train_option("normalization", str | None) = None,
     bn_momentum: _train_option("bn_momentum", float | None) = None,
     crop_size: _train_option("crop_size", int | None) = None,
+    aux_weight: _train_option("aux_weight", float | None) = None,
     postprocess: _train_option("postprocess", str | None) = None,
 ):  # fmt: skip
     """Train a model; keeps best.pt (validation per-patient Dice) and last.pt."""
@@ -341,7 +342,7 @@ def train_cmd(
         tumor_fraction=tumor_fraction, warmup_epochs=warmup_epochs, ema_decay=ema, tune_threshold=tune_threshold,
         threshold=threshold, budget_minutes=budget_minutes, postprocess=postprocess,
         missing_modality=missing_modality, normalization=normalization, bn_momentum=bn_momentum,
-        crop_size=crop_size,
+        crop_size=crop_size, aux_weight=aux_weight,
     )  # fmt: skip
     out.print(_train_summary(train(cfg)))
 

@@ -504,3 +504,41 @@ def test_bf16_training_is_chosen_only_where_the_cpu_supports_it(monkeypatch, isa
             autocast_dtype("bf16", cpu)
     with pytest.raises(LggError, match="only on CUDA"):
         autocast_dtype("fp16", cpu)
+
+
+def test_the_auxiliary_loss_trains_its_head_resumes_it_and_stays_out_of_the_model(phantom_dir, tmp_path, monkeypatch):
+    from lggdeploy.models.recipe import AuxiliaryHead
+
+    calls, forward = [], AuxiliaryHead.forward
+
+    def spy(self, size):
+        logits = forward(self, size)
+        calls.append(tuple(logits.shape))
+        return logits
+
+    monkeypatch.setattr(AuxiliaryHead, "forward", spy)
+    out = tmp_path / "aux"
+    kw = dict(model="pspnet-scratch", data=phantom_dir, out=out, batch_size=8, img_size=64, show_progress=False)
+    train(TrainConfig(epochs=1, aux_weight=0.4, **kw))
+    steps = load_checkpoint(out / "last.pt")["history"][0]["steps"]
+    assert len(calls) == steps and {shape[1:] for shape in calls} == {(1, 64, 64)}  # once a step, at the input's size
+    last = load_checkpoint(out / "last.pt")
+    head = last["aux_state_dict"]
+    assert head["block.0.weight"].shape[1] == 256  # ResNeXt50's layer1, the stage under the pyramid pooling's input
+    # The head is not part of the model: best.pt loads into the plain preset, and its exported graph is the same.
+    best = load_checkpoint(out / "best.pt")
+    assert best["train_config"]["aux_weight"] == 0.4 and "aux_state_dict" not in best
+    assert not any(key.startswith("block.") for key in best["state_dict"])
+    model_from_checkpoint(best)
+    # --resume continues the head from where last.pt left it
+    loaded = []
+    original = AuxiliaryHead.load_state_dict
+    monkeypatch.setattr(
+        AuxiliaryHead, "load_state_dict", lambda self, s, *a, **k: loaded.append(s) or original(self, s)
+    )
+    train(TrainConfig(epochs=2, resume=True, explicit=frozenset({"epochs"}), **kw))
+    assert loaded and torch.equal(loaded[0]["block.0.weight"], head["block.0.weight"])
+    after = load_checkpoint(out / "last.pt")["aux_state_dict"]["block.0.weight"]
+    assert not torch.equal(after, head["block.0.weight"])  # and trains it on
+    with pytest.raises(LggError, match="--aux-weight must lie between 0"):
+        train(TrainConfig(model="pspnet-scratch", data=phantom_dir, out=tmp_path / "x", epochs=2, aux_weight=-1))

@@ -105,6 +105,7 @@ RANGES: dict[str, Range] = {
     "missing_modality": SHARE,
     "bn_momentum": SHARE,
     "crop_size": Range(0, 1_024, meaning="pixels: 0 (whole slices) or a multiple of 32"),
+    "aux_weight": Range(0.0, 10.0, meaning="0 (off) or a loss weight such as 0.4"),
 }
 # (command function, option) -> range, where a command reads an option differently.
 COMMAND_RANGES: dict[tuple[str, str], Range] = {

@@ -37,6 +37,7 @@ TRANSIENT = (
     "torch_rng",
     "rng_states",
     "ema_state_dict",
+    "aux_state_dict",
 )  # resume state: never carried over
 
 

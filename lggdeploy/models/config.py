@@ -67,6 +67,9 @@ class TrainConfig:
     # Train on random crops of this many pixels (0: whole slices); a tumor slice's crop holds one of its tumor pixels
     # (transforms.random_crops). Validation, selection and every engine still see whole slices.
     crop_size: int = 0
+    # PSPNet's auxiliary loss: a training-only segmentation head on the encoder's stage before its last, its loss
+    # weighted this much beside the model's (0: off; recipe.AuxiliaryHead). Checkpoints and engines hold the model alone.
+    aux_weight: float = 0.0
 
     @classmethod
     def from_flags(
@@ -128,6 +131,8 @@ class TrainConfig:
                 f"--crop-size must be 0 (whole slices) or a multiple of 32 from 64 to --img-size ({self.img_size}), "
                 f"got {self.crop_size}"
             )
+        if not 0 <= self.aux_weight <= 10:
+            raise LggError(f"--aux-weight must lie between 0 (off) and 10, got {self.aux_weight}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
         if self.postprocess != "auto":
@@ -168,6 +173,8 @@ HELP = {
     "encoder's own, e.g. efficientnet's 0.01)",
     "crop_size": "train on random crops of this many pixels, each tumor slice's holding tumor (0: whole slices); "
     "validation and inference see whole slices",
+    "aux_weight": "weight of PSPNet's auxiliary loss: a training-only segmentation head on the encoder's stage before "
+    "its last (0: off; never part of the checkpoint or engines)",
     "postprocess": "post-processing stored in best.pt: auto (3-D components smaller than half the smallest train "
     "tumor removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
     "or N,F (also those under F x the largest component)",

@@ -120,3 +120,52 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class AuxiliaryHead(nn.Module):
+    """PSPNet's auxiliary loss (Zhao et al. 2017, "deep supervision"): a small segmentation head on an earlier encoder
+    stage, trained beside the model and never part of it — checkpoints, exports and engines hold the model alone.
+
+    `attach` hooks the model's encoder so that each forward pass leaves that stage's features here; `logits` turns
+    them into mask logits at the input's size (`head(size)`). The stage is the one before the encoder's last (for pspnet-scratch,
+    ResNeXt50's layer1, stride 4, under the pyramid pooling's input)."""
+
+    STAGE = -2  # the encoder's feature list: [input, stride 2, stride 4, ..., last]
+    # Narrow on purpose: a 3x3 convolution from layer1's 256 channels to 64 made a training step 28 % slower
+    # (ResNeXt50's grouped layers 1-2 are cheap); 1x1 to 32 then 3x3 to the logits adds about 1.5 % of the model's work.
+    WIDTH = 32
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(channels, self.WIDTH, 1, bias=False),
+            nn.BatchNorm2d(self.WIDTH),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(self.WIDTH, 1, 3, padding=1),
+        )
+        self.features: torch.Tensor | None = None
+
+    @classmethod
+    def attach(cls, model: nn.Module, img_size: int) -> AuxiliaryHead:
+        """A head sized by the encoder's actual features (a pruned encoder has fewer channels than it declares)."""
+        encoder = model.encoder
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            probe = next(model.parameters()).new_zeros(1, 3, img_size, img_size)
+            channels = encoder(probe)[cls.STAGE].shape[1]
+        model.train(was_training)
+        head = cls(channels)
+        encoder.register_forward_hook(head._keep)
+        return head
+
+    def _keep(self, module, args, output) -> None:
+        self.features = output[self.STAGE]
+
+    def forward(self, size: tuple[int, int]) -> torch.Tensor:
+        """Mask logits of `size` from the features the model's last forward pass left (a call, so that DDP syncs)."""
+        if self.features is None:
+            raise RuntimeError("the auxiliary head has no features: run the model first")
+        out = self.block(self.features)
+        self.features = None
+        return F.interpolate(out, size=size, mode="bilinear", align_corners=False)

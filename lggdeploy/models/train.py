@@ -54,7 +54,14 @@ from lggdeploy.models.curves import plot_history
 from lggdeploy.models.evaluate import score_model
 from lggdeploy.models.networks import build_model, count_parameters
 from lggdeploy.models.presets import resolve_model
-from lggdeploy.models.recipe import epoch_order, lr_factor, make_ema, segmentation_loss, set_batch_norm_momentum
+from lggdeploy.models.recipe import (
+    AuxiliaryHead,
+    epoch_order,
+    lr_factor,
+    make_ema,
+    segmentation_loss,
+    set_batch_norm_momentum,
+)
 from lggdeploy.models.torch_runner import resolve_device
 from lggdeploy.postprocess import PostProcess, smallest_tumor
 from lggdeploy.postprocess import tune as tune_postprocess
@@ -118,6 +125,7 @@ FIXED_ON_RESUME = (
     "normalization",
     "bn_momentum",
     "crop_size",
+    "aux_weight",
 )
 
 
@@ -137,6 +145,7 @@ LEGACY_RECIPE = {
     "normalization": "fixed",
     "bn_momentum": 0.0,
     "crop_size": 0,
+    "aux_weight": 0.0,
 }
 
 
@@ -438,15 +447,34 @@ class Trainer:
             raise LggError(
                 f"{n_train} training slices are too few for --batch-size {cfg.batch_size} on {self.world} process(es)"
             )
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
+        self.aux = self.attach_auxiliary_head()  # after the EMA's copy of the model, which must not carry its hook
+        parameters = [*model.parameters(), *(self.aux.parameters() if self.aux is not None else ())]
+        self.optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.plan_schedule()
         warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.schedule_steps, warmup_steps)
         )
-        self.ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.compute_dtype == torch.float16)
         self.augment = Augmentation(missing_modality=cfg.missing_modality)
+
+    def attach_auxiliary_head(self) -> AuxiliaryHead | None:
+        """--aux-weight: the training-only head on the encoder's stage before its last, or None."""
+        cfg = self.cfg
+        if not cfg.aux_weight:
+            return None
+        aux = AuxiliaryHead.attach(self.model, cfg.img_size).to(self.device)
+        if cfg.channels_last:
+            aux.to(memory_format=torch.channels_last)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            aux = nn.parallel.DistributedDataParallel(aux, device_ids=ids)
+        return aux
+
+    @property
+    def aux_head(self) -> AuxiliaryHead:
+        return self.aux.module if isinstance(self.aux, nn.parallel.DistributedDataParallel) else self.aux
 
     def load_teacher(self) -> nn.Module | None:
         """Distillation's teacher (fine-tuning a pruned model), frozen, or None."""
@@ -513,6 +541,8 @@ class Trainer:
         self.scaler.load_state_dict(resume["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(resume["ema_state_dict"])
+        if self.aux is not None:
+            self.aux_head.load_state_dict(resume["aux_state_dict"])
         self.history = list(resume["history"])
         self.best = dict(resume["best"])
         self.epoch = int(resume["epoch"])
@@ -563,6 +593,10 @@ class Trainer:
         with torch.autocast(device.type, **autocast):
             logits = self.net(x)
         loss = segmentation_loss(logits.float(), y, cfg.loss)
+        if self.aux is not None:
+            with torch.autocast(device.type, **autocast):
+                aux_logits = self.aux(tuple(y.shape[-2:]))
+            loss = loss + cfg.aux_weight * segmentation_loss(aux_logits.float(), y, cfg.loss)
         if self.teacher is not None:
             with torch.no_grad(), torch.autocast(device.type, **autocast):
                 soft = torch.sigmoid(self.teacher(x).float())
@@ -746,6 +780,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng_states": rng_states,
             **({"ema_state_dict": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"aux_state_dict": self.aux_head.state_dict()} if self.aux is not None else {}),
         }
         save_checkpoint(
             self.last_path, {**make_payload(self.model, self.weights_info, **fields_, weights="raw"), **state}
