@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from report_recipe import logits_of, write_markdown
+from report_recipe import logits_of, rule_rows, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
@@ -115,26 +115,7 @@ def main() -> None:
         "| run | n | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
-    totals = {n: {"dice": [], "missed": 0, "lost": 0} for n in names}
-    for label, r in runs.items():
-        cells = []
-        found = {p for p, d in r["dice"]["none"].items() if d >= 0.05}
-        for n in names:
-            per = r["dice"][n]
-            missed = sum(d < 0.05 for d in per.values())
-            lost = sum(per[p] < 0.05 for p in found)
-            totals[n]["dice"] += list(per.values())
-            totals[n]["missed"] += missed
-            totals[n]["lost"] += lost
-            cells.append(f"{np.mean(list(per.values())):.3f} [{missed}/{lost}]")
-        lines.append(f"| {label} | {len(r['patients'])} | " + " | ".join(cells) + " |")
-    lines.append(
-        "| **all (patient-runs)** | "
-        + str(len(totals["none"]["dice"]))
-        + " | "
-        + " | ".join(f"**{np.mean(t['dice']):.3f}** [{t['missed']}/{t['lost']}]" for t in totals.values())
-        + " |"
-    )
+    lines += rule_rows(runs, names, found_by="none")
     machine = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "component_rules.json", {"runs": runs, "machine": machine})

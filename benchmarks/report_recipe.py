@@ -46,6 +46,33 @@ def score(native: np.ndarray, slices, threshold: float) -> dict:
     )
 
 
+def rule_rows(runs: dict, names: list[str], found_by: str, digits: int = 3, model_column: bool = False) -> list[str]:
+    """Markdown rows of a post-processing comparison on finished runs: one per run, then the patient-runs pooled.
+
+    runs: label -> {"patients", "model", "dice": {rule: {patient: Dice}}}. Each cell is the mean per-patient Dice
+    [missed / lost]: lost counts patients that rule `found_by` finds (Dice >= 0.05) and this rule misses."""
+    totals = {n: {"dice": [], "missed": 0, "lost": 0} for n in names}
+    lines = []
+    for label, r in runs.items():
+        cells = []
+        found = {p for p, d in r["dice"][found_by].items() if d >= 0.05}
+        for n in names:
+            per = r["dice"][n]
+            missed = sum(d < 0.05 for d in per.values())
+            lost = sum(per[p] < 0.05 for p in found)
+            totals[n]["dice"] += list(per.values())
+            totals[n]["missed"] += missed
+            totals[n]["lost"] += lost
+            cells.append(f"{np.mean(list(per.values())):.{digits}f} [{missed}/{lost}]")
+        lead = f"| {label} | {r['model']} |" if model_column else f"| {label} |"
+        lines.append(f"{lead} {len(r['patients'])} | " + " | ".join(cells) + " |")
+    pooled = " | ".join(f"**{np.mean(t['dice']):.{digits}f}** [{t['missed']}/{t['lost']}]" for t in totals.values())
+    models = sorted({r["model"] for r in runs.values()})
+    lead = f"| **all {', '.join(models)}** | |" if model_column else "| **all (patient-runs)** |"
+    lines.append(f"{lead} {len(totals[names[0]]['dice'])} | {pooled} |")
+    return lines
+
+
 def best_runs(items: list[str]):
     """(label, run folder, its best.pt) for each LABEL=RUN_DIR argument of the run reports."""
     for item in items:

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from report_recipe import logits_of, write_markdown
+from report_recipe import logits_of, rule_rows, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
@@ -100,26 +100,8 @@ def main() -> None:
         "|---|---|---|" + "---|" * len(names),
     ]
     for model in sorted({r["model"] for r in runs.values()}):
-        totals = {n: {"dice": [], "missed": 0, "lost": 0} for n in names}
-        for label, r in runs.items():
-            if r["model"] != model:
-                continue
-            cells = []
-            found = {p for p, d in r["dice"]["stored"].items() if d >= 0.05}
-            for n in names:
-                per = r["dice"][n]
-                missed = sum(d < 0.05 for d in per.values())
-                lost = sum(per[p] < 0.05 for p in found)
-                totals[n]["dice"] += list(per.values())
-                totals[n]["missed"] += missed
-                totals[n]["lost"] += lost
-                cells.append(f"{np.mean(list(per.values())):.4f} [{missed}/{lost}]")
-            lines.append(f"| {label} | {model} | {len(r['patients'])} | " + " | ".join(cells) + " |")
-        lines.append(
-            f"| **all {model}** | | {len(totals['none']['dice'])} | "
-            + " | ".join(f"**{np.mean(t['dice']):.4f}** [{t['missed']}/{t['lost']}]" for t in totals.values())
-            + " |"
-        )
+        of_model = {label: r for label, r in runs.items() if r["model"] == model}
+        lines += rule_rows(of_model, names, found_by="stored", digits=4, model_column=True)
     machine = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "z_smoothing.json", {"runs": runs, "kernels": kernels, "machine": machine})
