@@ -22,18 +22,14 @@ Writes OUT/component_rules.json and OUT/component_rules.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
-from report_recipe import logits_of, rule_rows, write_markdown
+from report_recipe import logits_of, rule_rows, scored_runs, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
-from lggdeploy.data.arrays import load_slices
-from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.metrics import confusion_counts, summarize
-from lggdeploy.models.checkpoint import load_checkpoint, split_of
 from lggdeploy.postprocess import LARGEST, PostProcess, connected_components
 
 FRACTIONS = (0.5, 0.2, 0.1)
@@ -89,23 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--exclude", type=Path, help="a split file whose test patients are never scored")
     args = parser.parse_args()
-    dataset = load_dataset(args.data)
-    excluded = set(json.loads(args.exclude.read_text())["test"]) if args.exclude else set()
-    runs: dict = {}
-    for item in args.runs:
-        label, run = item.split("=", 1)
-        ckpt = load_checkpoint(Path(run) / "best.pt")
-        split = split_of(ckpt)
-        patients = [p for p in (*split.val, *split.test) if p not in excluded]
-        if not patients:
-            continue
-        slices = load_slices(dataset, patients)
-        runs[label] = {
-            "run": run,
-            "model": ckpt["model"]["name"],
-            "patients": patients,
-            "dice": score_run(ckpt, slices),
-        }
+    runs = scored_runs(args.runs, args.data, args.exclude, score_run)
     names = list(next(iter(runs.values()))["dice"])
     lines = [
         "# Component rules on finished runs (patients of --exclude's test split left out)",

@@ -46,6 +46,21 @@ def score(native: np.ndarray, slices, threshold: float) -> dict:
     )
 
 
+def scored_runs(items: list[str], data: Path, exclude: Path | None, score, parts=("val", "test")) -> dict:
+    """label -> {"run", "model", "patients", "dice": score(ckpt, slices)} for each LABEL=RUN_DIR, on the run's `parts`
+    patients minus the test patients of the split file `exclude` (the hold-out patients no choice may look at)."""
+    dataset = load_dataset(data)
+    excluded = set(json.loads(exclude.read_text())["test"]) if exclude else set()
+    runs: dict = {}
+    for label, run, ckpt in best_runs(items):
+        split = split_of(ckpt)
+        patients = [p for part in parts for p in getattr(split, part) if p not in excluded]
+        if patients:
+            dice = score(ckpt, load_slices(dataset, patients))
+            runs[label] = {"run": run, "model": ckpt["model"]["name"], "patients": patients, "dice": dice}
+    return runs
+
+
 def rule_rows(runs: dict, names: list[str], found_by: str, digits: int = 3, model_column: bool = False) -> list[str]:
     """Markdown rows of a post-processing comparison on finished runs: one per run, then the patient-runs pooled.
 

@@ -14,18 +14,14 @@ Patients in --exclude's test split are never scored. Writes OUT/z_smoothing.json
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
-from report_recipe import logits_of, rule_rows, write_markdown
+from report_recipe import logits_of, rule_rows, scored_runs, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
-from lggdeploy.data.arrays import load_slices
-from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.metrics import confusion_counts, summarize
-from lggdeploy.models.checkpoint import load_checkpoint, split_of
 from lggdeploy.postprocess import PostProcess
 
 
@@ -73,23 +69,9 @@ def main() -> None:
     parser.add_argument("--kernels", default="0.15,0.25,0.3333")
     args = parser.parse_args()
     kernels = [float(v) for v in args.kernels.split(",")]
-    dataset = load_dataset(args.data)
-    excluded = set(json.loads(args.exclude.read_text())["test"]) if args.exclude else set()
-    runs: dict = {}
-    for item in args.runs:
-        label, run = item.split("=", 1)
-        ckpt = load_checkpoint(Path(run) / "best.pt")
-        split = split_of(ckpt)
-        patients = [p for part in args.parts.split(",") for p in getattr(split, part) if p not in excluded]
-        if not patients:
-            continue
-        slices = load_slices(dataset, patients)
-        runs[label] = {
-            "run": run,
-            "model": ckpt["model"]["name"],
-            "patients": patients,
-            "dice": score_run(ckpt, slices, kernels),
-        }
+    runs = scored_runs(
+        args.runs, args.data, args.exclude, lambda ckpt, slices: score_run(ckpt, slices, kernels), args.parts.split(",")
+    )
     names = list(next(iter(runs.values()))["dice"])
     lines = [
         "# Smoothing along the slice axis on finished runs (patients of --exclude's test split left out)",
