@@ -21,15 +21,11 @@ Writes OUT/component_rules.json and OUT/component_rules.md.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
-from report_recipe import logits_of, rule_rows, scored_runs, write_markdown
+from report_recipe import finished_runs_parser, rule_rows, score_rules, scored_runs, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
-from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.postprocess import LARGEST, PostProcess, connected_components
 
 FRACTIONS = (0.5, 0.2, 0.1)
@@ -47,7 +43,7 @@ def keep_by_mass(volume: np.ndarray, prob: np.ndarray, base: PostProcess, fracti
     return np.isin(labels, keep)
 
 
-def rules(base: PostProcess) -> dict:
+def rules(base: PostProcess, threshold: float) -> dict:
     size = max(base.min_component_voxels, 0)  # the stored rule's absolute size (0 when it stores none or largest)
     out = {
         "none": lambda v, p: np.asarray(v, bool),
@@ -61,31 +57,9 @@ def rules(base: PostProcess) -> dict:
     return out
 
 
-def score_run(ckpt: dict, slices) -> dict:
-    logits = logits_of(ckpt, slices)  # (slices, H, W) at the model's resolution (256: native)
-    threshold = float(ckpt["threshold"])
-    predicted = logits > np.float32(np.log(threshold / (1 - threshold)))
-    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    base = PostProcess.from_json(ckpt.get("postprocess"))
-    out: dict = {}
-    for name, rule in rules(base).items():
-        masks = np.array(predicted, copy=True)
-        for pid in dict.fromkeys(slices.patients.tolist()):
-            sel = slices.patients == pid
-            masks[sel] = rule(predicted[sel], prob[sel])
-        summary = summarize(confusion_counts(masks, slices.masks), slices.patients)
-        out[name] = {r["patient"]: r["dice"] for r in summary["per_patient"]}
-    return out
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--exclude", type=Path, help="a split file whose test patients are never scored")
-    args = parser.parse_args()
-    runs = scored_runs(args.runs, args.data, args.exclude, score_run)
+    args = finished_runs_parser().parse_args()
+    runs = scored_runs(args.runs, args.data, args.exclude, lambda ckpt, slices: score_rules(ckpt, slices, rules))
     names = list(next(iter(runs.values()))["dice"])
     lines = [
         "# Component rules on finished runs (patients of --exclude's test split left out)",

@@ -30,6 +30,7 @@ from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models import threshold as thresholds
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.torch_runner import TorchRunner
+from lggdeploy.postprocess import PostProcess
 from lggdeploy.scoring import add_largest_component
 
 
@@ -44,6 +45,34 @@ def score(native: np.ndarray, slices, threshold: float) -> dict:
     return add_largest_component(
         summarize(confusion_counts(predicted, slices.masks), slices.patients), predicted, slices
     )
+
+
+def finished_runs_parser() -> argparse.ArgumentParser:
+    """The options of the reports that score finished runs: LABEL=RUN_DIR ..., --data, --out, --exclude."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--exclude", type=Path, help="a split file whose test patients are never scored")
+    return parser
+
+
+def score_rules(ckpt: dict, slices, rules) -> dict:
+    """rule -> {patient: Dice} for each rule of `rules(stored post-processing, threshold)`: a function of one
+    patient's thresholded (slices, H, W) mask volume and its foreground probabilities, giving the final masks."""
+    logits = logits_of(ckpt, slices)  # (slices, H, W) at the model's resolution (256: native)
+    threshold = float(ckpt["threshold"])
+    predicted = logits > np.float32(np.log(threshold / (1 - threshold)))
+    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    out: dict = {}
+    for name, rule in rules(PostProcess.from_json(ckpt.get("postprocess")), threshold).items():
+        masks = np.array(predicted, copy=True)
+        for pid in dict.fromkeys(slices.patients.tolist()):
+            sel = slices.patients == pid
+            masks[sel] = rule(predicted[sel], prob[sel])
+        summary = summarize(confusion_counts(masks, slices.masks), slices.patients)
+        out[name] = {r["patient"]: r["dice"] for r in summary["per_patient"]}
+    return out
 
 
 def scored_runs(items: list[str], data: Path, exclude: Path | None, score, parts=("val", "test")) -> dict:

@@ -13,15 +13,11 @@ Patients in --exclude's test split are never scored. Writes OUT/z_smoothing.json
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
-from report_recipe import logits_of, rule_rows, scored_runs, write_markdown
+from report_recipe import finished_runs_parser, rule_rows, score_rules, scored_runs, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
-from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.postprocess import PostProcess
 
 
@@ -38,39 +34,30 @@ def smooth_along_slices(prob: np.ndarray, a: float) -> np.ndarray:
     return total / weight[:, None, None]
 
 
-def score_run(ckpt: dict, slices, kernels: list[float]) -> dict:
-    logits = logits_of(ckpt, slices)  # (slices, H, W) at the model's resolution (256: native)
-    threshold = float(ckpt["threshold"])
-    prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    base = PostProcess.from_json(ckpt.get("postprocess"))
-    variants: dict[str, np.ndarray] = {"none": prob > threshold}
-    variants["stored"] = np.array(variants["none"])
-    for a in kernels:
-        variants[f"z-{a:g}"] = np.zeros_like(variants["none"])
-    for pid in dict.fromkeys(slices.patients.tolist()):
-        sel = slices.patients == pid
-        variants["stored"][sel] = base.apply(variants["none"][sel])
+def rules(kernels: list[float]):
+    """none, the stored rule, and each kernel's smoothing followed by the stored rule."""
+
+    def of(base: PostProcess, threshold: float) -> dict:
+        out = {"none": lambda v, p: np.asarray(v, bool), "stored": lambda v, p: base.apply(v)}
         for a in kernels:
-            variants[f"z-{a:g}"][sel] = base.apply(smooth_along_slices(prob[sel], a) > threshold)
-    out = {}
-    for name, masks in variants.items():
-        summary = summarize(confusion_counts(masks, slices.masks), slices.patients)
-        out[name] = {r["patient"]: r["dice"] for r in summary["per_patient"]}
-    return out
+            out[f"z-{a:g}"] = lambda v, p, a=a: base.apply(smooth_along_slices(p, a) > threshold)
+        return out
+
+    return of
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--exclude", type=Path, help="a split file whose test patients are never scored")
+    parser = finished_runs_parser()
     parser.add_argument("--parts", default="val,test", help="which of the run's split parts to score")
     parser.add_argument("--kernels", default="0.15,0.25,0.3333")
     args = parser.parse_args()
     kernels = [float(v) for v in args.kernels.split(",")]
     runs = scored_runs(
-        args.runs, args.data, args.exclude, lambda ckpt, slices: score_run(ckpt, slices, kernels), args.parts.split(",")
+        args.runs,
+        args.data,
+        args.exclude,
+        lambda ckpt, slices: score_rules(ckpt, slices, rules(kernels)),
+        args.parts.split(","),
     )
     names = list(next(iter(runs.values()))["dice"])
     lines = [
