@@ -126,13 +126,14 @@ class AuxiliaryHead(nn.Module):
     """PSPNet's auxiliary loss (Zhao et al. 2017, "deep supervision"): a small segmentation head on an earlier encoder
     stage, trained beside the model and never part of it — checkpoints, exports and engines hold the model alone.
 
-    `attach` hooks the model's encoder so that each forward pass leaves that stage's features here; `logits` turns
-    them into mask logits at the input's size (`head(size)`). The stage is the one before the encoder's last (for pspnet-scratch,
+    `attach` hooks the model's encoder so that each forward pass leaves that stage's features here; `head(size)` turns
+    them into mask logits of that size. The stage is the one before the encoder's last (for the PSPNet presets,
     ResNeXt50's layer1, stride 4, under the pyramid pooling's input)."""
 
     STAGE = -2  # the encoder's feature list: [input, stride 2, stride 4, ..., last]
-    # Narrow on purpose: a 3x3 convolution from layer1's 256 channels to 64 made a training step 28 % slower
-    # (ResNeXt50's grouped layers 1-2 are cheap); 1x1 to 32 then 3x3 to the logits adds about 1.5 % of the model's work.
+    # Narrow on purpose: a 3x3 convolution from layer1's 256 channels to 64 would be about a quarter of the work of
+    # pspnet-scratch's small encoder (ResNeXt50's grouped layers 1-2); 1x1 to 32, then 3x3 to the logits, made a
+    # training step 1.6 % slower (benchmarks/results/aux-loss-zen4/).
     WIDTH = 32
 
     def __init__(self, channels: int):
