@@ -520,12 +520,12 @@ def test_the_auxiliary_loss_trains_its_head_resumes_it_and_stays_out_of_the_mode
     out = tmp_path / "aux"
     kw = dict(model="pspnet-scratch", data=phantom_dir, out=out, batch_size=8, img_size=64, show_progress=False)
     train(TrainConfig(epochs=1, aux_weight=0.4, **kw))
-    steps = load_checkpoint(out / "last.pt")["history"][0]["steps"]
-    assert len(calls) == steps and {shape[1:] for shape in calls} == {(1, 64, 64)}  # once a step, at the input's size
     last = load_checkpoint(out / "last.pt")
+    steps = last["history"][0]["steps"]
+    assert len(calls) == steps and {shape[1:] for shape in calls} == {(1, 64, 64)}  # once a step, at the input's size
     head = last["aux_state_dict"]
     assert head["block.0.weight"].shape[1] == 256  # ResNeXt50's layer1, the stage under the pyramid pooling's input
-    # The head is not part of the model: best.pt loads into the plain preset, and its exported graph is the same.
+    # The head is not part of the model: best.pt holds none of it and loads into the plain preset.
     best = load_checkpoint(out / "best.pt")
     assert best["train_config"]["aux_weight"] == 0.4 and "aux_state_dict" not in best
     assert not any(key.startswith("block.") for key in best["state_dict"])
