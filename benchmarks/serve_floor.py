@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from serve_load import client_library, free_ports, wait_ready
+from serve_load import client_library, wait_ready
 
 from lggdeploy.common.machine import cpu_line, machine_info
-from lggdeploy.serve.server import ServeOptions, _start, find_tritonserver
+from lggdeploy.serve.server import ServeOptions, _start, find_tritonserver, free_ports
 
 CONFIG = """name: "floor"
 backend: "python"

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import numpy as np
 from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.serve.handlers import EngineFacts, SliceHandler
+from lggdeploy.serve.server import free_ports
 
 
 def slice_handler(engine: Path) -> SliceHandler:
@@ -72,16 +72,6 @@ def in_process(engine: Path, rounds: int = 30) -> dict:
         "b8_slices_per_s": 8000 / float(np.median(b8)),
         "rounds": rounds,
     }
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def wait_ready(port: int, models: list[str], process) -> None:

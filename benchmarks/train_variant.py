@@ -1,15 +1,23 @@
-"""A screening harness: `lggdeploy train` with one change to the network that no flag offers (yet).
+"""A screening harness: `lggdeploy train` with one change that no flag offers (yet).
 
-usage: .venv/bin/python benchmarks/train_variant.py --decoder-dropout P -- [lggdeploy train options]
+usage: .venv/bin/python benchmarks/train_variant.py (--decoder-dropout P | --strong-augmentation) -- [train options]
 
 --decoder-dropout P: every dropout layer of the decoder gets probability P before training (smp's PSPNet: Dropout2d
 0.2 on the decoder's output). Inference is unchanged (eval mode drops nothing); the checkpoint records nothing of
-it, so a run made this way is labelled by its folder. A lever that passes its screen becomes a real option.
+it, so a run made this way is labelled by its folder.
+
+--strong-augmentation: the training augmentation's ranges widened towards nnU-Net's defaults (Isensee et al. 2021:
+rotation, scaling 0.7-1.4, multiplicative brightness 0.75-1.25) within the transforms lggdeploy has: rotation
++-15 degrees (the default +-10), zoom 0.85-1.25 (0.9-1.1), per-channel gain 0.75-1.25 (0.9-1.1), per-channel shift
++-0.1 (+-0.05); flips and the missing-sequence fill unchanged. The checkpoint's `augmentation` records the ranges.
+
+A lever that passes its screen becomes a real option.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from torch import nn
@@ -17,25 +25,34 @@ from torch import nn
 from lggdeploy.cli import app
 from lggdeploy.models import train as train_module
 
+STRONG = {"rotate_degrees": 15.0, "scale": (0.85, 1.25), "gain": (0.75, 1.25), "shift": 0.1}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--decoder-dropout", type=float, required=True)
+    parser.add_argument("--decoder-dropout", type=float)
+    parser.add_argument("--strong-augmentation", action="store_true")
     args, rest = parser.parse_known_args()
     rest = [a for a in rest if a != "--"]
-    build = train_module.build_model
+    if args.decoder_dropout is None and not args.strong_augmentation:
+        sys.exit("name one change: --decoder-dropout P or --strong-augmentation")
+    if args.decoder_dropout is not None:
+        build = train_module.build_model
 
-    def build_with_dropout(*a, **k):
-        built = build(*a, **k)
-        layers = [m for m in built.model.decoder.modules() if isinstance(m, nn.Dropout | nn.Dropout2d)]
-        if not layers:
-            sys.exit("the decoder has no dropout layer to change")
-        for layer in layers:
-            layer.p = args.decoder_dropout
-        print(f"decoder dropout set to {args.decoder_dropout} on {len(layers)} layer(s)", file=sys.stderr)
-        return built
+        def build_with_dropout(*a, **k):
+            built = build(*a, **k)
+            layers = [m for m in built.model.decoder.modules() if isinstance(m, nn.Dropout | nn.Dropout2d)]
+            if not layers:
+                sys.exit("the decoder has no dropout layer to change")
+            for layer in layers:
+                layer.p = args.decoder_dropout
+            print(f"decoder dropout set to {args.decoder_dropout} on {len(layers)} layer(s)", file=sys.stderr)
+            return built
 
-    train_module.build_model = build_with_dropout
+        train_module.build_model = build_with_dropout
+    if args.strong_augmentation:
+        train_module.Augmentation = functools.partial(train_module.Augmentation, **STRONG)
+        print(f"augmentation ranges widened: {STRONG}", file=sys.stderr)
     app(["train", *rest])
 
 

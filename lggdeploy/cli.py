@@ -1011,7 +1011,7 @@ def demo_cmd(
     """The main job on the embedded phantom set: train the three presets briefly, evaluate, print the table."""
     from lggdeploy.bench.report import rich_table as bench_table
     from lggdeploy.common.tables import rich_table
-    from lggdeploy.demo import COLUMNS, run_demo
+    from lggdeploy.demo import COLUMNS, WEIGHTS_NOTE, run_demo
 
     results = run_demo(out_dir, patients=patients, seed=seed)
     out.print(
@@ -1019,11 +1019,11 @@ def demo_cmd(
             results["rows"], COLUMNS, title="training: phantom test split (per-patient Dice is the primary metric)"
         )
     )
+    out.print(WEIGHTS_NOTE)
     out.print(bench_table(results["bench"]))
     out.print(
         f"results: {out_dir / 'results.md'} (both tables), {out_dir / 'bench'} (bench.json/md/csv, speed_accuracy.png, speedup.png); "
         f"checkpoints, curves and per-patient JSON under {out_dir / 'runs'}; engines and manifests under {out_dir / 'engines'}.\n"
-        "Transfer presets trained from random init here (ImageNet weights cannot be downloaded offline).\n"
         "The same on the real data: lggdeploy train --model pspnet-scratch --data /path/to/kaggle_3m && "
         "lggdeploy build runs/pspnet-scratch/best.pt --precision all && lggdeploy bench engines --data /path/to/kaggle_3m --out results"
     )

@@ -116,6 +116,7 @@ def run_demo(
     text = "# lggdeploy demo (phantom data)\n\n## Training (test split of the phantom set)\n\n" + markdown_table(
         rows, COLUMNS
     )
+    text += f"\n\\{WEIGHTS_NOTE}\n"  # escaped: a leading * would start a list
     if engines:
         results["bench"] = _engines_and_bench(out, data, [runs / r["model"] / "best.pt" for r in rows], bench_iters)
         from lggdeploy.bench.report import markdown
@@ -126,15 +127,19 @@ def run_demo(
     return results
 
 
+WEIGHTS_NOTE = (
+    "* no ImageNet weights offline: pspnet-resnext50 starts from pspnet-scratch's encoder (a stand-in, via the "
+    "local-weights path), unet-effb7 from random init."
+)
 TRANSFER_FROM = {"pspnet-resnext50": "pspnet-scratch"}  # a transfer preset -> the demo model whose encoder it reuses
 
 
 def _demo_encoder(name: str, runs: Path) -> tuple[str, str]:
-    """(encoder_weights, the table's label) of a preset in the demo."""
+    """(encoder_weights, the table's label) of a preset in the demo; a label with * is explained by WEIGHTS_NOTE."""
     source = TRANSFER_FROM.get(name)
     if source is not None and (runs / source / "best.pt").is_file():
-        return str(runs / source / "best.pt"), f"{source}'s encoder (stand-in for ImageNet, offline)"
-    return "random", "random" if PRESETS[name].encoder_weights is None else "random (ImageNet offline)"
+        return str(runs / source / "best.pt"), f"{source}*"
+    return "random", "random" if PRESETS[name].encoder_weights is None else "random*"
 
 
 def _engines_and_bench(out: Path, data: Path, checkpoints: list[Path], iters: int) -> dict:

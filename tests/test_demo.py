@@ -27,13 +27,14 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
 
 def test_the_demo_rows_tell_the_presets_apart(tmp_path):
     """pspnet-resnext50 starts from the encoder pspnet-scratch just trained (the transfer path, offline): another model,
-    another row, and the table says where its encoder came from."""
+    another row, and the table (its note under the *) says where its encoder came from."""
     from lggdeploy.models.checkpoint import load_checkpoint
 
     presets = ["pspnet-scratch", "pspnet-resnext50"]
     results = run_demo(tmp_path / "demo", patients=4, presets=presets, epochs=dict.fromkeys(presets, 1), engines=False)
     scratch, transfer = results["rows"]
-    assert scratch["encoder_weights"] == "random" and transfer["encoder_weights"].startswith("pspnet-scratch's encoder")
+    assert scratch["encoder_weights"] == "random" and transfer["encoder_weights"] == "pspnet-scratch*"
+    assert "pspnet-resnext50 starts from pspnet-scratch's encoder" in (tmp_path / "demo" / "results.md").read_text()
     recorded = load_checkpoint(tmp_path / "demo" / "runs" / "pspnet-resnext50" / "best.pt")["encoder_weights"]
     assert recorded == f"file:{tmp_path / 'demo' / 'runs' / 'pspnet-scratch' / 'best.pt'}"
     # Before, both trained from the same random init and seed on the same data: bit-identical weights, identical rows.

@@ -25,6 +25,7 @@ from lggdeploy.engines.formats import open_engine, read_manifest
 from lggdeploy.runtime import PostProcess, Segmenter
 from lggdeploy.serve.handlers import BadRequest, EngineFacts, SliceHandler, VolumeHandler, pre
 from lggdeploy.serve.repository import write_repository
+from lggdeploy.serve.server import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -152,16 +153,6 @@ def serve_python() -> Path:
     if not path.is_file():
         pytest.skip("no serving venv: `make install-serve` (or LGG_SERVE_PYTHON) — `make test-slow` makes it")
     return path
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class Server:

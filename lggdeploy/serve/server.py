@@ -153,6 +153,19 @@ def find_tritonserver() -> TritonInstall:
     return found
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports that were free on 127.0.0.1 a moment ago (the OS's choice): for a test or benchmark that
+    starts a server beside others. Another process may take one before it is bound; the server then fails on it."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def check_ports_free(opts: ServeOptions) -> None:
     for flag, port in (
         ("--http-port", opts.http_port),
