@@ -1,6 +1,6 @@
 """A screening harness: `lggdeploy train` with one change that no flag offers (yet).
 
-usage: .venv/bin/python benchmarks/train_variant.py (--decoder-dropout P | --strong-augmentation) -- [train options]
+usage: .venv/bin/python benchmarks/train_variant.py CHANGE... -- [lggdeploy train options]
 
 --decoder-dropout P: every dropout layer of the decoder gets probability P before training (smp's PSPNet: Dropout2d
 0.2 on the decoder's output). Inference is unchanged (eval mode drops nothing); the checkpoint records nothing of
@@ -10,6 +10,11 @@ it, so a run made this way is labelled by its folder.
 rotation, scaling 0.7-1.4, multiplicative brightness 0.75-1.25) within the transforms lggdeploy has: rotation
 +-15 degrees (the default +-10), zoom 0.85-1.25 (0.9-1.1), per-channel gain 0.75-1.25 (0.9-1.1), per-channel shift
 +-0.1 (+-0.05); flips and the missing-sequence fill unchanged. The checkpoint's `augmentation` records the ranges.
+
+--zero-init-residual: the last batch norm of every residual block of the encoder starts with weight 0, so each block
+starts as the identity (Goyal et al. 2017, torchvision's `zero_init_residual`); a from-scratch ResNeXt50 then
+trains as a shallower network first. Only the initialization changes: the network, its checkpoint and engines are
+the same as without it.
 
 A lever that passes its screen becomes a real option.
 """
@@ -32,24 +37,32 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--decoder-dropout", type=float)
     parser.add_argument("--strong-augmentation", action="store_true")
+    parser.add_argument("--zero-init-residual", action="store_true")
     args, rest = parser.parse_known_args()
     rest = [a for a in rest if a != "--"]
-    if args.decoder_dropout is None and not args.strong_augmentation:
-        sys.exit("name one change: --decoder-dropout P or --strong-augmentation")
-    if args.decoder_dropout is not None:
-        build = train_module.build_model
+    if args.decoder_dropout is None and not args.strong_augmentation and not args.zero_init_residual:
+        sys.exit("name a change: --decoder-dropout P, --strong-augmentation or --zero-init-residual")
+    build = train_module.build_model
 
-        def build_with_dropout(*a, **k):
-            built = build(*a, **k)
+    def build_changed(*a, **k):
+        built = build(*a, **k)
+        if args.decoder_dropout is not None:
             layers = [m for m in built.model.decoder.modules() if isinstance(m, nn.Dropout | nn.Dropout2d)]
             if not layers:
                 sys.exit("the decoder has no dropout layer to change")
             for layer in layers:
                 layer.p = args.decoder_dropout
             print(f"decoder dropout set to {args.decoder_dropout} on {len(layers)} layer(s)", file=sys.stderr)
-            return built
+        if args.zero_init_residual:
+            norms = [m.bn3 for m in built.model.encoder.modules() if type(m).__name__ == "Bottleneck"]
+            if not norms:
+                sys.exit("the encoder has no bottleneck residual block")
+            for norm in norms:
+                nn.init.zeros_(norm.weight)
+            print(f"zero-initialized the last batch norm of {len(norms)} residual block(s)", file=sys.stderr)
+        return built
 
-        train_module.build_model = build_with_dropout
+    train_module.build_model = build_changed
     if args.strong_augmentation:
         train_module.Augmentation = functools.partial(train_module.Augmentation, **STRONG)
         print(f"augmentation ranges widened: {STRONG}", file=sys.stderr)
