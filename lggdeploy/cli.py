@@ -1011,7 +1011,7 @@ def demo_cmd(
     """The main job on the embedded phantom set: train the three presets briefly, evaluate, print the table."""
     from lggdeploy.bench.report import rich_table as bench_table
     from lggdeploy.common.tables import rich_table
-    from lggdeploy.demo import COLUMNS, WEIGHTS_NOTE, run_demo
+    from lggdeploy.demo import COLUMNS, WEIGHTS_NOTE, needs_weights_note, run_demo
 
     results = run_demo(out_dir, patients=patients, seed=seed)
     out.print(
@@ -1019,7 +1019,8 @@ def demo_cmd(
             results["rows"], COLUMNS, title="training: phantom test split (per-patient Dice is the primary metric)"
         )
     )
-    out.print(WEIGHTS_NOTE)
+    if needs_weights_note(results["rows"]):
+        out.print(WEIGHTS_NOTE)
     out.print(bench_table(results["bench"]))
     out.print(
         f"results: {out_dir / 'results.md'} (both tables), {out_dir / 'bench'} (bench.json/md/csv, speed_accuracy.png, speedup.png); "

@@ -116,7 +116,8 @@ def run_demo(
     text = "# lggdeploy demo (phantom data)\n\n## Training (test split of the phantom set)\n\n" + markdown_table(
         rows, COLUMNS
     )
-    text += f"\n\\{WEIGHTS_NOTE}\n"  # escaped: a leading * would start a list
+    if needs_weights_note(rows):
+        text += f"\n\\{WEIGHTS_NOTE}\n"  # escaped: a leading * would start a list
     if engines:
         results["bench"] = _engines_and_bench(out, data, [runs / r["model"] / "best.pt" for r in rows], bench_iters)
         from lggdeploy.bench.report import markdown
@@ -131,6 +132,13 @@ WEIGHTS_NOTE = (
     "* no ImageNet weights offline: pspnet-resnext50 starts from pspnet-scratch's encoder (a stand-in, via the "
     "local-weights path), unet-effb7 from random init."
 )
+
+
+def needs_weights_note(rows: list[dict]) -> bool:
+    """Whether a row's encoder-weights label carries the * that WEIGHTS_NOTE explains."""
+    return any(str(row.get("encoder_weights", "")).endswith("*") for row in rows)
+
+
 TRANSFER_FROM = {"pspnet-resnext50": "pspnet-scratch"}  # a transfer preset -> the demo model whose encoder it reuses
 
 
