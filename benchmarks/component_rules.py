@@ -22,7 +22,14 @@ Writes OUT/component_rules.json and OUT/component_rules.md.
 from __future__ import annotations
 
 import numpy as np
-from report_recipe import finished_runs_parser, rule_rows, score_rules, scored_runs, write_markdown
+from report_recipe import (
+    finished_runs_parser,
+    rule_rows,
+    rule_table_head,
+    score_rules,
+    scored_runs,
+    write_markdown,
+)
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
@@ -66,8 +73,7 @@ def main() -> None:
         "",
         "Mean per-patient Dice; [missed / lost] — lost: found without post-processing, missed with the rule.",
         "",
-        "| run | n | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
+        *rule_table_head(names),
     ]
     lines += rule_rows(runs, names, found_by="none")
     machine = machine_info()

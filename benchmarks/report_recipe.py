@@ -90,6 +90,12 @@ def scored_runs(items: list[str], data: Path, exclude: Path | None, score, parts
     return runs
 
 
+def rule_table_head(names: list[str], model_column: bool = False) -> list[str]:
+    """The header and separator of the table that `rule_rows` fills (the same `model_column`)."""
+    lead = ["run", "model", "n"] if model_column else ["run", "n"]
+    return ["| " + " | ".join(lead + names) + " |", "|" + "---|" * (len(lead) + len(names))]
+
+
 def rule_rows(runs: dict, names: list[str], found_by: str, digits: int = 3, model_column: bool = False) -> list[str]:
     """Markdown rows of a post-processing comparison on finished runs: one per run, then the patient-runs pooled.
 

@@ -14,7 +14,14 @@ Patients in --exclude's test split are never scored. Writes OUT/z_smoothing.json
 from __future__ import annotations
 
 import numpy as np
-from report_recipe import finished_runs_parser, rule_rows, score_rules, scored_runs, write_markdown
+from report_recipe import (
+    finished_runs_parser,
+    rule_rows,
+    rule_table_head,
+    score_rules,
+    scored_runs,
+    write_markdown,
+)
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
@@ -65,8 +72,7 @@ def main() -> None:
         "",
         "Mean per-patient Dice; [missed / lost] — lost: found by the stored rule, missed by the variant.",
         "",
-        "| run | model | n | " + " | ".join(names) + " |",
-        "|---|---|---|" + "---|" * len(names),
+        *rule_table_head(names, model_column=True),
     ]
     for model in sorted({r["model"] for r in runs.values()}):
         of_model = {label: r for label, r in runs.items() if r["model"] == model}
