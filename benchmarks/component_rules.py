@@ -22,14 +22,7 @@ Writes OUT/component_rules.json and OUT/component_rules.md.
 from __future__ import annotations
 
 import numpy as np
-from report_recipe import (
-    finished_runs_parser,
-    rule_rows,
-    rule_table_head,
-    score_rules,
-    scored_runs,
-    write_markdown,
-)
+from report_recipe import finished_runs_parser, rule_rows, rule_table_head, score_rules, scored_runs, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info

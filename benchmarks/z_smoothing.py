@@ -14,14 +14,7 @@ Patients in --exclude's test split are never scored. Writes OUT/z_smoothing.json
 from __future__ import annotations
 
 import numpy as np
-from report_recipe import (
-    finished_runs_parser,
-    rule_rows,
-    rule_table_head,
-    score_rules,
-    scored_runs,
-    write_markdown,
-)
+from report_recipe import finished_runs_parser, rule_rows, rule_table_head, score_rules, scored_runs, write_markdown
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
