@@ -16,6 +16,11 @@ starts as the identity (Goyal et al. 2017, torchvision's `zero_init_residual`); 
 trains as a shallower network first. Only the initialization changes: the network, its checkpoint and engines are
 the same as without it.
 
+--low-res-epochs E [--low-res-size S]: progressive resizing — the first E epochs train on whole slices downscaled to
+S px (default 128; area interpolation of the normalized slice and of the mask, so the targets there are soft), the
+later ones at the run's --img-size. Validation, best.pt and the engines always see full-size slices; the cosine runs
+over all epochs' steps as usual. Each epoch's wall time is in history.csv (`seconds`).
+
 A lever that passes its screen becomes a real option.
 """
 
@@ -25,6 +30,8 @@ import argparse
 import functools
 import sys
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lggdeploy.cli import app
@@ -38,10 +45,15 @@ def main() -> None:
     parser.add_argument("--decoder-dropout", type=float)
     parser.add_argument("--strong-augmentation", action="store_true")
     parser.add_argument("--zero-init-residual", action="store_true")
+    parser.add_argument("--low-res-epochs", type=int, default=0)
+    parser.add_argument("--low-res-size", type=int, default=128)
     args, rest = parser.parse_known_args()
     rest = [a for a in rest if a != "--"]
-    if args.decoder_dropout is None and not args.strong_augmentation and not args.zero_init_residual:
-        sys.exit("name a change: --decoder-dropout P, --strong-augmentation or --zero-init-residual")
+    changes = (args.decoder_dropout is not None, args.strong_augmentation, args.zero_init_residual, args.low_res_epochs)
+    if not any(changes):
+        sys.exit(
+            "name a change: --decoder-dropout P, --strong-augmentation, --zero-init-residual or --low-res-epochs E"
+        )
     build = train_module.build_model
 
     def build_changed(*a, **k):
@@ -66,7 +78,26 @@ def main() -> None:
     if args.strong_augmentation:
         train_module.Augmentation = functools.partial(train_module.Augmentation, **STRONG)
         print(f"augmentation ranges widened: {STRONG}", file=sys.stderr)
+    if args.low_res_epochs:
+        downscale_first_epochs(args.low_res_epochs, args.low_res_size)
     app(["train", *rest])
+
+
+def downscale_first_epochs(epochs: int, size: int) -> None:
+    """Trainer.batch, for the first `epochs` epochs, hands over slices and masks area-downscaled to size x size."""
+    batch = train_module.Trainer.batch
+
+    def batch_downscaled(self, idx):
+        x, y = batch(self, idx)
+        if self.epoch > epochs or x.shape[-1] <= size:
+            return x, y
+        x = F.interpolate(x, size=(size, size), mode="area")
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, F.interpolate(y, size=(size, size), mode="area")
+
+    train_module.Trainer.batch = batch_downscaled
+    print(f"epochs 1-{epochs} train on slices downscaled to {size} px", file=sys.stderr)
 
 
 if __name__ == "__main__":
