@@ -19,7 +19,8 @@ the same as without it.
 --low-res-epochs E [--low-res-size S]: progressive resizing — the first E epochs train on whole slices downscaled to
 S px (default 128; area interpolation of the normalized slice and of the mask, so the targets there are soft), the
 later ones at the run's --img-size. Validation, best.pt and the engines always see full-size slices; the cosine runs
-over all epochs' steps as usual. Each epoch's wall time is in history.csv (`seconds`).
+over all epochs' steps as usual. Each epoch's wall time is in history.csv (`seconds`); its train Dice and IoU of
+those first epochs are counted on the downscaled masks.
 
 A lever that passes its screen becomes a real option.
 """
