@@ -3,9 +3,11 @@ bootstrap interval over patients (none under five patients). For ablations: run 
 change), each scored by `lggdeploy eval ... --out FILE`.
 
     python benchmarks/compare_evals.py --pair val A-val.json B-val.json --pair test A-test.json B-test.json \
-        [--metric dice|dice_without_postprocess|dice_largest_component] [--out compare.json]
+        [--metric dice|dice_without_postprocess|dice_largest_component] [--average] [--out compare.json]
 
-Prints a Markdown table (one row per pair); the JSON holds every figure.
+Prints a Markdown table (one row per pair); the JSON holds every figure. --average (A and B are two runs of the same
+command, e.g. two seeds): also each patient's mean of A and B, pooled over every pair, with its 95 % bootstrap
+interval over patients — the two-run estimate of what the command scores.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from lggdeploy.bench.stats import paired_summary
+import numpy as np
+
+from lggdeploy.bench.stats import MIN_PATIENTS_FOR_INTERVAL, paired_bootstrap_ci, paired_summary
 from lggdeploy.common.files import write_json_atomic
 
 METRICS = ("dice", "dice_without_postprocess", "dice_largest_component")
@@ -59,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", nargs=3, action="append", metavar=("LABEL", "A", "B"), required=True)
     parser.add_argument("--metric", choices=METRICS, default="dice")
+    parser.add_argument("--average", action="store_true", help="also each patient's mean of A and B, pooled")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = {label: compare(Path(a), Path(b), args.metric) for label, a, b in args.pair}
@@ -78,8 +83,35 @@ def main() -> None:
         pooled["difference_b_minus_a"] = paired_summary({p: v["b"] - v["a"] for p, v in pooled["per_patient"].items()})
         results["pooled"] = pooled
         print(row("pooled", pooled))
+    if args.average:
+        results["average_of_a_and_b"] = average(results)
+        print(average_line(results["average_of_a_and_b"], args.metric))
     if args.out:
         write_json_atomic(args.out, results)
+
+
+def average(results: dict) -> dict:
+    """Each patient's mean of A and B over every pair (each patient once per pair), with its bootstrap interval."""
+    means = {
+        f"{label}/{p}": (v["a"] + v["b"]) / 2
+        for label, r in results.items()
+        if label != "pooled"
+        for p, v in r["per_patient"].items()
+    }
+    values = list(means.values())
+    out = {"n": len(values), "mean": sum(values) / len(values), "median": float(np.median(values)), "ci95": None}
+    if len(values) >= MIN_PATIENTS_FOR_INTERVAL:
+        out["ci95"] = list(paired_bootstrap_ci(values)[1:])
+    out["per_patient"] = means
+    return out
+
+
+def average_line(avg: dict, metric: str) -> str:
+    ci = f"{avg['ci95'][0]:.3f}–{avg['ci95'][1]:.3f}" if avg["ci95"] else "no interval (n < 5)"
+    return (
+        f"\neach patient's mean of A and B ({metric}): mean {avg['mean']:.4f} (95 % CI {ci}), "
+        f"median {avg['median']:.4f}, n = {avg['n']}"
+    )
 
 
 if __name__ == "__main__":
