@@ -5,13 +5,13 @@ eval mode; no gradient step) — "precise BN", Wu & Johnson, "Rethinking 'Batch'
 never changed.
 
 usage: .venv/bin/python benchmarks/recompute_bn.py CKPT [CKPT ...] --data ../shared/data/kaggle_3m
-           [--slices N] [--splits val[,test]] [--exclude SPLIT_JSON] [--save DIR] [--out FILE.json]
+           [--slices N] [--splits val[,test]] [--exclude SPLIT_JSON] [--out FILE.json]
 
 --slices N: train slices the statistics come from, drawn at random (seed 0); 0: every slice of the checkpoint's
 train patients, shuffled once (seed 0). Batches of the run's own training batch size (8 before it was recorded).
 --splits: the checkpoint's split(s) scored before and after (val by default), with its threshold and its stored
-post-processing (as `lggdeploy eval`); --exclude leaves out the test patients of that split file (hold-out patients).
---save DIR: also write each recalibrated checkpoint to DIR/<n>-best.pt (an lggdeploy checkpoint `eval` reads).
+post-processing (as `lggdeploy eval`; until 2026-12-07 the harness scored raw masks, as in
+benchmarks/results/recipe/bn-momentum/); --exclude leaves out the test patients of that split file (hold-out patients).
 With more than one checkpoint, the per-patient differences are pooled: each distinct patient's differences are
 averaged first (models share patients), then bootstrapped over patients.
 """
@@ -33,14 +33,7 @@ from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
 from lggdeploy.data.split import load_split
 from lggdeploy.data.transforms import resize_images
-from lggdeploy.models.checkpoint import (
-    load_checkpoint,
-    make_payload,
-    model_from_checkpoint,
-    normalization_of,
-    save_checkpoint,
-    split_of,
-)
+from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.evaluate import score_model
 from lggdeploy.postprocess import PostProcess
 
@@ -75,13 +68,12 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=160, help="train slices the statistics come from; 0: all")
     parser.add_argument("--splits", default="val")
     parser.add_argument("--exclude", type=Path, help="a split file whose test patients are never scored")
-    parser.add_argument("--save", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     dataset = load_dataset(args.data)
     excluded = set(load_split(args.exclude).test) if args.exclude else set()
     rows = []
-    for n, path in enumerate(args.checkpoints):
+    for path in args.checkpoints:
         ckpt = load_checkpoint(path)
         model, norm, split, size = (
             model_from_checkpoint(ckpt).eval(),
@@ -123,11 +115,6 @@ def main() -> None:
         )
         batch = int(ckpt.get("train_config", {}).get("batch_size", 8))
         seconds = recompute(model, x, batch)
-        if args.save:
-            saved = save_checkpoint(
-                args.save / f"{n}-best.pt",
-                make_payload(model, ckpt, precise_bn={"train_slices": len(x), "batch_size": batch, "from": str(path)}),
-            )
         rows.append(
             {
                 "checkpoint": str(path),
@@ -142,7 +129,6 @@ def main() -> None:
                 "recomputed_from_train_slices": len(x),
                 "batch_size": batch,
                 "recompute_seconds": round(seconds, 1),
-                **({"saved": str(saved)} if args.save else {}),
             }
         )
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("stored", "recomputed")}), flush=True)
