@@ -40,9 +40,13 @@ from lggdeploy.postprocess import PostProcess
 KEYS = ("mean_patient_dice", "median_patient_dice", "patients_missed", "global_dice")
 
 
+def batch_norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def recompute(model: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
     """Replace every batch-norm layer's running statistics with their plain average over `x` in batches; seconds."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    layers = batch_norm_layers(model)
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the passes below
@@ -106,13 +110,7 @@ def main() -> None:
         x = norm.apply_torch(
             torch.from_numpy(resize_images(train.images[chosen], size)).permute(0, 3, 1, 2).float().div_(255)
         )
-        momenta = sorted(
-            {
-                round(m.momentum, 6)
-                for m in model.modules()
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None
-            }
-        )
+        momenta = sorted({round(m.momentum, 6) for m in batch_norm_layers(model) if m.momentum is not None})
         batch = int(ckpt.get("train_config", {}).get("batch_size", 8))
         seconds = recompute(model, x, batch)
         rows.append(
