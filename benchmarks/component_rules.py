@@ -1,6 +1,7 @@
 """Which 3-D component is the tumor? Component rules side by side on finished runs, never on excluded patients.
 
-usage: .venv/bin/python benchmarks/component_rules.py --data DATA --out OUT [--exclude SPLIT_JSON] LABEL=RUN_DIR [...]
+usage: .venv/bin/python benchmarks/component_rules.py --data DATA --out OUT [--exclude SPLIT_JSON] [--parts val,test]
+       LABEL=RUN_DIR [...]
 
 A low-grade glioma is one lesion, so keeping only the component that is the tumor removes every false positive apart
 from it — when the rule picks the right component. The size rule training stores never removes the largest; keeping
@@ -11,9 +12,11 @@ This report asks whether ranking components by the model's own confidence picks 
 - mass: the component with the largest sum of foreground probabilities only;
 - mass-F: every component whose probability mass is under F x the largest mass removed (F = 0.5, 0.2, 0.1), on top
   of the stored rule;
-- size-F: the same by voxels (the two-part rule `--postprocess N,F`).
+- size-F: the same by voxels (the two-part rule `--postprocess N,F`);
+- conf-Q: every component whose mean foreground probability is under Q removed (Q = 0.85, 0.9), never the one with
+  the highest mean, on top of the stored rule; conf-top: only the component with the highest mean kept.
 
-Every run is scored on its val and test patients minus those of `--exclude`'s test split (the hold-out patients no
+Every run is scored on its val and test patients (--parts) minus those of `--exclude`'s test split (the hold-out patients no
 choice may look at). Per rule: mean per-patient Dice, patients missed, and "lost": patients found without
 post-processing (Dice >= 0.05) that the rule turns into a miss — the failure that keeps a rule out of the defaults.
 Writes OUT/component_rules.json and OUT/component_rules.md.
@@ -24,11 +27,13 @@ from __future__ import annotations
 import numpy as np
 from report_recipe import finished_runs_parser, rule_rows, rule_table_head, score_rules, scored_runs, write_markdown
 
+from lggdeploy.bench.stats import paired_summary
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
 from lggdeploy.postprocess import LARGEST, PostProcess, connected_components
 
 FRACTIONS = (0.5, 0.2, 0.1)
+CONFIDENCE_FLOORS = (0.85, 0.9)
 
 
 def keep_by_mass(volume: np.ndarray, prob: np.ndarray, base: PostProcess, fraction: float | None) -> np.ndarray:
@@ -43,6 +48,18 @@ def keep_by_mass(volume: np.ndarray, prob: np.ndarray, base: PostProcess, fracti
     return np.isin(labels, keep)
 
 
+def keep_by_confidence(volume: np.ndarray, prob: np.ndarray, base: PostProcess, floor: float | None) -> np.ndarray:
+    """The stored rule, then: floor None keeps the single component with the highest mean foreground probability;
+    else every component whose mean probability is under `floor` is removed, never the most confident one."""
+    volume = base.apply(volume) if base.active and base.min_component_voxels != LARGEST else np.asarray(volume, bool)
+    if not volume.any():
+        return volume
+    labels, ids, sizes = connected_components(volume)
+    confidence = np.bincount(labels.ravel(), prob.ravel())[ids] / sizes
+    top = confidence == confidence.max()
+    return np.isin(labels, ids[top if floor is None else top | (confidence >= floor)])
+
+
 def rules(base: PostProcess, threshold: float) -> dict:
     size = max(base.min_component_voxels, 0)  # the stored rule's absolute size (0 when it stores none or largest)
     out = {
@@ -54,12 +71,30 @@ def rules(base: PostProcess, threshold: float) -> dict:
     for f in FRACTIONS:
         out[f"mass-{f:g}"] = lambda v, p, f=f: keep_by_mass(v, p, base, f)
         out[f"size-{f:g}"] = lambda v, p, f=f: PostProcess(size, f).apply(v)  # the two-part rule, `--postprocess N,F`
+    for q in CONFIDENCE_FLOORS:
+        out[f"conf-{q:g}"] = lambda v, p, q=q: keep_by_confidence(v, p, base, q)
+    out["conf-top"] = lambda v, p: keep_by_confidence(v, p, base, None)
     return out
+
+
+def pooled_against_stored(runs: dict, name: str) -> dict:
+    """Rule `name` minus the stored rule per patient-run, averaged per distinct patient, then paired_summary over
+    patients; "lost": patient-runs the stored rule finds (Dice >= 0.05) that `name` misses."""
+    by_patient: dict[str, list[float]] = {}
+    lost = []
+    for label, r in runs.items():
+        for pid, stored in r["dice"]["stored"].items():
+            by_patient.setdefault(pid, []).append(r["dice"][name][pid] - stored)
+            if stored >= 0.05 and r["dice"][name][pid] < 0.05:
+                lost.append(f"{pid} ({label})")
+    return {"lost": lost, "difference": paired_summary({p: float(np.mean(v)) for p, v in sorted(by_patient.items())})}
 
 
 def main() -> None:
     args = finished_runs_parser().parse_args()
-    runs = scored_runs(args.runs, args.data, args.exclude, lambda ckpt, slices: score_rules(ckpt, slices, rules))
+    runs = scored_runs(
+        args.runs, args.data, args.exclude, lambda ckpt, slices: score_rules(ckpt, slices, rules), args.parts.split(",")
+    )
     names = list(next(iter(runs.values()))["dice"])
     lines = [
         "# Component rules on finished runs (patients of --exclude's test split left out)",
@@ -69,9 +104,22 @@ def main() -> None:
         *rule_table_head(names),
     ]
     lines += rule_rows(runs, names, found_by="none")
+    pooled = {n: pooled_against_stored(runs, n) for n in names if n != "stored"}
+    lines += [
+        "",
+        "Against the stored rule, pooled over patients (each patient's runs averaged first; points; lost: found by the "
+        "stored rule, missed by this one):",
+        "",
+        "| rule | patients | difference | 95 % CI | lost |",
+        "|---|---|---|---|---|",
+    ]
+    for n, p in pooled.items():
+        d = p["difference"]
+        ci = f"{100 * d['ci95'][0]:+.2f} to {100 * d['ci95'][1]:+.2f}" if d["ci95"] else "no interval"
+        lines.append(f"| {n} | {d['n']} | {100 * d['mean']:+.2f} | {ci} | {len(p['lost'])} |")
     machine = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "component_rules.json", {"runs": runs, "machine": machine})
+    write_json_atomic(args.out / "component_rules.json", {"runs": runs, "pooled": pooled, "machine": machine})
     write_markdown(args.out / "component_rules.md", lines, machine)
 
 

@@ -48,12 +48,13 @@ def score(native: np.ndarray, slices, threshold: float) -> dict:
 
 
 def finished_runs_parser() -> argparse.ArgumentParser:
-    """The options of the reports that score finished runs: LABEL=RUN_DIR ..., --data, --out, --exclude."""
+    """The options of the reports that score finished runs: LABEL=RUN_DIR ..., --data, --out, --exclude, --parts."""
     parser = argparse.ArgumentParser()
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--exclude", type=Path, help="a split file whose test patients are never scored")
+    parser.add_argument("--parts", default="val,test", help="which of each run's split parts to score")
     return parser
 
 

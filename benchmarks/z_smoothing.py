@@ -48,7 +48,6 @@ def rules(kernels: list[float]):
 
 def main() -> None:
     parser = finished_runs_parser()
-    parser.add_argument("--parts", default="val,test", help="which of the run's split parts to score")
     parser.add_argument("--kernels", default="0.15,0.25,0.3333")
     args = parser.parse_args()
     kernels = [float(v) for v in args.kernels.split(",")]

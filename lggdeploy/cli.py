@@ -732,7 +732,8 @@ def predict_cmd(
     postprocess: str | None = typer.Option(
         None,
         help="post-processing of each patient's volume: the engine's stored one (default), none, largest "
-        "(largest 3-D component only), N (3-D components under N voxels removed) or N,F (also those under F x the largest)",
+        "(largest 3-D component only), N (3-D components under N voxels removed), N,F (also those under F x the largest) "
+        "or N,F,Q (then those of mean probability under Q, the most confident kept)",
     ),
     spacing: float | None = typer.Option(None, help="TIFF input: in-plane pixel spacing in mm, for tumor areas in mm²"),
     flair: str | None = typer.Option(

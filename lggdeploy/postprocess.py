@@ -1,18 +1,23 @@
-"""Post-processing of a patient's predicted volume: small 3-D components removed, chosen on the val patients.
+"""Post-processing of a patient's predicted volume: 3-D components removed by size, then by the model's confidence.
 
 A low-grade glioma is one lesion: in every one of the 34 shared patients the largest 3-D connected component holds at
 least 97 % of the tumor voxels, and the smallest tumor has 2,057 voxels. The model's false positives, in contrast,
 are blobs apart from the tumor: many small ones scattered through tumor-free slices, and in some patients a few large
 ones. So the rule removes every 6-connected 3-D component smaller than `min_component_voxels` or smaller than
 `min_fraction_of_largest` times the patient's largest component, but never the largest one (a patient whose only
-prediction is small keeps it).
+prediction is small keeps it); then, of the components left, every one whose mean foreground probability is under
+`min_mean_probability`, but never the most confident one. The large false positives are as confident as the tumor at
+their peak but not on average (benchmarks/results/component-confidence-zen4/), so the second step removes a false
+positive that outgrows a small tumor — the case where keeping the largest component deletes the tumor.
 
-What training stores (`tune`) is the absolute size alone, not tuned to the test patients: half the smallest tumor (in
-voxels at 256x256) among its *train* patients — a component that small is unlike any whole tumor the model learned —
-kept only if it does not lower the val patients' mean per-patient Dice and leaves no val patient missed that was
-found without it (nnU-Net's habit: post-processing is kept only where validation says it does not hurt). The rule and
-the evidence are stored in the checkpoint (`postprocess`, `postprocess_tuning`) and travel, like the threshold, into
-eval, the engines' manifests, bench, the bundle and the edge runtime.
+What training stores (`tune`) is decided on the val patients in two steps, neither tuned to the test patients: the
+absolute size, half the smallest tumor (in voxels at 256x256) among its *train* patients — a component that small is
+unlike any whole tumor the model learned — then the mean-probability floor `CONFIDENCE_FLOOR` on top; each is kept
+only if it does not lower the val patients' mean per-patient Dice and leaves no val patient missed that was found
+before it (nnU-Net's habit: post-processing is kept only where validation says it does not hurt). The rule and the
+evidence are stored in the checkpoint (`postprocess`, `postprocess_tuning`) and travel, like the threshold, into
+eval, the engines' manifests, bench, the bundle and the edge runtime, which hand `apply` the probabilities the masks
+were thresholded from.
 
 The relative part (`min_fraction_of_largest`, e.g. 0.5: "1034,0.5" on the command line) and keeping only the largest
 component (the special value `LARGEST`, "largest"; Buda et al.) score higher on most runs but are not what training
@@ -25,7 +30,7 @@ numpy only: the runtime imports this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,15 +38,19 @@ from lggdeploy.metrics import confusion_counts, summarize
 
 LARGEST = -1  # min_component_voxels value meaning "keep only the largest component"
 SIZE_FRACTION = 0.5  # the absolute size is this fraction of the smallest train tumor
+CONFIDENCE_FLOOR = 0.9  # training's second candidate: components of lower mean foreground probability removed
+JSON_KEYS = ("min_component_voxels", "min_fraction_of_largest", "min_mean_probability")
 
 
 @dataclass(frozen=True)
 class PostProcess:
     """Remove 3-D components smaller than `min_component_voxels` or than `min_fraction_of_largest` x the largest
-    component (never the largest); both 0: off; LARGEST: keep only the largest component."""
+    component (never the largest); then, of the components left, those whose mean foreground probability is under
+    `min_mean_probability` (never the most confident one). All 0: off; LARGEST: keep only the largest component."""
 
     min_component_voxels: int = 0
     min_fraction_of_largest: float = 0.0
+    min_mean_probability: float = 0.0
 
     def __post_init__(self):
         if not (self.min_component_voxels >= 0 or self.min_component_voxels == LARGEST):
@@ -50,27 +59,49 @@ class PostProcess:
             )
         if not 0.0 <= self.min_fraction_of_largest <= 1.0:
             raise ValueError(f"min_fraction_of_largest must be between 0 and 1, got {self.min_fraction_of_largest}")
-        if self.min_component_voxels == LARGEST and self.min_fraction_of_largest:
-            raise ValueError("largest-only post-processing takes no fraction")
+        if not 0.0 <= self.min_mean_probability < 1.0:
+            raise ValueError(f"min_mean_probability must be in [0, 1), got {self.min_mean_probability}")
+        if self.min_component_voxels == LARGEST and (self.min_fraction_of_largest or self.min_mean_probability):
+            raise ValueError("largest-only post-processing takes no fraction and no probability floor")
 
     @property
     def active(self) -> bool:
-        return self.min_component_voxels != 0 or self.min_fraction_of_largest > 0
+        return self.min_component_voxels != 0 or self.min_fraction_of_largest > 0 or self.needs_probabilities
 
-    def apply(self, volume: np.ndarray) -> np.ndarray:
-        """The post-processed copy of one patient's (slices, H, W) bool mask volume."""
+    @property
+    def needs_probabilities(self) -> bool:
+        """Whether `apply` needs the foreground probabilities beside the masks."""
+        return self.min_mean_probability > 0
+
+    def apply(self, volume: np.ndarray, probabilities: np.ndarray | None = None) -> np.ndarray:
+        """The post-processed copy of one patient's (slices, H, W) bool mask volume; `probabilities` (the same shape:
+        the foreground probabilities the masks were thresholded from) are required when `needs_probabilities`."""
         volume = np.asarray(volume, bool)
         if not self.active or not volume.any():
             return volume.copy()
+        if self.needs_probabilities and (probabilities is None or np.shape(probabilities) != volume.shape):
+            raise ValueError(
+                f"post-processing by mean probability needs the probabilities of the volume {volume.shape}, got "
+                f"{None if probabilities is None else np.shape(probabilities)}"
+            )
         labels, ids, sizes = connected_components(volume)
         if self.min_component_voxels == LARGEST:
             keep = ids[[int(np.argmax(sizes))]]
         else:
             floor = max(self.min_component_voxels, self.min_fraction_of_largest * sizes.max())
-            keep = ids[(sizes >= floor) | (sizes == sizes.max())]
+            kept = (sizes >= floor) | (sizes == sizes.max())
+            if self.needs_probabilities:
+                sums = np.bincount(labels[volume], np.asarray(probabilities)[volume].astype(np.float64))
+                confidence = sums[ids] / sizes
+                confident = confidence >= self.min_mean_probability
+                confident |= confidence == confidence[kept].max()
+                kept &= confident
+            keep = ids[kept]
         return np.isin(labels, keep)
 
-    def apply_per_patient(self, masks: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    def apply_per_patient(
+        self, masks: np.ndarray, patients: np.ndarray, probabilities: np.ndarray | None = None
+    ) -> np.ndarray:
         """`apply` to each patient's slices of a stack (slices of one patient need not be contiguous)."""
         if not self.active:
             return np.asarray(masks, bool)
@@ -78,7 +109,7 @@ class PostProcess:
         patients = np.asarray(patients)
         for pid in dict.fromkeys(patients.tolist()):
             sel = patients == pid
-            out[sel] = self.apply(out[sel])
+            out[sel] = self.apply(out[sel], None if probabilities is None else probabilities[sel])
         return out
 
     def describe(self) -> str:
@@ -88,43 +119,65 @@ class PostProcess:
             return "largest 3-D component only"
         parts = [f"{self.min_component_voxels} voxels"] if self.min_component_voxels else []
         parts += [f"{self.min_fraction_of_largest:g} x the largest"] if self.min_fraction_of_largest else []
-        return f"3-D components < {' or < '.join(parts)} removed (largest kept)"
+        text = f"3-D components < {' or < '.join(parts)} removed (largest kept)" if parts else ""
+        if self.needs_probabilities:
+            floor = f"components of mean probability < {self.min_mean_probability:g} removed (the most confident kept)"
+            text = f"{text}; then {floor}" if text else floor
+        return text
 
     def to_json(self) -> dict:
-        """{"min_component_voxels": N} (+ "min_fraction_of_largest" when set, so rules without it read as before)."""
+        """{"min_component_voxels": N} (+ "min_fraction_of_largest", "min_mean_probability" when set, so rules without
+        them read as before)."""
         out = {"min_component_voxels": int(self.min_component_voxels)}
         if self.min_fraction_of_largest:
             out["min_fraction_of_largest"] = float(self.min_fraction_of_largest)
+        if self.min_mean_probability:
+            out["min_mean_probability"] = float(self.min_mean_probability)
         return out
 
     @classmethod
     def from_json(cls, obj: dict | None) -> PostProcess:
-        """None (a checkpoint or manifest from before post-processing existed) means none."""
+        """None (a checkpoint or manifest from before post-processing existed) means none. A key this lggdeploy does
+        not know is refused (a rule written by a newer one must not run as a different rule)."""
         if obj is None:
             return cls()
-        return cls(int(obj["min_component_voxels"]), float(obj.get("min_fraction_of_largest", 0.0)))
+        unknown = sorted(set(obj) - set(JSON_KEYS))
+        if unknown:
+            raise ValueError(f"unknown post-processing field(s) {', '.join(unknown)}: written by a newer lggdeploy?")
+        return cls(
+            int(obj["min_component_voxels"]),
+            float(obj.get("min_fraction_of_largest", 0.0)),
+            float(obj.get("min_mean_probability", 0.0)),
+        )
 
     @classmethod
     def parse(cls, text: str) -> PostProcess:
-        """Command-line form: none, largest, N (components under N voxels removed) or N,F (under N voxels or
-        under F x the largest component removed; e.g. 1034,0.5 or 0,0.5)."""
+        """Command-line form: none, largest, N (components under N voxels removed), N,F (under N voxels or under F x
+        the largest component removed; e.g. 1034,0.5 or 0,0.5) or N,F,Q (then the components of mean foreground
+        probability under Q removed, the most confident kept; e.g. 1034,0,0.9)."""
         text = text.strip().lower()
         if text == "none":
             return cls()
         if text == "largest":
             return cls(LARGEST)
-        voxels, _, fraction = text.partition(",")
+        fields = text.split(",")
         try:
-            value, share = int(voxels), float(fraction) if fraction else 0.0
+            if len(fields) > 3:
+                raise ValueError
+            value = int(fields[0])
+            share, floor = (float(f) if f else 0.0 for f in [*fields[1:], "", ""][:2])
         except ValueError:
             raise ValueError(
-                f"post-processing must be none, largest, N or N,F (N voxels, F a fraction of the largest component), got {text!r}"
+                "post-processing must be none, largest, N, N,F or N,F,Q (N voxels, F a fraction of the largest "
+                f"component, Q a mean probability), got {text!r}"
             ) from None
         if value < 0:
             raise ValueError(f"a minimum component size must be >= 0 voxels, got {value}")
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"the fraction of the largest component must be between 0 and 1, got {share:g}")
-        return cls(value, share)
+        if not 0.0 <= floor < 1.0:
+            raise ValueError(f"the mean-probability floor must be in [0, 1), got {floor:g}")
+        return cls(value, share, floor)
 
 
 def connected_components(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,33 +229,76 @@ def tune(
     patients: np.ndarray,
     train_smallest_tumor: int | None,
     fraction: float = SIZE_FRACTION,
+    probabilities: np.ndarray | None = None,
+    confidence_floor: float = CONFIDENCE_FLOOR,
 ) -> dict:
-    """The post-processing to store: components smaller than `fraction` x the smallest train tumor removed, kept
-    only if the val patients' mean per-patient Dice does not drop and no val patient found without it is missed
-    with it. `predicted` are the val masks at the stored threshold (native size); returns the record kept in the
-    checkpoint as `postprocess_tuning` (the rule is under "postprocess")."""
+    """The post-processing to store, decided on the val patients in two steps, each kept only if the val patients'
+    mean per-patient Dice does not drop and no val patient found before the step is missed after it:
+
+    1. components smaller than `fraction` x the smallest train tumor removed (never the largest);
+    2. on top of what step 1 left, components of mean foreground probability under `confidence_floor` removed
+       (never the most confident) — only with `probabilities` (the val patients' foreground probabilities, the
+       shape of `predicted`) and a floor above 0.
+
+    `predicted` are the val masks at the stored threshold (native size); returns the record kept in the checkpoint
+    as `postprocess_tuning`: the rule under "postprocess", step 1's judgement at the top level ("kept", "why",
+    "val_mean_patient_dice_without"/"_with"), step 2's under "confidence"."""
     record = {
         "fraction_of_smallest_train_tumor": fraction,
         "smallest_train_tumor_voxels": train_smallest_tumor,
         "patients": list(dict.fromkeys(np.asarray(patients).tolist())),
     }
     if not train_smallest_tumor:
-        return {
-            **record,
-            "postprocess": PostProcess().to_json(),
-            "kept": False,
-            "why": "no tumor in the train patients",
-        }
-    candidate = PostProcess(max(1, int(fraction * train_smallest_tumor)))
-    without = summarize(confusion_counts(predicted, masks), patients)
-    with_ = summarize(confusion_counts(candidate.apply_per_patient(predicted, patients), masks), patients)
+        record.update(postprocess=PostProcess().to_json(), kept=False, why="no tumor in the train patients")
+        rule = PostProcess()
+    else:
+        candidate = PostProcess(max(1, int(fraction * train_smallest_tumor)))
+        step = judge(candidate, PostProcess(), predicted, masks, patients, probabilities)
+        rule = candidate if step["kept"] else PostProcess()
+        record.update(
+            candidate=candidate.to_json(),
+            postprocess=rule.to_json(),
+            kept=step["kept"],
+            why=step["why"],
+            val_mean_patient_dice_without=step["val_mean_patient_dice_before"],
+            val_mean_patient_dice_with=step["val_mean_patient_dice_after"],
+        )
+    if probabilities is not None and confidence_floor > 0:
+        candidate = replace(rule, min_mean_probability=confidence_floor)
+        step = judge(candidate, rule, predicted, masks, patients, probabilities)
+        record["confidence"] = {"candidate": candidate.to_json(), **step}
+        if step["kept"]:
+            record["postprocess"] = candidate.to_json()
+    return record
+
+
+def tuned_val_dice(record: dict) -> float | None:
+    """The val patients' mean per-patient Dice with the rule a `tune` record stores (None when it stores none)."""
+    confidence = record.get("confidence") or {}
+    if confidence.get("kept"):
+        return confidence["val_mean_patient_dice_after"]
+    return record["val_mean_patient_dice_with"] if record.get("kept") else None
+
+
+def judge(
+    candidate: PostProcess,
+    base: PostProcess,
+    predicted: np.ndarray,
+    masks: np.ndarray,
+    patients: np.ndarray,
+    probabilities: np.ndarray | None,
+) -> dict:
+    """Whether `candidate` may replace `base` on the val patients: their mean per-patient Dice does not drop and no
+    patient `base` finds is missed (nnU-Net's habit: post-processing only where validation says it does not hurt)."""
+    before = summarize(confusion_counts(base.apply_per_patient(predicted, patients, probabilities), masks), patients)
+    after = summarize(
+        confusion_counts(candidate.apply_per_patient(predicted, patients, probabilities), masks), patients
+    )
     newly_missed = [
-        a["patient"]
-        for a, b in zip(without["per_patient"], with_["per_patient"])
-        if a["detected"] and not b["detected"]
+        a["patient"] for a, b in zip(before["per_patient"], after["per_patient"]) if a["detected"] and not b["detected"]
     ]
-    before, after = without["aggregates"]["mean_patient_dice"], with_["aggregates"]["mean_patient_dice"]
-    kept = after >= before and not newly_missed
+    dice_before, dice_after = before["aggregates"]["mean_patient_dice"], after["aggregates"]["mean_patient_dice"]
+    kept = dice_after >= dice_before and not newly_missed
     why = (
         "val mean per-patient Dice did not drop and no val patient was lost"
         if kept
@@ -211,11 +307,8 @@ def tune(
         else "it lowered the val mean per-patient Dice"
     )
     return {
-        **record,
-        "candidate": candidate.to_json(),
-        "postprocess": (candidate if kept else PostProcess()).to_json(),
         "kept": kept,
         "why": why,
-        "val_mean_patient_dice_without": before,
-        "val_mean_patient_dice_with": after,
+        "val_mean_patient_dice_before": dice_before,
+        "val_mean_patient_dice_after": dice_after,
     }

@@ -8,7 +8,7 @@ import numpy as np
 
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
-from lggdeploy.data.transforms import Normalization, logits_to_masks, preprocess
+from lggdeploy.data.transforms import Normalization, logits_to_masks, masks_and_probabilities, preprocess
 from lggdeploy.metrics import SegmentationScores, confusion_counts, dice_from_counts, summarize
 from lggdeploy.postprocess import LARGEST, PostProcess
 
@@ -42,11 +42,15 @@ def segment(
 ) -> np.ndarray:
     """Masks at native size for a stack of uint8 slices, post-processed as one volume: what a deployment computes
     end to end (bench times exactly this)."""
-    masks = [
-        logits_to_masks(out, threshold=threshold)
-        for _, out in infer_batches(runner, images, img_size, normalization, batch_size)
-    ]
-    return postprocess.apply(np.concatenate(masks))
+    masks, probabilities = [], []
+    for _, out in infer_batches(runner, images, img_size, normalization, batch_size):
+        if postprocess.needs_probabilities:
+            batch_masks, batch_probabilities = masks_and_probabilities(out, threshold=threshold)
+            probabilities.append(batch_probabilities)
+        else:
+            batch_masks = logits_to_masks(out, threshold=threshold)
+        masks.append(batch_masks)
+    return postprocess.apply(np.concatenate(masks), np.concatenate(probabilities) if probabilities else None)
 
 
 def score_runner(
@@ -73,12 +77,18 @@ def score_runner(
     `dice_largest_component` per patient, and its mean.
     """
     postprocess = postprocess if postprocess is not None and postprocess.active else None
+    with_probabilities = postprocess is not None and postprocess.needs_probabilities
     scores = SegmentationScores()
     kept: list[np.ndarray] = []
+    probabilities: list[np.ndarray] = []
     with progress_bar(show_progress) as bar:
         task = bar.add_task(description, total=len(slices), info="")
         for batch, logits in infer_batches(runner, slices.images, img_size, normalization, batch_size):
-            masks = logits_to_masks(logits, threshold=threshold)
+            if with_probabilities:
+                masks, batch_probabilities = masks_and_probabilities(logits, threshold=threshold)
+                probabilities.append(batch_probabilities)
+            else:
+                masks = logits_to_masks(logits, threshold=threshold)
             scores.add(masks, slices.masks[batch], slices.patients[batch])
             if largest_component or postprocess:
                 kept.append(masks)
@@ -88,7 +98,10 @@ def score_runner(
     summary = scores.summary()
     predicted = np.concatenate(kept) if kept else None
     if postprocess:
-        summary = with_postprocess(summary, postprocess.apply_per_patient(predicted, slices.patients), slices)
+        processed = postprocess.apply_per_patient(
+            predicted, slices.patients, np.concatenate(probabilities) if probabilities else None
+        )
+        summary = with_postprocess(summary, processed, slices)
     if largest_component:
         add_largest_component(summary, predicted, slices)
     return summary

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from lggdeploy.cli import app
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.postprocess import LARGEST, PostProcess, connected_components, smallest_tumor, tune
-from lggdeploy.scoring import largest_connected_component, score_runner
+from lggdeploy.postprocess import LARGEST, PostProcess, connected_components, smallest_tumor, tune, tuned_val_dice
+from lggdeploy.scoring import largest_connected_component, score_runner, segment
 
 
 def test_connected_components_match_scipy_on_random_volumes():
@@ -56,6 +56,32 @@ def test_small_components_are_removed_and_the_largest_is_always_kept():
     assert PostProcess(LARGEST).apply_per_patient(two, patients).sum() == 800
 
 
+def confident_and_doubtful():
+    """The constructed volume plus a 600-voxel blob; probabilities: the tumor 0.97, the blob 0.8, the rest 0.95."""
+    volume = constructed_volume()
+    volume[0, 25:30, 25:30] = False  # (the 25-voxel one would touch the blob)
+    volume[0:6, 18:28, 18:28] = True  # 600 voxels: larger than the tumor, apart from it
+    probabilities = np.where(volume, 0.95, 0.1).astype(np.float32)
+    probabilities[1:5, 4:14, 4:14] = 0.97
+    probabilities[0:6, 18:28, 18:28] = 0.8
+    return volume, probabilities
+
+
+def test_components_of_low_mean_probability_are_removed_but_never_the_most_confident():
+    volume, prob = confident_and_doubtful()
+    assert PostProcess(0, 0, 0.9).apply(volume, prob).sum() == 400 + 4  # the larger, doubtful blob removed
+    assert PostProcess(30, 0, 0.9).apply(volume, prob).sum() == 400  # the size rule first, then the floor
+    assert PostProcess(30).apply(volume).sum() == 1000  # the size rule alone keeps the largest: the blob
+    assert PostProcess(0, 0, 0.99).apply(volume, prob).sum() == 400  # nothing passes: the most confident stays
+    assert PostProcess(30, 0, 0.9).apply(np.zeros_like(volume), None).sum() == 0  # nothing to remove, nothing needed
+    with pytest.raises(ValueError, match="needs the probabilities"):
+        PostProcess(30, 0, 0.9).apply(volume)
+    two = np.concatenate([volume, volume])
+    patients = np.repeat(["a", "b"], len(volume))
+    assert PostProcess(30, 0, 0.9).apply_per_patient(two, patients, np.concatenate([prob, prob])).sum() == 800
+    assert "mean probability < 0.9" in PostProcess(30, 0, 0.9).describe()
+
+
 def test_parse_and_json_round_trip_and_bad_text():
     assert PostProcess.parse("none") == PostProcess() and PostProcess.parse("largest") == PostProcess(LARGEST)
     assert PostProcess.parse(" 1200 ") == PostProcess(1200)
@@ -69,6 +95,17 @@ def test_parse_and_json_round_trip_and_bad_text():
             PostProcess.parse(bad)
     with pytest.raises(ValueError, match="between 0 and 1"):
         PostProcess.parse("10,2")
+    assert (
+        PostProcess.parse("1034,0,0.9")
+        == PostProcess(1034, 0.0, 0.9)
+        == PostProcess.from_json({"min_component_voxels": 1034, "min_mean_probability": 0.9})
+    )
+    assert PostProcess.from_json(PostProcess(1034, 0.5, 0.9).to_json()) == PostProcess(1034, 0.5, 0.9)
+    for bad in ("10,0,1", "10,0,x", "1,2,3,4"):
+        with pytest.raises(ValueError, match=r"\[0, 1\)|none, largest"):
+            PostProcess.parse(bad)
+    with pytest.raises(ValueError, match="unknown post-processing field.*min_volume_ml"):
+        PostProcess.from_json({"min_component_voxels": 10, "min_volume_ml": 2})  # a newer lggdeploy's rule
 
 
 def val_case(tumor_small_and_not_largest: bool):
@@ -103,6 +140,27 @@ def test_tuning_keeps_the_rule_only_where_the_val_patients_say_it_does_not_hurt(
     assert not record["kept"] and record["postprocess"] == {"min_component_voxels": 0} and "p1" in record["why"]
     assert tune(predicted, truth, patients, train_smallest_tumor=None)["postprocess"] == {"min_component_voxels": 0}
     assert smallest_tumor(truth, patients) == 4
+
+
+def test_tuning_adds_the_mean_probability_floor_only_where_the_val_patients_say_it_does_not_hurt():
+    predicted, truth, patients = val_case(False)
+    prob = np.where(predicted, 0.97, 0.05)
+    prob[0] = np.where(predicted[0], 0.7, 0.05)  # patient p0's false positive (slice 0) is doubtful
+    record = tune(predicted, truth, patients, train_smallest_tumor=10, probabilities=prob)
+    assert record["candidate"] == {"min_component_voxels": 5} and record["kept"]  # the 25-voxel blob stays
+    confidence = record["confidence"]
+    assert confidence["kept"] and confidence["val_mean_patient_dice_after"] > confidence["val_mean_patient_dice_before"]
+    assert record["postprocess"] == {"min_component_voxels": 5, "min_mean_probability": 0.9}
+    assert tuned_val_dice(record) == confidence["val_mean_patient_dice_after"]
+    # p1's 4-voxel tumor is doubtful and a larger false positive confident: the floor would miss p1, so it is refused.
+    predicted, truth, patients = val_case(True)
+    prob = np.where(predicted, 0.97, 0.05)
+    prob[6:12] = np.where(truth[6:12], 0.6, prob[6:12])
+    record = tune(predicted, truth, patients, train_smallest_tumor=2, probabilities=prob)
+    assert not record["confidence"]["kept"] and "p1" in record["confidence"]["why"]
+    assert "min_mean_probability" not in record["postprocess"]
+    # Without probabilities (or with a floor of 0) there is no second step.
+    assert "confidence" not in tune(predicted, truth, patients, train_smallest_tumor=2)
 
 
 def test_scoring_reports_the_post_processed_figures_beside_the_raw_ones():
@@ -164,14 +222,17 @@ def test_training_stores_the_val_choice_and_eval_engines_and_runtime_use_it(segm
     tuning = ckpt["postprocess_tuning"]
     assert tuning["smallest_train_tumor_voxels"] == smallest_tumor(train_slices.masks, train_slices.patients) > 0
     assert tuning["candidate"] == {"min_component_voxels": int(0.5 * tuning["smallest_train_tumor_voxels"])}
+    size_step = tuning["candidate"] if tuning["kept"] else {"min_component_voxels": 0}
+    confidence = tuning["confidence"]  # the second step, judged on top of the first
+    assert confidence["candidate"] == {**size_step, "min_mean_probability": 0.9}
     assert (
         ckpt["postprocess"]
-        == (tuning["candidate"] if tuning["kept"] else {"min_component_voxels": 0})
+        == (confidence["candidate"] if confidence["kept"] else size_step)
         == result.best["postprocess"]
     )
     summary = evaluate_checkpoint(result.best_path, phantom_dir, split="val")
     assert summary["meta"]["postprocess"] == ckpt["postprocess"]
-    expected = tuning["val_mean_patient_dice_with"] if tuning["kept"] else tuning["val_mean_patient_dice_without"]
+    expected = tuned_val_dice(tuning) or tuning["val_mean_patient_dice_without"]
     assert summary["aggregates"]["mean_patient_dice"] == pytest.approx(expected, abs=2e-3)
 
     # A rule written into a checkpoint (here: keep only the largest component) reaches the engine and the runtime.
@@ -219,3 +280,44 @@ def test_training_stores_the_val_choice_and_eval_engines_and_runtime_use_it(segm
         app, ["predict", str(engine), str(source), "-o", str(tmp_path / "bad"), "--postprocess", "banana"]
     )
     assert bad.exit_code != 0 and "--postprocess" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_mean_probability_floor_runs_in_scoring_the_serving_loop_and_the_runtime():
+    """score_runner (eval, bench's accuracy), segment (bench's end-to-end time, Triton) and the runtime's Segmenter
+    all hand the rule the probabilities the masks came from."""
+    from lggdeploy.data.arrays import SliceArrays
+    from lggdeploy.data.transforms import Normalization
+    from lggdeploy.runtime.segmenter import Segmenter
+
+    volume, prob = confident_and_doubtful()
+    truth = np.zeros_like(volume)
+    truth[1:5, 4:14, 4:14] = True
+    big = lambda a: np.kron(a, np.ones((8, 8), a.dtype)).astype(a.dtype)  # noqa: E731  32 -> 256 px
+    logits = np.log(prob / (1 - prob)).astype(np.float32)
+
+    class Replay:  # the logits of `prob`, batch after batch
+        at = 0
+
+        def infer(self, x):
+            start, Replay.at = Replay.at, Replay.at + len(x)
+            return big(logits[start : start + len(x)])[:, None]
+
+    rule = PostProcess(30 * 64, 0, 0.9)  # voxels at 256 px
+    images = np.zeros((len(volume), 256, 256, 3), np.uint8)
+    slices = SliceArrays(images=images, masks=big(truth), patients=np.repeat("p", len(volume)), numbers=np.arange(6))
+    Replay.at = 0
+    scored = score_runner(Replay(), slices, 256, Normalization(), batch_size=4, show_progress=False, postprocess=rule)
+    assert scored["aggregates"]["mean_patient_dice"] == pytest.approx(1.0)  # only the tumor is left
+    assert scored["aggregates"]["mean_patient_dice_without_postprocess"] < 0.6
+    Replay.at = 0
+    masks = segment(Replay(), images, 256, Normalization(), 0.5, rule, batch_size=4)
+    assert (masks == big(truth)).all()
+    manifest = {
+        "normalization": Normalization().to_json(),
+        "img_size": 256,
+        "threshold": 0.5,
+        "postprocess": rule.to_json(),
+    }
+    Replay.at = 0
+    result = Segmenter(Replay(), manifest, Path("replay.onnx")).predict(images, batch_size=4)
+    assert (result.masks == big(truth)).all() and result.probabilities[~result.masks].max() <= 0.5

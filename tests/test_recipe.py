@@ -392,7 +392,8 @@ def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_e
     """On a fake clock every training step takes 10 s and epoch 2 runs 2,000 s slow (the machine got busy; the fake
     times dwarf the real ones): epoch 1 alone says the cap of 6 epochs fits in the budget, the median after epoch 2
     says 2 more whole epochs and a shorter last one, and the cosine is re-spanned over exactly those steps (past the
-    middle: no more decisions). Stopped before that last epoch and resumed, the run still ends on it."""
+    middle the length may only shrink; the faster epochs after the slow one leave it as it is). Stopped before that
+    last epoch and resumed, the run still ends on it."""
     import time as real_time
 
     from lggdeploy.models import train as train_module
@@ -453,6 +454,57 @@ def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_e
     assert len(result.history) == budget["epochs"] == last["train_config"]["epochs"] == last["schedule_epochs"] == 5
     assert last["schedule_steps"] == budget["steps"] == second["steps"]
     assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)  # the cosine ends with the partial epoch
+
+
+@pytest.mark.slow
+def test_a_machine_that_slows_down_after_the_middle_shortens_the_last_epoch_instead_of_overrunning(
+    phantom_dir, tmp_path, monkeypatch, caplog
+):
+    """Fake clock: every step takes 10 s, from epoch 4 on 13 s (the machine got busy after the length was settled).
+    Epochs 1-2 fit the cap of 6 epochs in the budget; the median of the last three epochs after epoch 5 says the last
+    epoch no longer fits, so it is shortened and the run ends inside the budget, its cosine still reaching the floor."""
+    import time as real_time
+
+    from lggdeploy.models import train as train_module
+    from lggdeploy.models.train import PARTIAL_EPOCH_MIN_SHARE, RECENT_EPOCHS, Trainer
+
+    offset = [0.0]
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: real_time.perf_counter() + offset[0])})
+    monkeypatch.setattr(train_module, "time", clock)
+    step = Trainer.train_step
+
+    def timed_step(self, i):
+        offset[0] += 13.0 if self.epoch >= 4 else 10.0
+        step(self, i)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    config = dict(model="pspnet-scratch", data=phantom_dir, batch_size=8, img_size=64, show_progress=False)
+    probe = Trainer(TrainConfig(out=tmp_path / "probe", **config))
+    probe.on_train_start()
+    s = probe.steps_per_epoch
+    budget_s = 6 * s * 10.0 / 0.97 + 10  # 6 epochs at the first pace, with the margin and 10 s for validations
+    caplog.set_level("INFO", logger="lggdeploy.models.train")
+    started = clock.perf_counter()
+    result = train(
+        TrainConfig(
+            out=tmp_path / "slow", epochs=6, budget_minutes=budget_s / 60,
+            explicit=frozenset({"epochs", "budget_minutes"}), **config,
+        )
+    )  # fmt: skip
+    took = clock.perf_counter() - started
+    decisions = load_checkpoint(result.last_path)["budget"]["decisions"]
+    assert [d["epochs"] for d in decisions[:2]] == [6, 6] and "shortened_from_steps" not in decisions[1]
+    shrinks = decisions[2:]  # past the middle (epoch 3 of 6 on): only the checks that shortened the run are recorded
+    assert shrinks and all(d["after_epoch"] >= 4 and d["recent_epochs"] == RECENT_EPOCHS for d in shrinks)
+    assert shrinks[0]["shortened_from_steps"] == 6 * s
+    assert all(b["steps"] < a["steps"] for a, b in zip(shrinks, shrinks[1:]))  # never lengthened again
+    shrink = shrinks[-1]
+    assert shrink["after_epoch"] == 5 and PARTIAL_EPOCH_MIN_SHARE * s <= shrink["last_epoch_steps"] < s
+    assert [row["steps"] for row in result.history] == [s] * 5 + [shrink["last_epoch_steps"]]
+    assert took < budget_s  # without the check: 5 x 10 s + 3 x 13 s per step of every epoch after the third, over
+    assert 3 * s * 10 + 3 * s * 13 > budget_s
+    assert result.history[-1]["lr"] == pytest.approx(3e-4 * 0.01)
+    assert any("so the run ends after 6 epochs (the last" in r.getMessage() for r in caplog.records)
 
 
 def test_resuming_a_run_from_before_the_recipe_options_keeps_its_recipe(phantom_dir, tmp_path):

@@ -209,6 +209,19 @@ def logits_to_masks(logits: np.ndarray, size: int = NATIVE_SIZE, threshold: floa
     return native_logits(logits, size) > np.float32(np.log(threshold / (1 - threshold)))
 
 
+def masks_and_probabilities(
+    logits: np.ndarray, size: int = NATIVE_SIZE, threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """`logits_to_masks` and the foreground probabilities of the pixels it sets, both (N, size, size) at native size:
+    0 off the masks, which is all that post-processing by mean probability reads (and a sigmoid of every pixel would
+    cost as much as the rest of post-processing)."""
+    native = native_logits(logits, size)
+    masks = logits_to_masks(native, size, threshold)
+    probabilities = np.zeros(masks.shape, np.float32)
+    probabilities[masks] = sigmoid(native[masks])
+    return masks, probabilities
+
+
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
 

@@ -176,8 +176,9 @@ HELP = {
     "aux_weight": "weight of PSPNet's auxiliary loss: a training-only segmentation head on the encoder's stage before "
     "its last (0: off; never part of the checkpoint or engines)",
     "postprocess": "post-processing stored in best.pt: auto (3-D components smaller than half the smallest train "
-    "tumor removed, if the val patients say it does not hurt), none, largest, N (components under N voxels removed) "
-    "or N,F (also those under F x the largest component)",
+    "tumor removed, then those of mean probability under 0.9 — each step kept if the val patients say it does not "
+    "hurt), none, largest, N (components under N voxels removed), N,F (also those under F x the largest component) or "
+    "N,F,Q (then those of mean probability under Q; the most confident is always kept)",
 }
 
 

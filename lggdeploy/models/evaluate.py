@@ -120,16 +120,27 @@ def _meta(checkpoint, ckpt: dict, data, split: str, split_file, postprocess: Pos
 
 
 def postprocess_origin(ckpt: dict) -> str:
-    """How the checkpoint's post-processing was chosen, in words."""
+    """How the checkpoint's post-processing was chosen, in words (both steps of postprocess.tune)."""
     tuning = ckpt.get("postprocess_tuning")
     if tuning is None:
         return "the checkpoint's" if ckpt.get("postprocess") else "none stored in the checkpoint"
+    n = len(tuning["patients"])
     if tuning.get("kept"):
-        return (
-            f"{tuning['fraction_of_smallest_train_tumor']:g} x the smallest train tumor ({tuning['smallest_train_tumor_voxels']} voxels), kept because on {len(tuning['patients'])} val patients "
+        text = (
+            f"{tuning['fraction_of_smallest_train_tumor']:g} x the smallest train tumor ({tuning['smallest_train_tumor_voxels']} voxels), kept because on {n} val patients "
             f"{tuning['why']} ({tuning['val_mean_patient_dice_without']:.4f} -> {tuning['val_mean_patient_dice_with']:.4f})"
         )
-    return f"none: the candidate was rejected on {len(tuning['patients'])} val patients ({tuning['why']})"
+    else:
+        text = f"size rule rejected on {n} val patients ({tuning['why']})"
+    confidence = tuning.get("confidence")
+    if confidence:
+        floor = confidence["candidate"]["min_mean_probability"]
+        verdict = "kept" if confidence["kept"] else "rejected"
+        text += (
+            f"; mean-probability floor {floor:g} {verdict} ({confidence['why']}: "
+            f"{confidence['val_mean_patient_dice_before']:.4f} -> {confidence['val_mean_patient_dice_after']:.4f})"
+        )
+    return text
 
 
 def default_eval_path(checkpoint: str | os.PathLike, split: str) -> Path:

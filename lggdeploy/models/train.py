@@ -41,7 +41,7 @@ from lggdeploy.data.split import load_split, make_split, save_split
 from lggdeploy.data.transforms import (
     Augmentation,
     Normalization,
-    logits_to_masks,
+    masks_and_probabilities,
     random_crops,
     resize_images,
     resize_masks,
@@ -63,7 +63,7 @@ from lggdeploy.models.recipe import (
     set_batch_norm_momentum,
 )
 from lggdeploy.models.torch_runner import resolve_device
-from lggdeploy.postprocess import PostProcess, smallest_tumor
+from lggdeploy.postprocess import PostProcess, smallest_tumor, tuned_val_dice
 from lggdeploy.postprocess import tune as tune_postprocess
 
 logger = logging.getLogger(__name__)
@@ -156,8 +156,10 @@ def _postprocess_fields(
     masks at the stored threshold, with its record."""
     if choice != "auto":
         return {"postprocess": PostProcess.parse(choice).to_json()}
-    predicted = logits_to_masks(np.concatenate(val_logits), threshold=threshold)
-    record = tune_postprocess(predicted, val_slices.masks, val_slices.patients, train_smallest_tumor)
+    predicted, probabilities = masks_and_probabilities(np.concatenate(val_logits), threshold=threshold)
+    record = tune_postprocess(
+        predicted, val_slices.masks, val_slices.patients, train_smallest_tumor, probabilities=probabilities
+    )
     return {"postprocess": record["postprocess"], "postprocess_tuning": record}
 
 
@@ -242,6 +244,7 @@ def _gather_rng_states(world: int) -> list[dict]:
 
 BUDGET_REVISED_UNTIL = 0.5  # a budgeted run re-decides its length after each epoch before this share of its epochs
 PARTIAL_EPOCH_MIN_SHARE = 0.25  # a budgeted run's last epoch, when shorter, holds at least this share of an epoch
+RECENT_EPOCHS = 3  # past the middle, a budgeted run prices its remaining epochs by the median of this many last ones
 
 
 def steps_within_budget(
@@ -657,8 +660,13 @@ class Trainer:
 
     def budget_decides_now(self) -> bool:
         """A budgeted run decides its length after epoch 1 and revises it after every epoch before the cosine's
-        middle (BUDGET_REVISED_UNTIL of its epochs): epoch 1 alone is a noisy clock on a shared machine."""
-        return self.budgeted and (self.epoch == 1 or self.epoch < BUDGET_REVISED_UNTIL * self.n_epochs)
+        middle (BUDGET_REVISED_UNTIL of its epochs): epoch 1 alone is a noisy clock on a shared machine. After the
+        middle it checks, after every epoch but the last, that the planned length still fits (`past_middle`)."""
+        return self.budgeted and (self.epoch == 1 or self.epoch < self.n_epochs)
+
+    def past_middle(self) -> bool:
+        """Whether the run's length is settled, so that a budget decision may only shorten it."""
+        return self.epoch > 1 and self.epoch >= BUDGET_REVISED_UNTIL * self.n_epochs
 
     def validate(self) -> tuple[dict, list[np.ndarray]]:
         """The epoch's history row (train figures, val loss and per-patient metrics) and the val logits when the
@@ -717,15 +725,22 @@ class Trainer:
     def apply_budget(self) -> None:
         """After epoch 1 of a budgeted run, and again after each epoch before the cosine's middle: the training steps
         that end the run within --budget-minutes, from the median epoch so far (its training steps and its
-        validation timed apart, so that a shorter last epoch is priced right)."""
+        validation timed apart, so that a shorter last epoch is priced right). Past the middle, from the median of
+        the last RECENT_EPOCHS epochs, and only to shorten the run: a machine that slowed down after the length was
+        settled would otherwise carry the run past its budget (the cosine's tail is then re-spanned over the fewer
+        steps left, a small step down in a learning rate already near its floor)."""
         cfg, epoch, per_epoch = self.cfg, self.epoch, self.steps_per_epoch
+        settled = self.past_middle()
+        rows = self.history[-RECENT_EPOCHS:] if settled else self.history
         elapsed = time.perf_counter() - self.run_started
-        epoch_s = float(np.median([row["seconds"] for row in self.history]))
-        val_s = float(np.median([row["val_seconds"] for row in self.history]))
-        step_s = float(np.median([(row["seconds"] - row["val_seconds"]) / row["steps"] for row in self.history]))
+        epoch_s = float(np.median([row["seconds"] for row in rows]))
+        val_s = float(np.median([row["val_seconds"] for row in rows]))
+        step_s = float(np.median([(row["seconds"] - row["val_seconds"]) / row["steps"] for row in rows]))
         cap = cfg.epochs if self.explicit_epochs else None
         before_steps, before = self.schedule_steps, self.length_text()
         total = steps_within_budget(cfg.budget_minutes * 60, elapsed, step_s, val_s, per_epoch, cap, done=epoch)
+        if settled and total >= before_steps:
+            return  # the settled length still fits
         self.fix_steps(total)
         last_steps = self.steps_in_epoch(self.n_epochs)
         decision = {
@@ -736,6 +751,7 @@ class Trainer:
             "epochs": self.n_epochs,
             "steps": total,
             "last_epoch_steps": last_steps,
+            **({"shortened_from_steps": before_steps, "recent_epochs": len(rows)} if settled else {}),
         }
         if epoch == 1:
             self.budget_record = {
@@ -752,6 +768,11 @@ class Trainer:
         if epoch == 1:
             logger.info(
                 f"budget {cfg.budget_minutes:g} min: epoch 1 took {epoch_s:.0f} s, so the run trains {self.length_text()}"
+            )
+        elif settled:
+            logger.info(
+                f"budget {cfg.budget_minutes:g} min: the last {len(rows)} epochs took a median {epoch_s:.0f} s, so the "
+                f"run ends after {self.length_text()} instead of {before}"
             )
         elif total != before_steps:
             logger.info(
@@ -828,8 +849,8 @@ class Trainer:
         )
         best["postprocess"] = kept_fields["postprocess"]
         tuning = kept_fields.get("postprocess_tuning")
-        if tuning and tuning["kept"]:
-            best["val_mean_patient_dice_postprocessed"] = tuning["val_mean_patient_dice_with"]
+        if tuning and tuned_val_dice(tuning) is not None:
+            best["val_mean_patient_dice_postprocessed"] = tuned_val_dice(tuning)
         self.best = best
         save_checkpoint(
             self.best_path, {**make_payload(self.kept_model, self.weights_info, **kept_fields), "best": best}

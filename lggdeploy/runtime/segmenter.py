@@ -14,7 +14,8 @@ another size is an error rather than a silent resize, because the model was trai
 
 Post-processing: `predict` treats the slices of one call as one patient's volume and applies the engine's stored
 post-processing to it (the manifest's `postprocess`, chosen on the val patients at training: small 3-D components
-removed, the largest always kept; lggdeploy/postprocess.py). A scanner that streams single slices passes
+removed, the largest always kept, then components of low mean probability, the most confident always kept;
+lggdeploy/postprocess.py). A scanner that streams single slices passes
 `postprocess=PostProcess()` (none) and post-processes the assembled volume itself, or calls `predict` once per series.
 
 Threads: an ONNX Runtime Segmenter may be shared by threads (InferenceSession.run is thread-safe); a
@@ -120,7 +121,7 @@ class Segmenter:
             raise EngineError(f"{self.path}: the engine produced NaN/Inf; do not trust this engine") from None
         rule = PostProcess(LARGEST) if largest_component else (self.postprocess if postprocess is None else postprocess)
         if rule.active:
-            kept = rule.apply(masks)
+            kept = rule.apply(masks, probabilities)
             probabilities = np.where(kept | ~masks, probabilities, np.minimum(probabilities, self.threshold))
             masks = kept
         return Prediction(masks, probabilities)
