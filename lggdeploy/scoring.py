@@ -42,15 +42,22 @@ def segment(
 ) -> np.ndarray:
     """Masks at native size for a stack of uint8 slices, post-processed as one volume: what a deployment computes
     end to end (bench times exactly this)."""
-    masks, probabilities = [], []
-    for _, out in infer_batches(runner, images, img_size, normalization, batch_size):
-        if postprocess.needs_probabilities:
-            batch_masks, batch_probabilities = masks_and_probabilities(out, threshold=threshold)
-            probabilities.append(batch_probabilities)
-        else:
-            batch_masks = logits_to_masks(out, threshold=threshold)
-        masks.append(batch_masks)
+    probabilities: list[np.ndarray] | None = [] if postprocess.needs_probabilities else None
+    masks = [
+        thresholded(out, threshold, probabilities)
+        for _, out in infer_batches(runner, images, img_size, normalization, batch_size)
+    ]
     return postprocess.apply(np.concatenate(masks), np.concatenate(probabilities) if probabilities else None)
+
+
+def thresholded(logits: np.ndarray, threshold: float, probabilities: list[np.ndarray] | None) -> np.ndarray:
+    """A batch's masks at native size; given a list, their probabilities (where a mask is set) are appended to it,
+    for post-processing by mean probability."""
+    if probabilities is None:
+        return logits_to_masks(logits, threshold=threshold)
+    masks, batch_probabilities = masks_and_probabilities(logits, threshold=threshold)
+    probabilities.append(batch_probabilities)
+    return masks
 
 
 def score_runner(
@@ -77,18 +84,13 @@ def score_runner(
     `dice_largest_component` per patient, and its mean.
     """
     postprocess = postprocess if postprocess is not None and postprocess.active else None
-    with_probabilities = postprocess is not None and postprocess.needs_probabilities
+    probabilities: list[np.ndarray] | None = [] if postprocess and postprocess.needs_probabilities else None
     scores = SegmentationScores()
     kept: list[np.ndarray] = []
-    probabilities: list[np.ndarray] = []
     with progress_bar(show_progress) as bar:
         task = bar.add_task(description, total=len(slices), info="")
         for batch, logits in infer_batches(runner, slices.images, img_size, normalization, batch_size):
-            if with_probabilities:
-                masks, batch_probabilities = masks_and_probabilities(logits, threshold=threshold)
-                probabilities.append(batch_probabilities)
-            else:
-                masks = logits_to_masks(logits, threshold=threshold)
+            masks = thresholded(logits, threshold, probabilities)
             scores.add(masks, slices.masks[batch], slices.patients[batch])
             if largest_component or postprocess:
                 kept.append(masks)

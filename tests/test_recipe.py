@@ -385,6 +385,30 @@ def test_budget_arithmetic_whole_epochs_then_a_shorter_last_one():
     assert steps_within_budget(1900, 1000, 10, 50, 10, 8, done=4) == 80  # the cap leaves no partial epoch
 
 
+def budget_clock(monkeypatch, phantom_dir, tmp_path, seconds):
+    """A fake clock for budgeted runs on the phantoms: each training step advances it by `seconds(trainer, step)` (the
+    fake times dwarf the real ones). Returns the clock, the runs' config and their steps per epoch."""
+    import time as real_time
+
+    from lggdeploy.models import train as train_module
+    from lggdeploy.models.train import Trainer
+
+    offset = [0.0]
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: real_time.perf_counter() + offset[0])})
+    monkeypatch.setattr(train_module, "time", clock)
+    step = Trainer.train_step
+
+    def timed_step(self, i):
+        offset[0] += seconds(self, i)
+        step(self, i)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    config = dict(model="pspnet-scratch", data=phantom_dir, batch_size=8, img_size=64, show_progress=False)
+    probe = Trainer(TrainConfig(out=tmp_path / "probe", **config))
+    probe.on_train_start()
+    return clock, config, probe.steps_per_epoch
+
+
 @pytest.mark.slow  # the budget arithmetic stays in the default set
 def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_epoch(
     phantom_dir, tmp_path, monkeypatch, caplog
@@ -394,31 +418,19 @@ def test_budget_sets_the_length_after_epoch_1_revises_it_and_ends_on_a_partial_e
     says 2 more whole epochs and a shorter last one, and the cosine is re-spanned over exactly those steps (past the
     middle the length may only shrink; the faster epochs after the slow one leave it as it is). Stopped before that
     last epoch and resumed, the run still ends on it."""
-    import time as real_time
-
-    from lggdeploy.models import train as train_module
-    from lggdeploy.models.train import PARTIAL_EPOCH_MIN_SHARE, Trainer, steps_within_budget
+    from lggdeploy.models.train import PARTIAL_EPOCH_MIN_SHARE, steps_within_budget
 
     step_s, slow_s = 10.0, 2000.0
-    offset = [0.0]
-    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: real_time.perf_counter() + offset[0])})
-    monkeypatch.setattr(train_module, "time", clock)
-    step = Trainer.train_step
 
     class Killed(Exception):
         pass
 
-    def timed_step(self, i):
-        if self.epoch == 5 and i == 0 and not self.resume_ckpt:
+    def seconds(trainer, i):
+        if trainer.epoch == 5 and i == 0 and not trainer.resume_ckpt:
             raise Killed  # the run is stopped before its last epoch, then resumed
-        offset[0] += step_s + (slow_s if self.epoch == 2 and i == 0 else 0.0)
-        step(self, i)
+        return step_s + (slow_s if trainer.epoch == 2 and i == 0 else 0.0)
 
-    monkeypatch.setattr(Trainer, "train_step", timed_step)
-    config = dict(model="pspnet-scratch", data=phantom_dir, batch_size=8, img_size=64, show_progress=False)
-    probe = Trainer(TrainConfig(out=tmp_path / "probe", **config))
-    probe.on_train_start()
-    s = probe.steps_per_epoch
+    _, config, s = budget_clock(monkeypatch, phantom_dir, tmp_path, seconds)
     median_epoch = s * step_s + slow_s / 2
     budget_s = (2 * s * step_s + slow_s) + 2.6 * median_epoch / 0.97  # after epoch 2: 2.6 median epochs are left
     caplog.set_level("INFO", logger="lggdeploy.models.train")
@@ -463,25 +475,11 @@ def test_a_machine_that_slows_down_after_the_middle_shortens_the_last_epoch_inst
     """Fake clock: every step takes 10 s, from epoch 4 on 13 s (the machine got busy after the length was settled).
     Epochs 1-2 fit the cap of 6 epochs in the budget; the median of the last three epochs after epoch 5 says the last
     epoch no longer fits, so it is shortened and the run ends inside the budget, its cosine still reaching the floor."""
-    import time as real_time
+    from lggdeploy.models.train import PARTIAL_EPOCH_MIN_SHARE, RECENT_EPOCHS
 
-    from lggdeploy.models import train as train_module
-    from lggdeploy.models.train import PARTIAL_EPOCH_MIN_SHARE, RECENT_EPOCHS, Trainer
-
-    offset = [0.0]
-    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: real_time.perf_counter() + offset[0])})
-    monkeypatch.setattr(train_module, "time", clock)
-    step = Trainer.train_step
-
-    def timed_step(self, i):
-        offset[0] += 13.0 if self.epoch >= 4 else 10.0
-        step(self, i)
-
-    monkeypatch.setattr(Trainer, "train_step", timed_step)
-    config = dict(model="pspnet-scratch", data=phantom_dir, batch_size=8, img_size=64, show_progress=False)
-    probe = Trainer(TrainConfig(out=tmp_path / "probe", **config))
-    probe.on_train_start()
-    s = probe.steps_per_epoch
+    clock, config, s = budget_clock(
+        monkeypatch, phantom_dir, tmp_path, lambda trainer, i: 13.0 if trainer.epoch >= 4 else 10.0
+    )
     budget_s = 6 * s * 10.0 / 0.97 + 10  # 6 epochs at the first pace, with the margin and 10 s for validations
     caplog.set_level("INFO", logger="lggdeploy.models.train")
     started = clock.perf_counter()
