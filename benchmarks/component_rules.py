@@ -14,7 +14,8 @@ This report asks whether ranking components by the model's own confidence picks 
   of the stored rule;
 - size-F: the same by voxels (the two-part rule `--postprocess N,F`);
 - conf-Q: every component whose mean foreground probability is under Q removed (Q = 0.85, 0.9), never the one with
-  the highest mean, on top of the stored rule; conf-top: only the component with the highest mean kept.
+  the highest mean, on top of the stored rule (the library's `PostProcess(..., min_mean_probability=Q)`, what
+  training's second step stores); conf-top: only the component with the highest mean kept.
 
 Every run is scored on its val and test patients (--parts) minus those of `--exclude`'s test split (the hold-out patients no
 choice may look at). Per rule: mean per-patient Dice, patients missed, and "lost": patients found without
@@ -23,6 +24,8 @@ Writes OUT/component_rules.json and OUT/component_rules.md.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 from report_recipe import finished_runs_parser, rule_rows, rule_table_head, score_rules, scored_runs, write_markdown
@@ -48,16 +51,14 @@ def keep_by_mass(volume: np.ndarray, prob: np.ndarray, base: PostProcess, fracti
     return np.isin(labels, keep)
 
 
-def keep_by_confidence(volume: np.ndarray, prob: np.ndarray, base: PostProcess, floor: float | None) -> np.ndarray:
-    """The stored rule, then: floor None keeps the single component with the highest mean foreground probability;
-    else every component whose mean probability is under `floor` is removed, never the most confident one."""
+def keep_most_confident(volume: np.ndarray, prob: np.ndarray, base: PostProcess) -> np.ndarray:
+    """The stored rule, then only the component with the highest mean foreground probability."""
     volume = base.apply(volume) if base.active and base.min_component_voxels != LARGEST else np.asarray(volume, bool)
     if not volume.any():
         return volume
     labels, ids, sizes = connected_components(volume)
     confidence = np.bincount(labels.ravel(), prob.ravel())[ids] / sizes
-    top = confidence == confidence.max()
-    return np.isin(labels, ids[top if floor is None else top | (confidence >= floor)])
+    return np.isin(labels, ids[confidence == confidence.max()])
 
 
 def rules(base: PostProcess, threshold: float) -> dict:
@@ -71,9 +72,10 @@ def rules(base: PostProcess, threshold: float) -> dict:
     for f in FRACTIONS:
         out[f"mass-{f:g}"] = lambda v, p, f=f: keep_by_mass(v, p, base, f)
         out[f"size-{f:g}"] = lambda v, p, f=f: PostProcess(size, f).apply(v)  # the two-part rule, `--postprocess N,F`
-    for q in CONFIDENCE_FLOORS:
-        out[f"conf-{q:g}"] = lambda v, p, q=q: keep_by_confidence(v, p, base, q)
-    out["conf-top"] = lambda v, p: keep_by_confidence(v, p, base, None)
+    floored = base if base.min_component_voxels != LARGEST else PostProcess()
+    for q in CONFIDENCE_FLOORS:  # the library's second step, on top of the stored rule
+        out[f"conf-{q:g}"] = lambda v, p, q=q: replace(floored, min_mean_probability=q).apply(v, p)
+    out["conf-top"] = lambda v, p: keep_most_confident(v, p, base)
     return out
 
 
