@@ -26,6 +26,7 @@ from report_recipe import finished_runs_parser, logits_of, scored_runs, write_ma
 
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
+from lggdeploy.metrics import dice_from_counts
 from lggdeploy.postprocess import PostProcess, connected_components
 
 SHARES = ("fp-empty", "fp-tumor", "fn-missed", "fn-tumor")
@@ -33,9 +34,8 @@ ORACLES = ("stored", "no-fp-empty", "true-components", "missed-slices-filled")
 
 
 def dice(pred: np.ndarray, true: np.ndarray) -> float:
-    """Dice of one patient's volume; 1 where both are empty (lggdeploy's convention)."""
-    denom = int(pred.sum()) + int(true.sum())
-    return 1.0 if denom == 0 else 2.0 * int((pred & true).sum()) / denom
+    """Dice of one patient's volume (lggdeploy's metric: 1 where both are empty)."""
+    return float(dice_from_counts((pred & true).sum(), (pred & ~true).sum(), (true & ~pred).sum()))
 
 
 def anatomy(pred: np.ndarray, true: np.ndarray) -> dict:
