@@ -28,9 +28,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from report_recipe import finished_runs_parser, rule_rows, rule_table_head, score_rules, scored_runs, write_markdown
+from report_recipe import (
+    finished_runs_parser,
+    pooled_against,
+    rule_rows,
+    rule_table_head,
+    score_rules,
+    scored_runs,
+    write_markdown,
+)
 
-from lggdeploy.bench.stats import paired_summary
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.common.machine import machine_info
 from lggdeploy.postprocess import LARGEST, PostProcess, connected_components
@@ -79,19 +86,6 @@ def rules(base: PostProcess, threshold: float) -> dict:
     return out
 
 
-def pooled_against_stored(runs: dict, name: str) -> dict:
-    """Rule `name` minus the stored rule per patient-run, averaged per distinct patient, then paired_summary over
-    patients; "lost": patient-runs the stored rule finds (Dice >= 0.05) that `name` misses."""
-    by_patient: dict[str, list[float]] = {}
-    lost = []
-    for label, r in runs.items():
-        for pid, stored in r["dice"]["stored"].items():
-            by_patient.setdefault(pid, []).append(r["dice"][name][pid] - stored)
-            if stored >= 0.05 and r["dice"][name][pid] < 0.05:
-                lost.append(f"{pid} ({label})")
-    return {"lost": lost, "difference": paired_summary({p: float(np.mean(v)) for p, v in sorted(by_patient.items())})}
-
-
 def main() -> None:
     args = finished_runs_parser().parse_args()
     runs = scored_runs(
@@ -106,7 +100,7 @@ def main() -> None:
         *rule_table_head(names),
     ]
     lines += rule_rows(runs, names, found_by="none")
-    pooled = {n: pooled_against_stored(runs, n) for n in names if n != "stored"}
+    pooled = {n: pooled_against(runs, n, "stored") for n in names if n != "stored"}
     lines += [
         "",
         "Against the stored rule, pooled over patients (each patient's runs averaged first; points; lost: found by the "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lggdeploy.bench.stats import paired_summary
 from lggdeploy.common.files import write_json_atomic, write_text_atomic
 from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
@@ -89,6 +90,20 @@ def scored_runs(items: list[str], data: Path, exclude: Path | None, score, parts
             dice = score(ckpt, load_slices(dataset, patients))
             runs[label] = {"run": run, "model": ckpt["model"]["name"], "patients": patients, "dice": dice}
     return runs
+
+
+def pooled_against(runs: dict, name: str, base: str) -> dict:
+    """Rule `name` minus rule `base` per patient-run (runs: label -> {"dice": {rule: {patient: Dice}}}), averaged per
+    distinct patient, then paired_summary over patients; "lost": patient-runs `base` finds (Dice >= 0.05) that
+    `name` misses."""
+    by_patient: dict[str, list[float]] = {}
+    lost = []
+    for label, r in runs.items():
+        for pid, reference in r["dice"][base].items():
+            by_patient.setdefault(pid, []).append(r["dice"][name][pid] - reference)
+            if reference >= 0.05 and r["dice"][name][pid] < 0.05:
+                lost.append(f"{pid} ({label})")
+    return {"lost": lost, "difference": paired_summary({p: float(np.mean(v)) for p, v in sorted(by_patient.items())})}
 
 
 def rule_table_head(names: list[str], model_column: bool = False) -> list[str]:
