@@ -1026,7 +1026,8 @@ def demo_cmd(
     out.print(
         f"results: {out_dir / 'results.md'} (both tables), {out_dir / 'bench'} (bench.json/md/csv, speed_accuracy.png, speedup.png); "
         f"checkpoints, curves and per-patient JSON under {out_dir / 'runs'}; engines and manifests under {out_dir / 'engines'}.\n"
-        "The same on the real data: lggdeploy train --model pspnet-scratch --data /path/to/kaggle_3m && "
+        "The same on the real data (the recipe measured in docs/training.md): "
+        "lggdeploy train --model pspnet-scratch --data /path/to/kaggle_3m --budget-minutes 30 && "
         "lggdeploy build runs/pspnet-scratch/best.pt --precision all && lggdeploy bench engines --data /path/to/kaggle_3m --out results"
     )
 
