@@ -31,15 +31,14 @@ import numpy as np
 from report_recipe import (
     finished_runs_parser,
     pooled_against,
+    pooled_table,
     rule_rows,
     rule_table_head,
     score_rules,
     scored_runs,
-    write_markdown,
+    write_report,
 )
 
-from lggdeploy.common.files import write_json_atomic
-from lggdeploy.common.machine import machine_info
 from lggdeploy.postprocess import LARGEST, PostProcess, connected_components
 
 FRACTIONS = (0.5, 0.2, 0.1)
@@ -106,17 +105,9 @@ def main() -> None:
         "Against the stored rule, pooled over patients (each patient's runs averaged first; points; lost: found by the "
         "stored rule, missed by this one):",
         "",
-        "| rule | patients | difference | 95 % CI | lost |",
-        "|---|---|---|---|---|",
+        *pooled_table(pooled, "rule"),
     ]
-    for n, p in pooled.items():
-        d = p["difference"]
-        ci = f"{100 * d['ci95'][0]:+.2f} to {100 * d['ci95'][1]:+.2f}" if d["ci95"] else "no interval"
-        lines.append(f"| {n} | {d['n']} | {100 * d['mean']:+.2f} | {ci} | {len(p['lost'])} |")
-    machine = machine_info()
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "component_rules.json", {"runs": runs, "pooled": pooled, "machine": machine})
-    write_markdown(args.out / "component_rules.md", lines, machine)
+    write_report(args.out, "component_rules", {"runs": runs, "pooled": pooled}, lines)
 
 
 if __name__ == "__main__":

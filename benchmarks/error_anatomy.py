@@ -22,10 +22,8 @@ patient first, then over patients. Writes OUT/error_anatomy.json and OUT/error_a
 from __future__ import annotations
 
 import numpy as np
-from report_recipe import finished_runs_parser, logits_of, scored_runs, write_markdown
+from report_recipe import finished_runs_parser, logits_of, scored_runs, write_report
 
-from lggdeploy.common.files import write_json_atomic
-from lggdeploy.common.machine import machine_info
 from lggdeploy.metrics import dice_from_counts
 from lggdeploy.postprocess import PostProcess, connected_components
 
@@ -159,10 +157,7 @@ def main() -> None:
     args = finished_runs_parser().parse_args()
     runs = scored_runs(args.runs, args.data, args.exclude, score, args.parts.split(","))
     pool = pooled(runs)
-    machine = machine_info()
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "error_anatomy.json", {"runs": runs, "pooled": pool, "machine": machine})
-    write_markdown(args.out / "error_anatomy.md", markdown(runs, pool), machine)
+    write_report(args.out, "error_anatomy", {"runs": runs, "pooled": pool}, markdown(runs, pool))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,27 @@ def pooled_against(runs: dict, name: str, base: str) -> dict:
     return {"lost": lost, "difference": paired_summary({p: float(np.mean(v)) for p, v in sorted(by_patient.items())})}
 
 
+def pooled_table(pooled: dict, label: str, extra: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Markdown rows of `pooled_against` results: name -> pooled; `extra`: column -> {name: cell}, after the name."""
+    extra = extra or {}
+    head = [label, *extra, "patients", "difference", "95 % CI", "lost"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n, p in pooled.items():
+        d = p["difference"]
+        ci = f"{100 * d['ci95'][0]:+.2f} to {100 * d['ci95'][1]:+.2f}" if d["ci95"] else "no interval"
+        cells = [n, *(column[n] for column in extra.values()), str(d["n"]), f"{100 * d['mean']:+.2f}", ci]
+        lines.append("| " + " | ".join([*cells, str(len(p["lost"]))]) + " |")
+    return lines
+
+
+def write_report(out: Path, stem: str, payload: dict, lines: list[str]) -> None:
+    """OUT/STEM.json (the payload and the machine) and OUT/STEM.md (the lines and the machine's line)."""
+    machine = machine_info()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{stem}.json", {**payload, "machine": machine})
+    write_markdown(out / f"{stem}.md", lines, machine)
+
+
 def rule_table_head(names: list[str], model_column: bool = False) -> list[str]:
     """The header and separator of the table that `rule_rows` fills (the same `model_column`)."""
     lead = ["run", "model", "n"] if model_column else ["run", "n"]

@@ -17,10 +17,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from report_recipe import finished_runs_parser, pooled_against, rule_rows, rule_table_head, scored_runs, write_markdown
+from report_recipe import (
+    finished_runs_parser,
+    pooled_against,
+    pooled_table,
+    rule_rows,
+    rule_table_head,
+    scored_runs,
+    write_report,
+)
 
-from lggdeploy.common.files import write_json_atomic
-from lggdeploy.common.machine import machine_info
 from lggdeploy.data.transforms import NATIVE_SIZE, native_logits, sigmoid
 from lggdeploy.engines.precision.gate import run_on_slices
 from lggdeploy.metrics import confusion_counts, summarize
@@ -91,18 +97,16 @@ def main() -> None:
         "",
         "Against scale 1, pooled over patients (each patient's runs averaged first; points):",
         "",
-        "| variant | input px | pixels vs 256 | patients | difference | 95 % CI | lost |",
-        "|---|---|---|---|---|---|---|",
+        *pooled_table(
+            pooled,
+            "variant",
+            {
+                "input px": {n: " + ".join(str(input_size(float(s))) for s in n.split("+")) for n in pooled},
+                "pixels vs 256": {n: f"{cost[n]:.2f}x" for n in pooled},
+            },
+        ),
     ]
-    for n, p in pooled.items():
-        d = p["difference"]
-        ci = f"{100 * d['ci95'][0]:+.2f} to {100 * d['ci95'][1]:+.2f}" if d["ci95"] else "no interval"
-        px = " + ".join(str(input_size(float(s))) for s in n.split("+"))
-        lines.append(f"| {n} | {px} | {cost[n]:.2f}x | {d['n']} | {100 * d['mean']:+.2f} | {ci} | {len(p['lost'])} |")
-    machine = machine_info()
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "test_time_scale.json", {"runs": runs, "pooled": pooled, "machine": machine})
-    write_markdown(args.out / "test_time_scale.md", lines, machine)
+    write_report(args.out, "test_time_scale", {"runs": runs, "pooled": pooled}, lines)
 
 
 if __name__ == "__main__":
