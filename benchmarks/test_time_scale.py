@@ -44,9 +44,8 @@ def input_size(scale: float) -> int:
     return int(round(NATIVE_SIZE * scale / 32)) * 32
 
 
-def native_logits_at(ckpt: dict, slices, size: int) -> np.ndarray:
+def native_logits_at(runner: TorchRunner, ckpt: dict, slices, size: int) -> np.ndarray:
     """The model's logits on `slices` run at `size` px, brought back to (slices, 256, 256)."""
-    runner = TorchRunner(model_from_checkpoint(ckpt).eval(), "cpu")
     return native_logits(run_on_slices(runner, slices, size, normalization_of(ckpt), 0.5, f"{size}px").logits)
 
 
@@ -59,7 +58,8 @@ def delivered(ckpt: dict) -> PostProcess:
 
 def score(ckpt: dict, slices) -> dict:
     """variant -> {patient: Dice} of the delivered masks."""
-    logits = {f"{s:g}": native_logits_at(ckpt, slices, input_size(s)) for s in SCALES}
+    runner = TorchRunner(model_from_checkpoint(ckpt).eval(), "cpu")
+    logits = {f"{s:g}": native_logits_at(runner, ckpt, slices, input_size(s)) for s in SCALES}
     name, parts = ENSEMBLE
     logits[name] = np.mean([logits[f"{s:g}"] for s in parts], axis=0)
     threshold = float(ckpt["threshold"])
