@@ -2,9 +2,9 @@
 
 usage: .venv/bin/python benchmarks/retune_postprocess.py CKPT --data DATA --out EVAL.json [--split test]
 
-What `lggdeploy train` stores since the mean-probability floor exists, for a model trained before it: the library's
-own `postprocess.tune` on the checkpoint's val patients (their masks at the stored threshold and their probabilities;
-the size candidate from its train patients' smallest tumor), then the checkpoint scored on `--split` with the rule it
+What `lggdeploy train` stores today (the size rule, the mean-probability floor, the outline step), for a model trained
+before it: the library's own `postprocess.tune` on the checkpoint's val patients (their masks at the stored threshold,
+every pixel's probability and the slices; the size candidate from its train patients' smallest tumor), then the checkpoint scored on `--split` with the rule it
 decides — the weights untouched. EVAL.json has `lggdeploy eval`'s per-patient rows and aggregates (so
 benchmarks/compare_evals.py pairs it with the stored rule's eval), plus the decision under "postprocess_tuning".
 """
@@ -19,9 +19,10 @@ from report_recipe import logits_of
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.data.transforms import masks_and_probabilities
+from lggdeploy.data.transforms import logits_to_masks, native_logits, sigmoid
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.evaluate import score_model
+from lggdeploy.outline import OutlineCRF
 from lggdeploy.postprocess import PostProcess, smallest_tumor, tune
 
 
@@ -36,9 +37,15 @@ def main() -> None:
     dataset, split, threshold = load_dataset(args.data), split_of(ckpt), float(ckpt["threshold"])
     train = load_slices(dataset, split.train)
     val = load_slices(dataset, split.val)
-    predicted, probabilities = masks_and_probabilities(logits_of(ckpt, val), threshold=threshold)
+    native = native_logits(logits_of(ckpt, val))
     record = tune(
-        predicted, val.masks, val.patients, smallest_tumor(train.masks, train.patients), probabilities=probabilities
+        logits_to_masks(native, threshold=threshold),
+        val.masks,
+        val.patients,
+        smallest_tumor(train.masks, train.patients),
+        probabilities=sigmoid(native),
+        images=val.images,
+        outline=OutlineCRF(),
     )
     rule = PostProcess.from_json(record["postprocess"])
     summary = score_model(
@@ -64,7 +71,8 @@ def main() -> None:
         f"{args.checkpoint}: {rule.describe()} (stored: {PostProcess.from_json(ckpt.get('postprocess')).describe()}); "
         f"{args.split} mean per-patient Dice {summary['aggregates']['mean_patient_dice']:.4f} on "
         f"{len(summary['per_patient'])} patients, missed {summary['aggregates']['patients_missed']}; "
-        f"val decision: size {record.get('kept')}, floor {record.get('confidence', {}).get('kept')}",
+        f"val decision: size {record.get('kept')}, floor {record.get('confidence', {}).get('kept')}, "
+        f"outline {record.get('outline', {}).get('kept')}",
         flush=True,
     )
 

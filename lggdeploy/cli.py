@@ -132,7 +132,8 @@ def friendly(func):
             kwargs = check_options(func.__name__, kwargs)  # every numeric option's range, before any work
             return func(*args, **kwargs)
         except LggError as exc:
-            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets (pip install 'lggdeploy[qat]') that rich would take for markup
+            err.print(f"[red]error:[/] {rich_escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: files already written are intact (they are replaced atomically)")
@@ -733,7 +734,8 @@ def predict_cmd(
         None,
         help="post-processing of each patient's volume: the engine's stored one (default), none, largest "
         "(largest 3-D component only), N (3-D components under N voxels removed), N,F (also those under F x the largest) "
-        "or N,F,Q (then those of mean probability under Q, the most confident kept)",
+        "or N,F,Q (then those of mean probability under Q, the most confident kept); +crf after any but largest: then "
+        "the outlines redrawn by a dense CRF (needs lggdeploy[outline])",
     ),
     spacing: float | None = typer.Option(None, help="TIFF input: in-plane pixel spacing in mm, for tumor areas in mm²"),
     flair: str | None = typer.Option(

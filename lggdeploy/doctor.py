@@ -38,6 +38,20 @@ def report() -> dict:
             else "not installed (pip install 'lggdeploy[qat]'); post-training INT8 still works",
         }
     )
+    from lggdeploy.outline import INSTALL_HINT, densecrf_available
+
+    crf = densecrf_available()
+    backends.append(
+        {
+            "backend": "pydensecrf2 (outline post-processing)",
+            "usable": "yes" if crf else "no",
+            "formats": "post-processing +crf",
+            "detail": "installed"
+            if crf
+            else f"not installed ({INSTALL_HINT}); engines whose rule redraws outlines "
+            "are refused, training's auto needs it",
+        }
+    )
     backends.append(
         {
             "backend": "bf16 (OpenVINO)",

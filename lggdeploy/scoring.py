@@ -8,7 +8,14 @@ import numpy as np
 
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
-from lggdeploy.data.transforms import Normalization, logits_to_masks, masks_and_probabilities, preprocess
+from lggdeploy.data.transforms import (
+    Normalization,
+    logits_to_masks,
+    masks_and_probabilities,
+    native_logits,
+    preprocess,
+    sigmoid,
+)
 from lggdeploy.metrics import SegmentationScores, confusion_counts, dice_from_counts, summarize
 from lggdeploy.postprocess import LARGEST, PostProcess
 
@@ -44,17 +51,25 @@ def segment(
     end to end (bench times exactly this)."""
     probabilities: list[np.ndarray] | None = [] if postprocess.needs_probabilities else None
     masks = [
-        thresholded(out, threshold, probabilities)
+        thresholded(out, threshold, probabilities, postprocess.needs_images)
         for _, out in infer_batches(runner, images, img_size, normalization, batch_size)
     ]
-    return postprocess.apply(np.concatenate(masks), np.concatenate(probabilities) if probabilities else None)
+    return postprocess.apply(
+        np.concatenate(masks), np.concatenate(probabilities) if probabilities else None, np.asarray(images)
+    )
 
 
-def thresholded(logits: np.ndarray, threshold: float, probabilities: list[np.ndarray] | None) -> np.ndarray:
-    """A batch's masks at native size; given a list, their probabilities (where a mask is set) are appended to it,
-    for post-processing by mean probability."""
+def thresholded(
+    logits: np.ndarray, threshold: float, probabilities: list[np.ndarray] | None, every_pixel: bool = False
+) -> np.ndarray:
+    """A batch's masks at native size; given a list, their probabilities are appended to it, for post-processing by
+    probability: where a mask is set (what the mean-probability step reads), or `every_pixel`'s (the outline step)."""
     if probabilities is None:
         return logits_to_masks(logits, threshold=threshold)
+    if every_pixel:
+        native = native_logits(logits)
+        probabilities.append(sigmoid(native))
+        return logits_to_masks(native, threshold=threshold)
     masks, batch_probabilities = masks_and_probabilities(logits, threshold=threshold)
     probabilities.append(batch_probabilities)
     return masks
@@ -90,7 +105,7 @@ def score_runner(
     with progress_bar(show_progress) as bar:
         task = bar.add_task(description, total=len(slices), info="")
         for batch, logits in infer_batches(runner, slices.images, img_size, normalization, batch_size):
-            masks = thresholded(logits, threshold, probabilities)
+            masks = thresholded(logits, threshold, probabilities, postprocess is not None and postprocess.needs_images)
             scores.add(masks, slices.masks[batch], slices.patients[batch])
             if largest_component or postprocess:
                 kept.append(masks)
@@ -101,7 +116,7 @@ def score_runner(
     predicted = np.concatenate(kept) if kept else None
     if postprocess:
         processed = postprocess.apply_per_patient(
-            predicted, slices.patients, np.concatenate(probabilities) if probabilities else None
+            predicted, slices.patients, np.concatenate(probabilities) if probabilities else None, slices.images
         )
         summary = with_postprocess(summary, processed, slices)
     if largest_component:

@@ -15,7 +15,7 @@ LAYERS = [
     {"lggdeploy.metrics"},
     {"lggdeploy.data"},
     {"lggdeploy.scanner"},
-    {"lggdeploy.scoring", "lggdeploy.postprocess"},
+    {"lggdeploy.scoring", "lggdeploy.postprocess", "lggdeploy.outline"},
     {"lggdeploy.backends"},
     {"lggdeploy.models"},
     {"lggdeploy.engines"},

@@ -217,3 +217,34 @@ def test_predict_on_a_wrong_shape_slice_writes_and_claims_nothing(int8_engine, t
     )
     assert result.exit_code == 2 and "patients.csv" not in result.output and "shape" in result.output
     assert not (tmp_path / "out" / "patients.csv").exists()
+
+
+def test_an_outline_step_keeps_masks_and_probabilities_in_agreement(int8_engine, phantom_dir):
+    """The runtime hands the outline step its slices and every pixel's probability; the pixels it adds or removes
+    get probabilities on the right side of the threshold."""
+    from lggdeploy.outline import dilate
+    from lggdeploy.postprocess import PostProcess
+
+    manifest = read_manifest(int8_engine)
+    slices = load_slices(load_dataset(phantom_dir), manifest["split"]["val"])
+    with Segmenter.load(int8_engine, postprocess=PostProcess()) as plain:
+        raw = plain.predict(slices.images)
+    with Segmenter.load(int8_engine, postprocess=PostProcess.parse("none+crf")) as outlined:
+        redrawn = outlined.predict(slices.images)
+    assert raw.masks.any() and not np.array_equal(redrawn.masks, raw.masks)
+    assert np.array_equal(redrawn.masks, redrawn.probabilities > manifest["threshold"])
+    assert all((r <= dilate(m, 8)).all() for r, m in zip(redrawn.masks, raw.masks, strict=True))
+
+
+def test_an_engine_that_redraws_outlines_is_refused_without_pydensecrf2(int8_engine, tmp_path, monkeypatch):
+    from lggdeploy.postprocess import PostProcess
+
+    engine = tmp_path / "outlined.onnx"
+    shutil.copy(int8_engine, engine)
+    manifest_for(engine, int8_engine, postprocess=PostProcess.parse("1034,0,0.9+crf").to_json())
+    assert Segmenter.load(engine).postprocess.outline is not None
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    with pytest.raises(LggError, match=r"outlined\.onnx: .*pip install 'lggdeploy\[outline\]'"):
+        Segmenter.load(engine)
+    result = CliRunner().invoke(app, ["predict", str(engine), str(tmp_path / "none.tif")])
+    assert result.exit_code != 0 and "lggdeploy[outline]" in result.output and "Traceback" not in result.output

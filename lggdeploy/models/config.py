@@ -54,8 +54,8 @@ class TrainConfig:
     # patients it did not pay, benchmarks/results/threshold/)
     missing_modality: float = 0.2  # share of training slices with pre/post-contrast replaced by FLAIR (data set's fill)
     normalization: str = "slice"  # model input: slice (each slice's tissue median to one level, then ImageNet statistics) or fixed (x / 255 as read)
-    # Post-processing stored in best.pt (postprocess.py): auto (small 3-D components removed if the val patients
-    # say it does not hurt), none, largest (largest 3-D component only), N voxels, or N,F (also under F x the largest).
+    # Post-processing stored in best.pt (postprocess.py): auto (each step kept if the val patients say it does not
+    # hurt), none, largest (largest 3-D component only), N voxels, N,F, N,F,Q, each but largest optionally +crf.
     postprocess: str = "auto"
     # Wall-clock budget: after epoch 1 the run sets its number of epochs (and the cosine's length) so that it ends
     # within this many minutes, counted from the start of train(), and revises it from the median epoch after each
@@ -91,6 +91,7 @@ class TrainConfig:
     def validate(self) -> None:
         from lggdeploy.data.transforms import NORMALIZATION_MODES  # numpy and Pillow: not for the CLI's start-up
         from lggdeploy.models.recipe import LOSSES  # torch
+        from lggdeploy.outline import require_densecrf
         from lggdeploy.postprocess import PostProcess
 
         if self.epochs < 1:
@@ -137,9 +138,17 @@ class TrainConfig:
             raise LggError(f"unknown --precision {self.precision!r}: choose auto, fp32, bf16 or fp16")
         if self.postprocess != "auto":
             try:
-                PostProcess.parse(self.postprocess)
+                rule = PostProcess.parse(self.postprocess)
             except ValueError as exc:
                 raise LggError(f"--postprocess: {exc} (or auto, the default)") from None
+        if self.postprocess == "auto" or rule.needs_images:
+            try:
+                require_densecrf()
+            except LggError as exc:
+                raise LggError(
+                    f"--postprocess {self.postprocess}: {exc}; or give a rule without the outline step (e.g. "
+                    "1034,0,0.9)"
+                ) from None
 
 
 # What each command-line option of `lggdeploy train` means; the default shown is the field's (TrainConfig).
@@ -176,9 +185,10 @@ HELP = {
     "aux_weight": "weight of PSPNet's auxiliary loss: a training-only segmentation head on the encoder's stage before "
     "its last (0: off; never part of the checkpoint or engines)",
     "postprocess": "post-processing stored in best.pt: auto (3-D components smaller than half the smallest train "
-    "tumor removed, then those of mean probability under 0.9 — each step kept if the val patients say it does not "
-    "hurt), none, largest, N (components under N voxels removed), N,F (also those under F x the largest component) or "
-    "N,F,Q (then those of mean probability under Q; the most confident is always kept)",
+    "tumor removed, then those of mean probability under 0.9, then the outlines redrawn by a dense CRF — each step "
+    "kept if the val patients say it does not hurt), none, largest, N (components under N voxels removed), N,F (also "
+    "those under F x the largest component) or N,F,Q (then those of mean probability under Q; the most confident is "
+    "always kept); +crf after any but largest: then the outlines redrawn (needs pydensecrf2)",
 }
 
 

@@ -120,7 +120,7 @@ def _meta(checkpoint, ckpt: dict, data, split: str, split_file, postprocess: Pos
 
 
 def postprocess_origin(ckpt: dict) -> str:
-    """How the checkpoint's post-processing was chosen, in words (both steps of postprocess.tune)."""
+    """How the checkpoint's post-processing was chosen, in words (every step of postprocess.tune)."""
     tuning = ckpt.get("postprocess_tuning")
     if tuning is None:
         return "the checkpoint's" if ckpt.get("postprocess") else "none stored in the checkpoint"
@@ -139,6 +139,12 @@ def postprocess_origin(ckpt: dict) -> str:
         text += (
             f"; mean-probability floor {floor:g} {verdict} ({confidence['why']}: "
             f"{confidence['val_mean_patient_dice_before']:.4f} -> {confidence['val_mean_patient_dice_after']:.4f})"
+        )
+    outline = tuning.get("outline")
+    if outline:
+        text += (
+            f"; outlines redrawn by a dense CRF {'kept' if outline['kept'] else 'rejected'} ({outline['why']}: "
+            f"{outline['val_mean_patient_dice_before']:.4f} -> {outline['val_mean_patient_dice_after']:.4f})"
         )
     return text
 

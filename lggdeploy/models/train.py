@@ -41,10 +41,12 @@ from lggdeploy.data.split import load_split, make_split, save_split
 from lggdeploy.data.transforms import (
     Augmentation,
     Normalization,
-    masks_and_probabilities,
+    logits_to_masks,
+    native_logits,
     random_crops,
     resize_images,
     resize_masks,
+    sigmoid,
 )
 from lggdeploy.metrics import confusion_counts, dice_from_counts, iou_from_counts
 from lggdeploy.models import threshold as threshold_tuning
@@ -63,6 +65,7 @@ from lggdeploy.models.recipe import (
     set_batch_norm_momentum,
 )
 from lggdeploy.models.torch_runner import resolve_device
+from lggdeploy.outline import OutlineCRF
 from lggdeploy.postprocess import PostProcess, smallest_tumor, tuned_val_dice
 from lggdeploy.postprocess import tune as tune_postprocess
 
@@ -156,9 +159,15 @@ def _postprocess_fields(
     masks at the stored threshold, with its record."""
     if choice != "auto":
         return {"postprocess": PostProcess.parse(choice).to_json()}
-    predicted, probabilities = masks_and_probabilities(np.concatenate(val_logits), threshold=threshold)
+    native = native_logits(np.concatenate(val_logits))
     record = tune_postprocess(
-        predicted, val_slices.masks, val_slices.patients, train_smallest_tumor, probabilities=probabilities
+        logits_to_masks(native, threshold=threshold),
+        val_slices.masks,
+        val_slices.patients,
+        train_smallest_tumor,
+        probabilities=sigmoid(native),
+        images=val_slices.images,
+        outline=OutlineCRF(),
     )
     return {"postprocess": record["postprocess"], "postprocess_tuning": record}
 

@@ -6,7 +6,7 @@
         result.masks, result.probabilities    # (N, 256, 256) bool / float32
 
 Dependencies: numpy + Pillow + onnxruntime (`pip install lggdeploy[runtime]`), or tensorrt + cuda-python for
-.plan engines. Importing this module imports neither torch nor segmentation_models_pytorch.
+.plan engines; pydensecrf2 (`lggdeploy[outline]`) for an engine whose post-processing redraws outlines. Importing this module imports neither torch nor segmentation_models_pytorch.
 
 Preprocessing is exactly the one recorded in the engine's manifest (lggdeploy.data.transforms, shared with
 training). Inputs must be 256x256x3 uint8 (pre-contrast, FLAIR, post-contrast), the data set's convention:
@@ -14,8 +14,8 @@ another size is an error rather than a silent resize, because the model was trai
 
 Post-processing: `predict` treats the slices of one call as one patient's volume and applies the engine's stored
 post-processing to it (the manifest's `postprocess`, chosen on the val patients at training: small 3-D components
-removed, the largest always kept, then components of low mean probability, the most confident always kept;
-lggdeploy/postprocess.py). A scanner that streams single slices passes
+removed, the largest always kept, then components of low mean probability, the most confident always kept, then
+the outlines redrawn by a dense CRF where the val patients kept that step; lggdeploy/postprocess.py). A scanner that streams single slices passes
 `postprocess=PostProcess()` (none) and post-processes the assembled volume itself, or calls `predict` once per series.
 
 Threads: an ONNX Runtime Segmenter may be shared by threads (InferenceSession.run is thread-safe); a
@@ -34,6 +34,7 @@ from lggdeploy.backends.base import RunOptions
 from lggdeploy.common.errors import EngineError, LggError
 from lggdeploy.data.transforms import Normalization, logits_to_masks, native_logits, sigmoid
 from lggdeploy.engines.formats import open_engine, read_manifest
+from lggdeploy.outline import require_densecrf
 from lggdeploy.postprocess import LARGEST, PostProcess
 from lggdeploy.runtime.bundle import check_engine, opened_bundle
 from lggdeploy.scoring import NonFiniteOutput, infer_batches
@@ -70,6 +71,11 @@ class Segmenter:
         if not 0 < self.threshold < 1:
             raise LggError(f"threshold must be between 0 and 1, got {self.threshold}")
         self.postprocess = stored_postprocess(path, manifest) if postprocess is None else postprocess
+        if self.postprocess.needs_images:
+            try:
+                require_densecrf()
+            except LggError as exc:
+                raise LggError(f"{path}: {exc}; or pass --postprocess with a rule without +crf") from None
 
     @classmethod
     def load(
@@ -100,7 +106,8 @@ class Segmenter:
 
         The stack is post-processed as one volume with `postprocess` (default: the Segmenter's, i.e. the engine's
         stored one); `largest_component=True` keeps only the largest 3-D component instead. Probabilities of the
-        pixels post-processing removed are capped at the threshold, so masks and probabilities agree."""
+        pixels post-processing removed are capped at the threshold, and of those its outline step added raised just
+        above it, so masks and probabilities agree."""
         slices = np.asarray(slices)
         if slices.ndim == 3:
             slices = slices[None]
@@ -121,8 +128,13 @@ class Segmenter:
             raise EngineError(f"{self.path}: the engine produced NaN/Inf; do not trust this engine") from None
         rule = PostProcess(LARGEST) if largest_component else (self.postprocess if postprocess is None else postprocess)
         if rule.active:
-            kept = rule.apply(masks, probabilities)
-            probabilities = np.where(kept | ~masks, probabilities, np.minimum(probabilities, self.threshold))
+            kept = rule.apply(masks, probabilities, slices)
+            agreeing = np.where(
+                kept,
+                np.maximum(probabilities, np.nextafter(np.float32(self.threshold), np.float32(1))),
+                np.minimum(probabilities, self.threshold),
+            )
+            probabilities = np.where(kept == masks, probabilities, agreeing).astype(np.float32)
             masks = kept
         return Prediction(masks, probabilities)
 
