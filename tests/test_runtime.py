@@ -248,3 +248,13 @@ def test_an_engine_that_redraws_outlines_is_refused_without_pydensecrf2(int8_eng
         Segmenter.load(engine)
     result = CliRunner().invoke(app, ["predict", str(engine), str(tmp_path / "none.tif")])
     assert result.exit_code != 0 and "lggdeploy[outline]" in result.output and "Traceback" not in result.output
+
+
+def test_probabilities_set_around_any_threshold_fall_on_the_right_side():
+    from lggdeploy.runtime.segmenter import float32_around
+
+    for threshold in (0.3, 0.45, 0.5, 0.7, 0.1234567):
+        below, above = float32_around(threshold)
+        assert below.dtype == above.dtype == np.float32
+        assert (np.array([below, above], np.float32) > threshold).tolist() == [False, True]
+        assert np.nextafter(below, np.float32(1)) == above  # adjacent: nothing else moved further than needed

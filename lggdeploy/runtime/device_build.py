@@ -30,6 +30,7 @@ from lggdeploy.engines.formats import (
     select_formats,
     write_manifest,
 )
+from lggdeploy.postprocess import PostProcess
 from lggdeploy.runtime.bundle import BundleError, VerifyReport, check_engine, inside, opened_bundle, safe_name
 from lggdeploy.runtime.segmenter import Segmenter
 
@@ -169,7 +170,7 @@ def _build_one(bundle: Path, root: Path, description: dict, fmt, folder: Path, t
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
         write_manifest(candidate, manifest)
-        with Segmenter.load(candidate, threads=threads) as segmenter:
+        with Segmenter.load(candidate, threads=threads, postprocess=PostProcess()) as segmenter:  # network masks only
             report = check_engine(segmenter, root, description, bundle)
         if not report.passed and not force:
             raise GateFailed(

@@ -58,6 +58,15 @@ def stored_postprocess(path: Path, manifest: dict) -> PostProcess:
         ) from None
 
 
+def float32_around(threshold: float) -> tuple[np.float32, np.float32]:
+    """The largest float32 <= `threshold` and the smallest float32 > it: a float32 probability set to the first is
+    off the mask (p > threshold is False), set to the second on it, whichever way float32 rounds the threshold."""
+    nearest = np.float32(threshold)
+    below = nearest if nearest <= threshold else np.nextafter(nearest, np.float32(0))
+    above = nearest if nearest > threshold else np.nextafter(nearest, np.float32(1))
+    return below, above
+
+
 class Segmenter:
     def __init__(
         self, runner, manifest: dict, path: Path, threshold: float | None = None, postprocess: PostProcess | None = None
@@ -129,11 +138,8 @@ class Segmenter:
         rule = PostProcess(LARGEST) if largest_component else (self.postprocess if postprocess is None else postprocess)
         if rule.active:
             kept = rule.apply(masks, probabilities, slices)
-            agreeing = np.where(
-                kept,
-                np.maximum(probabilities, np.nextafter(np.float32(self.threshold), np.float32(1))),
-                np.minimum(probabilities, self.threshold),
-            )
+            below, above = float32_around(self.threshold)
+            agreeing = np.where(kept, np.maximum(probabilities, above), np.minimum(probabilities, below))
             probabilities = np.where(kept == masks, probabilities, agreeing).astype(np.float32)
             masks = kept
         return Prediction(masks, probabilities)
