@@ -3,12 +3,12 @@
 usage: .venv/bin/python benchmarks/crf_outline.py --data DATA --out OUT [--exclude SPLIT_JSON] [--parts val,test]
        [--variants b10,...] LABEL=RUN_DIR [...]
 
-Needs `pydensecrf2` (pip install pydensecrf2; not a dependency of lggdeploy). The delivered post-processing (the
-run's stored size rule, then the mean-probability floor 0.9) decides which tumors exist; then, slice by slice, a 2-D
-fully connected CRF (Kraehenbuehl & Koltun 2011) on the crop around the slice's kept mask dilated by MARGIN px redraws
-the outline, and its labels are kept only inside that dilation: an outline moves by at most MARGIN px, no component
-is added or deleted elsewhere. Unary: -log of the network's probability; image: the three sequences after the model's
-slice normalization, clipped to [0, 1], x 255. Variants: VARIANTS below (--variants: some of them, for the guard). Scored on each run's val and test patients
+Needs `pydensecrf2` (the `outline` extra, part of `train`). The delivered post-processing (the run's stored size rule,
+then the mean-probability floor 0.9) decides which tumors exist; then the library's outline step
+(lggdeploy/outline.py: a 2-D fully connected CRF, Kraehenbuehl & Koltun 2011, on the crop around each slice's kept
+mask dilated by 8 px, its labels kept only inside that dilation) redraws the outlines with each variant's terms.
+Variants: VARIANTS below (`g`: the smoothness term alone, the appearance term weighted 0; --variants: some of them,
+for the guard). Scored on each run's val and test patients
 (--parts) minus the test patients of --exclude; pooled per patient against "none". The plan and its bar:
 benchmarks/results/crf-outline-zen4/plan.md. Writes OUT/crf_outline.json and OUT/crf_outline.md.
 """
@@ -16,12 +16,10 @@ benchmarks/results/crf-outline-zen4/plan.md. Writes OUT/crf_outline.json and OUT
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_softmax
 from report_recipe import (
+    delivered,
     finished_runs_parser,
     logits_of,
     pooled_against,
@@ -31,59 +29,17 @@ from report_recipe import (
     scored_runs,
     write_report,
 )
-from scipy import ndimage
 
-from lggdeploy.data.transforms import native_logits, sigmoid, to_unit
+from lggdeploy.data.transforms import native_logits, sigmoid
 from lggdeploy.metrics import confusion_counts, summarize
-from lggdeploy.models.checkpoint import normalization_of
-from lggdeploy.postprocess import LARGEST, PostProcess
+from lggdeploy.outline import OutlineCRF
 
-FLOOR = 0.9  # the mean-probability floor training stores as its second step
-MARGIN = 8  # px: one logit cell of PSPNet's output stride
-ITERATIONS = 5
-SMOOTH = {"sxy": 3, "compat": 3}
-VARIANTS: dict[str, dict | None] = {
-    "g": None,
-    "b10": {"sxy": 10, "srgb": 10, "compat": 5},
-    "b20": {"sxy": 20, "srgb": 20, "compat": 5},
-    "b20x": {"sxy": 20, "srgb": 20, "compat": 10},
+VARIANTS = {
+    "g": OutlineCRF(compat=0.0),
+    "b10": OutlineCRF(sxy=10, srgb=10, compat=5),  # the one adopted: OutlineCRF's defaults
+    "b20": OutlineCRF(sxy=20, srgb=20, compat=5),
+    "b20x": OutlineCRF(sxy=20, srgb=20, compat=10),
 }
-
-
-def delivered(ckpt: dict) -> PostProcess:
-    """The run's stored rule with training's second step on top (a stored "largest" keeps no size step)."""
-    stored = PostProcess.from_json(ckpt.get("postprocess"))
-    base = stored if stored.min_component_voxels != LARGEST else PostProcess()
-    return replace(base, min_mean_probability=FLOOR)
-
-
-def crf_image(images: np.ndarray, ckpt: dict) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, H, W, 3) uint8: the sequences after the model's slice normalization."""
-    x01 = to_unit(images)
-    norm = normalization_of(ckpt)
-    if norm.mode == "slice":
-        x01 = x01 * norm.slice_factors(x01)
-    return np.ascontiguousarray((np.clip(x01, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1))
-
-
-def redraw(mask: np.ndarray, prob: np.ndarray, image: np.ndarray, appearance: dict | None) -> np.ndarray:
-    """One slice's kept mask, its outline redrawn by the CRF within MARGIN px of it."""
-    if not mask.any():
-        return mask
-    zone = ndimage.binary_dilation(mask, iterations=MARGIN)
-    rows, cols = np.nonzero(zone)
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    p = np.clip(prob[r0:r1, c0:c1], 1e-5, 1 - 1e-5).astype(np.float32)
-    h, w = p.shape
-    crf = dcrf.DenseCRF2D(w, h, 2)
-    crf.setUnaryEnergy(unary_from_softmax(np.stack([1 - p, p])))
-    crf.addPairwiseGaussian(**SMOOTH)
-    if appearance is not None:
-        crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(image[r0:r1, c0:c1]), **appearance)
-    q = np.asarray(crf.inference(ITERATIONS)).reshape(2, h, w)
-    out = np.zeros_like(mask)
-    out[r0:r1, c0:c1] = q[1] > q[0]
-    return out & zone
 
 
 def score(ckpt: dict, slices, variants: dict) -> dict:
@@ -98,12 +54,11 @@ def score(ckpt: dict, slices, variants: dict) -> dict:
     for pid in dict.fromkeys(slices.patients.tolist()):
         sel = slices.patients == pid
         kept[sel] = rule.apply(predicted[sel], np.where(predicted[sel], prob[sel], np.float32(0)))
-    images = crf_image(slices.images, ckpt)
     masks = {"none": kept}
     seconds: dict[str, float] = {}
-    for name, appearance in variants.items():
+    for name, outline in variants.items():
         start = time.perf_counter()
-        masks[name] = np.stack([redraw(m, p, im, appearance) for m, p, im in zip(kept, prob, images, strict=True)])
+        masks[name] = outline.redraw(kept, prob, slices.images)
         seconds[name] = (time.perf_counter() - start) / max(int(kept.any(axis=(1, 2)).sum()), 1)
     out: dict = {}
     for name, m in masks.items():
@@ -111,6 +66,11 @@ def score(ckpt: dict, slices, variants: dict) -> dict:
         out[name] = {r["patient"]: r["dice"] for r in summary["per_patient"]}
     out["_seconds"] = seconds
     return out
+
+
+def terms(outline: OutlineCRF) -> str:
+    appearance = f" + appearance (sxy {outline.sxy:g}, srgb {outline.srgb:g}, compat {outline.compat:g})"
+    return "smoothness" + (appearance if outline.compat else "")
 
 
 def main() -> None:
@@ -128,7 +88,7 @@ def main() -> None:
         "# A dense CRF redraws the outlines (finished runs; patients of --exclude's test split left out)",
         "",
         "Mean per-patient Dice: `none` the delivered masks (stored size rule, then the mean-probability floor 0.9), "
-        f"the others those masks redrawn by a 2-D dense CRF within {MARGIN} px; [missed / lost] — lost: found by "
+        "the others those masks redrawn by a 2-D dense CRF within 8 px; [missed / lost] — lost: found by "
         "`none`, missed by the variant.",
         "",
         *rule_table_head(names),
@@ -143,7 +103,7 @@ def main() -> None:
             pooled,
             "variant",
             {
-                "terms": {n: "smoothness" + (f" + appearance {VARIANTS[n]}" if VARIANTS[n] else "") for n in pooled},
+                "terms": {n: terms(VARIANTS[n]) for n in pooled},
                 "CRF s per slice with a mask (median of runs)": {n: f"{per_slice[n]:.3f}" for n in pooled},
             },
         ),

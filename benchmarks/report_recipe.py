@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models import threshold as thresholds
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.torch_runner import TorchRunner
-from lggdeploy.postprocess import PostProcess
+from lggdeploy.postprocess import CONFIDENCE_FLOOR, LARGEST, PostProcess
 from lggdeploy.scoring import add_largest_component
 
 
@@ -46,6 +47,14 @@ def score(native: np.ndarray, slices, threshold: float) -> dict:
     return add_largest_component(
         summarize(confusion_counts(predicted, slices.masks), slices.patients), predicted, slices
     )
+
+
+def delivered(ckpt: dict) -> PostProcess:
+    """A finished run's stored rule with training's second step on top, the mean-probability floor (a stored
+    "largest" keeps no size step): what training delivers since the floor, for runs trained before it."""
+    stored = PostProcess.from_json(ckpt.get("postprocess"))
+    base = stored if stored.min_component_voxels != LARGEST else PostProcess()
+    return replace(base, min_mean_probability=CONFIDENCE_FLOOR)
 
 
 def finished_runs_parser() -> argparse.ArgumentParser:

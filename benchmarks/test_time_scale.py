@@ -14,10 +14,9 @@ benchmarks/results/test-time-scale-zen4/plan.md. Writes OUT/test_time_scale.json
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 from report_recipe import (
+    delivered,
     finished_runs_parser,
     pooled_against,
     pooled_table,
@@ -32,11 +31,9 @@ from lggdeploy.engines.precision.gate import run_on_slices
 from lggdeploy.metrics import confusion_counts, summarize
 from lggdeploy.models.checkpoint import model_from_checkpoint, normalization_of
 from lggdeploy.models.torch_runner import TorchRunner
-from lggdeploy.postprocess import LARGEST, PostProcess
 
 SCALES = (1.0, 1.125, 1.25, 1.5)
 ENSEMBLE = ("1+1.25", (1.0, 1.25))
-FLOOR = 0.9  # the mean-probability floor training stores as its second step
 
 
 def input_size(scale: float) -> int:
@@ -47,13 +44,6 @@ def input_size(scale: float) -> int:
 def native_logits_at(runner: TorchRunner, ckpt: dict, slices, size: int) -> np.ndarray:
     """The model's logits on `slices` run at `size` px, brought back to (slices, 256, 256)."""
     return native_logits(run_on_slices(runner, slices, size, normalization_of(ckpt), 0.5, f"{size}px").logits)
-
-
-def delivered(ckpt: dict) -> PostProcess:
-    """The run's stored rule with training's second step on top (a stored "largest" keeps no size step)."""
-    stored = PostProcess.from_json(ckpt.get("postprocess"))
-    base = stored if stored.min_component_voxels != LARGEST else PostProcess()
-    return replace(base, min_mean_probability=FLOOR)
 
 
 def score(ckpt: dict, slices) -> dict:
