@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from lggdeploy.cli import app
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
+from lggdeploy.outline import OutlineCRF
 from lggdeploy.postprocess import LARGEST, PostProcess, connected_components, smallest_tumor, tune, tuned_val_dice
 from lggdeploy.scoring import largest_connected_component, score_runner, segment
 
@@ -225,11 +226,10 @@ def test_training_stores_the_val_choice_and_eval_engines_and_runtime_use_it(segm
     size_step = tuning["candidate"] if tuning["kept"] else {"min_component_voxels": 0}
     confidence = tuning["confidence"]  # the second step, judged on top of the first
     assert confidence["candidate"] == {**size_step, "min_mean_probability": 0.9}
-    assert (
-        ckpt["postprocess"]
-        == (confidence["candidate"] if confidence["kept"] else size_step)
-        == result.best["postprocess"]
-    )
+    second = confidence["candidate"] if confidence["kept"] else size_step
+    outline = tuning["outline"]  # the third, judged on top of the second
+    assert outline["candidate"] == {**second, "outline": OutlineCRF().to_json()}
+    assert ckpt["postprocess"] == (outline["candidate"] if outline["kept"] else second) == result.best["postprocess"]
     summary = evaluate_checkpoint(result.best_path, phantom_dir, split="val")
     assert summary["meta"]["postprocess"] == ckpt["postprocess"]
     expected = tuned_val_dice(tuning) or tuning["val_mean_patient_dice_without"]
