@@ -96,10 +96,10 @@ class OutlineCRF:
         if not masks.any():
             return masks.copy()
         densecrf = require_densecrf()
-        crf_images = self.crf_images(images)
+        drawn = np.flatnonzero(masks.any(axis=(1, 2)))
         out = np.zeros_like(masks)
-        for i in np.flatnonzero(masks.any(axis=(1, 2))):
-            out[i] = self._redraw_slice(densecrf, masks[i], np.asarray(probabilities[i], np.float32), crf_images[i])
+        for i, image in zip(drawn, self.crf_images(np.asarray(images)[drawn]), strict=True):
+            out[i] = self._redraw_slice(densecrf, masks[i], np.asarray(probabilities[i], np.float32), image)
         return out
 
     def _redraw_slice(self, densecrf, mask: np.ndarray, prob: np.ndarray, image: np.ndarray) -> np.ndarray:

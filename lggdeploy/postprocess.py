@@ -76,7 +76,12 @@ class PostProcess:
 
     @property
     def active(self) -> bool:
-        return self.min_component_voxels != 0 or self.min_fraction_of_largest > 0 or self.needs_probabilities
+        return self.removes_components or self.outline is not None
+
+    @property
+    def removes_components(self) -> bool:
+        """Whether the size or confidence step is on."""
+        return self.min_component_voxels != 0 or self.min_fraction_of_largest > 0 or self.min_mean_probability > 0
 
     @property
     def needs_probabilities(self) -> bool:
@@ -113,7 +118,7 @@ class PostProcess:
 
     def _components(self, volume: np.ndarray, probabilities: np.ndarray | None) -> np.ndarray:
         """The size and confidence steps."""
-        if self.min_component_voxels == 0 and not self.min_fraction_of_largest and not self.min_mean_probability:
+        if not self.removes_components:
             return volume.copy()
         labels, ids, sizes = connected_components(volume)
         if self.min_component_voxels == LARGEST:
