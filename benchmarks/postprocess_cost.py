@@ -17,13 +17,12 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 from report_recipe import logits_of
 
 from lggdeploy.common.machine import cpu_line, machine_info
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.data.transforms import logits_to_masks, masks_and_probabilities, native_logits, sigmoid
+from lggdeploy.data.transforms import logits_to_masks, masks_and_probabilities
 from lggdeploy.models.checkpoint import load_checkpoint, split_of
 from lggdeploy.outline import OutlineCRF
 from lggdeploy.postprocess import CONFIDENCE_FLOOR, PostProcess
@@ -53,8 +52,7 @@ def main() -> None:
         floored.apply(*masks_and_probabilities(logits, threshold=threshold))
 
     def with_outline() -> None:
-        native = native_logits(logits)
-        outlined.apply(native > np.float32(np.log(threshold / (1 - threshold))), sigmoid(native), slices.images)
+        outlined.apply(*masks_and_probabilities(logits, threshold=threshold, every_pixel=True), slices.images)
 
     steps = {"size rule": size_rule, "size rule + floor": with_floor, "size rule + floor + outline": with_outline}
     times: dict[str, list[float]] = {name: [] for name in steps}

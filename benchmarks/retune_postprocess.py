@@ -19,7 +19,7 @@ from report_recipe import logits_of
 from lggdeploy.common.files import write_json_atomic
 from lggdeploy.data.arrays import load_slices
 from lggdeploy.data.kaggle import load_dataset
-from lggdeploy.data.transforms import logits_to_masks, native_logits, sigmoid
+from lggdeploy.data.transforms import masks_and_probabilities
 from lggdeploy.models.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of, split_of
 from lggdeploy.models.evaluate import score_model
 from lggdeploy.outline import OutlineCRF
@@ -37,13 +37,13 @@ def main() -> None:
     dataset, split, threshold = load_dataset(args.data), split_of(ckpt), float(ckpt["threshold"])
     train = load_slices(dataset, split.train)
     val = load_slices(dataset, split.val)
-    native = native_logits(logits_of(ckpt, val))
+    predicted, probabilities = masks_and_probabilities(logits_of(ckpt, val), threshold=threshold, every_pixel=True)
     record = tune(
-        logits_to_masks(native, threshold=threshold),
+        predicted,
         val.masks,
         val.patients,
         smallest_tumor(train.masks, train.patients),
-        probabilities=sigmoid(native),
+        probabilities=probabilities,
         images=val.images,
         outline=OutlineCRF(),
     )

@@ -21,7 +21,7 @@ numpy only; `pydensecrf2` (a compiled extension, built from source by pip) is im
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,9 +58,7 @@ class OutlineCRF:
             raise ValueError("an outline CRF needs positive kernel widths and non-negative weights")
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k in FIELDS}
-        out["image"] = self.image.to_json()
-        return out
+        return {**{k: getattr(self, k) for k in FIELDS}, "image": self.image.to_json()}
 
     @classmethod
     def from_json(cls, obj: dict) -> OutlineCRF:

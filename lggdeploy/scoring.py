@@ -8,14 +8,7 @@ import numpy as np
 
 from lggdeploy.common.progress import progress_bar
 from lggdeploy.data.arrays import SliceArrays
-from lggdeploy.data.transforms import (
-    Normalization,
-    logits_to_masks,
-    masks_and_probabilities,
-    native_logits,
-    preprocess,
-    sigmoid,
-)
+from lggdeploy.data.transforms import Normalization, logits_to_masks, masks_and_probabilities, preprocess
 from lggdeploy.metrics import SegmentationScores, confusion_counts, dice_from_counts, summarize
 from lggdeploy.postprocess import LARGEST, PostProcess
 
@@ -66,11 +59,7 @@ def thresholded(
     probability: where a mask is set (what the mean-probability step reads), or `every_pixel`'s (the outline step)."""
     if probabilities is None:
         return logits_to_masks(logits, threshold=threshold)
-    if every_pixel:
-        native = native_logits(logits)
-        probabilities.append(sigmoid(native))
-        return logits_to_masks(native, threshold=threshold)
-    masks, batch_probabilities = masks_and_probabilities(logits, threshold=threshold)
+    masks, batch_probabilities = masks_and_probabilities(logits, threshold=threshold, every_pixel=every_pixel)
     probabilities.append(batch_probabilities)
     return masks
 

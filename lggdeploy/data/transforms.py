@@ -210,13 +210,15 @@ def logits_to_masks(logits: np.ndarray, size: int = NATIVE_SIZE, threshold: floa
 
 
 def masks_and_probabilities(
-    logits: np.ndarray, size: int = NATIVE_SIZE, threshold: float = 0.5
+    logits: np.ndarray, size: int = NATIVE_SIZE, threshold: float = 0.5, every_pixel: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """`logits_to_masks` and the foreground probabilities of the pixels it sets, both (N, size, size) at native size:
     0 off the masks, which is all that post-processing by mean probability reads (and a sigmoid of every pixel would
-    cost as much as the rest of post-processing)."""
+    cost as much as the rest of post-processing); `every_pixel`: every pixel's, which the outline step reads."""
     native = native_logits(logits, size)
     masks = logits_to_masks(native, size, threshold)
+    if every_pixel:
+        return masks, sigmoid(native)
     probabilities = np.zeros(masks.shape, np.float32)
     probabilities[masks] = sigmoid(native[masks])
     return masks, probabilities

@@ -41,12 +41,10 @@ from lggdeploy.data.split import load_split, make_split, save_split
 from lggdeploy.data.transforms import (
     Augmentation,
     Normalization,
-    logits_to_masks,
-    native_logits,
+    masks_and_probabilities,
     random_crops,
     resize_images,
     resize_masks,
-    sigmoid,
 )
 from lggdeploy.metrics import confusion_counts, dice_from_counts, iou_from_counts
 from lggdeploy.models import threshold as threshold_tuning
@@ -159,13 +157,15 @@ def _postprocess_fields(
     masks at the stored threshold, with its record."""
     if choice != "auto":
         return {"postprocess": PostProcess.parse(choice).to_json()}
-    native = native_logits(np.concatenate(val_logits))
+    predicted, probabilities = masks_and_probabilities(
+        np.concatenate(val_logits), threshold=threshold, every_pixel=True
+    )
     record = tune_postprocess(
-        logits_to_masks(native, threshold=threshold),
+        predicted,
         val_slices.masks,
         val_slices.patients,
         train_smallest_tumor,
-        probabilities=sigmoid(native),
+        probabilities=probabilities,
         images=val_slices.images,
         outline=OutlineCRF(),
     )
